@@ -1,0 +1,106 @@
+"""API keys: issue, hash, verify, scopes, and the tenancy rules every endpoint applies.
+
+A key is a random secret shown once. Only its SHA-256 is stored: the secret has 192 bits of
+entropy, so a slow password hash would add latency to every request and no safety. A key is
+found by the first bytes of that digest (an index lookup) and accepted only after the whole
+digest compares equal in constant time, so response timing says nothing about a near miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from usagemeter.model import ApiKey, Scope
+from usagemeter.store.base import NotFound, Store
+
+KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{0,16}$")
+DEFAULT_PREFIX = "um_"
+LOOKUP_BYTES = 8  # of the digest, indexed to find the candidate key
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+def issue_key(
+    store: Store,
+    account_id: str | None,
+    *,
+    name: str = "",
+    prefix: str = DEFAULT_PREFIX,
+    scopes: Iterable[Scope] = (Scope.READ,),
+    key_id: str | None = None,
+    secret: str | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key and return it with its secret, which is never stored or shown again.
+    ``secret`` is for reproducible demo data only; real keys get a random one."""
+    if not PREFIX_PATTERN.match(prefix):
+        raise ValueError("prefix: up to 16 letters, digits, '_' or '-'")
+    if key_id is not None and not KEY_ID_PATTERN.match(key_id):
+        raise ValueError("id: 1 to 64 letters, digits, '_' or '-'")
+    scope_set = frozenset(scopes)
+    if (Scope.OPERATOR in scope_set) != (account_id is None):
+        raise ValueError("an operator key belongs to no account; an account key is not operator")
+    secret = secret or prefix + secrets.token_urlsafe(24)
+    key = ApiKey(
+        id=key_id or new_key_id(),
+        account_id=account_id,
+        name=name,
+        prefix=prefix,
+        scopes=scope_set,
+        created_at=datetime.now(UTC),
+    )
+    return store.create_key(key, hash_secret(secret)), secret
+
+
+def authenticate(store: Store, secret: str | None) -> ApiKey | None:
+    """The live key whose secret this is, or None."""
+    if not secret:
+        return None
+    digest = hash_secret(secret)
+    for key, stored in store.find_keys_by_lookup(digest[:LOOKUP_BYTES]):
+        if hmac.compare_digest(digest, stored) and key.revoked_at is None:
+            return key
+    return None
+
+
+def can_read(store: Store, key: ApiKey, account_id: str) -> bool:
+    """An operator reads everything; an account key reads its own account and every account
+    below it, never a parent or a sibling. An unknown account is simply not readable, so the
+    caller cannot tell it from another tenant's."""
+    if key.is_operator:
+        try:
+            store.get_account(account_id)
+        except NotFound:
+            return False
+        return True
+    if key.account_id is None or Scope.READ not in key.scopes:
+        return False
+    try:
+        return key.account_id in store.ancestors(account_id)
+    except NotFound:
+        return False
+
+
+def can_ingest(key: ApiKey, account_id: str) -> bool:
+    """An operator sends events for any account; an ingest key for its own account only."""
+    if key.is_operator:
+        return True
+    return Scope.INGEST in key.scopes and key.account_id == account_id
+
+
+def can_see_key(store: Store, caller: ApiKey, key: ApiKey) -> bool:
+    """A key is visible to operators and to readers of the account it belongs to."""
+    if caller.is_operator:
+        return True
+    return key.account_id is not None and can_read(store, caller, key.account_id)

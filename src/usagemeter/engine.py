@@ -1,0 +1,143 @@
+"""The usage engine: plans a Query over the store and shapes its Result.
+
+Every endpoint, the dashboard and the CLI ask their questions here. The engine turns the
+query's range into zone-aligned buckets, asks the store for folded values per bucket and
+group, and works out totals: folded from the buckets where the aggregation allows it, asked
+again over the whole range where it does not (a distinct count or a gauge's latest value over
+a month is not the sum of its days).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from usagemeter.meters import MeterRegistry
+from usagemeter.model import (
+    Aggregation,
+    Group,
+    GroupValues,
+    Query,
+    Result,
+    ResultBucket,
+)
+from usagemeter.store.base import AggregateRow, AggregateSpec, Measure, Store, Window
+from usagemeter.timewindows import Bucket, buckets, parse_zone
+
+
+def _sort_key(group: Group) -> tuple[tuple[bool, str], ...]:
+    # Missing values (None) sort after every present value.
+    return tuple((value is None, value or "") for _, value in group)
+
+
+def _fold(aggregation: Aggregation, values: Iterable[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    if not present:
+        return 0
+    if aggregation is Aggregation.MAX:
+        return max(present)
+    if aggregation is Aggregation.MIN:
+        return min(present)
+    return sum(present)
+
+
+class Engine:
+    """Answers queries over one store with one set of meters."""
+
+    def __init__(self, store: Store, meters: MeterRegistry | None = None) -> None:
+        self.store = store
+        self.meters = meters or MeterRegistry()
+
+    def measures(self, query: Query) -> tuple[tuple[Aggregation, ...], tuple[Measure, ...]]:
+        meter = self.meters.get(query.metric)
+        aggregations = query.aggregations or (meter.aggregation,)
+        measures = []
+        for aggregation in aggregations:
+            dimension = None
+            if aggregation is Aggregation.UNIQUE_COUNT:
+                if meter.dimension is None:
+                    raise ValueError(
+                        f"metric {query.metric!r} has no unique_count meter: name its"
+                        " dimension, e.g. unique_count(session_id)"
+                    )
+                dimension = meter.dimension
+            measures.append(Measure(aggregation.value, dimension))
+        return aggregations, tuple(measures)
+
+    def buckets(self, query: Query) -> list[Bucket]:
+        found = buckets(query.start, query.end, query.granularity, parse_zone(query.tz))
+        if query.limit is not None:
+            found = found[: query.limit]
+        return found
+
+    def run(self, query: Query) -> Result:
+        aggregations, measures = self.measures(query)
+        bucket_list = self.buckets(query)
+        windows = tuple(Window(i, b.start_ms, b.end_ms) for i, b in enumerate(bucket_list))
+        rows = self.store.aggregate(self._spec(query, windows, measures, query.group_by))
+
+        per_bucket: list[list[GroupValues]] = [[] for _ in bucket_list]
+        for row in rows:
+            per_bucket[row.window].append(GroupValues(row.group, _zeros(row.values)))
+        result_buckets = tuple(
+            ResultBucket(b.start, b.end, tuple(sorted(groups, key=lambda g: _sort_key(g.group))))
+            for b, groups in zip(bucket_list, per_bucket, strict=True)
+        )
+
+        if not bucket_list:
+            return Result(query, aggregations, (), (), tuple(0.0 for _ in aggregations))
+        whole = (Window(0, bucket_list[0].start_ms, bucket_list[-1].end_ms),)
+        if all(a.is_additive for a in aggregations):
+            totals = self._fold_groups(aggregations, rows)
+            total = tuple(
+                _fold(a, (t.values[i] for t in totals)) for i, a in enumerate(aggregations)
+            )
+        else:
+            totals = [
+                GroupValues(r.group, _zeros(r.values))
+                for r in self.store.aggregate(self._spec(query, whole, measures, query.group_by))
+            ]
+            if query.group_by:
+                overall = self.store.aggregate(self._spec(query, whole, measures, ()))
+                total = _zeros(overall[0].values) if overall else _zeros((None,) * len(measures))
+            else:
+                total = totals[0].values if totals else _zeros((None,) * len(measures))
+        totals.sort(key=lambda g: _sort_key(g.group))
+        return Result(query, aggregations, result_buckets, tuple(totals), total)
+
+    @staticmethod
+    def _fold_groups(
+        aggregations: Sequence[Aggregation], rows: Sequence[AggregateRow]
+    ) -> list[GroupValues]:
+        by_group: dict[Group, list[AggregateRow]] = {}
+        for row in rows:
+            by_group.setdefault(row.group, []).append(row)
+        return [
+            GroupValues(
+                group,
+                tuple(_fold(a, (r.values[i] for r in members)) for i, a in enumerate(aggregations)),
+            )
+            for group, members in by_group.items()
+        ]
+
+    @staticmethod
+    def _spec(
+        query: Query,
+        windows: tuple[Window, ...],
+        measures: tuple[Measure, ...],
+        group_by: tuple[str, ...],
+    ) -> AggregateSpec:
+        return AggregateSpec(
+            accounts=query.accounts,
+            metric=query.metric,
+            windows=windows,
+            measures=measures,
+            group_by=group_by,
+            filters=query.filters,
+            tags=query.tags,
+            billable=query.billable,
+            key_id=query.key_id,
+        )
+
+
+def _zeros(values: Sequence[float | None]) -> tuple[float, ...]:
+    return tuple(0.0 if v is None else v for v in values)

@@ -1,0 +1,149 @@
+"""Plain typed values shared by every layer: events, accounts, keys, meters, queries, results."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from usagemeter.timewindows import BillingCycle, Granularity
+
+
+class Aggregation(StrEnum):
+    """How a metric's events fold into one number per bucket."""
+
+    SUM = "sum"
+    COUNT = "count"
+    MAX = "max"
+    MIN = "min"
+    LATEST = "latest"
+    UNIQUE_COUNT = "unique_count"
+
+    @property
+    def is_additive(self) -> bool:
+        """True when a range's value is the fold of its buckets' values (so totals need no
+        second query). A gauge's latest value or a distinct count is not."""
+        return self in (Aggregation.SUM, Aggregation.COUNT, Aggregation.MAX, Aggregation.MIN)
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """How one metric aggregates: e.g. ``Sessions`` is ``unique_count`` of ``session_id``."""
+
+    metric: str
+    aggregation: Aggregation = Aggregation.SUM
+    dimension: str | None = None  # the counted dimension, for unique_count only
+
+    def __post_init__(self) -> None:
+        if (self.aggregation is Aggregation.UNIQUE_COUNT) != (self.dimension is not None):
+            raise ValueError(
+                f"meter {self.metric!r}: unique_count needs a dimension,"
+                " and only unique_count has one"
+            )
+
+
+class Scope(StrEnum):
+    OPERATOR = "operator"  # everything: every account, key management, ingest for anyone
+    READ = "read"  # read its own account and its descendants
+    INGEST = "ingest"  # send events for its own account
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    name: str
+    parent_id: str | None = None
+    billing_cycle: BillingCycle | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key as stored: never the secret, only what identifies and limits it."""
+
+    id: str
+    account_id: str | None  # None for an operator key
+    name: str
+    prefix: str
+    scopes: frozenset[Scope]
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def is_operator(self) -> bool:
+        return Scope.OPERATOR in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One validated usage record, ready to store."""
+
+    id: str
+    account_id: str
+    metric: str
+    ts_ms: int
+    value: float = 1.0
+    billable: bool = True
+    key_id: str | None = None
+    dimensions: Mapping[str, str] = field(default_factory=dict)
+    tags: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    accepted: int
+    duplicates: int
+
+
+# Group-by names that are not event dimensions but columns every event has.
+GROUP_SUBACCOUNT = "subaccount"  # the account the event belongs to (within the queried tree)
+GROUP_KEY = "key"  # the key public id the event names
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One question to the engine. ``accounts`` is the resolved scope (an account and, when
+    asked, its descendants); tenancy has been checked before a Query is built."""
+
+    accounts: tuple[str, ...]
+    metric: str
+    start: datetime
+    end: datetime
+    granularity: Granularity = Granularity.DAY
+    tz: str = "UTC"
+    aggregations: tuple[Aggregation, ...] = ()  # empty: the metric's meter
+    group_by: tuple[str, ...] = ()
+    filters: tuple[tuple[str, str], ...] = ()  # dimension = value, all must hold
+    tags: frozenset[str] = frozenset()  # all-of
+    billable: bool | None = None  # None: billable or not
+    key_id: str | None = None
+    limit: int | None = None  # at most this many buckets, the earliest first
+
+
+Group = tuple[tuple[str, str | None], ...]  # ((dimension, value), ...) in group_by order
+
+
+@dataclass(frozen=True, slots=True)
+class GroupValues:
+    group: Group
+    values: tuple[float, ...]  # one per aggregation, in Result.aggregations order
+
+    def as_dict(self) -> dict[str, str | None]:
+        return dict(self.group)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultBucket:
+    start: datetime  # in the query zone, clipped to the range
+    end: datetime
+    groups: tuple[GroupValues, ...]  # only groups with usage; empty when idle
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    query: Query
+    aggregations: tuple[Aggregation, ...]
+    buckets: tuple[ResultBucket, ...]
+    totals: tuple[GroupValues, ...]  # per group over the whole range
+    total: tuple[float, ...]  # over the whole range and every group

@@ -1,0 +1,105 @@
+"""The storage protocol: the one boundary below which SQL lives.
+
+Everything above it (engine, ingest, auth, API, CLI) speaks in model values. An adapter
+appends batches atomically and idempotently, answers aggregate questions over time windows,
+and keeps accounts and keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from usagemeter.model import Account, ApiKey, AppendResult, Event, Group
+
+
+class NotFound(LookupError):
+    """The named account or key does not exist."""
+
+
+class Conflict(ValueError):
+    """The value would break a uniqueness rule (an account or key id already taken)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One half-open interval of epoch milliseconds, numbered by the bucket it feeds."""
+
+    index: int
+    start_ms: int
+    end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Measure:
+    """One number to compute per window and group: an aggregation name from
+    ``model.Aggregation`` and, for unique_count, the counted dimension."""
+
+    aggregation: str
+    dimension: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateSpec:
+    """What the engine asks of a store: the events of ``metric`` in ``accounts`` that pass the
+    filters, folded per window and group. Windows must not overlap."""
+
+    accounts: tuple[str, ...]
+    metric: str
+    windows: tuple[Window, ...]
+    measures: tuple[Measure, ...]
+    group_by: tuple[str, ...] = ()  # dimensions, or model.GROUP_KEY / model.GROUP_SUBACCOUNT
+    filters: tuple[tuple[str, str], ...] = ()
+    tags: frozenset[str] = frozenset()
+    billable: bool | None = None
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateRow:
+    window: int
+    group: Group
+    values: tuple[float | None, ...]  # one per measure; None where no event contributed
+
+
+class Store(Protocol):
+    """What every storage adapter provides."""
+
+    # accounts and keys
+    def create_account(self, account: Account) -> Account: ...
+    def get_account(self, account_id: str) -> Account: ...
+    def list_accounts(self) -> list[Account]: ...
+    def descendants(self, account_id: str) -> list[str]:
+        """The account's id followed by every account below it, at any depth."""
+        ...
+
+    def ancestors(self, account_id: str) -> list[str]:
+        """The account's id followed by its parent, grandparent, ... up to the root."""
+        ...
+
+    def create_key(self, key: ApiKey, secret_hash: bytes) -> ApiKey: ...
+    def get_key(self, key_id: str) -> ApiKey: ...
+    def find_keys_by_lookup(self, lookup: bytes) -> list[tuple[ApiKey, bytes]]:
+        """Keys whose secret digest starts with ``lookup``, each with its whole digest."""
+        ...
+
+    def list_keys(self, account_id: str | None) -> list[ApiKey]: ...
+    def revoke_key(self, key_id: str) -> ApiKey: ...
+
+    # events
+    def append(self, events: Sequence[Event]) -> AppendResult:
+        """Store a batch atomically: all of it (less ids seen before) or nothing. Returns only
+        after the batch and its rollups are durable."""
+        ...
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]: ...
+    def count_events(self) -> int: ...
+    def iter_events(
+        self,
+        accounts: Sequence[str] | None = None,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> Iterator[Event]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,539 @@
+"""The SQLite adapter: the embedded default store.
+
+Layout:
+- ``events`` keeps every accepted event (audit, export, unique counts, partial slots).
+- ``rollup`` folds events into 15-minute slots per (metric, account, key, billable, dimension
+  set, tag set). Every real-world UTC offset is a multiple of 15 minutes, so any zone's hour,
+  day or month is a whole number of slots and is answered from the rollup alone; only the
+  unaligned ends of a range (millisecond bounds) are read from ``events``.
+- Dimension and tag sets are interned once (``dimsets``, ``tagsets``) and named by integer.
+
+One writer connection serialises writes (``BEGIN IMMEDIATE``) and updates a batch's rollups in
+the same transaction as its events, so an acknowledged event is visible to every query at once.
+Readers use their own per-thread connections beside it (WAL). ``synchronous=FULL`` makes a
+commit durable before ``append`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from usagemeter.model import (
+    Account,
+    ApiKey,
+    AppendResult,
+    Event,
+    Group,
+    Scope,
+)
+from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
+from usagemeter.store.sqlplan import plan_aggregate
+from usagemeter.timewindows import SLOT_MS, BillingCycle
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    rid INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    parent INTEGER REFERENCES accounts(rid),
+    cycle_anchor TEXT,
+    cycle_period TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    rid INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    account INTEGER REFERENCES accounts(rid),
+    name TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    secret_hash BLOB NOT NULL UNIQUE,
+    lookup BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS keys_lookup ON keys(lookup);
+CREATE TABLE IF NOT EXISTS metrics (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS dimsets (id INTEGER PRIMARY KEY, dims TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS tagsets (id INTEGER PRIMARY KEY, tags TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS tagset_tags (
+    tag TEXT NOT NULL, tagset INTEGER NOT NULL, PRIMARY KEY (tag, tagset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    account INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    metric INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    billable INTEGER NOT NULL,
+    dimset INTEGER NOT NULL,
+    tagset INTEGER NOT NULL,
+    value REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(account, event_id);
+CREATE INDEX IF NOT EXISTS events_time ON events(metric, account, ts);
+CREATE TABLE IF NOT EXISTS rollup (
+    metric INTEGER NOT NULL,
+    account INTEGER NOT NULL,
+    slot INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    billable INTEGER NOT NULL,
+    dimset INTEGER NOT NULL,
+    tagset INTEGER NOT NULL,
+    cnt INTEGER NOT NULL,
+    total REAL NOT NULL,
+    vmin REAL NOT NULL,
+    vmax REAL NOT NULL,
+    last_ts INTEGER NOT NULL,
+    last_val REAL NOT NULL,
+    PRIMARY KEY (metric, account, slot, key, billable, dimset, tagset)
+) WITHOUT ROWID;
+"""
+
+# A rollup row absorbs a batch's partial row. The latest value is the one with the greatest
+# timestamp; on a tie the later write wins, as the later report of a gauge should.
+UPSERT_ROLLUP = """
+INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+ON CONFLICT DO UPDATE SET
+    cnt = cnt + excluded.cnt,
+    total = total + excluded.total,
+    vmin = min(vmin, excluded.vmin),
+    vmax = max(vmax, excluded.vmax),
+    last_val = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_val ELSE last_val END,
+    last_ts = max(last_ts, excluded.last_ts)
+"""
+
+LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whole digest
+NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
+ID_CHUNK = 500  # ids per IN (...) list, under SQLite's variable limit
+
+
+def _now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def _from_ms(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+class SQLiteStore:
+    """The embedded store on one SQLite file. Safe to share between threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        # Interned ids, cached for the write path. Only filled after a commit, so a rolled
+        # back batch never leaves a cached id that the file does not hold.
+        self._metric_ids: dict[str, int] = {}
+        self._dimset_ids: dict[str, int] = {}
+        self._tagset_ids: dict[frozenset[str], int] = {}
+        self._account_rids: dict[str, int] = {}
+        self._key_rids: dict[str, int] = {}
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before it returns, so an acknowledged batch survives a
+        # power cut, not only a crash of this process.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA cache_size=-65536")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._writer.close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # ---------------------------------------------------------------- accounts
+
+    def _account_rid(self, conn: sqlite3.Connection, account_id: str) -> int:
+        rid = self._account_rids.get(account_id)
+        if rid is None:
+            row = conn.execute("SELECT rid FROM accounts WHERE id = ?", (account_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"account {account_id!r} does not exist")
+            rid = int(row[0])
+            self._account_rids[account_id] = rid
+        return rid
+
+    def create_account(self, account: Account) -> Account:
+        created = account.created_at or datetime.now(UTC)
+        cycle = account.billing_cycle
+        with self._write_lock:
+            parent = None
+            if account.parent_id is not None:
+                parent = self._account_rid(self._writer, account.parent_id)
+            try:
+                self._writer.execute(
+                    "INSERT INTO accounts (id, name, parent, cycle_anchor, cycle_period,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        account.id,
+                        account.name,
+                        parent,
+                        cycle.anchor.isoformat() if cycle else None,
+                        cycle.period if cycle else None,
+                        int(created.timestamp() * 1000),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"account id {account.id!r} is already taken") from exc
+        return self.get_account(account.id)
+
+    _ACCOUNT_COLUMNS = (
+        "a.id, a.name, p.id, a.cycle_anchor, a.cycle_period, a.created_at"
+        " FROM accounts a LEFT JOIN accounts p ON p.rid = a.parent"
+    )
+
+    @staticmethod
+    def _account_from_row(row: tuple[Any, ...]) -> Account:
+        cycle = None
+        if row[3] is not None:
+            cycle = BillingCycle(date.fromisoformat(row[3]), row[4])
+        return Account(row[0], row[1], row[2], cycle, _from_ms(row[5]))
+
+    def get_account(self, account_id: str) -> Account:
+        row = (
+            self._reader()
+            .execute(f"SELECT {self._ACCOUNT_COLUMNS} WHERE a.id = ?", (account_id,))
+            .fetchone()
+        )
+        if row is None:
+            raise NotFound(f"account {account_id!r} does not exist")
+        return self._account_from_row(row)
+
+    def list_accounts(self) -> list[Account]:
+        rows = self._reader().execute(f"SELECT {self._ACCOUNT_COLUMNS} ORDER BY a.rid")
+        return [self._account_from_row(row) for row in rows]
+
+    def descendants(self, account_id: str) -> list[str]:
+        rows = (
+            self._reader()
+            .execute(
+                """WITH RECURSIVE tree(rid, id, depth) AS (
+                   SELECT rid, id, 0 FROM accounts WHERE id = ?
+                   UNION ALL
+                   SELECT a.rid, a.id, tree.depth + 1
+                   FROM accounts a JOIN tree ON a.parent = tree.rid
+               ) SELECT id FROM tree ORDER BY depth, rid""",
+                (account_id,),
+            )
+            .fetchall()
+        )
+        if not rows:
+            raise NotFound(f"account {account_id!r} does not exist")
+        return [row[0] for row in rows]
+
+    def ancestors(self, account_id: str) -> list[str]:
+        rows = (
+            self._reader()
+            .execute(
+                """WITH RECURSIVE up(rid, id, parent, depth) AS (
+                   SELECT rid, id, parent, 0 FROM accounts WHERE id = ?
+                   UNION ALL
+                   SELECT a.rid, a.id, a.parent, up.depth + 1
+                   FROM accounts a JOIN up ON a.rid = up.parent
+               ) SELECT id FROM up ORDER BY depth""",
+                (account_id,),
+            )
+            .fetchall()
+        )
+        if not rows:
+            raise NotFound(f"account {account_id!r} does not exist")
+        return [row[0] for row in rows]
+
+    # -------------------------------------------------------------------- keys
+
+    _KEY_COLUMNS = (
+        "k.id, a.id, k.name, k.prefix, k.scopes, k.created_at, k.revoked_at, k.secret_hash"
+        " FROM keys k LEFT JOIN accounts a ON a.rid = k.account"
+    )
+
+    @staticmethod
+    def _key_from_row(row: tuple[Any, ...]) -> ApiKey:
+        scopes = frozenset(Scope(s) for s in row[4].split(",") if s)
+        created = _from_ms(row[5])
+        assert created is not None
+        return ApiKey(row[0], row[1], row[2], row[3], scopes, created, _from_ms(row[6]))
+
+    def create_key(self, key: ApiKey, secret_hash: bytes) -> ApiKey:
+        with self._write_lock:
+            account = None
+            if key.account_id is not None:
+                account = self._account_rid(self._writer, key.account_id)
+            try:
+                self._writer.execute(
+                    "INSERT INTO keys (id, account, name, prefix, scopes, secret_hash, lookup,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key.id,
+                        account,
+                        key.name,
+                        key.prefix,
+                        ",".join(sorted(s.value for s in key.scopes)),
+                        secret_hash,
+                        secret_hash[:LOOKUP_BYTES],
+                        int(key.created_at.timestamp() * 1000),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"key id {key.id!r} is already taken") from exc
+        return self.get_key(key.id)
+
+    def get_key(self, key_id: str) -> ApiKey:
+        row = self._reader().execute(f"SELECT {self._KEY_COLUMNS} WHERE k.id = ?", (key_id,))
+        found = row.fetchone()
+        if found is None:
+            raise NotFound(f"key {key_id!r} does not exist")
+        return self._key_from_row(found)
+
+    def find_keys_by_lookup(self, lookup: bytes) -> list[tuple[ApiKey, bytes]]:
+        rows = self._reader().execute(f"SELECT {self._KEY_COLUMNS} WHERE k.lookup = ?", (lookup,))
+        return [(self._key_from_row(row), bytes(row[7])) for row in rows]
+
+    def list_keys(self, account_id: str | None) -> list[ApiKey]:
+        if account_id is None:
+            rows = self._reader().execute(
+                f"SELECT {self._KEY_COLUMNS} WHERE k.account IS NULL ORDER BY k.rid"
+            )
+        else:
+            rows = self._reader().execute(
+                f"SELECT {self._KEY_COLUMNS} WHERE a.id = ? ORDER BY k.rid", (account_id,)
+            )
+        return [self._key_from_row(row) for row in rows]
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        with self._write_lock:
+            cur = self._writer.execute(
+                "UPDATE keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+                (_now_ms(), key_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"key {key_id!r} does not exist")
+        return self.get_key(key_id)
+
+    def _key_rid(self, conn: sqlite3.Connection, key_id: str) -> int:
+        rid = self._key_rids.get(key_id)
+        if rid is None:
+            row = conn.execute("SELECT rid FROM keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"key {key_id!r} does not exist")
+            rid = int(row[0])
+            self._key_rids[key_id] = rid
+        return rid
+
+    # ------------------------------------------------------------------ events
+
+    def _intern(self, table: str, column: str, value: str, pending: dict[str, int]) -> int:
+        found = pending.get(value)
+        if found is not None:
+            return found
+        conn = self._writer
+        row = conn.execute(f"SELECT id FROM {table} WHERE {column} = ?", (value,)).fetchone()
+        if row is None:
+            cur = conn.execute(f"INSERT INTO {table} ({column}) VALUES (?)", (value,))
+            assert cur.lastrowid is not None
+            new_id = int(cur.lastrowid)
+            if table == "tagsets":
+                conn.executemany(
+                    "INSERT INTO tagset_tags (tag, tagset) VALUES (?, ?)",
+                    [(tag, new_id) for tag in json.loads(value)],
+                )
+        else:
+            new_id = int(row[0])
+        pending[value] = new_id
+        return new_id
+
+    def append(self, events: Sequence[Event]) -> AppendResult:
+        if not events:
+            return AppendResult(0, 0)
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result, interned = self._append_locked(conn, events)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            metrics, dimsets, tagsets = interned
+            self._metric_ids.update(metrics)
+            self._dimset_ids.update(dimsets)
+            self._tagset_ids.update({frozenset(json.loads(k)): v for k, v in tagsets.items()})
+        return result
+
+    def _append_locked(
+        self, conn: sqlite3.Connection, events: Sequence[Event]
+    ) -> tuple[AppendResult, tuple[dict[str, int], dict[str, int], dict[str, int]]]:
+        new_metrics: dict[str, int] = {}
+        new_dimsets: dict[str, int] = {}
+        new_tagsets: dict[str, int] = {}
+
+        # Which (account, id) pairs this file has already seen, and which repeat in the batch.
+        by_account: dict[str, list[str]] = {}
+        for event in events:
+            by_account.setdefault(event.account_id, []).append(event.id)
+        seen: set[tuple[str, str]] = set()
+        for account_id, ids in by_account.items():
+            rid = self._account_rid(conn, account_id)
+            unique_ids = list(dict.fromkeys(ids))
+            for i in range(0, len(unique_ids), ID_CHUNK):
+                chunk = unique_ids[i : i + ID_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for (event_id,) in conn.execute(
+                    f"SELECT event_id FROM events WHERE account = ? AND event_id IN ({marks})",
+                    (rid, *chunk),
+                ):
+                    seen.add((account_id, event_id))
+
+        rows: list[tuple[Any, ...]] = []
+        rollups: dict[tuple[int, ...], list[Any]] = {}
+        duplicates = 0
+        for event in events:
+            ident = (event.account_id, event.id)
+            if ident in seen:
+                duplicates += 1
+                continue
+            seen.add(ident)
+            account = self._account_rid(conn, event.account_id)
+            metric = self._metric_ids.get(event.metric) or self._intern(
+                "metrics", "name", event.metric, new_metrics
+            )
+            key = NO_KEY if event.key_id is None else self._key_rid(conn, event.key_id)
+            dims_text = json.dumps(dict(event.dimensions), sort_keys=True, separators=(",", ":"))
+            dimset = self._dimset_ids.get(dims_text) or self._intern(
+                "dimsets", "dims", dims_text, new_dimsets
+            )
+            tagset = self._tagset_ids.get(event.tags)
+            if tagset is None:
+                tags_text = json.dumps(sorted(event.tags), separators=(",", ":"))
+                tagset = self._intern("tagsets", "tags", tags_text, new_tagsets)
+            billable = 1 if event.billable else 0
+            value = event.value
+            rows.append(
+                (account, event.id, metric, event.ts_ms, key, billable, dimset, tagset, value)
+            )
+            slot = event.ts_ms // SLOT_MS
+            rollup_key = (metric, account, slot, key, billable, dimset, tagset)
+            acc = rollups.get(rollup_key)
+            if acc is None:
+                rollups[rollup_key] = [1, value, value, value, event.ts_ms, value]
+            else:
+                acc[0] += 1
+                acc[1] += value
+                acc[2] = min(acc[2], value)
+                acc[3] = max(acc[3], value)
+                if event.ts_ms >= acc[4]:
+                    acc[4] = event.ts_ms
+                    acc[5] = value
+
+        conn.executemany(
+            "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset,"
+            " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        conn.executemany(UPSERT_ROLLUP, [(*k, *v) for k, v in rollups.items()])
+        return AppendResult(len(rows), duplicates), (new_metrics, new_dimsets, new_tagsets)
+
+    # ---------------------------------------------------------------- queries
+
+    def _ids(self, conn: sqlite3.Connection, table: str, column: str, value: str) -> int | None:
+        row = conn.execute(f"SELECT id FROM {table} WHERE {column} = ?", (value,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        conn = self._reader()
+        metric = self._ids(conn, "metrics", "name", spec.metric)
+        if metric is None or not spec.windows:
+            return []
+        account_rids = []
+        for account_id in spec.accounts:
+            row = conn.execute("SELECT rid FROM accounts WHERE id = ?", (account_id,)).fetchone()
+            if row is not None:
+                account_rids.append(int(row[0]))
+        key_rid: int | None = None
+        if spec.key_id is not None:
+            row = conn.execute("SELECT rid FROM keys WHERE id = ?", (spec.key_id,)).fetchone()
+            if row is None:
+                return []
+            key_rid = int(row[0])
+        if not account_rids:
+            return []
+        plans = plan_aggregate(spec, metric, account_rids, key_rid)
+        if len(plans) == 1:
+            return [plans[0].decode(row) for row in conn.execute(plans[0].sql, plans[0].params)]
+        # Several statements fill different measures of the same (window, group) cells.
+        merged: dict[tuple[int, Group], list[float | None]] = {}
+        for plan in plans:
+            for raw in conn.execute(plan.sql, plan.params):
+                row = plan.decode(raw)
+                cell = merged.setdefault((row.window, row.group), [None] * len(spec.measures))
+                for pos in plan.positions:
+                    cell[pos] = row.values[pos]
+        return [AggregateRow(w, g, tuple(v)) for (w, g), v in merged.items()]
+
+    def count_events(self) -> int:
+        return int(self._reader().execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def iter_events(
+        self,
+        accounts: Sequence[str] | None = None,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> Iterator[Event]:
+        where = ["1"]
+        params: list[Any] = []
+        if accounts is not None:
+            where.append(f"a.id IN ({','.join('?' * len(accounts))})")
+            params.extend(accounts)
+        if start_ms is not None:
+            where.append("e.ts >= ?")
+            params.append(start_ms)
+        if end_ms is not None:
+            where.append("e.ts < ?")
+            params.append(end_ms)
+        sql = (
+            "SELECT e.event_id, a.id, m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
+            " FROM events e JOIN accounts a ON a.rid = e.account JOIN metrics m ON m.id = e.metric"
+            " LEFT JOIN keys k ON k.rid = e.key JOIN dimsets d ON d.id = e.dimset"
+            f" JOIN tagsets t ON t.id = e.tagset WHERE {' AND '.join(where)} ORDER BY e.seq"
+        )
+        # A connection of its own, so a long export does not hold a pooled reader.
+        conn = self._connect()
+        try:
+            for row in conn.execute(sql, params):
+                yield Event(
+                    id=row[0],
+                    account_id=row[1],
+                    metric=row[2],
+                    ts_ms=row[3],
+                    value=row[4],
+                    billable=bool(row[5]),
+                    key_id=row[6],
+                    dimensions=json.loads(row[7]),
+                    tags=frozenset(json.loads(row[8])),
+                )
+        finally:
+            conn.close()

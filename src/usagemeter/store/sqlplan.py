@@ -1,0 +1,197 @@
+"""SQL for one aggregate question, planned from an AggregateSpec (SQLite dialect).
+
+A window is split into its whole 15-minute slots, read from ``rollup``, and its unaligned
+ends, read from ``events``. Both become rows of one shape that the outer query folds per
+window and group. Example: the window [10:07, 12:00) is slots [10:15, 12:00) from the rollup
+plus the events in [10:07, 10:15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Group
+from usagemeter.store.base import AggregateRow, AggregateSpec, Measure
+from usagemeter.timewindows import SLOT_MS
+
+# The fold of each additive aggregation over source rows (a rollup row or a raw event).
+ADDITIVE_SQL = {
+    "count": "sum(s.cnt)",
+    "sum": "sum(s.total)",
+    "max": "max(s.vmax)",
+    "min": "min(s.vmin)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    sql: str
+    params: tuple[Any, ...]
+    positions: tuple[int, ...]  # which of spec.measures this statement's values fill
+    decode: Callable[[Sequence[Any]], AggregateRow]
+
+
+def split_windows(
+    windows: Sequence[Any],
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """(slot windows, raw windows): whole slots as slot numbers, unaligned ends in ms."""
+    slots: list[tuple[int, int, int]] = []
+    raw: list[tuple[int, int, int]] = []
+    for w in windows:
+        first = -(-w.start_ms // SLOT_MS)  # ceil
+        last = w.end_ms // SLOT_MS  # floor
+        if first < last:
+            slots.append((w.index, first, last))
+            if w.start_ms < first * SLOT_MS:
+                raw.append((w.index, w.start_ms, first * SLOT_MS))
+            if last * SLOT_MS < w.end_ms:
+                raw.append((w.index, last * SLOT_MS, w.end_ms))
+        elif w.start_ms < w.end_ms:
+            raw.append((w.index, w.start_ms, w.end_ms))
+    return slots, raw
+
+
+def _json_path(dimension: str) -> str:
+    # Quoted member name: a dimension named "a.b" is one key, not a nested path.
+    return '$."' + dimension.replace('"', '\\"') + '"'
+
+
+def plan_aggregate(
+    spec: AggregateSpec, metric: int, accounts: Sequence[int], key: int | None
+) -> list[Plan]:
+    """One statement for the additive measures together, one for each other measure."""
+    slot_windows, raw_windows = split_windows(spec.windows)
+    if not slot_windows and not raw_windows:
+        return []
+
+    # Filters that narrow each source before the fold.
+    source_where: list[str] = []
+    source_params: list[Any] = []
+    if key is not None:
+        source_where.append("x.key = ?")
+        source_params.append(key)
+    if spec.billable is not None:
+        source_where.append("x.billable = ?")
+        source_params.append(1 if spec.billable else 0)
+    if spec.tags:
+        tags = sorted(spec.tags)
+        marks = ",".join("?" * len(tags))
+        source_where.append(
+            f"x.tagset IN (SELECT tagset FROM tagset_tags WHERE tag IN ({marks})"
+            " GROUP BY tagset HAVING count(*) = ?)"
+        )
+        source_params.extend([*tags, len(tags)])
+    account_marks = ",".join("?" * len(accounts))
+
+    ctes: list[str] = []
+    cte_params: list[Any] = []
+    parts: list[str] = []
+    part_params: list[Any] = []
+    extra = "".join(f" AND {clause}" for clause in source_where)
+    if slot_windows:
+        ctes.append(f"sw(idx, lo, hi) AS (VALUES {','.join(['(?,?,?)'] * len(slot_windows))})")
+        cte_params.extend(v for w in slot_windows for v in w)
+        parts.append(
+            "SELECT sw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
+            " x.cnt AS cnt, x.total AS total, x.vmin AS vmin, x.vmax AS vmax,"
+            " x.last_ts AS last_ts, x.last_val AS last_val FROM sw JOIN rollup x"
+            f" ON x.metric = ? AND x.account IN ({account_marks})"
+            f" AND x.slot >= sw.lo AND x.slot < sw.hi{extra}"
+        )
+        part_params.extend([metric, *accounts, *source_params])
+    if raw_windows:
+        ctes.append(f"rw(idx, lo, hi) AS (VALUES {','.join(['(?,?,?)'] * len(raw_windows))})")
+        cte_params.extend(v for w in raw_windows for v in w)
+        parts.append(
+            "SELECT rw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
+            " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax,"
+            " x.ts AS last_ts, x.value AS last_val FROM rw JOIN events x"
+            f" ON x.metric = ? AND x.account IN ({account_marks})"
+            f" AND x.ts >= rw.lo AND x.ts < rw.hi{extra}"
+        )
+        part_params.extend([metric, *accounts, *source_params])
+    source = "(" + " UNION ALL ".join(parts) + ") AS s"
+
+    # Group columns and dimension filters, which need the interned dimension set.
+    joins: list[str] = []
+    group_cols: list[str] = []
+    group_params: list[Any] = []
+    needs_dims = bool(spec.filters) or any(
+        g not in (GROUP_KEY, GROUP_SUBACCOUNT) for g in spec.group_by
+    )
+    needs_dims = needs_dims or any(m.aggregation == "unique_count" for m in spec.measures)
+    if needs_dims:
+        joins.append("JOIN dimsets d ON d.id = s.dimset")
+    if GROUP_KEY in spec.group_by:
+        joins.append("LEFT JOIN keys k ON k.rid = s.key")
+    if GROUP_SUBACCOUNT in spec.group_by:
+        joins.append("JOIN accounts a ON a.rid = s.account")
+    for name in spec.group_by:
+        if name == GROUP_KEY:
+            group_cols.append("k.id")
+        elif name == GROUP_SUBACCOUNT:
+            group_cols.append("a.id")
+        else:
+            group_cols.append("json_extract(d.dims, ?)")
+            group_params.append(_json_path(name))
+    where: list[str] = []
+    where_params: list[Any] = []
+    for dimension, value in spec.filters:
+        where.append("json_extract(d.dims, ?) = ?")
+        where_params.extend([_json_path(dimension), value])
+
+    def statement(select_values: list[str], value_params: list[Any]) -> tuple[str, list[Any]]:
+        selected = ["s.idx", *[f"{c} AS g{i}" for i, c in enumerate(group_cols)], *select_values]
+        group_refs = ["s.idx", *[f"g{i}" for i in range(len(group_cols))]]
+        sql = (
+            f"WITH {', '.join(ctes)} SELECT {', '.join(selected)} FROM {source} "
+            + " ".join(joins)
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + f" GROUP BY {', '.join(group_refs)}"
+        )
+        # Parameter order follows the text: CTEs, selected group columns, values, source, where.
+        params = [*cte_params, *group_params, *value_params, *part_params, *where_params]
+        return sql, params
+
+    names = tuple(spec.group_by)
+    width = len(group_cols)
+
+    def decoder(positions: tuple[int, ...]) -> Callable[[Sequence[Any]], AggregateRow]:
+        total = len(spec.measures)
+
+        def decode(row: Sequence[Any]) -> AggregateRow:
+            group: Group = tuple(zip(names, row[1 : 1 + width], strict=True))
+            values: list[float | None] = [None] * total
+            for pos, value in zip(positions, row[1 + width :], strict=False):
+                values[pos] = value
+            return AggregateRow(int(row[0]), group, tuple(values))
+
+        return decode
+
+    plans: list[Plan] = []
+    additive = [i for i, m in enumerate(spec.measures) if m.aggregation in ADDITIVE_SQL]
+    if additive:
+        sql, params = statement([ADDITIVE_SQL[spec.measures[i].aggregation] for i in additive], [])
+        plans.append(Plan(sql, tuple(params), tuple(additive), decoder(tuple(additive))))
+    for i, measure in enumerate(spec.measures):
+        if measure.aggregation == "latest":
+            # SQLite returns the bare column last_val from the row that holds max(last_ts),
+            # as long as max() is the statement's only aggregate.
+            sql, params = statement(["s.last_val", "max(s.last_ts)"], [])
+            plans.append(Plan(sql, tuple(params), (i,), decoder((i,))))
+        elif measure.aggregation == "unique_count":
+            sql, params = statement(
+                ["count(DISTINCT json_extract(d.dims, ?))"], [_json_path(_dimension(measure))]
+            )
+            plans.append(Plan(sql, tuple(params), (i,), decoder((i,))))
+        elif measure.aggregation not in ADDITIVE_SQL:
+            raise ValueError(f"unknown aggregation {measure.aggregation!r}")
+    return plans
+
+
+def _dimension(measure: Measure) -> str:
+    if measure.dimension is None:
+        raise ValueError("unique_count needs a dimension")
+    return measure.dimension
