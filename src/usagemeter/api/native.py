@@ -268,29 +268,6 @@ EVENTS_EXAMPLE = [
 ]
 
 
-def parse_batch(body: bytes, content_type: str) -> list[object]:
-    """A JSON array, or NDJSON (one object per line) for ``application/x-ndjson``."""
-    if "ndjson" in content_type or "jsonlines" in content_type:
-        items: list[object] = []
-        for number_, line in enumerate(body.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append(msgspec.json.decode(line))
-            except msgspec.DecodeError as exc:
-                raise ApiError(400, "invalid_json", f"NDJSON line {number_}: {exc}") from None
-        return items
-    try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-    if isinstance(decoded, dict):
-        return [decoded]  # one event on its own is a batch of one
-    if not isinstance(decoded, list):
-        raise ApiError(400, "invalid_body", "expected a JSON array of events")
-    return decoded
-
-
 @router.post(
     "/v1/events",
     tags=["events"],
@@ -314,14 +291,17 @@ async def post_events(request: Request) -> JSONResponse:
     body = await request.body()
     if len(body) > MAX_BODY:
         raise ApiError(413, "too_large", f"a request body holds at most {MAX_BODY} bytes")
-    raws = parse_batch(body, request.headers.get("content-type", ""))
+    content_type = request.headers.get("content-type", "")
+    ndjson = "ndjson" in content_type or "jsonlines" in content_type
     ingestor = services(request).ingestor
     try:
-        result = await run_in_threadpool(ingestor.ingest, raws, key)
+        result = await run_in_threadpool(ingestor.ingest_json, body, ndjson, key)
     except BatchRejected as exc:
         errors = [e.as_dict() for e in exc.errors]
         message = f"{len(errors)} event(s) rejected, nothing stored: {exc}"
         raise ApiError(400, "invalid_events", message, {"errors": errors}) from None
+    except ValueError as exc:  # not JSON at all
+        raise ApiError(400, "invalid_json", str(exc)) from None
     return JSONResponse({"accepted": result.accepted, "duplicates": result.duplicates})
 
 

@@ -135,7 +135,7 @@ class SQLiteStore:
         # Interned ids, cached for the write path. Only filled after a commit, so a rolled
         # back batch never leaves a cached id that the file does not hold.
         self._metric_ids: dict[str, int] = {}
-        self._dimset_ids: dict[str, int] = {}
+        self._dimset_ids: dict[tuple[tuple[str, str], ...], int] = {}
         self._tagset_ids: dict[frozenset[str], int] = {}
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
@@ -380,7 +380,9 @@ class SQLiteStore:
                 raise
             metrics, dimsets, tagsets = interned
             self._metric_ids.update(metrics)
-            self._dimset_ids.update(dimsets)
+            self._dimset_ids.update(
+                {tuple(sorted(json.loads(k).items())): v for k, v in dimsets.items()}
+            )
             self._tagset_ids.update({frozenset(json.loads(k)): v for k, v in tagsets.items()})
         return result
 
@@ -422,10 +424,11 @@ class SQLiteStore:
                 "metrics", "name", event.metric, new_metrics
             )
             key = NO_KEY if event.key_id is None else self._key_rid(conn, event.key_id)
-            dims_text = json.dumps(dict(event.dimensions), sort_keys=True, separators=(",", ":"))
-            dimset = self._dimset_ids.get(dims_text) or self._intern(
-                "dimsets", "dims", dims_text, new_dimsets
-            )
+            dims_key = tuple(sorted(event.dimensions.items())) if event.dimensions else ()
+            dimset = self._dimset_ids.get(dims_key)
+            if dimset is None:
+                dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
+                dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
             tagset = self._tagset_ids.get(event.tags)
             if tagset is None:
                 tags_text = json.dumps(sorted(event.tags), separators=(",", ":"))

@@ -1,0 +1,133 @@
+"""The command line, on real database files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from usagemeter.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})  # rich tables wide enough to read
+
+
+def run(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_bootstrap_accounts_and_keys(tmp_path: Path) -> None:
+    db = str(tmp_path / "u.db")
+    operator = json.loads(run("keys", "create", "--operator", "--db", db))
+    assert operator["id"].startswith("key_") and operator["key"].startswith("um_")
+    assert operator["scopes"] == ["operator"]
+    run("accounts", "create", "Acme", "--id", "acme", "--anchor", "2024-01-31", "--db", db)
+    run("accounts", "create", "Acme EU", "--id", "acme-eu", "--parent", "acme", "--db", db)
+    key = json.loads(
+        run(
+            "keys",
+            "create",
+            "--account",
+            "acme",
+            "--prefix",
+            "ak_",
+            "--scope",
+            "ingest",
+            "--db",
+            db,
+        )
+    )
+    assert key["key"].startswith("ak_") and key["scopes"] == ["ingest"]
+    listing = run("accounts", "list", "--db", db)
+    assert "acme-eu" in listing and "month from 2024-01-31" in listing
+    assert key["id"] in run("keys", "list", "--account", "acme", "--db", db)
+    run("keys", "revoke", key["id"], "--db", db)
+
+    bad = runner.invoke(app, ["accounts", "create", "X", "--parent", "ghost", "--db", db])
+    assert bad.exit_code == 2 and "ghost" in bad.output
+    both = runner.invoke(app, ["keys", "create", "--db", db])
+    assert both.exit_code == 2
+
+
+def test_ingest_is_resumable_and_export_round_trips(tmp_path: Path) -> None:
+    db = str(tmp_path / "u.db")
+    run("accounts", "create", "Acme", "--id", "acme", "--db", db)
+    events = tmp_path / "events.ndjson"
+    events.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "account": "acme",
+                    "metric": "lookups",
+                    "ts": f"2025-01-0{1 + i % 5}T10:00:00Z",
+                    "tags": ["a"] if i % 2 else [],
+                    "dimensions": {"agent": f"x{i % 3}"},
+                }
+            )
+            for i in range(25)
+        )
+        + "\n"
+    )
+    first = json.loads(run("ingest", str(events), "--batch", "10", "--db", db))
+    assert first == {"records": 25, "accepted": 25, "duplicates": 0}
+    again = json.loads(run("ingest", str(events), "--db", db))
+    assert again == {"records": 25, "accepted": 0, "duplicates": 25}
+
+    table = run(
+        "query", "lookups", "acme", "--start", "2025-01-01", "--end", "2025-01-06", "--db", db
+    )
+    assert "total: 25" in table
+
+    exported = tmp_path / "out.csv"
+    run("export", "--format", "csv", "--output", str(exported), "--db", db)
+    db2 = str(tmp_path / "copy.db")
+    run("accounts", "create", "Acme", "--id", "acme", "--db", db2)
+    copied = json.loads(run("ingest", str(exported), "--db", db2))
+    assert copied == {"records": 25, "accepted": 25, "duplicates": 0}
+    grouped = run(
+        "query",
+        "lookups",
+        "acme",
+        "--start",
+        "2025-01-01",
+        "--end",
+        "2025-01-06",
+        "--group-by",
+        "agent",
+        "--tags",
+        "a",
+        "--granularity",
+        "total",
+        "--db",
+        db2,
+    )
+    assert "total: 12" in grouped
+
+    ndjson = run("export", "--account", "acme", "--db", db)
+    lines = [json.loads(line) for line in ndjson.splitlines()]
+    assert len(lines) == 25 and {e["account"] for e in lines} == {"acme"}
+
+
+def test_ingest_reports_bad_records_and_stores_nothing_of_their_batch(tmp_path: Path) -> None:
+    db = str(tmp_path / "u.db")
+    run("accounts", "create", "Acme", "--id", "acme", "--db", db)
+    events = tmp_path / "bad.csv"
+    events.write_text(
+        "id,account,metric,ts,value\n1,acme,m,2025-01-01T00:00:00Z,1\n2,acme,m,never,1\n"
+    )
+    result = runner.invoke(app, ["ingest", str(events), "--db", db])
+    assert result.exit_code == 2
+    assert "record 2" in result.output and "ts" in result.output
+    assert "total: 0" in run(
+        "query", "m", "acme", "--start", "2025-01-01", "--end", "2025-01-02", "--db", db
+    )
+
+
+def test_demo_is_idempotent(tmp_path: Path) -> None:
+    db = str(tmp_path / "demo.db")
+    first = json.loads(run("demo", "--db", db))
+    assert first["events_added"] > 10_000
+    assert first["keys"]["key_demo_operator"] == "demo_operator_secret"
+    assert json.loads(run("demo", "--db", db))["events_added"] == 0

@@ -1,0 +1,199 @@
+"""The SQLite store: atomic, idempotent, durable appends, and rollups that agree with the raw
+events for any window, aligned or not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from usagemeter.auth import issue_key
+from usagemeter.model import Account, Event, Scope
+from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
+from usagemeter.store.sqlite import SQLiteStore
+
+BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
+HOUR_MS = 3_600_000
+
+
+def _accounts(store: SQLiteStore) -> None:
+    store.create_account(Account("a", "A"))
+    store.create_account(Account("b", "B", "a"))
+    issue_key(store, "a", key_id="ka", scopes=[Scope.READ])
+    issue_key(store, "b", key_id="kb", scopes=[Scope.READ])
+
+
+def _event(i: int, account: str = "a", ts: int = BASE_MS, **fields: object) -> Event:
+    return Event(id=f"e{i}", account_id=account, metric="m", ts_ms=ts, **fields)  # type: ignore[arg-type]
+
+
+def _count(store: SQLiteStore, start: int, end: int, **spec: object) -> float | None:
+    rows = store.aggregate(
+        AggregateSpec(
+            accounts=("a", "b"),
+            metric="m",
+            windows=(Window(0, start, end),),
+            measures=(Measure("count"),),
+            **spec,  # type: ignore[arg-type]
+        )
+    )
+    return sum(r.values[0] or 0 for r in rows) if rows else 0
+
+
+def test_append_dedupes_within_and_across_batches(store: SQLiteStore) -> None:
+    _accounts(store)
+    first = store.append([_event(1), _event(2), _event(1)])
+    assert (first.accepted, first.duplicates) == (2, 1)
+    retry = store.append([_event(1), _event(2), _event(3)])
+    assert (retry.accepted, retry.duplicates) == (1, 2)
+    # The same id in another account is another event.
+    other = store.append([_event(1, account="b")])
+    assert (other.accepted, other.duplicates) == (1, 0)
+    assert store.count_events() == 4
+    assert _count(store, BASE_MS, BASE_MS + HOUR_MS) == 4
+
+
+def test_a_failing_batch_stores_nothing(store: SQLiteStore) -> None:
+    _accounts(store)
+    with pytest.raises(NotFound):
+        store.append([_event(1), _event(2, account="nobody")])
+    assert store.count_events() == 0
+    assert _count(store, BASE_MS, BASE_MS + HOUR_MS) == 0
+    # The ids of the failed batch are free: nothing of it was remembered.
+    assert store.append([_event(1)]).accepted == 1
+
+
+def test_acknowledged_events_survive_reopening(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    _accounts(store)
+    store.append([_event(i, ts=BASE_MS + i * 1000) for i in range(50)])
+    store.close()
+    reopened = SQLiteStore(db_path)
+    assert reopened.count_events() == 50
+    assert _count(reopened, BASE_MS, BASE_MS + HOUR_MS) == 50
+    assert reopened.append([_event(0)]).duplicates == 1
+    reopened.close()
+
+
+def test_millisecond_bounds_read_the_ragged_ends(store: SQLiteStore) -> None:
+    _accounts(store)
+    store.append([_event(i, ts=BASE_MS + i) for i in range(10)])  # 0..9 ms past midnight
+    assert _count(store, BASE_MS + 3, BASE_MS + 7) == 4
+    assert _count(store, BASE_MS, BASE_MS + 15 * 60_000) == 10
+    assert _count(store, BASE_MS - 1, BASE_MS + 1) == 1
+
+
+def test_filters_keys_tags_billable(store: SQLiteStore) -> None:
+    _accounts(store)
+    store.append(
+        [
+            _event(1, key_id="ka", tags=frozenset({"x", "y"}), dimensions={"licensee": "l1"}),
+            _event(2, key_id="ka", tags=frozenset({"x"}), billable=False),
+            _event(3, account="b", key_id="kb", tags=frozenset({"x", "y", "z"})),
+        ]
+    )
+    window = (BASE_MS, BASE_MS + HOUR_MS)
+    assert _count(store, *window, key_id="ka") == 2
+    assert _count(store, *window, tags=frozenset({"x", "y"})) == 2
+    assert _count(store, *window, tags=frozenset({"x"})) == 3
+    assert _count(store, *window, tags=frozenset({"nope"})) == 0
+    assert _count(store, *window, billable=True) == 2
+    assert _count(store, *window, filters=(("licensee", "l1"),)) == 1
+
+
+def test_account_tree(store: SQLiteStore) -> None:
+    _accounts(store)
+    store.create_account(Account("c", "C", "b"))
+    assert store.descendants("a") == ["a", "b", "c"]
+    assert store.ancestors("c") == ["c", "b", "a"]
+    with pytest.raises(NotFound):
+        store.descendants("zzz")
+
+
+# ---------------------------------------------------------------- the invariant
+
+events_strategy = st.lists(
+    st.builds(
+        dict,
+        id=st.integers(0, 60),
+        account=st.sampled_from(["a", "b"]),
+        offset=st.integers(0, 6 * HOUR_MS),
+        value=st.integers(-5, 100),
+        agent=st.sampled_from([None, "x", "y"]),
+        session=st.sampled_from(["s1", "s2", "s3", "s4"]),
+    ),
+    max_size=60,
+)
+bounds = st.tuples(st.integers(-HOUR_MS, 7 * HOUR_MS), st.integers(1, 7 * HOUR_MS))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raw=events_strategy, batch_size=st.integers(1, 20), window=bounds)
+def test_rollups_agree_with_a_naive_fold_of_the_events(
+    tmp_path_factory: pytest.TempPathFactory,
+    raw: list[dict[str, object]],
+    batch_size: int,
+    window: tuple[int, int],
+) -> None:
+    store = SQLiteStore(tmp_path_factory.mktemp("prop") / "p.db")
+    _accounts(store)
+    events = [
+        Event(
+            id=f"e{r['id']}",
+            account_id=str(r["account"]),
+            metric="m",
+            ts_ms=BASE_MS + int(r["offset"]),  # type: ignore[call-overload]
+            value=float(r["value"]),  # type: ignore[arg-type]
+            dimensions={
+                "session_id": str(r["session"]),
+                **({"agent": str(r["agent"])} if r["agent"] else {}),
+            },
+        )
+        for r in raw
+    ]
+    for i in range(0, len(events), batch_size):
+        store.append(events[i : i + batch_size])
+    # What was stored: the first event of each (account, id), in order.
+    kept: dict[tuple[str, str], Event] = {}
+    for e in events:
+        kept.setdefault((e.account_id, e.id), e)
+    start = BASE_MS + window[0]
+    end = start + window[1]
+    inside = [e for e in kept.values() if start <= e.ts_ms < end]
+
+    measures = (
+        Measure("count"),
+        Measure("sum"),
+        Measure("min"),
+        Measure("max"),
+        Measure("unique_count", "session_id"),
+    )
+    rows = store.aggregate(
+        AggregateSpec(("a", "b"), "m", (Window(0, start, end),), measures, group_by=("agent",))
+    )
+    got = {r.group: r.values for r in rows}
+    expected = {}
+    for agent in {e.dimensions.get("agent") for e in inside}:
+        members = [e for e in inside if e.dimensions.get("agent") == agent]
+        expected[(("agent", agent),)] = (
+            len(members),
+            sum(e.value for e in members),
+            min(e.value for e in members),
+            max(e.value for e in members),
+            len({e.dimensions["session_id"] for e in members}),
+        )
+    assert got == expected
+
+    latest = store.aggregate(
+        AggregateSpec(("a", "b"), "m", (Window(0, start, end),), (Measure("latest"),))
+    )
+    if inside:
+        newest = max(e.ts_ms for e in inside)
+        assert latest[0].values[0] in {e.value for e in inside if e.ts_ms == newest}
+    else:
+        assert latest == []
+    store.close()
