@@ -33,7 +33,7 @@ from usagemeter.model import (
     Scope,
 )
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
-from usagemeter.store.sqlplan import plan_aggregate
+from usagemeter.store.sqlplan import DAY_MS, HOUR_MS, plan_aggregate
 from usagemeter.timewindows import SLOT_MS, BillingCycle
 
 SCHEMA = """
@@ -96,12 +96,30 @@ CREATE TABLE IF NOT EXISTS rollup (
     PRIMARY KEY (metric, account, slot, key, billable, dimset, tagset)
 ) WITHOUT ROWID;
 """
+# Coarse rollups: whole UTC hours and days, without dimension or tag sets. Most reports ask
+# for a metric per day or hour with no dimension in sight; these answer them from a few rows
+# per unit whatever the dimensions' cardinality (a session id per event, say).
+for _table in ("rollup_hour", "rollup_day"):
+    SCHEMA += f"""
+CREATE TABLE IF NOT EXISTS {_table} (
+    metric INTEGER NOT NULL,
+    account INTEGER NOT NULL,
+    slot INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    billable INTEGER NOT NULL,
+    cnt INTEGER NOT NULL,
+    total REAL NOT NULL,
+    vmin REAL NOT NULL,
+    vmax REAL NOT NULL,
+    last_ts INTEGER NOT NULL,
+    last_val REAL NOT NULL,
+    PRIMARY KEY (metric, account, slot, key, billable)
+) WITHOUT ROWID;
+"""
 
 # A rollup row absorbs a batch's partial row. The latest value is the one with the greatest
 # timestamp; on a tie the later write wins, as the later report of a gauge should.
-UPSERT_ROLLUP = """
-INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
-ON CONFLICT DO UPDATE SET
+UPSERT_SET = """ON CONFLICT DO UPDATE SET
     cnt = cnt + excluded.cnt,
     total = total + excluded.total,
     vmin = min(vmin, excluded.vmin),
@@ -109,10 +127,32 @@ ON CONFLICT DO UPDATE SET
     last_val = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_val ELSE last_val END,
     last_ts = max(last_ts, excluded.last_ts)
 """
+UPSERT_SLOTS = "INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
+UPSERT_HOURS = "INSERT INTO rollup_hour VALUES (?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
+UPSERT_DAYS = "INSERT INTO rollup_day VALUES (?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
 
 LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whole digest
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
 ID_CHUNK = 500  # ids per IN (...) list, under SQLite's variable limit
+
+
+def _fold(
+    into: dict[tuple[int, ...], list[Any]], key: tuple[int, ...], ts: int, value: float
+) -> None:
+    """Add one event to a batch's partial rollup row: [count, sum, min, max, last ts, last]."""
+    acc = into.get(key)
+    if acc is None:
+        into[key] = [1, value, value, value, ts, value]
+        return
+    acc[0] += 1
+    acc[1] += value
+    if value < acc[2]:
+        acc[2] = value
+    if value > acc[3]:
+        acc[3] = value
+    if ts >= acc[4]:
+        acc[4] = ts
+        acc[5] = value
 
 
 def _now_ms() -> int:
@@ -411,7 +451,9 @@ class SQLiteStore:
                     seen.add((account_id, event_id))
 
         rows: list[tuple[Any, ...]] = []
-        rollups: dict[tuple[int, ...], list[Any]] = {}
+        slots: dict[tuple[int, ...], list[Any]] = {}
+        hours: dict[tuple[int, ...], list[Any]] = {}
+        days: dict[tuple[int, ...], list[Any]] = {}
         duplicates = 0
         for event in events:
             ident = (event.account_id, event.id)
@@ -438,26 +480,19 @@ class SQLiteStore:
             rows.append(
                 (account, event.id, metric, event.ts_ms, key, billable, dimset, tagset, value)
             )
-            slot = event.ts_ms // SLOT_MS
-            rollup_key = (metric, account, slot, key, billable, dimset, tagset)
-            acc = rollups.get(rollup_key)
-            if acc is None:
-                rollups[rollup_key] = [1, value, value, value, event.ts_ms, value]
-            else:
-                acc[0] += 1
-                acc[1] += value
-                acc[2] = min(acc[2], value)
-                acc[3] = max(acc[3], value)
-                if event.ts_ms >= acc[4]:
-                    acc[4] = event.ts_ms
-                    acc[5] = value
+            ts = event.ts_ms
+            _fold(slots, (metric, account, ts // SLOT_MS, key, billable, dimset, tagset), ts, value)
+            _fold(hours, (metric, account, ts // HOUR_MS, key, billable), ts, value)
+            _fold(days, (metric, account, ts // DAY_MS, key, billable), ts, value)
 
         conn.executemany(
             "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset,"
             " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        conn.executemany(UPSERT_ROLLUP, [(*k, *v) for k, v in rollups.items()])
+        conn.executemany(UPSERT_SLOTS, [(*k, *v) for k, v in slots.items()])
+        conn.executemany(UPSERT_HOURS, [(*k, *v) for k, v in hours.items()])
+        conn.executemany(UPSERT_DAYS, [(*k, *v) for k, v in days.items()])
         return AppendResult(len(rows), duplicates), (new_metrics, new_dimsets, new_tagsets)
 
     # ---------------------------------------------------------------- queries

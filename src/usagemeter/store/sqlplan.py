@@ -1,9 +1,16 @@
 """SQL for one aggregate question, planned from an AggregateSpec (SQLite dialect).
 
-A window is split into its whole 15-minute slots, read from ``rollup``, and its unaligned
-ends, read from ``events``. Both become rows of one shape that the outer query folds per
-window and group. Example: the window [10:07, 12:00) is slots [10:15, 12:00) from the rollup
-plus the events in [10:07, 10:15).
+Usage is kept at several grains (see sqlite.py): whole UTC days and hours without dimensions
+or tags, 15-minute slots with everything, and the raw events. A window is cut into the
+coarsest whole units that fit it, finer units at its ends, and raw events for whatever is
+left of a slot. Example, a New York day (UTC-5) from 05:00 to 05:00 UTC next day, with a
+ragged start at 05:07:
+
+    [05:07, 05:15) raw events     [05:15, 06:00) three slots
+    [06:00, 24:00) 18 hours       [00:00, 05:00) five hours
+
+All pieces become rows of one shape that the outer query folds per window and group, so a
+report costs what its buckets cost, not what the account has stored.
 """
 
 from __future__ import annotations
@@ -13,8 +20,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Group
-from usagemeter.store.base import AggregateRow, AggregateSpec, Measure
+from usagemeter.store.base import AggregateRow, AggregateSpec, Measure, Window
 from usagemeter.timewindows import SLOT_MS
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class Grain:
+    table: str
+    unit_ms: int
+    detailed: bool  # keeps dimension and tag sets, so it answers any filter or group
+
+
+SLOTS = Grain("rollup", SLOT_MS, detailed=True)
+HOURS = Grain("rollup_hour", HOUR_MS, detailed=False)
+DAYS = Grain("rollup_day", DAY_MS, detailed=False)
+GRAINS = (DAYS, HOURS, SLOTS)  # coarsest first
 
 # The fold of each additive aggregation over source rows (a rollup row or a raw event).
 ADDITIVE_SQL = {
@@ -33,24 +56,47 @@ class Plan:
     decode: Callable[[Sequence[Any]], AggregateRow]
 
 
+Piece = tuple[int, int, int]  # (window index, low, high): units of a grain, or ms for raw
+
+
 def split_windows(
-    windows: Sequence[Any],
-) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
-    """(slot windows, raw windows): whole slots as slot numbers, unaligned ends in ms."""
-    slots: list[tuple[int, int, int]] = []
-    raw: list[tuple[int, int, int]] = []
+    windows: Sequence[Window], grains: Sequence[Grain]
+) -> tuple[dict[Grain, list[Piece]], list[Piece]]:
+    """Cut each window into whole units of the grains, coarsest first, and raw ms pieces."""
+    pieces: dict[Grain, list[Piece]] = {g: [] for g in grains}
+    raw: list[Piece] = []
+
+    def cut(index: int, lo: int, hi: int, level: int) -> None:
+        if lo >= hi:
+            return
+        if level == len(grains):
+            raw.append((index, lo, hi))
+            return
+        unit = grains[level].unit_ms
+        first = -(-lo // unit)  # ceil
+        last = hi // unit  # floor
+        if first >= last:
+            cut(index, lo, hi, level + 1)
+            return
+        pieces[grains[level]].append((index, first, last))
+        cut(index, lo, first * unit, level + 1)
+        cut(index, last * unit, hi, level + 1)
+
     for w in windows:
-        first = -(-w.start_ms // SLOT_MS)  # ceil
-        last = w.end_ms // SLOT_MS  # floor
-        if first < last:
-            slots.append((w.index, first, last))
-            if w.start_ms < first * SLOT_MS:
-                raw.append((w.index, w.start_ms, first * SLOT_MS))
-            if last * SLOT_MS < w.end_ms:
-                raw.append((w.index, last * SLOT_MS, w.end_ms))
-        elif w.start_ms < w.end_ms:
-            raw.append((w.index, w.start_ms, w.end_ms))
-    return slots, raw
+        cut(w.index, w.start_ms, w.end_ms, 0)
+    return pieces, raw
+
+
+def grains_for(spec: AggregateSpec) -> tuple[Grain, ...]:
+    """The coarse grains keep no dimensions or tags: they serve only questions that need
+    neither."""
+    plain = (
+        not spec.filters
+        and not spec.tags
+        and all(g in (GROUP_KEY, GROUP_SUBACCOUNT) for g in spec.group_by)
+        and all(m.aggregation != "unique_count" for m in spec.measures)
+    )
+    return GRAINS if plain else (SLOTS,)
 
 
 def _json_path(dimension: str) -> str:
@@ -62,8 +108,9 @@ def plan_aggregate(
     spec: AggregateSpec, metric: int, accounts: Sequence[int], key: int | None
 ) -> list[Plan]:
     """One statement for the additive measures together, one for each other measure."""
-    slot_windows, raw_windows = split_windows(spec.windows)
-    if not slot_windows and not raw_windows:
+    grains = grains_for(spec)
+    pieces, raw_pieces = split_windows(spec.windows, grains)
+    if not raw_pieces and not any(pieces.values()):
         return []
 
     # Filters that narrow each source before the fold.
@@ -84,26 +131,30 @@ def plan_aggregate(
         )
         source_params.extend([*tags, len(tags)])
     account_marks = ",".join("?" * len(accounts))
+    extra = "".join(f" AND {clause}" for clause in source_where)
 
     ctes: list[str] = []
     cte_params: list[Any] = []
     parts: list[str] = []
     part_params: list[Any] = []
-    extra = "".join(f" AND {clause}" for clause in source_where)
-    if slot_windows:
-        ctes.append(f"sw(idx, lo, hi) AS (VALUES {','.join(['(?,?,?)'] * len(slot_windows))})")
-        cte_params.extend(v for w in slot_windows for v in w)
+    for n, grain in enumerate(grains):
+        found = pieces[grain]
+        if not found:
+            continue
+        ctes.append(f"w{n}(idx, lo, hi) AS (VALUES {','.join(['(?,?,?)'] * len(found))})")
+        cte_params.extend(v for piece in found for v in piece)
+        dimset = "x.dimset" if grain.detailed else "0"
         parts.append(
-            "SELECT sw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
+            f"SELECT w{n}.idx AS idx, x.account AS account, x.key AS key, {dimset} AS dimset,"
             " x.cnt AS cnt, x.total AS total, x.vmin AS vmin, x.vmax AS vmax,"
-            " x.last_ts AS last_ts, x.last_val AS last_val FROM sw JOIN rollup x"
+            f" x.last_ts AS last_ts, x.last_val AS last_val FROM w{n} JOIN {grain.table} x"
             f" ON x.metric = ? AND x.account IN ({account_marks})"
-            f" AND x.slot >= sw.lo AND x.slot < sw.hi{extra}"
+            f" AND x.slot >= w{n}.lo AND x.slot < w{n}.hi{extra}"
         )
         part_params.extend([metric, *accounts, *source_params])
-    if raw_windows:
-        ctes.append(f"rw(idx, lo, hi) AS (VALUES {','.join(['(?,?,?)'] * len(raw_windows))})")
-        cte_params.extend(v for w in raw_windows for v in w)
+    if raw_pieces:
+        ctes.append(f"rw(idx, lo, hi) AS (VALUES {','.join(['(?,?,?)'] * len(raw_pieces))})")
+        cte_params.extend(v for piece in raw_pieces for v in piece)
         parts.append(
             "SELECT rw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
             " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax,"

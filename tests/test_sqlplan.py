@@ -1,0 +1,108 @@
+"""The SQL planner: how windows are cut into grains, and the exact SQL of one plan."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from usagemeter.store.base import AggregateSpec, Measure, Window
+from usagemeter.store.sqlplan import (
+    DAYS,
+    GRAINS,
+    HOURS,
+    SLOTS,
+    grains_for,
+    plan_aggregate,
+    split_windows,
+)
+
+MIN = 60_000
+HOUR = 60 * MIN
+DAY = 24 * HOUR
+
+
+def test_a_new_york_day_with_a_ragged_start() -> None:
+    pieces, raw = split_windows([Window(0, 5 * HOUR + 7 * MIN, DAY + 5 * HOUR)], GRAINS)
+    assert pieces[DAYS] == []
+    assert pieces[HOURS] == [(0, 6, 29)]  # 06:00 to 05:00 the next day
+    assert pieces[SLOTS] == [(0, 21, 24)]  # 05:15 to 06:00
+    assert raw == [(0, 5 * HOUR + 7 * MIN, 5 * HOUR + 15 * MIN)]
+
+
+def test_whole_utc_days_come_from_the_day_rollup() -> None:
+    pieces, raw = split_windows([Window(3, 0, 3 * DAY)], GRAINS)
+    assert pieces == {DAYS: [(3, 0, 3)], HOURS: [], SLOTS: []} and raw == []
+
+
+@given(st.integers(0, 10 * DAY), st.integers(1, 5 * DAY))
+def test_pieces_tile_the_window_exactly(start: int, length: int) -> None:
+    pieces, raw = split_windows([Window(0, start, start + length)], GRAINS)
+    spans = [(lo * g.unit_ms, hi * g.unit_ms) for g, found in pieces.items() for _, lo, hi in found]
+    spans += [(lo, hi) for _, lo, hi in raw]
+    spans.sort()
+    assert spans[0][0] == start and spans[-1][1] == start + length
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_questions_about_dimensions_or_tags_use_the_detailed_grain_only() -> None:
+    plain = AggregateSpec(("a",), "m", (), (Measure("count"),), group_by=("key", "subaccount"))
+    assert grains_for(plain) == GRAINS
+    for detailed in (
+        AggregateSpec(("a",), "m", (), (Measure("count"),), group_by=("agent",)),
+        AggregateSpec(("a",), "m", (), (Measure("count"),), filters=(("agent", "x"),)),
+        AggregateSpec(("a",), "m", (), (Measure("count"),), tags=frozenset({"t"})),
+        AggregateSpec(("a",), "m", (), (Measure("unique_count", "session_id"),)),
+    ):
+        assert grains_for(detailed) == (SLOTS,)
+
+
+def test_golden_sql() -> None:
+    spec = AggregateSpec(
+        ("a",),
+        "lookups",
+        (Window(0, 5 * HOUR + 7 * MIN, DAY + 5 * HOUR),),
+        (Measure("count"),),
+        group_by=("key",),
+        billable=True,
+    )
+    (plan,) = plan_aggregate(spec, 7, [1], None)
+    columns = (
+        "x.account AS account, x.key AS key, {dimset} AS dimset, x.cnt AS cnt, x.total AS total,"
+        " x.vmin AS vmin, x.vmax AS vmax, x.last_ts AS last_ts, x.last_val AS last_val"
+    )
+    assert plan.sql == (
+        "WITH w1(idx, lo, hi) AS (VALUES (?,?,?)), w2(idx, lo, hi) AS (VALUES (?,?,?)),"
+        " rw(idx, lo, hi) AS (VALUES (?,?,?))"
+        " SELECT s.idx, k.id AS g0, sum(s.cnt) FROM ("
+        f"SELECT w1.idx AS idx, {columns.format(dimset='0')} FROM w1 JOIN rollup_hour x"
+        " ON x.metric = ? AND x.account IN (?) AND x.slot >= w1.lo AND x.slot < w1.hi"
+        " AND x.billable = ?"
+        f" UNION ALL SELECT w2.idx AS idx, {columns.format(dimset='x.dimset')} FROM w2 JOIN rollup x"
+        " ON x.metric = ? AND x.account IN (?) AND x.slot >= w2.lo AND x.slot < w2.hi"
+        " AND x.billable = ?"
+        " UNION ALL SELECT rw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
+        " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax, x.ts AS last_ts,"
+        " x.value AS last_val FROM rw JOIN events x"
+        " ON x.metric = ? AND x.account IN (?) AND x.ts >= rw.lo AND x.ts < rw.hi AND x.billable = ?"
+        ") AS s LEFT JOIN keys k ON k.rid = s.key GROUP BY s.idx, g0"
+    )
+    assert plan.params == (
+        0,
+        6,
+        29,
+        0,
+        21,
+        24,
+        0,
+        18_420_000,
+        18_900_000,
+        7,
+        1,
+        1,
+        7,
+        1,
+        1,
+        7,
+        1,
+        1,
+    )
