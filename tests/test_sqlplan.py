@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -41,7 +43,7 @@ def test_pieces_tile_the_window_exactly(start: int, length: int) -> None:
     spans += [(lo, hi) for _, lo, hi in raw]
     spans.sort()
     assert spans[0][0] == start and spans[-1][1] == start + length
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 def test_questions_about_dimensions_or_tags_use_the_detailed_grain_only() -> None:
@@ -77,13 +79,15 @@ def test_golden_sql() -> None:
         f"SELECT w1.idx AS idx, {columns.format(dimset='0')} FROM w1 JOIN rollup_hour x"
         " ON x.metric = ? AND x.account IN (?) AND x.slot >= w1.lo AND x.slot < w1.hi"
         " AND x.billable = ?"
-        f" UNION ALL SELECT w2.idx AS idx, {columns.format(dimset='x.dimset')} FROM w2 JOIN rollup x"
+        " UNION ALL SELECT w2.idx AS idx,"
+        f" {columns.format(dimset='x.dimset')} FROM w2 JOIN rollup x"
         " ON x.metric = ? AND x.account IN (?) AND x.slot >= w2.lo AND x.slot < w2.hi"
         " AND x.billable = ?"
         " UNION ALL SELECT rw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
         " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax, x.ts AS last_ts,"
         " x.value AS last_val FROM rw JOIN events x"
-        " ON x.metric = ? AND x.account IN (?) AND x.ts >= rw.lo AND x.ts < rw.hi AND x.billable = ?"
+        " ON x.metric = ? AND x.account IN (?) AND x.ts >= rw.lo AND x.ts < rw.hi"
+        " AND x.billable = ?"
         ") AS s LEFT JOIN keys k ON k.rid = s.key GROUP BY s.idx, g0"
     )
     assert plan.params == (
