@@ -70,9 +70,9 @@ class MeterRegistry:
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or not isinstance(entry.get("metric"), str):
                 raise ValueError(f"meters file {path}: entry {i} needs a string 'metric'")
-            aggregation, dimension = parse_aggregation(str(entry.get("aggregation", "sum")))
-            dimension = entry.get("dimension", dimension)
             try:
+                aggregation, dimension = parse_aggregation(str(entry.get("aggregation", "sum")))
+                dimension = entry.get("dimension", dimension)
                 meters[entry["metric"]] = Meter(entry["metric"], aggregation, dimension)
             except ValueError as exc:
                 raise ValueError(f"meters file {path}: entry {i}: {exc}") from exc
