@@ -21,7 +21,7 @@ from usagemeter.model import (
     ResultBucket,
 )
 from usagemeter.store.base import AggregateRow, AggregateSpec, Measure, Store, Window
-from usagemeter.timewindows import Bucket, buckets, parse_zone
+from usagemeter.timewindows import Bucket, Granularity, buckets, parse_zone
 
 
 def _sort_key(group: Group) -> tuple[tuple[bool, str], ...]:
@@ -64,10 +64,19 @@ class Engine:
         return aggregations, tuple(measures)
 
     def buckets(self, query: Query) -> list[Bucket]:
-        found = buckets(query.start, query.end, query.granularity, parse_zone(query.tz))
-        if query.limit is not None:
-            found = found[: query.limit]
-        return found
+        zone = parse_zone(query.tz)
+        end = query.end
+        if query.limit is not None and query.granularity is not Granularity.TOTAL:
+            # Step only as far as the limit reaches: 500 hours of a 200-year range cost 500
+            # steps, not the 1.75 million buckets of the whole range.
+            t = query.start.astimezone(zone)
+            for _ in range(query.limit):
+                t = query.granularity.next_start(t)
+                if t >= end:
+                    break
+            end = min(end, t)
+        found = buckets(query.start, end, query.granularity, zone)
+        return found if query.limit is None else found[: query.limit]
 
     def run(self, query: Query) -> Result:
         aggregations, measures = self.measures(query)
