@@ -343,24 +343,6 @@ def parse_params(
     )
 
 
-def _engine_end(params: UsageParams) -> datetime:
-    """An end for the engine that still covers the first ``limit`` buckets.
-
-    The engine lays out every bucket of the range before keeping the first ``limit``; an
-    hourly range of decades is millions of them. Stepping bucket by bucket from the start
-    finds where the last one kept ends. One step more is a margin: the bucket past it is
-    computed and dropped by Query.limit. Comparisons are in UTC: datetimes sharing a
-    tzinfo compare by wall clock, wrong in a repeated hour.
-    """
-    end = params.end.astimezone(UTC)
-    t = params.start.astimezone(UTC)
-    for _ in range(params.limit + 1):
-        if t >= end:
-            return params.end
-        t = params.granularity.next_start(t.astimezone(params.zone)).astimezone(UTC)
-    return min(t, end).astimezone(params.zone)
-
-
 # ------------------------------------------------------------------------- render
 
 
@@ -464,7 +446,7 @@ def get_usage_analytics(
         accounts=tuple(svc.store.descendants(account_id)),
         metric=METRIC,
         start=params.start,
-        end=_engine_end(params),
+        end=params.end,
         granularity=params.granularity,
         tz=params.tz,
         aggregations=(Aggregation.COUNT, Aggregation.SUM),
