@@ -9,6 +9,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,14 @@ def as_request(argv: list[str]) -> tuple[str, str, dict[str, str], str | None]:
     return method, url, headers, data
 
 
+SERVER_LOG: list[str] = []  # what the module's server printed, line by line
+
+
+def _collect(stream: Any) -> None:
+    for line in iter(stream.readline, b""):
+        SERVER_LOG.append(line.decode(errors="replace"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,6 +91,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     base = f"http://127.0.0.1:{port}"
+    assert proc.stdout is not None
+    reader = threading.Thread(target=_collect, args=(proc.stdout,), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -90,15 +102,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert proc.poll() is None, "".join(SERVER_LOG)
         else:
             pytest.fail("the server did not start within 60 s")
         yield base
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        if proc.stdout:
-            proc.stdout.close()
+        reader.join(timeout=10)
+        proc.stdout.close()
 
 
 def test_the_quick_start_commands_are_the_makefile_targets() -> None:
@@ -157,3 +169,17 @@ def test_every_command_is_in_the_readme() -> None:
         assert f"usagemeter {name}" in README or re.search(
             rf"usagemeter {name.split()[0]} .*{name.split()[-1]}", README
         ), f"README does not document `usagemeter {name}`"
+
+
+def test_the_access_log_keeps_no_secrets(server: str) -> None:
+    """Seed 001 takes secrets in its path and query; the server's log must not keep them."""
+    httpx.get(f"{server}/keys/ak_demo_acme_prod/usage?user_token=demo_operator_secret", timeout=10)
+    httpx.get(f"{server}/healthz", timeout=10)  # a line after it, so the one before is flushed
+    deadline = time.monotonic() + 10
+    while not any("/healthz" in line for line in SERVER_LOG) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    requests = [line for line in SERVER_LOG if '"GET ' in line]
+    assert any("GET /keys/{key}/usage?user_token=***" in line for line in requests), requests
+    assert not any(
+        "ak_demo_acme_prod" in line or "demo_operator_secret" in line for line in requests
+    )

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from usagemeter import demo as demo_data
+from usagemeter import logs
 from usagemeter.auth import issue_key
 from usagemeter.engine import Engine
 from usagemeter.ingest import BatchRejected, Ingestor
@@ -97,7 +98,10 @@ def serve(
             owner = key.account_id or "operator"
             err.print(f"  {key.secret:<24} {owner}")
     err.print(f"dashboard: http://{host}:{port}/dashboard   API docs: http://{host}:{port}/docs")
-    uvicorn.run(create_app(store, _meters(meters)), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(store, _meters(meters)), host=host, port=port)
+    server = uvicorn.Server(config)  # its logging is configured now, so the filter sticks
+    logs.install()
+    server.run()
 
 
 @app.command()
