@@ -130,7 +130,7 @@ def test_wsgi_middleware_meters_each_request(
     app = WSGIUsageMiddleware(wsgi_app, client=usage, account=lambda environ: "root")
     body = app({"REQUEST_METHOD": "GET", "PATH_INFO": "/x"}, lambda *args: None)
     assert list(body) == [b"nope"]
-    usage.flush()
+    usage.close()
     result = _total(
         server, op, "requests", group_by="status,route", start="2000-01-01", end="2100-01-01"
     )
