@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.sqlplan import (
-    DAYS,
-    GRAINS,
-    HOURS,
+    ACCOUNT_GRAINS,
+    KEY_DAYS,
+    KEY_GRAINS,
+    KEY_HOURS,
     SLOTS,
     grains_for,
     plan_aggregate,
@@ -24,21 +25,21 @@ DAY = 24 * HOUR
 
 
 def test_a_new_york_day_with_a_ragged_start() -> None:
-    pieces, raw = split_windows([Window(0, 5 * HOUR + 7 * MIN, DAY + 5 * HOUR)], GRAINS)
-    assert pieces[DAYS] == []
-    assert pieces[HOURS] == [(0, 6, 29)]  # 06:00 to 05:00 the next day
+    pieces, raw = split_windows([Window(0, 5 * HOUR + 7 * MIN, DAY + 5 * HOUR)], KEY_GRAINS)
+    assert pieces[KEY_DAYS] == []
+    assert pieces[KEY_HOURS] == [(0, 6, 29)]  # 06:00 to 05:00 the next day
     assert pieces[SLOTS] == [(0, 21, 24)]  # 05:15 to 06:00
     assert raw == [(0, 5 * HOUR + 7 * MIN, 5 * HOUR + 15 * MIN)]
 
 
 def test_whole_utc_days_come_from_the_day_rollup() -> None:
-    pieces, raw = split_windows([Window(3, 0, 3 * DAY)], GRAINS)
-    assert pieces == {DAYS: [(3, 0, 3)], HOURS: [], SLOTS: []} and raw == []
+    pieces, raw = split_windows([Window(3, 0, 3 * DAY)], KEY_GRAINS)
+    assert pieces == {KEY_DAYS: [(3, 0, 3)], KEY_HOURS: [], SLOTS: []} and raw == []
 
 
 @given(st.integers(0, 10 * DAY), st.integers(1, 5 * DAY))
 def test_pieces_tile_the_window_exactly(start: int, length: int) -> None:
-    pieces, raw = split_windows([Window(0, start, start + length)], GRAINS)
+    pieces, raw = split_windows([Window(0, start, start + length)], KEY_GRAINS)
     spans = [(lo * g.unit_ms, hi * g.unit_ms) for g, found in pieces.items() for _, lo, hi in found]
     spans += [(lo, hi) for _, lo, hi in raw]
     spans.sort()
@@ -48,7 +49,11 @@ def test_pieces_tile_the_window_exactly(start: int, length: int) -> None:
 
 def test_questions_about_dimensions_or_tags_use_the_detailed_grain_only() -> None:
     plain = AggregateSpec(("a",), "m", (), (Measure("count"),), group_by=("key", "subaccount"))
-    assert grains_for(plain) == GRAINS
+    assert grains_for(plain) == KEY_GRAINS
+    by_account = AggregateSpec(("a",), "m", (), (Measure("sum"),), group_by=("subaccount",))
+    assert grains_for(by_account) == ACCOUNT_GRAINS
+    one_key = AggregateSpec(("a",), "m", (), (Measure("count"),), key_id="k")
+    assert grains_for(one_key) == KEY_GRAINS
     for detailed in (
         AggregateSpec(("a",), "m", (), (Measure("count"),), group_by=("agent",)),
         AggregateSpec(("a",), "m", (), (Measure("count"),), filters=(("agent", "x"),)),
@@ -76,7 +81,7 @@ def test_golden_sql() -> None:
         "WITH w1(idx, lo, hi) AS (VALUES (?,?,?)), w2(idx, lo, hi) AS (VALUES (?,?,?)),"
         " rw(idx, lo, hi) AS (VALUES (?,?,?))"
         " SELECT s.idx, k.id AS g0, sum(s.cnt) FROM ("
-        f"SELECT w1.idx AS idx, {columns.format(dimset='0')} FROM w1 JOIN rollup_hour x"
+        f"SELECT w1.idx AS idx, {columns.format(dimset='0')} FROM w1 JOIN rollup_hour_key x"
         " ON x.metric = ? AND x.account IN (?) AND x.slot >= w1.lo AND x.slot < w1.hi"
         " AND x.billable = ?"
         " UNION ALL SELECT w2.idx AS idx,"

@@ -266,3 +266,34 @@ def test_day_and_hour_rollups_agree_with_the_events(
         newest = max(e.ts_ms for e in inside)
         assert row.values[0] in {e.value for e in inside if e.ts_ms == newest}
     store.close()
+
+
+def test_concurrent_batches_commit_together_and_fail_alone(store: SQLiteStore) -> None:
+    """Batches from many threads share commits; one bad batch fails alone, and a retried
+    batch racing its first try is still counted once."""
+    import threading
+
+    _accounts(store)
+    results: dict[int, object] = {}
+
+    def send(n: int) -> None:
+        account = "nobody" if n == 7 else "a"
+        batch = [_event(n * 100 + i, account=account, ts=BASE_MS + i) for i in range(50)]
+        if n == 9:  # a retry of batch 3
+            batch = [_event(300 + i, ts=BASE_MS + i) for i in range(50)]
+        try:
+            results[n] = store.append(batch)
+        except NotFound as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results[7], NotFound)
+    accepted = sum(r.accepted for r in results.values() if not isinstance(r, Exception))  # type: ignore[attr-defined]
+    duplicates = sum(r.duplicates for r in results.values() if not isinstance(r, Exception))  # type: ignore[attr-defined]
+    assert (accepted, duplicates) == (10 * 50, 50)
+    assert store.count_events() == 500
+    assert _count(store, BASE_MS, BASE_MS + HOUR_MS) == 500

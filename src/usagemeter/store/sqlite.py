@@ -98,22 +98,34 @@ CREATE TABLE IF NOT EXISTS rollup (
 """
 # Coarse rollups: whole UTC hours and days, without dimension or tag sets. Most reports ask
 # for a metric per day or hour with no dimension in sight; these answer them from a few rows
-# per unit whatever the dimensions' cardinality (a session id per event, say).
+# per unit whatever the dimensions' cardinality (a session id per event, say). The keyed
+# tables put the key before the time, so one key's range is one contiguous read.
+_VALUES = """
+    cnt INTEGER NOT NULL,
+    total REAL NOT NULL,
+    vmin REAL NOT NULL,
+    vmax REAL NOT NULL,
+    last_ts INTEGER NOT NULL,
+    last_val REAL NOT NULL,"""
+for _table in ("rollup_hour_key", "rollup_day_key"):
+    SCHEMA += f"""
+CREATE TABLE IF NOT EXISTS {_table} (
+    metric INTEGER NOT NULL,
+    account INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    slot INTEGER NOT NULL,
+    billable INTEGER NOT NULL,{_VALUES}
+    PRIMARY KEY (metric, account, key, slot, billable)
+) WITHOUT ROWID;
+"""
 for _table in ("rollup_hour", "rollup_day"):
     SCHEMA += f"""
 CREATE TABLE IF NOT EXISTS {_table} (
     metric INTEGER NOT NULL,
     account INTEGER NOT NULL,
     slot INTEGER NOT NULL,
-    key INTEGER NOT NULL,
-    billable INTEGER NOT NULL,
-    cnt INTEGER NOT NULL,
-    total REAL NOT NULL,
-    vmin REAL NOT NULL,
-    vmax REAL NOT NULL,
-    last_ts INTEGER NOT NULL,
-    last_val REAL NOT NULL,
-    PRIMARY KEY (metric, account, slot, key, billable)
+    billable INTEGER NOT NULL,{_VALUES}
+    PRIMARY KEY (metric, account, slot, billable)
 ) WITHOUT ROWID;
 """
 
@@ -128,8 +140,10 @@ UPSERT_SET = """ON CONFLICT DO UPDATE SET
     last_ts = max(last_ts, excluded.last_ts)
 """
 UPSERT_SLOTS = "INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
-UPSERT_HOURS = "INSERT INTO rollup_hour VALUES (?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
-UPSERT_DAYS = "INSERT INTO rollup_day VALUES (?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
+UPSERT_KEY_HOURS = "INSERT INTO rollup_hour_key VALUES (?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
+UPSERT_KEY_DAYS = "INSERT INTO rollup_day_key VALUES (?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
+UPSERT_HOURS = "INSERT INTO rollup_hour VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
+UPSERT_DAYS = "INSERT INTO rollup_day VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
 
 LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whole digest
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
@@ -163,6 +177,18 @@ def _from_ms(ms: int | None) -> datetime | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
+class _PendingBatch:
+    """One caller's batch, waiting for the group commit that carries it."""
+
+    __slots__ = ("done", "error", "events", "result")
+
+    def __init__(self, events: Sequence[Event]) -> None:
+        self.events = events
+        self.done = False
+        self.result: AppendResult | None = None
+        self.error: BaseException | None = None
+
+
 class SQLiteStore:
     """The embedded store on one SQLite file. Safe to share between threads."""
 
@@ -170,6 +196,8 @@ class SQLiteStore:
         self.path = str(path)
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_PendingBatch] = []
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
         # Interned ids, cached for the write path. Only filled after a commit, so a rolled
@@ -409,22 +437,56 @@ class SQLiteStore:
     def append(self, events: Sequence[Event]) -> AppendResult:
         if not events:
             return AppendResult(0, 0)
+        # Group commit: batches that arrive while a commit is under way wait for the lock
+        # together, and whoever takes it next writes all of them in one transaction, so one
+        # fsync acknowledges them all. Each batch keeps its own savepoint: a failing batch
+        # rolls back alone, and each caller gets its own result or error.
+        mine = _PendingBatch(events)
+        with self._queue_lock:
+            self._queue.append(mine)
         with self._write_lock:
-            conn = self._writer
+            if not mine.done:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit_group(group)
+        if mine.error is not None:
+            raise mine.error
+        assert mine.result is not None
+        return mine.result
+
+    def _commit_group(self, group: list[_PendingBatch]) -> None:
+        conn = self._writer
+        interned: list[tuple[dict[str, int], dict[str, int], dict[str, int]]] = []
+        try:
             conn.execute("BEGIN IMMEDIATE")
-            try:
-                result, interned = self._append_locked(conn, events)
-                conn.execute("COMMIT")
-            except BaseException:
+            for batch in group:
+                conn.execute("SAVEPOINT batch")
+                try:
+                    batch.result, names = self._append_locked(conn, batch.events)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO batch")
+                    batch.error = exc
+                else:
+                    interned.append(names)
+                conn.execute("RELEASE batch")
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            for batch in group:
+                batch.result, batch.error = None, batch.error or exc
+                batch.done = True
+            if not isinstance(exc, Exception):
                 raise
-            metrics, dimsets, tagsets = interned
+            return
+        for batch in group:
+            batch.done = True
+        for metrics, dimsets, tagsets in interned:
             self._metric_ids.update(metrics)
             self._dimset_ids.update(
                 {tuple(sorted(json.loads(k).items())): v for k, v in dimsets.items()}
             )
             self._tagset_ids.update({frozenset(json.loads(k)): v for k, v in tagsets.items()})
-        return result
 
     def _append_locked(
         self, conn: sqlite3.Connection, events: Sequence[Event]
@@ -452,6 +514,8 @@ class SQLiteStore:
 
         rows: list[tuple[Any, ...]] = []
         slots: dict[tuple[int, ...], list[Any]] = {}
+        key_hours: dict[tuple[int, ...], list[Any]] = {}
+        key_days: dict[tuple[int, ...], list[Any]] = {}
         hours: dict[tuple[int, ...], list[Any]] = {}
         days: dict[tuple[int, ...], list[Any]] = {}
         duplicates = 0
@@ -482,8 +546,11 @@ class SQLiteStore:
             )
             ts = event.ts_ms
             _fold(slots, (metric, account, ts // SLOT_MS, key, billable, dimset, tagset), ts, value)
-            _fold(hours, (metric, account, ts // HOUR_MS, key, billable), ts, value)
-            _fold(days, (metric, account, ts // DAY_MS, key, billable), ts, value)
+            hour, day = ts // HOUR_MS, ts // DAY_MS
+            _fold(key_hours, (metric, account, key, hour, billable), ts, value)
+            _fold(key_days, (metric, account, key, day, billable), ts, value)
+            _fold(hours, (metric, account, hour, billable), ts, value)
+            _fold(days, (metric, account, day, billable), ts, value)
 
         conn.executemany(
             "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset,"
@@ -491,8 +558,13 @@ class SQLiteStore:
             rows,
         )
         conn.executemany(UPSERT_SLOTS, [(*k, *v) for k, v in slots.items()])
-        conn.executemany(UPSERT_HOURS, [(*k, *v) for k, v in hours.items()])
-        conn.executemany(UPSERT_DAYS, [(*k, *v) for k, v in days.items()])
+        for statement, rows_of in (
+            (UPSERT_KEY_HOURS, key_hours),
+            (UPSERT_KEY_DAYS, key_days),
+            (UPSERT_HOURS, hours),
+            (UPSERT_DAYS, days),
+        ):
+            conn.executemany(statement, [(*k, *v) for k, v in rows_of.items()])
         return AppendResult(len(rows), duplicates), (new_metrics, new_dimsets, new_tagsets)
 
     # ---------------------------------------------------------------- queries

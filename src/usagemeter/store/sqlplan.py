@@ -32,12 +32,17 @@ class Grain:
     table: str
     unit_ms: int
     detailed: bool  # keeps dimension and tag sets, so it answers any filter or group
+    keyed: bool  # keeps the key; the coarse tables without it hold a tenth of the rows
 
 
-SLOTS = Grain("rollup", SLOT_MS, detailed=True)
-HOURS = Grain("rollup_hour", HOUR_MS, detailed=False)
-DAYS = Grain("rollup_day", DAY_MS, detailed=False)
-GRAINS = (DAYS, HOURS, SLOTS)  # coarsest first
+SLOTS = Grain("rollup", SLOT_MS, detailed=True, keyed=True)
+KEY_HOURS = Grain("rollup_hour_key", HOUR_MS, detailed=False, keyed=True)
+KEY_DAYS = Grain("rollup_day_key", DAY_MS, detailed=False, keyed=True)
+ACCOUNT_HOURS = Grain("rollup_hour", HOUR_MS, detailed=False, keyed=False)
+ACCOUNT_DAYS = Grain("rollup_day", DAY_MS, detailed=False, keyed=False)
+# Coarsest first. Slots close every chain: they answer everything, at the finest grain.
+KEY_GRAINS = (KEY_DAYS, KEY_HOURS, SLOTS)
+ACCOUNT_GRAINS = (ACCOUNT_DAYS, ACCOUNT_HOURS, SLOTS)
 
 # The fold of each additive aggregation over source rows (a rollup row or a raw event).
 ADDITIVE_SQL = {
@@ -89,14 +94,16 @@ def split_windows(
 
 def grains_for(spec: AggregateSpec) -> tuple[Grain, ...]:
     """The coarse grains keep no dimensions or tags: they serve only questions that need
-    neither."""
+    neither; the leanest of them keep no key either."""
     plain = (
         not spec.filters
         and not spec.tags
         and all(g in (GROUP_KEY, GROUP_SUBACCOUNT) for g in spec.group_by)
         and all(m.aggregation != "unique_count" for m in spec.measures)
     )
-    return GRAINS if plain else (SLOTS,)
+    if not plain:
+        return (SLOTS,)
+    return KEY_GRAINS if spec.key_id is not None or GROUP_KEY in spec.group_by else ACCOUNT_GRAINS
 
 
 def _json_path(dimension: str) -> str:
@@ -144,8 +151,10 @@ def plan_aggregate(
         ctes.append(f"w{n}(idx, lo, hi) AS (VALUES {','.join(['(?,?,?)'] * len(found))})")
         cte_params.extend(v for piece in found for v in piece)
         dimset = "x.dimset" if grain.detailed else "0"
+        key_column = "x.key" if grain.keyed else "0"
         parts.append(
-            f"SELECT w{n}.idx AS idx, x.account AS account, x.key AS key, {dimset} AS dimset,"
+            f"SELECT w{n}.idx AS idx, x.account AS account, {key_column} AS key,"
+            f" {dimset} AS dimset,"
             " x.cnt AS cnt, x.total AS total, x.vmin AS vmin, x.vmax AS vmax,"
             f" x.last_ts AS last_ts, x.last_val AS last_val FROM w{n} JOIN {grain.table} x"
             f" ON x.metric = ? AND x.account IN ({account_marks})"
