@@ -297,3 +297,18 @@ def test_concurrent_batches_commit_together_and_fail_alone(store: SQLiteStore) -
     assert (accepted, duplicates) == (10 * 50, 50)
     assert store.count_events() == 500
     assert _count(store, BASE_MS, BASE_MS + HOUR_MS) == 500
+
+
+def test_a_file_of_an_older_schema_gets_its_rollups_rebuilt(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    _accounts(store)
+    store.append([_event(i, ts=BASE_MS + i * HOUR_MS) for i in range(48)])
+    # As an older version left it: another user_version, and rollups it did not keep.
+    store._writer.execute("DELETE FROM rollup_day")
+    store._writer.execute("DELETE FROM rollup_hour_key")
+    store._writer.execute("PRAGMA user_version = 1")
+    store.close()
+    reopened = SQLiteStore(db_path)
+    assert reopened._writer.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert _count(reopened, BASE_MS, BASE_MS + 2 * 24 * HOUR_MS) == 48
+    reopened.close()

@@ -17,6 +17,7 @@ commit durable before ``append`` returns.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -145,9 +146,52 @@ UPSERT_KEY_DAYS = "INSERT INTO rollup_day_key VALUES (?,?,?,?,?,?,?,?,?,?,?) " +
 UPSERT_HOURS = "INSERT INTO rollup_hour VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
 UPSERT_DAYS = "INSERT INTO rollup_day VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
 
+SCHEMA_VERSION = 2  # PRAGMA user_version; a file of another version has its rollups rebuilt
+ROLLUP_TABLES = ("rollup", "rollup_hour_key", "rollup_day_key", "rollup_hour", "rollup_day")
 LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whole digest
+log = logging.getLogger("usagemeter")
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
 ID_CHUNK = 500  # ids per IN (...) list, under SQLite's variable limit
+
+
+class _Rollups:
+    """A batch's partial rollup rows at every grain, written with one upsert per grain."""
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[int, ...], list[Any]] = {}
+        self.key_hours: dict[tuple[int, ...], list[Any]] = {}
+        self.key_days: dict[tuple[int, ...], list[Any]] = {}
+        self.hours: dict[tuple[int, ...], list[Any]] = {}
+        self.days: dict[tuple[int, ...], list[Any]] = {}
+
+    def add(
+        self,
+        metric: int,
+        account: int,
+        key: int,
+        billable: int,
+        dimset: int,
+        tagset: int,
+        ts: int,
+        value: float,
+    ) -> None:
+        hour, day = ts // HOUR_MS, ts // DAY_MS
+        slot = (metric, account, ts // SLOT_MS, key, billable, dimset, tagset)
+        _fold(self.slots, slot, ts, value)
+        _fold(self.key_hours, (metric, account, key, hour, billable), ts, value)
+        _fold(self.key_days, (metric, account, key, day, billable), ts, value)
+        _fold(self.hours, (metric, account, hour, billable), ts, value)
+        _fold(self.days, (metric, account, day, billable), ts, value)
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        for statement, rows in (
+            (UPSERT_SLOTS, self.slots),
+            (UPSERT_KEY_HOURS, self.key_hours),
+            (UPSERT_KEY_DAYS, self.key_days),
+            (UPSERT_HOURS, self.hours),
+            (UPSERT_DAYS, self.days),
+        ):
+            conn.executemany(statement, [(*k, *v) for k, v in rows.items()])
 
 
 def _fold(
@@ -199,7 +243,7 @@ class SQLiteStore:
         self._queue_lock = threading.Lock()
         self._queue: list[_PendingBatch] = []
         self._writer = self._connect()
-        self._writer.executescript(SCHEMA)
+        self._migrate()
         # Interned ids, cached for the write path. Only filled after a commit, so a rolled
         # back batch never leaves a cached id that the file does not hold.
         self._metric_ids: dict[str, int] = {}
@@ -207,6 +251,45 @@ class SQLiteStore:
         self._tagset_ids: dict[frozenset[str], int] = {}
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older file's rollups up to this version's."""
+        conn = self._writer
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        existed = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+        ).fetchone()
+        conn.executescript(SCHEMA)
+        if existed and version != SCHEMA_VERSION:
+            # Rollup tables came and changed shape between versions; the raw events are
+            # the truth, so the rollups are folded again from them.
+            log.warning(
+                "rebuilding rollups of %s (schema %s -> %s)", self.path, version, SCHEMA_VERSION
+            )
+            self.rebuild_rollups()
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def rebuild_rollups(self) -> None:
+        """Fold every stored event into empty rollups again, in one transaction."""
+        conn = self._writer
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ROLLUP_TABLES:
+                    conn.execute(f"DELETE FROM {table}")
+                cursor = conn.execute(
+                    "SELECT metric, account, key, billable, dimset, tagset, ts, value"
+                    " FROM events ORDER BY seq"
+                )
+                while chunk := cursor.fetchmany(50_000):
+                    rollups = _Rollups()
+                    for row in chunk:
+                        rollups.add(*row)
+                    rollups.write(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -513,11 +596,7 @@ class SQLiteStore:
                     seen.add((account_id, event_id))
 
         rows: list[tuple[Any, ...]] = []
-        slots: dict[tuple[int, ...], list[Any]] = {}
-        key_hours: dict[tuple[int, ...], list[Any]] = {}
-        key_days: dict[tuple[int, ...], list[Any]] = {}
-        hours: dict[tuple[int, ...], list[Any]] = {}
-        days: dict[tuple[int, ...], list[Any]] = {}
+        rollups = _Rollups()
         duplicates = 0
         for event in events:
             ident = (event.account_id, event.id)
@@ -544,27 +623,14 @@ class SQLiteStore:
             rows.append(
                 (account, event.id, metric, event.ts_ms, key, billable, dimset, tagset, value)
             )
-            ts = event.ts_ms
-            _fold(slots, (metric, account, ts // SLOT_MS, key, billable, dimset, tagset), ts, value)
-            hour, day = ts // HOUR_MS, ts // DAY_MS
-            _fold(key_hours, (metric, account, key, hour, billable), ts, value)
-            _fold(key_days, (metric, account, key, day, billable), ts, value)
-            _fold(hours, (metric, account, hour, billable), ts, value)
-            _fold(days, (metric, account, day, billable), ts, value)
+            rollups.add(metric, account, key, billable, dimset, tagset, event.ts_ms, value)
 
         conn.executemany(
             "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset,"
             " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        conn.executemany(UPSERT_SLOTS, [(*k, *v) for k, v in slots.items()])
-        for statement, rows_of in (
-            (UPSERT_KEY_HOURS, key_hours),
-            (UPSERT_KEY_DAYS, key_days),
-            (UPSERT_HOURS, hours),
-            (UPSERT_DAYS, days),
-        ):
-            conn.executemany(statement, [(*k, *v) for k, v in rows_of.items()])
+        rollups.write(conn)
         return AppendResult(len(rows), duplicates), (new_metrics, new_dimsets, new_tagsets)
 
     # ---------------------------------------------------------------- queries
