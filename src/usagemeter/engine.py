@@ -81,7 +81,9 @@ class Engine:
     def run(self, query: Query) -> Result:
         aggregations, measures = self.measures(query)
         bucket_list = self.buckets(query)
-        windows = tuple(Window(i, b.start_ms, b.end_ms) for i, b in enumerate(bucket_list))
+        # Each boundary converted once: a bucket's end is the next one's start.
+        edges = [b.start_ms for b in bucket_list[:1]] + [b.end_ms for b in bucket_list]
+        windows = tuple(Window(i, edges[i], edges[i + 1]) for i in range(len(bucket_list)))
         rows = self.store.aggregate(self._spec(query, windows, measures, query.group_by))
 
         per_bucket: list[list[GroupValues]] = [[] for _ in bucket_list]

@@ -2,7 +2,7 @@
 
 import secrets
 from dataclasses import replace
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -324,6 +324,17 @@ def query_json(result: Result) -> dict[str, Any]:
             }
         return out
 
+    stamps: dict[tuple[int, datetime], str] = {}
+
+    def stamp(t: datetime) -> str:
+        # A bucket's end is the next one's start: format it once. The fold is part of the
+        # key because datetimes in one zone compare by wall clock: New York's two 01:00s
+        # on 2024-11-03 are equal as datetimes and differ only in fold (and offset).
+        text = stamps.get((t.fold, t))
+        if text is None:
+            text = stamps[(t.fold, t)] = isoformat(t)
+        return text
+
     return {
         "metric": query.metric,
         "aggregation": ",".join(a.value for a in result.aggregations),
@@ -335,8 +346,8 @@ def query_json(result: Result) -> dict[str, Any]:
         "group_by": list(query.group_by),
         "buckets": [
             {
-                "start": isoformat(b.start),
-                "end": isoformat(b.end),
+                "start": stamp(b.start),
+                "end": stamp(b.end),
                 "groups": [values(g) for g in b.groups],
             }
             for b in result.buckets
