@@ -23,10 +23,11 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
 
-## Install the bench's own needs and run every benchmark (see bench/README.md).
+## Install the bench's own needs and run every benchmark (see bench/README.md);
+## flags through ARGS, e.g. make bench ARGS="--events 20000" or ARGS=--full.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -r bench/requirements.txt
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
