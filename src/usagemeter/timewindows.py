@@ -21,8 +21,9 @@ from enum import StrEnum
 from itertools import pairwise
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-#: Rollup grain. Every UTC offset in use since 1972 is a multiple of 15 minutes (+05:45
-#: Kathmandu, +12:45 Chatham), so 15-minute slots can be regrouped into any zone's buckets.
+#: Rollup grain. Every UTC offset in use since 1979 (when Kiritimati left -10:40) is a
+#: multiple of 15 minutes (+05:45 Kathmandu, +12:45 Chatham), so every bucket boundary
+#: falls on a slot and 15-minute rollups regroup exactly into any zone's buckets.
 SLOT_MS: int = 15 * 60 * 1000
 
 UTC = ZoneInfo("UTC")
@@ -37,16 +38,17 @@ _ZERO = timedelta(0)
 _ZONE_EXAMPLE = "use an IANA zone name such as 'America/New_York'"
 
 
-def _aware(t: datetime, what: str) -> datetime:
+def _aware(t: datetime, what: str) -> tzinfo:
     if t.tzinfo is None or t.utcoffset() is None:
         raise ValueError(f"{what} must be timezone-aware, got naive {t.isoformat()}")
-    return t
+    return t.tzinfo
 
 
-def _split(t: datetime) -> tuple[tzinfo, datetime]:
-    """t's zone and t as a UTC instant."""
-    zone = _aware(t, "t").tzinfo
-    assert zone is not None
+def _split(t: datetime, g: Granularity) -> tuple[tzinfo, datetime]:
+    """t's zone and t as a UTC instant, for aligning to ``g``."""
+    zone = _aware(t, "t")
+    if g is Granularity.TOTAL:
+        raise ValueError("the total granularity has no bucket boundaries")
     return zone, t.astimezone(_UTC)
 
 
@@ -55,12 +57,8 @@ def _into_hour(w: datetime) -> timedelta:
 
 
 def _transition(lo: datetime, hi: datetime, zone: tzinfo) -> datetime:
-    """First instant in ``(lo, hi]`` whose offset differs from the offset at ``lo``.
-
-    The caller knows the offsets differ and that one change lies between them (changes are
-    at least a week apart in every tzdata zone). zoneinfo keeps its transition list
-    private, so bisect; microseconds keep it exact, about 37 steps for a day.
-    """
+    """The one offset change in ``(lo, hi]``, bisected to the microsecond (zoneinfo keeps
+    its transition list private; changes are a week or more apart in tzdata)."""
     before = lo.astimezone(zone).utcoffset()
     while hi - lo > _TICK:
         mid = lo + (hi - lo) // 2
@@ -74,6 +72,7 @@ def _transition(lo: datetime, hi: datetime, zone: tzinfo) -> datetime:
 def _unit_start(d: date, zone: tzinfo) -> datetime:
     """First instant whose local date is ``d`` or later (a UTC datetime)."""
     # fold=0 picks the first of a repeated midnight, the instant the day or month begins.
+    # Europe/Budapest is +01:00 in winter, so March 2024 starts at 2024-02-29T23:00Z.
     local = datetime.combine(d, _MIDNIGHT, zone)
     u = local.astimezone(_UTC)
     # Datetimes sharing a tzinfo subtract by wall clock (here and in buckets() this is on
@@ -104,11 +103,6 @@ def _day_next(u: datetime, zone: tzinfo, months: bool) -> tuple[date, datetime]:
         d = _step(d, months)
         start = _unit_start(d, zone)
     return d, start
-
-
-def _day_floor(u: datetime, zone: tzinfo, months: bool) -> datetime:
-    d, _ = _day_next(u, zone, months)
-    return _unit_start(_step(d, months, -1), zone)
 
 
 def _starts_day(t: datetime, zone: tzinfo) -> bool:
@@ -165,20 +159,18 @@ class Granularity(StrEnum):
 
     def floor(self, t: datetime) -> datetime:
         """Start of the bucket containing aware ``t``, aligned in and expressed in t's zone."""
-        zone, u = _split(t)
+        zone, u = _split(t, self)
         if self is Granularity.HOUR:
             return _hour_floor(u, zone).astimezone(zone)
-        if self is Granularity.TOTAL:
-            raise ValueError("the total granularity has no bucket boundaries")
-        return _day_floor(u, zone, self is Granularity.MONTH).astimezone(zone)
+        months = self is Granularity.MONTH
+        d = _day_next(u, zone, months)[0]
+        return _unit_start(_step(d, months, -1), zone).astimezone(zone)
 
     def next_start(self, t: datetime) -> datetime:
         """Start of the bucket after the one containing aware ``t``, in t's zone."""
-        zone, u = _split(t)
+        zone, u = _split(t, self)
         if self is Granularity.HOUR:
             return _hour_next(u, zone).astimezone(zone)
-        if self is Granularity.TOTAL:
-            raise ValueError("the total granularity has no bucket boundaries")
         return _day_next(u, zone, self is Granularity.MONTH)[1].astimezone(zone)
 
 
@@ -206,8 +198,9 @@ def buckets(
     Consecutive buckets share their boundary; ``TOTAL`` gives one bucket and an empty or
     inverted range gives none. Datetimes are expressed in ``zone``.
     """
-    s = _aware(start, "start").astimezone(_UTC)
-    e = _aware(end, "end").astimezone(_UTC)
+    _aware(start, "start")
+    _aware(end, "end")
+    s, e = start.astimezone(_UTC), end.astimezone(_UTC)
     if s >= e:
         return []
     cuts = [s.astimezone(zone)]
@@ -271,7 +264,8 @@ def parse_zone(name: str) -> ZoneInfo:
 
 def to_ms(t: datetime) -> int:
     """Epoch milliseconds of aware ``t`` (floored, exact integer arithmetic)."""
-    return (_aware(t, "t") - _EPOCH) // _MS
+    _aware(t, "t")
+    return (t - _EPOCH) // _MS
 
 
 def from_ms(ms: int, zone: ZoneInfo = UTC) -> datetime:
@@ -292,11 +286,11 @@ _DATE_TIME = re.compile(
 def parse_instant(text: str, default_zone: ZoneInfo = UTC) -> datetime:
     """Parse an instant: RFC 3339 date-time, naive date-time, date, or epoch milliseconds.
 
-    A date-time without an offset is a wall time in ``default_zone`` (a time skipped by a
-    DST jump reads with the earlier offset: New York 2024-03-10T02:30 is 03:30-04:00; a
-    repeated one is its first occurrence). A date is the start of that day in
-    ``default_zone``, its midnight or, where midnight is skipped, the jump. Digits alone
-    are epoch milliseconds. The result is aware: in the offset given, else ``default_zone``.
+    Without an offset a date-time is wall time in ``default_zone``: a repeated time is its
+    first occurrence, a skipped one reads with the earlier offset (New York 2024-03-10T02:30
+    is 03:30-04:00). A date is the start of that local day (its midnight, or the jump where
+    midnight is skipped). Digits alone are epoch milliseconds. The result is in the offset
+    given, else in ``default_zone``.
     """
     s = text.strip()
     try:
@@ -321,24 +315,18 @@ def parse_instant(text: str, default_zone: ZoneInfo = UTC) -> datetime:
 
 def isoformat(t: datetime) -> str:
     """ISO 8601 with the offset at that instant, 'Z' for zero; milliseconds only if nonzero."""
-    off = _aware(t, "t").utcoffset()
-    assert off is not None
-    text = t.replace(tzinfo=None).isoformat(
-        "T", "seconds" if t.microsecond == 0 else "milliseconds"
-    )
-    if not off:
-        return text + "Z"  # as RFC 3339 and Go's time.RFC3339 do for any zero offset
-    secs = abs(off) // timedelta(seconds=1)
-    sign = "-" if off < _ZERO else "+"
-    hhmm = f"{sign}{secs // 3600:02d}:{secs // 60 % 60:02d}"
-    return text + hhmm + (f":{secs % 60:02d}" if secs % 60 else "")  # LMT offsets have seconds
+    if t.tzinfo is None:
+        raise ValueError(f"t must be timezone-aware, got naive {t.isoformat()}")
+    # datetime.isoformat writes the offset itself, seconds included where a zone's LMT has
+    # them (+00:19:32); it is one C call, and a report formats two of these per bucket.
+    text = t.isoformat("T", "seconds" if t.microsecond == 0 else "milliseconds")
+    if text.endswith("+00:00"):
+        return text[:-6] + "Z"  # as RFC 3339 and Go's time.RFC3339 do for any zero offset
+    return text
 
 
 def add_months(d: date, months: int) -> date:
-    """``d`` moved by whole calendar months, the day clamped to the month's length.
-
-    2024-01-31 + 1 month is 2024-02-29; 2023-01-31 + 1 is 2023-02-28.
-    """
+    """``d`` moved by calendar months, the day clamped: 2024-01-31 + 1 is 2024-02-29."""
     y, m = divmod(d.year * 12 + d.month - 1 + months, 12)
     return date(y, m + 1, min(d.day, calendar.monthrange(y, m + 1)[1]))
 
@@ -378,11 +366,10 @@ class BillingCycle:
             raise ValueError("billing anchor must be a date, not a datetime")
 
     def containing(self, day: date) -> tuple[date, date]:
-        """``[cycle start, next cycle start)`` containing ``day``.
+        """``[cycle start, next cycle start)`` containing ``day``, before the anchor too.
 
-        The k-th cycle starts at anchor + k periods, always counted from the anchor: with
-        anchor 2024-01-31 the starts are 2024-02-29, 2024-03-31, 2024-04-30. Stepping from
-        the previous start instead would drift to the 29th forever after February.
+        Cycle k starts at anchor + k periods, counted from the anchor: with anchor 2024-01-31
+        the starts are 02-29, 03-31, 04-30; stepping from the last start would stick at 29.
         """
         step = 1 if self.period == "month" else 12
         months = (day.year - self.anchor.year) * 12 + day.month - self.anchor.month

@@ -97,7 +97,7 @@ def _body_doc(model: type[Any], example: Any) -> dict[str, Any]:
 
 
 @router.get("/healthz", tags=["service"])
-def healthz() -> JSONResponse:
+async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
