@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from usagemeter.api.credentials import key_from_bearer
+from usagemeter.api.openapi import standalone_schema
 from usagemeter.api.responses import ApiError, JSONResponse, number
 from usagemeter.api.services import Services, services
 from usagemeter.auth import KEY_ID_PATTERN, can_read, can_see_key, issue_key
@@ -78,20 +79,7 @@ def _decode(model: type[Any], body: bytes) -> Any:
 
 def _body_doc(model: type[Any], example: Any) -> dict[str, Any]:
     """OpenAPI for a body we decode ourselves (to answer in our own error envelope)."""
-    full = msgspec.json.schema(model)
-    defs = full.get("$defs", {})
-
-    def inline(node: Any) -> Any:  # nested structs inline, so the schema stands on its own
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return inline(defs[ref.removeprefix("#/$defs/")])
-            return {k: inline(v) for k, v in node.items() if k != "$defs"}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    schema = inline(full)
+    schema = standalone_schema(model)
     content = {"application/json": {"schema": schema, "example": example}}
     return {"requestBody": {"required": True, "content": content}}
 

@@ -23,6 +23,7 @@ import msgspec
 from fastapi import APIRouter, Path, Query, Request, Security
 from fastapi.security import APIKeyHeader
 
+from usagemeter.api.openapi import standalone_schema
 from usagemeter.api.responses import JSONResponse, number
 from usagemeter.api.services import services
 from usagemeter.auth import authenticate, can_read
@@ -119,27 +120,8 @@ class ErrorBody(msgspec.Struct):
     detail: str
 
 
-def _schema(model: type[Any]) -> dict[str, Any]:
-    """The model's JSON schema with its nested structs inlined, to stand alone in OpenAPI."""
-    full = msgspec.json.schema(model)
-    defs = full.get("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return inline(defs[ref.removeprefix("#/$defs/")])
-            return {k: inline(v) for k, v in node.items() if k != "$defs"}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    schema: dict[str, Any] = inline(full)
-    return schema
-
-
 def _doc(model: type[Any], description: str, example: Any) -> dict[str, Any]:
-    content = {"application/json": {"schema": _schema(model), "example": example}}
+    content = {"application/json": {"schema": standalone_schema(model), "example": example}}
     return {"description": description, "content": content}
 
 

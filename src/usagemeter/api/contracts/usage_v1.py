@@ -32,7 +32,7 @@ from fastapi import APIRouter, Query, Request, Security
 from fastapi.security import HTTPBearer
 
 from usagemeter.api.credentials import bearer_secret
-from usagemeter.api.responses import JSONResponse
+from usagemeter.api.responses import ApiError, JSONResponse
 from usagemeter.api.services import Services, services
 from usagemeter.auth import authenticate, can_read
 from usagemeter.ingest import MAX_TS_MS, MIN_TS_MS
@@ -62,23 +62,6 @@ _bearer = HTTPBearer(
     description="`Authorization: Bearer <key>`: an account key, or an operator key with"
     " `?account=`.",
 )
-
-
-class Problem(Exception):
-    """An error of this contract: ``{"error": {"code", "message", "details"}}``."""
-
-    def __init__(
-        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"code": self.code, "message": self.message, "details": self.details}}
-        return JSONResponse(body, status_code=self.status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +198,7 @@ def metrics(raw: str | None, errors: list[Error]) -> tuple[str, ...]:
     return (found,)
 
 
-def _invalid(errors: list[Error]) -> Problem:
+def _invalid(errors: list[Error]) -> ApiError:
     """One 400 for every problem: the code is theirs when they share one."""
     message = "; ".join(e["message"] for e in errors)
     code = errors[0]["code"] if len({e["code"] for e in errors}) == 1 else "invalid_parameters"
@@ -223,24 +206,24 @@ def _invalid(errors: list[Error]) -> Problem:
     for e in errors:
         if "allowed" in e:
             details["allowed"] = e["allowed"]
-    return Problem(400, code, message, details)
+    return ApiError(400, code, message, details)
 
 
 def _caller(request: Request) -> ApiKey:
     key = authenticate(services(request).store, bearer_secret(request))
     if key is None:
         given = "invalid or revoked key" if request.headers.get("authorization") else "no key"
-        raise Problem(401, "unauthorized", f"{given}: send 'Authorization: Bearer <your API key>'")
+        raise ApiError(401, "unauthorized", f"{given}: send 'Authorization: Bearer <your API key>'")
     return key
 
 
 def _scope(svc: Services, key: ApiKey, account_id: str) -> tuple[str, ...]:
     """The account to report on and every account below it, once the caller may read it."""
     if not key.is_operator and Scope.READ not in key.scopes:
-        raise Problem(403, "forbidden", "this key may not read usage: use a key with read scope")
+        raise ApiError(403, "forbidden", "this key may not read usage: use a key with read scope")
     if not can_read(svc.store, key, account_id):
         # The same answer for an account that does not exist and one of another tenant.
-        raise Problem(
+        raise ApiError(
             404,
             "not_found",
             f"account {account_id!r} not found, or this key may not read it",
@@ -302,7 +285,7 @@ def _report(
         try:
             result = svc.engine.run(query)
         except ValueError as exc:  # a meters file that cannot answer this metric
-            raise Problem(400, "invalid_request", str(exc)) from None
+            raise ApiError(400, "invalid_request", str(exc)) from None
         days, totals[name] = _day_values(name, result)
         data.extend((day, METRICS.index(name), name, value) for day, value in days)
     data.sort()
@@ -465,5 +448,5 @@ def usage_v1(
     `totals` lists every requested metric, 0 without usage."""
     try:
         return _report(request, start_date, end_date, metric, account)
-    except Problem as problem:
+    except ApiError as problem:
         return problem.response()
