@@ -85,6 +85,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             str(db),
             "--port",
             str(port),
+            "--access-log",  # on, to check what it keeps
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -4,8 +4,9 @@ dashboard, over one store."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +21,7 @@ from usagemeter.api.services import Services, utc_now
 from usagemeter.engine import Engine
 from usagemeter.ingest import Ingestor
 from usagemeter.meters import MeterRegistry
+from usagemeter.model import Query as UsageQuery
 from usagemeter.store.base import Store
 
 log = logging.getLogger("usagemeter")
@@ -31,13 +33,25 @@ def create_app(
     now: Callable[[], datetime] = utc_now,
 ) -> FastAPI:
     """The whole service over ``store``. ``now`` is the clock every endpoint reads."""
+    engine = Engine(store, meters or MeterRegistry())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Read routes run on the event loop's thread; open its SQLite connection and run one
+        # query through the whole engine now, so the first customer's request is not the
+        # one that pays for it.
+        now = utc_now()
+        engine.run(UsageQuery(accounts=(), metric="", start=now - timedelta(days=1), end=now))
+        store.list_accounts()
+        yield
+
     app = FastAPI(
         title="usagemeter",
         version=__version__,
         description="Self-hosted usage metering and usage analytics for API providers.",
         default_response_class=JSONResponse,
+        lifespan=lifespan,
     )
-    engine = Engine(store, meters or MeterRegistry())
     app.state.services = Services(store=store, engine=engine, ingestor=Ingestor(store), now=now)
 
     @app.exception_handler(ApiError)

@@ -1,4 +1,9 @@
-"""The native API: accounts, keys, events and the query that exposes the whole engine."""
+"""The native API: accounts, keys, events and the query that exposes the whole engine.
+
+Read routes are ``async def``: they run on the event loop's thread, with its one SQLite
+connection, because the hop to a worker thread cost more than a typical query. Routes that
+write wait for a commit's fsync, so they run in the thread pool (``run_in_threadpool``).
+"""
 
 import secrets
 from dataclasses import replace
@@ -149,7 +154,7 @@ async def create_account(request: Request) -> JSONResponse:
 
 
 @router.get("/v1/accounts", tags=["accounts"])
-def list_accounts(request: Request) -> JSONResponse:
+async def list_accounts(request: Request) -> JSONResponse:
     """Every account (operator), or the caller's own account and its descendants."""
     key = caller(request)
     store = services(request).store
@@ -170,7 +175,7 @@ def readable_account(request: Request, key: ApiKey, account_id: str) -> Account:
 
 
 @router.get("/v1/accounts/{account_id}", tags=["accounts"])
-def get_account(request: Request, account_id: str) -> JSONResponse:
+async def get_account(request: Request, account_id: str) -> JSONResponse:
     return JSONResponse(account_json(readable_account(request, caller(request), account_id)))
 
 
@@ -222,7 +227,7 @@ async def create_key(request: Request, account_id: str) -> JSONResponse:
 
 
 @router.get("/v1/accounts/{account_id}/keys", tags=["keys"])
-def list_keys(request: Request, account_id: str) -> JSONResponse:
+async def list_keys(request: Request, account_id: str) -> JSONResponse:
     """The account's keys, without secrets."""
     readable_account(request, caller(request), account_id)
     keys = services(request).store.list_keys(account_id)
@@ -478,7 +483,7 @@ def _too_many_buckets(query: UsageQuery, engine: Engine) -> bool:
 
 
 @router.get("/v1/query", tags=["query"])
-def query_usage(
+async def query_usage(
     request: Request,
     metric: str = Query("", description="Metric to report, e.g. lookups."),
     account: str | None = Query(

@@ -374,7 +374,7 @@ def _error(status: int, detail: str) -> JSONResponse:
     ),
     responses=RESPONSES,
 )
-def get_usage_analytics(
+async def get_usage_analytics(
     request: Request,
     account_id: str = Path(description="The account; its subaccounts' usage is included."),
     start: str | None = Query(

@@ -295,7 +295,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     dependencies=[Security(_api_key)],
     responses=_RESPONSES,
 )
-def account_usage(
+async def account_usage(
     request: Request,
     start_date: str | None = Query(
         None,

@@ -301,7 +301,7 @@ _EXAMPLE = {
         ),
     },
 )
-def detail_usage_time(
+async def detail_usage_time(
     request: Request,
     time_period: str | None = Query(
         None,

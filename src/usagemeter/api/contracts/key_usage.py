@@ -295,7 +295,7 @@ _EXAMPLE = {
         404: _error_doc("The key does not exist, or the caller may not see it.", 404, _NOT_VISIBLE),
     },
 )
-def key_usage(
+async def key_usage(
     request: Request,
     key: str = Path(
         description="The key: its public id (e.g. key_acme_prod) or its full secret"

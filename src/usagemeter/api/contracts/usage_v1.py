@@ -412,7 +412,7 @@ _EXAMPLE = {
         ),
     },
 )
-def usage_v1(
+async def usage_v1(
     request: Request,
     start_date: str | None = Query(
         None,
