@@ -18,6 +18,9 @@ from bench.timing import Timing
 MB = 1024 * 1024
 
 
+GAPS = Path(__file__).with_name("GAPS.md")
+
+
 def fsync_ms(directory: Path, writes: int = 20) -> float:
     """Median time of an 8 kB write + fdatasync in `directory`: the floor under every
     durable acknowledgement, so under single-event ingest unless commits are grouped."""
@@ -263,4 +266,6 @@ def render(r: Results) -> str:
     lines += ["## Memory (server process peak RSS, VmHWM)", ""]
     rows = [[phase, f"{b / MB:.0f} MB"] for phase, b in r.memory.items()]
     lines += _table(["phase", "peak"], rows)
+    if GAPS.exists():  # the written analysis of the targets missed, kept beside the bench
+        lines += [GAPS.read_text().rstrip(), ""]
     return "\n".join(lines)

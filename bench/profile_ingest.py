@@ -1,0 +1,102 @@
+"""Where a batch's time goes on the write path: `python -m bench.profile_ingest`.
+
+Times each statement of the writer connection for batches of 1,000 events, on a store that
+already holds 200k, once with timestamps spread over 120 days and 1,000 Zipf accounts (the
+bench's data: a backfill) and once in time order (live traffic). What is left of a batch's
+time is Python: decoding, validating and folding.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from usagemeter.ingest import Ingestor
+from usagemeter.model import Account
+from usagemeter.store.sqlite import SQLiteStore
+
+BASE_MS = 1_735_689_600_000
+DAY_MS = 86_400_000
+
+
+class TimedConnection:
+    """The writer connection, with the time of each kind of statement added up."""
+
+    def __init__(self, conn: sqlite3.Connection, timings: dict[str, float]) -> None:
+        self.conn = conn
+        self.timings = timings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def _add(self, kind: str, started: float) -> None:
+        self.timings[kind] = self.timings.get(kind, 0.0) + time.perf_counter() - started
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        started = time.perf_counter()
+        result = self.conn.execute(sql, *args)
+        kind = "COMMIT: WAL write + fsync" if sql.startswith("COMMIT") else "other statements"
+        self._add("dedupe lookup" if "JOIN events e" in sql else kind, started)
+        return result
+
+    def executemany(self, sql: str, *args: Any) -> Any:
+        started = time.perf_counter()
+        result = self.conn.executemany(sql, *args)
+        self._add("write " + sql.split()[2], started)
+        return result
+
+
+def main() -> None:
+    rng = random.Random(1)
+    counter = iter(range(10**9))
+
+    def body(ordered: bool) -> bytes:
+        events = []
+        for _ in range(1000):
+            n = next(counter)
+            account = min(999, int(rng.paretovariate(1.0)) - 1)
+            ts = BASE_MS + (n * 10_000 if ordered else rng.randrange(120 * DAY_MS))
+            events.append(
+                {
+                    "id": f"e{n}",
+                    "account": f"a{account}",
+                    "metric": rng.choice(["lookups", "requests", "actions", "ApiCalls"]),
+                    "ts": ts,
+                    "dimensions": {"status": rng.choice(["200", "404"])},
+                    "tags": rng.sample(["a", "b", "c"], rng.randrange(3)),
+                }
+            )
+        return msgspec.json.encode(events)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(Path(tmp) / "profile.db")
+        for a in range(1000):
+            store.create_account(Account(f"a{a}", f"Account {a}"))
+        ingestor = Ingestor(store)
+        for _ in range(200):
+            ingestor.ingest_json(body(False), False, None)
+        timings: dict[str, float] = {}
+        store._writer = TimedConnection(store._writer, timings)  # type: ignore[assignment]
+        for label, ordered in (("spread over 120 days", False), ("in time order", True)):
+            timings.clear()
+            bodies = [body(ordered) for _ in range(30)]
+            started = time.perf_counter()
+            for b in bodies:
+                ingestor.ingest_json(b, False, None)
+            per_batch = (time.perf_counter() - started) / len(bodies) * 1000
+            print(f"\n{label}: {per_batch:.1f} ms a batch = {1e6 / per_batch:,.0f} events/s")
+            for kind, seconds in sorted(timings.items(), key=lambda kv: -kv[1]):
+                print(f"  {kind:28} {seconds * 1000 / len(bodies):6.1f} ms")
+            python = per_batch - sum(timings.values()) * 1000 / len(bodies)
+            print(f"  {'Python: decode, validate, fold':28} {python:6.1f} ms")
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
