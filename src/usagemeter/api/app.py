@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from usagemeter import __version__
-from usagemeter.api import contracts, dashboard, native
+from usagemeter.api import contracts, dashboard, native, tenants
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
 from usagemeter.engine import Engine
@@ -82,6 +82,7 @@ def create_app(
         return error_response(500, "internal", "internal error; the server log has the details")
 
     app.include_router(native.router)
+    app.include_router(tenants.router)
     app.include_router(dashboard.router)
     for router in contracts.routers():
         app.include_router(router)
