@@ -259,9 +259,9 @@ def build_query(request: Request, key: ApiKey, params: dict[str, Any], svc: Serv
     return query
 
 
-# The shortest each granularity's bucket can be, to bound a range's bucket count before
-# computing any: an hour can shrink to 45 minutes (Lord Howe's half-hour DST aside, a 1-hour
-# jump removes one bucket, never shortens one), a day to 23 hours, a month to 28 days.
+# At most as short as each granularity's bucket can be, to bound a range's bucket count before
+# computing any: a local hour lasts 30 minutes when Lord Howe's clocks skip half an hour, a
+# day 22 hours under a two-hour jump (double summer time), a February 28 days less an hour.
 _SHORTEST = {
     Granularity.HOUR: timedelta(minutes=30),
     Granularity.DAY: timedelta(hours=22),
