@@ -8,16 +8,23 @@
 Events are buffered and sent in batches, by a background thread, when ``batch_size`` are
 waiting or ``flush_interval`` seconds have passed, and on ``flush()`` / ``close()``. Each
 event gets its id when recorded, so a batch retried after a timeout is counted once.
+
+The server stores a batch whole or not at all. When it refuses one because some of its events
+are bad (a 400 listing them by index), the client sets those aside in the dead-letter sink,
+each with the server's reason, and sends the rest again with the same ids: one event for an
+unknown account never costs the other events of its batch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -28,6 +35,46 @@ log = logging.getLogger("usagemeter.client")
 
 class UsageError(RuntimeError):
     """The service refused a batch (a 4xx): retrying the same events will not help."""
+
+
+DeadLetter = Callable[[dict[str, Any], str], None]
+"""Called with each event the server refused and the server's reason for refusing it."""
+
+
+class DeadLetterFile:
+    """A dead-letter sink that appends one JSON line per refused event to ``path``:
+    ``{"event": {...}, "reason": "..."}``. Fix the events and send the file's ``event``
+    values again (``usagemeter ingest`` reads NDJSON)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any], reason: str) -> None:
+        line = json.dumps({"event": event, "reason": reason}) + "\n"
+        with self._lock, self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+
+
+def _log_dead_letter(event: dict[str, Any], reason: str) -> None:
+    log.error("usage event %s refused by the server: %s", event.get("id"), reason)
+
+
+def _bad_indexes(response: httpx.Response, size: int) -> dict[int, str] | None:
+    """The refused events of a 400 that names them (``error.details.errors[].index``), each
+    with its message; None when the answer does not name events (the batch as a whole was
+    refused: a bad key, a body that is not JSON)."""
+    try:
+        errors = response.json()["error"]["details"]["errors"]
+        bad: dict[int, list[str]] = {}
+        for e in errors:
+            index = e["index"]
+            if not isinstance(index, int) or not 0 <= index < size:
+                return None
+            bad.setdefault(index, []).append(str(e["message"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return {index: "; ".join(messages) for index, messages in bad.items()} or None
 
 
 class UsageClient:
@@ -43,7 +90,17 @@ class UsageClient:
         retries: int = 5,
         http: httpx.Client | None = None,
         background: bool = True,
+        dead_letter: DeadLetter | str | Path | None = None,
     ) -> None:
+        """``dead_letter`` receives every event the server refuses, with its reason: a
+        callable ``(event, reason)``, or a file path for NDJSON lines (``DeadLetterFile``).
+        Default: each one is logged as an error. ``self.dead_letters`` counts them."""
+        if dead_letter is None:
+            self._dead_letter: DeadLetter = _log_dead_letter
+        elif callable(dead_letter):
+            self._dead_letter = dead_letter
+        else:
+            self._dead_letter = DeadLetterFile(dead_letter)
         self._http = http or httpx.Client(base_url=base_url, timeout=10.0)
         self._owns_http = http is None
         self._headers = {"Authorization": f"Bearer {key}"}
@@ -57,6 +114,7 @@ class UsageClient:
         self._closed = False
         self.accepted = 0
         self.duplicates = 0
+        self.dead_letters = 0
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(target=self._run, name="usagemeter", daemon=True)
@@ -113,6 +171,35 @@ class UsageClient:
                 self._send(batch)
 
     def _send(self, batch: list[dict[str, Any]]) -> None:
+        """Send a batch; on a 400 naming bad events, set them aside and send the rest."""
+        while batch:
+            response = self._post(batch)
+            if response.status_code == 200:
+                body = response.json()
+                self.accepted += body["accepted"]
+                self.duplicates += body["duplicates"]
+                return
+            bad = _bad_indexes(response, len(batch)) if response.status_code == 400 else None
+            if bad is None:
+                # Refused as a whole: sending it again cannot help, and keeping it would
+                # block every later batch, so it goes to the dead letters, loudly.
+                reason = f"{response.status_code}: {response.text}"
+                self._set_aside(batch, dict.fromkeys(range(len(batch)), reason))
+                raise UsageError(reason)
+            # Nothing of the batch was stored: the rest goes again, with the same ids.
+            self._set_aside(batch, bad)
+            batch = [e for i, e in enumerate(batch) if i not in bad]
+
+    def _set_aside(self, batch: list[dict[str, Any]], reasons: Mapping[int, str]) -> None:
+        for index, reason in sorted(reasons.items()):
+            self.dead_letters += 1
+            try:
+                self._dead_letter(batch[index], reason)
+            except Exception:  # a broken sink must not stop the good events
+                log.exception("dead-letter sink failed for event %s", batch[index].get("id"))
+
+    def _post(self, batch: list[dict[str, Any]]) -> httpx.Response:
+        """The server's answer to a batch, retrying transport errors, 429 and 5xx."""
         delay = 0.2
         for attempt in range(self._retries + 1):
             try:
@@ -120,14 +207,8 @@ class UsageClient:
             except httpx.TransportError as exc:
                 problem = str(exc)
             else:
-                if response.status_code == 200:
-                    body = response.json()
-                    self.accepted += body["accepted"]
-                    self.duplicates += body["duplicates"]
-                    return
                 if response.status_code < 500 and response.status_code != 429:
-                    # Refused as it stands: sending it again cannot help, so it is not kept.
-                    raise UsageError(f"{response.status_code}: {response.text}")
+                    return response
                 problem = f"{response.status_code}: {response.text}"
             if attempt == self._retries:
                 break

@@ -1,29 +1,62 @@
 """Middleware that meters every request of your own FastAPI, Starlette (ASGI) or Flask (WSGI)
 app: one event per request, with its status, method and route.
 
-    app.add_middleware(UsageMiddleware, client=usage, account=lambda scope: ...)  # ASGI
+    app.add_middleware(UsageMiddleware, client=usage, account=account_of_request)  # ASGI
     flask_app.wsgi_app = WSGIUsageMiddleware(flask_app.wsgi_app, client=usage,
-                                             account=lambda environ: ...)
+                                             account=account_of_environ)
 
 ``account`` maps a request to the account to bill (from its API key, say), or None to leave
-the request unmetered. Recording never fails the request: a metering problem is logged.
+the request unmetered. The ASGI middleware calls it with a Starlette ``Request`` (headers,
+query parameters, path; the body has gone to the app and is not readable there); the WSGI one
+with the request's WSGI environ, a dict whose headers are ``HTTP_*`` keys
+(``environ.get("HTTP_X_API_KEY")``). It runs after the response, once per request. An
+``account`` that cannot be called with one argument is refused when the middleware is built;
+an exception it raises is logged and leaves that request unmetered. Recording never fails the
+request: a metering problem is logged.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
+
+from starlette.requests import Request
 
 from usagemeter.client import UsageClient
 
 log = logging.getLogger("usagemeter.middleware")
 
-Scope = Mapping[str, Any]
+Scope = MutableMapping[str, Any]
 Message = Mapping[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
 ASGIApp = Callable[[Scope, Receive, Send], Any]
+
+
+def _checked(account: Any, argument: str) -> Any:
+    """``account`` if it can be called with one argument; else a TypeError now, at startup,
+    rather than an error logged on every request with nothing metered."""
+    if not callable(account):
+        raise TypeError(f"account must be a callable taking the {argument}, got {account!r}")
+    try:
+        inspect.signature(account).bind(None)
+    except TypeError:
+        raise TypeError(
+            f"account must take exactly one argument, the {argument}: {account!r} cannot"
+        ) from None
+    except ValueError:  # no signature to inspect (some builtins): trust it
+        pass
+    return account
+
+
+def _account_of(account: Callable[[Any], str | None], request: Any, where: str) -> str | None:
+    try:
+        return account(request)
+    except Exception:  # metering must never break the metered app
+        log.exception("the account callable failed on %s; the request is not metered", where)
+        return None
 
 
 def _record(
@@ -46,12 +79,12 @@ class UsageMiddleware:
         self,
         app: ASGIApp,
         client: UsageClient,
-        account: Callable[[Scope], str | None],
+        account: Callable[[Request], str | None],
         metric: str = "requests",
     ) -> None:
         self.app = app
         self.client = client
-        self.account = account
+        self.account = _checked(account, "Starlette Request")
         self.metric = metric
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -69,7 +102,8 @@ class UsageMiddleware:
         try:
             await self.app(scope, receive, send_seeing_status)
         finally:
-            account = self.account(scope)
+            # The router has added the matched route to the scope by now.
+            account = _account_of(self.account, Request(scope), scope.get("path", ""))
             if account is not None:
                 route = scope.get("route")
                 path = getattr(route, "path", None) or scope.get("path", "")
@@ -83,12 +117,12 @@ class WSGIUsageMiddleware:
         self,
         app: Callable[..., Iterable[bytes]],
         client: UsageClient,
-        account: Callable[[Mapping[str, Any]], str | None],
+        account: Callable[[dict[str, Any]], str | None],
         metric: str = "requests",
     ) -> None:
         self.app = app
         self.client = client
-        self.account = account
+        self.account = _checked(account, "WSGI environ")
         self.metric = metric
 
     def __call__(
@@ -104,7 +138,7 @@ class WSGIUsageMiddleware:
         try:
             return self.app(environ, start_seeing_status)
         finally:
-            account = self.account(environ)
+            account = _account_of(self.account, environ, environ.get("PATH_INFO", ""))
             if account is not None:
                 method = environ.get("REQUEST_METHOD", "")
                 path = environ.get("PATH_INFO", "")
