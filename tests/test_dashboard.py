@@ -1,9 +1,13 @@
 """The dashboard page: served at /dashboard, self-contained (nothing is fetched from another
 origin, so it works offline), and calling only API paths and parameters the server documents."""
 
+import json
 import re
+import shutil
+import subprocess
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import Tenants, event
@@ -89,3 +93,20 @@ def test_query_answers_in_the_shape_the_page_reads(
     )
     assert bad.status_code == 400
     assert "tz" in bad.json()["error"]["message"]
+
+
+def test_average_per_day_counts_from_the_first_day_with_usage(client: TestClient) -> None:
+    """Issue 11.15: 90 days shown, none used before day 31: the average is over the 60 days
+    from the first with usage (idle days after it count), and the page says so."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page's script cannot run here")
+    html = page(client)
+    function = re.search(r"function averageSinceFirstUsage\(rows\) \{.*?\n  \}", html, re.S)
+    assert function is not None
+    rows = [{"total": None}] * 29 + [{"total": 0}] + [{"total": 2}] * 30 + [{"total": 0}] * 30
+    script = f"{function.group(0)}\nconsole.log(JSON.stringify(averageSinceFirstUsage({rows!r})))"
+    script = script.replace("None", "null").replace("'", '"')
+    out = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {"value": 1, "count": 60, "skipped": 30}
+    assert "from the first with usage" in html

@@ -6,6 +6,7 @@ connection, because the hop to a worker thread cost more than a typical query. R
 write wait for a commit's fsync, so they run in the thread pool (``run_in_threadpool``).
 """
 
+import difflib
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -99,10 +100,36 @@ async def post_events(request: Request) -> JSONResponse:
 # --------------------------------------------------------------------- query
 
 
+def refuse_unknown_params(request: Request, known: frozenset[str]) -> None:
+    """A 400 naming every parameter the route does not take, each with the closest one it
+    does: a misspelled ``granularty=hour`` must not quietly answer per day."""
+    unknown = sorted(set(request.query_params) - known)
+    if not unknown:
+        return
+    errors = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        errors.append({"param": name, "message": f"unknown parameter{hint}"})
+    message = "; ".join(f"{e['param']}: {e['message']}" for e in errors)
+    raise ApiError(
+        400,
+        "unknown_parameter",
+        f"{message} (known: {', '.join(sorted(known))})",
+        {"errors": errors},
+    )
+
+
 def query_json(result: Result) -> dict[str, Any]:
     """The native rendering of a Result: one value per group per bucket (the first
-    aggregation's), and all aggregations under ``values`` when several were asked."""
+    aggregation's), and all aggregations under ``values`` when several were asked.
+
+    An answer cut short by ``limit`` says so: ``truncated`` is true and ``next_start`` is
+    where the next page starts (ask again with ``start`` set to it); its totals cover the
+    buckets returned."""
     query = result.query
+    last_end = result.buckets[-1].end if result.buckets else query.end
+    truncated = query.limit is not None and last_end < query.end
     several = len(result.aggregations) > 1
 
     def values(group: Any) -> dict[str, Any]:
@@ -143,6 +170,8 @@ def query_json(result: Result) -> dict[str, Any]:
         ],
         "totals": [values(g) for g in result.totals],
         "total": number(result.total[0]),
+        "truncated": truncated,
+        "next_start": stamp(last_end) if truncated else None,
     }
 
 
@@ -307,11 +336,16 @@ async def query_usage(
     aggregation: str | None = Query(
         None, description="Override the meter: sum, count, max, min, latest."
     ),
-    limit: str | None = Query(None, description="At most this many buckets, the earliest first."),
+    limit: str | None = Query(
+        None,
+        description="At most this many buckets, the earliest first; a cut answer says"
+        " truncated: true and next_start.",
+    ),
     include_subaccounts: bool = Query(True, description="Count the account's descendants too."),
 ) -> JSONResponse:
     """Usage of one metric over a range: zone-aligned buckets with a value per group, and
     totals. This is the engine's whole surface; the dashboard and the CLI use it."""
+    refuse_unknown_params(request, QUERY_PARAMS)
     svc = services(request)
     params = {
         "metric": metric,
@@ -334,4 +368,70 @@ async def query_usage(
         result = svc.engine.run(query)
     except ValueError as exc:
         raise ApiError(400, "invalid_query", str(exc)) from None
-    return JSONResponse(query_json(result))
+    answer = query_json(result)
+    # An answer of zeros for a metric never recorded is most often a misspelled metric.
+    seen = any(b.groups for b in result.buckets) or bool(
+        svc.store.metrics_seen(query.accounts, query.metric)
+    )
+    answer["metric_seen"] = seen
+    if not seen:
+        answer["notice"] = (
+            f"no {query.metric!r} event was ever recorded for these accounts;"
+            " GET /v1/metrics lists the metrics that were"
+        )
+    return JSONResponse(answer)
+
+
+QUERY_PARAMS = frozenset(
+    {
+        "metric",
+        "account",
+        "start",
+        "end",
+        "granularity",
+        "tz",
+        "group_by",
+        "filter",
+        "tags",
+        "billable",
+        "key",
+        "aggregation",
+        "limit",
+        "include_subaccounts",
+    }
+)
+
+
+@router.get("/v1/metrics", tags=["query"])
+async def list_metrics(
+    request: Request,
+    account: str | None = Query(
+        None, description="Account id; an account key defaults to its own."
+    ),
+    include_subaccounts: bool = Query(True, description="Count the account's descendants too."),
+) -> JSONResponse:
+    """The metrics the account has events for (any time), each with its meter and the
+    dimension names its events carry: what ``/v1/query`` can be asked about."""
+    refuse_unknown_params(request, frozenset({"account", "include_subaccounts"}))
+    key = caller(request)
+    svc = services(request)
+    account_id = account or key.account_id
+    if not account_id:
+        raise ApiError(
+            400,
+            "invalid_query",
+            "account: required with an operator key: the account to list the metrics of",
+            {"errors": [{"param": "account", "message": "required with an operator key"}]},
+        )
+    if not can_read(svc.store, key, account_id):
+        raise ApiError(404, "not_found", f"account {account_id!r} {NOT_READABLE}")
+    accounts = svc.store.descendants(account_id) if include_subaccounts else [account_id]
+    seen = svc.store.metrics_seen(accounts)
+    metrics = []
+    for name in sorted(seen):
+        meter = svc.engine.meters.get(name)
+        aggregation = meter.aggregation.value
+        if meter.dimension is not None:
+            aggregation = f"{aggregation}({meter.dimension})"
+        metrics.append({"metric": name, "meter": aggregation, "dimensions": seen[name]})
+    return JSONResponse({"account": account_id, "accounts": accounts, "metrics": metrics})

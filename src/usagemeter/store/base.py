@@ -94,6 +94,14 @@ class Store(Protocol):
         ...
 
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]: ...
+    def metrics_seen(
+        self, accounts: Sequence[str], metric: str | None = None
+    ) -> dict[str, list[str]]:
+        """The metrics any of ``accounts`` has events for (only ``metric``, when given),
+        each with the sorted dimension names its events carry. Read from rollups and
+        interned names, never from raw events."""
+        ...
+
     def count_events(self) -> int: ...
     def iter_events(
         self,

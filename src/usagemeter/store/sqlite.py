@@ -497,6 +497,42 @@ class SQLiteStore:
                     cell[pos] = row.values[pos]
         return [AggregateRow(w, g, tuple(v)) for (w, g), v in merged.items()]
 
+    def metrics_seen(
+        self, accounts: Sequence[str], metric: str | None = None
+    ) -> dict[str, list[str]]:
+        conn = self._reader()
+        rids = [
+            int(row[0])
+            for account_id in accounts
+            for row in conn.execute("SELECT rid FROM accounts WHERE id = ?", (account_id,))
+        ]
+        if not rids:
+            return {}
+        where_accounts = f"account IN ({','.join('?' * len(rids))})"
+        if metric is None:
+            names = conn.execute("SELECT id, name FROM metrics").fetchall()
+        else:
+            names = conn.execute(
+                "SELECT id, name FROM metrics WHERE name = ?", (metric,)
+            ).fetchall()
+        seen: dict[str, list[str]] = {}
+        for metric_id, name in names:
+            # One index seek per metric on the day rollups: is there any day with usage?
+            if not conn.execute(
+                f"SELECT 1 FROM rollup_day WHERE metric = ? AND {where_accounts} LIMIT 1",
+                (metric_id, *rids),
+            ).fetchone():
+                continue
+            dimension_names: set[str] = set()
+            for (dims,) in conn.execute(
+                "SELECT dims FROM dimsets WHERE id IN (SELECT DISTINCT dimset FROM rollup"
+                f" WHERE metric = ? AND {where_accounts})",
+                (metric_id, *rids),
+            ):
+                dimension_names.update(json.loads(dims))
+            seen[name] = sorted(dimension_names)
+        return seen
+
     def count_events(self) -> int:
         return int(self._reader().execute("SELECT count(*) FROM events").fetchone()[0])
 
