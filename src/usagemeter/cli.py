@@ -25,7 +25,7 @@ from usagemeter import demo as demo_data
 from usagemeter import logs
 from usagemeter.auth import issue_key
 from usagemeter.engine import Engine
-from usagemeter.ingest import BatchRejected, Ingestor
+from usagemeter.ingest import MAX_FUTURE, BatchRejected, Ingestor
 from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, Query, Scope
 from usagemeter.store.base import Conflict, NotFound
@@ -86,6 +86,12 @@ def serve(
     access_log: Annotated[
         bool, typer.Option(help="Log every request (secrets in URLs are masked).")
     ] = False,
+    max_future_hours: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Refuse events stamped more than this many hours ahead of the clock."
+        ),
+    ] = MAX_FUTURE / timedelta(hours=1),
 ) -> None:
     """Start the HTTP service: native API, seed endpoints, dashboard."""
     import uvicorn
@@ -104,7 +110,10 @@ def serve(
     # The access log is off unless asked for: on two cores it cost a sixth of a small
     # request's server time, and errors are logged either way.
     config = uvicorn.Config(
-        create_app(store, _meters(meters)), host=host, port=port, access_log=access_log
+        create_app(store, _meters(meters), max_future=timedelta(hours=max_future_hours)),
+        host=host,
+        port=port,
+        access_log=access_log,
     )
     server = uvicorn.Server(config)  # its logging is configured now, so the filter sticks
     logs.install()

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
 
 from usagemeter.auth import can_ingest
+from usagemeter.meters import MeterRegistry
 from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, ApiKey, AppendResult, Event
 from usagemeter.store.base import NotFound, Store
-from usagemeter.timewindows import parse_instant, to_ms
+from usagemeter.timewindows import isoformat, parse_instant, to_ms
 
 MAX_BATCH = 10_000
 FIELDS = frozenset(
@@ -33,6 +34,9 @@ MAX_TEXT = 256
 # seconds read as milliseconds land in January 1970, microseconds far past 2200.
 MIN_TS_MS = 946_684_800_000
 MAX_TS_MS = 7_258_118_400_000
+# Late events are a feature (a backfill, a client that was offline); an event from more than a
+# day ahead is a clock or unit mistake that would sit in tomorrow's buckets unnoticed.
+MAX_FUTURE = timedelta(hours=24)
 
 
 # The fast path: a whole batch decoded and checked by msgspec in C. Any event it refuses
@@ -199,11 +203,30 @@ def _from_fast(item: _EventIn, default_account: str | None) -> Event:
     )
 
 
-class Ingestor:
-    """Validates batches against the store's accounts and keys and the caller's rights."""
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
 
-    def __init__(self, store: Store) -> None:
+
+class Ingestor:
+    """Validates batches against the store's accounts and keys and the caller's rights.
+
+    ``max_future``: how far ahead of the server's clock an event's ``ts`` may be (``now``
+    reads that clock). ``meters`` says which metrics take negative values."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        meters: MeterRegistry | None = None,
+        max_future: timedelta = MAX_FUTURE,
+        now: Callable[[], datetime] = _wall_clock,
+    ) -> None:
+        if max_future < timedelta(0):
+            raise ValueError("max_future: must not be negative")
         self.store = store
+        self.meters = meters or MeterRegistry()
+        self.max_future = max_future
+        self.now = now
         # A key never changes account and an account is never deleted, so both caches hold.
         self._key_accounts: dict[str, str | None] = {}
         self._accounts: set[str] = set()
@@ -257,11 +280,32 @@ class Ingestor:
                 items = _BATCH.decode(body)
             if len(items) <= MAX_BATCH:
                 events = [_from_fast(item, default_account) for item in items]
+                latest_ms = self._latest_ms()
+                for e in events:  # any problem: the slow path names it
+                    self._check_time_and_value(e, latest_ms)
                 self._check_batch_references(events, caller)
                 return events
         except (msgspec.DecodeError, ValueError):
             pass
         return self.validate(self.decode(body, ndjson), caller)
+
+    def _latest_ms(self) -> int:
+        return to_ms(self.now() + self.max_future)
+
+    def _check_time_and_value(self, event: Event, latest_ms: int) -> None:
+        if event.ts_ms > latest_ms:
+            minutes = self.max_future / timedelta(minutes=1)
+            limit = f"{minutes / 60:g} hours" if minutes % 60 == 0 else f"{minutes:g} minutes"
+            raise ValueError(
+                f"ts: {isoformat(datetime.fromtimestamp(event.ts_ms / 1000, UTC))} is more"
+                f" than {limit} ahead of the server's clock"
+                f" ({isoformat(self.now())}); send events when they happen"
+            )
+        if event.value < 0 and not self.meters.get(event.metric).negative_allowed:
+            raise ValueError(
+                f"value: {event.value:g} is negative, and the meter of {event.metric!r} does not"
+                ' allow negative values (set "allow_negative": true on it in the meters file)'
+            )
 
     def _check_batch_references(self, events: Sequence[Event], caller: ApiKey | None) -> None:
         """The per-event reference checks, done once per distinct account and key; any
@@ -285,11 +329,13 @@ class Ingestor:
                 [EventError(MAX_BATCH, None, f"a batch holds at most {MAX_BATCH} events")]
             )
         default_account = caller.account_id if caller is not None else None
+        latest_ms = self._latest_ms()
         events: list[Event] = []
         errors: list[EventError] = []
         for index, raw in enumerate(raws):
             try:
                 event = parse_event(raw, default_account)
+                self._check_time_and_value(event, latest_ms)
                 self._check_references(event, caller)
             except ValueError as exc:
                 # Messages start with the field they are about: "ts: ...", "dimensions.agent: ..."

@@ -58,7 +58,9 @@ class MeterRegistry:
 
     @classmethod
     def from_file(cls, path: str | Path) -> MeterRegistry:
-        """The defaults, overridden by ``{"meters": [{"metric": ..., "aggregation": ...}]}``."""
+        """The defaults, overridden by ``{"meters": [{"metric": ..., "aggregation": ...}]}``;
+        an entry may add ``"allow_negative": true|false`` (default: allowed except for
+        count and unique_count)."""
         try:
             data: Any = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
@@ -73,7 +75,12 @@ class MeterRegistry:
             try:
                 aggregation, dimension = parse_aggregation(str(entry.get("aggregation", "sum")))
                 dimension = entry.get("dimension", dimension)
-                meters[entry["metric"]] = Meter(entry["metric"], aggregation, dimension)
+                allow_negative = entry.get("allow_negative")
+                if allow_negative is not None and not isinstance(allow_negative, bool):
+                    raise ValueError("allow_negative: expected true or false")
+                meters[entry["metric"]] = Meter(
+                    entry["metric"], aggregation, dimension, allow_negative
+                )
             except ValueError as exc:
                 raise ValueError(f"meters file {path}: entry {i}: {exc}") from exc
         return cls(meters)

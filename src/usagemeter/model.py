@@ -34,6 +34,16 @@ class Meter:
     metric: str
     aggregation: Aggregation = Aggregation.SUM
     dimension: str | None = None  # the counted dimension, for unique_count only
+    allow_negative: bool | None = None  # None: the aggregation's default
+
+    @property
+    def negative_allowed(self) -> bool:
+        """Whether events may carry negative values: a refund or a credit in a sum, a gauge
+        below zero, yes by default; a count or a distinct count, no (its values are not
+        amounts, and a negative one is a mistake)."""
+        if self.allow_negative is not None:
+            return self.allow_negative
+        return self.aggregation not in (Aggregation.COUNT, Aggregation.UNIQUE_COUNT)
 
     def __post_init__(self) -> None:
         if (self.aggregation is Aggregation.UNIQUE_COUNT) != (self.dimension is not None):

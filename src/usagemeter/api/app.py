@@ -19,7 +19,7 @@ from usagemeter.api import contracts, dashboard, native, tenants
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
 from usagemeter.engine import Engine
-from usagemeter.ingest import Ingestor
+from usagemeter.ingest import MAX_FUTURE, Ingestor
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import Query as UsageQuery
 from usagemeter.store.base import Store
@@ -31,9 +31,12 @@ def create_app(
     store: Store,
     meters: MeterRegistry | None = None,
     now: Callable[[], datetime] = utc_now,
+    max_future: timedelta = MAX_FUTURE,
 ) -> FastAPI:
-    """The whole service over ``store``. ``now`` is the clock every endpoint reads."""
+    """The whole service over ``store``. ``now`` is the clock every endpoint reads;
+    ``max_future`` how far ahead of the wall clock an event's timestamp may be."""
     engine = Engine(store, meters or MeterRegistry())
+    ingestor = Ingestor(store, meters=engine.meters, max_future=max_future)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,7 +55,7 @@ def create_app(
         default_response_class=JSONResponse,
         lifespan=lifespan,
     )
-    app.state.services = Services(store=store, engine=engine, ingestor=Ingestor(store), now=now)
+    app.state.services = Services(store=store, engine=engine, ingestor=ingestor, now=now)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
