@@ -10,8 +10,9 @@ import csv
 import hashlib
 import json
 import os
+import signal
+import sqlite3
 import sys
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,15 +20,18 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from usagemeter import demo as demo_data
 from usagemeter import logs
+from usagemeter.api.native import query_json
 from usagemeter.auth import issue_key
+from usagemeter.backup import RestoreRefused, account_records, load_record, restore
 from usagemeter.engine import Engine
-from usagemeter.ingest import MAX_FUTURE, BatchRejected, Ingestor
+from usagemeter.ingest import MAX_BATCH, MAX_FUTURE, BatchRejected, Ingestor
 from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, Query, Scope
+from usagemeter.records import CsvRecords, RecordError, ndjson_records, where
 from usagemeter.store.base import Conflict, NotFound
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import (
@@ -74,6 +78,20 @@ def _meters(path: str | None) -> MeterRegistry:
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON, for scripts.")]
+
+
+def _number(value: float) -> str:
+    """Exact, with thousands separators: 1278954 is 1,278,954, never 1.27895e+06."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"
+
+
+def _id_column(name: str, ids: list[str]) -> Column:
+    """A column that never cuts an id short, whatever the terminal's width: ids are what
+    the next command (keys revoke, --account) needs whole."""
+    return Column(name, no_wrap=True, min_width=max([len(name), *map(len, ids)]))
 
 
 @app.command()
@@ -155,16 +173,53 @@ def accounts_create(
 
 
 @accounts_app.command("list")
-def accounts_list(db: DbOption = DEFAULT_DB) -> None:
+def accounts_list(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
     """List every account."""
-    table = Table("id", "name", "parent", "billing cycle")
-    for a in SQLiteStore(db).list_accounts():
+    accounts = SQLiteStore(db).list_accounts()
+    if as_json:
+        _print_json(
+            [
+                {
+                    "id": a.id,
+                    "name": a.name,
+                    "parent_id": a.parent_id,
+                    "billing_cycle": {
+                        "anchor": str(a.billing_cycle.anchor),
+                        "period": a.billing_cycle.period,
+                    }
+                    if a.billing_cycle
+                    else None,
+                }
+                for a in accounts
+            ]
+        )
+        return
+    ids = [a.id for a in accounts]
+    parents = [a.parent_id or "" for a in accounts]
+    table = Table(_id_column("id", ids), "name", _id_column("parent", parents), "billing cycle")
+    for a in accounts:
         cycle = f"{a.billing_cycle.period} from {a.billing_cycle.anchor}" if a.billing_cycle else ""
         table.add_row(a.id, a.name, a.parent_id or "", cycle)
     console.print(table)
 
 
 # ---------------------------------------------------------------------- keys
+
+
+# Scopes an account key may have: every scope but operator, whichever the model defines.
+ACCOUNT_SCOPES = [s.value for s in Scope if s is not Scope.OPERATOR]
+
+
+def _scopes(values: list[str]) -> list[Scope]:
+    """``--scope read --scope ingest`` and ``--scope read,ingest`` alike."""
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ACCOUNT_SCOPES]
+    if unknown or not names:
+        raise _fail(
+            f"--scope: {', '.join(map(repr, unknown)) or 'nothing given'}; use"
+            f" {', '.join(ACCOUNT_SCOPES)}, repeated or comma-separated"
+        )
+    return [Scope(n) for n in names]
 
 
 @keys_app.command("create")
@@ -174,13 +229,19 @@ def keys_create(
     account: Annotated[str | None, typer.Option(help="The account the key belongs to.")] = None,
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
     prefix: Annotated[str, typer.Option(help="Secret prefix, e.g. ak_.")] = "um_",
-    scope: Annotated[list[str] | None, typer.Option(help="read and/or ingest.")] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"{', '.join(ACCOUNT_SCOPES)} (default read): repeat the flag or separate"
+            " with commas, --scope read,ingest."
+        ),
+    ] = None,
 ) -> None:
-    """Create a key and print it as JSON. The secret (``key``) is shown only here."""
+    """Create a key and print it as JSON. The secret (key) is shown only here."""
     if operator == (account is not None):
         raise _fail("give exactly one of --operator or --account ID")
     try:
-        scopes = [Scope.OPERATOR] if operator else [Scope(s) for s in (scope or ["read"])]
+        scopes = [Scope.OPERATOR] if operator else _scopes(scope or ["read"])
         created, secret = issue_key(
             SQLiteStore(db), account, name=name, prefix=prefix, scopes=scopes
         )
@@ -200,10 +261,35 @@ def keys_create(
 def keys_list(
     db: DbOption = DEFAULT_DB,
     account: Annotated[str | None, typer.Option(help="Account id; default: operator keys.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """List keys (never their secrets)."""
-    table = Table("id", "account", "name", "scopes", "created", "revoked")
-    for k in SQLiteStore(db).list_keys(account):
+    """List keys (never their secrets). Ids are printed whole, at any terminal width."""
+    keys = SQLiteStore(db).list_keys(account)
+    if as_json:
+        _print_json(
+            [
+                {
+                    "id": k.id,
+                    "account_id": k.account_id,
+                    "name": k.name,
+                    "scopes": sorted(s.value for s in k.scopes),
+                    "created_at": isoformat(k.created_at),
+                    "revoked_at": isoformat(k.revoked_at) if k.revoked_at else None,
+                }
+                for k in keys
+            ]
+        )
+        return
+    owners = [k.account_id or "(operator)" for k in keys]
+    table = Table(
+        _id_column("id", [k.id for k in keys]),
+        _id_column("account", owners),
+        "name",
+        "scopes",
+        "created",
+        "revoked",
+    )
+    for k in keys:
         table.add_row(
             k.id,
             k.account_id or "(operator)",
@@ -228,95 +314,123 @@ def keys_revoke(key_id: str, db: DbOption = DEFAULT_DB) -> None:
 # -------------------------------------------------------------------- ingest
 
 
-def _csv_records(path: Path) -> Iterator[dict[str, Any]]:
-    """CSV columns: id, account, key, metric, ts, value, billable, tags (comma-separated in
-    one cell), and one ``dimensions.<name>`` column per dimension."""
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            record: dict[str, Any] = {}
-            dims: dict[str, str] = {}
-            for column, cell in row.items():
-                if cell is None or cell == "":
-                    continue
-                if column.startswith("dimensions."):
-                    dims[column.removeprefix("dimensions.")] = cell
-                elif column == "value":
-                    record["value"] = float(cell)
-                elif column == "ts":
-                    record["ts"] = int(cell) if cell.lstrip("-").isdigit() else cell
-                elif column == "billable":
-                    record["billable"] = cell.strip().lower() in ("true", "1", "yes")
-                elif column == "tags":
-                    record["tags"] = [t.strip() for t in cell.split(",") if t.strip()]
-                else:
-                    record[column] = cell
-            if dims:
-                record["dimensions"] = dims
-            yield record
+class _Interrupt:
+    """Ctrl-C during an ingest: the batch under way finishes (stored or not, never half),
+    then the command stops and says how far it got. A second Ctrl-C stops at once."""
 
+    def __init__(self) -> None:
+        self.asked = False
 
-def _ndjson_records(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open() as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError as exc:
-                    raise _fail(f"{path}:{number}: not JSON: {exc}") from None
+    def __enter__(self) -> _Interrupt:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 @app.command()
 def ingest(
     file: Path,
     db: DbOption = DEFAULT_DB,
-    batch: Annotated[int, typer.Option(help="Events per transaction.")] = 5000,
+    batch: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH, help="Events per transaction.")
+    ] = 5000,
     format: Annotated[str | None, typer.Option(help="ndjson or csv (default: by suffix).")] = None,
+    meters: MetersOption = None,
 ) -> None:
     """Load events from an NDJSON or CSV file. Safe to run again after an interruption:
     events already stored are recognised by id and skipped. A record without an id gets one
-    derived from the file name, its line and its content, so a rerun derives the same id."""
+    derived from the file name, its line and its content, so a rerun derives the same id.
+    Account and key records (export --with-accounts) are created first when missing."""
     if not file.exists():
         raise _fail(f"{file} does not exist")
     kind = format or ("csv" if file.suffix.lower() == ".csv" else "ndjson")
     if kind not in ("csv", "ndjson"):
         raise _fail("--format: ndjson or csv")
-    records = _csv_records(file) if kind == "csv" else _ndjson_records(file)
-    ingestor = Ingestor(SQLiteStore(db))
-    accepted = duplicates = line = 0
+    csv_records = CsvRecords(file) if kind == "csv" else None
+    records = csv_records if csv_records is not None else ndjson_records(file)
+    store = SQLiteStore(db)
+    ingestor = Ingestor(store, meters=_meters(meters))
+    accepted = duplicates = count = 0
+    created = {"accounts": 0, "keys": 0}
     pending: list[dict[str, Any]] = []
+    lines: list[int] = []
 
     def flush() -> None:
         nonlocal accepted, duplicates
         try:
             result = ingestor.ingest(pending)
         except BatchRejected as exc:
-            first = line - len(pending) + 1
             for e in exc.errors[:20]:
-                err.print(f"record {first + e.index}: {e.message}")
+                column = csv_records.column_of(e.field) if csv_records else None
+                err.print(f"{where(file, lines[e.index], column, e.field)}: {e.message}")
+            more = len(exc.errors) - 20
+            if more > 0:
+                err.print(f"... and {more} more")
             raise _fail(
-                f"batch starting at record {first} rejected; nothing of it stored"
+                f"the batch from line {lines[0]} was rejected and nothing of it stored;"
+                f" {accepted:,} events stored before it. Fix the file and run again: stored"
+                " events are skipped"
             ) from None
         accepted += result.accepted
         duplicates += result.duplicates
         pending.clear()
+        lines.clear()
 
     with file.open("rb") as handle:
         total = sum(1 for _ in handle) - (1 if kind == "csv" else 0)
     columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
+    with (
+        _Interrupt() as interrupt,
+        Progress(*columns, console=err, transient=True) as progress,
+    ):
         task = progress.add_task(f"ingesting {file.name}", total=total)
-        for record in records:
-            line += 1
-            if isinstance(record, dict) and "id" not in record:
-                digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-                record["id"] = f"{file.name}:{line}:{digest[:16]}"
-            pending.append(record)
-            if len(pending) >= batch:
-                progress.advance(task, len(pending))
-                flush()
-        if pending:
-            flush()
-    _print_json({"records": line, "accepted": accepted, "duplicates": duplicates})
+        try:
+            for record in records:
+                count += 1
+                data = record.data
+                if isinstance(data, dict) and data.get("type") in ("account", "key"):
+                    flush()  # events before it go first, in file order
+                    try:
+                        if load_record(store, data):
+                            created[data["type"] + "s"] += 1
+                    except (ValueError, NotFound, Conflict) as exc:
+                        raise _fail(f"{where(file, record.line)}: {exc}") from None
+                    continue
+                if isinstance(data, dict) and "id" not in data:
+                    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+                    data["id"] = f"{file.name}:{count}:{digest[:16]}"
+                pending.append(data)
+                lines.append(record.line)
+                if len(pending) >= batch:
+                    progress.advance(task, len(pending))
+                    flush()
+                    if interrupt.asked:
+                        break
+            else:
+                if pending:
+                    flush()
+                interrupt.asked = False  # the file was read to its end: nothing left over
+        except RecordError as exc:
+            raise _fail(f"{exc}; {accepted:,} events stored before it") from None
+    summary: dict[str, Any] = {"records": count, "accepted": accepted, "duplicates": duplicates}
+    if any(created.values()):
+        summary.update(created)
+    if interrupt.asked:
+        err.print(
+            f"interrupted: {accepted:,} events stored ({duplicates:,} were already there),"
+            f" up to line {record.line} of {file}. Run the same command again to resume:"
+            " stored events are skipped."
+        )
+        _print_json({**summary, "interrupted": True})
+        raise typer.Exit(130)
+    _print_json(summary)
 
 
 # --------------------------------------------------------------- query, export
@@ -335,8 +449,10 @@ def query(
     tags: Annotated[str, typer.Option(help="Comma-separated tags, all-of.")] = "",
     aggregation: Annotated[str | None, typer.Option(help="Override the meter.")] = None,
     meters: MetersOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Print a metric's usage for an account (and its subaccounts) as a table."""
+    """Print a metric's usage for an account (and its subaccounts) as a table, or with
+    --json in the shape GET /v1/query answers."""
     store = SQLiteStore(db)
     try:
         zone = parse_zone(tz)
@@ -357,12 +473,16 @@ def query(
         result = Engine(store, _meters(meters)).run(q)
     except (ValueError, NotFound) as exc:
         raise _fail(str(exc)) from None
-    table = Table("bucket start", *q.group_by, result.aggregations[0].value, title=metric)
+    if as_json:
+        _print_json(query_json(result))
+        return
+    value_column = Column(result.aggregations[0].value, justify="right")
+    table = Table("bucket start", *q.group_by, value_column, title=metric)
     for b in result.buckets:
         for g in b.groups:
-            table.add_row(isoformat(b.start), *(v or "" for _, v in g.group), f"{g.values[0]:g}")
+            table.add_row(isoformat(b.start), *(v or "" for _, v in g.group), _number(g.values[0]))
     console.print(table)
-    console.print(f"total: {result.total[0]:g}")
+    console.print(f"total: {_number(result.total[0])}")
 
 
 @app.command()
@@ -373,8 +493,17 @@ def export(
     end: Annotated[str | None, typer.Option(help="Exclusive end.")] = None,
     format: Annotated[str, typer.Option(help="ndjson or csv.")] = "ndjson",
     output: Annotated[Path | None, typer.Option(help="File to write (default stdout).")] = None,
+    with_accounts: Annotated[
+        bool,
+        typer.Option(
+            help="Begin with the accounts and their keys (secret hashes, so the keys keep"
+            " working), so the file loads into an empty store with ingest. NDJSON only."
+        ),
+    ] = False,
 ) -> None:
-    """Write raw events as NDJSON or CSV, in the form ``ingest`` reads back."""
+    """Write raw events as NDJSON or CSV, in the form ingest reads back."""
+    if with_accounts and format != "ndjson":
+        raise _fail("--with-accounts: NDJSON only (use --format ndjson)")
     store = SQLiteStore(db)
     try:
         accounts = store.descendants(account) if account else None
@@ -407,6 +536,9 @@ def export(
                     + [e.dimensions.get(d, "") for d in dims]
                 )
         else:
+            if with_accounts:
+                for item in account_records(store, set(accounts) if accounts else None):
+                    handle.write(json.dumps(item) + "\n")
             for e in store.iter_events(accounts, start_ms, end_ms):
                 record = {
                     "id": e.id,
@@ -425,6 +557,57 @@ def export(
     finally:
         if output:
             handle.close()
+
+
+# ----------------------------------------------------------- backup, restore
+
+
+@app.command()
+def backup(dest: Path, db: DbOption = DEFAULT_DB) -> None:
+    """Copy the whole database (events, accounts, keys) to DEST, consistently, while the
+    server runs: the copy holds every batch stored before it began, whole."""
+    if dest.exists():
+        raise _fail(f"{dest} exists: name a new file")
+    if not Path(db).exists():
+        raise _fail(f"{db} does not exist")
+    store = SQLiteStore(db)
+    try:
+        store.backup(dest)
+    except sqlite3.Error as exc:
+        raise _fail(f"backup to {dest} failed: {exc}") from None
+    copy = SQLiteStore(dest)
+    _print_json(
+        {
+            "backup": str(dest),
+            "events": copy.count_events(),
+            "accounts": len(copy.list_accounts()),
+            "bytes": dest.stat().st_size,
+        }
+    )
+
+
+@app.command("restore")
+def restore_command(
+    src: Path,
+    db: DbOption = DEFAULT_DB,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the database if it exists.")
+    ] = False,
+) -> None:
+    """Replace the database with the backup SRC (stop the server first). Refuses to
+    overwrite an existing database without --force."""
+    try:
+        restore(src, Path(db), force=force)
+    except RestoreRefused as exc:
+        raise _fail(str(exc)) from None
+    store = SQLiteStore(db)  # brings an older backup's rollups up to this version
+    _print_json(
+        {
+            "restored": str(src),
+            "events": store.count_events(),
+            "accounts": len(store.list_accounts()),
+        }
+    )
 
 
 def main() -> None:

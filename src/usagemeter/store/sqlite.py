@@ -533,6 +533,23 @@ class SQLiteStore:
             seen[name] = sorted(dimension_names)
         return seen
 
+    def key_secret_hash(self, key_id: str) -> bytes:
+        row = self._reader().execute("SELECT secret_hash FROM keys WHERE id = ?", (key_id,))
+        found = row.fetchone()
+        if found is None:
+            raise NotFound(f"key {key_id!r} does not exist")
+        return bytes(found[0])
+
+    def backup(self, dest: str | Path) -> None:
+        """Write a consistent copy of the whole file to ``dest`` (which must not exist) while
+        writers go on. VACUUM INTO reads one snapshot, so the copy holds every batch committed
+        before it began and nothing of one committed after: no batch is ever half in it."""
+        conn = self._connect()  # a connection of its own: the copy is one long read
+        try:
+            conn.execute("VACUUM INTO ?", (str(dest),))
+        finally:
+            conn.close()
+
     def count_events(self) -> int:
         return int(self._reader().execute("SELECT count(*) FROM events").fetchone()[0])
 
