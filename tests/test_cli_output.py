@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import typer.main
@@ -139,3 +143,40 @@ def test_help_texts_are_plain() -> None:
     for path in commands:
         text = run(*path, "--help")
         assert "``" not in text, path
+
+
+def test_ctrl_c_during_ingest_says_what_was_stored_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """Issue 11.11: SIGINT stops after the batch under way, prints the count, exits 130."""
+    db = tmp_path / "u.db"
+    run("accounts", "create", "Acme", "--id", "acme", "--db", str(db))
+    events = tmp_path / "many.ndjson"
+    total = 60_000
+    line = '{"id":"e%d","account":"acme","metric":"m","ts":1735689600000}\n'
+    events.write_text("".join(line % i for i in range(total)))
+    command = [sys.executable, "-m", "usagemeter", "ingest", str(events), "--db", str(db)]
+    proc = subprocess.Popen(
+        [*command, "--batch", "10"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    # Interrupt once the first batches are stored: far from the end of 6,000 commits.
+    while proc.poll() is None:
+        try:
+            with sqlite3.connect(db) as conn:
+                if conn.execute("SELECT count(*) FROM events").fetchone()[0] > 0:
+                    break
+        except sqlite3.OperationalError:
+            pass
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    summary = json.loads(out)
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    assert summary["interrupted"] is True and summary["accepted"] == stored < total
+    assert f"interrupted: {stored:,} events stored" in " ".join(err.split())
+    assert "Run the same command again to resume" in " ".join(err.split())
+    again = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout) == {
+        "records": total,
+        "accepted": total - stored,
+        "duplicates": stored,
+    }
