@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from usagemeter import __version__
 from usagemeter.api import contracts, dashboard, native, tenants
+from usagemeter.api.openapi import install_docs
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
 from usagemeter.engine import Engine
@@ -54,7 +55,10 @@ def create_app(
         description="Self-hosted usage metering and usage analytics for API providers.",
         default_response_class=JSONResponse,
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs, without a CDN
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.services = Services(store=store, engine=engine, ingestor=ingestor, now=now)
 
     @app.exception_handler(ApiError)
