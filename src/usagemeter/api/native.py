@@ -371,7 +371,7 @@ async def query_usage(
     answer = query_json(result)
     # An answer of zeros for a metric never recorded is most often a misspelled metric.
     seen = any(b.groups for b in result.buckets) or bool(
-        svc.store.metrics_seen(query.accounts, query.metric)
+        svc.store.metrics_seen(query.accounts, query.metric, dimensions=False)
     )
     answer["metric_seen"] = seen
     if not seen:

@@ -99,11 +99,12 @@ class Store(Protocol):
 
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]: ...
     def metrics_seen(
-        self, accounts: Sequence[str], metric: str | None = None
+        self, accounts: Sequence[str], metric: str | None = None, *, dimensions: bool = True
     ) -> dict[str, list[str]]:
         """The metrics any of ``accounts`` has events for (only ``metric``, when given),
-        each with the sorted dimension names its events carry. Read from rollups and
-        interned names, never from raw events."""
+        each with the sorted dimension names its events carry (left empty when
+        ``dimensions`` is false: a yes-or-no question need not read them). Read from rollups
+        and interned names, never from raw events."""
         ...
 
     def count_events(self) -> int: ...

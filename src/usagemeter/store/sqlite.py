@@ -498,7 +498,7 @@ class SQLiteStore:
         return [AggregateRow(w, g, tuple(v)) for (w, g), v in merged.items()]
 
     def metrics_seen(
-        self, accounts: Sequence[str], metric: str | None = None
+        self, accounts: Sequence[str], metric: str | None = None, *, dimensions: bool = True
     ) -> dict[str, list[str]]:
         conn = self._reader()
         rids = [
@@ -523,6 +523,11 @@ class SQLiteStore:
                 (metric_id, *rids),
             ).fetchone():
                 continue
+            if not dimensions:
+                seen[name] = []
+                continue
+            # The dimension sets in use are interned: read their ids off the slot rollups
+            # of this metric and accounts (one range of the primary key), then their names.
             dimension_names: set[str] = set()
             for (dims,) in conn.execute(
                 "SELECT dims FROM dimsets WHERE id IN (SELECT DISTINCT dimset FROM rollup"
