@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -22,7 +23,7 @@ from starlette.routing import Route
 
 from tests.conftest import Clock, Tenants
 from usagemeter.api.app import create_app
-from usagemeter.client import UsageClient, UsageError
+from usagemeter.client import AsyncUsageClient, UsageClient, UsageError
 from usagemeter.middleware import UsageMiddleware, WSGIUsageMiddleware
 from usagemeter.store.sqlite import SQLiteStore
 
@@ -286,3 +287,39 @@ def test_middleware_survives_an_account_callable_that_raises(
         assert http.get("/hello").status_code == 200
     usage.close()
     assert usage.accepted == 0
+
+
+def test_async_client_keeps_every_good_event_of_mixed_batches(
+    server: str, op: dict[str, str], tenants: Tenants
+) -> None:
+    """Issue 11.1, the asyncio client: batches sent by its task and by flush() alike."""
+    refused: list[dict[str, Any]] = []
+    at = datetime(2025, 3, 1, tzinfo=UTC)
+
+    async def main() -> AsyncUsageClient:
+        async with AsyncUsageClient(
+            server,
+            op["Authorization"].removeprefix("Bearer "),
+            batch_size=6,
+            flush_interval=60,
+            dead_letter=lambda e, r: refused.append(e),
+        ) as usage:
+            for i in range(40):
+                account = "ghost" if i % 7 == 3 else ("child" if i % 2 else "root")
+                usage.record("lookups", account=account, ts=at, id=f"a{i}")
+                if i % 10 == 9:
+                    await asyncio.sleep(0)  # the task sends full batches meanwhile
+            await usage.flush()
+            usage.record("lookups", account="root", ts=at, id="a0")  # a retry: counted once
+        return usage
+
+    usage = asyncio.run(main())
+    ghosts = [i for i in range(40) if i % 7 == 3]
+    assert sorted(e["id"] for e in refused) == sorted(f"a{i}" for i in ghosts)
+    assert usage.accepted == 40 - len(ghosts) and usage.duplicates == 1
+    result = _total(server, op, "lookups", group_by="subaccount")
+    children = len([i for i in range(40) if i % 2 and i not in ghosts])
+    assert {t["group"]["subaccount"]: t["value"] for t in result["totals"]} == {
+        "root": 40 - len(ghosts) - children,
+        "child": children,
+    }
