@@ -89,9 +89,15 @@ def _number(value: float) -> str:
 
 
 def _id_column(name: str, ids: list[str]) -> Column:
-    """A column that never cuts an id short, whatever the terminal's width: ids are what
-    the next command (keys revoke, --account) needs whole."""
+    """A column that never cuts an id short or breaks it, whatever the terminal's width:
+    the row's id is what the next command (keys revoke, --account) needs whole."""
     return Column(name, no_wrap=True, min_width=max([len(name), *map(len, ids)]))
+
+
+def _folded(name: str) -> Column:
+    """Any other cell (an owner's id, a name, a time): folded onto more lines when the
+    terminal is narrow, never cut short with an ellipsis."""
+    return Column(name, overflow="fold")
 
 
 @app.command()
@@ -195,8 +201,9 @@ def accounts_list(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> Non
         )
         return
     ids = [a.id for a in accounts]
-    parents = [a.parent_id or "" for a in accounts]
-    table = Table(_id_column("id", ids), "name", _id_column("parent", parents), "billing cycle")
+    table = Table(
+        _id_column("id", ids), _folded("name"), _folded("parent"), _folded("billing cycle")
+    )
     for a in accounts:
         cycle = f"{a.billing_cycle.period} from {a.billing_cycle.anchor}" if a.billing_cycle else ""
         table.add_row(a.id, a.name, a.parent_id or "", cycle)
@@ -280,14 +287,9 @@ def keys_list(
             ]
         )
         return
-    owners = [k.account_id or "(operator)" for k in keys]
     table = Table(
         _id_column("id", [k.id for k in keys]),
-        _id_column("account", owners),
-        "name",
-        "scopes",
-        "created",
-        "revoked",
+        *map(_folded, ("account", "name", "scopes", "created", "revoked")),
     )
     for k in keys:
         table.add_row(
