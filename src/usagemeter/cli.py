@@ -165,7 +165,7 @@ def keys_create(
     account: Annotated[str | None, typer.Option(help="The account the key belongs to.")] = None,
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
     prefix: Annotated[str, typer.Option(help="Secret prefix, e.g. ak_.")] = "um_",
-    scope: Annotated[list[str] | None, typer.Option(help="read and/or ingest.")] = None,
+    scope: Annotated[list[str] | None, typer.Option(help="read, ingest and/or manage.")] = None,
 ) -> None:
     """Create a key and print it as JSON. The secret (``key``) is shown only here."""
     if operator == (account is not None):

@@ -312,9 +312,13 @@ class Ingestor:
             try:
                 owner = self._key_account(event.key_id)
             except NotFound:
-                raise ValueError(f"key: {event.key_id!r} does not exist") from None
+                owner = None
             if owner != event.account_id:
-                raise ValueError(f"key: {event.key_id!r} does not belong to {event.account_id!r}")
+                # One message for a missing key and another account's: a key id must not be
+                # a way to learn that some other tenant's key exists.
+                raise ValueError(
+                    f"key: {event.key_id!r} is not a key of account {event.account_id!r}"
+                )
 
     def ingest(self, raws: Sequence[object], caller: ApiKey | None = None) -> AppendResult:
         return self.store.append(self.validate(raws, caller))
