@@ -18,7 +18,7 @@ import msgspec
 
 from usagemeter.auth import can_ingest
 from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, ApiKey, AppendResult, Event
-from usagemeter.store.base import NotFound, Store
+from usagemeter.store.base import NotFound, Store, StoreUnavailable
 from usagemeter.timewindows import parse_instant, to_ms
 
 MAX_BATCH = 10_000
@@ -244,6 +244,8 @@ class Ingestor:
         # A key never changes account and an account is never deleted, so both caches hold.
         self._key_accounts: dict[str, str | None] = {}
         self._accounts: set[str] = set()
+        # Why the last write failed, while writes fail; None once one succeeds again.
+        self.write_failure: str | None = None
 
     def _account_exists(self, account_id: str) -> bool:
         if account_id in self._accounts:
@@ -363,7 +365,17 @@ class Ingestor:
                 )
 
     def ingest(self, raws: Sequence[object], caller: ApiKey | None = None) -> AppendResult:
-        return self.store.append(self.validate(raws, caller))
+        return self._append(self.validate(raws, caller))
 
     def ingest_json(self, body: bytes, ndjson: bool, caller: ApiKey | None) -> AppendResult:
-        return self.store.append(self.validate_json(body, ndjson, caller))
+        return self._append(self.validate_json(body, ndjson, caller))
+
+    def _append(self, events: Sequence[Event]) -> AppendResult:
+        """Store events, remembering whether the store is failing writes (for /healthz)."""
+        try:
+            result = self.store.append(events)
+        except StoreUnavailable as exc:
+            self.write_failure = str(exc)
+            raise
+        self.write_failure = None
+        return result

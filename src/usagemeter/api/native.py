@@ -47,7 +47,12 @@ def caller(request: Request) -> ApiKey:
 
 
 @router.get("/healthz", tags=["service"])
-async def healthz() -> JSONResponse:
+async def healthz(request: Request) -> JSONResponse:
+    """``ok``; or 503 ``degraded`` with the reason while the store fails writes (a full disk),
+    until a write succeeds again."""
+    failure = services(request).ingestor.write_failure
+    if failure is not None:
+        return JSONResponse({"status": "degraded", "store": failure}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
