@@ -28,6 +28,7 @@ from usagemeter.engine import Engine
 from usagemeter.ingest import BatchRejected, Ingestor
 from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, Query, Scope
+from usagemeter.serving import ServeLimits
 from usagemeter.store.base import Conflict, NotFound
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import (
@@ -86,11 +87,27 @@ def serve(
     access_log: Annotated[
         bool, typer.Option(help="Log every request (secrets in URLs are masked).")
     ] = False,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's headers may take to arrive.", min=0.1)
+    ] = ServeLimits.header_timeout,
+    keep_alive: Annotated[
+        int, typer.Option(help="Seconds an idle keep-alive connection is kept.", min=1)
+    ] = ServeLimits.keep_alive_timeout,
+    limit_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="Connections at once; more get 503 (default: open-files limit - 64).", min=1
+        ),
+    ] = None,
+    backlog: Annotated[
+        int, typer.Option(help="Connections the kernel queues before accept.", min=1)
+    ] = ServeLimits.backlog,
 ) -> None:
     """Start the HTTP service: native API, seed endpoints, dashboard."""
     import uvicorn
 
     from usagemeter.api.app import create_app
+    from usagemeter.serving import uvicorn_config
 
     store = SQLiteStore(db)
     if demo:
@@ -103,12 +120,14 @@ def serve(
     err.print(f"dashboard: http://{host}:{port}/dashboard   API docs: http://{host}:{port}/docs")
     # The access log is off unless asked for: on two cores it cost a sixth of a small
     # request's server time, and errors are logged either way.
-    config = uvicorn.Config(
-        create_app(store, _meters(meters)), host=host, port=port, access_log=access_log
-    )
+    limits = ServeLimits(header_timeout, keep_alive, limit_concurrency, backlog)
+    config = uvicorn_config(create_app(store, _meters(meters)), host, port, access_log, limits)
     server = uvicorn.Server(config)  # its logging is configured now, so the filter sticks
     logs.install()
-    server.run()
+    try:
+        server.run()
+    finally:
+        store.close()  # checkpoints: a clean shutdown leaves no WAL to replay
 
 
 @app.command()
