@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from fastapi.testclient import TestClient
 
 from tests.conftest import Tenants, event
@@ -138,3 +141,19 @@ def test_an_ingest_key_reads_no_accounts(client: TestClient, store: SQLiteStore,
     for account_id in listed:
         assert client.get(f"/v1/accounts/{account_id}", headers=read).status_code == 200
     assert sorted(listed) == ["child", "grandchild", "root", "sibling"]
+
+
+def test_the_cli_makes_manage_keys(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from usagemeter.cli import app
+
+    runner = CliRunner()
+    db = str(tmp_path / "cli.db")
+    assert runner.invoke(app, ["accounts", "create", "A", "--id", "a", "--db", db]).exit_code == 0
+    made = runner.invoke(
+        app,
+        ["keys", "create", "--account", "a", "--scope", "manage", "--scope", "read", "--db", db],
+    )
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["scopes"] == ["manage", "read"]
