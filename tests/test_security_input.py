@@ -183,3 +183,14 @@ def test_ts_without_an_offset_is_rejected_on_both_paths(
     for ok in ("2025-01-15T10:00:00Z", "2025-01-15T10:00:00+05:30", 1736935200000):
         batch = [event(f"ok-{ok}", "root", "m", ok)]
         assert client.post("/v1/events", json=batch, headers=op).status_code == 200
+
+
+def test_account_and_key_bodies_are_small(
+    client: TestClient, op: dict[str, str], tenants: Tenants
+) -> None:
+    huge = json.dumps({"name": "x" * 100_000}).encode()
+    for path in ("/v1/accounts", "/v1/accounts/root/keys"):
+        response = client.post(path, content=huge, headers=op)
+        assert response.status_code == 413 and "at most 65536 bytes" in messages(response)
+        long_name = client.post(path, json={"name": "x" * 201}, headers=op)
+        assert long_name.status_code == 400 and "200 characters" in messages(long_name)

@@ -34,6 +34,23 @@ def operator(request: Request) -> ApiKey:
     return key
 
 
+MAX_BODY = 64 * 1024  # an account or a key is a few hundred bytes of JSON
+MAX_NAME = 200
+
+
+async def small_body(request: Request) -> bytes:
+    """The request body, read no further than MAX_BODY: a huge body is refused as it
+    streams in, not after it has filled the server's memory."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, "too_large", f"this request body holds at most {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def decode(model: type[Any], body: bytes) -> Any:
     try:
         return msgspec.json.decode(body or b"{}", type=model)
@@ -102,10 +119,12 @@ async def create_account(request: Request) -> JSONResponse:
     """Create an account (operator key). ``id`` is optional: your own customer id, or one is
     made. ``parent_id`` makes it a subaccount; the parent then sees its usage."""
     operator(request)
-    data: AccountIn = decode(AccountIn, await request.body())
+    data: AccountIn = decode(AccountIn, await small_body(request))
     errors = []
     if not data.name.strip():
         errors.append("name: must not be empty")
+    if len(data.name) > MAX_NAME:
+        errors.append(f"name: at most {MAX_NAME} characters")
     if data.id is not None and not KEY_ID_PATTERN.match(data.id):
         errors.append("id: 1 to 64 letters, digits, '_' or '-'")
     cycle = None
@@ -219,8 +238,10 @@ async def create_key(request: Request, account_id: str) -> JSONResponse:
     it is shown here once and never again. Only an operator chooses a key's ``id``."""
     key = caller(request)
     managed_account(request, key, account_id)
-    data: KeyIn = decode(KeyIn, await request.body())
+    data: KeyIn = decode(KeyIn, await small_body(request))
     scopes = parse_scopes(key, data)
+    if len(data.name) > MAX_NAME:
+        raise ApiError(400, "invalid_key", f"name: at most {MAX_NAME} characters")
     if data.id is not None and not key.is_operator:
         # Key ids are global: a chosen id that is taken would tell another tenant's key
         # from a free id. Generated ids are random and never collide.
