@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tests.conftest import Tenants, event
+from tests.test_security_serve import serve_in_thread
 from usagemeter.api.app import create_app
+from usagemeter.serving import ServeLimits
 from usagemeter.store.sqlite import SQLiteStore
 
 
@@ -85,18 +84,7 @@ def live_server(store: SQLiteStore) -> Iterator[tuple[str, int]]:
     async def boom() -> None:
         raise RuntimeError("an unexpected bug")
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="critical", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield "127.0.0.1", port
-    server.should_exit = True
-    thread.join(10)
+    yield from serve_in_thread(app, ServeLimits())
 
 
 def read_response(conn: socket.socket) -> bytes:

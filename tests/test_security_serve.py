@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,11 +28,12 @@ from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import Granularity
 
 
-def serve_in_thread(store: SQLiteStore, limits: ServeLimits) -> Iterator[tuple[str, int]]:
+def serve_in_thread(app: Any, limits: ServeLimits) -> Iterator[tuple[str, int]]:
+    """``app`` on a real uvicorn, configured as ``usagemeter serve`` does, on a free port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     address = sock.getsockname()
-    config = uvicorn_config(create_app(store), "127.0.0.1", 0, False, limits)
+    config = uvicorn_config(app, "127.0.0.1", 0, False, limits)
     config.log_level = "critical"
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -47,7 +49,8 @@ def serve_in_thread(store: SQLiteStore, limits: ServeLimits) -> Iterator[tuple[s
 
 @pytest.fixture
 def slow_guarded(store: SQLiteStore) -> Iterator[tuple[str, int]]:
-    yield from serve_in_thread(store, ServeLimits(header_timeout=0.3, limit_concurrency=4))
+    limits = ServeLimits(header_timeout=0.3, limit_concurrency=4)
+    yield from serve_in_thread(create_app(store), limits)
 
 
 def closed_by_server(conn: socket.socket) -> bool:
