@@ -53,6 +53,8 @@ def test_a_full_disk_answers_507_and_ingest_resumes_once_space_is_freed(
     error = full.json()["error"]
     assert error["code"] == "store_unavailable" and "disk is full" in error["message"]
     assert str(store.path) not in error["message"]
+    wal = Path(f"{store.path}-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # the WAL gave its space back
     health = client.get("/healthz")
     assert health.status_code == 503 and health.json()["status"] == "degraded"
     # Nothing of the failed batch was kept; what was acknowledged is all there.

@@ -393,6 +393,10 @@ class SQLiteStore:
         if not _disk_full(error):
             return error
         log.error("writes to %s fail: %s", self.path, error)
+        with self._write_lock:
+            # Checkpoint every 4 MB of WAL from now on rather than every 64: with little
+            # space freed, a WAL left to grow would take all of it again.
+            self._writer.execute("PRAGMA wal_autocheckpoint=1000")
         self._checkpoint()
         unavailable = StoreUnavailable(
             "the store's disk is full: nothing of this batch was stored; send it again"
