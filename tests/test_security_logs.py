@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import httpx
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -86,3 +87,40 @@ def test_tracebacks_are_redacted() -> None:
         )
     RedactSecrets().filter(record)
     assert SECRET not in logging.Formatter().format(record)
+
+
+def test_the_served_access_log_keeps_no_secret(store: SQLiteStore, tenants: Tenants) -> None:
+    """End to end: a real uvicorn with the access log on, as ``serve --access-log`` runs."""
+    from tests.test_security_serve import serve_in_thread
+    from usagemeter.api.app import create_app
+    from usagemeter.serving import ServeLimits
+
+    _, secret = issue_key(store, "root", scopes=[Scope.READ])
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    paths = [
+        f"/keys/key_root/usage?user%5Ftoken={secret}",
+        f"/keys/key_root/usage?%75ser_token={secret}",
+        f"/keys/key_root/usage?User_Token={secret}",
+        f"/keys/{secret}",
+        f"/keys/{secret}/usage",
+        f"/v1/accounts/{secret}",
+    ]
+    server = serve_in_thread(create_app(store), ServeLimits(), access_log=True)
+    host, port = next(server)
+    keep = Keep()  # after uvicorn configured its loggers, which drops earlier handlers
+    access = logging.getLogger("uvicorn.access")
+    access.addHandler(keep)
+    try:
+        with httpx.Client(base_url=f"http://{host}:{port}") as http:
+            statuses = [http.get(path).status_code for path in paths]
+    finally:
+        access.removeHandler(keep)
+        server.close()
+    assert statuses[:2] == [200, 200]  # those spellings authenticated
+    assert len([line for line in lines if "GET /" in line]) == len(paths), lines
+    assert not any(secret in line for line in lines), lines
