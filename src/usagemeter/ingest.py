@@ -92,6 +92,8 @@ class BatchRejected(ValueError):
 
 _EPOCH_TEXT = re.compile(r"-?[0-9]{1,16}")
 _HAS_OFFSET = re.compile(r"[0-9][Tt ][0-9:.,]+(?:[Zz]|[+-][0-9]{2}:?[0-9]{2})$")
+# Strings (skipped whole, so brackets inside them do not count) and brackets.
+_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def check_depth(body: bytes, limit: int = MAX_DEPTH) -> None:
@@ -107,10 +109,6 @@ def check_depth(body: bytes, limit: int = MAX_DEPTH) -> None:
                 raise ValueError(f"JSON nested deeper than {limit} levels; events are flat")
         elif char in b"]}":
             depth -= 1
-
-
-# Strings (skipped whole, so brackets inside them do not count) and brackets.
-_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def parse_ts(raw: object) -> int:

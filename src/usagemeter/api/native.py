@@ -178,7 +178,6 @@ def build_query(request: Request, key: ApiKey, params: dict[str, Any], svc: Serv
     except ValueError as exc:
         fail("tz", str(exc))
     now = svc.now()
-    end = start = now
 
     def instant(name: str, text: str) -> datetime | None:
         try:
@@ -192,10 +191,11 @@ def build_query(request: Request, key: ApiKey, params: dict[str, Any], svc: Serv
             return None
         return t
 
-    end = (instant("end", params["end"]) if params["end"] else now) or now
-    start = (
-        instant("start", params["start"]) if params["start"] else end - timedelta(days=30)
-    ) or start
+    # A bad end or start has been reported; "now" stands in so the other checks still run.
+    end = (instant("end", params["end"]) if params["end"] else None) or now
+    start = (instant("start", params["start"]) if params["start"] else None) or (
+        end - timedelta(days=30)
+    )
     if start >= end and not any(e["param"] in ("start", "end") for e in errors):
         fail("start", "must be before end")
     try:
