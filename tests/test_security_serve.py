@@ -200,6 +200,8 @@ def test_sigkill_during_concurrent_ingest_loses_and_doubles_nothing(tmp_path: Pa
         proc.terminate()
         proc.wait(30)
     assert killed_at < workers * batches
+    wal = Path(f"{db}-wal")  # a clean shutdown (SIGTERM) checkpoints the WAL away
+    assert not wal.exists() or wal.stat().st_size == 0
     total = workers * batches * size
     store = SQLiteStore(db)
     try:

@@ -121,13 +121,12 @@ def serve(
     # The access log is off unless asked for: on two cores it cost a sixth of a small
     # request's server time, and errors are logged either way.
     limits = ServeLimits(header_timeout, keep_alive, limit_concurrency, backlog)
-    config = uvicorn_config(create_app(store, _meters(meters)), host, port, access_log, limits)
+    # close_store: a clean shutdown checkpoints, leaving no WAL to replay.
+    app_ = create_app(store, _meters(meters), close_store=True)
+    config = uvicorn_config(app_, host, port, access_log, limits)
     server = uvicorn.Server(config)  # its logging is configured now, so the filter sticks
     logs.install()
-    try:
-        server.run()
-    finally:
-        store.close()  # checkpoints: a clean shutdown leaves no WAL to replay
+    server.run()
 
 
 @app.command()

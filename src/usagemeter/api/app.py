@@ -69,8 +69,10 @@ def create_app(
     store: Store,
     meters: MeterRegistry | None = None,
     now: Callable[[], datetime] = utc_now,
+    close_store: bool = False,
 ) -> FastAPI:
-    """The whole service over ``store``. ``now`` is the clock every endpoint reads."""
+    """The whole service over ``store``. ``now`` is the clock every endpoint reads.
+    ``close_store``: close (and so checkpoint) the store when the server shuts down."""
     engine = Engine(store, meters or MeterRegistry())
 
     @asynccontextmanager
@@ -82,6 +84,10 @@ def create_app(
         engine.run(UsageQuery(accounts=(), metric="", start=now - timedelta(days=1), end=now))
         store.list_accounts()
         yield
+        if close_store:
+            # Here, not after the server returns: uvicorn re-raises SIGTERM once it has shut
+            # down, and the process ends then, before any code after it runs.
+            store.close()
 
     app = FastAPI(
         title="usagemeter",
