@@ -122,8 +122,8 @@ def serve(
     # request's server time, and errors are logged either way.
     limits = ServeLimits(header_timeout, keep_alive, limit_concurrency, backlog)
     # close_store: a clean shutdown checkpoints, leaving no WAL to replay.
-    app_ = create_app(store, _meters(meters), close_store=True)
-    config = uvicorn_config(app_, host, port, access_log, limits)
+    service = create_app(store, _meters(meters), close_store=True)
+    config = uvicorn_config(service, host, port, access_log, limits)
     server = uvicorn.Server(config)  # its logging is configured now, so the filter sticks
     logs.install()
     server.run()
