@@ -198,3 +198,40 @@ def test_hostile_query_strings(
     native = path.startswith(("/v1/query", "/v1/accounts")) and "/analytics/" not in path
     if native and response.status_code >= 400:
         assert_our_error(response)
+
+
+ACCOUNT_OR_KEY = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": TEXT,
+        "id": TEXT,
+        "parent_id": TEXT,
+        "prefix": TEXT,
+        "scopes": st.one_of(st.lists(TEXT, max_size=3), JSON),
+        "billing_cycle": st.one_of(
+            st.fixed_dictionaries({}, optional={"anchor": TEXT, "period": TEXT}), JSON
+        ),
+        "extra": JSON,
+    },
+).map(lambda body: json.dumps(body).encode())
+
+
+@FUZZ
+@given(
+    path=st.sampled_from(["/v1/accounts", "/v1/accounts/root/keys", "/v1/accounts/nobody/keys"]),
+    body=st.one_of(ACCOUNT_OR_KEY, BODIES),
+    who=st.sampled_from(["operator", "root"]),
+)
+def test_hostile_account_and_key_bodies(
+    client: TestClient,
+    tenants: Tenants,
+    operator_secret: str,
+    path: str,
+    body: bytes,
+    who: str,
+) -> None:
+    secret = operator_secret if who == "operator" else tenants.secrets["root"]
+    response = client.post(path, content=body, headers={"Authorization": f"Bearer {secret}"})
+    assert response.status_code in (201, 400, 403, 404, 409, 413), response.text
+    if response.status_code != 201:
+        assert_our_error(response)
