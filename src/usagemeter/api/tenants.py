@@ -51,6 +51,11 @@ async def small_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _not_found(what: str, ident: str) -> ApiError:
+    """The one answer for a missing account or key and for another tenant's."""
+    return ApiError(404, "not_found", f"{what} {ident!r} {NOT_READABLE}")
+
+
 def decode(model: type[Any], body: bytes) -> Any:
     try:
         return msgspec.json.decode(body or b"{}", type=model)
@@ -173,7 +178,7 @@ async def list_accounts(request: Request) -> JSONResponse:
 def readable_account(request: Request, key: ApiKey, account_id: str) -> Account:
     store = services(request).store
     if not can_read(store, key, account_id):
-        raise ApiError(404, "not_found", f"account {account_id!r} {NOT_READABLE}")
+        raise _not_found("account", account_id)
     return store.get_account(account_id)
 
 
@@ -192,10 +197,6 @@ class KeyIn(msgspec.Struct, forbid_unknown_fields=True):
     prefix: str = "um_"
     id: str | None = None
     scopes: list[str] = msgspec.field(default_factory=lambda: ["read"])
-
-
-def _not_found(what: str, ident: str) -> ApiError:
-    return ApiError(404, "not_found", f"{what} {ident!r} {NOT_READABLE}")
 
 
 def managed_account(request: Request, key: ApiKey, account_id: str) -> None:
