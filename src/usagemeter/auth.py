@@ -29,7 +29,9 @@ def hash_secret(secret: str) -> bytes:
 
 
 def new_key_id() -> str:
-    return "key_" + secrets.token_hex(8)
+    # 128 random bits: a key id names a credential in events and paths, so it must not be
+    # guessable, and ids are global, so a caller can never collide with another tenant's.
+    return "key_" + secrets.token_hex(16)
 
 
 def issue_key(
@@ -75,21 +77,12 @@ def authenticate(store: Store, secret: str | None) -> ApiKey | None:
 
 
 def can_read(store: Store, key: ApiKey, account_id: str) -> bool:
-    """An operator reads everything; an account key reads its own account and every account
+    """An operator reads everything; a read key reads its own account and every account
     below it, never a parent or a sibling. An unknown account is simply not readable, so the
     caller cannot tell it from another tenant's."""
     if key.is_operator:
-        try:
-            store.get_account(account_id)
-        except NotFound:
-            return False
-        return True
-    if key.account_id is None or Scope.READ not in key.scopes:
-        return False
-    try:
-        return key.account_id in store.ancestors(account_id)
-    except NotFound:
-        return False
+        return _exists(store, account_id)
+    return Scope.READ in key.scopes and in_tenancy(store, key, account_id)
 
 
 def can_ingest(key: ApiKey, account_id: str) -> bool:
@@ -97,6 +90,42 @@ def can_ingest(key: ApiKey, account_id: str) -> bool:
     if key.is_operator:
         return True
     return Scope.INGEST in key.scopes and key.account_id == account_id
+
+
+def can_manage(store: Store, key: ApiKey, account_id: str) -> bool:
+    """An operator manages every account's keys; a manage key those of its own account and
+    every account below it. An unknown account is not manageable, like another tenant's."""
+    if key.is_operator:
+        return _exists(store, account_id)
+    return Scope.MANAGE in key.scopes and in_tenancy(store, key, account_id)
+
+
+def in_tenancy(store: Store, key: ApiKey, account_id: str) -> bool:
+    """True when ``account_id`` is the key's own account or below it, whatever its scopes:
+    such a key may be told it lacks a scope; any other gets "not found"."""
+    if key.account_id is None:
+        return False
+    try:
+        return key.account_id in store.ancestors(account_id)
+    except NotFound:
+        return False
+
+
+def _exists(store: Store, account_id: str) -> bool:
+    try:
+        store.get_account(account_id)
+    except NotFound:
+        return False
+    return True
+
+
+def grantable(caller: ApiKey, scopes: Iterable[Scope]) -> bool:
+    """A key never mints more than it holds: an operator grants any account scope, a manage
+    key only scopes it holds itself. Nobody grants operator through an account key."""
+    wanted = frozenset(scopes)
+    if Scope.OPERATOR in wanted:
+        return False
+    return caller.is_operator or wanted <= caller.scopes
 
 
 def can_see_key(store: Store, caller: ApiKey, key: ApiKey) -> bool:

@@ -32,6 +32,7 @@ from usagemeter.ingest import MAX_BATCH, MAX_FUTURE, BatchRejected, Ingestor
 from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, Query, Scope
 from usagemeter.records import CsvRecords, RecordError, ndjson_records, where
+from usagemeter.serving import ServeLimits
 from usagemeter.store.base import Conflict, NotFound
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import (
@@ -116,11 +117,27 @@ def serve(
             min=0, help="Refuse events stamped more than this many hours ahead of the clock."
         ),
     ] = MAX_FUTURE / timedelta(hours=1),
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's headers may take to arrive.", min=0.1)
+    ] = ServeLimits.header_timeout,
+    keep_alive: Annotated[
+        int, typer.Option(help="Seconds an idle keep-alive connection is kept.", min=1)
+    ] = ServeLimits.keep_alive_timeout,
+    limit_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="Connections at once; more get 503 (default: open-files limit - 64).", min=1
+        ),
+    ] = None,
+    backlog: Annotated[
+        int, typer.Option(help="Connections the kernel queues before accept.", min=1)
+    ] = ServeLimits.backlog,
 ) -> None:
     """Start the HTTP service: native API, seed endpoints, dashboard."""
     import uvicorn
 
     from usagemeter.api.app import create_app
+    from usagemeter.serving import uvicorn_config
 
     store = SQLiteStore(db)
     if demo:
@@ -133,12 +150,15 @@ def serve(
     err.print(f"dashboard: http://{host}:{port}/dashboard   API docs: http://{host}:{port}/docs")
     # The access log is off unless asked for: on two cores it cost a sixth of a small
     # request's server time, and errors are logged either way.
-    config = uvicorn.Config(
-        create_app(store, _meters(meters), max_future=timedelta(hours=max_future_hours)),
-        host=host,
-        port=port,
-        access_log=access_log,
+    limits = ServeLimits(header_timeout, keep_alive, limit_concurrency, backlog)
+    # close_store: a clean shutdown checkpoints, leaving no WAL to replay.
+    service = create_app(
+        store,
+        _meters(meters),
+        max_future=timedelta(hours=max_future_hours),
+        close_store=True,
     )
+    config = uvicorn_config(service, host, port, access_log, limits)
     server = uvicorn.Server(config)  # its logging is configured now, so the filter sticks
     logs.install()
     server.run()

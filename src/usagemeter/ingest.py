@@ -19,7 +19,7 @@ import msgspec
 from usagemeter.auth import can_ingest
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, ApiKey, AppendResult, Event
-from usagemeter.store.base import NotFound, Store
+from usagemeter.store.base import NotFound, Store, StoreUnavailable
 from usagemeter.timewindows import isoformat, parse_instant, to_ms
 
 MAX_BATCH = 10_000
@@ -37,6 +37,11 @@ MAX_TS_MS = 7_258_118_400_000
 # Late events are a feature (a backfill, a client that was offline); an event from more than a
 # day ahead is a clock or unit mistake that would sit in tomorrow's buckets unnoticed.
 MAX_FUTURE = timedelta(hours=24)
+# |value| at most a quadrillion. Rollups keep sums as doubles: at this bound even 2**63
+# events in one slot sum to about 1e34, far from overflowing to infinity (two 1.7e308s did,
+# and inf - inf is NaN, which SQLite stores as NULL, so the slot rejected every later event).
+MAX_VALUE = 1e15
+MAX_DEPTH = 8  # JSON nesting: an event is at depth 2, its dimensions at 3
 
 
 # The fast path: a whole batch decoded and checked by msgspec in C. Any event it refuses
@@ -49,6 +54,7 @@ _Value = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 _Tag = Annotated[str, msgspec.Meta(pattern=r"^[^,]{1,100}$")]
 _EpochMs = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, lt=MAX_TS_MS)]
 _Aware = Annotated[datetime, msgspec.Meta(tz=True)]
+_Amount = Annotated[float, msgspec.Meta(ge=-MAX_VALUE, le=MAX_VALUE)]
 
 
 class _EventIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -57,7 +63,7 @@ class _EventIn(msgspec.Struct, forbid_unknown_fields=True):
     ts: _EpochMs | _Aware
     account: _Text | None = None
     key: _Text | None = None
-    value: float = 1.0
+    value: _Amount = 1.0
     billable: bool = True
     dimensions: dict[_Dimension, _Value] = {}
     tags: frozenset[_Tag] = frozenset()
@@ -88,6 +94,27 @@ class BatchRejected(ValueError):
         super().__init__(f"event {first.index}: {first.message}{more}")
 
 
+_EPOCH_TEXT = re.compile(r"-?[0-9]{1,16}")
+_HAS_OFFSET = re.compile(r"[0-9][Tt ][0-9:.,]+(?:[Zz]|[+-][0-9]{2}:?[0-9]{2})$")
+# Strings (skipped whole, so brackets inside them do not count) and brackets.
+_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def check_depth(body: bytes, limit: int = MAX_DEPTH) -> None:
+    """ValueError if the JSON text nests arrays or objects deeper than ``limit``. Checked
+    before decoding: a generic decode of 1,000 levels, or the repr of one in an error
+    message, exhausts the interpreter's recursion limit."""
+    depth = 0
+    for token in _STRUCTURE.finditer(body):
+        char = token[0]
+        if char in b"[{":
+            depth += 1
+            if depth > limit:
+                raise ValueError(f"JSON nested deeper than {limit} levels; events are flat")
+        elif char in b"]}":
+            depth -= 1
+
+
 def parse_ts(raw: object) -> int:
     """RFC 3339 text or epoch milliseconds (an integer) -> epoch ms."""
     if isinstance(raw, bool):
@@ -97,6 +124,12 @@ def parse_ts(raw: object) -> int:
             raise ValueError("ts: epoch milliseconds must be a whole number")
         ms = int(raw)
     elif isinstance(raw, str):
+        if not _EPOCH_TEXT.fullmatch(raw.strip()) and not _HAS_OFFSET.search(raw.strip()):
+            # RFC 3339 requires the offset: without one "12:00" could be any zone's noon.
+            raise ValueError(
+                f"ts: {raw[:40]!r} has no UTC offset; send RFC 3339 with Z or +hh:mm"
+                " (2025-01-31T12:00:00Z) or epoch milliseconds"
+            )
         try:
             ms = to_ms(parse_instant(raw))
         except ValueError as exc:
@@ -165,6 +198,8 @@ def parse_event(raw: object, default_account: str | None = None) -> Event:
     value = raw.get("value", 1)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError("value: expected a finite number")
+    if not -MAX_VALUE <= value <= MAX_VALUE:
+        raise ValueError(f"value: {value:g} is beyond the bound of ±{MAX_VALUE:g} per event")
     billable = raw.get("billable", True)
     if not isinstance(billable, bool):
         raise ValueError("billable: expected true or false")
@@ -230,6 +265,8 @@ class Ingestor:
         # A key never changes account and an account is never deleted, so both caches hold.
         self._key_accounts: dict[str, str | None] = {}
         self._accounts: set[str] = set()
+        # Why the last write failed, while writes fail; None once one succeeds again.
+        self.write_failure: str | None = None
 
     def _account_exists(self, account_id: str) -> bool:
         if account_id in self._accounts:
@@ -254,10 +291,15 @@ class Ingestor:
             for number, line in enumerate(body.splitlines(), start=1):
                 if line.strip():
                     try:
+                        check_depth(line)
+                    except ValueError as exc:
+                        raise ValueError(f"NDJSON line {number}: {exc}") from None
+                    try:
                         items.append(_ANY.decode(line))
                     except msgspec.DecodeError as exc:
                         raise ValueError(f"NDJSON line {number}: {exc}") from None
             return items
+        check_depth(body)
         try:
             decoded = _ANY.decode(body)
         except msgspec.DecodeError as exc:
@@ -285,7 +327,7 @@ class Ingestor:
                     self._check_time_and_value(e, latest_ms)
                 self._check_batch_references(events, caller)
                 return events
-        except (msgspec.DecodeError, ValueError):
+        except (msgspec.DecodeError, ValueError, RecursionError):
             pass
         return self.validate(self.decode(body, ndjson), caller)
 
@@ -358,12 +400,26 @@ class Ingestor:
             try:
                 owner = self._key_account(event.key_id)
             except NotFound:
-                raise ValueError(f"key: {event.key_id!r} does not exist") from None
+                owner = None
             if owner != event.account_id:
-                raise ValueError(f"key: {event.key_id!r} does not belong to {event.account_id!r}")
+                # One message for a missing key and another account's: a key id must not be
+                # a way to learn that some other tenant's key exists.
+                raise ValueError(
+                    f"key: {event.key_id!r} is not a key of account {event.account_id!r}"
+                )
 
     def ingest(self, raws: Sequence[object], caller: ApiKey | None = None) -> AppendResult:
-        return self.store.append(self.validate(raws, caller))
+        return self._append(self.validate(raws, caller))
 
     def ingest_json(self, body: bytes, ndjson: bool, caller: ApiKey | None) -> AppendResult:
-        return self.store.append(self.validate_json(body, ndjson, caller))
+        return self._append(self.validate_json(body, ndjson, caller))
+
+    def _append(self, events: Sequence[Event]) -> AppendResult:
+        """Store events, remembering whether the store is failing writes (for /healthz)."""
+        try:
+            result = self.store.append(events)
+        except StoreUnavailable as exc:
+            self.write_failure = str(exc)
+            raise
+        self.write_failure = None
+        return result

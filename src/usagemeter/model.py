@@ -57,6 +57,7 @@ class Scope(StrEnum):
     OPERATOR = "operator"  # everything: every account, key management, ingest for anyone
     READ = "read"  # read its own account and its descendants
     INGEST = "ingest"  # send events for its own account
+    MANAGE = "manage"  # create, list and revoke keys of its own account and its descendants
 
 
 @dataclass(frozen=True, slots=True)

@@ -276,11 +276,29 @@ def from_ms(ms: int, zone: ZoneInfo = UTC) -> datetime:
         raise ValueError(f"epoch milliseconds {ms} are out of range") from exc
 
 
-_EPOCH_MS = re.compile(r"-?\d{1,16}")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# re.ASCII: \d would also take other scripts' digits ("٣"), which int() then reads.
+_EPOCH_MS = re.compile(r"-?\d{1,16}", re.ASCII)
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 _DATE_TIME = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2}(?:[.,]\d{1,9})?)?)([Zz]|[+-]\d{2}:?\d{2})?"
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2}(?:[.,]\d{1,9})?)?)([Zz]|[+-]\d{2}:?\d{2})?",
+    re.ASCII,
 )
+
+# The instants a query range may reach. Python's datetime stops at years 1 and 9999, and
+# bucketing steps a unit past each end in the query's zone (up to 14 hours of offset), so
+# ranges near either limit overflowed; usage itself is recorded from 2000 to 2199.
+EARLIEST_QUERY = datetime(1970, 1, 1, tzinfo=_UTC)
+LATEST_QUERY = datetime(2200, 1, 1, tzinfo=_UTC)
+
+
+def out_of_range(t: datetime) -> str | None:
+    """Why ``t`` cannot bound a query range, or None when it can."""
+    if EARLIEST_QUERY <= t <= LATEST_QUERY:
+        return None
+    return (
+        f"{isoformat(t)} is outside the supported range,"
+        f" {isoformat(EARLIEST_QUERY)} to {isoformat(LATEST_QUERY)}"
+    )
 
 
 def parse_instant(text: str, default_zone: ZoneInfo = UTC) -> datetime:

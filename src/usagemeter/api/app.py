@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usagemeter import __version__
 from usagemeter.api import contracts, dashboard, native, tenants
@@ -23,9 +24,46 @@ from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_FUTURE, Ingestor
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import Query as UsageQuery
-from usagemeter.store.base import Store
+from usagemeter.store.base import Store, StoreUnavailable
 
 log = logging.getLogger("usagemeter")
+RETRY_AFTER_S = 30  # what a client is told to wait after a write the store could not take
+
+
+class CatchAll:
+    """Answers any exception a route lets escape with our JSON 500, and swallows it.
+
+    Starlette's own handler for ``Exception`` answers and then re-raises, and uvicorn closes
+    the connection of any request whose app raised: every keep-alive client then paid for a
+    reconnect. Here the exception stops, so the connection stays usable. The trace goes to
+    the server log (redacted by logs.py), never to the client.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise  # half a response is out: only closing the connection can end it
+            response = error_response(
+                500, "internal", "internal error; the server log has the details"
+            )
+            await response(scope, receive, send)
 
 
 def create_app(
@@ -33,9 +71,11 @@ def create_app(
     meters: MeterRegistry | None = None,
     now: Callable[[], datetime] = utc_now,
     max_future: timedelta = MAX_FUTURE,
+    close_store: bool = False,
 ) -> FastAPI:
     """The whole service over ``store``. ``now`` is the clock every endpoint reads;
-    ``max_future`` how far ahead of the wall clock an event's timestamp may be."""
+    ``max_future`` how far ahead of the wall clock an event's timestamp may be.
+    ``close_store``: close (and so checkpoint) the store when the server shuts down."""
     engine = Engine(store, meters or MeterRegistry())
     ingestor = Ingestor(store, meters=engine.meters, max_future=max_future)
 
@@ -48,6 +88,10 @@ def create_app(
         engine.run(UsageQuery(accounts=(), metric="", start=now - timedelta(days=1), end=now))
         store.list_accounts()
         yield
+        if close_store:
+            # Here, not after the server returns: uvicorn re-raises SIGTERM once it has shut
+            # down, and the process ends then, before any code after it runs.
+            store.close()
 
     app = FastAPI(
         title="usagemeter",
@@ -64,6 +108,13 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
         return exc.response()
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> Response:
+        # 507 Insufficient Storage: the request was fine and may be sent again as it is.
+        response = error_response(507, "store_unavailable", str(exc))
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -82,12 +133,7 @@ def create_app(
             message = f"no endpoint at {request.url.path}; see /docs"
         return error_response(exc.status_code, code, message)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        # The trace goes to the server log, never to the client.
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "internal error; the server log has the details")
-
+    app.add_middleware(CatchAll)
     app.include_router(native.router)
     app.include_router(tenants.router)
     app.include_router(dashboard.router)

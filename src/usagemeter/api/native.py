@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from usagemeter.api.credentials import key_from_bearer
+from usagemeter.api.params import MAX_FILTERS, MAX_GROUP_BY, MAX_TAGS, ascii_int
 from usagemeter.api.responses import ApiError, JSONResponse, number
 from usagemeter.api.services import Services, services
 from usagemeter.auth import can_read
@@ -24,7 +25,13 @@ from usagemeter.meters import parse_aggregation
 from usagemeter.model import Aggregation, ApiKey, Result, Scope
 from usagemeter.model import Query as UsageQuery
 from usagemeter.store.base import NotFound
-from usagemeter.timewindows import Granularity, isoformat, parse_instant, parse_zone
+from usagemeter.timewindows import (
+    Granularity,
+    isoformat,
+    out_of_range,
+    parse_instant,
+    parse_zone,
+)
 
 router = APIRouter()
 
@@ -41,7 +48,12 @@ def caller(request: Request) -> ApiKey:
 
 
 @router.get("/healthz", tags=["service"])
-async def healthz() -> JSONResponse:
+async def healthz(request: Request) -> JSONResponse:
+    """``ok``; or 503 ``degraded`` with the reason while the store fails writes (a full disk),
+    until a write succeeds again."""
+    failure = services(request).ingestor.write_failure
+    if failure is not None:
+        return JSONResponse({"status": "degraded", "store": failure}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -195,19 +207,24 @@ def build_query(request: Request, key: ApiKey, params: dict[str, Any], svc: Serv
     except ValueError as exc:
         fail("tz", str(exc))
     now = svc.now()
-    end = start = now
-    try:
-        end = parse_instant(params["end"], zone or parse_zone("UTC")) if params["end"] else now
-    except ValueError as exc:
-        fail("end", str(exc))
-    try:
-        start = (
-            parse_instant(params["start"], zone or parse_zone("UTC"))
-            if params["start"]
-            else end - timedelta(days=30)
-        )
-    except ValueError as exc:
-        fail("start", str(exc))
+
+    def instant(name: str, text: str) -> datetime | None:
+        try:
+            t = parse_instant(text, zone or parse_zone("UTC"))
+        except ValueError as exc:
+            fail(name, str(exc))
+            return None
+        outside = out_of_range(t)
+        if outside:
+            fail(name, outside)
+            return None
+        return t
+
+    # A bad end or start has been reported; "now" stands in so the other checks still run.
+    end = (instant("end", params["end"]) if params["end"] else None) or now
+    start = (instant("start", params["start"]) if params["start"] else None) or (
+        end - timedelta(days=30)
+    )
     if start >= end and not any(e["param"] in ("start", "end") for e in errors):
         fail("start", "must be before end")
     try:
@@ -216,6 +233,11 @@ def build_query(request: Request, key: ApiKey, params: dict[str, Any], svc: Serv
         granularity = Granularity.DAY
         fail("granularity", "use hour, day, month or total")
     group_by = tuple(g.strip() for g in (params["group_by"] or "").split(",") if g.strip())
+    if len(group_by) > MAX_GROUP_BY:
+        fail("group_by", f"at most {MAX_GROUP_BY} dimensions, got {len(group_by)}")
+    if len(params["filter"] or []) > MAX_FILTERS:
+        fail("filter", f"at most {MAX_FILTERS} filter parameters, got {len(params['filter'])}")
+        params = {**params, "filter": []}
     filters: list[tuple[str, str]] = []
     for item in params["filter"] or []:
         name, sep, value = item.partition("=")
@@ -224,6 +246,8 @@ def build_query(request: Request, key: ApiKey, params: dict[str, Any], svc: Serv
         else:
             filters.append((name, value))
     tags = frozenset(t.strip() for t in (params["tags"] or "").split(",") if t.strip())
+    if len(tags) > MAX_TAGS:
+        fail("tags", f"at most {MAX_TAGS} tags, got {len(tags)}")
     billable: bool | None = None
     if params["billable"] is not None:
         if params["billable"].lower() not in ("true", "false"):
@@ -241,10 +265,9 @@ def build_query(request: Request, key: ApiKey, params: dict[str, Any], svc: Serv
             fail("aggregation", str(exc))
     limit = None
     if params["limit"] is not None:
-        if not params["limit"].isdigit() or not 1 <= int(params["limit"]) <= MAX_BUCKETS:
+        limit = ascii_int(params["limit"])
+        if limit is None or not 1 <= limit <= MAX_BUCKETS:
             fail("limit", f"a whole number from 1 to {MAX_BUCKETS}")
-        else:
-            limit = int(params["limit"])
     if errors:
         message = "; ".join(f"{e['param']}: {e['message']}" for e in errors)
         raise ApiError(400, "invalid_query", message, {"errors": errors})

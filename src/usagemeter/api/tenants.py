@@ -12,7 +12,14 @@ from usagemeter.api.native import NOT_READABLE, caller
 from usagemeter.api.openapi import standalone_schema
 from usagemeter.api.responses import ApiError, JSONResponse
 from usagemeter.api.services import services
-from usagemeter.auth import KEY_ID_PATTERN, can_read, can_see_key, issue_key
+from usagemeter.auth import (
+    KEY_ID_PATTERN,
+    can_manage,
+    can_read,
+    grantable,
+    in_tenancy,
+    issue_key,
+)
 from usagemeter.model import Account, ApiKey, Scope
 from usagemeter.store.base import Conflict, NotFound
 from usagemeter.timewindows import BillingCycle, isoformat
@@ -25,6 +32,28 @@ def operator(request: Request) -> ApiKey:
     if not key.is_operator:
         raise ApiError(403, "forbidden", "this needs an operator key")
     return key
+
+
+MAX_BODY = 64 * 1024  # an account or a key is a few hundred bytes of JSON
+MAX_NAME = 200
+
+
+async def small_body(request: Request) -> bytes:
+    """The request body, read no further than MAX_BODY: a huge body is refused as it
+    streams in, not after it has filled the server's memory."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, "too_large", f"this request body holds at most {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _not_found(what: str, ident: str) -> ApiError:
+    """The one answer for a missing account or key and for another tenant's."""
+    return ApiError(404, "not_found", f"{what} {ident!r} {NOT_READABLE}")
 
 
 def decode(model: type[Any], body: bytes) -> Any:
@@ -95,10 +124,12 @@ async def create_account(request: Request) -> JSONResponse:
     """Create an account (operator key). ``id`` is optional: your own customer id, or one is
     made. ``parent_id`` makes it a subaccount; the parent then sees its usage."""
     operator(request)
-    data: AccountIn = decode(AccountIn, await request.body())
+    data: AccountIn = decode(AccountIn, await small_body(request))
     errors = []
     if not data.name.strip():
         errors.append("name: must not be empty")
+    if len(data.name) > MAX_NAME:
+        errors.append(f"name: at most {MAX_NAME} characters")
     if data.id is not None and not KEY_ID_PATTERN.match(data.id):
         errors.append("id: 1 to 64 letters, digits, '_' or '-'")
     cycle = None
@@ -129,13 +160,16 @@ async def create_account(request: Request) -> JSONResponse:
 
 @router.get("/v1/accounts", tags=["accounts"])
 async def list_accounts(request: Request) -> JSONResponse:
-    """Every account (operator), or the caller's own account and its descendants."""
+    """Every account (operator), or the accounts the key may read: its own and its
+    descendants for a read key, none for a key without the read scope (the same rule as
+    ``GET /v1/accounts/{id}``)."""
     key = caller(request)
     store = services(request).store
     if key.is_operator:
         accounts = store.list_accounts()
+    elif key.account_id is None or Scope.READ not in key.scopes:
+        accounts = []
     else:
-        assert key.account_id is not None
         readable = set(store.descendants(key.account_id))
         accounts = [a for a in store.list_accounts() if a.id in readable]
     return JSONResponse({"data": [account_json(a) for a in accounts]})
@@ -144,7 +178,7 @@ async def list_accounts(request: Request) -> JSONResponse:
 def readable_account(request: Request, key: ApiKey, account_id: str) -> Account:
     store = services(request).store
     if not can_read(store, key, account_id):
-        raise ApiError(404, "not_found", f"account {account_id!r} {NOT_READABLE}")
+        raise _not_found("account", account_id)
     return store.get_account(account_id)
 
 
@@ -155,6 +189,8 @@ async def get_account(request: Request, account_id: str) -> JSONResponse:
 
 # ---------------------------------------------------------------------- keys
 
+SCOPES_HINT = "scopes: use 'read', 'ingest' and/or 'manage'"
+
 
 class KeyIn(msgspec.Struct, forbid_unknown_fields=True):
     name: str = ""
@@ -163,28 +199,56 @@ class KeyIn(msgspec.Struct, forbid_unknown_fields=True):
     scopes: list[str] = msgspec.field(default_factory=lambda: ["read"])
 
 
+def managed_account(request: Request, key: ApiKey, account_id: str) -> None:
+    """Pass if ``key`` manages ``account_id``'s keys. A key that may see the account but not
+    manage it gets 403; anyone else the same 404 as for an account that does not exist."""
+    store = services(request).store
+    if can_manage(store, key, account_id):
+        return
+    if not key.is_operator and in_tenancy(store, key, account_id):
+        raise ApiError(403, "forbidden", "managing keys needs a key with the manage scope")
+    raise _not_found("account", account_id)
+
+
+def parse_scopes(caller_key: ApiKey, data: KeyIn) -> list[Scope]:
+    try:
+        scopes = [Scope(s) for s in data.scopes]
+    except ValueError:
+        raise ApiError(400, "invalid_key", SCOPES_HINT) from None
+    if not scopes:
+        raise ApiError(400, "invalid_key", f"{SCOPES_HINT}; at least one")
+    if Scope.OPERATOR in scopes:
+        message = "scopes: operator keys are made with 'usagemeter keys create --operator'"
+        raise ApiError(400, "invalid_key", message)
+    if not grantable(caller_key, scopes):
+        held = ", ".join(sorted(s.value for s in caller_key.scopes))
+        message = f"scopes: a key grants only scopes it holds itself ({held})"
+        raise ApiError(403, "forbidden", message)
+    return scopes
+
+
 @router.post(
     "/v1/accounts/{account_id}/keys",
     status_code=201,
     tags=["keys"],
-    openapi_extra=body_doc(KeyIn, {"name": "production", "prefix": "ak_"}),
+    openapi_extra=body_doc(KeyIn, {"name": "production", "prefix": "ak_", "scopes": ["read"]}),
 )
 async def create_key(request: Request, account_id: str) -> JSONResponse:
-    """Create a key for an account (operator, or a key of that account). The response's
-    ``key`` is the secret: it is shown here once and never again."""
+    """Create a key for an account (operator, or a manage key of that account or an
+    ancestor), with scopes the caller holds itself. The response's ``key`` is the secret:
+    it is shown here once and never again. Only an operator chooses a key's ``id``."""
     key = caller(request)
-    if not key.is_operator and key.account_id != account_id:
-        raise ApiError(404, "not_found", f"account {account_id!r} {NOT_READABLE}")
-    data: KeyIn = decode(KeyIn, await request.body())
-    try:
-        scopes = [Scope(s) for s in data.scopes]
-    except ValueError:
-        raise ApiError(400, "invalid_key", "scopes: use 'read' and/or 'ingest'") from None
-    if Scope.OPERATOR in scopes or not scopes:
-        raise ApiError(400, "invalid_key", "scopes: use 'read' and/or 'ingest'")
+    managed_account(request, key, account_id)
+    data: KeyIn = decode(KeyIn, await small_body(request))
+    scopes = parse_scopes(key, data)
+    if len(data.name) > MAX_NAME:
+        raise ApiError(400, "invalid_key", f"name: at most {MAX_NAME} characters")
+    if data.id is not None and not key.is_operator:
+        # Key ids are global: a chosen id that is taken would tell another tenant's key
+        # from a free id. Generated ids are random and never collide.
+        message = "id: only an operator key chooses key ids; leave it out and one is made"
+        raise ApiError(400, "invalid_key", message)
     store = services(request).store
-    if not can_read(store, key, account_id) and not key.is_operator:
-        raise ApiError(404, "not_found", f"account {account_id!r} {NOT_READABLE}")
     try:
         created, secret = await run_in_threadpool(
             lambda: issue_key(
@@ -192,7 +256,7 @@ async def create_key(request: Request, account_id: str) -> JSONResponse:
             )
         )
     except NotFound:
-        raise ApiError(404, "not_found", f"account {account_id!r} {NOT_READABLE}") from None
+        raise _not_found("account", account_id) from None
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc)) from None
     except ValueError as exc:
@@ -202,21 +266,28 @@ async def create_key(request: Request, account_id: str) -> JSONResponse:
 
 @router.get("/v1/accounts/{account_id}/keys", tags=["keys"])
 async def list_keys(request: Request, account_id: str) -> JSONResponse:
-    """The account's keys, without secrets."""
-    readable_account(request, caller(request), account_id)
+    """The account's keys, without secrets (operator, or a manage key above it)."""
+    managed_account(request, caller(request), account_id)
     keys = services(request).store.list_keys(account_id)
     return JSONResponse({"data": [key_json(k) for k in keys]})
 
 
 @router.delete("/v1/keys/{key_id}", tags=["keys"])
 def revoke_key(request: Request, key_id: str) -> JSONResponse:
-    """Revoke a key: it stops working at once. Revoking twice is harmless."""
+    """Revoke a key: it stops working at once. Revoking twice is harmless. Operator keys are
+    revoked by operators; account keys also by a manage key of their account or above."""
     key = caller(request)
     store = services(request).store
     try:
         target = store.get_key(key_id)
     except NotFound:
         target = None
-    if target is None or not can_see_key(store, key, target):
-        raise ApiError(404, "not_found", f"key {key_id!r} {NOT_READABLE}")
+    if target is None:
+        raise _not_found("key", key_id)
+    if key.is_operator:
+        return JSONResponse(key_json(store.revoke_key(key_id)))
+    if target.account_id is None or not in_tenancy(store, key, target.account_id):
+        raise _not_found("key", key_id)  # an operator key, or another tenant's
+    if not can_manage(store, key, target.account_id):
+        raise ApiError(403, "forbidden", "revoking keys needs a key with the manage scope")
     return JSONResponse(key_json(store.revoke_key(key_id)))

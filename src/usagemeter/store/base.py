@@ -22,6 +22,12 @@ class Conflict(ValueError):
     """The value would break a uniqueness rule (an account or key id already taken)."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot take writes for now (its disk is full, say); nothing of the batch was
+    stored, and the same batch may be sent again later. Adapters raise this rather than
+    their driver's error so that the API answers every store the same way."""
+
+
 @dataclass(frozen=True, slots=True)
 class Window:
     """One half-open interval of epoch milliseconds, numbered by the bucket it feeds."""

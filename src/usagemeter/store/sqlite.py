@@ -26,7 +26,13 @@ from usagemeter.model import (
     Group,
     Scope,
 )
-from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
+from usagemeter.store.base import (
+    AggregateRow,
+    AggregateSpec,
+    Conflict,
+    NotFound,
+    StoreUnavailable,
+)
 from usagemeter.store.schema import ROLLUP_TABLES, SCHEMA, SCHEMA_VERSION, Rollups
 from usagemeter.store.sqlplan import plan_aggregate
 from usagemeter.timewindows import BillingCycle
@@ -35,6 +41,21 @@ LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whol
 log = logging.getLogger("usagemeter")
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
 PAIR_CHUNK = 2000  # (account, id) pairs per dedupe lookup: 4,000 variables, under the limit
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """True if ``error`` or one it arose from is SQLite's SQLITE_FULL. The chain matters:
+    when the disk fills mid-batch, SQLite may roll the whole transaction back, and the
+    savepoint rollback that follows fails with an error of its own."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, sqlite3.Error) and (
+            getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or "database or disk is full" in str(error)
+        ):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def _now_ms() -> int:
@@ -137,6 +158,7 @@ class SQLiteStore:
         return conn
 
     def close(self) -> None:
+        self._checkpoint()  # a clean close leaves no WAL behind to replay or to hold space
         with self._write_lock:
             self._writer.close()
         conn = getattr(self._local, "conn", None)
@@ -360,9 +382,36 @@ class SQLiteStore:
                     group, self._queue = self._queue, []
                 self._commit_group(group)
         if mine.error is not None:
-            raise mine.error
+            raise self._translate(mine.error)
         assert mine.result is not None
         return mine.result
+
+    def _translate(self, error: BaseException) -> BaseException:
+        """A full disk as the store-agnostic StoreUnavailable (after a checkpoint, so that
+        space freed from now on goes to new batches, not to a growing WAL); any other error
+        as it is."""
+        if not _disk_full(error):
+            return error
+        log.error("writes to %s fail: %s", self.path, error)
+        with self._write_lock:
+            # Checkpoint every 4 MB of WAL from now on rather than every 64: with little
+            # space freed, a WAL left to grow would take all of it again.
+            self._writer.execute("PRAGMA wal_autocheckpoint=1000")
+        self._checkpoint()
+        unavailable = StoreUnavailable(
+            "the store's disk is full: nothing of this batch was stored; send it again"
+            " once space is freed"
+        )
+        unavailable.__cause__ = error
+        return unavailable
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate the WAL, giving its space back."""
+        with self._write_lock:
+            try:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("checkpoint of %s failed: %s", self.path, exc)
 
     def _commit_group(self, group: list[_PendingBatch]) -> None:
         conn = self._writer

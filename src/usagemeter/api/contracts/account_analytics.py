@@ -24,6 +24,7 @@ from fastapi import APIRouter, Path, Query, Request, Security
 from fastapi.security import APIKeyHeader
 
 from usagemeter.api.openapi import standalone_schema
+from usagemeter.api.params import ascii_int
 from usagemeter.api.responses import JSONResponse, number
 from usagemeter.api.services import services
 from usagemeter.auth import authenticate, can_read
@@ -191,7 +192,7 @@ class Invalid(Exception):
         self.issues = issues
 
 
-_DIGITS = re.compile(r"[+-]?\d+")
+_DIGITS = re.compile(r"[+-]?[0-9]+")  # ASCII only: "٣" is not a number here
 
 
 def _whole_ms(t: datetime) -> datetime:
@@ -299,9 +300,9 @@ def parse_params(
                 "int_parsing",
                 limit,
             )
-        elif int(limit) < 1:
+        elif (ascii_int(limit) or 0) < 1:
             fail("limit", "Input should be greater than or equal to 1", "greater_than_equal", limit)
-        elif int(limit) > MAX_LIMIT:
+        elif (ascii_int(limit) or 0) > MAX_LIMIT:
             fail(
                 "limit",
                 f"Input should be less than or equal to {MAX_LIMIT}",
@@ -309,7 +310,7 @@ def parse_params(
                 limit,
             )
         else:
-            limit_v = int(limit)
+            limit_v = ascii_int(limit) or MAX_LIMIT
 
     if issues:
         raise Invalid(issues)

@@ -38,7 +38,7 @@ LICENSEE = "licensee"  # the dimension that names a licensee
 DEFAULT_DAYS = 21
 MAX_RANGE_MS = 90 * 24 * 60 * 60 * 1000
 # Optional sign and digits only: "1.5", "1e3" and dates are not UNIX milliseconds.
-_INTEGER = re.compile(r"[+-]?\d{1,20}")
+_INTEGER = re.compile(r"[+-]?\d{1,20}", re.ASCII)
 _NOT_VISIBLE = "key not found, or this credential may not see it"
 
 _bearer = HTTPBearer(
