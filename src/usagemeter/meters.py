@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from usagemeter.model import Aggregation, Meter
+from usagemeter.peer_meters import PeerMeters
 
 DEFAULT_METERS: tuple[Meter, ...] = (
     Meter("actions", Aggregation.COUNT),  # GET /analytics/detail-usage-time
@@ -47,8 +48,11 @@ def parse_aggregation(text: str) -> tuple[Aggregation, str | None]:
 class MeterRegistry:
     """The meter of every metric; a metric nobody configured is summed."""
 
-    def __init__(self, meters: Mapping[str, Meter] | None = None) -> None:
+    def __init__(
+        self, meters: Mapping[str, Meter] | None = None, peers: PeerMeters | None = None
+    ) -> None:
         self._meters = dict(meters or {m.metric: m for m in DEFAULT_METERS})
+        self.peers = peers or PeerMeters()  # OpenMeter's meters, Lago's billable metrics
 
     def get(self, metric: str) -> Meter:
         return self._meters.get(metric) or Meter(metric, Aggregation.SUM)
@@ -67,7 +71,16 @@ class MeterRegistry:
         entries = data.get("meters") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f'meters file {path}: expected {{"meters": [...]}}')
+        peers = PeerMeters()
         for i, entry in enumerate(entries):
+            if isinstance(entry, dict) and PeerMeters.is_peer_entry(entry):
+                try:
+                    declared = peers.add(entry)
+                except ValueError as exc:
+                    raise ValueError(f"meters file {path}: entry {i}: {exc}") from exc
+                if declared is not None:
+                    meters[declared.metric] = declared
+                continue
             if not isinstance(entry, dict) or not isinstance(entry.get("metric"), str):
                 raise ValueError(f"meters file {path}: entry {i} needs a string 'metric'")
             try:
@@ -76,4 +89,4 @@ class MeterRegistry:
                 meters[entry["metric"]] = Meter(entry["metric"], aggregation, dimension)
             except ValueError as exc:
                 raise ValueError(f"meters file {path}: entry {i}: {exc}") from exc
-        return cls(meters)
+        return cls(meters, peers)
