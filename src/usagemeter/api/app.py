@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from usagemeter import __version__
-from usagemeter.api import contracts, dashboard, native, tenants
+from usagemeter.api import compat, contracts, dashboard, native, tenants
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
 from usagemeter.engine import Engine
@@ -85,5 +85,7 @@ def create_app(
     app.include_router(tenants.router)
     app.include_router(dashboard.router)
     for router in contracts.routers():
+        app.include_router(router)
+    for router in compat.routers():  # /openmeter, /lago, /stripe
         app.include_router(router)
     return app
