@@ -3,7 +3,8 @@ ingest, and peer payload values as dimensions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -41,6 +42,18 @@ def scalar_text(value: object) -> str | None:
     return None
 
 
+def as_number(value: object) -> float | None:
+    """A finite number, or its text ("12.5": the peers' payloads carry numbers as text
+    too); None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _store(request: Request, mapped: Sequence[Mapped], caller: ApiKey) -> AppendResult:
     """Validate every mapped event as the native API does (tenancy, accounts, keys, bounds),
     then store the batch whole or not at all. BatchRejected lists the peer's mapping errors
@@ -59,6 +72,22 @@ def _store(request: Request, mapped: Sequence[Mapped], caller: ApiKey) -> Append
     if errors:
         raise BatchRejected(sorted(errors, key=lambda e: e.index))
     return ingestor.store.append(events)
+
+
+def map_events(
+    items: Sequence[object], to_native: Callable[[object], dict[str, Any]]
+) -> list[Mapped]:
+    """Each peer event mapped to a native raw event, or to the error (``field: message``)
+    that stopped it, so a batch's reply names every bad event at once."""
+    mapped: list[Mapped] = []
+    for index, item in enumerate(items):
+        try:
+            mapped.append(to_native(item))
+        except ValueError as exc:
+            message = str(exc)
+            field = message.split(":", 1)[0] if ":" in message else None
+            mapped.append(EventError(index, field, message))
+    return mapped
 
 
 def in_peer_terms(error: EventError, names: dict[str, str]) -> EventError:

@@ -34,8 +34,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from usagemeter.api.compat.common import (
-    Mapped,
+    as_number,
     in_peer_terms,
+    map_events,
     read_body,
     scalar_text,
     store_mapped,
@@ -44,7 +45,7 @@ from usagemeter.api.credentials import key_from_bearer
 from usagemeter.api.responses import JSONResponse, number
 from usagemeter.api.services import Services, services
 from usagemeter.auth import can_read
-from usagemeter.ingest import BatchRejected, EventError
+from usagemeter.ingest import BatchRejected
 from usagemeter.model import GROUP_SUBACCOUNT, ApiKey, Result
 from usagemeter.model import Query as UsageQuery
 from usagemeter.peer_meters import MISSING, OpenMeterMeter, extract, parse_path
@@ -150,15 +151,10 @@ def _to_native(event: object, meters: list[OpenMeterMeter], now_ms: int) -> dict
 
 
 def _number(found: object, meter: OpenMeterMeter) -> float:
-    # OpenMeter reads a number given as text too ("12.5"), as its JSON path extraction does.
-    if isinstance(found, int | float) and not isinstance(found, bool):
-        return float(found)
-    if isinstance(found, str):
-        try:
-            return float(found)
-        except ValueError:
-            pass
-    raise ValueError(f"data: {meter.value_property} must be a number (meter {meter.slug!r})")
+    number = as_number(found)  # OpenMeter reads a number given as text too ("12.5")
+    if number is None:
+        raise ValueError(f"data: {meter.value_property} must be a number (meter {meter.slug!r})")
+    return number
 
 
 def _events(body: bytes, content_type: str) -> list[object]:
@@ -194,14 +190,12 @@ async def ingest_events(request: Request) -> Response:
         svc = services(request)
         now_ms = to_ms(svc.now())
         peers = svc.engine.meters.peers
-        mapped: list[Mapped] = []
-        for index, event in enumerate(events):
-            try:
-                of_type = peers.of_type(str(event.get("type"))) if isinstance(event, dict) else []
-                mapped.append(_to_native(event, of_type, now_ms))
-            except ValueError as exc:
-                field = str(exc).split(":", 1)[0]
-                mapped.append(EventError(index, field if ":" in str(exc) else None, str(exc)))
+
+        def to_native(event: object) -> dict[str, Any]:
+            of_type = peers.of_type(str(event.get("type"))) if isinstance(event, dict) else []
+            return _to_native(event, of_type, now_ms)
+
+        mapped = map_events(events, to_native)
         try:
             await store_mapped(request, mapped, key)
         except BatchRejected as exc:
