@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from usagemeter.api.compat import lago, openmeter
+from usagemeter.api.compat import lago, openmeter, stripe
 
 
 def routers() -> list[APIRouter]:
-    return [openmeter.router, lago.router]
+    return [openmeter.router, lago.router, stripe.router]

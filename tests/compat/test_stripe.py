@@ -1,0 +1,126 @@
+"""Stripe's billing meter events, driven by Stripe's own Python client against a real server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+
+from tests.conftest import Tenants
+
+JAN_15 = 1_736_935_200  # 2025-01-15T10:00:00Z
+
+
+@pytest.fixture
+def stripe_here(server: str, operator_secret: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's global settings as a Stripe user has them, pointed here."""
+    monkeypatch.setattr(stripe, "api_base", f"{server}/stripe")  # the one line that changes
+    monkeypatch.setattr(stripe, "api_key", operator_secret)
+    monkeypatch.setattr(stripe, "max_network_retries", 0)
+
+
+def native(server: str, tenants: Tenants, **params: str) -> Any:
+    response = httpx.get(
+        f"{server}/v1/query",
+        params={
+            "metric": "api_requests",
+            "account": "root",
+            "start": "2025-01-01",
+            "end": "2025-02-01",
+            "granularity": "total",
+            **params,
+        },
+        headers=tenants.headers("root"),
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.usefixtures("stripe_here")
+def test_meter_events_count_a_retried_identifier_once(server: str, tenants: Tenants) -> None:
+    event = stripe.billing.MeterEvent.create(
+        event_name="api_requests",
+        payload={"stripe_customer_id": "root", "value": "25", "region": "eu"},
+        identifier="req-1",
+        timestamp=JAN_15,
+    )
+    assert (event.object, event.event_name, event.identifier, event.timestamp) == (
+        "billing.meter_event",
+        "api_requests",
+        "req-1",
+        JAN_15,
+    )
+    assert event.payload["value"] == "25"
+    stripe.billing.MeterEvent.create(  # a retry: acknowledged, counted once
+        event_name="api_requests",
+        payload={"stripe_customer_id": "root", "value": "25", "region": "eu"},
+        identifier="req-1",
+        timestamp=JAN_15,
+    )
+    stripe.billing.MeterEvent.create(
+        event_name="api_requests",
+        payload={"stripe_customer_id": "child", "value": "5"},
+        timestamp=JAN_15,
+    )
+    assert native(server, tenants)["total"] == 30
+    assert native(server, tenants, aggregation="count")["total"] == 2
+    by_region = native(server, tenants, group_by="region")["totals"]
+    assert {t["group"]["region"]: t["value"] for t in by_region} == {"eu": 25, None: 5}
+
+
+@pytest.mark.usefixtures("stripe_here")
+def test_a_bad_event_gets_stripes_error(server: str, tenants: Tenants) -> None:
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        stripe.billing.MeterEvent.create(
+            event_name="api_requests", payload={"stripe_customer_id": "root", "value": "lots"}
+        )
+    assert caught.value.http_status == 400
+    assert caught.value.param == "payload[value]"
+    assert caught.value.json_body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        stripe.billing.MeterEvent.create(
+            event_name="api_requests", payload={"stripe_customer_id": "ghost", "value": "1"}
+        )
+    assert caught.value.param == "payload[stripe_customer_id]"
+    assert "'ghost' does not exist" in str(caught.value.user_message)
+    assert native(server, tenants)["total"] == 0
+
+
+def test_the_key_as_bearer_or_basic_auth_and_tenancy(server: str, tenants: Tenants) -> None:
+    client = stripe.StripeClient(
+        tenants.secrets["child"], base_addresses={"api": f"{server}/stripe"}, max_network_retries=0
+    )
+    client.v1.billing.meter_events.create(
+        params={
+            "event_name": "api_requests",
+            "payload": {"stripe_customer_id": "child", "value": "3"},
+        }
+    )
+    with pytest.raises(stripe.InvalidRequestError) as caught:  # the child sends only for itself
+        client.v1.billing.meter_events.create(
+            params={
+                "event_name": "api_requests",
+                "payload": {"stripe_customer_id": "root", "value": "3"},
+            }
+        )
+    assert "may not send events for account 'root'" in str(caught.value.user_message)
+    basic = httpx.post(
+        f"{server}/stripe/v1/billing/meter_events",
+        data={
+            "event_name": "api_requests",
+            "payload[stripe_customer_id]": "child",
+            "payload[value]": "4",
+            "timestamp": str(JAN_15),
+        },
+        auth=(tenants.secrets["child"], ""),
+    )
+    assert basic.status_code == 200, basic.text
+    assert native(server, tenants)["total"] == 4  # the first was sent now, not in January
+    wrong = stripe.StripeClient("sk_test_wrong", base_addresses={"api": f"{server}/stripe"})
+    with pytest.raises(stripe.AuthenticationError) as refused:
+        wrong.v1.billing.meter_events.create(
+            params={"event_name": "x", "payload": {"stripe_customer_id": "root", "value": "1"}}
+        )
+    assert "sk_test_wrong" not in str(refused.value.json_body)
