@@ -117,3 +117,14 @@ def test_extract_finds_what_the_path_names(keys: list[str], leaf: object) -> Non
     text = "$" + "".join(f"['{k}']" for k in keys)
     assert extract(data, parse_path(text, "p")) == leaf
     assert extract(data, (*parse_path(text, "p"), "deeper")) is MISSING
+
+
+def test_the_readme_meters_file_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Coming from OpenMeter / Lago / Stripe", 1)[1]
+    block = section.split("```json\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "meters.json"
+    path.write_text(block)
+    meters = MeterRegistry.from_file(path)
+    assert set(meters.peers.openmeter) == {"tokens_total", "tokens_avg"}
+    assert meters.peers.field_names == {"storage": "gb"}
