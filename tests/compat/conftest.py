@@ -9,7 +9,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
@@ -79,3 +81,22 @@ def server(store: SQLiteStore, clock: Clock, tenants: Tenants, meters_file: Path
     yield f"http://127.0.0.1:{port}"
     instance.should_exit = True
     thread.join(timeout=10)
+
+
+def native_query(server: str, tenants: Tenants, metric: str, **params: str) -> Any:
+    """What the native ``/v1/query`` says of root's tree: the totals over 2024-2025 unless
+    the params say otherwise."""
+    response = httpx.get(
+        f"{server}/v1/query",
+        params={
+            "metric": metric,
+            "account": "root",
+            "start": "2024-01-01",
+            "end": "2026-01-01",
+            "granularity": "total",
+            **params,
+        },
+        headers=tenants.headers("root"),
+    )
+    assert response.status_code == 200, response.text
+    return response.json()

@@ -10,6 +10,7 @@ from lago_python_client.client import Client
 from lago_python_client.exceptions import LagoApiError
 from lago_python_client.models.event import BatchEvent, Event
 
+from tests.compat.conftest import native_query
 from tests.conftest import Tenants
 
 JAN_15 = 1_736_935_200  # 2025-01-15T10:00:00Z, in Unix seconds as Lago sends it
@@ -20,21 +21,7 @@ def lago(server: str, secret: str) -> Client:
 
 
 def native(server: str, tenants: Tenants, metric: str, **params: str) -> Any:
-    response = httpx.get(
-        f"{server}/v1/query",
-        params={
-            "metric": metric,
-            "account": "root",
-            "start": "2025-01-01",
-            "end": "2025-02-01",
-            "granularity": "total",
-            "group_by": "region",
-            **params,
-        },
-        headers=tenants.headers("root"),
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
+    return native_query(server, tenants, metric, **{"group_by": "region", **params})
 
 
 def event(transaction_id: str, code: str = "storage", **properties: Any) -> Event:

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 from corehttp.exceptions import HttpResponseError
 from openmeter import Client
 
+from tests.compat.conftest import native_query
 from tests.conftest import Tenants
 
 T0 = datetime(2024, 11, 2, 20, 0, tzinfo=UTC)  # New York's fall-back day follows
@@ -43,20 +43,7 @@ def ops(server: str, operator_secret: str) -> Iterator[Client]:
 
 
 def native_total(server: str, tenants: Tenants, **params: str) -> Any:
-    response = httpx.get(
-        f"{server}/v1/query",
-        params={
-            "metric": "prompt",
-            "account": "root",
-            "start": "2024-01-01",
-            "end": "2025-01-01",
-            "granularity": "total",
-            **params,
-        },
-        headers=tenants.headers("root"),
-    )
-    assert response.status_code == 200, response.text
-    return response.json()["total"]
+    return native_query(server, tenants, "prompt", **params)["total"]
 
 
 def test_single_and_batch_ingest_count_a_retry_once(
@@ -166,19 +153,16 @@ def test_windows_in_a_zone_match_the_native_query(
     result = openmeter.meters.query_json(
         slug, from_parameter=start, to=end, window_size=window, window_time_zone=zone
     )
-    native = httpx.get(
-        f"{server}/v1/query",
-        params={
-            "metric": "prompt",
-            "account": "root",
-            "aggregation": aggregation,
-            "start": start.isoformat(),
-            "end": end.isoformat(),
-            "granularity": window.lower(),
-            "tz": zone,
-        },
-        headers=tenants.headers("root"),
-    ).json()
+    native = native_query(
+        server,
+        tenants,
+        "prompt",
+        aggregation=aggregation,
+        start=start.isoformat(),
+        end=end.isoformat(),
+        granularity=window.lower(),
+        tz=zone,
+    )
     expected = [
         (datetime.fromisoformat(b["start"]), datetime.fromisoformat(b["end"]), g["value"])
         for b in native["buckets"]
