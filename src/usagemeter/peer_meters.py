@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from usagemeter.ingest import DIMENSION, NAME
@@ -58,18 +59,26 @@ def parse_path(text: object, what: str) -> tuple[str, ...]:
     """A JSONPath such as ``$.usage.tokens`` -> ("usage", "tokens")."""
     if not isinstance(text, str) or not text.startswith("$"):
         raise ValueError(f"{what}: expected a JSONPath such as $.tokens, got {text!r}")
+    parts = _segments(text)
+    if parts is None:
+        raise ValueError(
+            f"{what}: {text!r} is not a supported JSONPath: use $.name, $.a.b or $['a b']"
+        )
+    if not parts:
+        raise ValueError(f"{what}: {text!r} names no property; e.g. $.tokens")
+    return parts
+
+
+@lru_cache(maxsize=1024)  # ingest reads the same few paths for every event
+def _segments(text: str) -> tuple[str, ...] | None:
     parts: list[str] = []
     pos = 1
     while pos < len(text):
         match = _SEGMENT.match(text, pos)
         if match is None:
-            raise ValueError(
-                f"{what}: {text!r} is not a supported JSONPath: use $.name, $.a.b or $['a b']"
-            )
+            return None
         parts.append(next(g for g in match.groups() if g is not None))
         pos = match.end()
-    if not parts:
-        raise ValueError(f"{what}: {text!r} names no property; e.g. $.tokens")
     return tuple(parts)
 
 

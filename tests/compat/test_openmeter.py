@@ -6,9 +6,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from corehttp.exceptions import HttpResponseError
 from openmeter import Client
+from openmeter._generated.models import Event
 
 from tests.compat.conftest import native_query
 from tests.conftest import Tenants
@@ -65,6 +67,36 @@ def test_single_and_batch_ingest_count_a_retry_once(
     assert native_total(server, tenants, aggregation="count") == 3
     result = openmeter.meters.query_json("tokens_total")
     assert [row.value for row in result.data] == [35]
+
+
+def test_the_clients_event_model_and_plain_json(
+    openmeter: Client, server: str, tenants: Tenants
+) -> None:
+    openmeter.events.ingest_event(
+        Event(
+            id="m1",
+            source="my-app",
+            specversion="1.0",
+            type="prompt",
+            subject="root",
+            time=T0,
+            data={"tokens": "12.5"},  # a number as text, as OpenMeter reads it
+        )
+    )
+    plain = httpx.post(
+        f"{server}/openmeter/api/v1/events",
+        json=[cloud_event("m2", "root", T0, tokens=0.5)],
+        headers=tenants.headers("root"),
+    )
+    assert plain.status_code == 204, plain.text
+    assert native_total(server, tenants) == 13
+    wrong_type = httpx.post(
+        f"{server}/openmeter/api/v1/events",
+        content=b"id=1",
+        headers={**tenants.headers("root"), "content-type": "application/x-www-form-urlencoded"},
+    )
+    assert wrong_type.status_code == 400
+    assert "application/cloudevents+json" in wrong_type.json()["detail"]
 
 
 def test_the_same_id_from_another_source_is_another_event(

@@ -115,3 +115,23 @@ def test_the_key_as_bearer_or_basic_auth_and_tenancy(server: str, tenants: Tenan
             params={"event_name": "x", "payload": {"stripe_customer_id": "root", "value": "1"}}
         )
     assert "sk_test_wrong" not in str(refused.value.json_body)
+
+
+@pytest.mark.usefixtures("stripe_here")
+def test_a_meter_event_is_at_once_in_the_seed_endpoints(server: str, tenants: Tenants) -> None:
+    for identifier in ("r1", "r2", "r1"):
+        stripe.billing.MeterEvent.create(
+            event_name="requests",  # what GET /v1/account/usage/ counts
+            payload={"stripe_customer_id": "child", "value": "1", "status": "200"},
+            identifier=identifier,
+            timestamp=JAN_15,
+        )
+    usage = httpx.get(
+        f"{server}/v1/account/usage/",
+        params={"start_date": "2025-01-01", "end_date": "2025-01-31"},
+        headers={"X-Api-Key": tenants.secrets["child"]},
+    )
+    assert usage.status_code == 200, usage.text
+    body = usage.json()
+    assert body["usage_data"][0] == {"date": "2025-01-15", "request_count": 2}
+    assert body["total_requests_in_timeperiod"] == 2

@@ -158,10 +158,6 @@ def _number(found: object, meter: OpenMeterMeter) -> float:
 
 
 def _events(body: bytes, content_type: str) -> list[object]:
-    try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise Problem(400, f"request body is not valid JSON: {exc}") from None
     batch = "cloudevents-batch+json" in content_type
     single = "cloudevents+json" in content_type
     if not (batch or single or "application/json" in content_type):
@@ -170,6 +166,10 @@ def _events(body: bytes, content_type: str) -> list[object]:
             f"unsupported content type {content_type!r}: send application/cloudevents+json,"
             " application/cloudevents-batch+json or application/json",
         )
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise Problem(400, f"request body is not valid JSON: {exc}") from None
     if isinstance(decoded, list) and not single:
         return decoded
     if isinstance(decoded, dict) and not batch:
