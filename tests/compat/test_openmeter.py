@@ -244,7 +244,9 @@ def test_group_by_subject_and_property_and_filter(openmeter: Client, ops: Client
     assert [r.value for r in highest.data] == [30]
 
 
-def test_bad_queries_get_problems_that_say_what_to_fix(openmeter: Client) -> None:
+def test_bad_queries_get_problems_that_say_what_to_fix(
+    openmeter: Client, server: str, tenants: Tenants
+) -> None:
     for kwargs, needle in [
         ({"window_size": "MINUTE"}, "windowSize"),
         ({"window_time_zone": "Mars/Olympus"}, "windowTimeZone"),
@@ -255,6 +257,14 @@ def test_bad_queries_get_problems_that_say_what_to_fix(openmeter: Client) -> Non
             openmeter.meters.query_json("tokens_total", **kwargs)
         assert caught.value.status_code == 400
         assert needle in caught.value.response.json()["detail"]
+    for text in ["__import__('os')", "[" * 3000 + "]" * 3000, '{"model": 4}']:
+        answer = httpx.get(  # never evaluated, never a 500
+            f"{server}/openmeter/api/v1/meters/tokens_total/query",
+            params={"filterGroupBy": text},
+            headers=tenants.headers("root"),
+        )
+        assert answer.status_code == 400, text
+        assert "filterGroupBy" in answer.json()["detail"]
     with pytest.raises(HttpResponseError) as caught:
         openmeter.meters.query_json("nope")
     assert caught.value.status_code == 404

@@ -23,7 +23,6 @@ Meters are declared in the meters file (``slug``, ``eventType``, ``aggregation``
 from __future__ import annotations
 
 import ast
-import json
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -54,6 +53,7 @@ from usagemeter.timewindows import Granularity, isoformat, parse_instant, parse_
 router = APIRouter(prefix="/openmeter", tags=["openmeter"])
 
 MAX_WINDOWS = 10_000
+MAX_FILTER = 4096  # characters of filterGroupBy
 FROM_DEFAULT = datetime.fromisoformat("2000-01-01T00:00:00+00:00")  # ingest's earliest
 WINDOWS = {"HOUR": Granularity.HOUR, "DAY": Granularity.DAY, "MONTH": Granularity.MONTH}
 # Native field names in errors, told as a CloudEvent names them.
@@ -242,18 +242,25 @@ async def get_meter(request: Request, slug: str) -> Response:
 
 def _filter_group_by(text: str) -> dict[str, str]:
     # OpenMeter's API takes a JSON object; the Python client sends its dict's repr, so that
-    # form (a Python literal, read without evaluating anything) is taken too.
-    try:
-        found = json.loads(text)
-    except ValueError:
+    # form (a Python literal, read without evaluating anything) is taken too. Both parsers
+    # recurse, so a short bound on the text keeps a deeply nested one from reaching them.
+    found: object = None
+    if len(text) <= MAX_FILTER:
         try:
-            found = ast.literal_eval(text) if len(text) <= 4096 else None
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            found = None
+            found = msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            try:
+                found = ast.literal_eval(text)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                found = None
     if not isinstance(found, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in found.items()
     ):
-        raise Problem(400, 'filterGroupBy: expected an object of strings, e.g. {"model": "gpt-4"}')
+        raise Problem(
+            400,
+            'filterGroupBy: expected an object of strings, e.g. {"model": "gpt-4"},'
+            f" of at most {MAX_FILTER} characters",
+        )
     return found
 
 
