@@ -108,3 +108,21 @@ def test_a_single_bad_event_names_its_fields(server: str, tenants: Tenants) -> N
     assert response.status_code == 422
     details = response.json()["error_details"]
     assert list(details) == ["transaction_id"]  # the first problem of the event, by field
+    for timestamp in ["soon", 1e30, JAN_15 * 1000]:  # milliseconds are a unit mistake here
+        response = httpx.post(
+            f"{server}/lago/api/v1/events",
+            json={
+                "event": {
+                    "transaction_id": "t",
+                    "code": "storage",
+                    "external_customer_id": "root",
+                    "timestamp": timestamp,
+                    "properties": {"gb": 1},
+                }
+            },
+            headers=tenants.headers("root"),
+        )
+        assert response.status_code == 422
+        assert response.json()["error_details"] == {
+            "timestamp": ["Unix seconds from 2000 to 2199, e.g. 1735689600"]
+        }

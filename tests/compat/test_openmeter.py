@@ -113,14 +113,21 @@ def test_a_bad_event_rejects_the_batch_with_a_problem(
     good = cloud_event("ok", "root", T0, tokens=3)
     no_value = cloud_event("bad", "root", T0, model="gpt")  # the meters read $.tokens
     with pytest.raises(HttpResponseError) as caught:
-        openmeter.events.ingest_events([good, no_value, {**good, "id": "x", "subject": "ghost"}])
+        openmeter.events.ingest_events(
+            [
+                good,
+                no_value,
+                {**good, "id": "x", "subject": "ghost"},
+                {**good, "id": "y", "time": 1736935200},  # CloudEvents time is RFC 3339 text
+            ]
+        )
     assert caught.value.status_code == 400
     problem = caught.value.response.json()
     assert caught.value.response.headers["content-type"] == "application/problem+json"
     assert problem["status"] == 400 and problem["title"] == "Bad Request"
     assert problem["instance"] == "/openmeter/api/v1/events"
     errors = problem["extensions"]["errors"]
-    assert [(e["index"], e["field"]) for e in errors] == [(1, "data"), (2, "subject")]
+    assert [(e["index"], e["field"]) for e in errors] == [(1, "data"), (2, "subject"), (3, "time")]
     assert "$.tokens" in errors[0]["message"] and "ghost" in errors[1]["message"]
     assert native_total(server, tenants, aggregation="count") == 0  # nothing of it stored
 

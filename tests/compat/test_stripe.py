@@ -76,6 +76,14 @@ def test_a_bad_event_gets_stripes_error(server: str, tenants: Tenants) -> None:
         )
     assert caught.value.param == "payload[stripe_customer_id]"
     assert "'ghost' does not exist" in str(caught.value.user_message)
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        stripe.billing.MeterEvent.create(
+            event_name="api_requests",
+            payload={"stripe_customer_id": "root", "value": "1"},
+            timestamp=JAN_15 * 1000,  # milliseconds, where Stripe takes seconds
+        )
+    assert caught.value.param == "timestamp"
+    assert "Unix seconds" in str(caught.value.user_message)
     assert native(server, tenants)["total"] == 0
 
 

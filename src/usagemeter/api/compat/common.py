@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from usagemeter.api.services import services
-from usagemeter.ingest import BatchRejected, EventError
+from usagemeter.ingest import MAX_TS_MS, MIN_TS_MS, BatchRejected, EventError
 from usagemeter.model import ApiKey, AppendResult
 
 MAX_BODY = 16 * 1024 * 1024
@@ -52,6 +52,15 @@ def as_number(value: object) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) else None
+
+
+def unix_seconds(raw: object, field: str) -> int:
+    """Unix seconds (a number or its text; Lago's and Stripe's timestamps) -> epoch ms,
+    within the years ingest takes."""
+    seconds = as_number(raw)
+    if seconds is None or not MIN_TS_MS <= seconds * 1000 < MAX_TS_MS:
+        raise ValueError(f"{field}: Unix seconds from 2000 to 2199, e.g. 1735689600")
+    return round(seconds * 1000)
 
 
 def _store(request: Request, mapped: Sequence[Mapped], caller: ApiKey) -> AppendResult:

@@ -29,6 +29,7 @@ from usagemeter.api.compat.common import (
     read_body,
     scalar_text,
     store_mapped,
+    unix_seconds,
 )
 from usagemeter.api.credentials import key_from_bearer
 from usagemeter.api.responses import JSONResponse
@@ -77,16 +78,6 @@ def _caller(request: Request) -> ApiKey:
     return key
 
 
-def _timestamp_ms(raw: object, now_ms: int) -> int:
-    """Lago's Unix seconds (a number, or its text; fractions allowed) -> epoch ms."""
-    if raw is None:
-        return now_ms
-    seconds = as_number(raw)
-    if seconds is None:
-        raise ValueError("timestamp: Unix seconds, e.g. 1735689600 or 1735689600.25")
-    return round(seconds * 1000)
-
-
 def _to_native(event: object, value_fields: dict[str, str], now_ms: int) -> dict[str, Any]:
     if not isinstance(event, dict):
         raise ValueError("expected an event object")
@@ -116,11 +107,12 @@ def _to_native(event: object, value_fields: dict[str, str], now_ms: int) -> dict
         text = scalar_text(raw)
         if text is not None and name != field_name:
             dimensions[name] = text
+    timestamp = event.get("timestamp")  # Unix seconds, fractions allowed; default now
     return {
         "id": event["transaction_id"],
         "account": account,
         "metric": event["code"],
-        "ts": _timestamp_ms(event.get("timestamp"), now_ms),
+        "ts": now_ms if timestamp is None else unix_seconds(timestamp, "timestamp"),
         "value": value,
         "dimensions": dimensions,
     }

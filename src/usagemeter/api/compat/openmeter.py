@@ -109,6 +109,8 @@ def _to_native(event: object, meters: list[OpenMeterMeter], now_ms: int) -> dict
     for name in ("id", "source", "type", "subject"):
         if not isinstance(event.get(name), str) or not event[name]:
             raise ValueError(f"{name}: required, a non-empty string")
+    if event.get("time") is not None and not isinstance(event["time"], str):
+        raise ValueError("time: RFC 3339 text, e.g. 2025-01-15T10:00:00Z")
     content_type = event.get("datacontenttype")
     if content_type not in (None, "application/json"):
         raise ValueError("datacontenttype: only application/json data is metered")

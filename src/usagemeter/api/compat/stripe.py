@@ -31,6 +31,7 @@ from usagemeter.api.compat.common import (
     map_events,
     read_body,
     store_mapped,
+    unix_seconds,
 )
 from usagemeter.api.credentials import bearer_secret
 from usagemeter.api.responses import JSONResponse
@@ -118,16 +119,13 @@ def _to_native(fields: dict[str, str], payload: dict[str, str], now_s: int) -> d
     if value is None:
         raise ValueError(f"{VALUE}: required, a number such as 25")
     timestamp = fields.get("timestamp")
-    seconds = now_s
-    if timestamp is not None:
-        if not timestamp.isdigit():
-            raise ValueError("timestamp: Unix seconds, e.g. 1735689600")
-        seconds = int(timestamp)
+    if timestamp is not None and not (timestamp.isascii() and timestamp.isdigit()):
+        raise ValueError("timestamp: whole Unix seconds, e.g. 1735689600")
     return {
         "id": fields["identifier"],
         "account": payload["stripe_customer_id"],
         "metric": fields["event_name"],
-        "ts": seconds * 1000,
+        "ts": now_s * 1000 if timestamp is None else unix_seconds(timestamp, "timestamp"),
         "value": value,
         "dimensions": {
             k: v for k, v in payload.items() if k not in ("stripe_customer_id", "value")
