@@ -57,11 +57,15 @@ METERS = {
 }
 
 
-@pytest.fixture
-def meters_file(tmp_path: Path) -> Path:
-    path = tmp_path / "meters.json"
+def write_meters(folder: Path) -> Path:
+    path = folder / "meters.json"
     path.write_text(json.dumps(METERS))
     return path
+
+
+@pytest.fixture
+def meters_file(tmp_path: Path) -> Path:
+    return write_meters(tmp_path)
 
 
 @pytest.fixture

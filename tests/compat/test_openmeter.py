@@ -9,11 +9,19 @@ from typing import Any
 import httpx
 import pytest
 from corehttp.exceptions import HttpResponseError
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openmeter import Client
 from openmeter._generated.models import Event
 
-from tests.compat.conftest import native_query
+from tests.compat.conftest import native_query, write_meters
 from tests.conftest import Tenants
+from usagemeter.api.app import create_app
+from usagemeter.auth import issue_key
+from usagemeter.meters import MeterRegistry
+from usagemeter.model import Account, Scope
+from usagemeter.store.sqlite import SQLiteStore
 
 T0 = datetime(2024, 11, 2, 20, 0, tzinfo=UTC)  # New York's fall-back day follows
 
@@ -275,3 +283,45 @@ def test_bad_queries_get_problems_that_say_what_to_fix(
     with pytest.raises(HttpResponseError) as caught:
         openmeter.meters.query_json("nope")
     assert caught.value.status_code == 404
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sends=st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["app", "app/eu", "app%2Feu", "https://x.example/a"]),
+                st.sampled_from(["1", "eu/1", "2"]),
+                st.integers(0, 1000),
+            ),
+            min_size=1,
+            max_size=6,
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_source_and_id_are_counted_once_however_sent(
+    tmp_path_factory: pytest.TempPathFactory, sends: list[list[tuple[str, str, int]]]
+) -> None:
+    """Any batches, retries and repeats: the meter sums each (source, id) once, the first
+    time it is stored; sources and ids with '/' in them never collide."""
+    store = SQLiteStore(tmp_path_factory.mktemp("om") / "om.db")
+    store.create_account(Account("root", "Root"))
+    _, secret = issue_key(store, None, scopes=[Scope.OPERATOR])
+    meters = MeterRegistry.from_file(write_meters(tmp_path_factory.mktemp("m")))
+    first: dict[tuple[str, str], int] = {}
+    with TestClient(create_app(store, meters)) as http:
+        headers = {"Authorization": f"Bearer {secret}"}
+        for batch in sends:
+            body = [
+                {**cloud_event(id, "root", T0, tokens=tokens), "source": source}
+                for source, id, tokens in batch
+            ]
+            response = http.post("/openmeter/api/v1/events", json=body, headers=headers)
+            assert response.status_code == 204, response.text
+            for source, id, tokens in batch:
+                first.setdefault((source, id), tokens)
+        rows = http.get("/openmeter/api/v1/meters/tokens_total/query", headers=headers).json()
+    assert [row["value"] for row in rows["data"]] == [sum(first.values())]
+    store.close()
