@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import event
 from usagemeter.engine import Engine
-from usagemeter.meters import MeterRegistry
+from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, Aggregation, Event, Meter, Query
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import Granularity, to_ms
@@ -123,3 +126,30 @@ def test_avg_as_a_meter_and_beside_a_gauge(tmp_path: object) -> None:
     )
     assert empty.total == (0,) and not any(b.groups for b in empty.buckets)
     store.close()
+
+
+@pytest.mark.usefixtures("tenants")
+def test_avg_in_the_native_query(client: TestClient, send: Any, op: Any) -> None:
+    send(
+        event("1", "root", "cpu", "2025-01-15T10:00:00Z", value=10),
+        event("2", "root", "cpu", "2025-01-15T11:00:00Z", value=30),
+        event("3", "root", "cpu", "2025-01-16T10:00:00Z", value=50),
+    )
+    response = client.get(
+        "/v1/query",
+        params={
+            "metric": "cpu",
+            "account": "root",
+            "start": "2025-01-15",
+            "end": "2025-01-17",
+            "aggregation": "avg",
+        },
+        headers=op,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [b["groups"][0]["value"] for b in body["buckets"]] == [20, 50]
+    assert body["total"] == 30
+    assert parse_aggregation("avg") == (Aggregation.AVG, None)
+    with pytest.raises(ValueError, match="avg"):
+        parse_aggregation("mean")

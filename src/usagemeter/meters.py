@@ -29,7 +29,8 @@ _UNIQUE = re.compile(r"^unique_count\(([A-Za-z0-9_.\-]{1,64})\)$")
 
 
 def parse_aggregation(text: str) -> tuple[Aggregation, str | None]:
-    """``sum``, ``count``, ``max``, ``min``, ``latest`` or ``unique_count(dimension)``."""
+    """``sum``, ``count``, ``max``, ``min``, ``latest``, ``avg`` or
+    ``unique_count(dimension)``."""
     match = _UNIQUE.match(text.strip())
     if match:
         return Aggregation.UNIQUE_COUNT, match.group(1)
@@ -37,7 +38,7 @@ def parse_aggregation(text: str) -> tuple[Aggregation, str | None]:
         aggregation = Aggregation(text.strip())
     except ValueError:
         raise ValueError(
-            f"unknown aggregation {text!r}: use sum, count, max, min, latest"
+            f"unknown aggregation {text!r}: use sum, count, max, min, latest, avg"
             " or unique_count(<dimension>)"
         ) from None
     if aggregation is Aggregation.UNIQUE_COUNT:
