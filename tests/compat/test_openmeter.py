@@ -149,6 +149,12 @@ def test_an_account_key_sends_only_for_its_own_subject(server: str, tenants: Ten
         with pytest.raises(HttpResponseError) as caught:
             other.meters.query_json("tokens_total", subject=["root"])
         assert caught.value.status_code == 404
+    _, ingest_only = issue_key(tenants.store, "root", scopes=[Scope.INGEST])
+    with Client(endpoint=f"{server}/openmeter", token=ingest_only) as sender:
+        sender.events.ingest_event(cloud_event("e", "root", T0, tokens=1))
+        with pytest.raises(HttpResponseError) as caught:
+            sender.meters.query_json("tokens_total")
+        assert caught.value.status_code == 403
     with Client(endpoint=f"{server}/openmeter", token="wrong") as stranger:
         with pytest.raises(HttpResponseError) as caught:
             stranger.meters.list()
@@ -251,6 +257,13 @@ def test_group_by_subject_and_property_and_filter(openmeter: Client, ops: Client
     ]
     only = openmeter.meters.query_json("tokens_total", filter_group_by={"model": "claude"})
     assert [r.value for r in only.data] == [6]
+    posted = openmeter.meters.query(  # the same questions with a JSON body
+        "tokens_total", {"groupBy": ["subject", "model"], "filterGroupBy": {"model": ["gpt"]}}
+    )
+    assert sorted((r.subject, r.value) for r in posted.data) == [("child", 30), ("root", 18)]
+    with pytest.raises(HttpResponseError) as caught:
+        openmeter.meters.query("tokens_total", {"filterGroupBy": {"model": ["gpt", "claude"]}})
+    assert "give one value" in caught.value.response.json()["detail"]
     child = openmeter.meters.query_json("prompts", subject=["child"])
     assert [(r.subject, r.value) for r in child.data] == [("child", 2)]
     users = openmeter.meters.query_json("users")

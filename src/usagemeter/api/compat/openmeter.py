@@ -23,7 +23,8 @@ Meters are declared in the meters file (``slug``, ``eventType``, ``aggregation``
 from __future__ import annotations
 
 import ast
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -58,7 +59,13 @@ FROM_DEFAULT = datetime.fromisoformat("2000-01-01T00:00:00+00:00")  # ingest's e
 WINDOWS = {"HOUR": Granularity.HOUR, "DAY": Granularity.DAY, "MONTH": Granularity.MONTH}
 # Native field names in errors, told as a CloudEvent names them.
 PEER_NAMES = {"account": "subject", "metric": "type", "ts": "time", "id": "id"}
-TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 413: "Payload Too Large"}
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Payload Too Large",
+}
 
 
 class Problem(Exception):
@@ -266,64 +273,129 @@ def _filter_group_by(text: str) -> dict[str, str]:
     return found
 
 
-def _query(request: Request, meter: OpenMeterMeter, key: ApiKey, svc: Services) -> UsageQuery:
+@dataclass
+class _Params:
+    """A meter query's parameters, from the query string (GET) or a JSON body (POST)."""
+
+    start: str | None = None
+    end: str | None = None
+    window: str | None = None
+    tz: str | None = None
+    subjects: list[str] = field(default_factory=list)
+    group_by: list[str] = field(default_factory=list)
+    filters: dict[str, str] = field(default_factory=dict)
+
+
+def _from_query_string(request: Request) -> _Params:
     params = request.query_params
+    filters = _filter_group_by(params["filterGroupBy"]) if params.get("filterGroupBy") else {}
+    for param, value in params.multi_items():  # deepObject style: filterGroupBy[model]=gpt-4
+        if param.startswith("filterGroupBy[") and param.endswith("]"):
+            filters[param[len("filterGroupBy[") : -1]] = value
+    return _Params(
+        start=params.get("from") or None,
+        end=params.get("to") or None,
+        window=params.get("windowSize") or None,
+        tz=params.get("windowTimeZone") or None,
+        subjects=[s for s in params.getlist("subject") if s],
+        group_by=[g for g in params.getlist("groupBy") if g],
+        filters=filters,
+    )
+
+
+def _from_body(body: bytes) -> _Params:
+    try:
+        found = msgspec.json.decode(body or b"{}")
+    except msgspec.DecodeError as exc:
+        raise Problem(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(found, dict):
+        raise Problem(400, "expected a JSON object of query parameters")
+
+    def text(name: str) -> str | None:
+        value = found.get(name)
+        if value is not None and not isinstance(value, str):
+            raise Problem(400, f"{name}: expected a string")
+        return value
+
+    def texts(name: str) -> list[str]:
+        value = found.get(name) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise Problem(400, f"{name}: expected a list of strings")
+        return value
+
+    filters: dict[str, str] = {}
+    for name, values in (found.get("filterGroupBy") or {}).items():
+        # The body's filter takes a list of values per group; one group value is what the
+        # engine's filters hold (all must match), so a list has exactly one.
+        one = values[0] if isinstance(values, list) and len(values) == 1 else values
+        if not isinstance(one, str):
+            raise Problem(400, f'filterGroupBy.{name}: give one value, e.g. ["gpt-4"]')
+        filters[name] = one
+    return _Params(
+        start=text("from"),
+        end=text("to"),
+        window=text("windowSize"),
+        tz=text("windowTimeZone"),
+        subjects=texts("subject"),
+        group_by=texts("groupBy"),
+        filters=filters,
+    )
+
+
+def _accounts(params: _Params, key: ApiKey, svc: Services) -> tuple[str, ...]:
+    """The subjects asked for, each readable by the key; else all the key may read."""
+    for subject in params.subjects:
+        if not can_read(svc.store, key, subject):
+            raise Problem(404, f"subject {subject!r} not found, or this key may not read it")
+    if params.subjects:
+        return tuple(dict.fromkeys(params.subjects))
+    if key.account_id is None:
+        return tuple(a.id for a in svc.store.list_accounts())
+    if not can_read(svc.store, key, key.account_id):
+        raise Problem(403, "this key may not read usage: it has no read scope")
+    return tuple(svc.store.descendants(key.account_id))
+
+
+def _query(params: _Params, meter: OpenMeterMeter, key: ApiKey, svc: Services) -> UsageQuery:
     errors: list[str] = []
-    tz = params.get("windowTimeZone") or "UTC"
+    tz = params.tz or "UTC"
     zone = None
     try:
         zone = parse_zone(tz)
     except ValueError as exc:
         errors.append(f"windowTimeZone: {exc}")
-    window = params.get("windowSize")
     granularity = Granularity.TOTAL
-    if window is not None:
-        if window.upper() not in WINDOWS:
-            errors.append(f"windowSize: {window!r} is not supported; use HOUR, DAY or MONTH")
+    if params.window is not None:
+        if params.window.upper() not in WINDOWS:
+            errors.append(f"windowSize: {params.window!r} is not supported; use HOUR, DAY or MONTH")
         else:
-            granularity = WINDOWS[window.upper()]
+            granularity = WINDOWS[params.window.upper()]
     start, end = FROM_DEFAULT, svc.now()
-    for name in ("from", "to"):
-        if params.get(name):
+    for name, given in (("from", params.start), ("to", params.end)):
+        if given:
             try:
-                instant = parse_instant(params[name], zone or parse_zone("UTC"))
+                instant = parse_instant(given, zone or parse_zone("UTC"))
             except ValueError as exc:
                 errors.append(f"{name}: {exc}")
                 continue
             start, end = (instant, end) if name == "from" else (start, instant)
     if start >= end:
         errors.append("from: must be before to")
-    group_by = [g for g in params.getlist("groupBy") if g]
+    group_by = list(params.group_by)
     for name in group_by:
         if name != "subject" and name not in meter.group_by:
             known = ", ".join(["subject", *meter.group_by])
             errors.append(f"groupBy: meter {meter.slug!r} has no group {name!r}; use {known}")
-    filters: dict[str, str] = {}
-    if params.get("filterGroupBy"):
-        filters = _filter_group_by(params["filterGroupBy"])
-    for param, value in params.multi_items():  # deepObject style: filterGroupBy[model]=gpt-4
-        if param.startswith("filterGroupBy[") and param.endswith("]"):
-            filters[param[len("filterGroupBy[") : -1]] = value
-    for name in filters:
+    for name in params.filters:
         if name not in meter.group_by:
             errors.append(f"filterGroupBy: meter {meter.slug!r} has no group {name!r}")
     if errors:
         raise Problem(400, "; ".join(errors), {"errors": errors})
 
-    subjects = [s for s in params.getlist("subject") if s]
-    if subjects and "subject" not in group_by:
+    if params.subjects and "subject" not in group_by:
         group_by.append("subject")  # as OpenMeter: filtering by subjects also groups by them
-    for subject in subjects:
-        if not can_read(svc.store, key, subject):
-            raise Problem(404, f"subject {subject!r} not found, or this key may not read it")
-    if subjects:
-        accounts = tuple(dict.fromkeys(subjects))
-    elif key.account_id is not None:
-        accounts = tuple(svc.store.descendants(key.account_id))
-    else:
-        accounts = tuple(a.id for a in svc.store.list_accounts())
     query = UsageQuery(
-        accounts=accounts,
+        accounts=_accounts(params, key, svc),
         metric=meter.event_type,
         start=start,
         end=end,
@@ -331,7 +403,7 @@ def _query(request: Request, meter: OpenMeterMeter, key: ApiKey, svc: Services) 
         tz=tz,
         aggregations=(meter.aggregation,),
         group_by=tuple(GROUP_SUBACCOUNT if g == "subject" else g for g in group_by),
-        filters=tuple(sorted(filters.items())),
+        filters=tuple(sorted(params.filters.items())),
         unique_dimension=meter.dimension,
     )
     if len(svc.engine.buckets(replace(query, limit=MAX_WINDOWS + 1))) > MAX_WINDOWS:
@@ -365,17 +437,40 @@ def _rows(result: Result, window: str | None) -> dict[str, Any]:
     }
 
 
-@router.get("/api/v1/meters/{slug}/query")
-async def query_meter(request: Request, slug: str) -> Response:
-    """A meter's usage per window (or over the whole range without ``windowSize``)."""
+async def _answer(request: Request, slug: str, read: Callable[[], Awaitable[_Params]]) -> Response:
     try:
         key = _caller(request)
         svc = services(request)
-        query = _query(request, _meter(svc, slug), key, svc)
+        meter = _meter(svc, slug)
+        params = await read()
+        query = _query(params, meter, key, svc)
         try:
             result = svc.engine.run(query)
         except ValueError as exc:
             raise Problem(400, str(exc)) from None
     except Problem as problem:
         return problem.response(request)
-    return JSONResponse(_rows(result, request.query_params.get("windowSize")))
+    return JSONResponse(_rows(result, params.window))
+
+
+@router.get("/api/v1/meters/{slug}/query")
+async def query_meter(request: Request, slug: str) -> Response:
+    """A meter's usage per window (or over the whole range without ``windowSize``)."""
+
+    async def read() -> _Params:
+        return _from_query_string(request)
+
+    return await _answer(request, slug, read)
+
+
+@router.post("/api/v1/meters/{slug}/query")
+async def query_meter_post(request: Request, slug: str) -> Response:
+    """The same query, its parameters in a JSON body (the client's ``meters.query``)."""
+
+    async def read() -> _Params:
+        body = await read_body(request)
+        if body is None:
+            raise Problem(413, "a request body holds at most 16 MiB")
+        return _from_body(body)
+
+    return await _answer(request, slug, read)
