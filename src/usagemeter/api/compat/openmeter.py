@@ -16,8 +16,10 @@ property a UNIQUE_COUNT meter counts is taken: it adds no distinct value, as in 
 
 Meters are declared in the meters file (``slug``, ``eventType``, ``aggregation``,
 ``valueProperty``, ``groupBy``); ``GET /api/v1/meters`` lists them and
-``GET /api/v1/meters/{slug}/query`` answers over the engine, windows aligned in
-``windowTimeZone`` as every native report is. Errors are RFC 7807 problems, as OpenMeter's.
+``/api/v1/meters/{slug}/query`` (GET, or POST with a JSON body) answers over the engine,
+windows aligned in ``windowTimeZone`` as every native report is. A subject filter is checked
+as a native account is (a key reads its own tree); without one, a query covers what the key
+may read. Errors are RFC 7807 problems, as OpenMeter's.
 """
 
 from __future__ import annotations
