@@ -69,6 +69,20 @@ def test_lago_unique_count_counts_its_field(tmp_path: Path) -> None:
             {"slug": "s", "eventType": "e", "aggregation": "COUNT", "groupBy": {"subject": "$.s"}},
             "groupBy:",
         ),
+        (
+            {"slug": "s", "eventType": "e", "aggregation": "COUNT", "groupBy": {"key": "$.k"}},
+            "groupBy:",
+        ),
+        (
+            {
+                "slug": "s",
+                "eventType": "e",
+                "aggregation": "UNIQUE_COUNT",
+                "valueProperty": "$.key",
+            },
+            "valueProperty:",
+        ),
+        ({"code": "c", "aggregation_type": "sum_agg", "field_name": "subaccount"}, "field_name:"),
         ({"code": "c", "aggregation_type": "weighted_sum_agg", "field_name": "f"}, "not supported"),
         ({"code": "c", "aggregation_type": "sum_agg"}, "field_name: required"),
     ],

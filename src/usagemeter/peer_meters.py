@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from usagemeter.ingest import DIMENSION, NAME
+from usagemeter.ingest import DIMENSION, NAME, RESERVED_DIMENSIONS
 from usagemeter.model import Aggregation, Meter
 
 # $.a.b, $['a b'] or $["a"]: the JSONPath that OpenMeter's meters use to name a property.
@@ -140,6 +140,10 @@ class OpenMeterMeter:
         }
 
 
+def _dimension_name(name: object) -> bool:
+    return isinstance(name, str) and bool(DIMENSION.match(name)) and name not in RESERVED_DIMENSIONS
+
+
 def _openmeter_meter(entry: Mapping[str, Any]) -> OpenMeterMeter:
     slug, event_type = entry.get("slug"), entry.get("eventType")
     if not isinstance(slug, str) or not re.fullmatch(r"[a-z0-9_\-]{1,63}", slug):
@@ -161,8 +165,11 @@ def _openmeter_meter(entry: Mapping[str, Any]) -> OpenMeterMeter:
             'groupBy: expected an object of name -> JSONPath, e.g. {"model": "$.model"}'
         )
     for name, path in group_by.items():
-        if not DIMENSION.match(name) or name == "subject":
-            raise ValueError(f"groupBy: {name!r} must be 1-64 letters, digits, _ . - (not subject)")
+        if not _dimension_name(name) or name == "subject":
+            raise ValueError(
+                f"groupBy: {name!r} must be 1-64 letters, digits, _ . - and not one of"
+                f" subject, {', '.join(sorted(RESERVED_DIMENSIONS))}"
+            )
         parse_path(path, f"groupBy.{name}")
     meter = OpenMeterMeter(
         slug=slug,
@@ -174,8 +181,11 @@ def _openmeter_meter(entry: Mapping[str, Any]) -> OpenMeterMeter:
         description=entry.get("description"),
     )
     dimension = meter.dimension
-    if meter.value_path is not None and dimension is not None and not DIMENSION.match(dimension):
-        raise ValueError(f"valueProperty: {value_property!r} must name a property of 1-64 letters")
+    if dimension is not None and not _dimension_name(dimension):
+        raise ValueError(
+            f"valueProperty: {value_property!r} must name a property of 1-64 letters, digits,"
+            f" _ . - other than {', '.join(sorted(RESERVED_DIMENSIONS))}"
+        )
     return meter
 
 
@@ -222,9 +232,7 @@ class PeerMeters:
         if not isinstance(metric, str) or not NAME.match(metric):
             raise ValueError("code: required, the billable metric's code (1-100 letters)")
         field_name = entry.get("field_name")
-        if field_name is not None and (
-            not isinstance(field_name, str) or not DIMENSION.match(field_name)
-        ):
+        if field_name is not None and not _dimension_name(field_name):
             raise ValueError("field_name: the property holding the value, 1-64 letters")
         text = str(entry.get("aggregation_type", entry.get("aggregation", "count_agg")))
         aggregation = LAGO_AGGREGATIONS.get(text)
