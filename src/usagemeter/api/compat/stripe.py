@@ -5,7 +5,8 @@
 ``POST /v1/billing/meter_events`` takes Stripe's form-encoded fields: ``event_name`` is the
 metric, ``payload[stripe_customer_id]`` the account, ``payload[value]`` the value (a number,
 as text), ``identifier`` the id (a retried identifier is acknowledged again and counted
-once; without one, each event gets a new one), ``timestamp`` Unix seconds (default now). Any
+once; without one, the request's ``Idempotency-Key``, which the client keeps across its own
+retries), ``timestamp`` Unix seconds (default now). Any
 other ``payload[...]`` key becomes a dimension. The answer is a ``billing.meter_event``
 object; errors are Stripe's ``{"error": {"type", "message", "param", "code"}}``. Stripe takes
 one event per request here, so there is no batch to reject.
@@ -142,7 +143,12 @@ async def create_meter_event(request: Request) -> Response:
         if body is None:
             raise StripeError(413, "the request body is too large")
         fields, payload = _fields(body)
-        fields.setdefault("identifier", f"mev_{uuid.uuid4().hex}")  # as Stripe: unique if unset
+        if not fields.get("identifier"):
+            # The client sends one Idempotency-Key per create call, the same on each of its
+            # retries: it names an event sent without an identifier, so a retry of a request
+            # whose answer was lost is counted once. Without either, the event is new.
+            retry_key = request.headers.get("idempotency-key")
+            fields["identifier"] = f"idem_{retry_key}" if retry_key else f"mev_{uuid.uuid4().hex}"
         now_s = int(services(request).now().timestamp())
         mapped = map_events([None], lambda _: _to_native(fields, payload, now_s))
         try:
