@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from usagemeter.ingest import DIMENSION, NAME, RESERVED_DIMENSIONS
 from usagemeter.model import Aggregation, Meter
 
 # $.a.b, $['a b'] or $["a"]: the JSONPath that OpenMeter's meters use to name a property.
@@ -140,15 +139,33 @@ class OpenMeterMeter:
         }
 
 
+def _ingest_rules() -> tuple[re.Pattern[str], re.Pattern[str], frozenset[str]]:
+    """Ingest's rules for metric and dimension names, and its reserved dimensions. Imported
+    when a file is read, not with this module: ingest depends on the meters (a metric's meter
+    decides what values it takes), and the meters on this module."""
+    from usagemeter import ingest
+
+    return ingest.NAME, ingest.DIMENSION, ingest.RESERVED_DIMENSIONS
+
+
+def _metric_name(name: object) -> bool:
+    return isinstance(name, str) and bool(_ingest_rules()[0].match(name))
+
+
 def _dimension_name(name: object) -> bool:
-    return isinstance(name, str) and bool(DIMENSION.match(name)) and name not in RESERVED_DIMENSIONS
+    _, dimension, reserved = _ingest_rules()
+    return isinstance(name, str) and bool(dimension.match(name)) and name not in reserved
+
+
+def _reserved() -> str:
+    return ", ".join(sorted(_ingest_rules()[2]))
 
 
 def _openmeter_meter(entry: Mapping[str, Any]) -> OpenMeterMeter:
     slug, event_type = entry.get("slug"), entry.get("eventType")
     if not isinstance(slug, str) or not re.fullmatch(r"[a-z0-9_\-]{1,63}", slug):
         raise ValueError("slug: 1-63 lower-case letters, digits, '_' or '-'")
-    if not isinstance(event_type, str) or not NAME.match(event_type):
+    if not isinstance(event_type, str) or not _metric_name(event_type):
         raise ValueError("eventType: required, 1-100 letters, digits, _ . : -")
     text = str(entry.get("aggregation", "")).upper()
     if text not in OPENMETER_AGGREGATIONS:
@@ -168,7 +185,7 @@ def _openmeter_meter(entry: Mapping[str, Any]) -> OpenMeterMeter:
         if not _dimension_name(name) or name == "subject":
             raise ValueError(
                 f"groupBy: {name!r} must be 1-64 letters, digits, _ . - and not one of"
-                f" subject, {', '.join(sorted(RESERVED_DIMENSIONS))}"
+                f" subject, {_reserved()}"
             )
         parse_path(path, f"groupBy.{name}")
     meter = OpenMeterMeter(
@@ -184,7 +201,7 @@ def _openmeter_meter(entry: Mapping[str, Any]) -> OpenMeterMeter:
     if dimension is not None and not _dimension_name(dimension):
         raise ValueError(
             f"valueProperty: {value_property!r} must name a property of 1-64 letters, digits,"
-            f" _ . - other than {', '.join(sorted(RESERVED_DIMENSIONS))}"
+            f" _ . - other than {_reserved()}"
         )
     return meter
 
@@ -229,7 +246,7 @@ class PeerMeters:
 
     def _add_lago(self, entry: Mapping[str, Any]) -> Meter:
         metric = entry.get("metric", entry.get("code"))
-        if not isinstance(metric, str) or not NAME.match(metric):
+        if not isinstance(metric, str) or not _metric_name(metric):
             raise ValueError("code: required, the billable metric's code (1-100 letters)")
         field_name = entry.get("field_name")
         if field_name is not None and not _dimension_name(field_name):
