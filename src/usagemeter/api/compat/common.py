@@ -17,6 +17,12 @@ from usagemeter.model import ApiKey, AppendResult
 
 MAX_BODY = 16 * 1024 * 1024
 
+
+def body_doc(content_type: str, example: object) -> dict[str, Any]:
+    """The request body of a route that reads it raw, for the OpenAPI document."""
+    return {"requestBody": {"required": True, "content": {content_type: {"example": example}}}}
+
+
 # A peer event is mapped to a native raw event (a dict that ingest validates), or to the
 # error that stopped its mapping.
 Mapped = dict[str, Any] | EventError

@@ -24,6 +24,7 @@ from starlette.responses import Response
 
 from usagemeter.api.compat.common import (
     as_number,
+    body_doc,
     in_peer_terms,
     map_events,
     read_body,
@@ -181,7 +182,16 @@ def _details(errors: list[EventError], batch: bool) -> dict[str, Any]:
     return details
 
 
-@router.post("/api/v1/events")
+EVENT_EXAMPLE = {
+    "transaction_id": "tx-1",
+    "external_subscription_id": "acme",
+    "code": "storage",
+    "timestamp": 1736935200,
+    "properties": {"gb": 1.5, "region": "eu"},
+}
+
+
+@router.post("/api/v1/events", openapi_extra=body_doc("application/json", {"event": EVENT_EXAMPLE}))
 async def create_event(request: Request) -> Response:
     """One event: ``{"event": {...}}``; answered with the event, once it is on disk."""
     try:
@@ -192,7 +202,10 @@ async def create_event(request: Request) -> Response:
     return JSONResponse({"event": _echo(events[0], natives[0], created)})
 
 
-@router.post("/api/v1/events/batch")
+@router.post(
+    "/api/v1/events/batch",
+    openapi_extra=body_doc("application/json", {"events": [EVENT_EXAMPLE]}),
+)
 async def create_batch(request: Request) -> Response:
     """Up to 100 events: ``{"events": [...]}``, stored whole or not at all."""
     try:

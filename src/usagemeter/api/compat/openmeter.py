@@ -37,6 +37,7 @@ from starlette.responses import Response
 
 from usagemeter.api.compat.common import (
     as_number,
+    body_doc,
     in_peer_terms,
     map_events,
     read_body,
@@ -189,7 +190,22 @@ def _events(body: bytes, content_type: str) -> list[object]:
     raise Problem(400, f"{content_type}: expected {expected}")
 
 
-@router.post("/api/v1/events", status_code=204)
+EVENT_EXAMPLE = {
+    "specversion": "1.0",
+    "id": "evt-1",
+    "source": "my-app",
+    "type": "prompt",
+    "subject": "acme",
+    "time": "2025-01-15T10:00:00Z",
+    "data": {"tokens": 120, "model": "gpt-4"},
+}
+
+
+@router.post(
+    "/api/v1/events",
+    status_code=204,
+    openapi_extra=body_doc("application/cloudevents-batch+json", [EVENT_EXAMPLE]),
+)
 async def ingest_events(request: Request) -> Response:
     """Ingest CloudEvents; 204 once the whole batch is on disk."""
     try:
@@ -465,7 +481,13 @@ async def query_meter(request: Request, slug: str) -> Response:
     return await _answer(request, slug, read)
 
 
-@router.post("/api/v1/meters/{slug}/query")
+@router.post(
+    "/api/v1/meters/{slug}/query",
+    openapi_extra=body_doc(
+        "application/json",
+        {"from": "2025-01-01T00:00:00Z", "windowSize": "DAY", "windowTimeZone": "Asia/Kolkata"},
+    ),
+)
 async def query_meter_post(request: Request, slug: str) -> Response:
     """The same query, its parameters in a JSON body (the client's ``meters.query``)."""
 

@@ -28,6 +28,7 @@ from starlette.responses import Response
 
 from usagemeter.api.compat.common import (
     as_number,
+    body_doc,
     in_peer_terms,
     map_events,
     read_body,
@@ -134,7 +135,14 @@ def _to_native(fields: dict[str, str], payload: dict[str, str], now_s: int) -> d
     }
 
 
-@router.post("/v1/billing/meter_events")
+@router.post(
+    "/v1/billing/meter_events",
+    openapi_extra=body_doc(
+        "application/x-www-form-urlencoded",
+        "event_name=api_requests&payload[stripe_customer_id]=acme&payload[value]=25"
+        "&identifier=req-1&timestamp=1736935200",
+    ),
+)
 async def create_meter_event(request: Request) -> Response:
     """One meter event; answered with the ``billing.meter_event`` once it is on disk."""
     try:
