@@ -268,6 +268,10 @@ def test_group_by_subject_and_property_and_filter(openmeter: Client, ops: Client
     assert [(r.subject, r.value) for r in child.data] == [("child", 2)]
     users = openmeter.meters.query_json("users")
     assert [r.value for r in users.data] == [4]  # u1..u4, distinct over the range
+    assert openmeter.meters.list_subjects("tokens_total") == ["child", "root"]
+    assert openmeter.meters.list_group_by_values("tokens_total", "model") == ["claude", "gpt"]
+    early = openmeter.meters.list_subjects("prompts", to=T0 + timedelta(hours=1))
+    assert early == ["root"]
     highest = openmeter.meters.query_json("tokens_max", window_size="MONTH")
     assert [r.value for r in highest.data] == [30]
 

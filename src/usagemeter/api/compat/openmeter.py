@@ -498,3 +498,32 @@ async def query_meter_post(request: Request, slug: str) -> Response:
         return _from_body(body)
 
     return await _answer(request, slug, read)
+
+
+async def _values(request: Request, slug: str, group: str) -> Response:
+    """The values of one group (``subject`` or one of the meter's) that have usage between
+    ``from`` and ``to``, as OpenMeter lists them: sorted text."""
+    try:
+        key = _caller(request)
+        svc = services(request)
+        meter = _meter(svc, slug)
+        given = request.query_params
+        params = _Params(start=given.get("from"), end=given.get("to"), group_by=[group])
+        result = svc.engine.run(_query(params, meter, key, svc))
+    except Problem as problem:
+        return problem.response(request)
+    name = GROUP_SUBACCOUNT if group == "subject" else group
+    found = {g.as_dict()[name] for g in result.totals}
+    return JSONResponse(sorted(v for v in found if v is not None))
+
+
+@router.get("/api/v1/meters/{slug}/subjects")
+async def list_subjects(request: Request, slug: str) -> Response:
+    """The subjects (accounts) with usage of the meter."""
+    return await _values(request, slug, "subject")
+
+
+@router.get("/api/v1/meters/{slug}/group-by/{group}/values")
+async def list_group_values(request: Request, slug: str, group: str) -> Response:
+    """The values one of the meter's groups takes in its usage."""
+    return await _values(request, slug, group)
