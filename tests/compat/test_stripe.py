@@ -150,3 +150,35 @@ def test_a_meter_event_is_at_once_in_the_seed_endpoints(server: str, tenants: Te
     body = usage.json()
     assert body["usage_data"][0] == {"date": "2025-01-15", "request_count": 2}
     assert body["total_requests_in_timeperiod"] == 2
+
+
+def test_the_v2_meter_event_stream(server: str, tenants: Tenants, operator_secret: str) -> None:
+    bases = {"api": f"{server}/stripe", "meter_events": f"{server}/stripe"}
+    client = stripe.StripeClient(operator_secret, base_addresses=bases, max_network_retries=0)
+    session = client.v2.billing.meter_event_session.create()
+    stream = stripe.StripeClient(
+        session.authentication_token, base_addresses=bases, max_network_retries=0
+    )
+    events: list[Any] = [
+        {
+            "event_name": "api_requests",
+            "identifier": f"v2-{i}",
+            "timestamp": "2025-01-15T10:00:00Z",
+            "payload": {"stripe_customer_id": "root", "value": str(i)},
+        }
+        for i in range(1, 5)
+    ]
+    stream.v2.billing.meter_event_stream.create(params={"events": events})
+    stream.v2.billing.meter_event_stream.create(params={"events": events[:2]})  # repeats
+    assert native(server, tenants)["total"] == 10
+    bad = [*events, {**events[0], "identifier": "v2-x", "payload": {"value": "1"}}]
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        stream.v2.billing.meter_event_stream.create(params={"events": bad})
+    assert caught.value.param == "events[4].payload[stripe_customer_id]"
+    assert native(server, tenants, aggregation="count")["total"] == 4  # nothing of it kept
+    unnamed = {k: v for k, v in events[0].items() if k != "identifier"}
+    for _ in range(2):  # one request and its retry: the same Idempotency-Key
+        stream.v2.billing.meter_event_stream.create(
+            params={"events": [unnamed]}, options={"idempotency_key": "stream-retry"}
+        )
+    assert native(server, tenants)["total"] == 11

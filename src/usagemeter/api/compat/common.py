@@ -90,14 +90,14 @@ def _store(request: Request, mapped: Sequence[Mapped], caller: ApiKey) -> Append
 
 
 def map_events(
-    items: Sequence[object], to_native: Callable[[object], dict[str, Any]]
+    items: Sequence[object], to_native: Callable[[object, int], dict[str, Any]]
 ) -> list[Mapped]:
-    """Each peer event mapped to a native raw event, or to the error (``field: message``)
-    that stopped it, so a batch's reply names every bad event at once."""
+    """Each peer event mapped (with its index) to a native raw event, or to the error
+    (``field: message``) that stopped it, so a batch's reply names every bad event at once."""
     mapped: list[Mapped] = []
     for index, item in enumerate(items):
         try:
-            mapped.append(to_native(item))
+            mapped.append(to_native(item, index))
         except ValueError as exc:
             message = str(exc)
             field = message.split(":", 1)[0] if ":" in message else None

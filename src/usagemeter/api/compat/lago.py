@@ -162,7 +162,7 @@ async def _ingest(request: Request, root: str) -> tuple[list[Any], list[dict[str
         for metric, name in meters.peers.field_names.items()
         if meters.get(metric).aggregation is not Aggregation.UNIQUE_COUNT
     }
-    mapped = map_events(events, lambda e: _to_native(e, value_fields, now_ms))
+    mapped = map_events(events, lambda e, _: _to_native(e, value_fields, now_ms))
     try:
         await store_mapped(request, mapped, key)
     except BatchRejected as exc:

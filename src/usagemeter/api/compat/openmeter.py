@@ -218,7 +218,7 @@ async def ingest_events(request: Request) -> Response:
         now_ms = to_ms(svc.now())
         peers = svc.engine.meters.peers
 
-        def to_native(event: object) -> dict[str, Any]:
+        def to_native(event: object, index: int) -> dict[str, Any]:
             of_type = peers.of_type(str(event.get("type"))) if isinstance(event, dict) else []
             return _to_native(event, of_type, now_ms)
 

@@ -6,10 +6,14 @@
 metric, ``payload[stripe_customer_id]`` the account, ``payload[value]`` the value (a number,
 as text), ``identifier`` the id (a retried identifier is acknowledged again and counted
 once; without one, the request's ``Idempotency-Key``, which the client keeps across its own
-retries), ``timestamp`` Unix seconds (default now). Any
-other ``payload[...]`` key becomes a dimension. The answer is a ``billing.meter_event``
-object; errors are Stripe's ``{"error": {"type", "message", "param", "code"}}``. Stripe takes
-one event per request here, so there is no batch to reject.
+retries), ``timestamp`` Unix seconds (default now). Any other ``payload[...]`` key becomes a
+dimension. The answer is a ``billing.meter_event`` object; errors are Stripe's
+``{"error": {"type", "message", "param", "code"}}``.
+
+The v2 stream (``POST /v2/billing/meter_event_stream``, JSON, up to 100 events, RFC 3339
+timestamps) maps its events the same way. Stripe validates those asynchronously and drops a
+bad one later; here a bad event rejects the whole request at once, naming it, and nothing of
+the request is stored.
 
 The key goes as ``Authorization: Bearer <key>``, as the client sends it, or as HTTP basic
 auth with the key as the user name, as Stripe also accepts.
@@ -20,9 +24,11 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
+import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -41,6 +47,7 @@ from usagemeter.api.services import services
 from usagemeter.auth import authenticate
 from usagemeter.ingest import BatchRejected
 from usagemeter.model import ApiKey
+from usagemeter.timewindows import isoformat, to_ms
 
 router = APIRouter(prefix="/stripe", tags=["stripe"])
 
@@ -112,27 +119,49 @@ def _fields(body: bytes) -> tuple[dict[str, str], dict[str, str]]:
     return fields, payload
 
 
-def _to_native(fields: dict[str, str], payload: dict[str, str], now_s: int) -> dict[str, Any]:
-    if not fields.get("event_name"):
+def _to_native(
+    event_name: object, identifier: str, payload: dict[str, str], ts: object
+) -> dict[str, Any]:
+    """One meter event -> a native raw event; ``ts`` is epoch ms or RFC 3339 text."""
+    if not isinstance(event_name, str) or not event_name:
         raise ValueError("event_name: Missing required param: event_name.")
     if not payload.get("stripe_customer_id"):
         raise ValueError(f"{CUSTOMER}: Missing required param: {CUSTOMER}.")
     value = as_number(payload.get("value"))
     if value is None:
         raise ValueError(f"{VALUE}: required, a number such as 25")
-    timestamp = fields.get("timestamp")
-    if timestamp is not None and not (timestamp.isascii() and timestamp.isdigit()):
-        raise ValueError("timestamp: whole Unix seconds, e.g. 1735689600")
     return {
-        "id": fields["identifier"],
+        "id": identifier,
         "account": payload["stripe_customer_id"],
-        "metric": fields["event_name"],
-        "ts": now_s * 1000 if timestamp is None else unix_seconds(timestamp, "timestamp"),
+        "metric": event_name,
+        "ts": ts,
         "value": value,
         "dimensions": {
             k: v for k, v in payload.items() if k not in ("stripe_customer_id", "value")
         },
     }
+
+
+def _v1_timestamp(fields: dict[str, str], now_s: int) -> int:
+    timestamp = fields.get("timestamp")
+    if timestamp is None:
+        return now_s * 1000
+    if not (timestamp.isascii() and timestamp.isdigit()):
+        raise ValueError("timestamp: whole Unix seconds, e.g. 1735689600")
+    return unix_seconds(timestamp, "timestamp")
+
+
+def _rejected(exc: BatchRejected, where: str = "") -> StripeError:
+    """The first bad event's problem as Stripe's error: its param, and the message."""
+    error = in_peer_terms(exc.errors[0], PEER_NAMES)
+    message = error.message
+    if error.field is not None and message.startswith(error.field + ":"):
+        message = message[len(error.field) + 1 :].strip()
+    param = error.field
+    if where:
+        param = f"events[{error.index}].{param}" if param else f"events[{error.index}]"
+        message = f"events[{error.index}]: {message}"
+    return StripeError(400, message, param, "parameter_invalid")
 
 
 @router.post(
@@ -158,15 +187,19 @@ async def create_meter_event(request: Request) -> Response:
             retry_key = request.headers.get("idempotency-key")
             fields["identifier"] = f"idem_{retry_key}" if retry_key else f"mev_{uuid.uuid4().hex}"
         now_s = int(services(request).now().timestamp())
-        mapped = map_events([None], lambda _: _to_native(fields, payload, now_s))
+        mapped = map_events(
+            [None],
+            lambda _, __: _to_native(
+                fields.get("event_name"),
+                fields["identifier"],
+                payload,
+                _v1_timestamp(fields, now_s),
+            ),
+        )
         try:
             await store_mapped(request, mapped, key)
         except BatchRejected as exc:
-            error = in_peer_terms(exc.errors[0], PEER_NAMES)
-            message = error.message
-            if error.field is not None and message.startswith(error.field + ":"):
-                message = message[len(error.field) + 1 :].strip()
-            raise StripeError(400, message, error.field, "parameter_invalid") from None
+            raise _rejected(exc) from None
     except StripeError as error:
         return error.response()
     native = mapped[0]
@@ -182,3 +215,94 @@ async def create_meter_event(request: Request) -> Response:
             "timestamp": native["ts"] // 1000,
         }
     )
+
+
+# ------------------------------------------------------- the v2 meter event stream
+
+MAX_STREAM = 100  # events per request, as Stripe's stream
+
+
+@router.post("/v2/billing/meter_event_session")
+async def create_session(request: Request) -> Response:
+    """A session for the stream. Its token is the key the session was asked with: the
+    stream authenticates as that key, for as long as the key lives."""
+    try:
+        _caller(request)
+    except StripeError as error:
+        return error.response()
+    secret = bearer_secret(request) or basic_secret(request)
+    now = services(request).now()
+    return JSONResponse(
+        {
+            "id": f"mes_{uuid.uuid4().hex}",
+            "object": "v2.billing.meter_event_session",
+            "authentication_token": secret,
+            "created": isoformat(now),
+            "expires_at": isoformat(now + timedelta(minutes=15)),
+            "livemode": False,
+        }
+    )
+
+
+def _stream_event(event: object, index: int, retry_key: str | None, now_ms: int) -> dict[str, Any]:
+    if not isinstance(event, dict):
+        raise ValueError("expected a meter event object")
+    payload = event.get("payload")
+    if not isinstance(payload, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in payload.items()
+    ):
+        raise ValueError("payload: an object of strings")
+    identifier = event.get("identifier")
+    if identifier is None:
+        # As in v1: the request's Idempotency-Key, kept across the client's retries, names
+        # each event sent without an identifier by its place in the request.
+        identifier = f"idem_{retry_key}_{index}" if retry_key else f"mev_{uuid.uuid4().hex}"
+    if not isinstance(identifier, str):
+        raise ValueError("identifier: a string")
+    timestamp = event.get("timestamp")
+    if timestamp is not None and not isinstance(timestamp, str):
+        raise ValueError("timestamp: RFC 3339 text, e.g. 2025-01-15T10:00:00Z")
+    return _to_native(event.get("event_name"), identifier, payload, timestamp or now_ms)
+
+
+@router.post(
+    "/v2/billing/meter_event_stream",
+    openapi_extra=body_doc(
+        "application/json",
+        {
+            "events": [
+                {
+                    "event_name": "api_requests",
+                    "identifier": "req-1",
+                    "timestamp": "2025-01-15T10:00:00Z",
+                    "payload": {"stripe_customer_id": "acme", "value": "25"},
+                }
+            ]
+        },
+    ),
+)
+async def create_stream_events(request: Request) -> Response:
+    """Up to 100 meter events, stored whole or not at all: where Stripe reports a bad event
+    later, asynchronously, this rejects the request at once, naming the event."""
+    try:
+        key = _caller(request)
+        body = await read_body(request)
+        if body is None:
+            raise StripeError(413, "the request body is too large")
+        try:
+            decoded = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            raise StripeError(400, 'the body must be JSON: {"events": [...]}') from None
+        events = decoded.get("events") if isinstance(decoded, dict) else None
+        if not isinstance(events, list) or not 0 < len(events) <= MAX_STREAM:
+            raise StripeError(400, f"events: a list of 1 to {MAX_STREAM} meter events", "events")
+        retry_key = request.headers.get("idempotency-key")
+        now_ms = to_ms(services(request).now())
+        mapped = map_events(events, lambda e, i: _stream_event(e, i, retry_key, now_ms))
+        try:
+            await store_mapped(request, mapped, key)
+        except BatchRejected as exc:
+            raise _rejected(exc, "events") from None
+    except StripeError as error:
+        return error.response()
+    return JSONResponse({})
