@@ -11,9 +11,9 @@ dimension. The answer is a ``billing.meter_event`` object; errors are Stripe's
 ``{"error": {"type", "message", "param", "code"}}``.
 
 The v2 stream (``POST /v2/billing/meter_event_stream``, JSON, up to 100 events, RFC 3339
-timestamps) maps its events the same way. Stripe validates those asynchronously and drops a
-bad one later; here a bad event rejects the whole request at once, naming it, and nothing of
-the request is stored.
+timestamps) maps its events the same way. Stripe validates a stream's events
+asynchronously, after accepting the request; here a bad event rejects the whole request at
+once, naming it, and nothing of the request is stored.
 
 The key goes as ``Authorization: Bearer <key>``, as the client sends it, or as HTTP basic
 auth with the key as the user name, as Stripe also accepts.
