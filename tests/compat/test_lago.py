@@ -126,3 +126,13 @@ def test_a_single_bad_event_names_its_fields(server: str, tenants: Tenants) -> N
         assert response.json()["error_details"] == {
             "timestamp": ["Unix seconds from 2000 to 2199, e.g. 1735689600"]
         }
+
+
+def test_a_body_past_16_mib_is_refused_in_lagos_envelope(server: str, tenants: Tenants) -> None:
+    response = httpx.post(
+        f"{server}/lago/api/v1/events/batch",
+        content=b" " * (16 * 1024 * 1024 + 1),
+        headers={**tenants.headers("root"), "content-type": "application/json"},
+    )
+    assert response.status_code == 413
+    assert response.json() == {"status": 413, "error": "Payload Too Large"}

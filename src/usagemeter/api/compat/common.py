@@ -28,10 +28,13 @@ def body_doc(content_type: str, example: object) -> dict[str, Any]:
 Mapped = dict[str, Any] | EventError
 
 
-async def read_body(request: Request) -> bytes | None:
-    """The body, or None when it is larger than any batch needs."""
+async def read_body(request: Request, too_large: Exception) -> bytes:
+    """The body; ``too_large`` (in the peer's error shape) when it is larger than any batch
+    needs."""
     body = await request.body()
-    return None if len(body) > MAX_BODY else body
+    if len(body) > MAX_BODY:
+        raise too_large
+    return body
 
 
 def scalar_text(value: object) -> str | None:

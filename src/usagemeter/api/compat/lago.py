@@ -139,9 +139,7 @@ def _echo(event: dict[str, Any], native: dict[str, Any], created_at: str) -> dic
 async def _ingest(request: Request, root: str) -> tuple[list[Any], list[dict[str, Any]]]:
     """The request's events (under ``root``), stored; each with its native mapping."""
     key = _caller(request)
-    body = await read_body(request)
-    if body is None:
-        raise LagoError(413)
+    body = await read_body(request, LagoError(413))
     try:
         decoded = msgspec.json.decode(body)
     except msgspec.DecodeError:

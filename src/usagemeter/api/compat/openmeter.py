@@ -210,9 +210,7 @@ async def ingest_events(request: Request) -> Response:
     """Ingest CloudEvents; 204 once the whole batch is on disk."""
     try:
         key = _caller(request)
-        body = await read_body(request)
-        if body is None:
-            raise Problem(413, "a request body holds at most 16 MiB")
+        body = await read_body(request, Problem(413, "a request body holds at most 16 MiB"))
         events = _events(body, request.headers.get("content-type", "application/json"))
         svc = services(request)
         now_ms = to_ms(svc.now())
@@ -492,9 +490,7 @@ async def query_meter_post(request: Request, slug: str) -> Response:
     """The same query, its parameters in a JSON body (the client's ``meters.query``)."""
 
     async def read() -> _Params:
-        body = await read_body(request)
-        if body is None:
-            raise Problem(413, "a request body holds at most 16 MiB")
+        body = await read_body(request, Problem(413, "a request body holds at most 16 MiB"))
         return _from_body(body)
 
     return await _answer(request, slug, read)

@@ -176,9 +176,7 @@ async def create_meter_event(request: Request) -> Response:
     """One meter event; answered with the ``billing.meter_event`` once it is on disk."""
     try:
         key = _caller(request)
-        body = await read_body(request)
-        if body is None:
-            raise StripeError(413, "the request body is too large")
+        body = await read_body(request, StripeError(413, "the request body is too large"))
         fields, payload = _fields(body)
         if not fields.get("identifier"):
             # The client sends one Idempotency-Key per create call, the same on each of its
@@ -286,9 +284,7 @@ async def create_stream_events(request: Request) -> Response:
     later, asynchronously, this rejects the request at once, naming the event."""
     try:
         key = _caller(request)
-        body = await read_body(request)
-        if body is None:
-            raise StripeError(413, "the request body is too large")
+        body = await read_body(request, StripeError(413, "the request body is too large"))
         try:
             decoded = msgspec.json.decode(body)
         except msgspec.DecodeError:
