@@ -302,7 +302,7 @@ def test_bad_queries_get_problems_that_say_what_to_fix(
     assert caught.value.status_code == 404
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     sends=st.lists(
         st.lists(
