@@ -108,6 +108,20 @@ def test_a_single_bad_event_names_its_fields(server: str, tenants: Tenants) -> N
     assert response.status_code == 422
     details = response.json()["error_details"]
     assert list(details) == ["transaction_id"]  # the first problem of the event, by field
+    response = httpx.post(
+        f"{server}/lago/api/v1/events",
+        json={
+            "event": {
+                "transaction_id": "t",
+                "code": "storage",
+                "external_customer_id": "root",
+                "properties": {"gb": 1, "key": "k"},  # 'key' is a reserved dimension
+            }
+        },
+        headers=tenants.headers("root"),
+    )
+    assert response.status_code == 422
+    assert "'key' is reserved" in response.json()["error_details"]["properties"][0]
     for timestamp in ["soon", 1e30, JAN_15 * 1000]:  # milliseconds are a unit mistake here
         response = httpx.post(
             f"{server}/lago/api/v1/events",

@@ -175,7 +175,8 @@ def _details(errors: list[EventError], batch: bool) -> dict[str, Any]:
         error = in_peer_terms(error, PEER_NAMES)
         fields = details.setdefault(str(error.index), {}) if batch else details
         field = error.field or "event"
-        message = error.message.split(":", 1)[1].strip() if error.field else error.message
+        head, colon, rest = error.message.partition(":")
+        message = rest.strip() if colon and head == field else error.message
         fields.setdefault(field, []).append(message)
     return details
 
