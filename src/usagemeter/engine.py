@@ -10,6 +10,7 @@ a month is not the sum of its days).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import (
@@ -40,6 +41,32 @@ def _fold(aggregation: Aggregation, values: Iterable[float | None]) -> float:
     return sum(present)
 
 
+@dataclass(frozen=True, slots=True)
+class MeasurePlan:
+    """The query's aggregations, the measures the store computes for them, and which
+    measures feed each aggregation (one each; an average's sum and count)."""
+
+    aggregations: tuple[Aggregation, ...]
+    measures: tuple[Measure, ...]
+    sources: tuple[tuple[int, ...], ...]
+
+    @property
+    def measured(self) -> tuple[Aggregation, ...]:
+        return tuple(Aggregation(m.aggregation) for m in self.measures)
+
+    def derive(self, measured: Sequence[float | None]) -> tuple[float, ...]:
+        """The aggregations' values from the measures' (None where no event counted)."""
+        values = _zeros(measured)
+        out = []
+        for aggregation, source in zip(self.aggregations, self.sources, strict=True):
+            if aggregation is Aggregation.AVG:
+                total, count = values[source[0]], values[source[1]]
+                out.append(total / count if count else 0.0)
+            else:
+                out.append(values[source[0]])
+        return tuple(out)
+
+
 class Engine:
     """Answers queries over one store with one set of meters."""
 
@@ -47,21 +74,33 @@ class Engine:
         self.store = store
         self.meters = meters or MeterRegistry()
 
-    def measures(self, query: Query) -> tuple[tuple[Aggregation, ...], tuple[Measure, ...]]:
+    def plan(self, query: Query) -> MeasurePlan:
+        """What to ask the store for the query's aggregations: each one's own measure, except
+        an average, which is the sum and the count (both kept in every rollup) divided."""
         meter = self.meters.get(query.metric)
+        measures: list[Measure] = []
+
+        def position(measure: Measure) -> int:
+            if measure not in measures:
+                measures.append(measure)
+            return measures.index(measure)
+
         aggregations = query.aggregations or (meter.aggregation,)
-        measures = []
+        sources: list[tuple[int, ...]] = []
         for aggregation in aggregations:
+            if aggregation is Aggregation.AVG:
+                sources.append((position(Measure("sum")), position(Measure("count"))))
+                continue
             dimension = None
             if aggregation is Aggregation.UNIQUE_COUNT:
-                if meter.dimension is None:
+                dimension = query.unique_dimension or meter.dimension
+                if dimension is None:
                     raise ValueError(
                         f"metric {query.metric!r} has no unique_count meter: name its"
                         " dimension, e.g. unique_count(session_id)"
                     )
-                dimension = meter.dimension
-            measures.append(Measure(aggregation.value, dimension))
-        return aggregations, tuple(measures)
+            sources.append((position(Measure(aggregation.value, dimension)),))
+        return MeasurePlan(tuple(aggregations), tuple(measures), tuple(sources))
 
     def buckets(self, query: Query) -> list[Bucket]:
         zone = parse_zone(query.tz)
@@ -79,39 +118,45 @@ class Engine:
         return found if query.limit is None else found[: query.limit]
 
     def run(self, query: Query) -> Result:
-        aggregations, measures = self.measures(query)
+        plan = self.plan(query)
         bucket_list = self.buckets(query)
         # Each boundary converted once: a bucket's end is the next one's start.
         edges = [b.start_ms for b in bucket_list[:1]] + [b.end_ms for b in bucket_list]
         windows = tuple(Window(i, edges[i], edges[i + 1]) for i in range(len(bucket_list)))
-        rows = self.store.aggregate(self._spec(query, windows, measures, query.group_by))
+        rows = self.store.aggregate(self._spec(query, windows, plan.measures, query.group_by))
 
         per_bucket: list[list[GroupValues]] = [[] for _ in bucket_list]
         for row in rows:
-            per_bucket[row.window].append(GroupValues(row.group, _zeros(row.values)))
+            per_bucket[row.window].append(GroupValues(row.group, plan.derive(row.values)))
         result_buckets = tuple(
             ResultBucket(b.start, b.end, tuple(sorted(groups, key=lambda g: _sort_key(g.group))))
             for b, groups in zip(bucket_list, per_bucket, strict=True)
         )
 
+        aggregations = plan.aggregations
         if not bucket_list:
-            return Result(query, aggregations, (), (), tuple(0.0 for _ in aggregations))
+            return Result(query, aggregations, (), (), plan.derive((None,) * len(plan.measures)))
         whole = (Window(0, bucket_list[0].start_ms, bucket_list[-1].end_ms),)
-        if all(a.is_additive for a in aggregations):
-            totals = self._fold_groups(aggregations, rows)
-            total = tuple(
-                _fold(a, (t.values[i] for t in totals)) for i, a in enumerate(aggregations)
+        if all(m.is_additive for m in plan.measured):
+            # Fold the stored measures, then derive: an average over a range is the range's
+            # sum over its count, never an average of the buckets' averages.
+            folded = self._fold_groups(plan.measured, rows)
+            totals = [GroupValues(g.group, plan.derive(g.values)) for g in folded]
+            total = plan.derive(
+                [_fold(m, (g.values[i] for g in folded)) for i, m in enumerate(plan.measured)]
             )
         else:
             totals = [
-                GroupValues(r.group, _zeros(r.values))
-                for r in self.store.aggregate(self._spec(query, whole, measures, query.group_by))
+                GroupValues(r.group, plan.derive(r.values))
+                for r in self.store.aggregate(
+                    self._spec(query, whole, plan.measures, query.group_by)
+                )
             ]
             if query.group_by:
-                overall = self.store.aggregate(self._spec(query, whole, measures, ()))
-                total = _zeros(overall[0].values) if overall else _zeros((None,) * len(measures))
+                overall = self.store.aggregate(self._spec(query, whole, plan.measures, ()))
+                total = plan.derive(overall[0].values if overall else (None,) * len(plan.measures))
             else:
-                total = totals[0].values if totals else _zeros((None,) * len(measures))
+                total = totals[0].values if totals else plan.derive((None,) * len(plan.measures))
         totals.sort(key=lambda g: _sort_key(g.group))
         return Result(query, aggregations, result_buckets, tuple(totals), total)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from usagemeter.model import Aggregation, Meter
+from usagemeter.peer_meters import PeerMeters
 
 DEFAULT_METERS: tuple[Meter, ...] = (
     Meter("actions", Aggregation.COUNT),  # GET /analytics/detail-usage-time
@@ -28,7 +29,8 @@ _UNIQUE = re.compile(r"^unique_count\(([A-Za-z0-9_.\-]{1,64})\)$")
 
 
 def parse_aggregation(text: str) -> tuple[Aggregation, str | None]:
-    """``sum``, ``count``, ``max``, ``min``, ``latest`` or ``unique_count(dimension)``."""
+    """``sum``, ``count``, ``max``, ``min``, ``latest``, ``avg`` or
+    ``unique_count(dimension)``."""
     match = _UNIQUE.match(text.strip())
     if match:
         return Aggregation.UNIQUE_COUNT, match.group(1)
@@ -36,7 +38,7 @@ def parse_aggregation(text: str) -> tuple[Aggregation, str | None]:
         aggregation = Aggregation(text.strip())
     except ValueError:
         raise ValueError(
-            f"unknown aggregation {text!r}: use sum, count, max, min, latest"
+            f"unknown aggregation {text!r}: use sum, count, max, min, latest, avg"
             " or unique_count(<dimension>)"
         ) from None
     if aggregation is Aggregation.UNIQUE_COUNT:
@@ -47,8 +49,11 @@ def parse_aggregation(text: str) -> tuple[Aggregation, str | None]:
 class MeterRegistry:
     """The meter of every metric; a metric nobody configured is summed."""
 
-    def __init__(self, meters: Mapping[str, Meter] | None = None) -> None:
+    def __init__(
+        self, meters: Mapping[str, Meter] | None = None, peers: PeerMeters | None = None
+    ) -> None:
         self._meters = dict(meters or {m.metric: m for m in DEFAULT_METERS})
+        self.peers = peers or PeerMeters()  # OpenMeter's meters, Lago's billable metrics
 
     def get(self, metric: str) -> Meter:
         return self._meters.get(metric) or Meter(metric, Aggregation.SUM)
@@ -69,7 +74,16 @@ class MeterRegistry:
         entries = data.get("meters") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f'meters file {path}: expected {{"meters": [...]}}')
+        peers = PeerMeters()
         for i, entry in enumerate(entries):
+            if isinstance(entry, dict) and PeerMeters.is_peer_entry(entry):
+                try:
+                    declared = peers.add(entry)
+                except ValueError as exc:
+                    raise ValueError(f"meters file {path}: entry {i}: {exc}") from exc
+                if declared is not None:
+                    meters[declared.metric] = declared
+                continue
             if not isinstance(entry, dict) or not isinstance(entry.get("metric"), str):
                 raise ValueError(f"meters file {path}: entry {i} needs a string 'metric'")
             try:
@@ -83,4 +97,4 @@ class MeterRegistry:
                 )
             except ValueError as exc:
                 raise ValueError(f"meters file {path}: entry {i}: {exc}") from exc
-        return cls(meters)
+        return cls(meters, peers)

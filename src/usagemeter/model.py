@@ -19,11 +19,13 @@ class Aggregation(StrEnum):
     MIN = "min"
     LATEST = "latest"
     UNIQUE_COUNT = "unique_count"
+    AVG = "avg"  # the engine's sum / count, never stored: exact over any range
 
     @property
     def is_additive(self) -> bool:
         """True when a range's value is the fold of its buckets' values (so totals need no
-        second query). A gauge's latest value or a distinct count is not."""
+        second query). A gauge's latest value or a distinct count is not; nor is an average,
+        but its sum and count are, so the engine folds those and divides at the end."""
         return self in (Aggregation.SUM, Aggregation.COUNT, Aggregation.MAX, Aggregation.MIN)
 
 
@@ -130,6 +132,9 @@ class Query:
     billable: bool | None = None  # None: billable or not
     key_id: str | None = None
     limit: int | None = None  # at most this many buckets, the earliest first
+    # The dimension a unique_count counts; None: the metric's meter's. Lets two meters of one
+    # metric count different things (OpenMeter's meters share an event type).
+    unique_dimension: str | None = None
 
 
 Group = tuple[tuple[str, str | None], ...]  # ((dimension, value), ...) in group_by order

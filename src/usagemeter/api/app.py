@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usagemeter import __version__
-from usagemeter.api import contracts, dashboard, native, tenants
+from usagemeter.api import compat, contracts, dashboard, native, tenants
 from usagemeter.api.openapi import install_docs
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
@@ -138,5 +138,7 @@ def create_app(
     app.include_router(tenants.router)
     app.include_router(dashboard.router)
     for router in contracts.routers():
+        app.include_router(router)
+    for router in compat.routers():  # /openmeter, /lago, /stripe
         app.include_router(router)
     return app
