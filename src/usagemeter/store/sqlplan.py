@@ -18,7 +18,7 @@ extraction, the "latest" fold) lives in a ``Dialect``'s small named hooks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,6 +313,23 @@ def plan_aggregate(
         elif measure.aggregation not in ADDITIVE_SQL:
             raise ValueError(f"unknown aggregation {measure.aggregation!r}")
     return plans
+
+
+def run_plans(
+    plans: Sequence[Plan], execute: Callable[[Plan], Iterable[Sequence[Any]]], width: int
+) -> list[AggregateRow]:
+    """Run a question's statements and merge their rows: several statements fill different
+    measures (``width`` in all) of the same (window, group) cells."""
+    if len(plans) == 1:
+        return [plans[0].decode(row) for row in execute(plans[0])]
+    merged: dict[tuple[int, Group], list[float | None]] = {}
+    for plan in plans:
+        for raw in execute(plan):
+            row = plan.decode(raw)
+            cell = merged.setdefault((row.window, row.group), [None] * width)
+            for pos in plan.positions:
+                cell[pos] = row.values[pos]
+    return [AggregateRow(w, g, tuple(v)) for (w, g), v in merged.items()]
 
 
 def _dimension(measure: Measure) -> str:
