@@ -6,6 +6,7 @@ run beside a live server).
 
 from __future__ import annotations
 
+import atexit
 import csv
 import hashlib
 import json
@@ -28,8 +29,8 @@ from usagemeter.engine import Engine
 from usagemeter.ingest import BatchRejected, Ingestor
 from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, Query, Scope
-from usagemeter.store.base import Conflict, NotFound
-from usagemeter.store.sqlite import SQLiteStore
+from usagemeter.store import open_store, redact
+from usagemeter.store.base import Conflict, NotFound, Store
 from usagemeter.timewindows import (
     BillingCycle,
     Granularity,
@@ -51,7 +52,11 @@ DEFAULT_DB = "usagemeter.db"
 DbOption = Annotated[
     str,
     typer.Option(
-        "--db", envvar="USAGEMETER_DB", help="SQLite database file (created when missing)."
+        "--store",
+        "--db",
+        envvar=["USAGEMETER_STORE", "USAGEMETER_DB"],
+        help="Where usage is kept: a SQLite file (a path or sqlite:///path, created when"
+        " missing) or postgresql://user:password@host:5432/db.",
     ),
 ]
 MetersOption = Annotated[
@@ -63,6 +68,17 @@ MetersOption = Annotated[
 def _fail(message: str) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}")
     return typer.Exit(2)
+
+
+def _open(url: str) -> Store:
+    """The store --store (or --db) names, or a clear error and exit 2."""
+    try:
+        store = open_store(url)
+    except (ValueError, ConnectionError) as exc:
+        raise _fail(str(exc)) from None
+    # Closed at exit: a PostgreSQL store's pool then ends its connections cleanly.
+    atexit.register(store.close)
+    return store
 
 
 def _meters(path: str | None) -> MeterRegistry:
@@ -92,10 +108,10 @@ def serve(
 
     from usagemeter.api.app import create_app
 
-    store = SQLiteStore(db)
+    store = _open(db)
     if demo:
         added = demo_data.load_demo(store)
-        err.print(f"demo data: {added} new events in {db}")
+        err.print(f"demo data: {added} new events in {redact(db)}")
         err.print("demo keys (for this demo file only):")
         for key in demo_data.KEYS:
             owner = key.account_id or "operator"
@@ -114,7 +130,7 @@ def serve(
 @app.command()
 def demo(db: DbOption = DEFAULT_DB) -> None:
     """Load demo accounts, keys and 100 days of usage (idempotent)."""
-    added = demo_data.load_demo(SQLiteStore(db))
+    added = demo_data.load_demo(_open(db))
     _print_json({"events_added": added, "keys": {k.id: k.secret for k in demo_data.KEYS}})
 
 
@@ -139,7 +155,7 @@ def accounts_create(
         raise _fail(f"--anchor/--period: {exc}") from None
     account = Account(id or "acct_" + secrets.token_hex(8), name, parent, cycle)
     try:
-        created = SQLiteStore(db).create_account(account)
+        created = _open(db).create_account(account)
     except (NotFound, Conflict) as exc:
         raise _fail(str(exc)) from None
     _print_json({"id": created.id, "name": created.name, "parent_id": created.parent_id})
@@ -149,7 +165,7 @@ def accounts_create(
 def accounts_list(db: DbOption = DEFAULT_DB) -> None:
     """List every account."""
     table = Table("id", "name", "parent", "billing cycle")
-    for a in SQLiteStore(db).list_accounts():
+    for a in _open(db).list_accounts():
         cycle = f"{a.billing_cycle.period} from {a.billing_cycle.anchor}" if a.billing_cycle else ""
         table.add_row(a.id, a.name, a.parent_id or "", cycle)
     console.print(table)
@@ -172,9 +188,7 @@ def keys_create(
         raise _fail("give exactly one of --operator or --account ID")
     try:
         scopes = [Scope.OPERATOR] if operator else [Scope(s) for s in (scope or ["read"])]
-        created, secret = issue_key(
-            SQLiteStore(db), account, name=name, prefix=prefix, scopes=scopes
-        )
+        created, secret = issue_key(_open(db), account, name=name, prefix=prefix, scopes=scopes)
     except (ValueError, NotFound) as exc:
         raise _fail(str(exc)) from None
     _print_json(
@@ -194,7 +208,7 @@ def keys_list(
 ) -> None:
     """List keys (never their secrets)."""
     table = Table("id", "account", "name", "scopes", "created", "revoked")
-    for k in SQLiteStore(db).list_keys(account):
+    for k in _open(db).list_keys(account):
         table.add_row(
             k.id,
             k.account_id or "(operator)",
@@ -210,7 +224,7 @@ def keys_list(
 def keys_revoke(key_id: str, db: DbOption = DEFAULT_DB) -> None:
     """Revoke a key by its public id."""
     try:
-        SQLiteStore(db).revoke_key(key_id)
+        _open(db).revoke_key(key_id)
     except NotFound as exc:
         raise _fail(str(exc)) from None
     _print_json({"id": key_id, "revoked": True})
@@ -272,7 +286,7 @@ def ingest(
     if kind not in ("csv", "ndjson"):
         raise _fail("--format: ndjson or csv")
     records = _csv_records(file) if kind == "csv" else _ndjson_records(file)
-    ingestor = Ingestor(SQLiteStore(db))
+    ingestor = Ingestor(_open(db))
     accepted = duplicates = line = 0
     pending: list[dict[str, Any]] = []
 
@@ -328,7 +342,7 @@ def query(
     meters: MetersOption = None,
 ) -> None:
     """Print a metric's usage for an account (and its subaccounts) as a table."""
-    store = SQLiteStore(db)
+    store = _open(db)
     try:
         zone = parse_zone(tz)
         end_at = parse_instant(end, zone) if end else datetime.now(UTC)
@@ -366,7 +380,7 @@ def export(
     output: Annotated[Path | None, typer.Option(help="File to write (default stdout).")] = None,
 ) -> None:
     """Write raw events as NDJSON or CSV, in the form ``ingest`` reads back."""
-    store = SQLiteStore(db)
+    store = _open(db)
     try:
         accounts = store.descendants(account) if account else None
         start_ms = int(parse_instant(start).timestamp() * 1000) if start else None

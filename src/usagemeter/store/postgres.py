@@ -31,6 +31,7 @@ from psycopg.adapt import Loader
 from psycopg_pool import ConnectionPool
 
 from usagemeter.model import Account, ApiKey, AppendResult, Event
+from usagemeter.store import redact
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
 from usagemeter.store.pgschema import ensure_partitions, migrate, month_bounds
 from usagemeter.store.schema import Rollups
@@ -111,7 +112,11 @@ class PostgresStore:
     def __init__(self, url: str, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         # One direct connection first: a wrong URL fails here at once with the server's
         # reason, instead of in a pool that retries in the background.
-        with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            conn = psycopg.connect(url, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ConnectionError(f"cannot connect to {redact(url)}: {exc}") from None
+        with conn:
             migrate(conn)
         self._pool: ConnectionPool[Conn] = ConnectionPool(
             url,
