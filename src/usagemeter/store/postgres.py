@@ -70,6 +70,10 @@ class _NumberLoader(Loader):
 def _configure(conn: Conn) -> None:
     # Durable before acknowledged, whatever the server's default says.
     conn.execute("SET synchronous_commit = on")
+    # psycopg prepares a statement run five times; PostgreSQL then switches to a generic plan
+    # that cannot see the windows' bounds or the accounts, and a 90-day report went from 7 to
+    # 22 ms. A custom plan per execution keeps the index ranges exact.
+    conn.execute("SET plan_cache_mode = force_custom_plan")
     conn.adapters.register_loader("numeric", _NumberLoader)
 
 
