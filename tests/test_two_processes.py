@@ -139,8 +139,9 @@ def test_two_processes_one_killed_mid_stream_agree_on_exact_totals(
         for t in threads:
             t.join()
         assert servers[1].process.wait(10) == -signal.SIGKILL
-        # Every event was stored once, whatever reached which process, however often.
-        assert sum(accepted) == BATCHES * PER_BATCH
+        # No acknowledgement counts an event twice. (Fewer is possible: a batch the killed
+        # process committed but never answered comes back as duplicates on retry.)
+        assert sum(accepted) <= BATCHES * PER_BATCH
 
         servers[1] = Server(url, tmp_path / "b.log")  # the killed process, back
         expected_sum = sum(float(e["value"]) for n in range(BATCHES) for e in _batch(n))  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 
 from usagemeter.store.sqlplan import DAY_MS, HOUR_MS
+from usagemeter.timewindows import SLOT_MS
 
 log = logging.getLogger("usagemeter")
 
@@ -44,18 +45,40 @@ _VALUES = """
 def _floor_div(column: str, unit: int) -> str:
     # PostgreSQL's integer division truncates toward zero; the store's units floor, as
     # Python's // does, so an instant before 1970 lands in the unit that holds it.
-    return f"floor({column}::numeric / {unit})::bigint"
+    # mod(), not %: the text also goes through psycopg's placeholders.
+    return f"(({column} - mod(mod({column}, {unit}) + {unit}, {unit})) / {unit})"
 
 
-def _fold_from_events(table: str, columns: str, unit: int) -> str:
-    """Fill an empty rollup table from the raw events (used when a migration adds one)."""
-    slot = _floor_div("ts", unit)
-    return f"""
-INSERT INTO {table} ({columns}, cnt, total, vmin, vmax, last_ts, last_val)
-SELECT {columns.replace("slot", slot)}, count(*), sum(value), min(value), max(value), max(ts),
-       (array_agg(value ORDER BY ts DESC, seq DESC))[1]
-FROM events GROUP BY {columns.replace("slot", slot)};
-"""
+# Each rollup table: its key columns (leading with the account) and the unit its slot counts.
+ROLLUPS: dict[str, tuple[tuple[str, ...], int]] = {
+    "rollup": (("account", "metric", "slot", "key", "billable", "dimset", "tagset"), SLOT_MS),
+    "rollup_hour_key": (("account", "metric", "key", "slot", "billable"), HOUR_MS),
+    "rollup_day_key": (("account", "metric", "key", "slot", "billable"), DAY_MS),
+    "rollup_hour": (("account", "metric", "slot", "billable"), HOUR_MS),
+    "rollup_day": (("account", "metric", "slot", "billable"), DAY_MS),
+}
+
+
+def fold_into(table: str, source: str, order: str) -> str:
+    """Fold the events of ``source`` (events' columns, and ``order`` telling later from
+    earlier) into ``table``, adding to the rows already there. The latest value is the one
+    with the greatest timestamp; on a tie the later event wins, as the later report of a
+    gauge should. Rows go in key order, so concurrent batches lock them in one order."""
+    keys, unit = ROLLUPS[table]
+    columns = ", ".join(keys)
+    select = ", ".join(_floor_div("ts", unit) if k == "slot" else k for k in keys)
+    positions = ", ".join(str(n + 1) for n in range(len(keys)))
+    return f"""INSERT INTO {table} AS r ({columns}, cnt, total, vmin, vmax, last_ts, last_val)
+SELECT {select}, count(*), sum(value), min(value), max(value), max(ts),
+       (array_agg(value ORDER BY ts DESC, {order} DESC))[1]
+FROM {source} GROUP BY {positions} ORDER BY {positions}
+ON CONFLICT ({columns}) DO UPDATE SET
+    cnt = r.cnt + excluded.cnt,
+    total = r.total + excluded.total,
+    vmin = least(r.vmin, excluded.vmin),
+    vmax = greatest(r.vmax, excluded.vmax),
+    last_val = CASE WHEN excluded.last_ts >= r.last_ts THEN excluded.last_val ELSE r.last_val END,
+    last_ts = greatest(r.last_ts, excluded.last_ts)"""
 
 
 # Version 1: the dictionaries, accounts and keys, raw events and 15-minute slots.
@@ -140,21 +163,15 @@ _V2 = "".join(
     f"""
 CREATE TABLE {table} (
     account bigint NOT NULL,
-    metric integer NOT NULL,{" key bigint NOT NULL," if keyed else ""}
+    metric integer NOT NULL,{" key bigint NOT NULL," if "key" in keys else ""}
     slot bigint NOT NULL,
     billable smallint NOT NULL,{_VALUES},
-    PRIMARY KEY (account, metric,{" key," if keyed else ""} slot, billable)
+    PRIMARY KEY ({", ".join(keys)})
 );
+{fold_into(table, "events", "seq")};
 """
-    + _fold_from_events(
-        table, "account, metric," + (" key," if keyed else "") + " slot, billable", unit
-    )
-    for table, keyed, unit in (
-        ("rollup_hour_key", True, HOUR_MS),
-        ("rollup_day_key", True, DAY_MS),
-        ("rollup_hour", False, HOUR_MS),
-        ("rollup_day", False, DAY_MS),
-    )
+    for table, (keys, _) in ROLLUPS.items()
+    if table != "rollup"
 )
 
 MIGRATIONS: tuple[str, ...] = (_V1, _V2)  # version n is MIGRATIONS[n - 1]

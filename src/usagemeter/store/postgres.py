@@ -33,8 +33,13 @@ from psycopg_pool import ConnectionPool
 from usagemeter.model import Account, ApiKey, AppendResult, Event
 from usagemeter.store import redact
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
-from usagemeter.store.pgschema import ensure_partitions, migrate, month_bounds
-from usagemeter.store.schema import Rollups
+from usagemeter.store.pgschema import (
+    ROLLUPS,
+    ensure_partitions,
+    fold_into,
+    migrate,
+    month_bounds,
+)
 from usagemeter.store.sqlite import LOOKUP_BYTES, NO_KEY, SQLiteStore
 from usagemeter.store.sqlplan import POSTGRES, plan_aggregate, run_plans
 
@@ -43,16 +48,27 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 RETRIES = 5  # attempts at a batch that lost a deadlock or serialization race
 DEFAULT_POOL_SIZE = 10  # connections per process; see docs/scaling.md
 
-# The rollup tables' columns in the order Rollups keys them, and their conflict keys.
-_VALUE_COLUMNS = "cnt, total, vmin, vmax, last_ts, last_val"
-_VALUE_TYPES = ("bigint", "float8", "float8", "float8", "bigint", "float8")
-_UPSERT_SET = """DO UPDATE SET
-    cnt = r.cnt + excluded.cnt,
-    total = r.total + excluded.total,
-    vmin = least(r.vmin, excluded.vmin),
-    vmax = greatest(r.vmax, excluded.vmax),
-    last_val = CASE WHEN excluded.last_ts >= r.last_ts THEN excluded.last_val ELSE r.last_val END,
-    last_ts = greatest(r.last_ts, excluded.last_ts)"""
+# A batch in one statement. `input` is the batch less its in-batch repeats, in key order;
+# `fresh` the ids never seen before (the unique key makes a racing twin wait, then skip); their
+# events and rollups follow. The answer: the candidates that were not fresh, with the digest
+# this statement's snapshot holds for each.
+APPEND_SQL = (
+    "WITH input (account, metric, ts, event_id, key, billable, dimset, tagset, value, digest,"
+    " ord) AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::bigint[], %s::text[],"
+    " %s::bigint[], %s::int2[], %s::int[], %s::int[], %s::float8[], %s::bytea[], %s::int[])),"
+    " fresh AS (INSERT INTO event_ids (account, event_id, digest)"
+    " SELECT account, event_id, digest FROM input ORDER BY account, event_id"
+    " ON CONFLICT DO NOTHING RETURNING account, event_id),"
+    " new AS (SELECT input.* FROM input JOIN fresh USING (account, event_id)),"
+    " stored AS (INSERT INTO events (account, metric, ts, event_id, key, billable, dimset,"
+    " tagset, value) SELECT account, metric, ts, event_id, key, billable, dimset, tagset, value"
+    " FROM new)"
+    + "".join(f", {table} AS ({fold_into(table, 'new', 'ord')})" for table in ROLLUPS)
+    + " SELECT i.account, i.event_id, e.digest FROM input i"
+    " LEFT JOIN event_ids e ON e.account = i.account AND e.event_id = i.event_id"
+    " WHERE NOT EXISTS (SELECT 1 FROM fresh f"
+    " WHERE f.account = i.account AND f.event_id = i.event_id)"
+)
 
 
 class _NumberLoader(Loader):
@@ -98,10 +114,6 @@ def _digest(event: Event) -> bytes:
 
 def _canon(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def _unnest(types: Sequence[str]) -> str:
-    return "SELECT * FROM unnest(" + ", ".join(f"%s::{t}[]" for t in types) + ")"
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
@@ -264,18 +276,6 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ events
 
-    def _rids(self, conn: Conn, table: str, noun: str, idents: Iterable[str]) -> dict[str, int]:
-        wanted = sorted(set(idents))
-        if not wanted:
-            return {}
-        found: dict[str, int] = dict(
-            conn.execute(f"SELECT id, rid FROM {table} WHERE id = ANY(%s)", (wanted,)).fetchall()
-        )
-        for ident in wanted:
-            if ident not in found:
-                raise NotFound(f"{noun} {ident!r} does not exist")
-        return found
-
     def _intern(
         self, conn: Conn, cache: dict[str, int], names: Iterable[str], insert: str, select: str
     ) -> None:
@@ -330,8 +330,7 @@ class PostgresStore:
         raise AssertionError("unreachable")
 
     def _append(self, conn: Conn, events: Sequence[Event]) -> AppendResult:
-        accounts = self._rids(conn, "accounts", "account", (e.account_id for e in events))
-        keys = self._rids(conn, "keys", "key", (e.key_id for e in events if e.key_id))
+        accounts, keys = self._resolve(conn, events)
         self._intern_all(conn, events)
         months = {month_bounds(e.ts_ms) for e in events} - self._partitions
         if months:
@@ -340,8 +339,9 @@ class PostgresStore:
 
         # The first event of each (account, id) in the batch is the candidate; a later one
         # is a duplicate, and a conflict when its payload differs.
-        first: dict[tuple[int, str], tuple[int, bytes]] = {}
-        candidates: list[tuple[tuple[Any, ...], bytes, int]] = []  # (row, digest, index)
+        first: dict[tuple[int, str], bytes] = {}
+        candidates: list[tuple[Any, ...]] = []
+        index_of: dict[tuple[int, str], int] = {}
         duplicates = 0
         conflicts: list[int] = []
         for index, e in enumerate(events):
@@ -350,112 +350,69 @@ class PostgresStore:
             earlier = first.get((account, e.id))
             if earlier is not None:
                 duplicates += 1
-                if earlier[1] != digest:
+                if earlier != digest:
                     conflicts.append(index)
                 continue
-            first[(account, e.id)] = (index, digest)
-            row = (
-                account,
-                self._metric_ids[e.metric],
-                e.ts_ms,
-                e.id,
-                NO_KEY if e.key_id is None else keys[e.key_id],
-                1 if e.billable else 0,
-                self._dimset_ids[_canon(e.dimensions)],
-                self._tagset_ids[_canon(sorted(e.tags))],
-                e.value,
-            )
-            candidates.append((row, digest, index))
-        # Key order: every process locks the dedupe rows of a batch in the same order.
-        candidates.sort(key=lambda c: (c[0][0], c[0][3]))
-
-        with conn.transaction():
-            new = set(
-                conn.execute(
-                    "INSERT INTO event_ids (account, event_id, digest)"
-                    " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bytea[])"
-                    " ON CONFLICT DO NOTHING RETURNING account, event_id",
-                    (
-                        [c[0][0] for c in candidates],
-                        [c[0][3] for c in candidates],
-                        [c[1] for c in candidates],
-                    ),
-                ).fetchall()
-            )
-            known = [c for c in candidates if (c[0][0], c[0][3]) not in new]
-            if known:
-                duplicates += len(known)
-                stored = dict(
-                    ((account, event_id), bytes(digest))
-                    for account, event_id, digest in conn.execute(
-                        "SELECT e.account, e.event_id, e.digest FROM event_ids e"
-                        " JOIN unnest(%s::bigint[], %s::text[]) AS v(account, event_id)"
-                        " ON e.account = v.account AND e.event_id = v.event_id",
-                        ([c[0][0] for c in known], [c[0][3] for c in known]),
-                    )
+            first[(account, e.id)] = digest
+            index_of[(account, e.id)] = index
+            candidates.append(
+                (
+                    account,
+                    self._metric_ids[e.metric],
+                    e.ts_ms,
+                    e.id,
+                    NO_KEY if e.key_id is None else keys[e.key_id],
+                    1 if e.billable else 0,
+                    self._dimset_ids[_canon(e.dimensions)],
+                    self._tagset_ids[_canon(sorted(e.tags))],
+                    e.value,
+                    digest,
+                    index,
                 )
-                conflicts.extend(
-                    c[2] for c in known if stored.get((c[0][0], c[0][3]), c[1]) != c[1]
+            )
+        # One statement, so one round trip and its own transaction: the new ids, their
+        # events and every rollup. It answers, for each candidate already known, the digest
+        # stored for it (NULL for a new one).
+        known = conn.execute(APPEND_SQL, _columns(candidates, 11)).fetchall()
+        duplicates += len(known)
+        missing = [(a, i) for a, i, digest in known if digest is None]
+        stored = {(a, i): bytes(d) for a, i, d in known if d is not None}
+        if missing:
+            # Stored by a transaction that committed after this statement began (the same
+            # batch on another process): visible to a new statement.
+            stored.update(
+                ((a, i), bytes(d))
+                for a, i, d in conn.execute(
+                    "SELECT e.account, e.event_id, e.digest FROM event_ids e"
+                    " JOIN unnest(%s::bigint[], %s::text[]) AS v(account, event_id)"
+                    " ON e.account = v.account AND e.event_id = v.event_id",
+                    _columns(missing, 2),
                 )
-            rows = [c[0] for c in candidates if (c[0][0], c[0][3]) in new]
-            if rows:
-                self._insert(conn, rows)
-        return AppendResult(len(rows), duplicates, tuple(sorted(conflicts)))
+            )
+        conflicts.extend(index_of[k] for k in stored if stored[k] != first[k])
+        accepted = len(candidates) - len(known)
+        return AppendResult(accepted, duplicates, tuple(sorted(conflicts)))
 
-    def _insert(self, conn: Conn, rows: list[tuple[Any, ...]]) -> None:
-        """The new events and their rollups, in the caller's transaction."""
-        conn.execute(
-            "INSERT INTO events (account, metric, ts, event_id, key, billable, dimset, tagset,"
-            " value) "
-            + _unnest(
-                ("bigint", "int", "bigint", "text", "bigint", "int2", "int", "int", "float8")
-            ),
-            _columns(rows, 9),
-        )
-        rollups = Rollups()
-        for account, metric, ts, _, key, billable, dimset, tagset, value in rows:
-            rollups.add(metric, account, key, billable, dimset, tagset, ts, value)
-        # Rollups keys lead with the metric; these tables lead with the account.
-        for table, columns, types, partials in (
-            (
-                "rollup",
-                "account, metric, slot, key, billable, dimset, tagset",
-                ("bigint", "int", "bigint", "bigint", "int2", "int", "int"),
-                rollups.slots,
-            ),
-            (
-                "rollup_hour_key",
-                "account, metric, key, slot, billable",
-                ("bigint", "int", "bigint", "bigint", "int2"),
-                rollups.key_hours,
-            ),
-            (
-                "rollup_day_key",
-                "account, metric, key, slot, billable",
-                ("bigint", "int", "bigint", "bigint", "int2"),
-                rollups.key_days,
-            ),
-            (
-                "rollup_hour",
-                "account, metric, slot, billable",
-                ("bigint", "int", "bigint", "int2"),
-                rollups.hours,
-            ),
-            (
-                "rollup_day",
-                "account, metric, slot, billable",
-                ("bigint", "int", "bigint", "int2"),
-                rollups.days,
-            ),
+    def _resolve(
+        self, conn: Conn, events: Sequence[Event]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """The row ids of the batch's accounts and keys, in one round trip; NotFound names
+        the first that does not exist."""
+        account_ids = sorted({e.account_id for e in events})
+        key_ids = sorted({e.key_id for e in events if e.key_id})
+        accounts: dict[str, int] = {}
+        keys: dict[str, int] = {}
+        for kind, ident, rid in conn.execute(
+            "SELECT 'account', id, rid FROM accounts WHERE id = ANY(%s)"
+            " UNION ALL SELECT 'key', id, rid FROM keys WHERE id = ANY(%s)",
+            (account_ids, key_ids),
         ):
-            # Sorted, so that concurrent batches lock rollup rows in one order.
-            upserts = sorted((k[1], k[0], *k[2:], *v) for k, v in partials.items())
-            conn.execute(
-                f"INSERT INTO {table} AS r ({columns}, {_VALUE_COLUMNS}) "
-                + _unnest((*types, *_VALUE_TYPES))
-                + f" ON CONFLICT ({columns}) {_UPSERT_SET}",
-                _columns(upserts, len(types) + len(_VALUE_TYPES)),
-            )
+            (accounts if kind == "account" else keys)[ident] = rid
+        for noun, wanted, found in (("account", account_ids, accounts), ("key", key_ids, keys)):
+            for ident in wanted:
+                if ident not in found:
+                    raise NotFound(f"{noun} {ident!r} does not exist")
+        return accounts, keys
 
     # ---------------------------------------------------------------- queries
 
