@@ -95,10 +95,11 @@ class Service:
 
     name = "usagemeter"
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, store: str | None = None) -> None:
         self.root = Path(workdir or tempfile.mkdtemp(prefix="usagemeter-bench-"))
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = self.root / "usagemeter.db"
+        self.store = store or str(self.db)  # --store: the SQLite file, or a PostgreSQL URL
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.memory: MemoryWatch | None = None
@@ -122,7 +123,7 @@ class Service:
 
     def _operator_key(self) -> str:
         out = subprocess.run(
-            [*_executable(), "keys", "create", "--operator", "--db", str(self.db)],
+            [*_executable(), "keys", "create", "--operator", "--store", self.store],
             check=True,
             capture_output=True,
             text=True,
@@ -140,7 +141,7 @@ class Service:
 
     def start(self) -> None:
         log = (self.root / "server.log").open("ab")
-        cmd = [*_executable(), "serve", "--db", str(self.db), "--host", HOST]
+        cmd = [*_executable(), "serve", "--store", self.store, "--host", HOST]
         self.proc = subprocess.Popen(
             [*cmd, "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT, env=self.env
         )

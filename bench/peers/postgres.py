@@ -125,6 +125,7 @@ def sql(q: Question) -> tuple[str, dict[str, Any]]:
 
 class PostgresPeer:
     name = "PostgreSQL"
+    settings = SETTINGS
 
     def __init__(self) -> None:
         self.bindir = find_or_install()
@@ -139,7 +140,7 @@ class PostgresPeer:
             shutil.chown(self.root, self.user)
         self._run("initdb", "-D", str(self.data), "-U", "bench", "--auth=trust", "-E", "UTF8")
         with (self.data / "postgresql.conf").open("a") as f:
-            f.writelines(f"{k} = '{v}'\n" for k, v in SETTINGS.items())
+            f.writelines(f"{k} = '{v}'\n" for k, v in self.settings.items())
         self.start()
         self.execute(SCHEMA)
 

@@ -6,6 +6,7 @@ run beside a live server).
 
 from __future__ import annotations
 
+import atexit
 import csv
 import hashlib
 import json
@@ -33,7 +34,8 @@ from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, Query, Scope
 from usagemeter.records import CsvRecords, RecordError, ndjson_records, where
 from usagemeter.serving import ServeLimits
-from usagemeter.store.base import Conflict, NotFound
+from usagemeter.store import open_store, redact, sqlite_path
+from usagemeter.store.base import Conflict, NotFound, Store
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import (
     BillingCycle,
@@ -56,7 +58,11 @@ DEFAULT_DB = "usagemeter.db"
 DbOption = Annotated[
     str,
     typer.Option(
-        "--db", envvar="USAGEMETER_DB", help="SQLite database file (created when missing)."
+        "--store",
+        "--db",
+        envvar=["USAGEMETER_STORE", "USAGEMETER_DB"],
+        help="Where usage is kept: a SQLite file (a path or sqlite:///path, created when"
+        " missing) or postgresql://user:password@host:5432/db.",
     ),
 ]
 MetersOption = Annotated[
@@ -68,6 +74,32 @@ MetersOption = Annotated[
 def _fail(message: str) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}")
     return typer.Exit(2)
+
+
+def _open(url: str) -> Store:
+    """The store --store (or --db) names, or a clear error and exit 2."""
+    try:
+        store = open_store(url)
+    except (ValueError, ConnectionError) as exc:
+        raise _fail(str(exc)) from None
+    # Closed at exit: a PostgreSQL store's pool then ends its connections cleanly.
+    atexit.register(store.close)
+    return store
+
+
+def _sqlite_file(url: str, command: str) -> str:
+    """The SQLite file a --store URL names; backup and restore copy files, so another store
+    gets an error that names its own tools."""
+    try:
+        path = sqlite_path(url)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if path is None:
+        raise _fail(
+            f"{command} copies a SQLite file; for {redact(url)} use the database's own tools"
+            " (pg_dump / pg_restore for PostgreSQL)"
+        )
+    return path
 
 
 def _meters(path: str | None) -> MeterRegistry:
@@ -139,10 +171,10 @@ def serve(
     from usagemeter.api.app import create_app
     from usagemeter.serving import uvicorn_config
 
-    store = SQLiteStore(db)
+    store = _open(db)
     if demo:
         added = demo_data.load_demo(store)
-        err.print(f"demo data: {added} new events in {db}")
+        err.print(f"demo data: {added} new events in {redact(db)}")
         err.print("demo keys (for this demo file only):")
         for key in demo_data.KEYS:
             owner = key.account_id or "operator"
@@ -167,7 +199,7 @@ def serve(
 @app.command()
 def demo(db: DbOption = DEFAULT_DB) -> None:
     """Load demo accounts, keys and 100 days of usage (idempotent)."""
-    added = demo_data.load_demo(SQLiteStore(db))
+    added = demo_data.load_demo(_open(db))
     _print_json({"events_added": added, "keys": {k.id: k.secret for k in demo_data.KEYS}})
 
 
@@ -192,7 +224,7 @@ def accounts_create(
         raise _fail(f"--anchor/--period: {exc}") from None
     account = Account(id or "acct_" + secrets.token_hex(8), name, parent, cycle)
     try:
-        created = SQLiteStore(db).create_account(account)
+        created = _open(db).create_account(account)
     except (NotFound, Conflict) as exc:
         raise _fail(str(exc)) from None
     _print_json({"id": created.id, "name": created.name, "parent_id": created.parent_id})
@@ -201,7 +233,7 @@ def accounts_create(
 @accounts_app.command("list")
 def accounts_list(db: DbOption = DEFAULT_DB, as_json: JsonOption = False) -> None:
     """List every account."""
-    accounts = SQLiteStore(db).list_accounts()
+    accounts = _open(db).list_accounts()
     if as_json:
         _print_json(
             [
@@ -269,9 +301,7 @@ def keys_create(
         raise _fail("give exactly one of --operator or --account ID")
     try:
         scopes = [Scope.OPERATOR] if operator else _scopes(scope or ["read"])
-        created, secret = issue_key(
-            SQLiteStore(db), account, name=name, prefix=prefix, scopes=scopes
-        )
+        created, secret = issue_key(_open(db), account, name=name, prefix=prefix, scopes=scopes)
     except (ValueError, NotFound) as exc:
         raise _fail(str(exc)) from None
     _print_json(
@@ -291,7 +321,7 @@ def keys_list(
     as_json: JsonOption = False,
 ) -> None:
     """List keys (never their secrets). Ids are printed whole, at any terminal width."""
-    keys = SQLiteStore(db).list_keys(account)
+    keys = _open(db).list_keys(account)
     if as_json:
         _print_json(
             [
@@ -327,7 +357,7 @@ def keys_list(
 def keys_revoke(key_id: str, db: DbOption = DEFAULT_DB) -> None:
     """Revoke a key by its public id."""
     try:
-        SQLiteStore(db).revoke_key(key_id)
+        _open(db).revoke_key(key_id)
     except NotFound as exc:
         raise _fail(str(exc)) from None
     _print_json({"id": key_id, "revoked": True})
@@ -377,7 +407,7 @@ def ingest(
         raise _fail("--format: ndjson or csv")
     csv_records = CsvRecords(file) if kind == "csv" else None
     records = csv_records if csv_records is not None else ndjson_records(file)
-    store = SQLiteStore(db)
+    store = _open(db)
     ingestor = Ingestor(store, meters=_meters(meters))
     accepted = duplicates = count = 0
     created = {"accounts": 0, "keys": 0}
@@ -475,7 +505,7 @@ def query(
 ) -> None:
     """Print a metric's usage for an account (and its subaccounts) as a table, or with
     --json in the shape GET /v1/query answers."""
-    store = SQLiteStore(db)
+    store = _open(db)
     try:
         zone = parse_zone(tz)
         end_at = parse_instant(end, zone) if end else datetime.now(UTC)
@@ -526,7 +556,7 @@ def export(
     """Write raw events as NDJSON or CSV, in the form ingest reads back."""
     if with_accounts and format != "ndjson":
         raise _fail("--with-accounts: NDJSON only (use --format ndjson)")
-    store = SQLiteStore(db)
+    store = _open(db)
     try:
         accounts = store.descendants(account) if account else None
         start_ms = int(parse_instant(start).timestamp() * 1000) if start else None
@@ -590,9 +620,10 @@ def backup(dest: Path, db: DbOption = DEFAULT_DB) -> None:
     server runs: the copy holds every batch stored before it began, whole."""
     if dest.exists():
         raise _fail(f"{dest} exists: name a new file")
-    if not Path(db).exists():
-        raise _fail(f"{db} does not exist")
-    store = SQLiteStore(db)
+    path = _sqlite_file(db, "backup")
+    if not Path(path).exists():
+        raise _fail(f"{path} does not exist")
+    store = SQLiteStore(path)
     try:
         store.backup(dest)
     except sqlite3.Error as exc:
@@ -618,11 +649,12 @@ def restore_command(
 ) -> None:
     """Replace the database with the backup SRC (stop the server first). Refuses to
     overwrite an existing database without --force."""
+    path = _sqlite_file(db, "restore")
     try:
-        restore(src, Path(db), force=force)
+        restore(src, Path(path), force=force)
     except RestoreRefused as exc:
         raise _fail(str(exc)) from None
-    store = SQLiteStore(db)  # brings an older backup's rollups up to this version
+    store = SQLiteStore(path)  # brings an older backup's rollups up to this version
     _print_json(
         {
             "restored": str(src),

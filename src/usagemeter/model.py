@@ -107,6 +107,7 @@ class Event:
 class AppendResult:
     accepted: int
     duplicates: int
+    conflicts: tuple[int, ...] = ()
 
 
 # Group-by names that are not event dimensions but columns every event has.

@@ -1,0 +1,60 @@
+"""Storage adapters, and the one function that picks one from a URL."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from usagemeter.store.base import Store
+
+SCHEMES = ("sqlite:///path/usage.db", "postgresql://user:password@host:5432/db")
+
+
+def open_store(url: str) -> Store:
+    """The store a URL names: ``sqlite:///usage.db`` (a relative path; four slashes for an
+    absolute one, as SQLAlchemy has it), a bare file path (SQLite too), or
+    ``postgresql://user:password@host:5432/db`` (``postgres://`` too; ``?pool_size=N`` sets
+    the connections this process keeps, see docs/scaling.md). ValueError says what is wrong."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    path = sqlite_path(url)
+    if path is not None:
+        from usagemeter.store.sqlite import SQLiteStore
+
+        return SQLiteStore(path)
+    if scheme in ("postgresql", "postgres"):
+        from usagemeter.store.postgres import DEFAULT_POOL_SIZE, PostgresStore
+
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query)
+        pool = [v for k, v in query if k == "pool_size"]
+        if pool and not (pool[-1].isdigit() and int(pool[-1]) >= 1):
+            raise ValueError(f"pool_size must be a whole number >= 1, not {pool[-1]!r}")
+        rest = urlencode([(k, v) for k, v in query if k != "pool_size"])
+        return PostgresStore(
+            urlunsplit(parts._replace(query=rest)),
+            int(pool[-1]) if pool else DEFAULT_POOL_SIZE,
+        )
+    raise ValueError(
+        f"unknown store {redact(url)!r}: use a SQLite file path or a URL like "
+        + " or ".join(SCHEMES)
+    )
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file a SQLite URL (or bare path) names; None when the URL names another store."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in ("", "sqlite"):
+        return None
+    path = url.split("://", 1)[1][1:] if scheme else url
+    if not path:
+        raise ValueError(f"{url!r}: give the SQLite file's path, e.g. sqlite:///usage.db")
+    return path
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, fit for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))

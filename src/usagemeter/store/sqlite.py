@@ -23,7 +23,6 @@ from usagemeter.model import (
     ApiKey,
     AppendResult,
     Event,
-    Group,
     Scope,
 )
 from usagemeter.store.base import (
@@ -34,7 +33,7 @@ from usagemeter.store.base import (
     StoreUnavailable,
 )
 from usagemeter.store.schema import ROLLUP_TABLES, SCHEMA, SCHEMA_VERSION, Rollups
-from usagemeter.store.sqlplan import plan_aggregate
+from usagemeter.store.sqlplan import plan_aggregate, run_plans
 from usagemeter.timewindows import BillingCycle
 
 LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whole digest
@@ -534,17 +533,7 @@ class SQLiteStore:
         if not account_rids:
             return []
         plans = plan_aggregate(spec, metric, account_rids, key_rid)
-        if len(plans) == 1:
-            return [plans[0].decode(row) for row in conn.execute(plans[0].sql, plans[0].params)]
-        # Several statements fill different measures of the same (window, group) cells.
-        merged: dict[tuple[int, Group], list[float | None]] = {}
-        for plan in plans:
-            for raw in conn.execute(plan.sql, plan.params):
-                row = plan.decode(raw)
-                cell = merged.setdefault((row.window, row.group), [None] * len(spec.measures))
-                for pos in plan.positions:
-                    cell[pos] = row.values[pos]
-        return [AggregateRow(w, g, tuple(v)) for (w, g), v in merged.items()]
+        return run_plans(plans, lambda p: conn.execute(p.sql, p.params), len(spec.measures))
 
     def metrics_seen(
         self, accounts: Sequence[str], metric: str | None = None, *, dimensions: bool = True

@@ -1,4 +1,4 @@
-"""SQL for one aggregate question, planned from an AggregateSpec (SQLite dialect).
+"""SQL for one aggregate question, planned from an AggregateSpec, for every SQL store.
 
 Usage is kept at several grains (see sqlite.py): whole UTC days and hours without dimensions
 or tags, 15-minute slots with everything, and the raw events. A window is cut into the
@@ -11,11 +11,14 @@ ragged start at 05:07:
 
 All pieces become rows of one shape that the outer query folds per window and group, so a
 report costs what its buckets cost, not what the account has stored.
+
+The SQL is written once; what differs between databases (placeholders, lists of values, JSON
+extraction, the "latest" fold) lives in a ``Dialect``'s small named hooks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,69 @@ ADDITIVE_SQL = {
     "max": "max(s.vmax)",
     "min": "min(s.vmin)",
 }
+
+
+class Dialect:
+    """SQLite's way of saying the few things that differ between databases. The planner
+    writes ``?`` placeholders throughout; ``finish`` turns them into the dialect's own."""
+
+    name = "sqlite"
+
+    def finish(self, sql: str) -> str:
+        return sql
+
+    def values(self, count: int, width: int) -> str:
+        """A query body yielding ``count`` rows of ``width`` integer placeholders."""
+        return "VALUES " + ",".join(["(" + ",".join("?" * width) + ")"] * count)
+
+    def value_params(self, rows: Sequence[tuple[int, ...]]) -> list[Any]:
+        """The parameters of ``values``, in its placeholders' order."""
+        return [v for row in rows for v in row]
+
+    def json_field(self, column: str) -> str:
+        """The text of one member of a JSON object column; the member's name is a parameter."""
+        return f"json_extract({column}, ?)"
+
+    def json_key(self, name: str) -> str:
+        """The parameter naming a member for ``json_field``."""
+        # Quoted member name: a dimension named "a.b" is one key, not a nested path.
+        return '$."' + name.replace('"', '\\"') + '"'
+
+    def latest(self) -> list[str]:
+        """Select-list items whose first is the value at the greatest ``last_ts``."""
+        # SQLite returns the bare column last_val from the row that holds max(last_ts), as
+        # long as max() is the statement's only aggregate.
+        return ["s.last_val", "max(s.last_ts)"]
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+
+    def finish(self, sql: str) -> str:
+        # The planner puts no "?" or "%" in its text other than placeholders (names and
+        # values are always parameters), so this swap is safe.
+        return sql.replace("?", "%s")
+
+    def values(self, count: int, width: int) -> str:
+        # One array per column instead of count * width parameters: the statement text stays
+        # the same whatever the number of pieces, so the server plans it once.
+        return "SELECT * FROM unnest(" + ", ".join(["?::bigint[]"] * width) + ")"
+
+    def value_params(self, rows: Sequence[tuple[int, ...]]) -> list[Any]:
+        return [list(column) for column in zip(*rows, strict=True)]
+
+    def json_field(self, column: str) -> str:
+        return f"({column} ->> ?::text)"
+
+    def json_key(self, name: str) -> str:
+        return name
+
+    def latest(self) -> list[str]:
+        return ["(array_agg(s.last_val ORDER BY s.last_ts DESC))[1]"]
+
+
+SQLITE = Dialect()
+POSTGRES = PostgresDialect()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,13 +172,12 @@ def grains_for(spec: AggregateSpec) -> tuple[Grain, ...]:
     return KEY_GRAINS if spec.key_id is not None or GROUP_KEY in spec.group_by else ACCOUNT_GRAINS
 
 
-def _json_path(dimension: str) -> str:
-    # Quoted member name: a dimension named "a.b" is one key, not a nested path.
-    return '$."' + dimension.replace('"', '\\"') + '"'
-
-
 def plan_aggregate(
-    spec: AggregateSpec, metric: int, accounts: Sequence[int], key: int | None
+    spec: AggregateSpec,
+    metric: int,
+    accounts: Sequence[int],
+    key: int | None,
+    dialect: Dialect = SQLITE,
 ) -> list[Plan]:
     """One statement for the additive measures together, one for each other measure."""
     grains = grains_for(spec)
@@ -148,8 +213,8 @@ def plan_aggregate(
         found = pieces[grain]
         if not found:
             continue
-        ctes.append(f"w{n}(idx, lo, hi) AS (VALUES {','.join(['(?,?,?)'] * len(found))})")
-        cte_params.extend(v for piece in found for v in piece)
+        ctes.append(f"w{n}(idx, lo, hi) AS ({dialect.values(len(found), 3)})")
+        cte_params.extend(dialect.value_params(found))
         dimset = "x.dimset" if grain.detailed else "0"
         key_column = "x.key" if grain.keyed else "0"
         parts.append(
@@ -162,8 +227,8 @@ def plan_aggregate(
         )
         part_params.extend([metric, *accounts, *source_params])
     if raw_pieces:
-        ctes.append(f"rw(idx, lo, hi) AS (VALUES {','.join(['(?,?,?)'] * len(raw_pieces))})")
-        cte_params.extend(v for piece in raw_pieces for v in piece)
+        ctes.append(f"rw(idx, lo, hi) AS ({dialect.values(len(raw_pieces), 3)})")
+        cte_params.extend(dialect.value_params(raw_pieces))
         parts.append(
             "SELECT rw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
             " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax,"
@@ -194,13 +259,13 @@ def plan_aggregate(
         elif name == GROUP_SUBACCOUNT:
             group_cols.append("a.id")
         else:
-            group_cols.append("json_extract(d.dims, ?)")
-            group_params.append(_json_path(name))
+            group_cols.append(dialect.json_field("d.dims"))
+            group_params.append(dialect.json_key(name))
     where: list[str] = []
     where_params: list[Any] = []
     for dimension, value in spec.filters:
-        where.append("json_extract(d.dims, ?) = ?")
-        where_params.extend([_json_path(dimension), value])
+        where.append(f"{dialect.json_field('d.dims')} = ?")
+        where_params.extend([dialect.json_key(dimension), value])
 
     def statement(select_values: list[str], value_params: list[Any]) -> tuple[str, list[Any]]:
         selected = ["s.idx", *[f"{c} AS g{i}" for i, c in enumerate(group_cols)], *select_values]
@@ -213,7 +278,7 @@ def plan_aggregate(
         )
         # Parameter order follows the text: CTEs, selected group columns, values, source, where.
         params = [*cte_params, *group_params, *value_params, *part_params, *where_params]
-        return sql, params
+        return dialect.finish(sql), params
 
     names = tuple(spec.group_by)
     width = len(group_cols)
@@ -237,18 +302,34 @@ def plan_aggregate(
         plans.append(Plan(sql, tuple(params), tuple(additive), decoder(tuple(additive))))
     for i, measure in enumerate(spec.measures):
         if measure.aggregation == "latest":
-            # SQLite returns the bare column last_val from the row that holds max(last_ts),
-            # as long as max() is the statement's only aggregate.
-            sql, params = statement(["s.last_val", "max(s.last_ts)"], [])
+            sql, params = statement(dialect.latest(), [])
             plans.append(Plan(sql, tuple(params), (i,), decoder((i,))))
         elif measure.aggregation == "unique_count":
             sql, params = statement(
-                ["count(DISTINCT json_extract(d.dims, ?))"], [_json_path(_dimension(measure))]
+                [f"count(DISTINCT {dialect.json_field('d.dims')})"],
+                [dialect.json_key(_dimension(measure))],
             )
             plans.append(Plan(sql, tuple(params), (i,), decoder((i,))))
         elif measure.aggregation not in ADDITIVE_SQL:
             raise ValueError(f"unknown aggregation {measure.aggregation!r}")
     return plans
+
+
+def run_plans(
+    plans: Sequence[Plan], execute: Callable[[Plan], Iterable[Sequence[Any]]], width: int
+) -> list[AggregateRow]:
+    """Run a question's statements and merge their rows: several statements fill different
+    measures (``width`` in all) of the same (window, group) cells."""
+    if len(plans) == 1:
+        return [plans[0].decode(row) for row in execute(plans[0])]
+    merged: dict[tuple[int, Group], list[float | None]] = {}
+    for plan in plans:
+        for raw in execute(plan):
+            row = plan.decode(raw)
+            cell = merged.setdefault((row.window, row.group), [None] * width)
+            for pos in plan.positions:
+                cell[pos] = row.values[pos]
+    return [AggregateRow(w, g, tuple(v)) for (w, g), v in merged.items()]
 
 
 def _dimension(measure: Measure) -> str:

@@ -1,0 +1,89 @@
+"""Live ingest into one PostgreSQL database through one, then two `usagemeter serve` processes:
+`python -m bench.two_servers [--events N] [--clients C] [--batch B]`.
+
+The bench's durable cluster (bench/pgstore.py) and its generated events; each run loads a
+fresh database, the same events in the same batches, half of them to each server when there
+are two. Prints events/s for each, and checks the stored total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import threading
+
+import psycopg
+
+from bench import generate as g
+from bench import render
+from bench.httpload import LoadResult, post_all
+from bench.ours import Service
+from bench.pgstore import StoreCluster
+
+
+def _load(services: list[Service], bodies: list[bytes], clients: int) -> tuple[float, int]:
+    """Post every body, split evenly across the services at once; (seconds, accepted)."""
+    results: list[LoadResult] = [LoadResult() for _ in services]
+    share = [bodies[n :: len(services)] for n in range(len(services))]
+
+    def run(n: int) -> None:
+        s = services[n]
+        results[n] = post_all("127.0.0.1", s.port, s.headers, "/v1/events", share[n], clients)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(services))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if r.errors:
+            raise RuntimeError(r.errors[0])
+    return max(r.seconds for r in results), sum(r.accepted for r in results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.two_servers", description=__doc__)
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients per server")
+    args = p.parse_args(argv)
+    start_ms = g.window_start_ms(dt.datetime.now(dt.UTC).date())
+    events = g.all_events(1, args.events)
+    bodies = render.json_batches(events, start_ms, args.batch)
+    accounts = [g.account_id(a) for a in range(g.ACCOUNTS)]
+    keys = [(a, g.key_id(i, k)) for i, a in enumerate(accounts) for k in range(g.KEYS_PER_ACCOUNT)]
+    cluster = StoreCluster()
+    try:
+        for servers in (1, 2):
+            name = f"usagemeter{servers}"
+            cluster.execute(f"CREATE DATABASE {name}")
+            url = cluster.url.replace("/usagemeter?", f"/{name}?")
+            services = [Service(store=url) for _ in range(servers)]
+            try:
+                for s in services:
+                    s.start()
+                services[0].create(accounts, keys)
+                seconds, accepted = _load(services, bodies, args.clients)
+            finally:
+                for s in services:
+                    s.close()
+            with psycopg.connect(url) as conn:
+                row = conn.execute("SELECT count(*) FROM events").fetchone()
+            stored = int(row[0]) if row else 0
+            print(
+                f"{servers} server(s), {args.clients} clients each, batches of {args.batch}: "
+                f"{accepted:,} events in {seconds:.1f} s = {accepted / seconds:,.0f} events/s; "
+                f"stored {stored:,}",
+                flush=True,
+            )
+            if stored != len(events):
+                print(f"FAIL: sent {len(events):,}, stored {stored:,}", file=sys.stderr)
+                return 1
+    finally:
+        cluster.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""The store conformance suite: what every adapter promises, run over every adapter.
+
+A new adapter joins by adding its kind to conftest.STORES and an ``Adapter`` below: how to
+open a second handle on the same data (another process, as far as the store can tell), and
+how to make its data look as the previous schema version left it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import STORES, empty_postgres, make_database, open_test_store
+from usagemeter.auth import authenticate, issue_key
+from usagemeter.model import Account, AppendResult, Event, Scope
+from usagemeter.store.base import AggregateSpec, Conflict, Measure, NotFound, Store, Window
+from usagemeter.store.pgschema import SCHEMA_VERSION as PG_VERSION
+from usagemeter.store.postgres import PostgresStore
+from usagemeter.store.schema import SCHEMA_VERSION as SQLITE_VERSION
+from usagemeter.store.sqlite import SQLiteStore
+
+BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclass
+class Adapter:
+    kind: str
+    reopen: Callable[[], Store]  # another handle on the same data
+    age: Callable[[Store], None]  # leave the data as the previous schema version did
+    version: Callable[[Store], int]
+
+
+def _age_sqlite(store: Store) -> None:
+    assert isinstance(store, SQLiteStore)
+    # Version 1 kept no whole-day rollups and fewer keyed hours.
+    store._writer.execute("DELETE FROM rollup_day")
+    store._writer.execute("DELETE FROM rollup_hour_key")
+    store._writer.execute(f"PRAGMA user_version = {SQLITE_VERSION - 1}")
+
+
+def _age_postgres(store: Store) -> None:
+    assert isinstance(store, PostgresStore)
+    # Version 1 had no hour or day rollups at all.
+    with store._pool.connection() as conn:
+        conn.execute("DROP TABLE rollup_hour_key, rollup_day_key, rollup_hour, rollup_day")
+        conn.execute("DELETE FROM schema_version WHERE version > %s", (PG_VERSION - 1,))
+
+
+def _sqlite_version(store: Store) -> int:
+    assert isinstance(store, SQLiteStore)
+    return int(store._writer.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _postgres_version(store: Store) -> int:
+    assert isinstance(store, PostgresStore)
+    with store._pool.connection() as conn:
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture(params=STORES)
+def adapter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Adapter]:
+    """An adapter whose first handle is empty; every handle it opens is closed after."""
+    opened: list[Store] = []
+
+    def track(store: Store) -> Store:
+        opened.append(store)
+        return store
+
+    if request.param == "sqlite":
+        path = tmp_path / "conformance.db"
+        yield Adapter(
+            "sqlite",
+            lambda: track(SQLiteStore(path)),
+            _age_sqlite,
+            _sqlite_version,
+        )
+    else:
+        url = request.getfixturevalue("postgres_url")
+        empty_postgres(track(PostgresStore(url)))
+        yield Adapter(
+            "postgres", lambda: track(PostgresStore(url)), _age_postgres, _postgres_version
+        )
+    for store in opened:
+        store.close()
+
+
+def _accounts(store: Store) -> None:
+    store.create_account(Account("a", "A"))
+    store.create_account(Account("b", "B", "a"))
+    issue_key(store, "a", key_id="ka", scopes=[Scope.READ])
+    issue_key(store, "b", key_id="kb", scopes=[Scope.READ])
+
+
+def _event(i: int | str, account: str = "a", ts: int = BASE_MS, **fields: object) -> Event:
+    return Event(id=f"e{i}", account_id=account, metric="m", ts_ms=ts, **fields)  # type: ignore[arg-type]
+
+
+def _count(store: Store, start: int = BASE_MS, end: int = BASE_MS + 40 * DAY_MS) -> float:
+    rows = store.aggregate(
+        AggregateSpec(("a", "b"), "m", (Window(0, start, end),), (Measure("count"),))
+    )
+    return sum(r.values[0] or 0 for r in rows)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_a_batch_is_stored_whole_or_not_at_all(adapter: Adapter) -> None:
+    store = adapter.reopen()
+    _accounts(store)
+    for bad in (
+        [_event(1), _event(2, account="nobody")],
+        [_event(1), _event(2, key_id="no-such-key")],
+    ):
+        with pytest.raises(NotFound):
+            store.append(bad)
+    assert store.count_events() == 0 and _count(store) == 0
+    # Nothing of the failed batches was remembered: their ids are free.
+    assert store.append([_event(1), _event(2)]) == AppendResult(2, 0)
+    assert list(store.iter_events()) == [_event(1), _event(2)]
+
+
+def test_an_id_counts_once_forever_whatever_its_month(adapter: Adapter) -> None:
+    store = adapter.reopen()
+    _accounts(store)
+    assert store.append([_event(1), _event(2, ts=BASE_MS + 35 * DAY_MS)]).accepted == 2
+    # The same ids months later (another partition, where there are partitions) are retries.
+    later = [_event(1, ts=BASE_MS + 70 * DAY_MS), _event(2, ts=BASE_MS - 300 * DAY_MS)]
+    assert store.append(later).duplicates == 2
+    # The same id in another account is another event.
+    assert store.append([_event(1, account="b")]).accepted == 1
+    assert store.count_events() == 3
+
+
+def test_a_second_handle_sees_every_acknowledged_event(adapter: Adapter) -> None:
+    """Read-your-writes across handles (processes): acknowledged means visible everywhere."""
+    first, second = adapter.reopen(), adapter.reopen()
+    _accounts(first)
+    for n in range(5):
+        first.append([_event(f"{n}-{i}", ts=BASE_MS + i * HOUR_MS) for i in range(10)])
+        assert _count(second) == (n + 1) * 10
+        assert second.count_events() == (n + 1) * 10
+
+
+def test_the_same_batches_racing_on_two_handles_count_once(adapter: Adapter) -> None:
+    """Two processes get the same batches at the same moment (a client retrying against the
+    other one); every event is stored and counted exactly once, and the results add up."""
+    handles = [adapter.reopen(), adapter.reopen()]
+    _accounts(handles[0])
+    batches = [
+        [_event(f"{b}-{i}", account="ab"[i % 2], ts=BASE_MS + i * 60_000) for i in range(40)]
+        for b in range(8)
+    ]
+    results: list[AppendResult] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def send(store: Store, order: list[list[Event]]) -> None:
+        start.wait()
+        for batch in order:
+            result = store.append(batch)
+            with lock:
+                results.append(result)
+
+    threads = [
+        threading.Thread(target=send, args=(handles[n % 2], batches[:: 1 if n < 2 else -1]))
+        for n in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.accepted for r in results) == 8 * 40
+    assert sum(r.duplicates for r in results) == 3 * 8 * 40
+    for store in handles:
+        assert store.count_events() == 8 * 40
+        assert _count(store) == 8 * 40
+
+
+# ---------------------------------------------------------------- conflicts
+
+
+CONFLICT_KINDS = [
+    pytest.param(
+        kind,
+        marks=pytest.mark.xfail(strict=True, reason="conflicts land with the write path"),
+    )
+    if kind == "sqlite"
+    else kind
+    for kind in STORES
+]
+
+
+@pytest.mark.parametrize("adapter", CONFLICT_KINDS, indirect=True)
+def test_a_known_id_with_another_payload_is_a_conflict(adapter: Adapter) -> None:
+    store = adapter.reopen()
+    _accounts(store)
+    assert store.append([_event(1, value=5.0), _event(2)]).conflicts == ()
+    result = store.append(
+        [
+            _event(1, value=5.0),  # a plain retry
+            _event(2, value=7.0),  # the same id, another value: a conflict
+            _event(3, dimensions={"agent": "x"}),
+            _event(3, dimensions={"agent": "y"}),  # repeats an id earlier in this batch
+            _event(3, dimensions={"agent": "x"}),  # a retry within the batch
+            _event(4, tags=frozenset({"t"})),
+            _event(4, tags=frozenset({"u"})),
+        ]
+    )
+    assert result == AppendResult(2, 5, (1, 3, 6))
+    # The stored event stays as first received.
+    kept = {e.id: e for e in store.iter_events()}
+    assert kept["e2"].value == 1.0 and kept["e3"].dimensions == {"agent": "x"}
+    assert kept["e4"].tags == frozenset({"t"})
+
+
+@pytest.mark.parametrize("adapter", CONFLICT_KINDS, indirect=True)
+def test_every_field_of_the_payload_counts_for_a_conflict(adapter: Adapter) -> None:
+    store = adapter.reopen()
+    _accounts(store)
+    original = Event("e1", "a", "m", BASE_MS, 1.0, True, "ka", {"d": "1"}, frozenset({"t"}))
+    store.append([original])
+    variants = [
+        Event("e1", "a", "m2", BASE_MS, 1.0, True, "ka", {"d": "1"}, frozenset({"t"})),
+        Event("e1", "a", "m", BASE_MS + 1, 1.0, True, "ka", {"d": "1"}, frozenset({"t"})),
+        Event("e1", "a", "m", BASE_MS, 2.0, True, "ka", {"d": "1"}, frozenset({"t"})),
+        Event("e1", "a", "m", BASE_MS, 1.0, False, "ka", {"d": "1"}, frozenset({"t"})),
+        Event("e1", "a", "m", BASE_MS, 1.0, True, None, {"d": "1"}, frozenset({"t"})),
+        Event("e1", "a", "m", BASE_MS, 1.0, True, "ka", {"d": "2"}, frozenset({"t"})),
+        Event("e1", "a", "m", BASE_MS, 1.0, True, "ka", {"d": "1"}, frozenset()),
+    ]
+    for variant in variants:
+        assert store.append([variant]) == AppendResult(0, 1, (0,)), variant
+    assert store.append([original]) == AppendResult(0, 1, ())
+
+
+# ---------------------------------------------------------------- accounts and keys
+
+
+def test_accounts_and_keys(adapter: Adapter) -> None:
+    store, other = adapter.reopen(), adapter.reopen()
+    _accounts(store)
+    store.create_account(Account("c", "C", "b"))
+    assert [a.id for a in other.list_accounts()] == ["a", "b", "c"]
+    assert other.get_account("c").parent_id == "b"
+    assert other.descendants("a") == ["a", "b", "c"] and other.ancestors("c") == ["c", "b", "a"]
+    for missing in (other.get_account, other.descendants, other.ancestors):
+        with pytest.raises(NotFound):
+            missing("zzz")
+    with pytest.raises(Conflict):
+        other.create_account(Account("a", "again"))
+    with pytest.raises(NotFound):
+        other.create_account(Account("d", "D", "ghost"))
+
+    _, secret = issue_key(store, "a", key_id="k2", scopes=[Scope.READ, Scope.INGEST])
+    assert [k.id for k in other.list_keys("a")] == ["ka", "k2"]
+    with pytest.raises(Conflict):
+        issue_key(other, "a", key_id="k2")
+    # A key revoked through one handle is revoked for every other at once: nothing caches it.
+    found = authenticate(other, secret)
+    assert found is not None and found.id == "k2"
+    store.revoke_key("k2")
+    assert other.get_key("k2").revoked_at is not None
+    assert authenticate(other, secret) is None
+
+
+# ---------------------------------------------------------------- schema
+
+
+def test_a_database_of_the_previous_schema_is_migrated(adapter: Adapter) -> None:
+    store = adapter.reopen()
+    _accounts(store)
+    store.append([_event(i, ts=BASE_MS + i * HOUR_MS, key_id="ka") for i in range(72)])
+    adapter.age(store)
+    store.close()
+    reopened = adapter.reopen()
+    assert adapter.version(reopened) == (PG_VERSION if adapter.kind == "postgres" else 2)
+    # Whole days, hours and keyed questions: answered by the rebuilt rollups.
+    assert _count(reopened, BASE_MS, BASE_MS + 3 * DAY_MS) == 72
+    rows = reopened.aggregate(
+        AggregateSpec(
+            ("a",), "m", (Window(0, BASE_MS, BASE_MS + DAY_MS),), (Measure("count"),), key_id="ka"
+        )
+    )
+    assert [r.values for r in rows] == [(24,)]
+
+
+def test_processes_starting_at_once_migrate_once(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Several processes open a new PostgreSQL database together; the advisory lock queues
+    them, and the schema is created exactly once."""
+    url = make_database(request.getfixturevalue("postgres_server"), "usagemeter_race")
+    stores: list[Store] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            stores.append(PostgresStore(url, pool_size=1))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(stores) == 4
+    with psycopg.connect(url) as conn:
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
+    assert versions == [(v,) for v in range(1, PG_VERSION + 1)]
+    for store in stores:
+        store.close()
+
+
+# ---------------------------------------------------------------- the invariant
+
+events_strategy = st.lists(
+    st.tuples(
+        st.integers(0, 40),  # id
+        st.sampled_from(["a", "b"]),
+        st.integers(-DAY_MS, 3 * DAY_MS),  # offset: spans days, and a month boundary
+        st.integers(-5, 100),  # value
+        st.sampled_from([None, "x", "y"]),  # agent
+        st.sampled_from(["s1", "s2", "s3"]),  # session
+        st.booleans(),  # billable
+    ),
+    max_size=50,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    raw=events_strategy,
+    batch_size=st.integers(1, 20),
+    window=st.tuples(st.integers(-2 * DAY_MS, 3 * DAY_MS), st.integers(1, 3 * DAY_MS)),
+    grouped=st.booleans(),
+    billable=st.sampled_from([None, True, False]),
+)
+def test_aggregates_equal_a_naive_fold_of_the_events(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    store_kind: str,
+    raw: list[tuple[int, str, int, int, str | None, str, bool]],
+    batch_size: int,
+    window: tuple[int, int],
+    grouped: bool,
+    billable: bool | None,
+) -> None:
+    store = open_test_store(store_kind, request, tmp_path_factory.mktemp("fold") / "f.db")
+    try:
+        _check_fold(store, raw, batch_size, window, grouped, billable)
+    finally:
+        store.close()
+
+
+def _check_fold(
+    store: Store,
+    raw: list[tuple[int, str, int, int, str | None, str, bool]],
+    batch_size: int,
+    window: tuple[int, int],
+    grouped: bool,
+    billable: bool | None,
+) -> None:
+    _accounts(store)
+    # Around the new year: a window crosses a month boundary (and a partition's, where
+    # there are partitions).
+    base = BASE_MS
+    events = [
+        Event(
+            f"e{i}",
+            account,
+            "m",
+            base + offset,
+            float(value),
+            flag,
+            "ka" if account == "a" and i % 3 == 0 else None,
+            {"session_id": session, **({"agent": agent} if agent else {})},
+        )
+        for i, account, offset, value, agent, session, flag in raw
+    ]
+    for i in range(0, len(events), batch_size):
+        store.append(events[i : i + batch_size])
+    kept: dict[tuple[str, str], Event] = {}
+    for e in events:
+        kept.setdefault((e.account_id, e.id), e)
+    start = base + window[0]
+    end = start + window[1]
+    inside = [
+        e
+        for e in kept.values()
+        if start <= e.ts_ms < end and (billable is None or e.billable is billable)
+    ]
+    group_by = ("agent",) if grouped else ("key",)
+
+    def group_of(e: Event) -> tuple[tuple[str, str | None], ...]:
+        return (("agent", e.dimensions.get("agent")),) if grouped else (("key", e.key_id),)
+
+    measures = [Measure("count"), Measure("sum"), Measure("min"), Measure("max")]
+    if grouped:
+        measures.append(Measure("unique_count", "session_id"))
+    rows = store.aggregate(
+        AggregateSpec(
+            ("a", "b"),
+            "m",
+            (Window(0, start, end),),
+            tuple(measures),
+            group_by=group_by,
+            billable=billable,
+        )
+    )
+    expected = {}
+    for group in {group_of(e) for e in inside}:
+        members = [e for e in inside if group_of(e) == group]
+        values: tuple[float, ...] = (
+            len(members),
+            sum(e.value for e in members),
+            min(e.value for e in members),
+            max(e.value for e in members),
+        )
+        if grouped:
+            values += (len({e.dimensions["session_id"] for e in members}),)
+        expected[group] = values
+    assert {r.group: r.values for r in rows} == expected
+
+    latest = store.aggregate(
+        AggregateSpec(
+            ("a", "b"), "m", (Window(0, start, end),), (Measure("latest"),), billable=billable
+        )
+    )
+    if inside:
+        newest = max(e.ts_ms for e in inside)
+        assert latest[0].values[0] in {e.value for e in inside if e.ts_ms == newest}
+    else:
+        assert latest == []
+    assert sorted(store.iter_events(), key=lambda e: (e.account_id, e.id)) == sorted(
+        kept.values(), key=lambda e: (e.account_id, e.id)
+    )
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

@@ -1,0 +1,70 @@
+"""One option picks the store everywhere: URLs, the CLI's --store and USAGEMETER_STORE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from usagemeter.cli import app
+from usagemeter.store import open_store, redact
+from usagemeter.store.postgres import PostgresStore
+from usagemeter.store.sqlite import SQLiteStore
+
+
+def test_sqlite_urls_and_bare_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("sqlite:///rel.db")
+    absolute = open_store(f"sqlite:///{tmp_path}/abs.db")  # four slashes: an absolute path
+    bare = open_store("bare.db")
+    for store in (relative, absolute, bare):
+        assert isinstance(store, SQLiteStore)
+        store.close()
+    assert {p.name for p in tmp_path.glob("*.db")} == {"rel.db", "abs.db", "bare.db"}
+
+
+def test_bad_urls_say_what_to_write() -> None:
+    with pytest.raises(ValueError, match=r"postgresql://user:password@host") as bad:
+        open_store("mysql://bob:hunter2@db/usage")
+    assert "hunter2" not in str(bad.value)
+    with pytest.raises(ValueError, match="SQLite file's path"):
+        open_store("sqlite://")
+    with pytest.raises(ValueError, match="pool_size"):
+        open_store("postgresql://localhost/x?pool_size=zero")
+
+
+def test_a_password_never_reaches_a_message() -> None:
+    assert redact("postgresql://bob:hunter2@db:5432/usage") == "postgresql://bob:***@db:5432/usage"
+    assert redact("postgresql://db/usage") == "postgresql://db/usage"
+    with pytest.raises(ConnectionError) as down:
+        open_store("postgresql://bob:hunter2@127.0.0.1:1/usage")
+    assert "hunter2" not in str(down.value) and "127.0.0.1" in str(down.value)
+
+
+def test_a_postgresql_url_with_a_pool_size(postgres_url: str) -> None:
+    sep = "&" if "?" in postgres_url else "?"
+    store = open_store(f"{postgres_url}{sep}pool_size=2")
+    assert isinstance(store, PostgresStore)
+    assert store._pool.max_size == 2
+    store.close()
+
+
+def test_every_command_takes_store_or_the_environment(postgres_url: str) -> None:
+    from tests.conftest import empty_postgres
+
+    store = PostgresStore(postgres_url)
+    empty_postgres(store)
+    runner = CliRunner(env={"COLUMNS": "200"})
+    made = runner.invoke(
+        app, ["accounts", "create", "Acme", "--id", "acme", "--store", postgres_url]
+    )
+    assert made.exit_code == 0, made.output
+    # The environment variable names the same database; a file given by --db is not used.
+    env = CliRunner(env={"COLUMNS": "200", "USAGEMETER_STORE": postgres_url})
+    listing = env.invoke(app, ["accounts", "list"])
+    assert listing.exit_code == 0 and "acme" in listing.stdout
+    key = json.loads(env.invoke(app, ["keys", "create", "--account", "acme"]).stdout)
+    assert [k.id for k in store.list_keys("acme")] == [key["id"]]
+    store.close()
