@@ -104,6 +104,11 @@ def open_test_store(kind: str, request: pytest.FixtureRequest, path: Path) -> St
     return store
 
 
+# For tests of what only one kind of store has (a SQLite file's WAL, its backup): the store
+# fixture with the SQLite case alone.
+sqlite_only = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+
+
 @pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Store]:
     """A fresh, empty store of each kind: every test that uses it runs on both."""

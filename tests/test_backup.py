@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from tests.conftest import Tenants
+from tests.conftest import Tenants, sqlite_only
 from usagemeter.auth import authenticate, issue_key
 from usagemeter.cli import app
 from usagemeter.engine import Engine
@@ -42,6 +42,7 @@ def _per_batch(store: SQLiteStore) -> dict[str, int]:
     return counts
 
 
+@sqlite_only
 def test_backup_during_ingest_holds_every_acknowledged_batch_whole(
     store: SQLiteStore, tenants: Tenants, db_path: Path, tmp_path: Path
 ) -> None:
@@ -106,6 +107,7 @@ def test_restore_refuses_what_is_not_a_backup(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
+@sqlite_only
 def test_export_with_accounts_loads_into_an_empty_store(
     store: SQLiteStore, tenants: Tenants, db_path: Path, tmp_path: Path
 ) -> None:

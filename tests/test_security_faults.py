@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.conftest import Tenants, event
+from tests.conftest import Tenants, event, sqlite_only
 from tests.test_security_serve import serve_in_thread
 from usagemeter.api.app import create_app
 from usagemeter.serving import ServeLimits
@@ -39,6 +39,7 @@ def total(client: TestClient, op: dict[str, str]) -> object:
     ]
 
 
+@sqlite_only
 def test_a_full_disk_answers_507_and_ingest_resumes_once_space_is_freed(
     client: TestClient, store: SQLiteStore, op: dict[str, str], tenants: Tenants
 ) -> None:
@@ -69,6 +70,7 @@ def test_a_full_disk_answers_507_and_ingest_resumes_once_space_is_freed(
     assert total(client, op) == 510
 
 
+@sqlite_only
 def test_a_clean_close_checkpoints_the_wal(db_path: Path, tenants: Tenants) -> None:
     store = tenants.store
     wal = Path(f"{db_path}-wal")
