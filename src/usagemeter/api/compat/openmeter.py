@@ -225,7 +225,9 @@ async def ingest_events(request: Request) -> Response:
             await store_mapped(request, mapped, key)
         except BatchRejected as exc:
             errors = [in_peer_terms(e, PEER_NAMES).as_dict() for e in exc.errors]
-            detail = "; ".join(f"event {e['index']}: {e['message']}" for e in errors)
+            detail = "; ".join(f"event {e['index']}: {e['message']}" for e in errors[:10])
+            if len(errors) > 10:
+                detail += f" (and {len(errors) - 10} more in extensions.errors)"
             raise Problem(
                 400,
                 f"{len(errors)} event(s) rejected, nothing stored: {detail}",
