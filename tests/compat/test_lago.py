@@ -100,44 +100,22 @@ def test_too_many_events_and_a_wrong_key(server: str, tenants: Tenants) -> None:
 
 
 def test_a_single_bad_event_names_its_fields(server: str, tenants: Tenants) -> None:
-    response = httpx.post(
-        f"{server}/lago/api/v1/events",
-        json={"event": {"code": "storage", "external_customer_id": "root", "timestamp": "soon"}},
-        headers=tenants.headers("root"),
-    )
-    assert response.status_code == 422
-    details = response.json()["error_details"]
-    assert list(details) == ["transaction_id"]  # the first problem of the event, by field
-    response = httpx.post(
-        f"{server}/lago/api/v1/events",
-        json={
-            "event": {
-                "transaction_id": "t",
-                "code": "storage",
-                "external_customer_id": "root",
-                "properties": {"gb": 1, "key": "k"},  # 'key' is a reserved dimension
-            }
-        },
-        headers=tenants.headers("root"),
-    )
-    assert response.status_code == 422
-    assert "'key' is reserved" in response.json()["error_details"]["properties"][0]
-    for timestamp in ["soon", 1e30, JAN_15 * 1000]:  # milliseconds are a unit mistake here
+    def details(**fields: Any) -> Any:
+        base = {"transaction_id": "t", "code": "storage", "external_customer_id": "root"}
         response = httpx.post(
             f"{server}/lago/api/v1/events",
-            json={
-                "event": {
-                    "transaction_id": "t",
-                    "code": "storage",
-                    "external_customer_id": "root",
-                    "timestamp": timestamp,
-                    "properties": {"gb": 1},
-                }
-            },
+            json={"event": {**base, **fields}},
             headers=tenants.headers("root"),
         )
-        assert response.status_code == 422
-        assert response.json()["error_details"] == {
+        assert response.status_code == 422, response.text
+        return response.json()["error_details"]
+
+    # The first problem of the event, by field: here the missing transaction_id.
+    assert list(details(transaction_id=None, timestamp="soon")) == ["transaction_id"]
+    reserved = details(properties={"gb": 1, "key": "k"})  # 'key' is a reserved dimension
+    assert "'key' is reserved" in reserved["properties"][0]
+    for timestamp in ["soon", 1e30, JAN_15 * 1000]:  # milliseconds are a unit mistake here
+        assert details(timestamp=timestamp, properties={"gb": 1}) == {
             "timestamp": ["Unix seconds from 2000 to 2199, e.g. 1735689600"]
         }
 

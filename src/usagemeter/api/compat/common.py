@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import msgspec
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
@@ -35,6 +36,17 @@ async def read_body(request: Request, too_large: Exception) -> bytes:
     if len(body) > MAX_BODY:
         raise too_large
     return body
+
+
+def decode_json(text: bytes | str) -> object:
+    """Any JSON value; ValueError saying what is wrong when the text is not JSON, or nests
+    so deep that decoding it would exhaust the stack (msgspec raises RecursionError there)."""
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deep") from None
 
 
 def scalar_text(value: object) -> str | None:
@@ -78,18 +90,20 @@ def _store(request: Request, mapped: Sequence[Mapped], caller: ApiKey) -> Append
     and the native ones together, by each event's index in the peer's batch."""
     ingestor = services(request).ingestor
     positions = [i for i, item in enumerate(mapped) if not isinstance(item, EventError)]
+    raws = [mapped[i] for i in positions]
     errors = [item for item in mapped if isinstance(item, EventError)]
-    events = []
     try:
-        events = ingestor.validate([mapped[i] for i in positions], caller)
+        if not errors:
+            # The native ingest's own path: validate, then append (and what it keeps track
+            # of when a write fails).
+            return ingestor.ingest(raws, caller)
+        ingestor.validate(raws, caller)  # only to name the other bad events too
     except BatchRejected as exc:
         errors += [
             replace(e, index=positions[e.index] if e.index < len(positions) else e.index)
             for e in exc.errors
         ]
-    if errors:
-        raise BatchRejected(sorted(errors, key=lambda e: e.index))
-    return ingestor.store.append(events)
+    raise BatchRejected(sorted(errors, key=lambda e: e.index))
 
 
 def map_events(

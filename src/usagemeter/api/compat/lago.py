@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from usagemeter.api.compat.common import (
     as_number,
     body_doc,
+    decode_json,
     in_peer_terms,
     map_events,
     read_body,
@@ -141,9 +141,9 @@ async def _ingest(request: Request, root: str) -> tuple[list[Any], list[dict[str
     key = _caller(request)
     body = await read_body(request, LagoError(413))
     try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        raise LagoError(400, "invalid_json", {"body": ["not valid JSON"]}) from None
+        decoded = decode_json(body)
+    except ValueError as exc:
+        raise LagoError(400, "invalid_json", {"body": [str(exc)]}) from None
     events = decoded.get(root) if isinstance(decoded, dict) else None
     if root == "events":
         if not isinstance(events, list):

@@ -31,13 +31,13 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from usagemeter.api.compat.common import (
     as_number,
     body_doc,
+    decode_json,
     in_peer_terms,
     map_events,
     read_body,
@@ -179,9 +179,9 @@ def _events(body: bytes, content_type: str) -> list[object]:
             " application/cloudevents-batch+json or application/json",
         )
     try:
-        decoded = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise Problem(400, f"request body is not valid JSON: {exc}") from None
+        decoded = decode_json(body)
+    except ValueError as exc:
+        raise Problem(400, f"request body is {exc}") from None
     if isinstance(decoded, list) and not single:
         return decoded
     if isinstance(decoded, dict) and not batch:
@@ -225,7 +225,9 @@ async def ingest_events(request: Request) -> Response:
             await store_mapped(request, mapped, key)
         except BatchRejected as exc:
             errors = [in_peer_terms(e, PEER_NAMES).as_dict() for e in exc.errors]
-            detail = "; ".join(f"event {e['index']}: {e['message']}" for e in errors)
+            detail = "; ".join(f"event {e['index']}: {e['message']}" for e in errors[:10])
+            if len(errors) > 10:
+                detail += f" (and {len(errors) - 10} more in extensions.errors)"
             raise Problem(
                 400,
                 f"{len(errors)} event(s) rejected, nothing stored: {detail}",
@@ -272,8 +274,8 @@ def _filter_group_by(text: str) -> dict[str, str]:
     found: object = None
     if len(text) <= MAX_FILTER:
         try:
-            found = msgspec.json.decode(text)
-        except msgspec.DecodeError:
+            found = decode_json(text)
+        except ValueError:
             try:
                 found = ast.literal_eval(text)
             except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
@@ -321,9 +323,9 @@ def _from_query_string(request: Request) -> _Params:
 
 def _from_body(body: bytes) -> _Params:
     try:
-        found = msgspec.json.decode(body or b"{}")
-    except msgspec.DecodeError as exc:
-        raise Problem(400, f"request body is not valid JSON: {exc}") from None
+        found = decode_json(body or b"{}")
+    except ValueError as exc:
+        raise Problem(400, f"request body is {exc}") from None
     if not isinstance(found, dict):
         raise Problem(400, "expected a JSON object of query parameters")
 

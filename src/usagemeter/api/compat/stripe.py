@@ -28,13 +28,13 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
-import msgspec
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from usagemeter.api.compat.common import (
     as_number,
     body_doc,
+    decode_json,
     in_peer_terms,
     map_events,
     read_body,
@@ -286,9 +286,9 @@ async def create_stream_events(request: Request) -> Response:
         key = _caller(request)
         body = await read_body(request, StripeError(413, "the request body is too large"))
         try:
-            decoded = msgspec.json.decode(body)
-        except msgspec.DecodeError:
-            raise StripeError(400, 'the body must be JSON: {"events": [...]}') from None
+            decoded = decode_json(body)
+        except ValueError as exc:
+            raise StripeError(400, f'the body must be JSON, {{"events": [...]}}: {exc}') from None
         events = decoded.get("events") if isinstance(decoded, dict) else None
         if not isinstance(events, list) or not 0 < len(events) <= MAX_STREAM:
             raise StripeError(400, f"events: a list of 1 to {MAX_STREAM} meter events", "events")
