@@ -8,7 +8,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from usagemeter.api.native import NOT_READABLE, caller
+from usagemeter.api.native import NOT_READABLE, caller, reader
 from usagemeter.api.openapi import standalone_schema
 from usagemeter.api.responses import ApiError, JSONResponse
 from usagemeter.api.services import services
@@ -160,16 +160,14 @@ async def create_account(request: Request) -> JSONResponse:
 
 @router.get("/v1/accounts", tags=["accounts"])
 async def list_accounts(request: Request) -> JSONResponse:
-    """Every account (operator), or the accounts the key may read: its own and its
-    descendants for a read key, none for a key without the read scope (the same rule as
-    ``GET /v1/accounts/{id}``)."""
-    key = caller(request)
+    """Every account (operator), or the accounts a read key may read: its own and its
+    descendants, as ``GET /v1/accounts/{id}`` does."""
+    key = reader(request)
     store = services(request).store
     if key.is_operator:
         accounts = store.list_accounts()
-    elif key.account_id is None or Scope.READ not in key.scopes:
-        accounts = []
     else:
+        assert key.account_id is not None  # issue_key: every non-operator key has one
         readable = set(store.descendants(key.account_id))
         accounts = [a for a in store.list_accounts() if a.id in readable]
     return JSONResponse({"data": [account_json(a) for a in accounts]})
@@ -184,7 +182,7 @@ def readable_account(request: Request, key: ApiKey, account_id: str) -> Account:
 
 @router.get("/v1/accounts/{account_id}", tags=["accounts"])
 async def get_account(request: Request, account_id: str) -> JSONResponse:
-    return JSONResponse(account_json(readable_account(request, caller(request), account_id)))
+    return JSONResponse(account_json(readable_account(request, reader(request), account_id)))
 
 
 # ---------------------------------------------------------------------- keys
