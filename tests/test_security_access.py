@@ -134,8 +134,14 @@ def test_chosen_key_ids_are_for_operators_only(
 def test_an_ingest_key_reads_no_accounts(client: TestClient, store: SQLiteStore, tenants: Tenants):
     """Item 4: an ingest-only key listed accounts (200) it could not get one by one (404)."""
     _, ingest = key_of(store, "root", Scope.INGEST)
-    assert client.get("/v1/accounts", headers=ingest).json()["data"] == []
-    assert client.get("/v1/accounts/root", headers=ingest).status_code == 404
+    listed, got = (
+        client.get("/v1/accounts", headers=ingest),
+        client.get("/v1/accounts/root", headers=ingest),
+    )
+    assert listed.status_code == got.status_code == 403
+    assert "no read scope" in listed.json()["error"]["message"] == got.json()["error"]["message"]
+    query = client.get("/v1/query", params={"metric": "m"}, headers=ingest)
+    assert query.status_code == 403
     _, read = key_of(store, "root", Scope.READ)
     listed = [a["id"] for a in client.get("/v1/accounts", headers=read).json()["data"]]
     for account_id in listed:

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tests.conftest import Tenants, event, sqlite_only
-from tests.test_security_serve import serve_in_thread
+from tests.live import serve_in_thread
 from usagemeter.api.app import create_app
 from usagemeter.serving import ServeLimits
 from usagemeter.store.sqlite import SQLiteStore

@@ -91,7 +91,7 @@ def test_tracebacks_are_redacted() -> None:
 
 def test_the_served_access_log_keeps_no_secret(store: SQLiteStore, tenants: Tenants) -> None:
     """End to end: a real uvicorn with the access log on, as ``serve --access-log`` runs."""
-    from tests.test_security_serve import serve_in_thread
+    from tests.live import serve_in_thread
     from usagemeter.api.app import create_app
     from usagemeter.serving import ServeLimits
 

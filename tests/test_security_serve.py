@@ -12,43 +12,19 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from usagemeter import logs
+from tests.live import serve_in_thread
 from usagemeter.api.app import create_app
 from usagemeter.auth import issue_key
 from usagemeter.engine import Engine
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import Account, Query, Scope
-from usagemeter.serving import ServeLimits, uvicorn_config
+from usagemeter.serving import ServeLimits
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import Granularity
-
-
-def serve_in_thread(
-    app: Any, limits: ServeLimits, access_log: bool = False
-) -> Iterator[tuple[str, int]]:
-    """``app`` on a real uvicorn, configured as ``usagemeter serve`` does, on a free port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    address = sock.getsockname()
-    config = uvicorn_config(app, "127.0.0.1", 0, access_log, limits)
-    config.log_level = "info" if access_log else "critical"
-    server = uvicorn.Server(config)
-    logs.install()  # as serve does, once uvicorn has set up its loggers
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield address
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

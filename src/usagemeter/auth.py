@@ -101,8 +101,7 @@ def can_manage(store: Store, key: ApiKey, account_id: str) -> bool:
 
 
 def in_tenancy(store: Store, key: ApiKey, account_id: str) -> bool:
-    """True when ``account_id`` is the key's own account or below it, whatever its scopes:
-    such a key may be told it lacks a scope; any other gets "not found"."""
+    """True when ``account_id`` is the key's own account or below it, whatever its scopes."""
     if key.account_id is None:
         return False
     try:

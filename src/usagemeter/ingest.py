@@ -96,23 +96,34 @@ class BatchRejected(ValueError):
 
 _EPOCH_TEXT = re.compile(r"-?[0-9]{1,16}")
 _HAS_OFFSET = re.compile(r"[0-9][Tt ][0-9:.,]+(?:[Zz]|[+-][0-9]{2}:?[0-9]{2})$")
-# Strings (skipped whole, so brackets inside them do not count) and brackets.
-_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
-def check_depth(body: bytes, limit: int = MAX_DEPTH) -> None:
-    """ValueError if the JSON text nests arrays or objects deeper than ``limit``. Checked
-    before decoding: a generic decode of 1,000 levels, or the repr of one in an error
-    message, exhausts the interpreter's recursion limit."""
-    depth = 0
-    for token in _STRUCTURE.finditer(body):
-        char = token[0]
-        if char in b"[{":
-            depth += 1
-            if depth > limit:
-                raise ValueError(f"JSON nested deeper than {limit} levels; events are flat")
-        elif char in b"]}":
-            depth -= 1
+def check_depth(value: object, limit: int = MAX_DEPTH) -> None:
+    """ValueError if decoded JSON nests arrays or objects deeper than ``limit``. Error
+    messages quote values, and the repr of a deep one exhausts the recursion limit; so does
+    decoding a deeper one, which ``decode_any`` reports in the same words."""
+    stack: list[tuple[dict[Any, Any] | list[Any], int]] = []
+    if isinstance(value, dict | list):
+        stack.append((value, 1))
+    while stack:  # a loop, not recursion: the point is not to recurse
+        item, depth = stack.pop()
+        if depth > limit:
+            raise ValueError(_TOO_DEEP)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+def decode_any(text: bytes) -> object:
+    """Any JSON text, no deeper than MAX_DEPTH; msgspec.DecodeError if it is not JSON."""
+    try:
+        value = _ANY.decode(text)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
+    check_depth(value)
+    return value
+
+
+_TOO_DEEP = f"JSON nested deeper than {MAX_DEPTH} levels; events are flat"
 
 
 def parse_ts(raw: object) -> int:
@@ -291,17 +302,12 @@ class Ingestor:
             for number, line in enumerate(body.splitlines(), start=1):
                 if line.strip():
                     try:
-                        check_depth(line)
-                    except ValueError as exc:
-                        raise ValueError(f"NDJSON line {number}: {exc}") from None
-                    try:
-                        items.append(_ANY.decode(line))
-                    except msgspec.DecodeError as exc:
+                        items.append(decode_any(line))
+                    except (msgspec.DecodeError, ValueError) as exc:
                         raise ValueError(f"NDJSON line {number}: {exc}") from None
             return items
-        check_depth(body)
         try:
-            decoded = _ANY.decode(body)
+            decoded = decode_any(body)
         except msgspec.DecodeError as exc:
             raise ValueError(f"request body is not valid JSON: {exc}") from None
         if isinstance(decoded, dict):

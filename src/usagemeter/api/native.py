@@ -47,6 +47,14 @@ def caller(request: Request) -> ApiKey:
     return key
 
 
+def reader(request: Request) -> ApiKey:
+    """The caller, if its key may read at all (which accounts: ``auth.can_read``)."""
+    key = caller(request)
+    if not key.is_operator and Scope.READ not in key.scopes:
+        raise ApiError(403, "forbidden", "this key has no read scope: reading needs one")
+    return key
+
+
 @router.get("/healthz", tags=["service"])
 async def healthz(request: Request) -> JSONResponse:
     """``ok``; or 503 ``degraded`` with the reason while the store fails writes (a full disk),
@@ -386,7 +394,7 @@ async def query_usage(
         "limit": limit,
         "include_subaccounts": include_subaccounts,
     }
-    query = build_query(request, caller(request), params, svc)
+    query = build_query(request, reader(request), params, svc)
     try:
         result = svc.engine.run(query)
     except ValueError as exc:

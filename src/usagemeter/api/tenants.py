@@ -8,7 +8,7 @@ import msgspec
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from usagemeter.api.native import NOT_READABLE, caller
+from usagemeter.api.native import NOT_READABLE, caller, reader
 from usagemeter.api.openapi import standalone_schema
 from usagemeter.api.responses import ApiError, JSONResponse
 from usagemeter.api.services import services
@@ -17,7 +17,6 @@ from usagemeter.auth import (
     can_manage,
     can_read,
     grantable,
-    in_tenancy,
     issue_key,
 )
 from usagemeter.model import Account, ApiKey, Scope
@@ -160,16 +159,14 @@ async def create_account(request: Request) -> JSONResponse:
 
 @router.get("/v1/accounts", tags=["accounts"])
 async def list_accounts(request: Request) -> JSONResponse:
-    """Every account (operator), or the accounts the key may read: its own and its
-    descendants for a read key, none for a key without the read scope (the same rule as
-    ``GET /v1/accounts/{id}``)."""
-    key = caller(request)
+    """Every account (operator), or the accounts a read key may read: its own and its
+    descendants, as ``GET /v1/accounts/{id}`` does."""
+    key = reader(request)
     store = services(request).store
     if key.is_operator:
         accounts = store.list_accounts()
-    elif key.account_id is None or Scope.READ not in key.scopes:
-        accounts = []
     else:
+        assert key.account_id is not None  # issue_key: every non-operator key has one
         readable = set(store.descendants(key.account_id))
         accounts = [a for a in store.list_accounts() if a.id in readable]
     return JSONResponse({"data": [account_json(a) for a in accounts]})
@@ -184,7 +181,7 @@ def readable_account(request: Request, key: ApiKey, account_id: str) -> Account:
 
 @router.get("/v1/accounts/{account_id}", tags=["accounts"])
 async def get_account(request: Request, account_id: str) -> JSONResponse:
-    return JSONResponse(account_json(readable_account(request, caller(request), account_id)))
+    return JSONResponse(account_json(readable_account(request, reader(request), account_id)))
 
 
 # ---------------------------------------------------------------------- keys
@@ -199,15 +196,19 @@ class KeyIn(msgspec.Struct, forbid_unknown_fields=True):
     scopes: list[str] = msgspec.field(default_factory=lambda: ["read"])
 
 
+def manager(request: Request) -> ApiKey:
+    """The caller, if its key may manage keys at all. Checked before any account or key is
+    looked up, so this 403 says nothing about what the request names."""
+    key = caller(request)
+    if not key.is_operator and Scope.MANAGE not in key.scopes:
+        raise ApiError(403, "forbidden", "this key has no manage scope: managing keys needs one")
+    return key
+
+
 def managed_account(request: Request, key: ApiKey, account_id: str) -> None:
-    """Pass if ``key`` manages ``account_id``'s keys. A key that may see the account but not
-    manage it gets 403; anyone else the same 404 as for an account that does not exist."""
-    store = services(request).store
-    if can_manage(store, key, account_id):
-        return
-    if not key.is_operator and in_tenancy(store, key, account_id):
-        raise ApiError(403, "forbidden", "managing keys needs a key with the manage scope")
-    raise _not_found("account", account_id)
+    """Pass if ``key`` manages ``account_id``'s keys; else the 404 of a missing account."""
+    if not can_manage(services(request).store, key, account_id):
+        raise _not_found("account", account_id)
 
 
 def parse_scopes(caller_key: ApiKey, data: KeyIn) -> list[Scope]:
@@ -237,7 +238,7 @@ async def create_key(request: Request, account_id: str) -> JSONResponse:
     """Create a key for an account (operator, or a manage key of that account or an
     ancestor), with scopes the caller holds itself. The response's ``key`` is the secret:
     it is shown here once and never again. Only an operator chooses a key's ``id``."""
-    key = caller(request)
+    key = manager(request)
     managed_account(request, key, account_id)
     data: KeyIn = decode(KeyIn, await small_body(request))
     scopes = parse_scopes(key, data)
@@ -267,7 +268,7 @@ async def create_key(request: Request, account_id: str) -> JSONResponse:
 @router.get("/v1/accounts/{account_id}/keys", tags=["keys"])
 async def list_keys(request: Request, account_id: str) -> JSONResponse:
     """The account's keys, without secrets (operator, or a manage key above it)."""
-    managed_account(request, caller(request), account_id)
+    managed_account(request, manager(request), account_id)
     keys = services(request).store.list_keys(account_id)
     return JSONResponse({"data": [key_json(k) for k in keys]})
 
@@ -276,18 +277,15 @@ async def list_keys(request: Request, account_id: str) -> JSONResponse:
 def revoke_key(request: Request, key_id: str) -> JSONResponse:
     """Revoke a key: it stops working at once. Revoking twice is harmless. Operator keys are
     revoked by operators; account keys also by a manage key of their account or above."""
-    key = caller(request)
+    key = manager(request)
     store = services(request).store
     try:
         target = store.get_key(key_id)
     except NotFound:
         target = None
-    if target is None:
-        raise _not_found("key", key_id)
-    if key.is_operator:
-        return JSONResponse(key_json(store.revoke_key(key_id)))
-    if target.account_id is None or not in_tenancy(store, key, target.account_id):
-        raise _not_found("key", key_id)  # an operator key, or another tenant's
-    if not can_manage(store, key, target.account_id):
-        raise ApiError(403, "forbidden", "revoking keys needs a key with the manage scope")
+    if target is None or not (
+        key.is_operator
+        or (target.account_id is not None and can_manage(store, key, target.account_id))
+    ):
+        raise _not_found("key", key_id)  # missing, another tenant's, or an operator key
     return JSONResponse(key_json(store.revoke_key(key_id)))
