@@ -40,7 +40,8 @@ from usagemeter.store.pgschema import (
     migrate,
     month_bounds,
 )
-from usagemeter.store.sqlite import LOOKUP_BYTES, NO_KEY, SQLiteStore
+from usagemeter.store.rows import ACCOUNT_COLUMNS, KEY_COLUMNS, account_values, key_values
+from usagemeter.store.sqlite import NO_KEY, SQLiteStore
 from usagemeter.store.sqlplan import POSTGRES, plan_aggregate, run_plans
 
 log = logging.getLogger("usagemeter")
@@ -163,24 +164,14 @@ class PostgresStore:
         return int(row[0])
 
     def create_account(self, account: Account) -> Account:
-        created = account.created_at or datetime.now(UTC)
-        cycle = account.billing_cycle
         with self._pool.connection() as conn, conn.transaction():
             parent = None
             if account.parent_id is not None:
                 parent = self._rid(conn, "accounts", "account", account.parent_id)
             try:
                 conn.execute(
-                    "INSERT INTO accounts (id, name, parent, cycle_anchor, cycle_period,"
-                    " created_at) VALUES (%s, %s, %s, %s, %s, %s)",
-                    (
-                        account.id,
-                        account.name,
-                        parent,
-                        cycle.anchor.isoformat() if cycle else None,
-                        cycle.period if cycle else None,
-                        int(created.timestamp() * 1000),
-                    ),
+                    f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)",
+                    account_values(account, parent),
                 )
             except errors.UniqueViolation as exc:
                 raise Conflict(f"account id {account.id!r} is already taken") from exc
@@ -228,18 +219,8 @@ class PostgresStore:
                 account = self._rid(conn, "accounts", "account", key.account_id)
             try:
                 conn.execute(
-                    "INSERT INTO keys (id, account, name, prefix, scopes, secret_hash, lookup,"
-                    " created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        key.id,
-                        account,
-                        key.name,
-                        key.prefix,
-                        ",".join(sorted(s.value for s in key.scopes)),
-                        secret_hash,
-                        secret_hash[:LOOKUP_BYTES],
-                        int(key.created_at.timestamp() * 1000),
-                    ),
+                    f"INSERT INTO keys ({KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    key_values(key, account, secret_hash),
                 )
             except errors.UniqueViolation as exc:
                 raise Conflict(f"key id {key.id!r} is already taken") from exc

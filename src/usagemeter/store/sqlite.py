@@ -26,11 +26,11 @@ from usagemeter.model import (
     Scope,
 )
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
+from usagemeter.store.rows import ACCOUNT_COLUMNS, KEY_COLUMNS, account_values, key_values
 from usagemeter.store.schema import ROLLUP_TABLES, SCHEMA, SCHEMA_VERSION, Rollups
 from usagemeter.store.sqlplan import plan_aggregate, run_plans
 from usagemeter.timewindows import BillingCycle
 
-LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whole digest
 log = logging.getLogger("usagemeter")
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
 PAIR_CHUNK = 2000  # (account, id) pairs per dedupe lookup: 4,000 variables, under the limit
@@ -156,24 +156,14 @@ class SQLiteStore:
         return rid
 
     def create_account(self, account: Account) -> Account:
-        created = account.created_at or datetime.now(UTC)
-        cycle = account.billing_cycle
         with self._write_lock:
             parent = None
             if account.parent_id is not None:
                 parent = self._account_rid(self._writer, account.parent_id)
             try:
                 self._writer.execute(
-                    "INSERT INTO accounts (id, name, parent, cycle_anchor, cycle_period,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        account.id,
-                        account.name,
-                        parent,
-                        cycle.anchor.isoformat() if cycle else None,
-                        cycle.period if cycle else None,
-                        int(created.timestamp() * 1000),
-                    ),
+                    f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    account_values(account, parent),
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"account id {account.id!r} is already taken") from exc
@@ -262,18 +252,8 @@ class SQLiteStore:
                 account = self._account_rid(self._writer, key.account_id)
             try:
                 self._writer.execute(
-                    "INSERT INTO keys (id, account, name, prefix, scopes, secret_hash, lookup,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key.id,
-                        account,
-                        key.name,
-                        key.prefix,
-                        ",".join(sorted(s.value for s in key.scopes)),
-                        secret_hash,
-                        secret_hash[:LOOKUP_BYTES],
-                        int(key.created_at.timestamp() * 1000),
-                    ),
+                    f"INSERT INTO keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    key_values(key, account, secret_hash),
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"key id {key.id!r} is already taken") from exc
