@@ -113,6 +113,21 @@ def _digest(event: Event) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
+def _refuse_nul(events: Sequence[Event]) -> None:
+    """PostgreSQL text cannot hold U+0000: say which event and field, before anything is
+    stored (the API answers a ValueError with a 400), instead of failing mid-batch."""
+    for index, e in enumerate(events):
+        texts = [("id", e.id), ("account", e.account_id), ("key", e.key_id or "")]
+        texts += [(f"dimensions.{k}", v) for k, v in e.dimensions.items()]
+        texts += [("tags", tag) for tag in e.tags]
+        for field, text in texts:
+            if "\x00" in text:
+                raise ValueError(
+                    f"event {index}: {field}: contains a NUL character (U+0000), which this"
+                    " store cannot keep; remove it"
+                )
+
+
 def _canon(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -311,6 +326,7 @@ class PostgresStore:
         raise AssertionError("unreachable")
 
     def _append(self, conn: Conn, events: Sequence[Event]) -> AppendResult:
+        _refuse_nul(events)
         accounts, keys = self._resolve(conn, events)
         self._intern_all(conn, events)
         months = {month_bounds(e.ts_ms) for e in events} - self._partitions
