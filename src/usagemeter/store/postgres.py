@@ -10,9 +10,9 @@ The promises are the SQLite store's, kept across processes by the database itsel
   batch at once, the second waits on the first's rows and then finds them taken.
 - Rows are inserted and rollups upserted in key order, so concurrent batches lock rows in the
   same order and do not deadlock; a deadlock or serialization failure is retried anyway.
-- Nothing about accounts or keys is cached: a key revoked by one process is refused by every
-  process at its next request. Only interned names (metrics, dimension and tag sets) are
-  cached, once committed: they never change or go away.
+- Nothing that can change is cached: a key revoked by one process is refused by every
+  process at its next request. Only what never changes is kept: the row ids of accounts,
+  keys and interned names (metrics, dimension and tag sets), once committed.
 """
 
 from __future__ import annotations
@@ -161,6 +161,8 @@ class PostgresStore:
         self._metric_ids: dict[str, int] = {}
         self._dimset_ids: dict[str, int] = {}
         self._tagset_ids: dict[str, int] = {}
+        self._account_rids: dict[str, int] = {}
+        self._key_rids: dict[str, int] = {}
         self._partitions: set[tuple[str, int, int]] = set()
 
     def close(self) -> None:
@@ -395,23 +397,36 @@ class PostgresStore:
     def _resolve(
         self, conn: Conn, events: Sequence[Event]
     ) -> tuple[dict[str, int], dict[str, int]]:
-        """The row ids of the batch's accounts and keys, in one round trip; NotFound names
-        the first that does not exist."""
+        """The row ids of the batch's accounts and keys; NotFound names the first that does
+        not exist."""
         account_ids = sorted({e.account_id for e in events})
         key_ids = sorted({e.key_id for e in events if e.key_id})
-        accounts: dict[str, int] = {}
-        keys: dict[str, int] = {}
-        for kind, ident, rid in conn.execute(
-            "SELECT 'account', id, rid FROM accounts WHERE id = ANY(%s)"
-            " UNION ALL SELECT 'key', id, rid FROM keys WHERE id = ANY(%s)",
-            (account_ids, key_ids),
-        ):
-            (accounts if kind == "account" else keys)[ident] = rid
+        accounts, keys = self._row_ids(conn, account_ids, key_ids)
         for noun, wanted, found in (("account", account_ids, accounts), ("key", key_ids, keys)):
             for ident in wanted:
                 if ident not in found:
                     raise NotFound(f"{noun} {ident!r} does not exist")
         return accounts, keys
+
+    def _row_ids(
+        self, conn: Conn, account_ids: Sequence[str], key_ids: Sequence[str]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """The row ids of those of the named accounts and keys that exist. A row id never
+        changes and nothing is deleted, so an id once found is kept; one not found is asked
+        for again next time (another process may create it)."""
+        want_accounts = sorted(set(account_ids) - self._account_rids.keys())
+        want_keys = sorted(set(key_ids) - self._key_rids.keys())
+        if want_accounts or want_keys:
+            for kind, ident, rid in conn.execute(
+                "SELECT 'account', id, rid FROM accounts WHERE id = ANY(%s)"
+                " UNION ALL SELECT 'key', id, rid FROM keys WHERE id = ANY(%s)",
+                (want_accounts, want_keys),
+            ):
+                (self._account_rids if kind == "account" else self._key_rids)[ident] = rid
+        return (
+            {a: self._account_rids[a] for a in account_ids if a in self._account_rids},
+            {k: self._key_rids[k] for k in key_ids if k in self._key_rids},
+        )
 
     # ---------------------------------------------------------------- queries
 
@@ -419,17 +434,20 @@ class PostgresStore:
         if not spec.windows:
             return []
         with self._pool.connection() as conn:
-            row = conn.execute(
-                "SELECT (SELECT id FROM metrics WHERE name = %s),"
-                " (SELECT array_agg(rid ORDER BY rid) FROM accounts WHERE id = ANY(%s)),"
-                " (SELECT rid FROM keys WHERE id = %s)",
-                (spec.metric, list(spec.accounts), spec.key_id),
-            ).fetchone()
-            assert row is not None
-            metric, accounts, key = row
-            if metric is None or not accounts or (spec.key_id is not None and key is None):
+            metric = self._metric_ids.get(spec.metric)
+            if metric is None:
+                row = conn.execute(
+                    "SELECT id FROM metrics WHERE name = %s", (spec.metric,)
+                ).fetchone()
+                if row is None:
+                    return []
+                metric = self._metric_ids.setdefault(spec.metric, int(row[0]))
+            key_ids = [spec.key_id] if spec.key_id is not None else []
+            accounts, keys = self._row_ids(conn, spec.accounts, key_ids)
+            if not accounts or len(keys) != len(key_ids):
                 return []
-            plans = plan_aggregate(spec, metric, accounts, key, POSTGRES)
+            key = keys[spec.key_id] if spec.key_id is not None else None
+            plans = plan_aggregate(spec, metric, sorted(accounts.values()), key, POSTGRES)
             # Values bound into the text (a client-side cursor), so the server plans each
             # question with its own windows and accounts: a generic plan is blind to them (a
             # 90-day report went from 7 to 22 ms).
