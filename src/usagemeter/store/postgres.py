@@ -42,7 +42,13 @@ from usagemeter.store.pgschema import (
 )
 from usagemeter.store.rows import ACCOUNT_COLUMNS, KEY_COLUMNS, account_values, key_values
 from usagemeter.store.sqlite import NO_KEY, SQLiteStore
-from usagemeter.store.sqlplan import POSTGRES, plan_aggregate, run_plans
+from usagemeter.store.sqlplan import (
+    POSTGRES,
+    event_from_row,
+    plan_aggregate,
+    plan_export,
+    run_plans,
+)
 
 log = logging.getLogger("usagemeter")
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -465,23 +471,7 @@ class PostgresStore:
         start_ms: int | None = None,
         end_ms: int | None = None,
     ) -> Iterator[Event]:
-        where = ["true"]
-        params: list[Any] = []
-        if accounts is not None:
-            where.append("a.id = ANY(%s)")
-            params.append(list(accounts))
-        if start_ms is not None:
-            where.append("e.ts >= %s")
-            params.append(start_ms)
-        if end_ms is not None:
-            where.append("e.ts < %s")
-            params.append(end_ms)
-        sql = (
-            "SELECT e.event_id, a.id, m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
-            " FROM events e JOIN accounts a ON a.rid = e.account JOIN metrics m ON m.id = e.metric"
-            " LEFT JOIN keys k ON k.rid = e.key JOIN dimsets d ON d.id = e.dimset"
-            f" JOIN tagsets t ON t.id = e.tagset WHERE {' AND '.join(where)} ORDER BY e.seq"
-        )
+        sql, params = plan_export(accounts, start_ms, end_ms, POSTGRES)
         # A server-side cursor: a long export streams instead of loading every row.
         with (
             self._pool.connection() as conn,
@@ -490,14 +480,4 @@ class PostgresStore:
         ):
             cursor.execute(sql, params)
             for row in cursor:
-                yield Event(
-                    id=row[0],
-                    account_id=row[1],
-                    metric=row[2],
-                    ts_ms=row[3],
-                    value=row[4],
-                    billable=bool(row[5]),
-                    key_id=row[6],
-                    dimensions=row[7],
-                    tags=frozenset(json.loads(row[8])),
-                )
+                yield event_from_row(row)

@@ -28,7 +28,7 @@ from usagemeter.model import (
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
 from usagemeter.store.rows import ACCOUNT_COLUMNS, KEY_COLUMNS, account_values, key_values
 from usagemeter.store.schema import ROLLUP_TABLES, SCHEMA, SCHEMA_VERSION, Rollups
-from usagemeter.store.sqlplan import plan_aggregate, run_plans
+from usagemeter.store.sqlplan import event_from_row, plan_aggregate, plan_export, run_plans
 from usagemeter.timewindows import BillingCycle
 
 log = logging.getLogger("usagemeter")
@@ -475,37 +475,11 @@ class SQLiteStore:
         start_ms: int | None = None,
         end_ms: int | None = None,
     ) -> Iterator[Event]:
-        where = ["1"]
-        params: list[Any] = []
-        if accounts is not None:
-            where.append(f"a.id IN ({','.join('?' * len(accounts))})")
-            params.extend(accounts)
-        if start_ms is not None:
-            where.append("e.ts >= ?")
-            params.append(start_ms)
-        if end_ms is not None:
-            where.append("e.ts < ?")
-            params.append(end_ms)
-        sql = (
-            "SELECT e.event_id, a.id, m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
-            " FROM events e JOIN accounts a ON a.rid = e.account JOIN metrics m ON m.id = e.metric"
-            " LEFT JOIN keys k ON k.rid = e.key JOIN dimsets d ON d.id = e.dimset"
-            f" JOIN tagsets t ON t.id = e.tagset WHERE {' AND '.join(where)} ORDER BY e.seq"
-        )
+        sql, params = plan_export(accounts, start_ms, end_ms)
         # A connection of its own, so a long export does not hold a pooled reader.
         conn = self._connect()
         try:
             for row in conn.execute(sql, params):
-                yield Event(
-                    id=row[0],
-                    account_id=row[1],
-                    metric=row[2],
-                    ts_ms=row[3],
-                    value=row[4],
-                    billable=bool(row[5]),
-                    key_id=row[6],
-                    dimensions=json.loads(row[7]),
-                    tags=frozenset(json.loads(row[8])),
-                )
+                yield event_from_row(row)
         finally:
             conn.close()

@@ -18,11 +18,12 @@ extraction, the "latest" fold) lives in a ``Dialect``'s small named hooks.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Group
+from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Event, Group
 from usagemeter.store.base import AggregateRow, AggregateSpec, Measure, Window
 from usagemeter.timewindows import SLOT_MS
 
@@ -349,6 +350,50 @@ def run_plans(
             for pos in plan.positions:
                 cell[pos] = row.values[pos]
     return [AggregateRow(w, g, tuple(v)) for (w, g), v in merged.items()]
+
+
+def plan_export(
+    accounts: Sequence[str] | None,
+    start_ms: int | None,
+    end_ms: int | None,
+    dialect: Dialect = SQLITE,
+) -> tuple[str, list[Any]]:
+    """The stored events of ``accounts`` (every account: None) in [start_ms, end_ms), in the
+    order they arrived, as rows for ``event_from_row``."""
+    where = ["1 = 1"]
+    params: list[Any] = []
+    if accounts is not None:
+        where.append(f"a.id IN ({','.join('?' * len(accounts))})")
+        params.extend(accounts)
+    if start_ms is not None:
+        where.append("e.ts >= ?")
+        params.append(start_ms)
+    if end_ms is not None:
+        where.append("e.ts < ?")
+        params.append(end_ms)
+    sql = (
+        "SELECT e.event_id, a.id, m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
+        " FROM events e JOIN accounts a ON a.rid = e.account JOIN metrics m ON m.id = e.metric"
+        " LEFT JOIN keys k ON k.rid = e.key JOIN dimsets d ON d.id = e.dimset"
+        f" JOIN tagsets t ON t.id = e.tagset WHERE {' AND '.join(where)} ORDER BY e.seq"
+    )
+    return dialect.finish(sql), params
+
+
+def event_from_row(row: Sequence[Any]) -> Event:
+    """One row of ``plan_export``: dimensions as JSON text or, from PostgreSQL, decoded."""
+    dims = row[7]
+    return Event(
+        id=row[0],
+        account_id=row[1],
+        metric=row[2],
+        ts_ms=row[3],
+        value=row[4],
+        billable=bool(row[5]),
+        key_id=row[6],
+        dimensions=json.loads(dims) if isinstance(dims, str) else dims,
+        tags=frozenset(json.loads(row[8])),
+    )
 
 
 def _dimension(measure: Measure) -> str:
