@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -186,18 +186,33 @@ class PostgresStore:
             raise NotFound(f"{noun} {ident!r} does not exist")
         return int(row[0])
 
-    def create_account(self, account: Account) -> Account:
+    def _insert_under(
+        self,
+        table: str,
+        columns: str,
+        owner: str | None,
+        values: Callable[[int | None], tuple[Any, ...]],
+        taken: str,
+    ) -> None:
+        """Insert a row naming an account (its ``owner``, by row id) that must exist;
+        Conflict saying ``taken`` when its id is."""
         with self._pool.connection() as conn, conn.transaction():
-            parent = None
-            if account.parent_id is not None:
-                parent = self._rid(conn, "accounts", "account", account.parent_id)
+            rid = None if owner is None else self._rid(conn, "accounts", "account", owner)
+            row = values(rid)
+            marks = ", ".join(["%s"] * len(row))
             try:
-                conn.execute(
-                    f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)",
-                    account_values(account, parent),
-                )
+                conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", row)
             except errors.UniqueViolation as exc:
-                raise Conflict(f"account id {account.id!r} is already taken") from exc
+                raise Conflict(taken) from exc
+
+    def create_account(self, account: Account) -> Account:
+        self._insert_under(
+            "accounts",
+            ACCOUNT_COLUMNS,
+            account.parent_id,
+            lambda parent: account_values(account, parent),
+            f"account id {account.id!r} is already taken",
+        )
         return self.get_account(account.id)
 
     # The same columns, joins and row shapes as the SQLite store.
@@ -236,17 +251,13 @@ class PostgresStore:
     # -------------------------------------------------------------------- keys
 
     def create_key(self, key: ApiKey, secret_hash: bytes) -> ApiKey:
-        with self._pool.connection() as conn, conn.transaction():
-            account = None
-            if key.account_id is not None:
-                account = self._rid(conn, "accounts", "account", key.account_id)
-            try:
-                conn.execute(
-                    f"INSERT INTO keys ({KEY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    key_values(key, account, secret_hash),
-                )
-            except errors.UniqueViolation as exc:
-                raise Conflict(f"key id {key.id!r} is already taken") from exc
+        self._insert_under(
+            "keys",
+            KEY_COLUMNS,
+            key.account_id,
+            lambda account: key_values(key, account, secret_hash),
+            f"key id {key.id!r} is already taken",
+        )
         return self.get_key(key.id)
 
     def get_key(self, key_id: str) -> ApiKey:
