@@ -68,3 +68,31 @@ def test_every_command_takes_store_or_the_environment(postgres_url: str) -> None
     key = json.loads(env.invoke(app, ["keys", "create", "--account", "acme"]).stdout)
     assert [k.id for k in store.list_keys("acme")] == [key["id"]]
     store.close()
+
+
+def test_a_nul_character_is_a_clear_400_not_a_500(postgres_url: str) -> None:
+    """PostgreSQL text cannot hold U+0000; such an event was a 500 from deep in the driver."""
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import empty_postgres
+    from usagemeter.api.app import create_app
+    from usagemeter.auth import issue_key
+    from usagemeter.model import Account, Scope
+
+    store = PostgresStore(postgres_url)
+    empty_postgres(store)
+    store.create_account(Account("acme", "Acme"))
+    _, secret = issue_key(store, None, name="ops", scopes=[Scope.OPERATOR])
+    headers = {"Authorization": f"Bearer {secret}"}
+    good = {"id": "fine", "account": "acme", "metric": "m", "ts": 1_735_689_600_000}
+    with TestClient(create_app(store)) as client:
+        for bad, field in (
+            ({**good, "id": "a\u0000b"}, "id"),
+            ({**good, "dimensions": {"agent": "x\u0000"}}, "dimensions.agent"),
+            ({**good, "tags": ["t\u0000"]}, "tags"),
+        ):
+            response = client.post("/v1/events", json=[good, bad], headers=headers)
+            assert response.status_code == 400, response.text
+            assert f"event 1: {field}: contains a NUL" in response.json()["error"]["message"]
+        assert store.count_events() == 0
+    store.close()

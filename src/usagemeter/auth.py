@@ -17,11 +17,11 @@ from datetime import UTC, datetime
 
 from usagemeter.model import ApiKey, Scope
 from usagemeter.store.base import NotFound, Store
+from usagemeter.store.rows import LOOKUP_BYTES
 
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{0,16}$")
 DEFAULT_PREFIX = "um_"
-LOOKUP_BYTES = 8  # of the digest, indexed to find the candidate key
 
 
 def hash_secret(secret: str) -> bytes:

@@ -32,11 +32,11 @@ from usagemeter.store.base import (
     NotFound,
     StoreUnavailable,
 )
+from usagemeter.store.rows import ACCOUNT_COLUMNS, KEY_COLUMNS, account_values, key_values
 from usagemeter.store.schema import ROLLUP_TABLES, SCHEMA, SCHEMA_VERSION, Rollups
-from usagemeter.store.sqlplan import plan_aggregate, run_plans
+from usagemeter.store.sqlplan import event_from_row, plan_aggregate, plan_export, run_plans
 from usagemeter.timewindows import BillingCycle
 
-LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whole digest
 log = logging.getLogger("usagemeter")
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
 PAIR_CHUNK = 2000  # (account, id) pairs per dedupe lookup: 4,000 variables, under the limit
@@ -178,24 +178,14 @@ class SQLiteStore:
         return rid
 
     def create_account(self, account: Account) -> Account:
-        created = account.created_at or datetime.now(UTC)
-        cycle = account.billing_cycle
         with self._write_lock:
             parent = None
             if account.parent_id is not None:
                 parent = self._account_rid(self._writer, account.parent_id)
             try:
                 self._writer.execute(
-                    "INSERT INTO accounts (id, name, parent, cycle_anchor, cycle_period,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        account.id,
-                        account.name,
-                        parent,
-                        cycle.anchor.isoformat() if cycle else None,
-                        cycle.period if cycle else None,
-                        int(created.timestamp() * 1000),
-                    ),
+                    f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    account_values(account, parent),
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"account id {account.id!r} is already taken") from exc
@@ -284,18 +274,8 @@ class SQLiteStore:
                 account = self._account_rid(self._writer, key.account_id)
             try:
                 self._writer.execute(
-                    "INSERT INTO keys (id, account, name, prefix, scopes, secret_hash, lookup,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key.id,
-                        account,
-                        key.name,
-                        key.prefix,
-                        ",".join(sorted(s.value for s in key.scopes)),
-                        secret_hash,
-                        secret_hash[:LOOKUP_BYTES],
-                        int(key.created_at.timestamp() * 1000),
-                    ),
+                    f"INSERT INTO keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    key_values(key, account, secret_hash),
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"key id {key.id!r} is already taken") from exc
@@ -602,37 +582,11 @@ class SQLiteStore:
         start_ms: int | None = None,
         end_ms: int | None = None,
     ) -> Iterator[Event]:
-        where = ["1"]
-        params: list[Any] = []
-        if accounts is not None:
-            where.append(f"a.id IN ({','.join('?' * len(accounts))})")
-            params.extend(accounts)
-        if start_ms is not None:
-            where.append("e.ts >= ?")
-            params.append(start_ms)
-        if end_ms is not None:
-            where.append("e.ts < ?")
-            params.append(end_ms)
-        sql = (
-            "SELECT e.event_id, a.id, m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
-            " FROM events e JOIN accounts a ON a.rid = e.account JOIN metrics m ON m.id = e.metric"
-            " LEFT JOIN keys k ON k.rid = e.key JOIN dimsets d ON d.id = e.dimset"
-            f" JOIN tagsets t ON t.id = e.tagset WHERE {' AND '.join(where)} ORDER BY e.seq"
-        )
+        sql, params = plan_export(accounts, start_ms, end_ms)
         # A connection of its own, so a long export does not hold a pooled reader.
         conn = self._connect()
         try:
             for row in conn.execute(sql, params):
-                yield Event(
-                    id=row[0],
-                    account_id=row[1],
-                    metric=row[2],
-                    ts_ms=row[3],
-                    value=row[4],
-                    billable=bool(row[5]),
-                    key_id=row[6],
-                    dimensions=json.loads(row[7]),
-                    tags=frozenset(json.loads(row[8])),
-                )
+                yield event_from_row(row)
         finally:
             conn.close()

@@ -22,11 +22,12 @@ from fastapi.security import HTTPBearer
 from usagemeter.api.credentials import bearer_secret
 from usagemeter.api.responses import JSONResponse
 from usagemeter.api.services import services
-from usagemeter.auth import LOOKUP_BYTES, authenticate, can_see_key, hash_secret
+from usagemeter.auth import authenticate, can_see_key, hash_secret
 from usagemeter.ingest import MAX_TS_MS, MIN_TS_MS
 from usagemeter.model import ApiKey, Scope
 from usagemeter.model import Query as UsageQuery
 from usagemeter.store.base import NotFound, Store
+from usagemeter.store.rows import LOOKUP_BYTES
 from usagemeter.timewindows import Granularity, from_ms, isoformat, to_ms
 
 router = APIRouter()
