@@ -3,6 +3,7 @@ events for any window, aligned or not."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,32 @@ def test_a_file_of_an_older_schema_gets_its_rollups_rebuilt(db_path: Path) -> No
     assert reopened._writer.execute("PRAGMA user_version").fetchone()[0] == 2
     assert _count(reopened, BASE_MS, BASE_MS + 2 * 24 * HOUR_MS) == 48
     reopened.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"metric": "other"},
+        {"ts_ms": BASE_MS + 1},
+        {"value": 2.0},
+        {"billable": False},
+        {"key_id": "ka"},
+        {"dimensions": {"agent": "x"}},
+        {"tags": frozenset({"t"})},
+    ],
+)
+def test_a_repeat_that_differs_in_any_field_is_a_conflict(
+    store: SQLiteStore, change: dict[str, object]
+) -> None:
+    _accounts(store)
+    original = _event(1, dimensions={"agent": "a"}, tags=frozenset({"s"}))
+    assert store.append([original]).conflicts == ()
+    changed = replace(original, **change)  # type: ignore[arg-type]
+    result = store.append([_event(2), original, changed])
+    assert (result.accepted, result.duplicates, result.conflicts) == (1, 2, (2,))
+    # The stored event stays as first received.
+    assert next(iter(store.iter_events())) == original
+    # Within one batch too: the first of an id is stored, a later different one conflicts.
+    fresh = replace(original, id="e9")
+    inside = store.append([fresh, fresh, replace(changed, id="e9")])
+    assert (inside.accepted, inside.duplicates, inside.conflicts) == (1, 2, (2,))

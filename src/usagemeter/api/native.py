@@ -75,7 +75,9 @@ EVENTS_EXAMPLE = [
 async def post_events(request: Request) -> JSONResponse:
     """Record usage events (operator key: any account; ingest key: its own account). The
     batch is stored whole or not at all; the reply comes after it is on disk. An event whose
-    ``id`` its account has sent before is counted once and reported in ``duplicates``."""
+    ``id`` its account has sent before is counted once and reported in ``duplicates``; one
+    that came with another payload (metric, ts, value, billable, key, dimensions or tags) is
+    also listed in ``conflicting``, and the stored event stays as first received."""
     key = caller(request)
     if not key.is_operator and Scope.INGEST not in key.scopes:
         raise ApiError(403, "forbidden", "this key has no ingest scope")
@@ -86,14 +88,14 @@ async def post_events(request: Request) -> JSONResponse:
     ndjson = "ndjson" in content_type or "jsonlines" in content_type
     ingestor = services(request).ingestor
     try:
-        result = await run_in_threadpool(ingestor.ingest_json, body, ndjson, key)
+        answer = await run_in_threadpool(ingestor.ingest_body, body, ndjson, key)
     except BatchRejected as exc:
         errors = [e.as_dict() for e in exc.errors]
         message = f"{len(errors)} event(s) rejected, nothing stored: {exc}"
         raise ApiError(400, "invalid_events", message, {"errors": errors}) from None
     except ValueError as exc:  # not JSON at all
         raise ApiError(400, "invalid_json", str(exc)) from None
-    return JSONResponse({"accepted": result.accepted, "duplicates": result.duplicates})
+    return JSONResponse(answer)
 
 
 # --------------------------------------------------------------------- query

@@ -45,6 +45,22 @@ def _from_ms(ms: int | None) -> datetime | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
+# What a repeated id is compared on: metric, ts, value, billable, key, dimensions, tags.
+_Payload = tuple[str, int, float, bool, str | None, dict[str, str], frozenset[str]]
+
+
+def _payload(event: Event) -> _Payload:
+    return (
+        event.metric,
+        event.ts_ms,
+        event.value,
+        event.billable,
+        event.key_id,
+        dict(event.dimensions),
+        event.tags,
+    )
+
+
 class _PendingBatch:
     """One caller's batch, waiting for the group commit that carries it."""
 
@@ -406,31 +422,50 @@ class SQLiteStore:
         new_tagsets: dict[str, int] = {}
 
         # Which (account, id) pairs this file has already seen, asked in a few statements
-        # whatever the number of accounts: a batch often spans hundreds of them.
+        # whatever the number of accounts: a batch often spans hundreds of them. The stored
+        # payload comes along (joins that cost nothing when, as usual, no pair is found) so
+        # that a repeat with another payload is reported as a conflict.
         pairs = list(dict.fromkeys((self._account_rid(conn, e.account_id), e.id) for e in events))
-        seen: set[tuple[str, str]] = set()
+        stored: dict[tuple[str, str], _Payload] = {}
         names = {self._account_rid(conn, e.account_id): e.account_id for e in events}
         for i in range(0, len(pairs), PAIR_CHUNK):
             chunk = pairs[i : i + PAIR_CHUNK]
             values = ",".join(["(?,?)"] * len(chunk))
-            for rid, event_id in conn.execute(
+            for rid, event_id, *payload in conn.execute(
                 # A join, not "(account, event_id) IN (VALUES ...)": SQLite plans that
                 # as a scan of the whole index, and this as one index search per pair.
-                f"WITH v(a, i) AS (VALUES {values}) SELECT e.account, e.event_id"
-                " FROM v JOIN events e ON e.account = v.a AND e.event_id = v.i",
+                f"WITH v(a, i) AS (VALUES {values}) SELECT e.account, e.event_id,"
+                " m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
+                " FROM v JOIN events e ON e.account = v.a AND e.event_id = v.i"
+                " JOIN metrics m ON m.id = e.metric LEFT JOIN keys k ON k.rid = e.key"
+                " JOIN dimsets d ON d.id = e.dimset JOIN tagsets t ON t.id = e.tagset",
                 [v for pair in chunk for v in pair],
             ):
-                seen.add((names[rid], event_id))
+                metric, ts, value, billable, key_id, dims, tags = payload
+                stored[(names[rid], event_id)] = (
+                    metric,
+                    ts,
+                    value,
+                    bool(billable),
+                    key_id,
+                    json.loads(dims),
+                    frozenset(json.loads(tags)),
+                )
 
         rows: list[tuple[Any, ...]] = []
         rollups = Rollups()
         duplicates = 0
-        for event in events:
+        conflicts: list[int] = []
+        earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
+        for index, event in enumerate(events):
             ident = (event.account_id, event.id)
-            if ident in seen:
+            if ident in stored or ident in earlier:
                 duplicates += 1
+                first = stored.get(ident) or _payload(earlier[ident])
+                if first != _payload(event):
+                    conflicts.append(index)
                 continue
-            seen.add(ident)
+            earlier[ident] = event
             account = self._account_rid(conn, event.account_id)
             metric = self._metric_ids.get(event.metric) or self._intern(
                 "metrics", "name", event.metric, new_metrics
@@ -458,7 +493,8 @@ class SQLiteStore:
             rows,
         )
         rollups.write(conn)
-        return AppendResult(len(rows), duplicates), (new_metrics, new_dimsets, new_tagsets)
+        result = AppendResult(len(rows), duplicates, tuple(conflicts))
+        return result, (new_metrics, new_dimsets, new_tagsets)
 
     # ---------------------------------------------------------------- queries
 
