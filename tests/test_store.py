@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from usagemeter.auth import issue_key
 from usagemeter.model import Account, Event, Scope
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
+from usagemeter.store.schema import SCHEMA_VERSION
 from usagemeter.store.sqlite import SQLiteStore
 
 BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
@@ -304,13 +305,14 @@ def test_a_file_of_an_older_schema_gets_its_rollups_rebuilt(db_path: Path) -> No
     store = SQLiteStore(db_path)
     _accounts(store)
     store.append([_event(i, ts=BASE_MS + i * HOUR_MS) for i in range(48)])
+    store.fold()
     # As an older version left it: another user_version, and rollups it did not keep.
     store._writer.execute("DELETE FROM rollup_day")
     store._writer.execute("DELETE FROM rollup_hour_key")
     store._writer.execute("PRAGMA user_version = 1")
     store.close()
     reopened = SQLiteStore(db_path)
-    assert reopened._writer.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert reopened._writer.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert _count(reopened, BASE_MS, BASE_MS + 2 * 24 * HOUR_MS) == 48
     reopened.close()
 

@@ -8,6 +8,9 @@ Layout:
 - ``rollup_hour[_key]`` and ``rollup_day[_key]`` fold whole UTC hours and days without
   dimension or tag sets, with and without the key, for the reports that need neither.
 - Dimension and tag sets are interned once (``dimsets``, ``tagsets``) and named by integer.
+- ``folded`` holds the last event ``seq`` folded into the rollups. A batch only appends its
+  events; the rollups catch up in runs of many batches (see sqlite.py), and always before a
+  query reads them.
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(account, event_id);
 CREATE INDEX IF NOT EXISTS events_time ON events(metric, account, ts);
+-- One row: events up to this seq are in the rollups, later ones are not yet. A file that
+-- has none yet (new, or written when every batch folded its own) has folded them all.
+CREATE TABLE IF NOT EXISTS folded (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    seq INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO folded (one, seq) SELECT 1, coalesce(max(seq), 0) FROM events;
 CREATE TABLE IF NOT EXISTS rollup (
     metric INTEGER NOT NULL,
     account INTEGER NOT NULL,
@@ -127,7 +137,10 @@ UPSERT_KEY_DAYS = "INSERT INTO rollup_day_key VALUES (?,?,?,?,?,?,?,?,?,?,?) " +
 UPSERT_HOURS = "INSERT INTO rollup_hour VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
 UPSERT_DAYS = "INSERT INTO rollup_day VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; a file of another version has its rollups rebuilt
+SCHEMA_VERSION = 3  # PRAGMA user_version; a file of another version has its rollups rebuilt
+# Version 2 folded every batch into the rollups as it stored it: a file it wrote has folded
+# all its events, and needs no rebuild, only the mark that says so.
+FOLDED_EVERY_BATCH = 2
 ROLLUP_TABLES = ("rollup", "rollup_hour_key", "rollup_day_key", "rollup_hour", "rollup_day")
 
 

@@ -1,10 +1,13 @@
 """The SQLite adapter: the embedded default store (its tables: schema.py; its queries:
 sqlplan.py).
 
-One writer connection serialises writes (``BEGIN IMMEDIATE``) and updates a batch's rollups in
-the same transaction as its events, so an acknowledged event is visible to every query at once.
-Readers use their own per-thread connections beside it (WAL). ``synchronous=FULL`` makes a
-commit durable before ``append`` returns.
+One writer connection serialises writes (``BEGIN IMMEDIATE``). A batch appends its events
+(and the dedupe index entries) and nothing else: ``synchronous=FULL`` makes that commit durable
+before ``append`` returns. The rollups catch up in runs of many batches (``fold``), so a
+rollup page is written once per run instead of once per batch; and every query first folds
+whatever is left, so an acknowledged event is in the next answer of every endpoint. The fold
+is one transaction that moves the ``folded`` mark with the rollups it wrote: a crash loses no
+event and counts none twice. Readers use their own per-thread connections beside it (WAL).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,13 @@ from usagemeter.model import (
     Scope,
 )
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
-from usagemeter.store.schema import ROLLUP_TABLES, SCHEMA, SCHEMA_VERSION, Rollups
+from usagemeter.store.schema import (
+    FOLDED_EVERY_BATCH,
+    ROLLUP_TABLES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Rollups,
+)
 from usagemeter.store.sqlplan import plan_aggregate
 from usagemeter.timewindows import BillingCycle
 
@@ -35,6 +45,12 @@ LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whol
 log = logging.getLogger("usagemeter")
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
 PAIR_CHUNK = 2000  # (account, id) pairs per dedupe lookup: 4,000 variables, under the limit
+# Fold the rollups once this many events wait: large enough that a run of time-ordered
+# traffic folds into few rows per page, small enough that the fold a query may have to do
+# first stays short.
+FOLD_EVENTS = 20_000
+FOLD_CHUNK = 50_000  # events folded per pass of Python dicts: bounds a fold's memory
+IDLE_FOLD_SECONDS = 0.5  # appends paused this long: fold what waits
 
 
 def _now_ms() -> int:
@@ -83,7 +99,6 @@ class SQLiteStore:
         self._queue_lock = threading.Lock()
         self._queue: list[_PendingBatch] = []
         self._writer = self._connect()
-        self._migrate()
         # Interned ids, cached for the write path. Only filled after a commit, so a rolled
         # back batch never leaves a cached id that the file does not hold.
         self._metric_ids: dict[str, int] = {}
@@ -91,6 +106,15 @@ class SQLiteStore:
         self._tagset_ids: dict[frozenset[str], int] = {}
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
+        # Events this process appended since its last fold (others' appends fold when they
+        # reach their own count, when a query asks, or when this file is next opened).
+        self._unfolded = 0
+        self._last_append = 0.0
+        self._migrate()
+        self.fold()  # what a crash or another process left unfolded
+        self._closing = threading.Event()
+        self._folder = threading.Thread(target=self._fold_when_idle, daemon=True)
+        self._folder.start()
 
     def _migrate(self) -> None:
         """Create the schema, or bring an older file's rollups up to this version's."""
@@ -100,7 +124,9 @@ class SQLiteStore:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
         ).fetchone()
         conn.executescript(SCHEMA)
-        if existed and version != SCHEMA_VERSION:
+        if existed and version == FOLDED_EVERY_BATCH:
+            conn.execute("UPDATE folded SET seq = (SELECT coalesce(max(seq), 0) FROM events)")
+        elif existed and version != SCHEMA_VERSION:
             # Rollup tables came and changed shape between versions; the raw events are
             # the truth, so the rollups are folded again from them.
             log.warning(
@@ -111,25 +137,60 @@ class SQLiteStore:
 
     def rebuild_rollups(self) -> None:
         """Fold every stored event into empty rollups again, in one transaction."""
-        conn = self._writer
         with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for table in ROLLUP_TABLES:
-                    conn.execute(f"DELETE FROM {table}")
-                cursor = conn.execute(
-                    "SELECT metric, account, key, billable, dimset, tagset, ts, value"
-                    " FROM events ORDER BY seq"
-                )
-                while chunk := cursor.fetchmany(50_000):
-                    rollups = Rollups()
-                    for row in chunk:
-                        rollups.add(*row)
-                    rollups.write(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            self._in_transaction(lambda conn: self._fold_locked(conn, rebuild=True))
+
+    def fold(self) -> None:
+        """Fold the events the rollups lack (appended by any process), in one transaction."""
+        with self._write_lock:
+            self._in_transaction(self._fold_locked)
+
+    def _in_transaction(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._unfolded = 0
+
+    def _fold_locked(self, conn: sqlite3.Connection, rebuild: bool = False) -> None:
+        if rebuild:
+            for table in ROLLUP_TABLES:
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("UPDATE folded SET seq = 0")
+        start, end = conn.execute(
+            "SELECT seq, (SELECT coalesce(max(seq), 0) FROM events) FROM folded"
+        ).fetchone()
+        if end <= start:
+            return
+        cursor = conn.execute(
+            "SELECT metric, account, key, billable, dimset, tagset, ts, value FROM events"
+            " WHERE seq > ? AND seq <= ? ORDER BY seq",
+            (start, end),
+        )
+        while chunk := cursor.fetchmany(FOLD_CHUNK):
+            rollups = Rollups()
+            add = rollups.add
+            for row in chunk:
+                add(*row)
+            rollups.write(conn)
+        conn.execute("UPDATE folded SET seq = ?", (end,))
+
+    def _fold_when_idle(self) -> None:
+        """Fold a tail that no query asked for once appends pause, so the next question
+        after a burst of ingest finds the rollups ready."""
+        while not self._closing.wait(IDLE_FOLD_SECONDS):
+            if self._unfolded and time.monotonic() - self._last_append >= IDLE_FOLD_SECONDS:
+                self.fold()
+
+    def _has_unfolded(self, conn: sqlite3.Connection) -> bool:
+        row = conn.execute(
+            "SELECT (SELECT seq FROM folded) < (SELECT coalesce(max(seq), 0) FROM events)"
+        ).fetchone()
+        return bool(row[0])
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -153,6 +214,11 @@ class SQLiteStore:
         return conn
 
     def close(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._folder.join()
+        self.fold()
         with self._write_lock:
             self._writer.close()
         conn = getattr(self._local, "conn", None)
@@ -375,6 +441,8 @@ class SQLiteStore:
                 with self._queue_lock:
                     group, self._queue = self._queue, []
                 self._commit_group(group)
+        if self._unfolded >= FOLD_EVENTS:
+            self.fold()
         if mine.error is not None:
             raise mine.error
         assert mine.result is not None
@@ -405,8 +473,11 @@ class SQLiteStore:
             if not isinstance(exc, Exception):
                 raise
             return
+        self._last_append = time.monotonic()
         for batch in group:
             batch.done = True
+            if batch.result is not None:
+                self._unfolded += batch.result.accepted
         for metrics, dimsets, tagsets in interned:
             self._metric_ids.update(metrics)
             self._dimset_ids.update(
@@ -453,7 +524,6 @@ class SQLiteStore:
                 )
 
         rows: list[tuple[Any, ...]] = []
-        rollups = Rollups()
         duplicates = 0
         conflicts: list[int] = []
         earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
@@ -485,14 +555,12 @@ class SQLiteStore:
             rows.append(
                 (account, event.id, metric, event.ts_ms, key, billable, dimset, tagset, value)
             )
-            rollups.add(metric, account, key, billable, dimset, tagset, event.ts_ms, value)
 
         conn.executemany(
             "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset,"
             " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        rollups.write(conn)
         result = AppendResult(len(rows), duplicates, tuple(conflicts))
         return result, (new_metrics, new_dimsets, new_tagsets)
 
@@ -504,6 +572,10 @@ class SQLiteStore:
 
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
         conn = self._reader()
+        if self._has_unfolded(conn):
+            # Read-your-writes: the rollups this question reads must hold every event
+            # acknowledged before it was asked.
+            self.fold()
         metric = self._ids(conn, "metrics", "name", spec.metric)
         if metric is None or not spec.windows:
             return []
