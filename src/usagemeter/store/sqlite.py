@@ -496,9 +496,10 @@ class SQLiteStore:
         # whatever the number of accounts: a batch often spans hundreds of them. The stored
         # payload comes along (joins that cost nothing when, as usual, no pair is found) so
         # that a repeat with another payload is reported as a conflict.
-        pairs = list(dict.fromkeys((self._account_rid(conn, e.account_id), e.id) for e in events))
+        rids = {a: self._account_rid(conn, a) for a in {e.account_id for e in events}}
+        names = {rid: account for account, rid in rids.items()}
+        pairs = list(dict.fromkeys((rids[e.account_id], e.id) for e in events))
         stored: dict[tuple[str, str], _Payload] = {}
-        names = {self._account_rid(conn, e.account_id): e.account_id for e in events}
         for i in range(0, len(pairs), PAIR_CHUNK):
             chunk = pairs[i : i + PAIR_CHUNK]
             values = ",".join(["(?,?)"] * len(chunk))
@@ -527,6 +528,7 @@ class SQLiteStore:
         duplicates = 0
         conflicts: list[int] = []
         earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
+        metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
         for index, event in enumerate(events):
             ident = (event.account_id, event.id)
             if ident in stored or ident in earlier:
@@ -536,24 +538,31 @@ class SQLiteStore:
                     conflicts.append(index)
                 continue
             earlier[ident] = event
-            account = self._account_rid(conn, event.account_id)
-            metric = self._metric_ids.get(event.metric) or self._intern(
+            metric = metric_ids.get(event.metric) or self._intern(
                 "metrics", "name", event.metric, new_metrics
             )
             key = NO_KEY if event.key_id is None else self._key_rid(conn, event.key_id)
             dims_key = tuple(sorted(event.dimensions.items())) if event.dimensions else ()
-            dimset = self._dimset_ids.get(dims_key)
+            dimset = dimset_ids.get(dims_key)
             if dimset is None:
                 dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
                 dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
-            tagset = self._tagset_ids.get(event.tags)
+            tagset = tagset_ids.get(event.tags)
             if tagset is None:
                 tags_text = json.dumps(sorted(event.tags), separators=(",", ":"))
                 tagset = self._intern("tagsets", "tags", tags_text, new_tagsets)
-            billable = 1 if event.billable else 0
-            value = event.value
             rows.append(
-                (account, event.id, metric, event.ts_ms, key, billable, dimset, tagset, value)
+                (
+                    rids[event.account_id],
+                    event.id,
+                    metric,
+                    event.ts_ms,
+                    key,
+                    1 if event.billable else 0,
+                    dimset,
+                    tagset,
+                    event.value,
+                )
             )
 
         conn.executemany(
