@@ -145,7 +145,8 @@ ROLLUP_TABLES = ("rollup", "rollup_hour_key", "rollup_day_key", "rollup_hour", "
 
 
 class Rollups:
-    """A batch's partial rollup rows at every grain, written with one upsert per grain."""
+    """A run of events' partial rollup rows at every grain, written with one upsert per
+    grain."""
 
     def __init__(self) -> None:
         self.slots: dict[tuple[int, ...], list[Any]] = {}
@@ -174,6 +175,9 @@ class Rollups:
         fold(self.days, (metric, account, day, billable), ts, value)
 
     def write(self, conn: sqlite3.Connection) -> None:
+        # In primary-key order: each B-tree page is then dirtied in one stretch, where a
+        # run's rows in arrival order would revisit pages that a large fold's cache spill
+        # had already written out.
         for statement, rows in (
             (UPSERT_SLOTS, self.slots),
             (UPSERT_KEY_HOURS, self.key_hours),
@@ -181,7 +185,7 @@ class Rollups:
             (UPSERT_HOURS, self.hours),
             (UPSERT_DAYS, self.days),
         ):
-            conn.executemany(statement, [(*k, *v) for k, v in rows.items()])
+            conn.executemany(statement, [(*k, *v) for k, v in sorted(rows.items())])
 
 
 def fold(
