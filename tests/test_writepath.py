@@ -8,13 +8,16 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from usagemeter.model import Account, Event
+from usagemeter.auth import issue_key
+from usagemeter.ingest import BatchRejected, Ingestor
+from usagemeter.model import Account, Event, Scope
 from usagemeter.store import sqlite as sqlite_module
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.sqlite import SQLiteStore
@@ -197,4 +200,82 @@ def test_concurrent_batches_with_retries_fold_to_the_distinct_events(
         )
         assert (_totals(store, account, ragged).get(0) or (0,))[0] == want
     assert store.count_events() == len(distinct)
+    store.close()
+
+
+# The compiled path (msgspec) and the item-by-item path must accept the same events and
+# build the same ones; any batch the compiled path refuses goes the other way for its errors.
+names = st.text(alphabet="ab_.-1", min_size=1, max_size=4)
+valid_events = st.fixed_dictionaries(
+    {
+        "id": names,
+        "account": st.sampled_from(["a", "b"]),
+        "metric": st.sampled_from(["m", "lookups", "a.b:c"]),
+        "ts": st.one_of(
+            st.integers(946_684_800_000, 7_258_118_399_999),
+            st.sampled_from(["2025-01-01T00:00:00Z", "2025-01-01T05:30:00.250+05:30"]),
+        ),
+    },
+    optional={
+        "value": st.one_of(st.integers(-3, 3), st.floats(allow_nan=False, allow_infinity=False)),
+        "billable": st.booleans(),
+        "dimensions": st.dictionaries(names, st.text(max_size=3), max_size=2),
+        "tags": st.lists(names, max_size=3),
+        "key": st.just("ka"),
+    },
+)
+# One field of an event set to something that may be wrong, in a way each path sees.
+wild = {
+    "id": st.one_of(st.just(""), st.integers()),
+    "account": st.sampled_from(["ghost", ""]),
+    "metric": st.sampled_from(["bad metric", ""]),
+    "ts": st.one_of(
+        st.integers(946_684_800_000 - 2, 946_684_800_001),
+        st.sampled_from(["2025-01-01", "2025-01-01T00:00:00", "soon"]),
+        st.booleans(),
+        st.floats(),
+    ),
+    "value": st.one_of(st.booleans(), st.text(max_size=2), st.just(float("inf"))),
+    "billable": st.integers(0, 1),
+    "dimensions": st.one_of(
+        st.dictionaries(st.sampled_from(["key", "a b", "subaccount"]), st.text(max_size=2)),
+        st.dictionaries(names, st.integers()),
+        st.lists(names, max_size=1),
+    ),
+    "tags": st.one_of(st.lists(st.sampled_from(["a,b", ""]), min_size=1), names),
+    "key": st.sampled_from(["nokey", ""]),
+    "extra": st.just(1),
+}
+raw_events = st.one_of(
+    valid_events,
+    st.tuples(valid_events, st.sampled_from(sorted(wild))).flatmap(
+        lambda pair: wild[pair[1]].map(lambda bad: {**pair[0], pair[1]: bad})
+    ),
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raws=st.lists(raw_events, max_size=6))
+def test_the_compiled_and_the_itemised_validation_agree(
+    ingest_store: SQLiteStore, raws: list[dict[str, object]]
+) -> None:
+    ingestor = Ingestor(ingest_store)
+
+    def outcome(validate: Callable[[], list[Event]]) -> object:
+        try:
+            return validate()
+        except BatchRejected as exc:
+            return exc.errors
+
+    compiled = outcome(lambda: ingestor.validate(raws))
+    assert compiled == outcome(lambda: ingestor._validate_each(raws, None))
+
+
+@pytest.fixture
+def ingest_store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    store = _open(tmp_path / "ingest.db")
+    issue_key(store, "a", key_id="ka", scopes=[Scope.READ])
+    yield store
     store.close()
