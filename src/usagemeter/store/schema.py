@@ -185,23 +185,24 @@ class Rollups:
             (UPSERT_HOURS, self.hours),
             (UPSERT_DAYS, self.days),
         ):
-            conn.executemany(statement, [(*k, *v) for k, v in sorted(rows.items())])
+            conn.executemany(statement, [rows[key] for key in sorted(rows)])
 
 
 def fold(
     into: dict[tuple[int, ...], list[Any]], key: tuple[int, ...], ts: int, value: float
 ) -> None:
-    """Add one event to a batch's partial rollup row: [count, sum, min, max, last ts, last]."""
+    """Add one event to a run's partial rollup row: the key's columns, then count, sum, min,
+    max, last ts, last value (so the row is the upsert's parameters as it stands)."""
     acc = into.get(key)
     if acc is None:
-        into[key] = [1, value, value, value, ts, value]
+        into[key] = [*key, 1, value, value, value, ts, value]
         return
-    acc[0] += 1
-    acc[1] += value
-    if value < acc[2]:
-        acc[2] = value
-    if value > acc[3]:
-        acc[3] = value
-    if ts >= acc[4]:
-        acc[4] = ts
-        acc[5] = value
+    acc[-6] += 1
+    acc[-5] += value
+    if value < acc[-4]:
+        acc[-4] = value
+    if value > acc[-3]:
+        acc[-3] = value
+    if ts >= acc[-2]:
+        acc[-2] = ts
+        acc[-1] = value
