@@ -85,19 +85,7 @@ def floor_rows(events: g.Events, start_ms: int) -> list[tuple[object, ...]]:
     tags = render._tags_json
     return [
         (accounts[a], f"e{i}", g.METRICS[m], ts, g.key_id(a, k), v, b, dims(m, a, d, d2), tags(t))
-        for i, ts, a, k, m, v, b, d, d2, t in zip(
-            range(events.first, events.first + len(events)),
-            (events.ts + start_ms).tolist(),
-            events.account.tolist(),
-            events.key.tolist(),
-            events.metric.tolist(),
-            events.value.tolist(),
-            events.billable.tolist(),
-            events.dim.tolist(),
-            events.dim2.tolist(),
-            events.tags.tolist(),
-            strict=True,
-        )
+        for i, ts, a, k, m, v, b, d, d2, t in render.rows(events, start_ms)
     ]
 
 
