@@ -3,7 +3,10 @@
 Each workload's rate, and its ratio to a bare-SQLite floor measured in the same run: the same
 rows written into a bare table with one unique (account, id) index, WAL, synchronous=FULL, one
 commit per 1,000 rows. The machine is shared, so absolute rates move from run to run; the
-ratio to the floor, measured a moment before, is the figure to compare between runs.
+ratio to the floor, measured a moment before, is the figure to compare between runs. On a
+crowded machine even that ratio moves (the floor runs alone, our server beside its clients),
+so the CPU time each event cost is shown too: the server process's (or the `ingest`
+process's) user + system time over the events, against the floor's own.
 
 Workloads (every event acknowledged only once durable):
 - live: events of the last hours in time order, 4 clients, batches of 1,000, a fresh store;
@@ -20,6 +23,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -89,10 +93,17 @@ def floor_rows(events: g.Events, start_ms: int) -> list[tuple[object, ...]]:
     ]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def floor_rate(
     directory: Path, rows: list[tuple[object, ...]], prefill: list[tuple[object, ...]] = ()
-) -> float:
-    """Events/s of the bare-SQLite floor for `rows`, after `prefill` rows (not timed)."""
+) -> tuple[float, float]:
+    """Events/s of the bare-SQLite floor for `rows`, after `prefill` rows (not timed), and
+    the CPU seconds it used."""
     path = directory / "floor.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -109,17 +120,17 @@ def floor_rate(
         conn.execute("BEGIN")
         conn.executemany(insert, prefill)
         conn.execute("COMMIT")
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(rows), FLOOR_COMMIT):
             conn.execute("BEGIN")
             conn.executemany(insert, rows[i : i + FLOOR_COMMIT])
             conn.execute("COMMIT")
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         conn.close()
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    return len(rows) / seconds
+    return len(rows) / seconds, cpu
 
 
 # ---------------------------------------------------------------------- the workloads
@@ -130,12 +141,22 @@ class Figure:
     workload: str
     events: int
     seconds: float
-    floor: float | None  # events/s of the bare table for the same rows; None: not comparable
+    cpu: float  # CPU seconds our process used for them
+    floor: float | None = None  # events/s of the bare table for the same rows
+    floor_cpu: float = 0.0  # CPU seconds the bare table used
     unit: str = "events/s"
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu / self.events * 1e6
+
+    @property
+    def floor_cpu_us(self) -> float:
+        return self.floor_cpu / self.events * 1e6
 
 
 class IngestBench:
@@ -146,14 +167,18 @@ class IngestBench:
         self.figures: list[Figure] = []
         self.peak_rss = 0
 
-    def post(self, service: Service, events: g.Events) -> tuple[int, float]:
+    def post(self, service: Service, events: g.Events) -> tuple[int, float, float]:
+        """Events accepted, seconds, and the server's CPU seconds."""
         bodies = render.json_batches(events, self.start_ms, self.args.batch)
+        assert service.proc is not None
+        cpu = cpu_seconds(service.proc.pid)
         res = service.post_events(bodies, self.args.clients)
+        cpu = cpu_seconds(service.proc.pid) - cpu
         if res.errors:
             raise RuntimeError(f"POST /v1/events failed: {res.errors[0]}")
         if res.accepted != len(events):
             raise RuntimeError(f"sent {len(events)} events, {res.accepted} accepted")
-        return res.accepted, res.seconds
+        return res.accepted, res.seconds, cpu
 
     def run(self) -> list[Figure]:
         a = self.args
@@ -166,11 +191,10 @@ class IngestBench:
             service.create([*accounts, SINGLE_ACCOUNT], keys)
 
             live = live_events(a.seed, a.live)
-            floor = floor_rate(tmp, floor_rows(live, self.start_ms))
-            n, seconds = self.post(service, live)
-            self.add(
-                Figure(f"live: in time order, {a.clients} clients x {a.batch}", n, seconds, floor)
-            )
+            floor, floor_cpu = floor_rate(tmp, floor_rows(live, self.start_ms))
+            n, seconds, cpu = self.post(service, live)
+            label = f"live: in time order, {a.clients} clients x {a.batch}"
+            self.add(Figure(label, n, seconds, cpu, floor, floor_cpu))
 
             self.single(service)
 
@@ -180,11 +204,11 @@ class IngestBench:
                 self.post(service, prefill)
             backfill = g.concat(list(g.iter_events(a.seed, a.prefill, a.prefill + a.backfill)))
             before = floor_rows(prefill, self.start_ms) if prefill is not None else []
-            floor = floor_rate(tmp, floor_rows(backfill, self.start_ms), before)
-            n, seconds = self.post(service, backfill)
+            floor, floor_cpu = floor_rate(tmp, floor_rows(backfill, self.start_ms), before)
+            n, seconds, cpu = self.post(service, backfill)
             held = a.prefill + a.live
             label = f"backfill: 120 days, into {held:,} stored, {a.clients} x {a.batch}"
-            self.add(Figure(label, n, seconds, floor))
+            self.add(Figure(label, n, seconds, cpu, floor, floor_cpu))
             self.peak_rss = service.stop()
 
             self.file(tmp)
@@ -195,7 +219,10 @@ class IngestBench:
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
         ratio = f", {figure.rate / figure.floor:.2f}x the floor" if figure.floor else ""
-        log(f"{figure.workload}: {figure.rate:,.0f} {figure.unit}{ratio}")
+        log(
+            f"{figure.workload}: {figure.rate:,.0f} {figure.unit}{ratio},"
+            f" {figure.cpu_us:.0f} us of CPU each"
+        )
 
     def single(self, service: Service) -> None:
         ts = self.start_ms + g.DAYS * g.DAY_MS - 3_600_000
@@ -206,10 +233,14 @@ class IngestBench:
             ).encode()
             for i in range(200_000)
         ]
+        assert service.proc is not None
+        cpu = cpu_seconds(service.proc.pid)
         res = service.post_events(bodies, 8, max_seconds=self.args.single_seconds)
+        cpu = cpu_seconds(service.proc.pid) - cpu
         if res.errors:
             raise RuntimeError(f"single-event ingest failed: {res.errors[0]}")
-        self.add(Figure("single events, 8 clients", res.requests, res.seconds, None, "requests/s"))
+        figure = Figure("single events, 8 clients", res.requests, res.seconds, cpu)
+        self.add(dataclasses.replace(figure, unit="requests/s"))
 
     def file(self, tmp: Path) -> None:
         """`usagemeter ingest` of an NDJSON file into a database of its own."""
@@ -234,7 +265,8 @@ class IngestBench:
                 )
                 store.create_key(key, os.urandom(32))
         store.close()
-        floor = floor_rate(tmp, floor_rows(events, self.start_ms))
+        floor, floor_cpu = floor_rate(tmp, floor_rows(events, self.start_ms))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run(
             [*_executable(), "ingest", str(path), "--db", str(db)],
@@ -242,7 +274,10 @@ class IngestBench:
             capture_output=True,
         )
         seconds = time.perf_counter() - started
-        self.add(Figure("`usagemeter ingest` of an NDJSON file", len(events), seconds, floor))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        label = "`usagemeter ingest` of an NDJSON file"
+        self.add(Figure(label, len(events), seconds, cpu, floor, floor_cpu))
 
 
 def render_table(figures: Sequence[Figure], peak_rss: int, machine: dict[str, str]) -> str:
@@ -250,15 +285,17 @@ def render_table(figures: Sequence[Figure], peak_rss: int, machine: dict[str, st
         f"Load average (1 min) at the start: {machine.get('load', '?')}; "
         f"8 kB write + fdatasync: {machine.get('fsync', '?')}",
         "",
-        "| workload | sent | rate | bare-SQLite floor, same rows | ratio |",
-        "|---|---|---|---|---|",
+        "| workload | sent | rate | bare-SQLite floor, same rows | ratio "
+        "| CPU per event: ours / floor |",
+        "|---|---|---|---|---|---|",
     ]
     for f in figures:
         floor = f"{f.floor:,.0f} events/s" if f.floor else "-"
         ratio = f"{f.rate / f.floor:.2f}x" if f.floor else "-"
+        cpu = f"{f.cpu_us:.0f} µs / {f.floor_cpu_us:.0f} µs" if f.floor else f"{f.cpu_us:.0f} µs"
         lines.append(
             f"| {f.workload} | {f.events:,} in {f.seconds:.1f} s | {f.rate:,.0f} {f.unit} "
-            f"| {floor} | {ratio} |"
+            f"| {floor} | {ratio} | {cpu} |"
         )
     lines.append("")
     lines.append(f"Server peak RSS (live, single, backfill): {peak_rss / 1024**2:.0f} MB")
