@@ -57,6 +57,9 @@ def test_appends_wait_for_a_run_then_fold_together(
     store.append([Event(f"e{i}", "a", "m", BASE_MS + i) for i in range(20)])
     assert _stored_rollup_rows(store) == 0  # appended only: the run is not full yet
     store.append([Event(f"f{i}", "a", "m", BASE_MS + i) for i in range(20)])
+    # The committer folds a full run before it writes the next batch: once this one is
+    # acknowledged, the run of 40 is in the rollups, this one not yet.
+    store.append([Event("g", "a", "m", BASE_MS + 24 * HOUR_MS)])
     assert _stored_rollup_rows(store) == 1  # 40 events of one slot: one row
     assert _totals(store, "a", _day()) == {0: (40, 40.0, 1.0, 1.0)}
     store.close()

@@ -340,11 +340,6 @@ class Ingestor:
     def ingest_json(self, body: bytes, ndjson: bool, caller: ApiKey | None) -> AppendResult:
         return self.store.append(self.validate_json(body, ndjson, caller))
 
-    def ingest_body(self, body: bytes, ndjson: bool, caller: ApiKey | None) -> dict[str, Any]:
-        """A request body stored: the answer of ``POST /v1/events``."""
-        events = self.validate_json(body, ndjson, caller)
-        return answer(self.store.append(events), events)
-
 
 def answer(result: AppendResult, events: Sequence[Event]) -> dict[str, Any]:
     """What a stored batch did, as ``POST /v1/events`` answers it: ``duplicates`` counts

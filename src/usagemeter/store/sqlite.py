@@ -1,7 +1,8 @@
 """The SQLite adapter: the embedded default store (its tables: schema.py; its queries:
 sqlplan.py).
 
-One writer connection serialises writes (``BEGIN IMMEDIATE``). A batch appends its events
+One writer connection serialises writes (``BEGIN IMMEDIATE``); one committer thread writes
+the batches callers queue, many in one commit (group commit). A batch appends its events
 (and the dedupe index entries) and nothing else: ``synchronous=FULL`` makes that commit durable
 before ``append`` returns. The rollups catch up in runs of many batches (``fold``), so a
 rollup page is written once per run instead of once per batch; and every query first folds
@@ -16,8 +17,8 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,12 @@ def _payload(event: Event) -> _Payload:
 class _PendingBatch:
     """One caller's batch, waiting for the group commit that carries it."""
 
-    __slots__ = ("done", "error", "events", "result")
+    __slots__ = ("events", "future", "result")
 
     def __init__(self, events: Sequence[Event]) -> None:
         self.events = events
-        self.done = False
+        self.future: Future[AppendResult] = Future()
         self.result: AppendResult | None = None
-        self.error: BaseException | None = None
 
 
 class SQLiteStore:
@@ -96,8 +96,9 @@ class SQLiteStore:
         self.path = str(path)
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._queue_lock = threading.Lock()
+        self._queue_ready = threading.Condition()
         self._queue: list[_PendingBatch] = []
+        self._closing = False
         self._writer = self._connect()
         # Interned ids, cached for the write path. Only filled after a commit, so a rolled
         # back batch never leaves a cached id that the file does not hold.
@@ -109,12 +110,10 @@ class SQLiteStore:
         # Events this process appended since its last fold (others' appends fold when they
         # reach their own count, when a query asks, or when this file is next opened).
         self._unfolded = 0
-        self._last_append = 0.0
         self._migrate()
         self.fold()  # what a crash or another process left unfolded
-        self._closing = threading.Event()
-        self._folder = threading.Thread(target=self._fold_when_idle, daemon=True)
-        self._folder.start()
+        self._committer = threading.Thread(target=self._commit_loop, daemon=True)
+        self._committer.start()
 
     def _migrate(self) -> None:
         """Create the schema, or bring an older file's rollups up to this version's."""
@@ -179,13 +178,6 @@ class SQLiteStore:
             rollups.write(conn)
         conn.execute("UPDATE folded SET seq = ?", (end,))
 
-    def _fold_when_idle(self) -> None:
-        """Fold a tail that no query asked for once appends pause, so the next question
-        after a burst of ingest finds the rollups ready."""
-        while not self._closing.wait(IDLE_FOLD_SECONDS):
-            if self._unfolded and time.monotonic() - self._last_append >= IDLE_FOLD_SECONDS:
-                self.fold()
-
     def _has_unfolded(self, conn: sqlite3.Connection) -> bool:
         row = conn.execute(
             "SELECT (SELECT seq FROM folded) < (SELECT coalesce(max(seq), 0) FROM events)"
@@ -214,10 +206,12 @@ class SQLiteStore:
         return conn
 
     def close(self) -> None:
-        if self._closing.is_set():
-            return
-        self._closing.set()
-        self._folder.join()
+        with self._queue_ready:
+            if self._closing:
+                return
+            self._closing = True
+            self._queue_ready.notify()
+        self._committer.join()
         self.fold()
         with self._write_lock:
             self._writer.close()
@@ -427,26 +421,44 @@ class SQLiteStore:
         return new_id
 
     def append(self, events: Sequence[Event]) -> AppendResult:
-        if not events:
-            return AppendResult(0, 0)
-        # Group commit: batches that arrive while a commit is under way wait for the lock
-        # together, and whoever takes it next writes all of them in one transaction, so one
-        # fsync acknowledges them all. Each batch keeps its own savepoint: a failing batch
-        # rolls back alone, and each caller gets its own result or error.
+        return self.submit(events).result()
+
+    def submit(self, events: Sequence[Event]) -> Future[AppendResult]:
+        """``append`` without waiting: the future resolves once the batch is durable (or
+        fails with the batch's error). An async caller awaits it without a thread of its
+        own (``asyncio.wrap_future``)."""
         mine = _PendingBatch(events)
-        with self._queue_lock:
+        if not events:
+            mine.future.set_result(AppendResult(0, 0))
+            return mine.future
+        with self._queue_ready:
+            if self._closing:
+                raise RuntimeError(f"store {self.path} is closed")
             self._queue.append(mine)
-        with self._write_lock:
-            if not mine.done:
-                with self._queue_lock:
-                    group, self._queue = self._queue, []
-                self._commit_group(group)
-        if self._unfolded >= FOLD_EVENTS:
-            self.fold()
-        if mine.error is not None:
-            raise mine.error
-        assert mine.result is not None
-        return mine.result
+            self._queue_ready.notify()
+        return mine.future
+
+    def _commit_loop(self) -> None:
+        """The committer thread. Group commit: the batches that arrived while it wrote the
+        last group go in one transaction, so one fsync acknowledges them all; each keeps its
+        own savepoint, so a failing batch rolls back alone and each caller gets its own
+        result or error. Between groups it folds full runs, and a tail once appends pause."""
+        while True:
+            with self._queue_ready:
+                if not self._queue and not self._closing:
+                    self._queue_ready.wait(IDLE_FOLD_SECONDS)
+                group, self._queue = self._queue, []
+                closing = self._closing
+            if group:
+                with self._write_lock:
+                    self._commit_group(group)
+            if not group and closing:
+                return
+            if self._unfolded >= FOLD_EVENTS or (not group and self._unfolded):
+                try:
+                    self.fold()
+                except Exception:  # a query folds again, and raises to its caller
+                    log.exception("folding the rollups of %s failed", self.path)
 
     def _commit_group(self, group: list[_PendingBatch]) -> None:
         conn = self._writer
@@ -459,7 +471,7 @@ class SQLiteStore:
                     batch.result, names = self._append_locked(conn, batch.events)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO batch")
-                    batch.error = exc
+                    batch.future.set_exception(exc)
                 else:
                     interned.append(names)
                 conn.execute("RELEASE batch")
@@ -468,22 +480,21 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             for batch in group:
-                batch.result, batch.error = None, batch.error or exc
-                batch.done = True
+                if not batch.future.done():
+                    batch.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        self._last_append = time.monotonic()
-        for batch in group:
-            batch.done = True
-            if batch.result is not None:
-                self._unfolded += batch.result.accepted
         for metrics, dimsets, tagsets in interned:
             self._metric_ids.update(metrics)
             self._dimset_ids.update(
                 {tuple(sorted(json.loads(k).items())): v for k, v in dimsets.items()}
             )
             self._tagset_ids.update({frozenset(json.loads(k)): v for k, v in tagsets.items()})
+        for batch in group:
+            if batch.result is not None:
+                self._unfolded += batch.result.accepted
+                batch.future.set_result(batch.result)
 
     def _append_locked(
         self, conn: sqlite3.Connection, events: Sequence[Event]
