@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
@@ -28,12 +29,10 @@ def _tags_pg(mask: int) -> str:
 _METRIC_NAMES = [f'"metric":"{m}"' for m in g.METRICS]
 
 
-def event_json(events: g.Events, start_ms: int) -> list[str]:
-    """One compact JSON object per event, in order; the event id is its global index."""
-    out = []
-    accounts = [g.account_id(a) for a in range(g.ACCOUNTS)]
-    keys = [[g.key_id(a, k) for k in range(g.KEYS_PER_ACCOUNT)] for a in range(g.ACCOUNTS)]
-    cols = zip(
+def rows(events: g.Events, start_ms: int) -> Iterator[tuple[int, ...]]:
+    """Per event, as plain ints: (id number, ts in epoch ms, account, key, metric, value,
+    billable, dim, dim2, tag mask)."""
+    return zip(
         range(events.first, events.first + len(events)),
         (events.ts + start_ms).tolist(),
         events.account.tolist(),
@@ -46,7 +45,14 @@ def event_json(events: g.Events, start_ms: int) -> list[str]:
         events.tags.tolist(),
         strict=True,
     )
-    for i, ts, a, k, m, value, billable, dim, dim2, tags in cols:
+
+
+def event_json(events: g.Events, start_ms: int) -> list[str]:
+    """One compact JSON object per event, in order; the event id is its global index."""
+    out = []
+    accounts = [g.account_id(a) for a in range(g.ACCOUNTS)]
+    keys = [[g.key_id(a, k) for k in range(g.KEYS_PER_ACCOUNT)] for a in range(g.ACCOUNTS)]
+    for i, ts, a, k, m, value, billable, dim, dim2, tags in rows(events, start_ms):
         out.append(
             f'{{"id":"e{i}","account":"{accounts[a]}","key":"{keys[a][k]}",{_METRIC_NAMES[m]},'
             f'"ts":{ts},"value":{value},"billable":{"true" if billable else "false"},'

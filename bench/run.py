@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="sqlite",
         help="our store: SQLite (default), or PostgreSQL on a durable cluster the bench starts",
     )
+    p.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="only the ingest workloads against a bare-SQLite floor (python -m bench.ingest -h)",
+    )
     p.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="markdown table")
     p.add_argument("--keep", action="store_true", help="keep our database directory")
     args = p.parse_args(argv)
@@ -337,6 +342,12 @@ def _iso(moment: dt.datetime) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--ingest-only" in argv:
+        # Minutes, not an hour: each ingest workload against the bare-SQLite floor.
+        from bench import ingest
+
+        return ingest.main([a for a in argv if a != "--ingest-only"])
     args = parse_args(argv)
     results = Bench(args).run()
     text = report.render(results)

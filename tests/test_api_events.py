@@ -26,11 +26,11 @@ def test_accepts_then_counts_a_retry_once(
 ) -> None:
     batch = [event(f"e{i}", "root", "lookups", f"2025-01-0{i + 1}T10:00:00Z") for i in range(3)]
     first = client.post("/v1/events", json=batch, headers=op)
-    assert first.json() == {"accepted": 3, "duplicates": 0}
+    assert first.json() == {"accepted": 3, "duplicates": 0, "conflicts": 0, "conflicting": []}
     retry = client.post(
         "/v1/events", json=[*batch, event("e9", "root", "lookups", 1735725600000)], headers=op
     )
-    assert retry.json() == {"accepted": 1, "duplicates": 3}
+    assert retry.json() == {"accepted": 1, "duplicates": 3, "conflicts": 0, "conflicting": []}
     assert _total(client, op, "root") == 4
 
 
@@ -76,11 +76,11 @@ def test_ndjson_and_single_object(client: TestClient, op: dict[str, str], tenant
     response = client.post(
         "/v1/events", content=lines + "\n", headers={**op, "Content-Type": "application/x-ndjson"}
     )
-    assert response.json() == {"accepted": 4, "duplicates": 0}
+    assert response.json() == {"accepted": 4, "duplicates": 0, "conflicts": 0, "conflicting": []}
     single = client.post(
         "/v1/events", json=event("s1", "root", "lookups", "2025-01-06T00:00:00Z"), headers=op
     )
-    assert single.json() == {"accepted": 1, "duplicates": 0}
+    assert single.json() == {"accepted": 1, "duplicates": 0, "conflicts": 0, "conflicting": []}
     assert _total(client, op, "root") == 5
 
 
@@ -109,7 +109,7 @@ def test_who_may_ingest(client: TestClient, tenants: Tenants, store: Any) -> Non
     assert client.post("/v1/events", json=[e]).status_code == 401
     # An ingest key sends for its own account, and may leave the account out.
     own = client.post("/v1/events", json=[e], headers=tenants.headers("child"))
-    assert own.json() == {"accepted": 1, "duplicates": 0}
+    assert own.json() == {"accepted": 1, "duplicates": 0, "conflicts": 0, "conflicting": []}
     implicit = {
         k: v
         for k, v in event("x2", "child", "lookups", "2025-01-02T00:00:00Z").items()
@@ -149,3 +149,34 @@ def test_event_naming_its_key(client: TestClient, op: dict[str, str], tenants: T
         headers=op,
     )
     assert response.json()["total"] == 1
+
+
+def test_a_repeated_id_with_another_payload_is_a_reported_duplicate(
+    client: TestClient, op: dict[str, str], tenants: Tenants
+) -> None:
+    first = event("c1", "root", "lookups", "2025-01-02T00:00:00Z", dimensions={"licensee": "a"})
+    assert client.post("/v1/events", json=[first], headers=op).status_code == 200
+    changed = {**first, "ts": "2025-01-03T00:00:00Z"}
+    repeat = [
+        first,  # the same payload: a plain duplicate
+        changed,  # another ts: a conflict
+        event("c2", "root", "lookups", "2025-01-02T00:00:00Z"),
+        event("c2", "root", "lookups", "2025-01-02T00:00:00Z", value=5),  # in-batch conflict
+        event("c2", "root", "lookups", "2025-01-02T00:00:00Z"),  # repeats c2 as first sent
+    ]
+    response = client.post("/v1/events", json=repeat, headers=op)
+    assert response.status_code == 200
+    assert response.json() == {
+        "accepted": 1,
+        "duplicates": 4,
+        "conflicts": 2,
+        "conflicting": [{"index": 1, "id": "c1"}, {"index": 3, "id": "c2"}],
+    }
+    # Counted once each, as first received: c1 on January 2nd, not the 3rd.
+    day = client.get(
+        "/v1/query",
+        params={"metric": "lookups", "account": "root", "start": "2025-01-02", "end": "2025-01-03"},
+        headers=op,
+    )
+    assert day.json()["total"] == 2
+    assert _total(client, op, "root") == 2

@@ -138,13 +138,13 @@ def test_every_curl_call_in_the_readme_works(server: str) -> None:
             )
             answers.append(response.json())
         # The walk-through: the event sent is the one the next query finds.
-        assert answers[0] == {"accepted": 1, "duplicates": 0}
+        assert answers[0] == {"accepted": 1, "duplicates": 0, "conflicts": 0, "conflicting": []}
         assert answers[1]["total"] == 1
         method, url, headers, data = as_request(commands[0])
         again = http.request(
             method, url.replace("http://127.0.0.1:8000", server), headers=headers, content=data
         )
-        assert again.json() == {"accepted": 0, "duplicates": 1}
+        assert again.json() == {"accepted": 0, "duplicates": 1, "conflicts": 0, "conflicting": []}
 
 
 def test_every_endpoint_is_in_the_readme(client: TestClient) -> None:

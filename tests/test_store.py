@@ -3,6 +3,7 @@ events for any window, aligned or not."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from usagemeter.auth import issue_key
 from usagemeter.model import Account, Event, Scope
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
+from usagemeter.store.schema import SCHEMA_VERSION
 from usagemeter.store.sqlite import SQLiteStore
 
 BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
@@ -303,12 +305,42 @@ def test_a_file_of_an_older_schema_gets_its_rollups_rebuilt(db_path: Path) -> No
     store = SQLiteStore(db_path)
     _accounts(store)
     store.append([_event(i, ts=BASE_MS + i * HOUR_MS) for i in range(48)])
+    store.fold()
     # As an older version left it: another user_version, and rollups it did not keep.
     store._writer.execute("DELETE FROM rollup_day")
     store._writer.execute("DELETE FROM rollup_hour_key")
     store._writer.execute("PRAGMA user_version = 1")
     store.close()
     reopened = SQLiteStore(db_path)
-    assert reopened._writer.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert reopened._writer.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert _count(reopened, BASE_MS, BASE_MS + 2 * 24 * HOUR_MS) == 48
     reopened.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"metric": "other"},
+        {"ts_ms": BASE_MS + 1},
+        {"value": 2.0},
+        {"billable": False},
+        {"key_id": "ka"},
+        {"dimensions": {"agent": "x"}},
+        {"tags": frozenset({"t"})},
+    ],
+)
+def test_a_repeat_that_differs_in_any_field_is_a_conflict(
+    store: SQLiteStore, change: dict[str, object]
+) -> None:
+    _accounts(store)
+    original = _event(1, dimensions={"agent": "a"}, tags=frozenset({"s"}))
+    assert store.append([original]).conflicts == ()
+    changed = replace(original, **change)  # type: ignore[arg-type]
+    result = store.append([_event(2), original, changed])
+    assert (result.accepted, result.duplicates, result.conflicts) == (1, 2, (2,))
+    # The stored event stays as first received.
+    assert next(iter(store.iter_events())) == original
+    # Within one batch too: the first of an id is stored, a later different one conflicts.
+    fresh = replace(original, id="e9")
+    inside = store.append([fresh, fresh, replace(changed, id="e9")])
+    assert (inside.accepted, inside.duplicates, inside.conflicts) == (1, 2, (2,))

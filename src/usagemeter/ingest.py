@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -236,6 +237,8 @@ def _from_fast(item: _EventIn, default_account: str | None) -> Event:
         raise ValueError("needs the slow path's message")
     if item.dimensions and not RESERVED_DIMENSIONS.isdisjoint(item.dimensions):
         raise ValueError("needs the slow path's message")
+    if not math.isfinite(item.value):  # JSON cannot say inf, but a parsed record can
+        raise ValueError("needs the slow path's message")
     return Event(
         id=item.id,
         account_id=item.account or default_account or "",
@@ -327,15 +330,20 @@ class Ingestor:
             else:
                 items = _BATCH.decode(body)
             if len(items) <= MAX_BATCH:
-                events = [_from_fast(item, default_account) for item in items]
-                latest_ms = self._latest_ms()
-                for e in events:  # any problem: the slow path names it
-                    self._check_time_and_value(e, latest_ms)
-                self._check_batch_references(events, caller)
-                return events
+                return self._fast(items, default_account, caller)
         except (msgspec.DecodeError, ValueError, RecursionError):
             pass
-        return self.validate(self.decode(body, ndjson), caller)
+        return self._validate_each(self.decode(body, ndjson), caller)
+
+    def _fast(
+        self, items: Sequence[_EventIn], default_account: str | None, caller: ApiKey | None
+    ) -> list[Event]:
+        events = [_from_fast(item, default_account) for item in items]
+        latest_ms = self._latest_ms()
+        for e in events:  # any problem: the slow path names it
+            self._check_time_and_value(e, latest_ms)
+        self._check_batch_references(events, caller)
+        return events
 
     def _latest_ms(self) -> int:
         return to_ms(self.now() + self.max_future)
@@ -371,7 +379,18 @@ class Ingestor:
                 raise ValueError(key_id) from None
 
     def validate(self, raws: Sequence[object], caller: ApiKey | None = None) -> list[Event]:
-        """Every event, or BatchRejected listing every bad one."""
+        """Every event, or BatchRejected listing every bad one. Parsed objects (a file's
+        records) take the compiled path too when the batch is clean."""
+        if len(raws) <= MAX_BATCH:
+            try:
+                items = msgspec.convert(raws, list[_EventIn])
+                return self._fast(items, caller.account_id if caller else None, caller)
+            except (msgspec.ValidationError, ValueError):
+                pass
+        return self._validate_each(raws, caller)
+
+    def _validate_each(self, raws: Sequence[object], caller: ApiKey | None) -> list[Event]:
+        """The item-by-item path: lenient where it may be, and names every problem."""
         if len(raws) > MAX_BATCH:
             raise BatchRejected(
                 [EventError(MAX_BATCH, None, f"a batch holds at most {MAX_BATCH} events")]
@@ -421,11 +440,28 @@ class Ingestor:
         return self._append(self.validate_json(body, ndjson, caller))
 
     def _append(self, events: Sequence[Event]) -> AppendResult:
-        """Store events, remembering whether the store is failing writes (for /healthz)."""
+        with self.watching_writes():
+            return self.store.append(events)
+
+    @contextmanager
+    def watching_writes(self) -> Iterator[None]:
+        """Around a store write: remember whether the store is failing writes (for
+        /healthz), whichever way the write was made."""
         try:
-            result = self.store.append(events)
+            yield
         except StoreUnavailable as exc:
             self.write_failure = str(exc)
             raise
         self.write_failure = None
-        return result
+
+
+def answer(result: AppendResult, events: Sequence[Event]) -> dict[str, Any]:
+    """What a stored batch did, as ``POST /v1/events`` answers it: ``duplicates`` counts
+    every id seen before, conflicting ones included; ``conflicting`` names the repeats whose
+    payload differed from the stored event, which stays as first received."""
+    return {
+        "accepted": result.accepted,
+        "duplicates": result.duplicates,
+        "conflicts": len(result.conflicts),
+        "conflicting": [{"index": i, "id": events[i].id} for i in result.conflicts],
+    }

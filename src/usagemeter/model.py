@@ -105,6 +105,10 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:
+    """What a batch did: events stored, ids seen before (in the store or earlier in the
+    batch), and which of those repeats came with another payload (indexes into the batch, in
+    order). A conflicting repeat is still a duplicate: the stored event stays as first sent."""
+
     accepted: int
     duplicates: int
     conflicts: tuple[int, ...] = ()

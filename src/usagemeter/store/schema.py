@@ -8,6 +8,9 @@ Layout:
 - ``rollup_hour[_key]`` and ``rollup_day[_key]`` fold whole UTC hours and days without
   dimension or tag sets, with and without the key, for the reports that need neither.
 - Dimension and tag sets are interned once (``dimsets``, ``tagsets``) and named by integer.
+- ``folded`` holds the last event ``seq`` folded into the rollups. A batch only appends its
+  events; the rollups catch up in runs of many batches (see sqlite.py), and always before a
+  query reads them.
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(account, event_id);
 CREATE INDEX IF NOT EXISTS events_time ON events(metric, account, ts);
+-- One row: events up to this seq are in the rollups, later ones are not yet. A file that
+-- has none yet (new, or written when every batch folded its own) has folded them all.
+CREATE TABLE IF NOT EXISTS folded (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    seq INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO folded (one, seq) SELECT 1, coalesce(max(seq), 0) FROM events;
 CREATE TABLE IF NOT EXISTS rollup (
     metric INTEGER NOT NULL,
     account INTEGER NOT NULL,
@@ -127,12 +137,16 @@ UPSERT_KEY_DAYS = "INSERT INTO rollup_day_key VALUES (?,?,?,?,?,?,?,?,?,?,?) " +
 UPSERT_HOURS = "INSERT INTO rollup_hour VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
 UPSERT_DAYS = "INSERT INTO rollup_day VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; a file of another version has its rollups rebuilt
+SCHEMA_VERSION = 3  # PRAGMA user_version; a file of another version has its rollups rebuilt
+# Version 2 folded every batch into the rollups as it stored it: a file it wrote has folded
+# all its events, and needs no rebuild, only the mark that says so.
+FOLDED_EVERY_BATCH = 2
 ROLLUP_TABLES = ("rollup", "rollup_hour_key", "rollup_day_key", "rollup_hour", "rollup_day")
 
 
 class Rollups:
-    """A batch's partial rollup rows at every grain, written with one upsert per grain."""
+    """A run of events' partial rollup rows at every grain, written with one upsert per
+    grain."""
 
     def __init__(self) -> None:
         self.slots: dict[tuple[int, ...], list[Any]] = {}
@@ -161,6 +175,9 @@ class Rollups:
         fold(self.days, (metric, account, day, billable), ts, value)
 
     def write(self, conn: sqlite3.Connection) -> None:
+        # In primary-key order: each B-tree page is then dirtied in one stretch, where a
+        # run's rows in arrival order would revisit pages that a large fold's cache spill
+        # had already written out.
         for statement, rows in (
             (UPSERT_SLOTS, self.slots),
             (UPSERT_KEY_HOURS, self.key_hours),
@@ -168,23 +185,24 @@ class Rollups:
             (UPSERT_HOURS, self.hours),
             (UPSERT_DAYS, self.days),
         ):
-            conn.executemany(statement, [(*k, *v) for k, v in rows.items()])
+            conn.executemany(statement, [rows[key] for key in sorted(rows)])
 
 
 def fold(
     into: dict[tuple[int, ...], list[Any]], key: tuple[int, ...], ts: int, value: float
 ) -> None:
-    """Add one event to a batch's partial rollup row: [count, sum, min, max, last ts, last]."""
+    """Add one event to a run's partial rollup row: the key's columns, then count, sum, min,
+    max, last ts, last value (so the row is the upsert's parameters as it stands)."""
     acc = into.get(key)
     if acc is None:
-        into[key] = [1, value, value, value, ts, value]
+        into[key] = [*key, 1, value, value, value, ts, value]
         return
-    acc[0] += 1
-    acc[1] += value
-    if value < acc[2]:
-        acc[2] = value
-    if value > acc[3]:
-        acc[3] = value
-    if ts >= acc[4]:
-        acc[4] = ts
-        acc[5] = value
+    acc[-6] += 1
+    acc[-5] += value
+    if value < acc[-4]:
+        acc[-4] = value
+    if value > acc[-3]:
+        acc[-3] = value
+    if ts >= acc[-2]:
+        acc[-2] = ts
+        acc[-1] = value

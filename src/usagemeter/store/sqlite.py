@@ -1,10 +1,14 @@
 """The SQLite adapter: the embedded default store (its tables: schema.py; its queries:
 sqlplan.py).
 
-One writer connection serialises writes (``BEGIN IMMEDIATE``) and updates a batch's rollups in
-the same transaction as its events, so an acknowledged event is visible to every query at once.
-Readers use their own per-thread connections beside it (WAL). ``synchronous=FULL`` makes a
-commit durable before ``append`` returns.
+One writer connection serialises writes (``BEGIN IMMEDIATE``); one committer thread writes
+the batches callers queue, many in one commit (group commit). A batch appends its events
+(and the dedupe index entries) and nothing else: ``synchronous=FULL`` makes that commit durable
+before ``append`` returns. The rollups catch up in runs of many batches (``fold``), so a
+rollup page is written once per run instead of once per batch; and every query first folds
+whatever is left, so an acknowledged event is in the next answer of every endpoint. The fold
+is one transaction that moves the ``folded`` mark with the rollups it wrote: a crash loses no
+event and counts none twice. Readers use their own per-thread connections beside it (WAL).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -33,13 +38,25 @@ from usagemeter.store.base import (
     StoreUnavailable,
 )
 from usagemeter.store.rows import ACCOUNT_COLUMNS, KEY_COLUMNS, account_values, key_values
-from usagemeter.store.schema import ROLLUP_TABLES, SCHEMA, SCHEMA_VERSION, Rollups
+from usagemeter.store.schema import (
+    FOLDED_EVERY_BATCH,
+    ROLLUP_TABLES,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Rollups,
+)
 from usagemeter.store.sqlplan import event_from_row, plan_aggregate, plan_export, run_plans
 from usagemeter.timewindows import BillingCycle
 
 log = logging.getLogger("usagemeter")
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
 PAIR_CHUNK = 2000  # (account, id) pairs per dedupe lookup: 4,000 variables, under the limit
+# Fold the rollups once this many events wait: large enough that a run of time-ordered
+# traffic folds into few rows per page, small enough that the fold a query may have to do
+# first stays short.
+FOLD_EVENTS = 20_000
+FOLD_CHUNK = 50_000  # events folded per pass of Python dicts: bounds a fold's memory
+IDLE_FOLD_SECONDS = 0.5  # appends paused this long: fold what waits
 
 
 def _disk_full(error: BaseException | None) -> bool:
@@ -65,16 +82,31 @@ def _from_ms(ms: int | None) -> datetime | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
+# What a repeated id is compared on: metric, ts, value, billable, key, dimensions, tags.
+_Payload = tuple[str, int, float, bool, str | None, dict[str, str], frozenset[str]]
+
+
+def _payload(event: Event) -> _Payload:
+    return (
+        event.metric,
+        event.ts_ms,
+        event.value,
+        event.billable,
+        event.key_id,
+        dict(event.dimensions),
+        event.tags,
+    )
+
+
 class _PendingBatch:
     """One caller's batch, waiting for the group commit that carries it."""
 
-    __slots__ = ("done", "error", "events", "result")
+    __slots__ = ("events", "future", "result")
 
     def __init__(self, events: Sequence[Event]) -> None:
         self.events = events
-        self.done = False
+        self.future: Future[AppendResult] = Future()
         self.result: AppendResult | None = None
-        self.error: BaseException | None = None
 
 
 class SQLiteStore:
@@ -84,10 +116,10 @@ class SQLiteStore:
         self.path = str(path)
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._queue_lock = threading.Lock()
+        self._queue_ready = threading.Condition()
         self._queue: list[_PendingBatch] = []
+        self._closing = False
         self._writer = self._connect()
-        self._migrate()
         # Interned ids, cached for the write path. Only filled after a commit, so a rolled
         # back batch never leaves a cached id that the file does not hold.
         self._metric_ids: dict[str, int] = {}
@@ -95,6 +127,13 @@ class SQLiteStore:
         self._tagset_ids: dict[frozenset[str], int] = {}
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
+        # Events this process appended since its last fold (others' appends fold when they
+        # reach their own count, when a query asks, or when this file is next opened).
+        self._unfolded = 0
+        self._migrate()
+        self.fold()  # what a crash or another process left unfolded
+        self._committer = threading.Thread(target=self._commit_loop, daemon=True)
+        self._committer.start()
 
     def _migrate(self) -> None:
         """Create the schema, or bring an older file's rollups up to this version's."""
@@ -104,7 +143,9 @@ class SQLiteStore:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
         ).fetchone()
         conn.executescript(SCHEMA)
-        if existed and version != SCHEMA_VERSION:
+        if existed and version == FOLDED_EVERY_BATCH:
+            conn.execute("UPDATE folded SET seq = (SELECT coalesce(max(seq), 0) FROM events)")
+        elif existed and version != SCHEMA_VERSION:
             # Rollup tables came and changed shape between versions; the raw events are
             # the truth, so the rollups are folded again from them.
             log.warning(
@@ -115,25 +156,53 @@ class SQLiteStore:
 
     def rebuild_rollups(self) -> None:
         """Fold every stored event into empty rollups again, in one transaction."""
-        conn = self._writer
         with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for table in ROLLUP_TABLES:
-                    conn.execute(f"DELETE FROM {table}")
-                cursor = conn.execute(
-                    "SELECT metric, account, key, billable, dimset, tagset, ts, value"
-                    " FROM events ORDER BY seq"
-                )
-                while chunk := cursor.fetchmany(50_000):
-                    rollups = Rollups()
-                    for row in chunk:
-                        rollups.add(*row)
-                    rollups.write(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            self._in_transaction(lambda conn: self._fold_locked(conn, rebuild=True))
+
+    def fold(self) -> None:
+        """Fold the events the rollups lack (appended by any process), in one transaction."""
+        with self._write_lock:
+            self._in_transaction(self._fold_locked)
+
+    def _in_transaction(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._unfolded = 0
+
+    def _fold_locked(self, conn: sqlite3.Connection, rebuild: bool = False) -> None:
+        if rebuild:
+            for table in ROLLUP_TABLES:
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("UPDATE folded SET seq = 0")
+        start, end = conn.execute(
+            "SELECT seq, (SELECT coalesce(max(seq), 0) FROM events) FROM folded"
+        ).fetchone()
+        if end <= start:
+            return
+        cursor = conn.execute(
+            "SELECT metric, account, key, billable, dimset, tagset, ts, value FROM events"
+            " WHERE seq > ? AND seq <= ? ORDER BY seq",
+            (start, end),
+        )
+        while chunk := cursor.fetchmany(FOLD_CHUNK):
+            rollups = Rollups()
+            add = rollups.add
+            for row in chunk:
+                add(*row)
+            rollups.write(conn)
+        conn.execute("UPDATE folded SET seq = ?", (end,))
+
+    def _has_unfolded(self, conn: sqlite3.Connection) -> bool:
+        row = conn.execute(
+            "SELECT (SELECT seq FROM folded) < (SELECT coalesce(max(seq), 0) FROM events)"
+        ).fetchone()
+        return bool(row[0])
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -157,6 +226,13 @@ class SQLiteStore:
         return conn
 
     def close(self) -> None:
+        with self._queue_ready:
+            if self._closing:
+                return
+            self._closing = True
+            self._queue_ready.notify()
+        self._committer.join()
+        self.fold()
         self._checkpoint()  # a clean close leaves no WAL behind to replay or to hold space
         with self._write_lock:
             self._writer.close()
@@ -346,37 +422,59 @@ class SQLiteStore:
         return new_id
 
     def append(self, events: Sequence[Event]) -> AppendResult:
-        if not events:
-            return AppendResult(0, 0)
-        # Group commit: batches that arrive while a commit is under way wait for the lock
-        # together, and whoever takes it next writes all of them in one transaction, so one
-        # fsync acknowledges them all. Each batch keeps its own savepoint: a failing batch
-        # rolls back alone, and each caller gets its own result or error.
+        return self.submit(events).result()
+
+    def submit(self, events: Sequence[Event]) -> Future[AppendResult]:
+        """``append`` without waiting: the future resolves once the batch is durable (or
+        fails with the batch's error). An async caller awaits it without a thread of its
+        own (``asyncio.wrap_future``)."""
         mine = _PendingBatch(events)
-        with self._queue_lock:
+        if not events:
+            mine.future.set_result(AppendResult(0, 0))
+            return mine.future
+        with self._queue_ready:
+            if self._closing:
+                raise RuntimeError(f"store {self.path} is closed")
             self._queue.append(mine)
-        with self._write_lock:
-            if not mine.done:
-                with self._queue_lock:
-                    group, self._queue = self._queue, []
-                self._commit_group(group)
-        if mine.error is not None:
-            raise self._translate(mine.error)
-        assert mine.result is not None
-        return mine.result
+            self._queue_ready.notify()
+        return mine.future
+
+    def _commit_loop(self) -> None:
+        """The committer thread. Group commit: the batches that arrived while it wrote the
+        last group go in one transaction, so one fsync acknowledges them all; each keeps its
+        own savepoint, so a failing batch rolls back alone and each caller gets its own
+        result or error. Between groups it folds full runs, and a tail once appends pause."""
+        while True:
+            with self._queue_ready:
+                if not self._queue and not self._closing:
+                    self._queue_ready.wait(IDLE_FOLD_SECONDS)
+                group, self._queue = self._queue, []
+                closing = self._closing
+            if group:
+                with self._write_lock:
+                    self._commit_group(group)
+            if not group and closing:
+                return
+            if self._unfolded >= FOLD_EVENTS or (not group and self._unfolded):
+                try:
+                    self.fold()
+                except Exception:  # a query folds again, and raises to its caller
+                    log.exception("folding the rollups of %s failed", self.path)
 
     def _translate(self, error: BaseException) -> BaseException:
         """A full disk as the store-agnostic StoreUnavailable (after a checkpoint, so that
         space freed from now on goes to new batches, not to a growing WAL); any other error
-        as it is."""
+        as it is. Called by the committer, outside a transaction, with the write lock held."""
         if not _disk_full(error):
             return error
         log.error("writes to %s fail: %s", self.path, error)
-        with self._write_lock:
+        try:
             # Checkpoint every 4 MB of WAL from now on rather than every 64: with little
             # space freed, a WAL left to grow would take all of it again.
             self._writer.execute("PRAGMA wal_autocheckpoint=1000")
-        self._checkpoint()
+        except sqlite3.Error as exc:
+            log.warning("lowering the WAL checkpoint interval of %s failed: %s", self.path, exc)
+        self._checkpoint_locked()
         unavailable = StoreUnavailable(
             "the store's disk is full: nothing of this batch was stored; send it again"
             " once space is freed"
@@ -385,46 +483,58 @@ class SQLiteStore:
         return unavailable
 
     def _checkpoint(self) -> None:
-        """Copy the WAL into the database file and truncate the WAL, giving its space back."""
         with self._write_lock:
-            try:
-                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                log.warning("checkpoint of %s failed: %s", self.path, exc)
+            self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> None:
+        """Copy the WAL into the database file and truncate the WAL, giving its space back."""
+        try:
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("checkpoint of %s failed: %s", self.path, exc)
 
     def _commit_group(self, group: list[_PendingBatch]) -> None:
         conn = self._writer
         interned: list[tuple[dict[str, int], dict[str, int], dict[str, int]]] = []
+        failed: dict[int, BaseException] = {}  # a batch's place in the group -> its error
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for batch in group:
+            for place, batch in enumerate(group):
                 conn.execute("SAVEPOINT batch")
                 try:
                     batch.result, names = self._append_locked(conn, batch.events)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO batch")
-                    batch.error = exc
+                    failed[place] = exc
                 else:
                     interned.append(names)
                 conn.execute("RELEASE batch")
             conn.execute("COMMIT")
         except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            for batch in group:
-                batch.result, batch.error = None, batch.error or exc
-                batch.done = True
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error as rollback_error:  # every caller must still get its answer
+                log.warning("rollback on %s failed: %s", self.path, rollback_error)
+            # Errors are translated only now, outside the transaction: a full disk's
+            # translation checkpoints the WAL.
+            for place, batch in enumerate(group):
+                batch.future.set_exception(self._translate(failed.get(place, exc)))
             if not isinstance(exc, Exception):
                 raise
             return
-        for batch in group:
-            batch.done = True
+        for place, error in failed.items():
+            group[place].future.set_exception(self._translate(error))
         for metrics, dimsets, tagsets in interned:
             self._metric_ids.update(metrics)
             self._dimset_ids.update(
                 {tuple(sorted(json.loads(k).items())): v for k, v in dimsets.items()}
             )
             self._tagset_ids.update({frozenset(json.loads(k)): v for k, v in tagsets.items()})
+        for place, batch in enumerate(group):
+            if place not in failed and batch.result is not None:
+                self._unfolded += batch.result.accepted
+                batch.future.set_result(batch.result)
 
     def _append_locked(
         self, conn: sqlite3.Connection, events: Sequence[Event]
@@ -434,59 +544,85 @@ class SQLiteStore:
         new_tagsets: dict[str, int] = {}
 
         # Which (account, id) pairs this file has already seen, asked in a few statements
-        # whatever the number of accounts: a batch often spans hundreds of them.
-        pairs = list(dict.fromkeys((self._account_rid(conn, e.account_id), e.id) for e in events))
-        seen: set[tuple[str, str]] = set()
-        names = {self._account_rid(conn, e.account_id): e.account_id for e in events}
+        # whatever the number of accounts: a batch often spans hundreds of them. The stored
+        # payload comes along (joins that cost nothing when, as usual, no pair is found) so
+        # that a repeat with another payload is reported as a conflict.
+        rids = {a: self._account_rid(conn, a) for a in {e.account_id for e in events}}
+        names = {rid: account for account, rid in rids.items()}
+        pairs = list(dict.fromkeys((rids[e.account_id], e.id) for e in events))
+        stored: dict[tuple[str, str], _Payload] = {}
         for i in range(0, len(pairs), PAIR_CHUNK):
             chunk = pairs[i : i + PAIR_CHUNK]
             values = ",".join(["(?,?)"] * len(chunk))
-            for rid, event_id in conn.execute(
+            for rid, event_id, *payload in conn.execute(
                 # A join, not "(account, event_id) IN (VALUES ...)": SQLite plans that
                 # as a scan of the whole index, and this as one index search per pair.
-                f"WITH v(a, i) AS (VALUES {values}) SELECT e.account, e.event_id"
-                " FROM v JOIN events e ON e.account = v.a AND e.event_id = v.i",
+                f"WITH v(a, i) AS (VALUES {values}) SELECT e.account, e.event_id,"
+                " m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
+                " FROM v JOIN events e ON e.account = v.a AND e.event_id = v.i"
+                " JOIN metrics m ON m.id = e.metric LEFT JOIN keys k ON k.rid = e.key"
+                " JOIN dimsets d ON d.id = e.dimset JOIN tagsets t ON t.id = e.tagset",
                 [v for pair in chunk for v in pair],
             ):
-                seen.add((names[rid], event_id))
+                metric, ts, value, billable, key_id, dims, tags = payload
+                stored[(names[rid], event_id)] = (
+                    metric,
+                    ts,
+                    value,
+                    bool(billable),
+                    key_id,
+                    json.loads(dims),
+                    frozenset(json.loads(tags)),
+                )
 
         rows: list[tuple[Any, ...]] = []
-        rollups = Rollups()
         duplicates = 0
-        for event in events:
+        conflicts: list[int] = []
+        earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
+        metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
+        for index, event in enumerate(events):
             ident = (event.account_id, event.id)
-            if ident in seen:
+            if ident in stored or ident in earlier:
                 duplicates += 1
+                first = stored.get(ident) or _payload(earlier[ident])
+                if first != _payload(event):
+                    conflicts.append(index)
                 continue
-            seen.add(ident)
-            account = self._account_rid(conn, event.account_id)
-            metric = self._metric_ids.get(event.metric) or self._intern(
+            earlier[ident] = event
+            metric = metric_ids.get(event.metric) or self._intern(
                 "metrics", "name", event.metric, new_metrics
             )
             key = NO_KEY if event.key_id is None else self._key_rid(conn, event.key_id)
             dims_key = tuple(sorted(event.dimensions.items())) if event.dimensions else ()
-            dimset = self._dimset_ids.get(dims_key)
+            dimset = dimset_ids.get(dims_key)
             if dimset is None:
                 dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
                 dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
-            tagset = self._tagset_ids.get(event.tags)
+            tagset = tagset_ids.get(event.tags)
             if tagset is None:
                 tags_text = json.dumps(sorted(event.tags), separators=(",", ":"))
                 tagset = self._intern("tagsets", "tags", tags_text, new_tagsets)
-            billable = 1 if event.billable else 0
-            value = event.value
             rows.append(
-                (account, event.id, metric, event.ts_ms, key, billable, dimset, tagset, value)
+                (
+                    rids[event.account_id],
+                    event.id,
+                    metric,
+                    event.ts_ms,
+                    key,
+                    1 if event.billable else 0,
+                    dimset,
+                    tagset,
+                    event.value,
+                )
             )
-            rollups.add(metric, account, key, billable, dimset, tagset, event.ts_ms, value)
 
         conn.executemany(
             "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset,"
             " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        rollups.write(conn)
-        return AppendResult(len(rows), duplicates), (new_metrics, new_dimsets, new_tagsets)
+        result = AppendResult(len(rows), duplicates, tuple(conflicts))
+        return result, (new_metrics, new_dimsets, new_tagsets)
 
     # ---------------------------------------------------------------- queries
 
@@ -496,6 +632,10 @@ class SQLiteStore:
 
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
         conn = self._reader()
+        if self._has_unfolded(conn):
+            # Read-your-writes: the rollups this question reads must hold every event
+            # acknowledged before it was asked.
+            self.fold()
         metric = self._ids(conn, "metrics", "name", spec.metric)
         if metric is None or not spec.windows:
             return []

@@ -1,0 +1,287 @@
+"""The write path: a batch appends its events, the rollups catch up in runs (``fold``), and
+no promise moves: durable acknowledgement, whole batches, dedupe forever, read-your-writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from usagemeter.auth import issue_key
+from usagemeter.ingest import BatchRejected, Ingestor
+from usagemeter.model import Account, Event, Scope
+from usagemeter.store import sqlite as sqlite_module
+from usagemeter.store.base import AggregateSpec, Measure, Window
+from usagemeter.store.sqlite import SQLiteStore
+
+BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
+HOUR_MS = 3_600_000
+MEASURES = (Measure("count"), Measure("sum"), Measure("min"), Measure("max"))
+
+
+def _open(path: Path, accounts: tuple[str, ...] = ("a", "b")) -> SQLiteStore:
+    store = SQLiteStore(path)
+    for account in accounts:
+        if not any(a.id == account for a in store.list_accounts()):
+            store.create_account(Account(account, account.upper()))
+    return store
+
+
+def _totals(store: SQLiteStore, account: str, windows: tuple[Window, ...]) -> dict[int, tuple]:
+    spec = AggregateSpec(accounts=(account,), metric="m", windows=windows, measures=MEASURES)
+    return {row.window: row.values for row in store.aggregate(spec)}
+
+
+def _day() -> tuple[Window, ...]:
+    return (Window(0, BASE_MS, BASE_MS + 24 * HOUR_MS),)
+
+
+def _stored_rollup_rows(store: SQLiteStore) -> int:
+    return int(store._writer.execute("SELECT count(*) FROM rollup").fetchone()[0])
+
+
+def test_appends_wait_for_a_run_then_fold_together(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "FOLD_EVENTS", 30)
+    monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 3600.0)
+    store = _open(db_path)
+    store.append([Event(f"e{i}", "a", "m", BASE_MS + i) for i in range(20)])
+    assert _stored_rollup_rows(store) == 0  # appended only: the run is not full yet
+    store.append([Event(f"f{i}", "a", "m", BASE_MS + i) for i in range(20)])
+    # The committer folds a full run before it writes the next batch: once this one is
+    # acknowledged, the run of 40 is in the rollups, this one not yet.
+    store.append([Event("g", "a", "m", BASE_MS + 24 * HOUR_MS)])
+    assert _stored_rollup_rows(store) == 1  # 40 events of one slot: one row
+    assert _totals(store, "a", _day()) == {0: (40, 40.0, 1.0, 1.0)}
+    store.close()
+
+
+def test_a_query_folds_what_another_process_appended(db_path: Path) -> None:
+    """Read-your-writes across processes: the CLI's `ingest` writes the file a server reads."""
+    server = _open(db_path)
+    assert _totals(server, "a", _day()) == {}
+    importer = _open(db_path)
+    importer.append([Event(f"e{i}", "a", "m", BASE_MS + i * 1000, value=2) for i in range(5)])
+    assert _totals(server, "a", _day()) == {0: (5, 10.0, 2.0, 2.0)}
+    importer.close()
+    server.close()
+
+
+def test_a_file_of_the_version_that_folded_every_batch_is_not_folded_twice(
+    db_path: Path,
+) -> None:
+    store = _open(db_path)
+    store.append([Event(f"e{i}", "a", "m", BASE_MS + i * HOUR_MS) for i in range(10)])
+    store.close()
+    # As version 2 left a file: every event already in the rollups, no fold mark.
+    raw = SQLiteStore(db_path)
+    raw.close()
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    conn.execute("DROP TABLE folded")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    reopened = _open(db_path)
+    assert _totals(reopened, "a", _day()) == {0: (10, 10.0, 1.0, 1.0)}
+    reopened.close()
+
+
+APPENDER = """
+import sys
+from usagemeter.model import Event
+from usagemeter.store.sqlite import SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+for n in range(100_000):
+    store.append([Event(f"e{n}-{i}", "a", "m", {base} + n * 1000 + i) for i in range(50)])
+    print(n, flush=True)  # acknowledged: append returned
+"""
+
+
+def test_sigkill_during_ingest_loses_no_acknowledged_event(db_path: Path) -> None:
+    _open(db_path).close()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", APPENDER.replace("{base}", str(BASE_MS)), str(db_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.stdout is not None
+    acknowledged = -1
+    try:
+        # Past the first fold of the rollups, so the kill may land in a fold or an append.
+        while acknowledged < 2 * sqlite_module.FOLD_EVENTS // 50:
+            acknowledged = int(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    store = _open(db_path)
+    stored = store.count_events()
+    assert stored >= (acknowledged + 1) * 50
+    assert stored % 50 == 0  # whole batches only
+    ids = {e.id for e in store.iter_events()}
+    assert all(f"e{n}-{i}" in ids for n in range(acknowledged + 1) for i in range(50))
+    # The rollups hold every stored event exactly once, whatever the kill interrupted.
+    window = (Window(0, BASE_MS, BASE_MS + 10**9),)
+    assert _totals(store, "a", window)[0][0] == stored
+    store.close()
+
+
+# Any interleaving of concurrent batches, each maybe sent twice (a retry racing its first
+# try): the totals equal a naive fold of the distinct events. An event's payload is a
+# function of its id, as a client's retry is.
+def _payload(n: int) -> tuple[str, int, float]:
+    return ("a" if n % 3 else "b", BASE_MS + (n * 7_919_417) % (48 * HOUR_MS), float(n % 5 + 1))
+
+
+batches = st.lists(
+    st.tuples(st.lists(st.integers(0, 60), min_size=1, max_size=30), st.booleans()),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(batches=batches, fold_every=st.sampled_from([1, 25, 1000]))
+def test_concurrent_batches_with_retries_fold_to_the_distinct_events(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    batches: list[tuple[list[int], bool]],
+    fold_every: int,
+) -> None:
+    monkeypatch.setattr(sqlite_module, "FOLD_EVENTS", fold_every)
+    path = tmp_path / f"prop-{os.urandom(4).hex()}.db"
+    store = _open(path)
+    sends = [ids for ids, retried in batches for _ in range(2 if retried else 1)]
+
+    def send(ids: list[int]) -> None:
+        store.append(
+            [Event(f"e{n}", _payload(n)[0], "m", _payload(n)[1], _payload(n)[2]) for n in ids]
+        )
+
+    threads = [threading.Thread(target=send, args=(ids,)) for ids in sends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    distinct = {n for ids in sends for n in ids}
+    # Hours, and one window with ragged millisecond ends, over both days.
+    windows = tuple(
+        Window(h, BASE_MS + h * HOUR_MS, BASE_MS + (h + 1) * HOUR_MS) for h in range(48)
+    )
+    for account in ("a", "b"):
+        expected: dict[int, tuple] = {}
+        for n in sorted(distinct):
+            owner, ts, value = _payload(n)
+            if owner != account:
+                continue
+            h = (ts - BASE_MS) // HOUR_MS
+            cnt, total, lo, hi = expected.get(h, (0, 0.0, value, value))
+            expected[h] = (cnt + 1, total + value, min(lo, value), max(hi, value))
+        assert _totals(store, account, windows) == expected
+        ragged = (Window(0, BASE_MS + 1234, BASE_MS + 47 * HOUR_MS + 5678),)
+        want = sum(
+            1
+            for n in distinct
+            if _payload(n)[0] == account and BASE_MS + 1234 <= _payload(n)[1] < ragged[0].end_ms
+        )
+        assert (_totals(store, account, ragged).get(0) or (0,))[0] == want
+    assert store.count_events() == len(distinct)
+    store.close()
+
+
+# The compiled path (msgspec) and the item-by-item path must accept the same events and
+# build the same ones; any batch the compiled path refuses goes the other way for its errors.
+names = st.text(alphabet="ab_.-1", min_size=1, max_size=4)
+valid_events = st.fixed_dictionaries(
+    {
+        "id": names,
+        "account": st.sampled_from(["a", "b"]),
+        "metric": st.sampled_from(["m", "lookups", "a.b:c"]),
+        "ts": st.one_of(
+            st.integers(946_684_800_000, 7_258_118_399_999),
+            st.sampled_from(["2025-01-01T00:00:00Z", "2025-01-01T05:30:00.250+05:30"]),
+        ),
+    },
+    optional={
+        "value": st.one_of(st.integers(-3, 3), st.floats(allow_nan=False, allow_infinity=False)),
+        "billable": st.booleans(),
+        "dimensions": st.dictionaries(names, st.text(max_size=3), max_size=2),
+        "tags": st.lists(names, max_size=3),
+        "key": st.just("ka"),
+    },
+)
+# One field of an event set to something that may be wrong, in a way each path sees.
+wild = {
+    "id": st.one_of(st.just(""), st.integers()),
+    "account": st.sampled_from(["ghost", ""]),
+    "metric": st.sampled_from(["bad metric", ""]),
+    "ts": st.one_of(
+        st.integers(946_684_800_000 - 2, 946_684_800_001),
+        st.sampled_from(["2025-01-01", "2025-01-01T00:00:00", "soon"]),
+        st.booleans(),
+        st.floats(),
+    ),
+    "value": st.one_of(st.booleans(), st.text(max_size=2), st.just(float("inf"))),
+    "billable": st.integers(0, 1),
+    "dimensions": st.one_of(
+        st.dictionaries(st.sampled_from(["key", "a b", "subaccount"]), st.text(max_size=2)),
+        st.dictionaries(names, st.integers()),
+        st.lists(names, max_size=1),
+    ),
+    "tags": st.one_of(st.lists(st.sampled_from(["a,b", ""]), min_size=1), names),
+    "key": st.sampled_from(["nokey", ""]),
+    "extra": st.just(1),
+}
+raw_events = st.one_of(
+    valid_events,
+    st.tuples(valid_events, st.sampled_from(sorted(wild))).flatmap(
+        lambda pair: wild[pair[1]].map(lambda bad: {**pair[0], pair[1]: bad})
+    ),
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raws=st.lists(raw_events, max_size=6))
+def test_the_compiled_and_the_itemised_validation_agree(
+    ingest_store: SQLiteStore, raws: list[dict[str, object]]
+) -> None:
+    # One clock for both: an error about a future ts quotes the server's time.
+    frozen = datetime.now(UTC)
+    ingestor = Ingestor(ingest_store, now=lambda: frozen)
+
+    def outcome(validate: Callable[[], list[Event]]) -> object:
+        try:
+            return validate()
+        except BatchRejected as exc:
+            return exc.errors
+
+    compiled = outcome(lambda: ingestor.validate(raws))
+    assert compiled == outcome(lambda: ingestor._validate_each(raws, None))
+
+
+@pytest.fixture
+def ingest_store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    store = _open(tmp_path / "ingest.db")
+    issue_key(store, "a", key_id="ka", scopes=[Scope.READ])
+    yield store
+    store.close()
