@@ -20,7 +20,8 @@ from urllib.parse import unquote, urlsplit
 _JSON_SETTINGS = "output_format_json_quote_64bit_integers = 0"
 # A batch may span many months (a backfill): each is a partition of its own, and the
 # default limit of 100 per insert would refuse the batch.
-INSERT_SETTINGS = "max_partitions_per_insert_block = 0"
+# The materialized views of an insert run side by side rather than one after the other.
+INSERT_SETTINGS = "max_partitions_per_insert_block = 0, parallel_view_processing = 1"
 
 
 def literal(value: Any) -> str:
@@ -81,6 +82,7 @@ class _ChdbSession:
         self.path = path
         self.session: Any = session.Session(path)  # type: ignore[no-untyped-call]
         self.users = 0
+        self.database = ""  # the session's current database
         # chDB's session is not safe to use from several threads at once.
         self.lock = threading.Lock()
 
@@ -111,9 +113,10 @@ class ChdbTransport:
 
     def _run(self, sql: str, fmt: str = "CSV") -> Any:
         with self._shared.lock:
-            # The database is named on every call: the session is shared, and another store
-            # in this process may have switched it.
-            self._shared.session.query(f"USE {self.database}")
+            # The session is shared: another store in this process may have switched it.
+            if self._shared.database != self.database:
+                self._shared.session.query(f"USE {self.database}")
+                self._shared.database = self.database
             return self._shared.session.query(sql, fmt)
 
     def command(self, sql: str) -> None:
@@ -187,7 +190,7 @@ class HttpTransport:
                 table,
                 list(columns),
                 insert_block=_each_row(columns, rows).encode(),
-                settings={"max_partitions_per_insert_block": 0},
+                settings={"max_partitions_per_insert_block": 0, "parallel_view_processing": 1},
                 fmt="JSONEachRow",
             )
 
