@@ -228,6 +228,9 @@ class ClickHouseStore:
         where = "account IS NULL" if account_id is None else f"account = {literal(account_id)}"
         return [key for key, _ in self._keys(where)]
 
+    def export_keys(self) -> list[tuple[ApiKey, bytes]]:
+        return self._keys("1")
+
     def revoke_key(self, key_id: str) -> ApiKey:
         with self._lock:
             # A newer version of the row, revoked; a key revoked before keeps its first date.

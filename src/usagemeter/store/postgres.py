@@ -248,6 +248,10 @@ class PostgresStore:
             rows = self._rows(sql, (account_id,))
         return [SQLiteStore._key_from_row(row) for row in rows]
 
+    def export_keys(self) -> list[tuple[ApiKey, bytes]]:
+        rows = self._rows(f"SELECT {self._KEY_COLUMNS} ORDER BY k.rid")
+        return [(SQLiteStore._key_from_row(row), bytes(row[7])) for row in rows]
+
     def revoke_key(self, key_id: str) -> ApiKey:
         with self._pool.connection() as conn:
             cur = conn.execute(

@@ -301,6 +301,10 @@ class SQLiteStore:
             )
         return [self._key_from_row(row) for row in rows]
 
+    def export_keys(self) -> list[tuple[ApiKey, bytes]]:
+        rows = self._reader().execute(f"SELECT {self._KEY_COLUMNS} ORDER BY k.rid")
+        return [(self._key_from_row(row), bytes(row[7])) for row in rows]
+
     def revoke_key(self, key_id: str) -> ApiKey:
         with self._write_lock:
             cur = self._writer.execute(
