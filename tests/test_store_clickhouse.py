@@ -112,6 +112,12 @@ def test_urls_say_what_is_wrong(tmp_path: Path, clickhouse_home: str) -> None:
             open_store(f"chdb:///{tmp_path}/another")
 
 
+def test_a_server_that_is_not_there_is_named_without_the_password() -> None:
+    with pytest.raises(ConnectionError) as down:
+        open_store("clickhouse://bob:hunter2@127.0.0.1:1/usage")
+    assert "hunter2" not in str(down.value) and "127.0.0.1" in str(down.value)
+
+
 # ---------------------------------------------------------------- the same answers as SQLite
 
 ZONES = ["UTC", "America/New_York", "Asia/Kathmandu", "Asia/Kolkata", "Europe/Berlin"]

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
+from usagemeter.store import redact
+
 # Output settings for every query: numbers as JSON numbers, not quoted strings.
 _JSON_SETTINGS = "output_format_json_quote_64bit_integers = 0"
 # A batch may span many months (a backfill): each is a partition of its own, and the
@@ -151,7 +153,7 @@ class HttpTransport:
 
     def __init__(self, url: str) -> None:
         try:
-            import clickhouse_connect  # type: ignore[import-not-found, unused-ignore]
+            import clickhouse_connect
         except ImportError:
             raise ValueError(
                 "clickhouse:// URLs need clickhouse-connect: pip install 'usagemeter[clickhouse]'"
@@ -165,10 +167,16 @@ class HttpTransport:
             "password": unquote(parts.password or ""),
             "secure": url.startswith("clickhouses://"),
         }
-        admin = clickhouse_connect.get_client(**common)
-        admin.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
-        admin.close()
-        self._client: Any = clickhouse_connect.get_client(**common, database=self.database)
+        try:
+            admin = clickhouse_connect.get_client(**common)
+            admin.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+            admin.close()
+            self._client: Any = clickhouse_connect.get_client(**common, database=self.database)
+        except Exception as exc:  # its errors vary by cause; all mean "cannot use this URL"
+            reason = str(exc)
+            if common["password"]:
+                reason = reason.replace(common["password"], "***")
+            raise ConnectionError(f"cannot connect to {redact(url)}: {reason}") from None
         # clickhouse-connect's client keeps one HTTP session; requests are serialised on it.
         self._lock = threading.Lock()
 
