@@ -44,8 +44,8 @@ def chstore(clickhouse_home: str) -> Iterator[ClickHouseStore]:
     store.close()
 
 
-def _event(i: int, account: str = "a", **fields: Any) -> Event:
-    return Event(id=f"e{i}", account_id=account, metric="m", ts_ms=BASE_MS + i, **fields)
+def _event(i: int, account: str = "a", id_suffix: str = "", **fields: Any) -> Event:
+    return Event(id=f"e{i}{id_suffix}", account_id=account, metric="m", ts_ms=BASE_MS + i, **fields)
 
 
 def test_conflicts_are_reported_by_index(chstore: ClickHouseStore) -> None:
@@ -55,6 +55,15 @@ def test_conflicts_are_reported_by_index(chstore: ClickHouseStore) -> None:
     retry = chstore.append([_event(2), _event(1, value=7.0), _event(3)])
     assert (retry.accepted, retry.duplicates, retry.conflicts) == (1, 2, (1,))
     assert chstore.count_events() == 3
+
+
+def test_a_batch_of_the_largest_size_is_stored_and_deduplicated(chstore: ClickHouseStore) -> None:
+    """Regression: the dedupe lookup of 10,000 events was longer than ClickHouse's default
+    query size limit, and the batch failed."""
+    chstore.create_account(Account("a", "A"))
+    batch = [_event(i, id_suffix="x" * 40) for i in range(10_000)]
+    assert chstore.append(batch).accepted == 10_000
+    assert chstore.append(batch).duplicates == 10_000
 
 
 def test_two_stores_on_one_database_count_a_retry_once(

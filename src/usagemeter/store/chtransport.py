@@ -20,6 +20,9 @@ from usagemeter.store import redact
 
 # Output settings for every query: numbers as JSON numbers, not quoted strings.
 _JSON_SETTINGS = "output_format_json_quote_64bit_integers = 0"
+# Statements carry their values as literals: a batch's dedupe lookup or a year of hourly
+# windows is longer than the default 256 KiB limit. Set per session, before parsing.
+MAX_QUERY_SIZE = 64 * 1024 * 1024
 # A batch may span many months (a backfill): each is a partition of its own, and the
 # default limit of 100 per insert would refuse the batch.
 # The materialized views of an insert run side by side rather than one after the other.
@@ -83,6 +86,7 @@ class _ChdbSession:
 
         self.path = path
         self.session: Any = session.Session(path)  # type: ignore[no-untyped-call]
+        self.session.query(f"SET max_query_size = {MAX_QUERY_SIZE}")
         self.users = 0
         self.database = ""  # the session's current database
         # chDB's session is not safe to use from several threads at once.
@@ -166,6 +170,7 @@ class HttpTransport:
             "username": unquote(parts.username or "default"),
             "password": unquote(parts.password or ""),
             "secure": url.startswith("clickhouses://"),
+            "settings": {"max_query_size": MAX_QUERY_SIZE},
         }
         try:
             admin = clickhouse_connect.get_client(**common)

@@ -41,6 +41,7 @@ from usagemeter.store.sqlite import LOOKUP_BYTES, SQLiteStore
 from usagemeter.store.sqlplan import run_plans
 
 EXPORT_PAGE = 10_000  # events per query while exporting
+LOOKUP_CHUNK = 2_000  # (account, id) pairs per dedupe lookup
 _EVENT_COLUMNS = (
     "account",
     "metric",
@@ -261,8 +262,8 @@ class ClickHouseStore:
         with self._lock:
             pairs = list(dict.fromkeys((e.account_id, e.id) for e in events))
             stored: dict[tuple[str, str], str] = {}
-            for i in range(0, len(pairs), EXPORT_PAGE):
-                chunk = pairs[i : i + EXPORT_PAGE]
+            for i in range(0, len(pairs), LOOKUP_CHUNK):
+                chunk = pairs[i : i + LOOKUP_CHUNK]
                 for account, event_id, digest in self.transport.query(
                     "SELECT account, id, digest FROM event_ids"
                     f" WHERE (account, id) IN ({literals(chunk)})"
