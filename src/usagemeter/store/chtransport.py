@@ -85,8 +85,9 @@ class _ChdbSession:
         from chdb import session
 
         self.path = path
-        self.session: Any = session.Session(path)  # type: ignore[no-untyped-call]
-        self.session.query(f"SET max_query_size = {MAX_QUERY_SIZE}")
+        created: Any = session.Session(path)  # type: ignore[no-untyped-call]
+        created.query(f"SET max_query_size = {MAX_QUERY_SIZE}")
+        self.session = created
         self.users = 0
         self.database = ""  # the session's current database
         # chDB's session is not safe to use from several threads at once.
