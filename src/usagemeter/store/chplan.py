@@ -33,8 +33,13 @@ _EMPTY_DIMS = "CAST(map(), 'Map(String, String)')"
 
 
 def _windows(pieces: Sequence[Piece]) -> str:
-    rows = ", ".join(f"({idx}, {lo}, {hi})" for idx, lo, hi in pieces)
-    return f"(SELECT idx, lo, hi, 0 AS z FROM values('idx Int64, lo Int64, hi Int64', {rows}))"
+    # The pieces travel as one data literal read by format(): ClickHouse parses a values()
+    # list of thousands of tuples (a year of hours) hundreds of times slower.
+    rows = "\n".join(f"[{idx},{lo},{hi}]" for idx, lo, hi in pieces)
+    return (
+        "(SELECT idx, lo, hi, 0 AS z FROM format(JSONCompactEachRow,"
+        f" 'idx Int64, lo Int64, hi Int64', '{rows}'))"
+    )
 
 
 def _mapped(source: str, column: str, pieces: Sequence[Piece]) -> str:

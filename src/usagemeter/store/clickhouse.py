@@ -41,7 +41,6 @@ from usagemeter.store.sqlite import LOOKUP_BYTES, SQLiteStore
 from usagemeter.store.sqlplan import run_plans
 
 EXPORT_PAGE = 10_000  # events per query while exporting
-LOOKUP_CHUNK = 2_000  # (account, id) pairs per dedupe lookup
 _EVENT_COLUMNS = (
     "account",
     "metric",
@@ -260,15 +259,7 @@ class ClickHouseStore:
         self._require("accounts", "account", [e.account_id for e in events])
         self._require("keys", "key", [e.key_id for e in events if e.key_id is not None])
         with self._lock:
-            pairs = list(dict.fromkeys((e.account_id, e.id) for e in events))
-            stored: dict[tuple[str, str], str] = {}
-            for i in range(0, len(pairs), LOOKUP_CHUNK):
-                chunk = pairs[i : i + LOOKUP_CHUNK]
-                for account, event_id, digest in self.transport.query(
-                    "SELECT account, id, digest FROM event_ids"
-                    f" WHERE (account, id) IN ({literals(chunk)})"
-                ):
-                    stored[(account, event_id)] = digest
+            stored = self._stored_digests(events)
             rows: list[tuple[Any, ...]] = []
             duplicates = 0
             conflicts: list[int] = []
@@ -303,6 +294,20 @@ class ClickHouseStore:
                 )
             self.transport.insert("events", _EVENT_COLUMNS, rows)
         return AppendResult(len(rows), duplicates, tuple(conflicts))
+
+    def _stored_digests(self, events: Sequence[Event]) -> dict[tuple[str, str], str]:
+        """The payload digests of the batch's (account, id) pairs already stored. The pairs
+        travel as one data literal (format()) rather than as SQL tuples, which ClickHouse
+        parses ten times slower."""
+        pairs = dict.fromkeys((e.account_id, e.id) for e in events)
+        data = "\n".join(
+            json.dumps([account, event_id], separators=(",", ":")) for account, event_id in pairs
+        )
+        rows = self.transport.query(
+            "SELECT account, id, digest FROM event_ids WHERE (account, id) IN (SELECT a, i"
+            f" FROM format(JSONCompactEachRow, 'a String, i String', {literal(data)}))"
+        )
+        return {(account, event_id): digest for account, event_id, digest in rows}
 
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
         if not spec.windows:
