@@ -10,11 +10,12 @@ exactly what a server gets.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
+
+import msgspec
 
 from usagemeter.store import redact
 
@@ -73,9 +74,8 @@ class Transport(Protocol):
 
 
 def _each_row(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    return "\n".join(
-        json.dumps(dict(zip(columns, row, strict=True)), separators=(",", ":")) for row in rows
-    )
+    """JSONCompactEachRow: one JSON array per row, in ``columns`` order."""
+    return b"\n".join(msgspec.json.encode(row) for row in rows).decode()
 
 
 class _ChdbSession:
@@ -134,7 +134,7 @@ class ChdbTransport:
         raw = result.bytes()
         if not raw:
             return []
-        data: list[list[Any]] = json.loads(raw)["data"]
+        data: list[list[Any]] = msgspec.json.decode(raw)["data"]
         return data
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -142,7 +142,7 @@ class ChdbTransport:
             return
         self._run(
             f"INSERT INTO {table} ({', '.join(columns)}) SETTINGS {INSERT_SETTINGS}"
-            f" FORMAT JSONEachRow\n{_each_row(columns, rows)}"
+            f" FORMAT JSONCompactEachRow\n{_each_row(columns, rows)}"
         )
 
     def close(self) -> None:
@@ -193,7 +193,7 @@ class HttpTransport:
     def query(self, sql: str) -> list[list[Any]]:
         with self._lock:
             raw = self._client.raw_query(f"{sql} SETTINGS {_JSON_SETTINGS}", fmt="JSONCompact")
-        data: list[list[Any]] = json.loads(raw)["data"] if raw else []
+        data: list[list[Any]] = msgspec.json.decode(raw)["data"] if raw else []
         return data
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -205,7 +205,7 @@ class HttpTransport:
                 list(columns),
                 insert_block=_each_row(columns, rows).encode(),
                 settings={"max_partitions_per_insert_block": 0, "parallel_view_processing": 1},
-                fmt="JSONEachRow",
+                fmt="JSONCompactEachRow",
             )
 
     def close(self) -> None:
