@@ -14,6 +14,11 @@ from usagemeter.timewindows import SLOT_MS
 # Durable before acknowledged: each insert's part (and its directory) is fsynced before the
 # INSERT returns, as SQLite's synchronous=FULL and PostgreSQL's synchronous_commit do.
 _DURABLE = "fsync_after_insert = 1, fsync_part_directory = 1"
+# The events table and every table its views feed remember the dedupe tokens of their last
+# 10,000 inserts: a batch inserted twice with the same token (two processes racing on the
+# same retried batch, see clickhouse.py) is stored once, rollups included. Every insert into
+# events carries a token, so no two different batches are ever taken for one.
+_TOKENS = "non_replicated_deduplication_window = 10000"
 
 
 def floor_div(column: str, unit: int) -> str:
@@ -63,7 +68,7 @@ CREATE TABLE IF NOT EXISTS events (
 ) ENGINE = MergeTree
 PARTITION BY {_month("ts")}
 ORDER BY (account, metric, ts)
-SETTINGS {_DURABLE}
+SETTINGS {_DURABLE}, {_TOKENS}
 """
 
 EVENT_IDS = f"""
@@ -77,7 +82,7 @@ CREATE TABLE IF NOT EXISTS event_ids (
     digest String
 ) ENGINE = ReplacingMergeTree
 ORDER BY (account, id)
-SETTINGS {_DURABLE}
+SETTINGS {_DURABLE}, {_TOKENS}
 """
 
 EVENT_IDS_VIEW = """
@@ -103,7 +108,7 @@ CREATE TABLE IF NOT EXISTS rollup (
 ) ENGINE = AggregatingMergeTree
 PARTITION BY {_month(f"slot * {SLOT_MS}")}
 ORDER BY (account, metric, slot, key, billable, dimset, tagset)
-SETTINGS {_DURABLE}
+SETTINGS {_DURABLE}, {_TOKENS}
 """
 
 SLOTS_VIEW = f"""
@@ -128,7 +133,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     billable UInt8,{_VALUES}
 ) ENGINE = AggregatingMergeTree
 ORDER BY (account, metric,{key} slot, billable)
-SETTINGS {_DURABLE}
+SETTINGS {_DURABLE}, {_TOKENS}
 """,
         f"""
 CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv TO {table} AS

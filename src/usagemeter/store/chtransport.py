@@ -26,8 +26,21 @@ _JSON_SETTINGS = "output_format_json_quote_64bit_integers = 0"
 MAX_QUERY_SIZE = 64 * 1024 * 1024
 # A batch may span many months (a backfill): each is a partition of its own, and the
 # default limit of 100 per insert would refuse the batch.
-# The materialized views of an insert run side by side rather than one after the other.
-INSERT_SETTINGS = "max_partitions_per_insert_block = 0, parallel_view_processing = 1"
+# The materialized views of an insert run side by side rather than one after the other, and
+# a deduplicated insert is deduplicated in the tables they feed as well.
+INSERT_SETTINGS = {
+    "max_partitions_per_insert_block": 0,
+    "parallel_view_processing": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+}
+
+
+def _insert_settings(token: str | None) -> dict[str, Any]:
+    return (
+        INSERT_SETTINGS
+        if token is None
+        else {**INSERT_SETTINGS, "insert_deduplication_token": token}
+    )
 
 
 def literal(value: Any) -> str:
@@ -66,8 +79,15 @@ class Transport(Protocol):
         """Rows of a SELECT, as lists of JSON-like values (Map as dict, Array as list)."""
         ...
 
-    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Insert rows in one block: the materialized views see them as one insert."""
+    def insert(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        token: str | None = None,
+    ) -> None:
+        """Insert rows in one block: the materialized views see them as one insert. A
+        second insert with the same ``token`` is dropped (where the table keeps tokens)."""
         ...
 
     def close(self) -> None: ...
@@ -137,11 +157,18 @@ class ChdbTransport:
         data: list[list[Any]] = msgspec.json.decode(raw)["data"]
         return data
 
-    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    def insert(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        token: str | None = None,
+    ) -> None:
         if not rows:
             return
+        settings = ", ".join(f"{k} = {literal(v)}" for k, v in _insert_settings(token).items())
         self._run(
-            f"INSERT INTO {table} ({', '.join(columns)}) SETTINGS {INSERT_SETTINGS}"
+            f"INSERT INTO {table} ({', '.join(columns)}) SETTINGS {settings}"
             f" FORMAT JSONCompactEachRow\n{_each_row(columns, rows)}"
         )
 
@@ -196,7 +223,13 @@ class HttpTransport:
         data: list[list[Any]] = msgspec.json.decode(raw)["data"] if raw else []
         return data
 
-    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    def insert(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        token: str | None = None,
+    ) -> None:
         if not rows:
             return
         with self._lock:
@@ -204,7 +237,7 @@ class HttpTransport:
                 table,
                 list(columns),
                 insert_block=_each_row(columns, rows).encode(),
-                settings={"max_partitions_per_insert_block": 0, "parallel_view_processing": 1},
+                settings=_insert_settings(token),
                 fmt="JSONCompactEachRow",
             )
 

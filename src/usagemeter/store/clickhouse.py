@@ -296,7 +296,13 @@ class ClickHouseStore:
                         digest,
                     )
                 )
-            self.transport.insert("events", _EVENT_COLUMNS, rows)
+            # The token names exactly these new events: should another process insert the
+            # same ones at the same moment (one batch retried at two processes), ClickHouse
+            # keeps one of the two inserts.
+            token = hashlib.blake2b(
+                msgspec.json.encode(sorted((r[0], r[3], r[12]) for r in rows)), digest_size=16
+            ).hexdigest()
+            self.transport.insert("events", _EVENT_COLUMNS, rows, token)
         return AppendResult(len(rows), duplicates, tuple(conflicts))
 
     def _stored_digests(self, events: Sequence[Event]) -> dict[tuple[str, str], str]:
