@@ -12,11 +12,12 @@ The promises are the other stores', kept this way:
   then deduplicated per event and completes it.)
 - Dedupe per (account, id), forever: before inserting, the store looks the batch's ids up in
   ``event_ids`` (kept by the engine from every insert, ordered by (account, id)) while
-  holding a process lock, so within one process an id is stored once whatever the threads.
-  Between processes the window is the lookup-to-insert interval of two batches that carry
-  the same id and arrive at two processes at the same moment (a few milliseconds); a retry
-  after the first attempt was acknowledged is always caught. Route each account's ingest to
-  one process (docs/clickhouse.md) to close it.
+  holding a process lock, so within one process an id is stored once whatever the threads,
+  and a retry after the first attempt was acknowledged is caught by any process. The insert
+  carries a dedupe token naming its new events, so one batch racing at two processes is
+  stored once. The window that remains: two different batches sharing ids, looked up at two
+  processes before either inserted (a few milliseconds). Route each account's ingest to one
+  process (docs/clickhouse.md) to close it.
 - Distinct counts and latest values are exact over any range: distinct counts are counted on
   the raw events, latest values travel as argMax states.
 """
