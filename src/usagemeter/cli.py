@@ -62,7 +62,8 @@ DbOption = Annotated[
         "--db",
         envvar=["USAGEMETER_STORE", "USAGEMETER_DB"],
         help="Where usage is kept: a SQLite file (a path or sqlite:///path, created when"
-        " missing) or postgresql://user:password@host:5432/db.",
+        " missing), postgresql://user:password@host:5432/db, chdb:///dir or"
+        " clickhouse://user:password@host:8123/db.",
     ),
 ]
 MetersOption = Annotated[
@@ -662,6 +663,29 @@ def restore_command(
             "accounts": len(store.list_accounts()),
         }
     )
+
+
+@app.command()
+def migrate(
+    source: Annotated[str, typer.Option("--from", help="The store to copy from (a URL).")],
+    target: Annotated[str, typer.Option("--to", help="The store to copy into (a URL).")],
+    batch: Annotated[int, typer.Option(help="Events per append.", min=1, max=10_000)] = 10_000,
+) -> None:
+    """Copy accounts, keys and events from one store to another (any to any, e.g.
+    sqlite:///usage.db to chdb:///usage.chdb). Safe to run again: what is there is skipped."""
+    from usagemeter.migrate import copy_store
+
+    if source == target:
+        raise _fail("--from and --to name the same store")
+    origin, destination = _open(source), _open(target)
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(f"copying to {redact(target)}", total=origin.count_events())
+        try:
+            copied = copy_store(origin, destination, batch, lambda n: progress.advance(task, n))
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    _print_json(vars(copied))
 
 
 def main() -> None:

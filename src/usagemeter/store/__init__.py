@@ -6,7 +6,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from usagemeter.store.base import Store
 
-SCHEMES = ("sqlite:///path/usage.db", "postgresql://user:password@host:5432/db")
+SCHEMES = (
+    "sqlite:///path/usage.db",
+    "postgresql://user:password@host:5432/db",
+    "chdb:///path/dir",
+    "clickhouse://user:password@host:8123/db",
+)
 
 
 def open_store(url: str) -> Store:
@@ -33,6 +38,8 @@ def open_store(url: str) -> Store:
             urlunsplit(parts._replace(query=rest)),
             int(pool[-1]) if pool else DEFAULT_POOL_SIZE,
         )
+    if scheme in ("chdb", "clickhouse", "clickhouses"):
+        return _open_clickhouse(url, scheme)
     raise ValueError(
         f"unknown store {redact(url)!r}: use a SQLite file path or a URL like "
         + " or ".join(SCHEMES)
@@ -48,6 +55,28 @@ def sqlite_path(url: str) -> str | None:
     if not path:
         raise ValueError(f"{url!r}: give the SQLite file's path, e.g. sqlite:///usage.db")
     return path
+
+
+def _open_clickhouse(url: str, scheme: str) -> Store:
+    """``chdb:///dir`` (ClickHouse in this process, on the files under dir; a relative path,
+    four slashes for an absolute one) or ``clickhouse://user:password@host:8123/db`` (a
+    server over HTTP; ``clickhouses://`` for HTTPS). See docs/clickhouse.md."""
+    from usagemeter.store.chtransport import ChdbTransport, HttpTransport, Transport
+    from usagemeter.store.clickhouse import ClickHouseStore
+
+    transport: Transport
+    if scheme == "chdb":
+        path = url.split("://", 1)[1][1:]
+        if not path:
+            raise ValueError(f"{url!r}: give chDB's directory, e.g. chdb:///usage.chdb")
+        try:
+            import chdb  # noqa: F401
+        except ImportError:
+            raise ValueError("chdb:// URLs need chDB: pip install 'usagemeter[chdb]'") from None
+        transport = ChdbTransport(path)
+    else:
+        transport = HttpTransport(url)
+    return ClickHouseStore(transport)
 
 
 def redact(url: str) -> str:

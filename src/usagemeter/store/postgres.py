@@ -40,8 +40,17 @@ from usagemeter.store.pgschema import (
     migrate,
     month_bounds,
 )
-from usagemeter.store.rows import ACCOUNT_COLUMNS, KEY_COLUMNS, account_values, key_values
-from usagemeter.store.sqlite import NO_KEY, SQLiteStore
+from usagemeter.store.rows import (
+    ACCOUNT_COLUMNS,
+    ACCOUNT_SELECT,
+    KEY_COLUMNS,
+    KEY_SELECT,
+    account_from_row,
+    account_values,
+    key_from_row,
+    key_values,
+)
+from usagemeter.store.sqlite import NO_KEY
 from usagemeter.store.sqlplan import (
     POSTGRES,
     event_from_row,
@@ -216,18 +225,16 @@ class PostgresStore:
         return self.get_account(account.id)
 
     # The same columns, joins and row shapes as the SQLite store.
-    _ACCOUNT_COLUMNS = SQLiteStore._ACCOUNT_COLUMNS
-    _KEY_COLUMNS = SQLiteStore._KEY_COLUMNS
 
     def get_account(self, account_id: str) -> Account:
-        rows = self._rows(f"SELECT {self._ACCOUNT_COLUMNS} WHERE a.id = %s", (account_id,))
+        rows = self._rows(f"SELECT {ACCOUNT_SELECT} WHERE a.id = %s", (account_id,))
         if not rows:
             raise NotFound(f"account {account_id!r} does not exist")
-        return SQLiteStore._account_from_row(rows[0])
+        return account_from_row(rows[0])
 
     def list_accounts(self) -> list[Account]:
-        rows = self._rows(f"SELECT {self._ACCOUNT_COLUMNS} ORDER BY a.rid")
-        return [SQLiteStore._account_from_row(row) for row in rows]
+        rows = self._rows(f"SELECT {ACCOUNT_SELECT} ORDER BY a.rid")
+        return [account_from_row(row) for row in rows]
 
     def _tree(self, account_id: str, join: str) -> list[str]:
         rows = self._rows(
@@ -261,23 +268,27 @@ class PostgresStore:
         return self.get_key(key.id)
 
     def get_key(self, key_id: str) -> ApiKey:
-        rows = self._rows(f"SELECT {self._KEY_COLUMNS} WHERE k.id = %s", (key_id,))
+        rows = self._rows(f"SELECT {KEY_SELECT} WHERE k.id = %s", (key_id,))
         if not rows:
             raise NotFound(f"key {key_id!r} does not exist")
-        return SQLiteStore._key_from_row(rows[0])
+        return key_from_row(rows[0])
 
     def find_keys_by_lookup(self, lookup: bytes) -> list[tuple[ApiKey, bytes]]:
-        rows = self._rows(f"SELECT {self._KEY_COLUMNS} WHERE k.lookup = %s", (lookup,))
-        return [(SQLiteStore._key_from_row(row), bytes(row[7])) for row in rows]
+        rows = self._rows(f"SELECT {KEY_SELECT} WHERE k.lookup = %s", (lookup,))
+        return [(key_from_row(row), bytes(row[7])) for row in rows]
 
     def list_keys(self, account_id: str | None) -> list[ApiKey]:
         if account_id is None:
-            sql = f"SELECT {self._KEY_COLUMNS} WHERE k.account IS NULL ORDER BY k.rid"
+            sql = f"SELECT {KEY_SELECT} WHERE k.account IS NULL ORDER BY k.rid"
             rows = self._rows(sql)
         else:
-            sql = f"SELECT {self._KEY_COLUMNS} WHERE a.id = %s ORDER BY k.rid"
+            sql = f"SELECT {KEY_SELECT} WHERE a.id = %s ORDER BY k.rid"
             rows = self._rows(sql, (account_id,))
-        return [SQLiteStore._key_from_row(row) for row in rows]
+        return [key_from_row(row) for row in rows]
+
+    def export_keys(self) -> list[tuple[ApiKey, bytes]]:
+        rows = self._rows(f"SELECT {KEY_SELECT} ORDER BY k.rid")
+        return [(key_from_row(row), bytes(row[7])) for row in rows]
 
     def revoke_key(self, key_id: str) -> ApiKey:
         with self._pool.connection() as conn:
@@ -510,12 +521,6 @@ class PostgresStore:
                 )
                 seen[name] = sorted(str(r[0]) for r in found)
             return seen
-
-    def key_secret_hash(self, key_id: str) -> bytes:
-        rows = self._rows("SELECT secret_hash FROM keys WHERE id = %s", (key_id,))
-        if not rows:
-            raise NotFound(f"key {key_id!r} does not exist")
-        return bytes(rows[0][0])
 
     def count_events(self) -> int:
         return int(self._rows("SELECT count(*) FROM events")[0][0])

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from usagemeter.model import (
     ApiKey,
     AppendResult,
     Event,
-    Scope,
 )
 from usagemeter.store.base import (
     AggregateRow,
@@ -37,7 +36,16 @@ from usagemeter.store.base import (
     NotFound,
     StoreUnavailable,
 )
-from usagemeter.store.rows import ACCOUNT_COLUMNS, KEY_COLUMNS, account_values, key_values
+from usagemeter.store.rows import (
+    ACCOUNT_COLUMNS,
+    ACCOUNT_SELECT,
+    KEY_COLUMNS,
+    KEY_SELECT,
+    account_from_row,
+    account_values,
+    key_from_row,
+    key_values,
+)
 from usagemeter.store.schema import (
     FOLDED_EVERY_BATCH,
     ROLLUP_TABLES,
@@ -46,7 +54,6 @@ from usagemeter.store.schema import (
     Rollups,
 )
 from usagemeter.store.sqlplan import event_from_row, plan_aggregate, plan_export, run_plans
-from usagemeter.timewindows import BillingCycle
 
 log = logging.getLogger("usagemeter")
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
@@ -76,10 +83,6 @@ def _disk_full(error: BaseException | None) -> bool:
 
 def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
-
-
-def _from_ms(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
 # What a repeated id is compared on: metric, ts, value, billable, key, dimensions, tags.
@@ -198,11 +201,14 @@ class SQLiteStore:
             rollups.write(conn)
         conn.execute("UPDATE folded SET seq = ?", (end,))
 
-    def _has_unfolded(self, conn: sqlite3.Connection) -> bool:
+    def _fold_if_behind(self, conn: sqlite3.Connection) -> None:
+        """Read-your-writes: the rollups a question reads must hold every event
+        acknowledged before it was asked."""
         row = conn.execute(
             "SELECT (SELECT seq FROM folded) < (SELECT coalesce(max(seq), 0) FROM events)"
         ).fetchone()
-        return bool(row[0])
+        if row[0]:
+            self.fold()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -267,31 +273,19 @@ class SQLiteStore:
                 raise Conflict(f"account id {account.id!r} is already taken") from exc
         return self.get_account(account.id)
 
-    _ACCOUNT_COLUMNS = (
-        "a.id, a.name, p.id, a.cycle_anchor, a.cycle_period, a.created_at"
-        " FROM accounts a LEFT JOIN accounts p ON p.rid = a.parent"
-    )
-
-    @staticmethod
-    def _account_from_row(row: tuple[Any, ...]) -> Account:
-        cycle = None
-        if row[3] is not None:
-            cycle = BillingCycle(date.fromisoformat(row[3]), row[4])
-        return Account(row[0], row[1], row[2], cycle, _from_ms(row[5]))
-
     def get_account(self, account_id: str) -> Account:
         row = (
             self._reader()
-            .execute(f"SELECT {self._ACCOUNT_COLUMNS} WHERE a.id = ?", (account_id,))
+            .execute(f"SELECT {ACCOUNT_SELECT} WHERE a.id = ?", (account_id,))
             .fetchone()
         )
         if row is None:
             raise NotFound(f"account {account_id!r} does not exist")
-        return self._account_from_row(row)
+        return account_from_row(row)
 
     def list_accounts(self) -> list[Account]:
-        rows = self._reader().execute(f"SELECT {self._ACCOUNT_COLUMNS} ORDER BY a.rid")
-        return [self._account_from_row(row) for row in rows]
+        rows = self._reader().execute(f"SELECT {ACCOUNT_SELECT} ORDER BY a.rid")
+        return [account_from_row(row) for row in rows]
 
     def descendants(self, account_id: str) -> list[str]:
         rows = (
@@ -331,18 +325,6 @@ class SQLiteStore:
 
     # -------------------------------------------------------------------- keys
 
-    _KEY_COLUMNS = (
-        "k.id, a.id, k.name, k.prefix, k.scopes, k.created_at, k.revoked_at, k.secret_hash"
-        " FROM keys k LEFT JOIN accounts a ON a.rid = k.account"
-    )
-
-    @staticmethod
-    def _key_from_row(row: tuple[Any, ...]) -> ApiKey:
-        scopes = frozenset(Scope(s) for s in row[4].split(",") if s)
-        created = _from_ms(row[5])
-        assert created is not None
-        return ApiKey(row[0], row[1], row[2], row[3], scopes, created, _from_ms(row[6]))
-
     def create_key(self, key: ApiKey, secret_hash: bytes) -> ApiKey:
         with self._write_lock:
             account = None
@@ -358,26 +340,30 @@ class SQLiteStore:
         return self.get_key(key.id)
 
     def get_key(self, key_id: str) -> ApiKey:
-        row = self._reader().execute(f"SELECT {self._KEY_COLUMNS} WHERE k.id = ?", (key_id,))
+        row = self._reader().execute(f"SELECT {KEY_SELECT} WHERE k.id = ?", (key_id,))
         found = row.fetchone()
         if found is None:
             raise NotFound(f"key {key_id!r} does not exist")
-        return self._key_from_row(found)
+        return key_from_row(found)
 
     def find_keys_by_lookup(self, lookup: bytes) -> list[tuple[ApiKey, bytes]]:
-        rows = self._reader().execute(f"SELECT {self._KEY_COLUMNS} WHERE k.lookup = ?", (lookup,))
-        return [(self._key_from_row(row), bytes(row[7])) for row in rows]
+        rows = self._reader().execute(f"SELECT {KEY_SELECT} WHERE k.lookup = ?", (lookup,))
+        return [(key_from_row(row), bytes(row[7])) for row in rows]
 
     def list_keys(self, account_id: str | None) -> list[ApiKey]:
         if account_id is None:
             rows = self._reader().execute(
-                f"SELECT {self._KEY_COLUMNS} WHERE k.account IS NULL ORDER BY k.rid"
+                f"SELECT {KEY_SELECT} WHERE k.account IS NULL ORDER BY k.rid"
             )
         else:
             rows = self._reader().execute(
-                f"SELECT {self._KEY_COLUMNS} WHERE a.id = ? ORDER BY k.rid", (account_id,)
+                f"SELECT {KEY_SELECT} WHERE a.id = ? ORDER BY k.rid", (account_id,)
             )
-        return [self._key_from_row(row) for row in rows]
+        return [key_from_row(row) for row in rows]
+
+    def export_keys(self) -> list[tuple[ApiKey, bytes]]:
+        rows = self._reader().execute(f"SELECT {KEY_SELECT} ORDER BY k.rid")
+        return [(key_from_row(row), bytes(row[7])) for row in rows]
 
     def revoke_key(self, key_id: str) -> ApiKey:
         with self._write_lock:
@@ -632,10 +618,7 @@ class SQLiteStore:
 
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
         conn = self._reader()
-        if self._has_unfolded(conn):
-            # Read-your-writes: the rollups this question reads must hold every event
-            # acknowledged before it was asked.
-            self.fold()
+        self._fold_if_behind(conn)
         metric = self._ids(conn, "metrics", "name", spec.metric)
         if metric is None or not spec.windows:
             return []
@@ -659,6 +642,7 @@ class SQLiteStore:
         self, accounts: Sequence[str], metric: str | None = None, *, dimensions: bool = True
     ) -> dict[str, list[str]]:
         conn = self._reader()
+        self._fold_if_behind(conn)
         rids = [
             int(row[0])
             for account_id in accounts
@@ -695,13 +679,6 @@ class SQLiteStore:
                 dimension_names.update(json.loads(dims))
             seen[name] = sorted(dimension_names)
         return seen
-
-    def key_secret_hash(self, key_id: str) -> bytes:
-        row = self._reader().execute("SELECT secret_hash FROM keys WHERE id = ?", (key_id,))
-        found = row.fetchone()
-        if found is None:
-            raise NotFound(f"key {key_id!r} does not exist")
-        return bytes(found[0])
 
     def backup(self, dest: str | Path) -> None:
         """Write a consistent copy of the whole file to ``dest`` (which must not exist) while

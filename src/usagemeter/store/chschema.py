@@ -1,0 +1,205 @@
+"""The ClickHouse store's tables: raw events, the rollups the engine keeps from them, and the
+small tables of accounts and keys. Every statement is idempotent (``IF NOT EXISTS``), so any
+number of processes may start on the same database at once.
+
+Times are epoch milliseconds (Int64), as in the other stores, so that a window's bounds mean
+the same thing everywhere and the shared window splitter (sqlplan.split_windows) applies.
+"""
+
+from __future__ import annotations
+
+from usagemeter.store.sqlplan import DAY_MS, HOUR_MS
+from usagemeter.timewindows import SLOT_MS
+
+# Durable before acknowledged: each insert's part (and its directory) is fsynced before the
+# INSERT returns, as SQLite's synchronous=FULL and PostgreSQL's synchronous_commit do.
+_DURABLE = "fsync_after_insert = 1, fsync_part_directory = 1"
+# The events table and every table its views feed remember the dedupe tokens of their last
+# 10,000 inserts: a batch inserted twice with the same token (two processes racing on the
+# same retried batch, see clickhouse.py) is stored once, rollups included. Every insert into
+# events carries a token, so no two different batches are ever taken for one.
+_TOKENS = "non_replicated_deduplication_window = 10000"
+
+
+def floor_div(column: str, unit: int) -> str:
+    """Floor division, as Python's ``//`` (ClickHouse's intDiv truncates toward zero, which
+    would put an instant before 1970 in the unit after the one that holds it)."""
+    return f"intDiv({column} - positiveModulo({column}, {unit}), {unit})"
+
+
+def _month(ms: str) -> str:
+    return f"toYYYYMM(toDateTime(intDiv({ms}, 1000), 'UTC'))"
+
+
+# The values every rollup row holds. Plain sums, minimums and maximums are
+# SimpleAggregateFunction columns (read as plain numbers); the latest value is an argMax
+# state over (ts, seq), so a tie on the timestamp goes to the later write, as on SQLite.
+_VALUES = """
+    cnt SimpleAggregateFunction(sum, UInt64),
+    total SimpleAggregateFunction(sum, Float64),
+    vmin SimpleAggregateFunction(min, Float64),
+    vmax SimpleAggregateFunction(max, Float64),
+    last AggregateFunction(argMax, Float64, Tuple(Int64, UInt64))"""
+_FOLD = (
+    "count() AS cnt, sum(value) AS total, min(value) AS vmin, max(value) AS vmax,"
+    " argMaxState(value, (ts, seq)) AS last"
+)
+
+EVENTS = f"""
+-- Raw events: what every rollup is folded from, and what distinct counts, exports and
+-- millisecond-exact range ends read. ORDER BY (account, metric, ts) serves every question,
+-- which names an account and a metric and a time range; a month per partition lets retention
+-- drop a month whole.
+CREATE TABLE IF NOT EXISTS events (
+    account String,
+    metric LowCardinality(String),
+    ts Int64,
+    id String,
+    key String,                          -- '' when the event names no key
+    billable UInt8,
+    value Float64,
+    dims Map(String, String),
+    tags Array(String),
+    dimset UInt64,                       -- hash of the sorted dimensions: the rollups' key
+    tagset UInt64,                       -- hash of the sorted tags
+    seq UInt64,                          -- arrival order: exports, and ties of "latest"
+    digest String                        -- the payload's hash: a reused id with another
+                                         -- payload is reported as a conflict
+) ENGINE = MergeTree
+PARTITION BY {_month("ts")}
+ORDER BY (account, metric, ts)
+SETTINGS {_DURABLE}, {_TOKENS}
+"""
+
+EVENT_IDS = f"""
+-- Dedupe: every (account, id) ever stored, found by its key in a few granules. Kept by the
+-- engine from the events; the store asks it before each insert (see clickhouse.py for the
+-- lock around that and the window it leaves between processes). ReplacingMergeTree: should
+-- two processes race and store the same id twice, the copies here collapse on merge.
+CREATE TABLE IF NOT EXISTS event_ids (
+    account String,
+    id String,
+    digest String
+) ENGINE = ReplacingMergeTree
+ORDER BY (account, id)
+SETTINGS {_DURABLE}, {_TOKENS}
+"""
+
+EVENT_IDS_VIEW = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS event_ids_mv TO event_ids AS
+SELECT account, id, digest FROM events
+"""
+
+SLOTS = f"""
+-- 15-minute slots with everything (key, billable, dimension and tag sets): any zone's hour,
+-- day or month is a whole number of slots, and any filter or group can be answered here.
+-- ORDER BY leads with (account, metric, slot): a question reads one contiguous range.
+-- The dimension and tag values ride along as any(): they are fixed by dimset and tagset.
+CREATE TABLE IF NOT EXISTS rollup (
+    account String,
+    metric LowCardinality(String),
+    slot Int64,
+    key String,
+    billable UInt8,
+    dimset UInt64,
+    tagset UInt64,
+    dims SimpleAggregateFunction(any, Map(String, String)),
+    tags SimpleAggregateFunction(any, Array(String)),{_VALUES}
+) ENGINE = AggregatingMergeTree
+PARTITION BY {_month(f"slot * {SLOT_MS}")}
+ORDER BY (account, metric, slot, key, billable, dimset, tagset)
+SETTINGS {_DURABLE}, {_TOKENS}
+"""
+
+SLOTS_VIEW = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_mv TO rollup AS
+SELECT account, metric, {floor_div("ts", SLOT_MS)} AS slot, key, billable, dimset, tagset,
+       any(dims) AS dims, any(tags) AS tags, {_FOLD}
+FROM events GROUP BY account, metric, slot, key, billable, dimset, tagset
+"""
+
+
+def _coarse(table: str, unit: int, keyed: bool) -> tuple[str, str]:
+    key = " key," if keyed else ""
+    return (
+        f"""
+-- Whole UTC {"hours" if unit == HOUR_MS else "days"} without dimensions or tags
+-- ({"with" if keyed else "without"} the key): reports that need neither read a few rows per
+-- unit. ORDER BY (account, metric,{key} slot): one range per question.
+CREATE TABLE IF NOT EXISTS {table} (
+    account String,
+    metric LowCardinality(String),{" key String," if keyed else ""}
+    slot Int64,
+    billable UInt8,{_VALUES}
+) ENGINE = AggregatingMergeTree
+ORDER BY (account, metric,{key} slot, billable)
+SETTINGS {_DURABLE}, {_TOKENS}
+""",
+        f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv TO {table} AS
+SELECT account, metric,{key} {floor_div("ts", unit)} AS slot, billable, {_FOLD}
+FROM events GROUP BY account, metric,{key} slot, billable
+""",
+    )
+
+
+ACCOUNTS = f"""
+-- Accounts and keys: small tables read whole or by id. A key's revocation is a newer
+-- version of its row (ReplacingMergeTree on version); reads use FINAL, so they see one row
+-- per id at once, merged or not.
+CREATE TABLE IF NOT EXISTS accounts (
+    id String,
+    name String,
+    parent Nullable(String),
+    cycle_anchor Nullable(String),
+    cycle_period Nullable(String),
+    created_at Int64,
+    seq UInt64                           -- creation order, for listings
+) ENGINE = ReplacingMergeTree
+ORDER BY id
+SETTINGS {_DURABLE}
+"""
+
+KEYS = f"""
+CREATE TABLE IF NOT EXISTS keys (
+    id String,
+    account Nullable(String),
+    name String,
+    prefix String,
+    scopes String,
+    secret_hash String,                  -- hex of the digest; auth compares it whole
+    lookup String,                       -- hex of its first bytes: what requests look up by
+    created_at Int64,
+    revoked_at Nullable(Int64),
+    seq UInt64,                          -- creation order, for listings
+    version UInt64
+) ENGINE = ReplacingMergeTree(version)
+ORDER BY id
+SETTINGS {_DURABLE}
+"""
+
+# Tables before the views that write into them; the events table before the views on it.
+STATEMENTS: tuple[str, ...] = (
+    ACCOUNTS,
+    KEYS,
+    EVENTS,
+    EVENT_IDS,
+    EVENT_IDS_VIEW,
+    SLOTS,
+    SLOTS_VIEW,
+    *_coarse("rollup_hour_key", HOUR_MS, keyed=True),
+    *_coarse("rollup_day_key", DAY_MS, keyed=True),
+    *_coarse("rollup_hour", HOUR_MS, keyed=False),
+    *_coarse("rollup_day", DAY_MS, keyed=False),
+)
+TABLES = (
+    "accounts",
+    "keys",
+    "events",
+    "event_ids",
+    "rollup",
+    "rollup_hour_key",
+    "rollup_day_key",
+    "rollup_hour",
+    "rollup_day",
+)

@@ -1,0 +1,245 @@
+"""How the ClickHouse store talks to ClickHouse: one small interface, two transports that run
+the same SQL text. ``chdb:///dir`` runs the engine in this process (the tests use it, and so
+may a single big machine); ``clickhouse://user:password@host:8123/db`` speaks HTTP to a
+server or cluster through ``clickhouse-connect``.
+
+Values reach the SQL as literals made by ``literal``: the ClickHouse store builds every
+statement itself, and both transports then send plain text, so what the tests run on chDB is
+exactly what a server gets.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+
+from usagemeter.store import redact
+
+# Output settings for every query: numbers as JSON numbers, not quoted strings.
+_JSON_SETTINGS = "output_format_json_quote_64bit_integers = 0"
+# Statements carry their values as literals: a batch's dedupe lookup or a year of hourly
+# windows is longer than the default 256 KiB limit. Set per session, before parsing.
+MAX_QUERY_SIZE = 64 * 1024 * 1024
+# A batch may span many months (a backfill): each is a partition of its own, and the
+# default limit of 100 per insert would refuse the batch.
+# The materialized views of an insert run side by side rather than one after the other, and
+# a deduplicated insert is deduplicated in the tables they feed as well.
+INSERT_SETTINGS = {
+    "max_partitions_per_insert_block": 0,
+    "parallel_view_processing": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+}
+
+
+def _insert_settings(token: str | None) -> dict[str, Any]:
+    return (
+        INSERT_SETTINGS
+        if token is None
+        else {**INSERT_SETTINGS, "insert_deduplication_token": token}
+    )
+
+
+def literal(value: Any) -> str:
+    """A ClickHouse literal for a Python value (str, int, float, bool, None, or a list or
+    tuple of those)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ", ".join(literal(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        return "tuple(" + ", ".join(literal(v) for v in value) + ")"
+    raise TypeError(f"no ClickHouse literal for {type(value).__name__}")
+
+
+def literals(values: Sequence[Any]) -> str:
+    """A comma-separated list of literals, for ``IN (...)``."""
+    return ", ".join(literal(v) for v in values)
+
+
+class Transport(Protocol):
+    """What the ClickHouse store needs of a connection."""
+
+    def command(self, sql: str) -> None:
+        """Run a statement that returns nothing (DDL, ALTER, TRUNCATE)."""
+        ...
+
+    def query(self, sql: str) -> list[list[Any]]:
+        """Rows of a SELECT, as lists of JSON-like values (Map as dict, Array as list)."""
+        ...
+
+    def insert(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        token: str | None = None,
+    ) -> None:
+        """Insert rows in one block: the materialized views see them as one insert. A
+        second insert with the same ``token`` is dropped (where the table keeps tokens)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _each_row(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """JSONCompactEachRow: one JSON array per row, in ``columns`` order."""
+    return b"\n".join(msgspec.json.encode(row) for row in rows).decode()
+
+
+class _ChdbSession:
+    """chDB allows one session per process; every store on the same directory shares it."""
+
+    def __init__(self, path: str) -> None:
+        from chdb import session
+
+        self.path = path
+        created: Any = session.Session(path)  # type: ignore[no-untyped-call]
+        created.query(f"SET max_query_size = {MAX_QUERY_SIZE}")
+        self.session = created
+        self.users = 0
+        self.database = ""  # the session's current database
+        # chDB's session is not safe to use from several threads at once.
+        self.lock = threading.Lock()
+
+
+_SESSIONS: dict[str, _ChdbSession] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+class ChdbTransport:
+    """ClickHouse in this process, on the files under ``path``."""
+
+    def __init__(self, path: str, database: str = "usagemeter") -> None:
+        with _SESSIONS_LOCK:
+            shared = _SESSIONS.get(path)
+            if shared is None:
+                if _SESSIONS:
+                    open_path = next(iter(_SESSIONS))
+                    raise ValueError(
+                        f"chDB keeps one directory per process, and {open_path!r} is open:"
+                        f" close its store before opening {path!r}"
+                    )
+                shared = _SESSIONS[path] = _ChdbSession(path)
+            shared.users += 1
+        self._shared = shared
+        self.database = database
+        with shared.lock:
+            shared.session.query(f"CREATE DATABASE IF NOT EXISTS {database}")
+
+    def _run(self, sql: str, fmt: str = "CSV") -> Any:
+        with self._shared.lock:
+            # The session is shared: another store in this process may have switched it.
+            if self._shared.database != self.database:
+                self._shared.session.query(f"USE {self.database}")
+                self._shared.database = self.database
+            return self._shared.session.query(sql, fmt)
+
+    def command(self, sql: str) -> None:
+        self._run(sql)
+
+    def query(self, sql: str) -> list[list[Any]]:
+        result = self._run(f"{sql} SETTINGS {_JSON_SETTINGS}", "JSONCompact")
+        raw = result.bytes()
+        if not raw:
+            return []
+        data: list[list[Any]] = msgspec.json.decode(raw)["data"]
+        return data
+
+    def insert(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        token: str | None = None,
+    ) -> None:
+        if not rows:
+            return
+        settings = ", ".join(f"{k} = {literal(v)}" for k, v in _insert_settings(token).items())
+        self._run(
+            f"INSERT INTO {table} ({', '.join(columns)}) SETTINGS {settings}"
+            f" FORMAT JSONCompactEachRow\n{_each_row(columns, rows)}"
+        )
+
+    def close(self) -> None:
+        with _SESSIONS_LOCK:
+            self._shared.users -= 1
+            if self._shared.users == 0:
+                self._shared.session.close()
+                del _SESSIONS[self._shared.path]
+
+
+class HttpTransport:
+    """A ClickHouse server over HTTP, through clickhouse-connect."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import clickhouse_connect
+        except ImportError:
+            raise ValueError(
+                "clickhouse:// URLs need clickhouse-connect: pip install 'usagemeter[clickhouse]'"
+            ) from None
+        parts = urlsplit(url)
+        self.database = parts.path.strip("/") or "usagemeter"
+        common: dict[str, Any] = {
+            "host": parts.hostname or "localhost",
+            "port": parts.port or 8123,
+            "username": unquote(parts.username or "default"),
+            "password": unquote(parts.password or ""),
+            "secure": url.startswith("clickhouses://"),
+            "settings": {"max_query_size": MAX_QUERY_SIZE},
+        }
+        try:
+            admin = clickhouse_connect.get_client(**common)
+            admin.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+            admin.close()
+            self._client: Any = clickhouse_connect.get_client(**common, database=self.database)
+        except Exception as exc:  # its errors vary by cause; all mean "cannot use this URL"
+            reason = str(exc)
+            if common["password"]:
+                reason = reason.replace(common["password"], "***")
+            raise ConnectionError(f"cannot connect to {redact(url)}: {reason}") from None
+        # clickhouse-connect's client keeps one HTTP session; requests are serialised on it.
+        self._lock = threading.Lock()
+
+    def command(self, sql: str) -> None:
+        with self._lock:
+            self._client.command(sql)
+
+    def query(self, sql: str) -> list[list[Any]]:
+        with self._lock:
+            raw = self._client.raw_query(f"{sql} SETTINGS {_JSON_SETTINGS}", fmt="JSONCompact")
+        data: list[list[Any]] = msgspec.json.decode(raw)["data"] if raw else []
+        return data
+
+    def insert(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        token: str | None = None,
+    ) -> None:
+        if not rows:
+            return
+        with self._lock:
+            self._client.raw_insert(
+                table,
+                list(columns),
+                insert_block=_each_row(columns, rows).encode(),
+                settings=_insert_settings(token),
+                fmt="JSONCompactEachRow",
+            )
+
+    def close(self) -> None:
+        self._client.close()

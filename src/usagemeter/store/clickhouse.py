@@ -1,0 +1,384 @@
+"""The ClickHouse adapter: the scale-out store (its tables: chschema.py; its queries:
+chplan.py; its connection: chtransport.py, in process through chDB or over HTTP).
+
+The promises are the other stores', kept this way:
+
+- Rollups are kept by the engine: materialized views fold each insert into them as part of
+  the INSERT, so when ``append`` returns the events and their rollups are stored (and fsynced:
+  see chschema._DURABLE) and the next question sees them (read-your-writes).
+- A batch is one INSERT of one block. Accounts and keys are checked before it, so a batch
+  naming an unknown one stores nothing. (ClickHouse has no transactions: a server that dies
+  in the middle of a multi-month batch may keep some months' parts; a retry of the batch is
+  then deduplicated per event and completes it.)
+- Dedupe per (account, id), forever: before inserting, the store looks the batch's ids up in
+  ``event_ids`` (kept by the engine from every insert, ordered by (account, id)) while
+  holding a process lock, so within one process an id is stored once whatever the threads,
+  and a retry after the first attempt was acknowledged is caught by any process. The insert
+  carries a dedupe token naming its new events, so one batch racing at two processes is
+  stored once. The window that remains: two different batches sharing ids, looked up at two
+  processes before either inserted (a few milliseconds). Route each account's ingest to one
+  process (docs/clickhouse.md) to close it.
+- Distinct counts and latest values are exact over any range: distinct counts are counted on
+  the raw events, latest values travel as argMax states.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from usagemeter.model import Account, ApiKey, AppendResult, Event
+from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
+from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.chschema import STATEMENTS
+from usagemeter.store.chtransport import Transport, literal, literals
+from usagemeter.store.postgres import _digest
+from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row
+from usagemeter.store.sqlplan import run_plans
+
+EXPORT_PAGE = 10_000  # events per query while exporting
+_EVENT_COLUMNS = (
+    "account",
+    "metric",
+    "ts",
+    "id",
+    "key",
+    "billable",
+    "value",
+    "dims",
+    "tags",
+    "dimset",
+    "tagset",
+    "seq",
+    "digest",
+)
+_ACCOUNT_COLUMNS = "id, name, parent, cycle_anchor, cycle_period, created_at"
+_KEY_COLUMNS = "id, account, name, prefix, scopes, created_at, revoked_at, secret_hash"
+
+
+@functools.lru_cache(maxsize=65_536)
+def _set_id(items: tuple[str | tuple[str, str], ...]) -> int:
+    """A stable 64-bit id of a dimension or tag set (its sorted members); a batch repeats a
+    few sets many times, hence the cache."""
+    digest = hashlib.blake2b(msgspec.json.encode(items), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+class ClickHouseStore:
+    """The store on one ClickHouse database. Safe to share between threads."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        for statement in STATEMENTS:
+            transport.command(statement)
+        # Held across the dedupe lookup and the insert, and across the uniqueness check and
+        # the insert of an account or key: ClickHouse enforces no unique keys itself.
+        self._lock = threading.Lock()
+        self._last_seq = 0
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def _seqs(self, count: int) -> int:
+        """The first of ``count`` increasing sequence numbers: nanoseconds of the clock, so
+        that several processes' numbers interleave in time order."""
+        first = max(self._last_seq + 1, time.time_ns())
+        self._last_seq = first + count - 1
+        return first
+
+    def _ids(self, table: str, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        rows = self.transport.query(f"SELECT id FROM {table} FINAL WHERE id IN ({literals(ids)})")
+        return {row[0] for row in rows}
+
+    def _require(self, table: str, noun: str, ids: Sequence[str]) -> None:
+        wanted = sorted(set(ids))
+        found = self._ids(table, wanted)
+        for ident in wanted:
+            if ident not in found:
+                raise NotFound(f"{noun} {ident!r} does not exist")
+
+    # ---------------------------------------------------------------- accounts
+
+    def create_account(self, account: Account) -> Account:
+        created = account.created_at or datetime.now(UTC)
+        cycle = account.billing_cycle
+        with self._lock:
+            if account.parent_id is not None:
+                self._require("accounts", "account", [account.parent_id])
+            if self._ids("accounts", [account.id]):
+                raise Conflict(f"account id {account.id!r} is already taken")
+            self.transport.insert(
+                "accounts",
+                ("id", "name", "parent", "cycle_anchor", "cycle_period", "created_at", "seq"),
+                [
+                    (
+                        account.id,
+                        account.name,
+                        account.parent_id,
+                        cycle.anchor.isoformat() if cycle else None,
+                        cycle.period if cycle else None,
+                        int(created.timestamp() * 1000),
+                        self._seqs(1),
+                    )
+                ],
+            )
+        return self.get_account(account.id)
+
+    def get_account(self, account_id: str) -> Account:
+        rows = self.transport.query(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts FINAL WHERE id = {literal(account_id)}"
+        )
+        if not rows:
+            raise NotFound(f"account {account_id!r} does not exist")
+        return account_from_row(tuple(rows[0]))
+
+    def list_accounts(self) -> list[Account]:
+        rows = self.transport.query(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts FINAL ORDER BY seq")
+        return [account_from_row(tuple(row)) for row in rows]
+
+    def _parents(self) -> list[tuple[str, str | None]]:
+        """Every account with its parent, in creation order: the tree is small."""
+        rows = self.transport.query("SELECT id, parent FROM accounts FINAL ORDER BY seq")
+        return [(row[0], row[1]) for row in rows]
+
+    def descendants(self, account_id: str) -> list[str]:
+        accounts = self._parents()
+        if account_id not in {a for a, _ in accounts}:
+            raise NotFound(f"account {account_id!r} does not exist")
+        # Level by level, each level in creation order: the SQL stores' order.
+        found, level = [account_id], [account_id]
+        while level:
+            members = set(level)
+            level = [a for a, parent in accounts if parent in members]
+            found.extend(level)
+        return found
+
+    def ancestors(self, account_id: str) -> list[str]:
+        parent_of = dict(self._parents())
+        if account_id not in parent_of:
+            raise NotFound(f"account {account_id!r} does not exist")
+        found = [account_id]
+        while (parent := parent_of.get(found[-1])) is not None and parent not in found:
+            found.append(parent)
+        return found
+
+    # -------------------------------------------------------------------- keys
+
+    def create_key(self, key: ApiKey, secret_hash: bytes) -> ApiKey:
+        with self._lock:
+            if key.account_id is not None:
+                self._require("accounts", "account", [key.account_id])
+            if self._ids("keys", [key.id]):
+                raise Conflict(f"key id {key.id!r} is already taken")
+            self.transport.insert(
+                "keys",
+                (
+                    "id",
+                    "account",
+                    "name",
+                    "prefix",
+                    "scopes",
+                    "secret_hash",
+                    "lookup",
+                    "created_at",
+                    "seq",
+                    "version",
+                ),
+                [
+                    (
+                        key.id,
+                        key.account_id,
+                        key.name,
+                        key.prefix,
+                        ",".join(sorted(s.value for s in key.scopes)),
+                        secret_hash.hex(),
+                        secret_hash[:LOOKUP_BYTES].hex(),
+                        int(key.created_at.timestamp() * 1000),
+                        self._seqs(1),
+                        1,
+                    )
+                ],
+            )
+        return self.get_key(key.id)
+
+    def _keys(self, where: str) -> list[tuple[ApiKey, bytes]]:
+        rows = self.transport.query(
+            f"SELECT {_KEY_COLUMNS} FROM keys FINAL WHERE {where} ORDER BY seq"
+        )
+        return [(key_from_row(tuple(row)), bytes.fromhex(row[7])) for row in rows]
+
+    def get_key(self, key_id: str) -> ApiKey:
+        found = self._keys(f"id = {literal(key_id)}")
+        if not found:
+            raise NotFound(f"key {key_id!r} does not exist")
+        return found[0][0]
+
+    def find_keys_by_lookup(self, lookup: bytes) -> list[tuple[ApiKey, bytes]]:
+        return self._keys(f"lookup = {literal(lookup.hex())}")
+
+    def list_keys(self, account_id: str | None) -> list[ApiKey]:
+        where = "account IS NULL" if account_id is None else f"account = {literal(account_id)}"
+        return [key for key, _ in self._keys(where)]
+
+    def export_keys(self) -> list[tuple[ApiKey, bytes]]:
+        return self._keys("1")
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        with self._lock:
+            # A newer version of the row, revoked; a key revoked before keeps its first date.
+            columns = (
+                "id, account, name, prefix, scopes, secret_hash, lookup, created_at, seq,"
+                " coalesce(revoked_at, {now}), version + 1"
+            )
+            selected = columns.format(now=_now_ms())
+            before = self.transport.query(
+                f"SELECT count() FROM keys FINAL WHERE id = {literal(key_id)}"
+            )
+            if not before or not before[0][0]:
+                raise NotFound(f"key {key_id!r} does not exist")
+            self.transport.command(
+                f"INSERT INTO keys (id, account, name, prefix, scopes, secret_hash, lookup,"
+                f" created_at, seq, revoked_at, version) SELECT {selected} FROM keys FINAL"
+                f" WHERE id = {literal(key_id)}"
+            )
+        return self.get_key(key_id)
+
+    # ------------------------------------------------------------------ events
+
+    def append(self, events: Sequence[Event]) -> AppendResult:
+        if not events:
+            return AppendResult(0, 0)
+        self._require("accounts", "account", [e.account_id for e in events])
+        self._require("keys", "key", [e.key_id for e in events if e.key_id is not None])
+        with self._lock:
+            stored = self._stored_digests(events)
+            rows: list[tuple[Any, ...]] = []
+            duplicates = 0
+            conflicts: list[int] = []
+            seq = self._seqs(len(events))
+            for index, e in enumerate(events):
+                digest = _digest(e).hex()
+                earlier = stored.get((e.account_id, e.id))
+                if earlier is not None:
+                    duplicates += 1
+                    if earlier != digest:
+                        conflicts.append(index)
+                    continue
+                stored[(e.account_id, e.id)] = digest
+                dims = tuple(sorted(e.dimensions.items()))
+                tags = tuple(sorted(e.tags))
+                rows.append(
+                    (
+                        e.account_id,
+                        e.metric,
+                        e.ts_ms,
+                        e.id,
+                        e.key_id or "",
+                        1 if e.billable else 0,
+                        float(e.value),
+                        dict(dims),
+                        tags,
+                        _set_id(dims),
+                        _set_id(tags),
+                        seq + index,
+                        digest,
+                    )
+                )
+            # The token names exactly these new events: should another process insert the
+            # same ones at the same moment (one batch retried at two processes), ClickHouse
+            # keeps one of the two inserts.
+            token = hashlib.blake2b(
+                msgspec.json.encode(sorted((r[0], r[3], r[12]) for r in rows)), digest_size=16
+            ).hexdigest()
+            self.transport.insert("events", _EVENT_COLUMNS, rows, token)
+        return AppendResult(len(rows), duplicates, tuple(conflicts))
+
+    def _stored_digests(self, events: Sequence[Event]) -> dict[tuple[str, str], str]:
+        """The payload digests of the batch's (account, id) pairs already stored. The pairs
+        travel as one data literal (format()) rather than as SQL tuples, which ClickHouse
+        parses ten times slower."""
+        pairs = dict.fromkeys((e.account_id, e.id) for e in events)
+        data = b"\n".join(msgspec.json.encode(pair) for pair in pairs).decode()
+        rows = self.transport.query(
+            "SELECT account, id, digest FROM event_ids WHERE (account, id) IN (SELECT a, i"
+            f" FROM format(JSONCompactEachRow, 'a String, i String', {literal(data)}))"
+        )
+        return {(account, event_id): digest for account, event_id, digest in rows}
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        if not spec.windows:
+            return []
+        plans = plan_aggregate(spec)
+        return run_plans(plans, lambda plan: self.transport.query(plan.sql), len(spec.measures))
+
+    def metrics_seen(
+        self, accounts: Sequence[str], metric: str | None = None, *, dimensions: bool = True
+    ) -> dict[str, list[str]]:
+        if not accounts:
+            return {}
+        where = f"account IN ({literals(accounts)})"
+        if metric is not None:
+            where += f" AND metric = {literal(metric)}"
+        if not dimensions:  # the day rollups: a few rows per account and metric
+            rows = self.transport.query(f"SELECT DISTINCT metric FROM rollup_day WHERE {where}")
+            return {str(row[0]): [] for row in rows}
+        rows = self.transport.query(
+            "SELECT metric, groupUniqArrayArray(mapKeys(dims)) FROM rollup"
+            f" WHERE {where} GROUP BY metric"
+        )
+        return {str(row[0]): sorted(str(name) for name in row[1]) for row in rows}
+
+    def count_events(self) -> int:
+        return int(self.transport.query("SELECT count() FROM events")[0][0])
+
+    def iter_events(
+        self,
+        accounts: Sequence[str] | None = None,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> Iterator[Event]:
+        where = []
+        if accounts is not None:
+            if not accounts:
+                return
+            where.append(f"account IN ({literals(accounts)})")
+        if start_ms is not None:
+            where.append(f"ts >= {start_ms}")
+        if end_ms is not None:
+            where.append(f"ts < {end_ms}")
+        # Page by arrival order, so a long export never holds every row at once.
+        last = -1
+        while True:
+            page = self.transport.query(
+                "SELECT id, account, metric, ts, value, billable, key, dims, tags, seq"
+                f" FROM events WHERE {' AND '.join([*where, f'seq > {last}'])}"
+                f" ORDER BY seq LIMIT {EXPORT_PAGE}"
+            )
+            for row in page:
+                yield Event(
+                    id=row[0],
+                    account_id=row[1],
+                    metric=row[2],
+                    ts_ms=int(row[3]),
+                    value=float(row[4]),
+                    billable=bool(row[5]),
+                    key_id=row[6] or None,
+                    dimensions=row[7],
+                    tags=frozenset(row[8]),
+                )
+            if len(page) < EXPORT_PAGE:
+                return
+            last = int(page[-1][9])

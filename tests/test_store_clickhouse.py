@@ -1,0 +1,256 @@
+"""The ClickHouse store (on chDB): the same answers as SQLite for any question, in any zone;
+dedupe and conflicts as on the other stores, also between two stores on one database (what
+two processes do); the SQL it sends, and the URLs that open it.
+
+The whole store suite and every contract test also run on it, through the ``store`` fixture.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import open_clickhouse
+from usagemeter.auth import issue_key
+from usagemeter.engine import Engine
+from usagemeter.meters import MeterRegistry
+from usagemeter.model import Account, Aggregation, Event, Meter, Query, Scope
+from usagemeter.store import open_store
+from usagemeter.store.base import AggregateSpec, Measure, Window
+from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.chtransport import literal
+from usagemeter.store.clickhouse import ClickHouseStore
+from usagemeter.store.sqlite import SQLiteStore
+from usagemeter.timewindows import Granularity
+
+BASE = datetime(2025, 3, 8, tzinfo=UTC)  # New York springs forward on the 9th
+BASE_MS = int(BASE.timestamp() * 1000)
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+
+
+@pytest.fixture
+def chstore(clickhouse_home: str) -> Iterator[ClickHouseStore]:
+    store = open_clickhouse(clickhouse_home)
+    assert isinstance(store, ClickHouseStore)
+    yield store
+    store.close()
+
+
+def _event(i: int, account: str = "a", id_suffix: str = "", **fields: Any) -> Event:
+    return Event(id=f"e{i}{id_suffix}", account_id=account, metric="m", ts_ms=BASE_MS + i, **fields)
+
+
+def test_conflicts_are_reported_by_index(chstore: ClickHouseStore) -> None:
+    chstore.create_account(Account("a", "A"))
+    first = chstore.append([_event(1), _event(2), _event(1, value=5.0)])
+    assert (first.accepted, first.duplicates, first.conflicts) == (2, 1, (2,))
+    retry = chstore.append([_event(2), _event(1, value=7.0), _event(3)])
+    assert (retry.accepted, retry.duplicates, retry.conflicts) == (1, 2, (1,))
+    assert chstore.count_events() == 3
+
+
+def test_a_batch_of_the_largest_size_is_stored_and_deduplicated(chstore: ClickHouseStore) -> None:
+    """Regression: the dedupe lookup of 10,000 events was longer than ClickHouse's default
+    query size limit, and the batch failed."""
+    chstore.create_account(Account("a", "A"))
+    batch = [_event(i, id_suffix="x" * 40) for i in range(10_000)]
+    assert chstore.append(batch).accepted == 10_000
+    assert chstore.append(batch).duplicates == 10_000
+
+
+def test_two_stores_on_one_database_count_a_retry_once(
+    chstore: ClickHouseStore, clickhouse_home: str
+) -> None:
+    """Two stores on one database have their own locks, as two processes would: a batch
+    acknowledged by one is recognised by the other, and by a store opened later."""
+    other = open_store(clickhouse_home)
+    try:
+        chstore.create_account(Account("a", "A"))
+        assert chstore.append([_event(i) for i in range(10)]).accepted == 10
+        again = other.append([_event(i) for i in range(5, 15)])
+        assert (again.accepted, again.duplicates) == (5, 5)
+        assert other.count_events() == chstore.count_events() == 15
+        # Read-your-writes across stores: the rollups already hold the other's events.
+        spec = AggregateSpec(
+            ("a",), "m", (Window(0, BASE_MS, BASE_MS + DAY_MS),), (Measure("count"),)
+        )
+        assert chstore.aggregate(spec)[0].values == (15,)
+    finally:
+        other.close()
+
+
+def test_one_batch_racing_at_two_processes_is_stored_once(
+    chstore: ClickHouseStore, clickhouse_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the lookup cannot see: the second process looked the ids up before the
+    first inserted them. The insert's dedupe token keeps the second copy out, rollups too."""
+    other = open_store(clickhouse_home)
+    assert isinstance(other, ClickHouseStore)
+    try:
+        chstore.create_account(Account("a", "A"))
+        batch = [_event(i, value=float(i)) for i in range(20)]
+        assert chstore.append(batch).accepted == 20
+        monkeypatch.setattr(other, "_stored_digests", lambda events: {})  # looked too early
+        other.append(batch)
+        assert chstore.count_events() == 20
+        spec = AggregateSpec(
+            ("a",), "m", (Window(0, BASE_MS, BASE_MS + DAY_MS),), (Measure("sum"),)
+        )
+        assert chstore.aggregate(spec)[0].values == (190.0,)
+        # A different batch is never taken for the first one. This is also the window that
+        # remains (docs/clickhouse.md): another batch sharing some of the ids, looked up
+        # before they were inserted, stores those again.
+        assert other.append([*batch[:10], _event(99)]).accepted == 11
+        assert chstore.count_events() == 31
+    finally:
+        other.close()
+
+
+def test_revoked_keys_and_accounts_as_stored(chstore: ClickHouseStore) -> None:
+    chstore.create_account(Account("a", "A"))
+    chstore.create_account(Account("b", "B", "a"))
+    issue_key(chstore, "b", key_id="kb", scopes=[Scope.READ])
+    first = chstore.revoke_key("kb").revoked_at
+    assert first is not None
+    assert chstore.revoke_key("kb").revoked_at == first  # revoked once, the date kept
+    assert [k.id for k in chstore.list_keys("b")] == ["kb"]
+    assert chstore.list_keys("a") == []
+    assert [a.id for a in chstore.list_accounts()] == ["a", "b"]
+
+
+def test_the_sql_quotes_every_value() -> None:
+    assert literal("it's \\ here") == "'it\\'s \\\\ here'"
+    spec = AggregateSpec(
+        accounts=("a'); DROP TABLE events; --",),
+        metric="m",
+        windows=(Window(0, 0, 1000),),
+        measures=(Measure("count"),),
+        filters=(("agent", "x'y"),),
+    )
+    (plan,) = plan_aggregate(spec)
+    assert "IN ('a\\'); DROP TABLE events; --')" in plan.sql
+    assert "= 'x\\'y'" in plan.sql
+
+
+def test_urls_say_what_is_wrong(tmp_path: Path, clickhouse_home: str) -> None:
+    with pytest.raises(ValueError, match="chDB's directory"):
+        open_store("chdb://")
+    if clickhouse_home.startswith("chdb:"):  # chDB's session is open for the tests
+        with pytest.raises(ValueError, match="one directory per process"):
+            open_store(f"chdb:///{tmp_path}/another")
+
+
+def test_a_server_that_is_not_there_is_named_without_the_password() -> None:
+    with pytest.raises(ConnectionError) as down:
+        open_store("clickhouse://bob:hunter2@127.0.0.1:1/usage")
+    assert "hunter2" not in str(down.value) and "127.0.0.1" in str(down.value)
+
+
+# ---------------------------------------------------------------- the same answers as SQLite
+
+ZONES = ["UTC", "America/New_York", "Asia/Kathmandu", "Asia/Kolkata", "Europe/Berlin"]
+events_strategy = st.lists(
+    st.tuples(
+        st.integers(0, 2 * DAY_MS),  # ms after BASE
+        st.sampled_from(["a", "b"]),
+        st.integers(-5, 50),
+        st.sampled_from([None, "x", "y"]),
+        st.sampled_from(["s1", "s2", "s3"]),
+        st.frozensets(st.sampled_from(["t1", "t2"])),
+        st.booleans(),
+        st.sampled_from([None, "ka"]),
+    ),
+    min_size=10,
+    max_size=60,
+    unique_by=lambda e: e[0],  # distinct instants: "latest" then has one answer
+)
+queries = st.fixed_dictionaries(
+    {
+        "tz": st.sampled_from(ZONES),
+        "granularity": st.sampled_from(list(Granularity)),
+        # Whole hours or not, at a ragged millisecond or not: every piece of the plan.
+        "start": st.integers(-12, 24).map(lambda h: h * HOUR_MS) | st.integers(0, DAY_MS),
+        "length": st.integers(1, 72).map(lambda h: h * HOUR_MS) | st.integers(1, 3 * DAY_MS),
+        "aggregation": st.sampled_from(list(Aggregation)),
+        "group_by": st.sampled_from([(), ("agent",), ("key",), ("subaccount",)]),
+        "filters": st.sampled_from([(), (), (("agent", "x"),)]),
+        "tags": st.sampled_from([frozenset(), frozenset(), frozenset({"t1"})]),
+        "billable": st.sampled_from([None, None, True]),
+    }
+)
+_runs = itertools.count()
+
+
+@pytest.fixture
+def both(tmp_path: Path, chstore: ClickHouseStore) -> Iterator[tuple[SQLiteStore, Any]]:
+    sqlite = SQLiteStore(tmp_path / "same.db")
+    yield sqlite, chstore
+    sqlite.close()
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raw=events_strategy, asked=st.lists(queries, min_size=1, max_size=3))
+def test_answers_equal_sqlites_in_any_zone(
+    both: tuple[SQLiteStore, ClickHouseStore],
+    raw: list[tuple[Any, ...]],
+    asked: list[dict[str, Any]],
+) -> None:
+    run = next(_runs)  # each example in accounts of its own: the stores are shared
+    a, b, key = f"a{run}", f"b{run}", f"ka{run}"
+    meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "session_id")})
+    results = []
+    for store in both:
+        store.create_account(Account(a, "A"))
+        store.create_account(Account(b, "B", a))
+        issue_key(store, a, key_id=key, scopes=[Scope.READ])
+        events = [
+            Event(
+                id=f"e{n}",
+                account_id=a if account == "a" else b,
+                metric="m",
+                ts_ms=BASE_MS + offset,
+                value=float(value),
+                billable=billable,
+                key_id=key if key_name else None,
+                dimensions={"session_id": session, **({"agent": agent} if agent else {})},
+                tags=tags,
+            )
+            for n, (offset, account, value, agent, session, tags, billable, key_name) in (
+                enumerate(raw)
+            )
+        ]
+        # Two batches, so rollup rows of one slot come from two inserts.
+        store.append(events[: len(events) // 2])
+        store.append(events[len(events) // 2 :])
+        engine = Engine(store, meters)
+        answers = []
+        for q in asked:
+            start = BASE + timedelta(milliseconds=q["start"])
+            query = Query(
+                accounts=(a, b),
+                metric="m",
+                start=start,
+                end=start + timedelta(milliseconds=q["length"]),
+                granularity=q["granularity"],
+                tz=q["tz"],
+                aggregations=(q["aggregation"],),
+                group_by=q["group_by"],
+                filters=q["filters"],
+                tags=q["tags"],
+                billable=q["billable"],
+            )
+            result = engine.run(query)
+            # Group values name accounts and keys of this run: the same on both stores.
+            answers.append((result.buckets, result.totals, result.total))
+        results.append(answers)
+    assert results[0] == results[1]
