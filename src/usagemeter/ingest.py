@@ -267,6 +267,8 @@ class Ingestor:
         self._accounts: set[str] = set()
         # Why the last write failed, while writes fail; None once one succeeds again.
         self.write_failure: str | None = None
+        # Called with each stored batch after its commit (limits.py's alerts watch them).
+        self.after_append: list[Callable[[Sequence[Event]], None]] = []
 
     def _account_exists(self, account_id: str) -> bool:
         if account_id in self._accounts:
@@ -422,4 +424,6 @@ class Ingestor:
             self.write_failure = str(exc)
             raise
         self.write_failure = None
+        for hook in self.after_append:
+            hook(events)
         return result

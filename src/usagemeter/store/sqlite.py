@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from usagemeter.store.base import (
     NotFound,
     StoreUnavailable,
 )
+from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.schema import ROLLUP_TABLES, SCHEMA, SCHEMA_VERSION, Rollups
 from usagemeter.store.sqlplan import plan_aggregate, run_plans
 from usagemeter.timewindows import BillingCycle
@@ -77,7 +79,7 @@ class _PendingBatch:
         self.error: BaseException | None = None
 
 
-class SQLiteStore:
+class SQLiteStore(LimitTables):
     """The embedded store on one SQLite file. Safe to share between threads."""
 
     def __init__(self, path: str | Path) -> None:
@@ -88,6 +90,7 @@ class SQLiteStore:
         self._queue: list[_PendingBatch] = []
         self._writer = self._connect()
         self._migrate()
+        self._create_limit_tables()
         # Interned ids, cached for the write path. Only filled after a commit, so a rolled
         # back batch never leaves a cached id that the file does not hold.
         self._metric_ids: dict[str, int] = {}
@@ -636,3 +639,20 @@ class SQLiteStore:
                 )
         finally:
             conn.close()
+
+    # ------------------------------------------------------ limits and alerts
+
+    def _limit_read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._reader().execute(sql, params).fetchall()
+
+    @contextmanager
+    def _limit_write(self) -> Iterator[Run]:
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield lambda sql, params: conn.execute(sql, params).fetchall()
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
