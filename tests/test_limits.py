@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Clock, Tenants, event
+from usagemeter.client import UsageClient, UsageError
 from usagemeter.limitmodel import Limit, Period
 from usagemeter.limits import period_at
 from usagemeter.model import Account
@@ -246,3 +247,18 @@ def test_clock_is_what_the_check_reads(
     clock.at = datetime(2025, 3, 16, 0, 30, tzinfo=UTC)
     next_day = client.get("/v1/accounts/other/limits/lookups", headers=op).json()
     assert next_day["used"] == 0 and next_day["period_start"] == "2025-03-16T00:00:00Z"
+
+
+def test_client_check(client: TestClient, op: dict[str, str], tenants: Tenants, send: Any) -> None:
+    make_limit(client, op, "root", metric="lookups", amount=2, action="block")
+    usage = UsageClient("http://testserver", tenants.secrets["root"], http=client, background=False)
+    usage.record("lookups", ts=datetime(2025, 3, 10, tzinfo=UTC))
+    usage.record("lookups", ts=datetime(2025, 3, 11, tzinfo=UTC))
+    assert usage.check("lookups", "root")["used"] == 0  # still queued in the client
+    usage.flush()
+    answer = usage.check("lookups", "root")
+    assert (answer["used"], answer["exceeded"], answer["action"]) == (2, True, "block")
+    with pytest.raises(UsageError, match="no limit"):
+        usage.check("tokens", "root")
+    with pytest.raises(UsageError, match="not found"):
+        usage.check("lookups", "other")

@@ -35,6 +35,10 @@ from usagemeter.webhooks import Dispatcher, RetryPolicy
 
 log = logging.getLogger("usagemeter")
 REFRESH_S = 5.0  # how often the limits are read again (another process may have changed them)
+# How often every limit is evaluated anyway: events this process did not see (another
+# process on the same PostgreSQL database, `usagemeter ingest` beside a running server) cross
+# thresholds too.
+RECONCILE_S = 60.0
 
 Touched = dict[tuple[str, str], list[int]]  # (account, metric) -> event timestamps
 
@@ -57,6 +61,7 @@ class Alerts:
         self._queue: queue.Queue[Touched | None] = queue.Queue()
         self._by_metric: dict[str, list[Limit]] = {}
         self._refreshed = 0.0
+        self._reconciled = 0.0
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------- lifecycle
@@ -110,6 +115,7 @@ class Alerts:
 
     def reconcile(self) -> int:
         """Evaluate every limit in its current and previous period; the crossings recorded."""
+        self._reconciled = time.monotonic()
         now = self.now()
         fired = 0
         for limit in self.store.list_limits():
@@ -125,7 +131,7 @@ class Alerts:
             try:
                 item = self._queue.get(timeout=REFRESH_S)
             except queue.Empty:
-                self.refresh()
+                self._idle()
                 continue
             try:
                 if item is None:
@@ -137,6 +143,14 @@ class Alerts:
                 log.exception("evaluating limits failed; the next start reconciles them")
             finally:
                 self._queue.task_done()
+
+    def _idle(self) -> None:
+        try:
+            self.refresh()
+            if time.monotonic() - self._reconciled > RECONCILE_S:
+                self.reconcile()
+        except Exception:
+            log.exception("reconciling limits failed; trying again later")
 
     def _evaluate(self, touched: Touched) -> None:
         fired = 0
