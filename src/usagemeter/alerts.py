@@ -133,16 +133,30 @@ class Alerts:
             except queue.Empty:
                 self._idle()
                 continue
+            # Everything queued meanwhile is evaluated together: under a stream of batches,
+            # one engine query per limit and period answers many of them.
+            items = [item]
+            while item is not None:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                items.append(item)
             try:
-                if item is None:
-                    return
                 if time.monotonic() - self._refreshed > REFRESH_S:
                     self.refresh()
-                self._evaluate(item)
+                merged: Touched = {}
+                for touched in items:
+                    for pair, timestamps in (touched or {}).items():
+                        merged.setdefault(pair, []).extend(timestamps)
+                self._evaluate(merged)
             except Exception:
                 log.exception("evaluating limits failed; the next start reconciles them")
             finally:
-                self._queue.task_done()
+                for _ in items:
+                    self._queue.task_done()
+            if None in items:
+                return
 
     def _idle(self) -> None:
         try:

@@ -185,13 +185,19 @@ def record_crossings(
 
 def periods_touched(limit: Limit, account: Account, timestamps: Sequence[int]) -> list[datetime]:
     """One instant in each of the limit's periods that holds one of ``timestamps`` (epoch
-    ms): a late event is evaluated in its own period, not in today's."""
+    ms): a late event is evaluated in its own period, not in today's. Sorted, a batch's
+    timestamps cost one comparison each, and a period computation per period they span."""
     zone = parse_zone(limit.tz)
-    found: dict[datetime, datetime] = {}
-    for ts in sorted(set(timestamps)):
+    found: list[datetime] = []
+    start_ms = end_ms = 0
+    for ts in sorted(timestamps):
+        if start_ms <= ts < end_ms:
+            continue
         at = datetime.fromtimestamp(ts / 1000, zone)
-        found.setdefault(period_at(limit, account, at)[0], at)
-    return list(found.values())
+        start, end = period_at(limit, account, at)
+        start_ms, end_ms = to_ms(start), to_ms(end)
+        found.append(at)
+    return found
 
 
 def previous_instant(limit: Limit, account: Account, at: datetime) -> datetime:

@@ -163,7 +163,7 @@ async def create_limit(request: Request, account_id: str) -> JSONResponse:
 
 
 @router.get("/v1/accounts/{account_id}/limits", tags=["limits"])
-def list_limits(request: Request, account_id: str) -> JSONResponse:
+async def list_limits(request: Request, account_id: str) -> JSONResponse:
     """The account's limits, each with its usage this period (any key that reads it)."""
     readable_account(request, caller(request), account_id)
     svc = services(request)
@@ -175,7 +175,7 @@ def list_limits(request: Request, account_id: str) -> JSONResponse:
 
 
 @router.get("/v1/accounts/{account_id}/limits/{metric}", tags=["limits"])
-def check_limit(request: Request, account_id: str, metric: str) -> JSONResponse:
+async def check_limit(request: Request, account_id: str, metric: str) -> JSONResponse:
     """May the account use more of ``metric``? ``used``, ``amount``, ``remaining`` and
     ``exceeded`` for the current period, counting every event acknowledged so far."""
     readable_account(request, caller(request), account_id)  # else the 404 of a missing one
