@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from tests.conftest import Clock, Tenants, event
+from usagemeter.cli import app as cli_app
 from usagemeter.client import UsageClient, UsageError
 from usagemeter.limitmodel import Limit, Period
 from usagemeter.limits import period_at
@@ -262,3 +266,31 @@ def test_client_check(client: TestClient, op: dict[str, str], tenants: Tenants, 
         usage.check("tokens", "root")
     with pytest.raises(UsageError, match="not found"):
         usage.check("lookups", "other")
+
+
+def test_limits_from_the_command_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    db = str(tmp_path / "u.db")
+
+    def run(*args: str) -> Any:
+        result = runner.invoke(cli_app, [*args, "--db", db])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    run("accounts", "create", "Acme", "--id", "acme")
+    created = run("limits", "set", "acme", "lookups", "1000", "--thresholds", "80,50")
+    assert (created["amount"], created["thresholds"]) == (1000, [50, 80])
+    replaced = run("limits", "set", "acme", "lookups", "2000", "--period", "day", "--absolute")
+    assert replaced["id"] == created["id"] and replaced["period"] == "day"
+    assert replaced["threshold_unit"] == "absolute" and replaced["thresholds"] == [100]
+    assert [limit["amount"] for limit in run("limits", "list", "--account", "acme")] == [2000]
+    bad = runner.invoke(
+        cli_app, ["limits", "set", "acme", "x", "0", "--period", "week", "--db", db]
+    )
+    assert bad.exit_code == 2 and "amount" in bad.output and "period" in bad.output
+    ghost = runner.invoke(cli_app, ["limits", "set", "ghost", "x", "5", "--db", db])
+    assert ghost.exit_code == 2 and "ghost" in ghost.output
+    assert run("limits", "delete", "acme", "lookups")["deleted"] is True
+    assert run("limits", "list") == []
+    again = runner.invoke(cli_app, ["limits", "delete", "acme", "lookups", "--db", db])
+    assert again.exit_code == 2

@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from enum import StrEnum
 
 from usagemeter.engine import Engine
-from usagemeter.limitmodel import Crossing, Delivery, DeliveryStatus, Limit, Period
+from usagemeter.limitmodel import (
+    Action,
+    Crossing,
+    Delivery,
+    DeliveryStatus,
+    Limit,
+    Period,
+    ThresholdUnit,
+)
 from usagemeter.model import Account
 from usagemeter.model import Query as UsageQuery
 from usagemeter.store.base import Store
@@ -30,7 +41,82 @@ from usagemeter.timewindows import (
     to_ms,
 )
 
+MAX_AMOUNT = 1e15  # as an event's value
+MAX_THRESHOLDS = 20
+MAX_METRIC = 200
 CALENDAR_MONTH = BillingCycle(datetime(2000, 1, 1).date(), "month")  # cycles without an anchor
+
+
+class InvalidLimit(ValueError):
+    """Everything wrong with a limit's description, each naming its field."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+def new_limit_id() -> str:
+    return "lim_" + secrets.token_hex(8)
+
+
+def _choices(enum: type[StrEnum]) -> str:
+    return ", ".join(repr(m.value) for m in enum)
+
+
+def _number_errors(name: str, value: float) -> list[str]:
+    if not math.isfinite(value) or value <= 0 or value > MAX_AMOUNT:
+        return [f"{name}: a number above 0 and at most 1e15"]
+    return []
+
+
+def build_limit(
+    limit_id: str,
+    account_id: str,
+    *,
+    metric: str,
+    amount: float,
+    period: str = Period.BILLING_CYCLE.value,
+    tz: str = "UTC",
+    include_subaccounts: bool = True,
+    thresholds: Sequence[float] = (100.0,),
+    threshold_unit: str = ThresholdUnit.PERCENT.value,
+    action: str = Action.ALERT.value,
+    created_ms: int = 0,
+) -> Limit:
+    """A limit from its description's plain values, or InvalidLimit naming every fault."""
+    errors: list[str] = []
+    if not metric.strip() or len(metric) > MAX_METRIC:
+        errors.append(f"metric: 1 to {MAX_METRIC} characters")
+    errors += _number_errors("amount", amount)
+    if period not in set(Period):
+        errors.append(f"period: one of {_choices(Period)}")
+    if threshold_unit not in set(ThresholdUnit):
+        errors.append(f"threshold_unit: one of {_choices(ThresholdUnit)}")
+    if action not in set(Action):
+        errors.append(f"action: one of {_choices(Action)}")
+    try:
+        parse_zone(tz)
+    except ValueError as exc:
+        errors.append(f"tz: {exc}")
+    if not 1 <= len(thresholds) <= MAX_THRESHOLDS:
+        errors.append(f"thresholds: 1 to {MAX_THRESHOLDS} of them, e.g. [50, 80, 100]")
+    for i, threshold in enumerate(thresholds):
+        errors += _number_errors(f"thresholds[{i}]", threshold)
+    if errors:
+        raise InvalidLimit(errors)
+    return Limit(
+        id=limit_id,
+        account_id=account_id,
+        metric=metric,
+        amount=amount,
+        period=Period(period),
+        tz=tz,
+        include_subaccounts=include_subaccounts,
+        thresholds=tuple(sorted(set(thresholds))),
+        threshold_unit=ThresholdUnit(threshold_unit),
+        action=Action(action),
+        created_at_ms=created_ms,
+    )
 
 
 def period_at(limit: Limit, account: Account, at: datetime) -> tuple[datetime, datetime]:

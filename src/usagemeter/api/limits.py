@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import secrets
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,24 +23,17 @@ from usagemeter.limitmodel import (
     ThresholdUnit,
     WebhookEndpoint,
 )
-from usagemeter.limits import check, wall_ms
+from usagemeter.limits import InvalidLimit, build_limit, check, new_limit_id, wall_ms
 from usagemeter.store.base import Conflict, NotFound
-from usagemeter.timewindows import from_ms, isoformat, parse_zone
+from usagemeter.timewindows import from_ms, isoformat
 from usagemeter.webhooks import new_secret
 
 router = APIRouter()
-MAX_AMOUNT = 1e15  # as an event's value
-MAX_THRESHOLDS = 20
-MAX_METRIC = 200
 
 
 def _alerts(request: Request) -> Alerts:
     found: Alerts = request.app.state.alerts
     return found
-
-
-def _choices(enum: type[Any]) -> str:
-    return ", ".join(repr(m.value) for m in enum)
 
 
 class LimitIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -65,47 +57,24 @@ class LimitPatch(msgspec.Struct, forbid_unknown_fields=True):
     action: str | None = None
 
 
-def _number_errors(name: str, value: float) -> list[str]:
-    if not math.isfinite(value) or value <= 0 or value > MAX_AMOUNT:
-        return [f"{name}: a number above 0 and at most 1e15"]
-    return []
-
-
 def _build(limit_id: str, account_id: str, data: LimitIn, created_ms: int) -> Limit:
     """The limit the body describes, or a 400 listing everything wrong with it."""
-    errors: list[str] = []
-    if not data.metric.strip() or len(data.metric) > MAX_METRIC:
-        errors.append(f"metric: 1 to {MAX_METRIC} characters")
-    errors += _number_errors("amount", data.amount)
-    if data.period not in set(Period):
-        errors.append(f"period: one of {_choices(Period)}")
-    if data.threshold_unit not in set(ThresholdUnit):
-        errors.append(f"threshold_unit: one of {_choices(ThresholdUnit)}")
-    if data.action not in set(Action):
-        errors.append(f"action: one of {_choices(Action)}")
     try:
-        parse_zone(data.tz)
-    except ValueError as exc:
-        errors.append(f"tz: {exc}")
-    if not 1 <= len(data.thresholds) <= MAX_THRESHOLDS:
-        errors.append(f"thresholds: 1 to {MAX_THRESHOLDS} of them, e.g. [50, 80, 100]")
-    for i, threshold in enumerate(data.thresholds):
-        errors += _number_errors(f"thresholds[{i}]", threshold)
-    if errors:
-        raise ApiError(400, "invalid_limit", "; ".join(errors), {"errors": errors})
-    return Limit(
-        id=limit_id,
-        account_id=account_id,
-        metric=data.metric,
-        amount=data.amount,
-        period=Period(data.period),
-        tz=data.tz,
-        include_subaccounts=data.include_subaccounts,
-        thresholds=tuple(sorted(set(data.thresholds))),
-        threshold_unit=ThresholdUnit(data.threshold_unit),
-        action=Action(data.action),
-        created_at_ms=created_ms,
-    )
+        return build_limit(
+            limit_id,
+            account_id,
+            metric=data.metric,
+            amount=data.amount,
+            period=data.period,
+            tz=data.tz,
+            include_subaccounts=data.include_subaccounts,
+            thresholds=data.thresholds,
+            threshold_unit=data.threshold_unit,
+            action=data.action,
+            created_ms=created_ms,
+        )
+    except InvalidLimit as exc:
+        raise ApiError(400, "invalid_limit", str(exc), {"errors": exc.errors}) from None
 
 
 def limit_json(limit: Limit) -> dict[str, Any]:
@@ -153,7 +122,7 @@ async def create_limit(request: Request, account_id: str) -> JSONResponse:
     reached fires a ``usage.threshold_crossed`` webhook once per period."""
     _operator_account(request, account_id)
     data: LimitIn = decode(LimitIn, await small_body(request))
-    limit = _build("lim_" + secrets.token_hex(8), account_id, data, wall_ms())
+    limit = _build(new_limit_id(), account_id, data, wall_ms())
     try:
         await run_in_threadpool(services(request).store.create_limit, limit)
     except Conflict as exc:
