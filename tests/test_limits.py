@@ -294,3 +294,12 @@ def test_limits_from_the_command_line(tmp_path: Path) -> None:
     assert run("limits", "list") == []
     again = runner.invoke(cli_app, ["limits", "delete", "acme", "lookups", "--db", db])
     assert again.exit_code == 2
+
+
+def test_dashboard_shows_a_limit(client: TestClient, op: dict[str, str], tenants: Tenants) -> None:
+    """The page asks the check endpoint (a documented GET) and draws the limit's line."""
+    html = client.get("/dashboard").text
+    assert '"/v1/accounts/{account_id}/limits/{metric}"' in html
+    assert 'id="limit-note"' in html and "limitline" in html
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "get" in paths["/v1/accounts/{account_id}/limits/{metric}"]
