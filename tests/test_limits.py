@@ -11,13 +11,18 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 from typer.testing import CliRunner
 
 from tests.conftest import Clock, Tenants, event
 from usagemeter.cli import app as cli_app
 from usagemeter.client import UsageClient, UsageError
+from usagemeter.gate import LimitGate
 from usagemeter.limitmodel import Limit, Period
 from usagemeter.limits import period_at
+from usagemeter.middleware import UsageMiddleware
 from usagemeter.model import Account
 from usagemeter.store.base import Conflict, NotFound, Store
 from usagemeter.timewindows import BillingCycle, parse_zone
@@ -303,3 +308,36 @@ def test_dashboard_shows_a_limit(client: TestClient, op: dict[str, str], tenants
     assert 'id="limit-note"' in html and "limitline" in html
     paths = client.get("/openapi.json").json()["paths"]
     assert "get" in paths["/v1/accounts/{account_id}/limits/{metric}"]
+
+
+def test_middleware_refuses_an_account_over_its_block_limit(
+    client: TestClient, op: dict[str, str], tenants: Tenants
+) -> None:
+    make_limit(client, op, "other", metric="requests", amount=2, action="block", period="total")
+    make_limit(client, op, "sibling", metric="requests", amount=1, period="total")  # alert only
+    usage = UsageClient(
+        "http://testserver",
+        op["Authorization"].removeprefix("Bearer "),
+        http=client,
+        background=False,
+    )
+    hello = Starlette(routes=[Route("/hello", lambda request: PlainTextResponse("hi"))])
+    hello.add_middleware(
+        UsageMiddleware,
+        client=usage,
+        account=lambda request: request.headers.get("x-account"),
+        block=LimitGate(usage, "requests", ttl_s=0),
+    )
+    with TestClient(hello) as app:
+        for account in ("other", "other", "sibling", "sibling", "root"):
+            assert app.get("/hello", headers={"x-account": account}).status_code == 200
+        usage.flush()
+        refused = app.get("/hello", headers={"x-account": "other"})
+        assert refused.status_code == 429
+        assert refused.json()["exceeded"] is True and refused.json()["used"] == 2
+        # An alert limit never refuses; an account without a limit neither.
+        assert app.get("/hello", headers={"x-account": "sibling"}).status_code == 200
+        assert app.get("/hello", headers={"x-account": "root"}).status_code == 200
+        assert app.get("/hello").status_code == 200  # not metered, not checked
+    usage.flush()
+    assert client.get("/v1/accounts/other/limits/requests", headers=op).json()["used"] == 2
