@@ -141,7 +141,15 @@ def test_every_crossing_is_delivered_once_signed_after_retries(
 ) -> None:
     secret = setup(alerting, op, receiver.url)
     assert secret.startswith("whsec_")
-    send = lambda events: alerting.post("/v1/events", json=events, headers=op)  # noqa: E731
+    alerts = alerting.app.state.alerts  # type: ignore[attr-defined]
+
+    def send(events: list[dict[str, Any]]) -> Any:
+        # One batch evaluated at a time, so that each crossing's "used" is the usage of the
+        # batch that crossed it (batches queued together are evaluated together).
+        response = alerting.post("/v1/events", json=events, headers=op)
+        assert alerts.wait_idle()
+        return response
+
     assert send(lookups("a", 4)).status_code == 200  # 4 of 10: nothing yet
     assert send(lookups("b", 2, account="child")).status_code == 200  # 6: the 50% mark
     assert send(lookups("c", 5)).status_code == 200  # 11: 80% and 100% at once
@@ -334,3 +342,18 @@ def test_an_accounts_endpoint_hears_only_its_account(
     finally:
         mine.close()
         theirs.close()
+
+
+def test_a_raised_limit_fires_again_at_its_new_amount(
+    alerting: TestClient, op: dict[str, str], tenants: Tenants, receiver: Receiver
+) -> None:
+    receiver.failures = 0
+    setup(alerting, op, receiver.url, thresholds=[100])
+    alerting.post("/v1/events", json=lookups("a", 10), headers=op)
+    settle(alerting)
+    patched = alerting.patch("/v1/accounts/root/limits/lookups", json={"amount": 20}, headers=op)
+    assert patched.status_code == 200
+    alerting.post("/v1/events", json=lookups("b", 5), headers=op)  # 15 of 20: quiet
+    alerting.post("/v1/events", json=lookups("c", 5), headers=op)  # 20 of 20
+    settle(alerting)
+    assert [(b["amount"], b["used"]) for _, b in receiver.delivered()] == [(10, 10), (20, 20)]

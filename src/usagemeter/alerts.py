@@ -77,9 +77,10 @@ class Alerts:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
         if self._thread is not None:
+            self._queue.put(None)
             self._thread.join()
+            self._thread = None
         self.dispatcher.stop()
 
     def wait_idle(self, timeout_s: float = 10.0) -> bool:

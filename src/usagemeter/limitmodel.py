@@ -64,8 +64,9 @@ class WebhookEndpoint:
 
 @dataclass(frozen=True, slots=True)
 class Crossing:
-    """One threshold of one limit crossed in one period: recorded once, ever. ``payload`` is
-    the webhook body (JSON text), fixed when the crossing is recorded."""
+    """One threshold of one limit crossed in one period: recorded once, ever. ``threshold``
+    is the usage value crossed; ``payload`` the webhook body (JSON text), fixed when the
+    crossing is recorded."""
 
     id: str
     limit_id: str

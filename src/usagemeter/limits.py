@@ -225,7 +225,9 @@ def record_crossings(
     for threshold, value in limit.threshold_values():
         if state.used < value:
             continue
-        crossing_id = _ident("thr_", limit.id, period_ms, threshold)
+        # Keyed by the usage value, not the threshold as given: a limit raised from 10 to 20
+        # fires its 100% again when usage reaches 20.
+        crossing_id = _ident("thr_", limit.id, period_ms, value)
         body = {
             "type": "usage.threshold_crossed",
             "id": crossing_id,
@@ -247,7 +249,7 @@ def record_crossings(
             limit.id,
             limit.account_id,
             period_ms,
-            threshold,
+            value,
             json.dumps(body, separators=(",", ":")),
             created,
         )

@@ -67,9 +67,11 @@ class Dispatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client = httpx.Client(timeout=policy.timeout_s, follow_redirects=False)
+        self._client: httpx.Client | None = None
 
     def start(self) -> None:
+        self._stop.clear()  # an app's lifespan may run more than once (tests do)
+        self._client = httpx.Client(timeout=self.policy.timeout_s, follow_redirects=False)
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
         self._thread.start()
 
@@ -78,7 +80,10 @@ class Dispatcher:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self._client.close()
+            self._thread = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -120,6 +125,7 @@ class Dispatcher:
             "webhook-signature": sign(endpoint.secret, delivery.crossing_id, timestamp, body),
         }
         error: str | None = None
+        assert self._client is not None, "start() first"
         try:
             response = self._client.post(endpoint.url, content=body, headers=headers)
             if not 200 <= response.status_code < 300:
