@@ -20,7 +20,7 @@ from tests.conftest import Clock, Tenants, event
 from usagemeter.cli import app as cli_app
 from usagemeter.client import UsageClient, UsageError
 from usagemeter.gate import LimitGate
-from usagemeter.limitmodel import Limit, Period
+from usagemeter.limitmodel import Crossing, Delivery, DeliveryStatus, Limit, Period
 from usagemeter.limits import period_at
 from usagemeter.middleware import UsageMiddleware
 from usagemeter.model import Account
@@ -341,3 +341,28 @@ def test_middleware_refuses_an_account_over_its_block_limit(
         assert app.get("/hello").status_code == 200  # not metered, not checked
     usage.flush()
     assert client.get("/v1/accounts/other/limits/requests", headers=op).json()["used"] == 2
+
+
+def test_crossings_and_deliveries_on_either_store(store: Store, tenants: Tenants) -> None:
+    """A crossing is recorded once with its deliveries; a due delivery is claimed by one
+    worker only (two processes on one database share the deliveries)."""
+    crossing = Crossing("thr_1", "lim_1", "root", 1000, 10.0, '{"id": "thr_1"}', 5)
+    delivery = Delivery("dlv_1", "thr_1", "wh_1", "root", DeliveryStatus.PENDING, 0, 100, 5)
+    assert store.record_crossing(crossing, [delivery]) is True
+    again = Delivery("dlv_2", "thr_1", "wh_1", "root", DeliveryStatus.PENDING, 0, 100, 5)
+    assert store.record_crossing(crossing, [again]) is False  # nothing of it is kept
+    assert [d.id for d in store.list_deliveries()] == ["dlv_1"]
+    assert store.due_deliveries(99) == []
+    [due] = store.due_deliveries(100)
+    assert due.payload == '{"id": "thr_1"}' and due.attempts == 0
+    assert store.claim_delivery(due, 5000) is True
+    assert store.claim_delivery(due, 6000) is False  # the other worker's claim loses
+    assert store.due_deliveries(4999) == []
+    store.finish_attempt("dlv_1", DeliveryStatus.PENDING, 200, "HTTP 500", None)
+    store.finish_attempt("dlv_1", DeliveryStatus.DELIVERED, 300, None, 300)
+    [done] = store.list_deliveries("root")
+    assert (done.status, done.attempts, done.delivered_at_ms) == (DeliveryStatus.DELIVERED, 2, 300)
+    assert store.list_deliveries("other") == []
+    assert store.replay_delivery("dlv_1", 400).status is DeliveryStatus.PENDING
+    with pytest.raises(NotFound):
+        store.replay_delivery("dlv_nope", 400)
