@@ -366,3 +366,13 @@ def test_crossings_and_deliveries_on_either_store(store: Store, tenants: Tenants
     assert store.replay_delivery("dlv_1", 400).status is DeliveryStatus.PENDING
     with pytest.raises(NotFound):
         store.replay_delivery("dlv_nope", 400)
+
+
+def test_a_misspelled_parameter_is_refused(
+    client: TestClient, op: dict[str, str], tenants: Tenants
+) -> None:
+    make_limit(client, op, "root", metric="lookups", amount=3)
+    check = client.get("/v1/accounts/root/limits/lookups?tz=Europe/Berlin", headers=op)
+    assert check.status_code == 400 and "tz" in check.json()["error"]["message"]
+    listing = client.get("/v1/webhooks/deliveries?acount=root", headers=op)
+    assert listing.status_code == 400 and "'account'" in listing.json()["error"]["message"]

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from usagemeter.alerts import Alerts
-from usagemeter.api.native import caller
+from usagemeter.api.native import caller, refuse_unknown_params
 from usagemeter.api.responses import ApiError, JSONResponse
 from usagemeter.api.services import services
 from usagemeter.api.tenants import body_doc, decode, operator, readable_account, small_body
@@ -148,6 +148,7 @@ async def check_limit(request: Request, account_id: str, metric: str) -> JSONRes
     """May the account use more of ``metric``? ``used``, ``amount``, ``remaining`` and
     ``exceeded`` for the current period, counting every event acknowledged so far."""
     readable_account(request, caller(request), account_id)  # else the 404 of a missing one
+    refuse_unknown_params(request, frozenset())
     svc = services(request)
     limit = _limit(request, account_id, metric)
     return JSONResponse(check(svc.engine, svc.store, limit, svc.now()).as_dict())
@@ -272,6 +273,7 @@ def list_deliveries(request: Request, account: str | None = None) -> JSONRespons
     """Every delivery of every alert, oldest first, with its status and attempts
     (operator; ``account`` narrows it to one account's)."""
     operator(request)
+    refuse_unknown_params(request, frozenset({"account"}))
     deliveries = services(request).store.list_deliveries(account)
     return JSONResponse({"data": [delivery_json(d) for d in deliveries]})
 
