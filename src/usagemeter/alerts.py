@@ -107,12 +107,15 @@ class Alerts:
         watched = self._by_metric
         if not watched:
             return
-        touched: Touched = {}
-        for event in events:
-            if event.metric in watched:
-                touched.setdefault((event.account_id, event.metric), []).append(event.ts_ms)
-        if touched:
-            self._queue.put(touched)
+        try:
+            touched: Touched = {}
+            for event in events:
+                if event.metric in watched:
+                    touched.setdefault((event.account_id, event.metric), []).append(event.ts_ms)
+            if touched:
+                self._queue.put(touched)
+        except Exception:  # the batch is stored: its answer must not become an error
+            log.exception("queueing a batch for limits failed; the reconcile will see it")
 
     def reconcile(self) -> int:
         """Evaluate every limit in its current and previous period; the crossings recorded."""
