@@ -10,6 +10,8 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,18 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import Clock, Tenants, event
 from usagemeter.api.app import create_app
+from usagemeter.engine import Engine
+from usagemeter.ingest import Ingestor
+from usagemeter.limitmodel import Limit, Period, ThresholdUnit
+from usagemeter.limits import periods_touched, record_crossings
+from usagemeter.model import Account, Event
 from usagemeter.store.base import Store
+from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.webhooks import RetryPolicy
 
 FAST = RetryPolicy(first_s=0.02, max_s=0.1, window_s=60.0, timeout_s=5.0)
@@ -233,8 +243,6 @@ def test_a_crossing_missed_by_a_crash_fires_at_the_next_start(
     with TestClient(fast_app(store, clock)) as first:
         setup(first, op, receiver.url, thresholds=[100])
     # The crash: the batch is on disk, its evaluation never ran.
-    from usagemeter.ingest import Ingestor
-
     Ingestor(store).ingest(lookups("a", 10))
     with TestClient(fast_app(store, clock)) as second:
         settle(second)
@@ -260,8 +268,6 @@ def test_pending_deliveries_survive_a_restart(
         # The endpoint moved: point the stored one at the new receiver.
         [endpoint] = store.list_webhooks()
         store.delete_webhook(endpoint.id)
-        from dataclasses import replace
-
         store.create_webhook(replace(endpoint, url=up.url))
         replayed = store.replay_delivery(deliveries[0].id, 0)
         assert replayed.status.value == "pending"
@@ -357,3 +363,66 @@ def test_a_raised_limit_fires_again_at_its_new_amount(
     alerting.post("/v1/events", json=lookups("c", 5), headers=op)  # 20 of 20
     settle(alerting)
     assert [(b["amount"], b["used"]) for _, b in receiver.delivered()] == [(10, 10), (20, 20)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=6),
+        min_size=1,
+        max_size=6,
+    ),
+    thresholds=st.lists(
+        st.integers(min_value=1, max_value=150), min_size=1, max_size=5, unique=True
+    ),
+)
+def test_each_threshold_reached_is_recorded_once(
+    tmp_path_factory: pytest.TempPathFactory, batches: list[list[int]], thresholds: list[int]
+) -> None:
+    """Whatever the batches (days of March, in any order, late ones too) and however often
+    the limits are evaluated: a threshold is recorded once per period exactly when the
+    period's final usage reaches it, with the usage seen then at or above it."""
+    store = SQLiteStore(tmp_path_factory.mktemp("prop") / "u.db")
+    try:
+        store.create_account(Account("a", "A"))
+        limit = Limit(
+            "lim",
+            "a",
+            "m",
+            100.0,
+            Period.DAY,
+            thresholds=tuple(map(float, thresholds)),
+            threshold_unit=ThresholdUnit.ABSOLUTE,
+        )
+        store.create_limit(limit)
+        engine, now = Engine(store), datetime(2025, 3, 31, tzinfo=UTC)
+        per_day: dict[int, int] = {}
+        n = 0
+        for batch in batches:
+            events = []
+            for offset in batch:  # offset: hours into March, so days 1 and 2
+                ts = int(datetime(2025, 3, 1, tzinfo=UTC).timestamp() * 1000) + offset * 3_600_000
+                events.append(Event(f"e{n}", "a", "m", ts, value=7.0))
+                per_day[offset // 24] = per_day.get(offset // 24, 0) + 7
+                n += 1
+            store.append(events)
+            account = store.get_account("a")
+            for _ in range(2):  # evaluated twice: a retry, a reconcile
+                for at in periods_touched(limit, account, [e.ts_ms for e in events]):
+                    record_crossings(engine, store, limit, at, now)
+        recorded = [json.loads(d.payload) for d in store.list_deliveries()]
+        assert recorded == []  # no endpoint: crossings are recorded without deliveries
+        rows = store._limit_read("SELECT period_start, threshold, payload FROM crossings")
+        found = sorted((int(r[0]) // 86_400_000, float(r[1])) for r in rows)
+        march_1 = int(datetime(2025, 3, 1, tzinfo=UTC).timestamp() * 1000) // 86_400_000
+        expected = sorted(
+            (march_1 + day, float(t))
+            for day, used in per_day.items()
+            for t in thresholds
+            if used >= t
+        )
+        assert found == expected
+        for _, threshold, payload in rows:
+            assert json.loads(payload)["used"] >= threshold
+    finally:
+        store.close()
