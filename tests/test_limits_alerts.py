@@ -108,18 +108,13 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
 
 def settle(client: TestClient) -> None:
     """Every queued batch evaluated and every due delivery sent."""
-    alerts = client.app.state.alerts  # type: ignore[attr-defined]
-    assert alerts.wait_idle()
+    app: Any = client.app
+    assert app.state.alerts.wait_idle()
+    store = app.state.services.store
     wait_for(
-        lambda: all(
-            d["status"] != "pending"
-            for d in client.get("/v1/webhooks/deliveries", headers=OP[0]).json()["data"]
-        ),
+        lambda: all(d.status.value != "pending" for d in store.list_deliveries()),
         "pending deliveries",
     )
-
-
-OP: list[dict[str, str]] = []  # the operator headers of the running test, for settle()
 
 
 def valid_signature(secret: str, headers: dict[str, str], body: bytes) -> bool:
@@ -130,7 +125,6 @@ def valid_signature(secret: str, headers: dict[str, str], body: bytes) -> bool:
 
 
 def setup(client: TestClient, op: dict[str, str], url: str, **limit: Any) -> str:
-    OP[:] = [op]
     hook = client.post("/v1/webhooks", json={"url": url}, headers=op)
     assert hook.status_code == 201, hook.text
     body = {"metric": "lookups", "amount": 10, "thresholds": [50, 80, 100], **limit}
@@ -331,7 +325,6 @@ def test_an_accounts_endpoint_hears_only_its_account(
 ) -> None:
     mine, theirs = Receiver(), Receiver()
     try:
-        OP[:] = [op]
         alerting.post("/v1/webhooks", json={"url": mine.url, "account": "root"}, headers=op)
         alerting.post("/v1/webhooks", json={"url": theirs.url, "account": "other"}, headers=op)
         for account in ("root", "other"):
