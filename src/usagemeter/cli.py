@@ -25,11 +25,13 @@ from rich.table import Column, Table
 
 from usagemeter import demo as demo_data
 from usagemeter import logs
+from usagemeter.api.limits import limit_json
 from usagemeter.api.native import query_json
 from usagemeter.auth import issue_key
 from usagemeter.backup import RestoreRefused, account_records, load_record, restore
 from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_BATCH, MAX_FUTURE, BatchRejected, Ingestor
+from usagemeter.limits import InvalidLimit, build_limit, new_limit_id, wall_ms
 from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, Query, Scope
 from usagemeter.records import CsvRecords, RecordError, ndjson_records, where
@@ -686,6 +688,86 @@ def migrate(
         except ValueError as exc:
             raise _fail(str(exc)) from None
     _print_json(vars(copied))
+
+
+# ------------------------------------------------------------------- limits
+
+limits_app = typer.Typer(help="Set, list and delete usage limits.", no_args_is_help=True)
+app.add_typer(limits_app, name="limits")
+
+
+@limits_app.command("set")
+def limits_set(
+    account: str,
+    metric: str,
+    amount: float,
+    db: DbOption = DEFAULT_DB,
+    period: Annotated[str, typer.Option(help="billing_cycle, day, month or total.")] = (
+        "billing_cycle"
+    ),
+    tz: Annotated[str, typer.Option(help="The zone periods are counted in.")] = "UTC",
+    thresholds: Annotated[
+        str, typer.Option(help="Comma-separated percents of AMOUNT (or values, --absolute).")
+    ] = "100",
+    absolute: Annotated[bool, typer.Option(help="Thresholds are usage values.")] = False,
+    action: Annotated[str, typer.Option(help="alert, or block (the check says refuse).")] = (
+        "alert"
+    ),
+    subaccounts: Annotated[bool, typer.Option(help="Count the subaccounts' usage too.")] = True,
+) -> None:
+    """Create the account's limit on METRIC, or replace it, and print it as JSON."""
+    store = _open(db)
+    try:
+        store.get_account(account)
+        values = [float(t) for t in thresholds.split(",") if t.strip()]
+    except NotFound as exc:
+        raise _fail(str(exc)) from None
+    except ValueError:
+        raise _fail(f"--thresholds: numbers separated by commas, not {thresholds!r}") from None
+    try:
+        old = store.get_limit(account, metric)
+    except NotFound:
+        old = None
+    try:
+        limit = build_limit(
+            old.id if old else new_limit_id(),
+            account,
+            metric=metric,
+            amount=amount,
+            period=period,
+            tz=tz,
+            include_subaccounts=subaccounts,
+            thresholds=values,
+            threshold_unit="absolute" if absolute else "percent",
+            action=action,
+            created_ms=old.created_at_ms if old else wall_ms(),
+        )
+    except InvalidLimit as exc:
+        raise _fail(str(exc)) from None
+    if old is None:
+        store.create_limit(limit)
+    else:
+        store.replace_limit(limit)
+    _print_json(limit_json(limit))
+
+
+@limits_app.command("list")
+def limits_list(
+    db: DbOption = DEFAULT_DB,
+    account: Annotated[str | None, typer.Option(help="One account's; default: all.")] = None,
+) -> None:
+    """Print the limits as JSON."""
+    _print_json([limit_json(limit) for limit in _open(db).list_limits(account)])
+
+
+@limits_app.command("delete")
+def limits_delete(account: str, metric: str, db: DbOption = DEFAULT_DB) -> None:
+    """Delete the account's limit on METRIC."""
+    try:
+        _open(db).delete_limit(account, metric)
+    except NotFound as exc:
+        raise _fail(str(exc)) from None
+    _print_json({"account": account, "metric": metric, "deleted": True})
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -258,6 +259,19 @@ class UsageClient(_Batches):
                 raise self._keep(batch)
             _retrying(problem, delay)
             time.sleep(delay)
+
+    def check(self, metric: str, account: str) -> dict[str, Any]:
+        """The account's limit on ``metric`` this period: ``used``, ``amount``,
+        ``remaining``, ``exceeded`` and ``action`` ("block" asks you to refuse). It counts
+        what the server has acknowledged: events still queued here are not in it (call
+        ``flush()`` first when they must be). UsageError when the account has no such limit
+        or the key may not read it."""
+        path = f"/v1/accounts/{quote(account, safe='')}/limits/{quote(metric, safe='')}"
+        response = self._http.get(path, headers=self._headers)
+        if response.status_code != 200:
+            raise UsageError(f"check of {metric!r} for {account!r}: {response.text}")
+        answer: dict[str, Any] = response.json()
+        return answer
 
     def _run(self) -> None:
         while not self._closed:

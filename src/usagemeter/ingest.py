@@ -281,6 +281,8 @@ class Ingestor:
         self._accounts: set[str] = set()
         # Why the last write failed, while writes fail; None once one succeeds again.
         self.write_failure: str | None = None
+        # Called with each stored batch after its commit (limits.py's alerts watch them).
+        self.after_append: list[Callable[[Sequence[Event]], None]] = []
 
     def _account_exists(self, account_id: str) -> bool:
         if account_id in self._accounts:
@@ -440,19 +442,22 @@ class Ingestor:
         return self._append(self.validate_json(body, ndjson, caller))
 
     def _append(self, events: Sequence[Event]) -> AppendResult:
-        with self.watching_writes():
+        with self.writing(events):
             return self.store.append(events)
 
     @contextmanager
-    def watching_writes(self) -> Iterator[None]:
-        """Around a store write: remember whether the store is failing writes (for
-        /healthz), whichever way the write was made."""
+    def writing(self, events: Sequence[Event]) -> Iterator[None]:
+        """Around a store write of ``events``, whichever way it is made: remember whether
+        the store is failing writes (for /healthz); once they are stored, call the
+        ``after_append`` hooks."""
         try:
             yield
         except StoreUnavailable as exc:
             self.write_failure = str(exc)
             raise
         self.write_failure = None
+        for hook in self.after_append:
+            hook(events)
 
 
 def answer(result: AppendResult, events: Sequence[Event]) -> dict[str, Any]:

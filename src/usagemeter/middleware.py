@@ -22,9 +22,12 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from usagemeter.client import UsageClient
+from usagemeter.gate import LimitGate
 
 log = logging.getLogger("usagemeter.middleware")
 
@@ -81,16 +84,29 @@ class UsageMiddleware:
         client: UsageClient,
         account: Callable[[Request], str | None],
         metric: str = "requests",
+        block: LimitGate | None = None,
     ) -> None:
+        """``block``: answer 429, with the limit check's body, to the requests of an
+        account whose ``block`` limit is exceeded (``account`` then runs before the app too,
+        without the matched route)."""
         self.app = app
         self.client = client
         self.account = _checked(account, "Starlette Request")
         self.metric = metric
+        self.block = block
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.block is not None:
+            account = _account_of(self.account, Request(scope), scope.get("path", ""))
+            refusal = (
+                None if account is None else await run_in_threadpool(self.block.refusal, account)
+            )
+            if refusal is not None:
+                await JSONResponse(refusal, status_code=429)(scope, receive, send)
+                return
         status = 500  # what the client sees if the app raises before it answers
 
         async def send_seeing_status(message: Message) -> None:

@@ -16,7 +16,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usagemeter import __version__
-from usagemeter.api import compat, contracts, dashboard, native, tenants
+from usagemeter.alerts import Alerts
+from usagemeter.api import compat, contracts, dashboard, limits, native, tenants
 from usagemeter.api.openapi import install_docs
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
@@ -78,6 +79,8 @@ def create_app(
     ``close_store``: close (and so checkpoint) the store when the server shuts down."""
     engine = Engine(store, meters or MeterRegistry())
     ingestor = Ingestor(store, meters=engine.meters, max_future=max_future)
+    alerts = Alerts(store, engine, now)  # limits' crossings and their webhooks
+    ingestor.after_append.append(alerts.after_append)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,7 +90,9 @@ def create_app(
         now = utc_now()
         engine.run(UsageQuery(accounts=(), metric="", start=now - timedelta(days=1), end=now))
         store.list_accounts()
+        alerts.start()
         yield
+        alerts.stop()
         if close_store:
             # Here, not after the server returns: uvicorn re-raises SIGTERM once it has shut
             # down, and the process ends then, before any code after it runs.
@@ -104,6 +109,7 @@ def create_app(
     )
     install_docs(app)
     app.state.services = Services(store=store, engine=engine, ingestor=ingestor, now=now)
+    app.state.alerts = alerts
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -136,6 +142,7 @@ def create_app(
     app.add_middleware(CatchAll)
     app.include_router(native.router)
     app.include_router(tenants.router)
+    app.include_router(limits.router)
     app.include_router(dashboard.router)
     for router in contracts.routers():
         app.include_router(router)

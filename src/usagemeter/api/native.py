@@ -132,7 +132,7 @@ async def _append(ingestor: Ingestor, events: list[Event]) -> AppendResult:
     hop to a pool thread and back was a large part of a one-event request's time."""
     store = ingestor.store
     submit = getattr(store, "submit", None)
-    with ingestor.watching_writes():
+    with ingestor.writing(events):
         if submit is None:
             return await run_in_threadpool(store.append, events)
         result: AppendResult = await asyncio.wrap_future(submit(events))

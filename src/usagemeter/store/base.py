@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from usagemeter.model import Account, ApiKey, AppendResult, Event, Group
+from usagemeter.store.limitbase import LimitStore
 
 
 class NotFound(LookupError):
@@ -69,7 +70,7 @@ class AggregateRow:
     values: tuple[float | None, ...]  # one per measure; None where no event contributed
 
 
-class Store(Protocol):
+class Store(LimitStore, Protocol):
     """What every storage adapter provides."""
 
     # accounts and keys

@@ -29,6 +29,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +40,8 @@ from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFoun
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chschema import STATEMENTS
 from usagemeter.store.chtransport import Transport, literal, literals
+from usagemeter.store.limitfile import LimitFile
+from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.postgres import _digest
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row
 from usagemeter.store.sqlplan import run_plans
@@ -75,11 +78,13 @@ def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
 
 
-class ClickHouseStore:
-    """The store on one ClickHouse database. Safe to share between threads."""
+class ClickHouseStore(LimitTables):
+    """The store on one ClickHouse database. Safe to share between threads. Limits and
+    alerts live in a SQLite file beside it (``limits_path``, see limitfile.py)."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, limits_path: str) -> None:
         self.transport = transport
+        self.limits = LimitFile(limits_path)
         for statement in STATEMENTS:
             transport.command(statement)
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
@@ -89,6 +94,13 @@ class ClickHouseStore:
 
     def close(self) -> None:
         self.transport.close()
+        self.limits.close()
+
+    def _limit_read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.limits._limit_read(sql, params)
+
+    def _limit_write(self) -> AbstractContextManager[Run]:
+        return self.limits._limit_write()
 
     def _seqs(self, count: int) -> int:
         """The first of ``count`` increasing sequence numbers: nanoseconds of the clock, so

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +34,7 @@ from psycopg_pool import ConnectionPool
 from usagemeter.model import Account, ApiKey, AppendResult, Event
 from usagemeter.store import redact
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
+from usagemeter.store.limitstore import LIMIT_SCHEMA, LimitTables, Run
 from usagemeter.store.pgschema import (
     ROLLUPS,
     ensure_partitions,
@@ -152,7 +154,7 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
-class PostgresStore:
+class PostgresStore(LimitTables):
     """The shared store on one PostgreSQL database. Safe to share between threads, and any
     number of processes may open the same database."""
 
@@ -173,6 +175,7 @@ class PostgresStore:
             configure=_configure,
             open=True,
         )
+        self._create_limit_tables()
         self._metric_ids: dict[str, int] = {}
         self._dimset_ids: dict[str, int] = {}
         self._tagset_ids: dict[str, int] = {}
@@ -541,3 +544,25 @@ class PostgresStore:
             cursor.execute(sql, params)
             for row in cursor:
                 yield event_from_row(row)
+
+    # ------------------------------------------------------ limits and alerts
+
+    def _limit_read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._rows(sql.replace("?", "%s"), params)
+
+    @contextmanager
+    def _limit_write(self) -> Iterator[Run]:
+        with self._pool.connection() as conn, conn.transaction():
+
+            def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+                cursor = conn.execute(sql.replace("?", "%s"), params)
+                return cursor.fetchall() if cursor.description else []
+
+            yield run
+
+    def _create_limit_tables(self) -> None:
+        with self._limit_write() as run:
+            # Two processes starting together: one creates, the other waits, then finds them.
+            run("SELECT pg_advisory_xact_lock(7317001)", ())
+            for statement in LIMIT_SCHEMA:
+                run(statement, ())

@@ -19,6 +19,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from usagemeter.store.base import (
     NotFound,
     StoreUnavailable,
 )
+from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.rows import (
     ACCOUNT_COLUMNS,
     ACCOUNT_SELECT,
@@ -112,7 +114,7 @@ class _PendingBatch:
         self.result: AppendResult | None = None
 
 
-class SQLiteStore:
+class SQLiteStore(LimitTables):
     """The embedded store on one SQLite file. Safe to share between threads."""
 
     def __init__(self, path: str | Path) -> None:
@@ -134,6 +136,7 @@ class SQLiteStore:
         # reach their own count, when a query asks, or when this file is next opened).
         self._unfolded = 0
         self._migrate()
+        self._create_limit_tables()
         self.fold()  # what a crash or another process left unfolded
         self._committer = threading.Thread(target=self._commit_loop, daemon=True)
         self._committer.start()
@@ -707,3 +710,20 @@ class SQLiteStore:
                 yield event_from_row(row)
         finally:
             conn.close()
+
+    # ------------------------------------------------------ limits and alerts
+
+    def _limit_read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._reader().execute(sql, params).fetchall()
+
+    @contextmanager
+    def _limit_write(self) -> Iterator[Run]:
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield lambda sql, params: conn.execute(sql, params).fetchall()
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
