@@ -164,6 +164,21 @@ def serve(
     backlog: Annotated[
         int, typer.Option(help="Connections the kernel queues before accept.", min=1)
     ] = ServeLimits.backlog,
+    metrics: Annotated[
+        bool, typer.Option(help="Serve GET /metrics for Prometheus (operator key).")
+    ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also serve /metrics with no key on this port (keep it private).", min=0, max=65535
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the --metrics-port page listens on.")
+    ] = "127.0.0.1",
+    metrics_accounts: Annotated[
+        bool, typer.Option(help="Label ingest metrics with account ids.")
+    ] = False,
 ) -> None:
     """Start the HTTP service: native API, seed endpoints, dashboard."""
     import uvicorn
@@ -189,7 +204,16 @@ def serve(
         _meters(meters),
         max_future=timedelta(hours=max_future_hours),
         close_store=True,
+        metrics=metrics,
+        metrics_accounts=metrics_accounts,
     )
+    if metrics_port is not None:
+        if not metrics:
+            raise _fail("--metrics-port needs metrics on: drop --no-metrics")
+        from usagemeter.metrics import serve_apart
+
+        serve_apart(service.state.telemetry, metrics_host, metrics_port)
+        err.print(f"metrics: http://{metrics_host}:{metrics_port}/metrics (no key)")
     config = uvicorn_config(service, host, port, access_log, limits)
     server = uvicorn.Server(config)  # its logging is configured now, so the filter sticks
     logs.install()

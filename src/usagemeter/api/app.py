@@ -16,13 +16,14 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usagemeter import __version__
-from usagemeter.api import compat, contracts, dashboard, native, tenants
+from usagemeter.api import compat, contracts, dashboard, native, prometheus, tenants
 from usagemeter.api.openapi import install_docs
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
 from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_FUTURE, Ingestor
 from usagemeter.meters import MeterRegistry
+from usagemeter.metrics import MeteredIngestor, RequestMetrics, Telemetry
 from usagemeter.model import Query as UsageQuery
 from usagemeter.store.base import Store, StoreUnavailable
 
@@ -72,12 +73,21 @@ def create_app(
     now: Callable[[], datetime] = utc_now,
     max_future: timedelta = MAX_FUTURE,
     close_store: bool = False,
+    metrics: bool = True,
+    metrics_accounts: bool = False,
 ) -> FastAPI:
     """The whole service over ``store``. ``now`` is the clock every endpoint reads;
     ``max_future`` how far ahead of the wall clock an event's timestamp may be.
-    ``close_store``: close (and so checkpoint) the store when the server shuts down."""
+    ``close_store``: close (and so checkpoint) the store when the server shuts down.
+    ``metrics``: count requests and events for ``GET /metrics`` (``metrics_accounts``: with
+    account ids as labels)."""
     engine = Engine(store, meters or MeterRegistry())
-    ingestor = Ingestor(store, meters=engine.meters, max_future=max_future)
+    telemetry = Telemetry(store, accounts=metrics_accounts) if metrics else None
+    ingestor = (
+        MeteredIngestor(store, meters=engine.meters, max_future=max_future, telemetry=telemetry)
+        if telemetry is not None
+        else Ingestor(store, meters=engine.meters, max_future=max_future)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +113,7 @@ def create_app(
         redoc_url=None,
     )
     install_docs(app)
+    app.state.telemetry = telemetry
     app.state.services = Services(store=store, engine=engine, ingestor=ingestor, now=now)
 
     @app.exception_handler(ApiError)
@@ -134,9 +145,13 @@ def create_app(
         return error_response(exc.status_code, code, message)
 
     app.add_middleware(CatchAll)
+    if telemetry is not None:
+        # Outside CatchAll, so that a request it answers with a 500 is counted as one.
+        app.add_middleware(RequestMetrics, telemetry=telemetry)
     app.include_router(native.router)
     app.include_router(tenants.router)
     app.include_router(dashboard.router)
+    app.include_router(prometheus.router)
     for router in contracts.routers():
         app.include_router(router)
     for router in compat.routers():  # /openmeter, /lago, /stripe

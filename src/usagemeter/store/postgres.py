@@ -482,6 +482,10 @@ class PostgresStore:
     def count_events(self) -> int:
         return int(self._rows("SELECT count(*) FROM events")[0][0])
 
+    def database_size(self) -> int:
+        """Bytes the database occupies (for GET /metrics)."""
+        return int(self._rows("SELECT pg_database_size(current_database())")[0][0])
+
     def iter_events(
         self,
         accounts: Sequence[str] | None = None,
