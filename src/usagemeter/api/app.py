@@ -16,7 +16,15 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usagemeter import __version__
-from usagemeter.api import compat, contracts, dashboard, native, prometheus, tenants
+from usagemeter.api import (
+    compat,
+    contracts,
+    dashboard,
+    native,
+    portal_tokens,
+    prometheus,
+    tenants,
+)
 from usagemeter.api.openapi import install_docs
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
@@ -25,6 +33,7 @@ from usagemeter.ingest import MAX_FUTURE, Ingestor
 from usagemeter.meters import MeterRegistry
 from usagemeter.metrics import MeteredIngestor, RequestMetrics, Telemetry
 from usagemeter.model import Query as UsageQuery
+from usagemeter.portal import AppClock, MetricNotAllowed
 from usagemeter.store.base import Store, StoreUnavailable
 
 log = logging.getLogger("usagemeter")
@@ -127,6 +136,10 @@ def create_app(
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
 
+    @app.exception_handler(MetricNotAllowed)
+    async def metric_not_allowed(request: Request, exc: MetricNotAllowed) -> Response:
+        return error_response(403, "forbidden", str(exc))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = [
@@ -145,11 +158,13 @@ def create_app(
         return error_response(exc.status_code, code, message)
 
     app.add_middleware(CatchAll)
+    app.add_middleware(AppClock, now=now)  # portal tokens expire by this app's clock
     if telemetry is not None:
         # Outside CatchAll, so that a request it answers with a 500 is counted as one.
         app.add_middleware(RequestMetrics, telemetry=telemetry)
     app.include_router(native.router)
     app.include_router(tenants.router)
+    app.include_router(portal_tokens.router)
     app.include_router(dashboard.router)
     app.include_router(prometheus.router)
     for router in contracts.routers():

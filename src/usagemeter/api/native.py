@@ -24,6 +24,7 @@ from usagemeter.ingest import BatchRejected
 from usagemeter.meters import parse_aggregation
 from usagemeter.model import Aggregation, ApiKey, Result, Scope
 from usagemeter.model import Query as UsageQuery
+from usagemeter.portal import may_read
 from usagemeter.store.base import NotFound
 from usagemeter.timewindows import (
     Granularity,
@@ -458,6 +459,7 @@ async def list_metrics(
         raise ApiError(404, "not_found", f"account {account_id!r} {NOT_READABLE}")
     accounts = svc.store.descendants(account_id) if include_subaccounts else [account_id]
     seen = svc.store.metrics_seen(accounts)
+    seen = {name: dims for name, dims in seen.items() if may_read(name)}  # portal tokens
     metrics = []
     for name in sorted(seen):
         meter = svc.engine.meters.get(name)
