@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
+from usagemeter import config, jsonlogs, logs
 from usagemeter import demo as demo_data
-from usagemeter import logs
 from usagemeter.api.native import query_json
 from usagemeter.auth import issue_key
 from usagemeter.backup import RestoreRefused, account_records, load_record, restore
@@ -133,7 +133,8 @@ def _folded(name: str) -> Column:
     return Column(name, overflow="fold")
 
 
-@app.command()
+# Every serve option is also read from USAGEMETER_<NAME> and the --config file (config.py).
+@app.command(context_settings={"auto_envvar_prefix": config.ENV_PREFIX})
 def serve(
     db: DbOption = DEFAULT_DB,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -179,6 +180,20 @@ def serve(
     metrics_accounts: Annotated[
         bool, typer.Option(help="Label ingest metrics with account ids.")
     ] = False,
+    log_format: Annotated[
+        jsonlogs.LogFormat,
+        typer.Option(help="text, or json: one JSON object per line (secrets masked)."),
+    ] = jsonlogs.LogFormat.TEXT,
+    config_file: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            envvar=config.CONFIG_ENV,
+            is_eager=True,
+            callback=config.use_file,
+            help="TOML file of serve options; the command line and USAGEMETER_* win over it.",
+        ),
+    ] = None,
 ) -> None:
     """Start the HTTP service: native API, seed endpoints, dashboard."""
     import uvicorn
@@ -214,9 +229,11 @@ def serve(
 
         serve_apart(service.state.telemetry, metrics_host, metrics_port)
         err.print(f"metrics: http://{metrics_host}:{metrics_port}/metrics (no key)")
-    config = uvicorn_config(service, host, port, access_log, limits)
-    server = uvicorn.Server(config)  # its logging is configured now, so the filter sticks
+    uv_config = uvicorn_config(service, host, port, access_log, limits)
+    server = uvicorn.Server(uv_config)  # its logging is configured now, so the filter sticks
     logs.install()
+    if log_format is jsonlogs.LogFormat.JSON:
+        jsonlogs.use_json()
     server.run()
 
 
@@ -686,6 +703,37 @@ def restore_command(
             "accounts": len(store.list_accounts()),
         }
     )
+
+
+# -------------------------------------------------------------------- config
+
+config_app = typer.Typer(help="Check serve's configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[
+        str | None,
+        typer.Argument(help="The TOML file (default: $USAGEMETER_CONFIG, if set)."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a config file and print the settings serve would run with, and where each
+    comes from (environment, config file or default). A store URL's password is masked."""
+    command = typer.main.get_command(app)
+    serve_command = command.commands["serve"]  # type: ignore[attr-defined]
+    try:
+        rows = config.effective(serve_command, file)
+    except config.ConfigError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        _print_json({flag[2:]: {"value": value, "from": source} for flag, value, source in rows})
+        return
+    table = Table("option", _folded("value"), "from")
+    for flag, value, source in rows:
+        table.add_row(flag, "" if value is None else str(value), source)
+    console.print(table)
 
 
 def main() -> None:
