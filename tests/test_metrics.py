@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Tenants, event
 from tests.live import serve_in_thread
 from usagemeter.api.app import create_app
-from usagemeter.metrics import Telemetry, serve_apart
+from usagemeter.metrics import MeteredIngestor, Telemetry, serve_apart
+from usagemeter.model import Account
 from usagemeter.serving import ServeLimits
 from usagemeter.store.base import Store
+from usagemeter.store.sqlite import SQLiteStore
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -170,3 +176,29 @@ def test_separate_port_needs_no_key(store: Store, tenants: Tenants) -> None:
         server.shutdown()
         server.server_close()
     assert value(text, "usagemeter_events_accepted_total") == 7
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(st.integers(0, 15), min_size=1, max_size=8, unique=True), min_size=1, max_size=6
+    )
+)
+def test_counters_add_up_for_any_batches_with_retries(batches: list[list[int]]) -> None:
+    """Whatever is sent again: accepted counts each id once, duplicates the rest, and the
+    batch sizes sum to everything sent."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(Path(tmp) / "usage.db")
+        store.create_account(Account("acme", "Acme"))
+        telemetry = Telemetry(store)
+        ingestor = MeteredIngestor(store, telemetry=telemetry)
+        for ids in batches:
+            ingestor.ingest([event(f"e{i}", "acme", "m", 1736935200000 + i) for i in ids])
+        text = telemetry.render().decode()
+        store.close()
+    sent = sum(len(ids) for ids in batches)
+    distinct = len({i for ids in batches for i in ids})
+    assert value(text, "usagemeter_events_accepted_total") == distinct
+    assert value(text, "usagemeter_events_duplicate_total") == sent - distinct
+    assert value(text, "usagemeter_ingest_batch_size_sum") == sent
+    assert value(text, "usagemeter_ingest_batch_size_count") == len(batches)
