@@ -227,7 +227,10 @@ def serve(
             raise _fail("--metrics-port needs metrics on: drop --no-metrics")
         from usagemeter.metrics import serve_apart
 
-        serve_apart(service.state.telemetry, metrics_host, metrics_port)
+        try:
+            serve_apart(service.state.telemetry, metrics_host, metrics_port)
+        except OSError as exc:
+            raise _fail(f"--metrics-port {metrics_port}: {exc.strerror or exc}") from None
         err.print(f"metrics: http://{metrics_host}:{metrics_port}/metrics (no key)")
     uv_config = uvicorn_config(service, host, port, access_log, limits)
     server = uvicorn.Server(uv_config)  # its logging is configured now, so the filter sticks

@@ -175,8 +175,10 @@ CREATE TABLE {table} (
 )
 
 # Version 3: portal tokens (portal.py), short-lived read-only credentials found like keys.
+# "IF NOT EXISTS": a database taken back to an earlier version (as the migration tests do)
+# may still hold the table.
 _V3 = """
-CREATE TABLE portal_tokens (
+CREATE TABLE IF NOT EXISTS portal_tokens (
     id text PRIMARY KEY,
     account text NOT NULL REFERENCES accounts(id),
     metrics text,
@@ -186,7 +188,7 @@ CREATE TABLE portal_tokens (
     expires_at bigint NOT NULL,
     revoked_at bigint
 );
-CREATE INDEX portal_tokens_lookup ON portal_tokens(lookup);
+CREATE INDEX IF NOT EXISTS portal_tokens_lookup ON portal_tokens(lookup);
 """
 
 MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)  # version n is MIGRATIONS[n - 1]
