@@ -4,6 +4,7 @@ clock, can be limited to metrics, and is revoked from the next request on."""
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -11,6 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import Clock, Tenants, event
+from usagemeter.api.app import create_app
+from usagemeter.store.base import Store
+from usagemeter.store.postgres import PostgresStore
+from usagemeter.store.sqlite import SQLiteStore
 
 QUERY = {
     "metric": "lookups",
@@ -147,3 +152,29 @@ def test_only_an_operator_issues_them(
     assert client.post(url, json={}).status_code == 401
     assert client.post(url, json={}, headers=tenants.headers("child")).status_code == 403
     assert client.post("/v1/accounts/nope/portal-tokens", json={}, headers=op).status_code == 404
+
+
+def test_another_server_on_the_same_store_sees_issue_and_revocation(
+    client: TestClient,
+    op: dict[str, str],
+    store: Store,
+    db_path: Path,
+    request: pytest.FixtureRequest,
+    clock: Clock,
+    usage: None,
+) -> None:
+    """Tokens live in the store, not in a process: a second server over the same database
+    (a second process, as far as the store can tell) takes a token the first issued, and
+    refuses it from the request after the first revoked it."""
+    if isinstance(store, PostgresStore):
+        other: Store = PostgresStore(request.getfixturevalue("postgres_url"), pool_size=2)
+    else:
+        other = SQLiteStore(db_path)
+    try:
+        with TestClient(create_app(other, now=clock)) as second:
+            token = issue(client, op)
+            assert total(second, token).status_code == 200
+            assert client.delete(f"/v1/portal-tokens/{token['id']}", headers=op).status_code == 200
+            assert total(second, token).status_code == 401
+    finally:
+        other.close()
