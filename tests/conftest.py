@@ -141,14 +141,14 @@ def open_clickhouse(url: str) -> Store:
     """A ClickHouse store with every table emptied."""
     from usagemeter.store.chschema import TABLES
     from usagemeter.store.clickhouse import ClickHouseStore
-    from usagemeter.store.limitfile import LIMIT_TABLES
+    from usagemeter.store.sidefile import SIDE_TABLES
 
     store = open_store(url)
     assert isinstance(store, ClickHouseStore)
     for table in TABLES:
         store.transport.command(f"TRUNCATE TABLE {table}")
-    with store.limits._limit_write() as run:
-        for table in LIMIT_TABLES:
+    with store.side._limit_write() as run:
+        for table in SIDE_TABLES:
             run(f"DELETE FROM {table}", ())
     return store
 

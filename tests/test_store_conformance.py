@@ -52,7 +52,7 @@ def _age_postgres(store: Store) -> None:
     # Version 1 had no hour or day rollups at all.
     with store._pool.connection() as conn:
         conn.execute("DROP TABLE rollup_hour_key, rollup_day_key, rollup_hour, rollup_day")
-        conn.execute("DELETE FROM schema_version WHERE version > %s", (PG_VERSION - 1,))
+        conn.execute("DELETE FROM schema_version WHERE version > %s", (1,))
 
 
 def _sqlite_version(store: Store) -> int:

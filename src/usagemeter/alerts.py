@@ -29,7 +29,7 @@ from datetime import datetime
 from usagemeter.engine import Engine
 from usagemeter.limitmodel import Limit
 from usagemeter.limits import periods_touched, previous_instant, record_crossings
-from usagemeter.model import Event
+from usagemeter.model import AppendResult, Event
 from usagemeter.store.base import NotFound, Store
 from usagemeter.webhooks import Dispatcher, RetryPolicy
 
@@ -102,7 +102,7 @@ class Alerts:
         self._by_metric = by_metric
         self._refreshed = time.monotonic()
 
-    def after_append(self, events: Sequence[Event]) -> None:
+    def after_append(self, events: Sequence[Event], result: AppendResult, seconds: float) -> None:
         """The ingest path's hook, after a commit: queue what may cross a threshold."""
         watched = self._by_metric
         if not watched:

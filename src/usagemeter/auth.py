@@ -66,7 +66,19 @@ def issue_key(
 
 
 def authenticate(store: Store, secret: str | None) -> ApiKey | None:
-    """The live key whose secret this is, or None."""
+    """The live key whose secret this is (a live portal token stands for a read key of its
+    account), or None. Remembers for the request which metrics the caller may read."""
+    # Here, not at the top: portal.py builds on this module's hashing.
+    from usagemeter import portal
+
+    key = _live_key(store, secret)
+    if key is None and secret:
+        key = portal.authenticate_token(store, secret)
+    portal.restrict_to(key)
+    return key
+
+
+def _live_key(store: Store, secret: str | None) -> ApiKey | None:
     if not secret:
         return None
     digest = hash_secret(secret)

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
+from usagemeter import config, jsonlogs, logs
 from usagemeter import demo as demo_data
-from usagemeter import logs
 from usagemeter.api.limits import limit_json
 from usagemeter.api.native import query_json
 from usagemeter.auth import issue_key
@@ -136,7 +136,8 @@ def _folded(name: str) -> Column:
     return Column(name, overflow="fold")
 
 
-@app.command()
+# Every serve option is also read from USAGEMETER_<NAME> and the --config file (config.py).
+@app.command(context_settings={"auto_envvar_prefix": config.ENV_PREFIX})
 def serve(
     db: DbOption = DEFAULT_DB,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -167,6 +168,35 @@ def serve(
     backlog: Annotated[
         int, typer.Option(help="Connections the kernel queues before accept.", min=1)
     ] = ServeLimits.backlog,
+    metrics: Annotated[
+        bool, typer.Option(help="Serve GET /metrics for Prometheus (operator key).")
+    ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also serve /metrics with no key on this port (keep it private).", min=0, max=65535
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the --metrics-port page listens on.")
+    ] = "127.0.0.1",
+    metrics_accounts: Annotated[
+        bool, typer.Option(help="Label ingest metrics with account ids.")
+    ] = False,
+    log_format: Annotated[
+        jsonlogs.LogFormat,
+        typer.Option(help="text, or json: one JSON object per line (secrets masked)."),
+    ] = jsonlogs.LogFormat.TEXT,
+    config_file: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            envvar=config.CONFIG_ENV,
+            is_eager=True,
+            callback=config.use_file,
+            help="TOML file of serve options; the command line and USAGEMETER_* win over it.",
+        ),
+    ] = None,
 ) -> None:
     """Start the HTTP service: native API, seed endpoints, dashboard."""
     import uvicorn
@@ -192,10 +222,24 @@ def serve(
         _meters(meters),
         max_future=timedelta(hours=max_future_hours),
         close_store=True,
+        metrics=metrics,
+        metrics_accounts=metrics_accounts,
     )
-    config = uvicorn_config(service, host, port, access_log, limits)
-    server = uvicorn.Server(config)  # its logging is configured now, so the filter sticks
+    if metrics_port is not None:
+        if not metrics:
+            raise _fail("--metrics-port needs metrics on: drop --no-metrics")
+        from usagemeter.metrics import serve_apart
+
+        try:
+            serve_apart(service.state.telemetry, metrics_host, metrics_port)
+        except OSError as exc:
+            raise _fail(f"--metrics-port {metrics_port}: {exc.strerror or exc}") from None
+        err.print(f"metrics: http://{metrics_host}:{metrics_port}/metrics (no key)")
+    uv_config = uvicorn_config(service, host, port, access_log, limits)
+    server = uvicorn.Server(uv_config)  # its logging is configured now, so the filter sticks
     logs.install()
+    if log_format is jsonlogs.LogFormat.JSON:
+        jsonlogs.use_json()
     server.run()
 
 
@@ -768,6 +812,37 @@ def limits_delete(account: str, metric: str, db: DbOption = DEFAULT_DB) -> None:
     except NotFound as exc:
         raise _fail(str(exc)) from None
     _print_json({"account": account, "metric": metric, "deleted": True})
+
+
+# -------------------------------------------------------------------- config
+
+config_app = typer.Typer(help="Check serve's configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[
+        str | None,
+        typer.Argument(help="The TOML file (default: $USAGEMETER_CONFIG, if set)."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a config file and print the settings serve would run with, and where each
+    comes from (environment, config file or default). A store URL's password is masked."""
+    command = typer.main.get_command(app)
+    serve_command = command.commands["serve"]  # type: ignore[attr-defined]
+    try:
+        rows = config.effective(serve_command, file)
+    except config.ConfigError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        _print_json({flag[2:]: {"value": value, "from": source} for flag, value, source in rows})
+        return
+    table = Table("option", _folded("value"), "from")
+    for flag, value, source in rows:
+        table.add_row(flag, "" if value is None else str(value), source)
+    console.print(table)
 
 
 def main() -> None:

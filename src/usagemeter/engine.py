@@ -21,6 +21,7 @@ from usagemeter.model import (
     Result,
     ResultBucket,
 )
+from usagemeter.portal import check_metric
 from usagemeter.store.base import AggregateRow, AggregateSpec, Measure, Store, Window
 from usagemeter.timewindows import Bucket, Granularity, buckets, parse_zone
 
@@ -118,6 +119,7 @@ class Engine:
         return found if query.limit is None else found[: query.limit]
 
     def run(self, query: Query) -> Result:
+        check_metric(query.metric)  # a portal token limited to some metrics (portal.py)
         plan = self.plan(query)
         bucket_list = self.buckets(query)
         # Each boundary converted once: a bucket's end is the next one's start.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -282,7 +283,11 @@ class Ingestor:
         # Why the last write failed, while writes fail; None once one succeeds again.
         self.write_failure: str | None = None
         # Called with each stored batch after its commit (limits.py's alerts watch them).
-        self.after_append: list[Callable[[Sequence[Event]], None]] = []
+        # Told of every stored batch (its events, what became of them, the seconds the store
+        # took) and of every refused one, whichever path it came in by: limits' alerts and
+        # the Prometheus counters listen here.
+        self.after_append: list[Callable[[Sequence[Event], AppendResult, float], None]] = []
+        self.on_refused: list[Callable[[Exception], None]] = []
 
     def _account_exists(self, account_id: str) -> bool:
         if account_id in self._accounts:
@@ -335,7 +340,11 @@ class Ingestor:
                 return self._fast(items, default_account, caller)
         except (msgspec.DecodeError, ValueError, RecursionError):
             pass
-        return self._validate_each(self.decode(body, ndjson), caller)
+        try:
+            return self._validate_each(self.decode(body, ndjson), caller)
+        except (BatchRejected, ValueError) as exc:
+            self._refused(exc)
+            raise
 
     def _fast(
         self, items: Sequence[_EventIn], default_account: str | None, caller: ApiKey | None
@@ -389,7 +398,15 @@ class Ingestor:
                 return self._fast(items, caller.account_id if caller else None, caller)
             except (msgspec.ValidationError, ValueError):
                 pass
-        return self._validate_each(raws, caller)
+        try:
+            return self._validate_each(raws, caller)
+        except (BatchRejected, ValueError) as exc:
+            self._refused(exc)
+            raise
+
+    def _refused(self, exc: Exception) -> None:
+        for hook in self.on_refused:
+            hook(exc)
 
     def _validate_each(self, raws: Sequence[object], caller: ApiKey | None) -> list[Event]:
         """The item-by-item path: lenient where it may be, and names every problem."""
@@ -442,22 +459,36 @@ class Ingestor:
         return self._append(self.validate_json(body, ndjson, caller))
 
     def _append(self, events: Sequence[Event]) -> AppendResult:
-        with self.writing(events):
-            return self.store.append(events)
+        with self.writing(events) as write:
+            write.result = self.store.append(events)
+        assert write.result is not None  # writing() raised otherwise
+        return write.result
 
     @contextmanager
-    def writing(self, events: Sequence[Event]) -> Iterator[None]:
-        """Around a store write of ``events``, whichever way it is made: remember whether
-        the store is failing writes (for /healthz); once they are stored, call the
-        ``after_append`` hooks."""
+    def writing(self, events: Sequence[Event]) -> Iterator[Write]:
+        """Around a store write of ``events``, whichever way it is made (the body sets the
+        write's ``result``): remember whether the store is failing writes (for /healthz),
+        and once the events are stored, call the ``after_append`` hooks."""
+        write = Write()
+        started = time.perf_counter()
         try:
-            yield
+            yield write
         except StoreUnavailable as exc:
             self.write_failure = str(exc)
             raise
         self.write_failure = None
+        if write.result is None:
+            raise RuntimeError("a write ended without its result")
+        seconds = time.perf_counter() - started
         for hook in self.after_append:
-            hook(events)
+            hook(events, write.result, seconds)
+
+
+@dataclass
+class Write:
+    """One store write under ``Ingestor.writing``: its result, once the store answered."""
+
+    result: AppendResult | None = None
 
 
 def answer(result: AppendResult, events: Sequence[Event]) -> dict[str, Any]:

@@ -82,10 +82,25 @@ class ApiKey:
     scopes: frozenset[Scope]
     created_at: datetime
     revoked_at: datetime | None = None
+    # A portal token's metrics (portal.py): it reads only these. None: any metric.
+    metrics: frozenset[str] | None = None
 
     @property
     def is_operator(self) -> bool:
         return Scope.OPERATOR in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class PortalToken:
+    """A short-lived read-only credential for one account's customer (portal.py). Stored,
+    like a key, only as the hash of its secret."""
+
+    id: str
+    account_id: str
+    metrics: frozenset[str] | None  # None: every metric
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

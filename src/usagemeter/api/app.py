@@ -17,14 +17,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usagemeter import __version__
 from usagemeter.alerts import Alerts
-from usagemeter.api import compat, contracts, dashboard, limits, native, tenants
+from usagemeter.api import (
+    compat,
+    contracts,
+    dashboard,
+    limits,
+    native,
+    portal_tokens,
+    prometheus,
+    tenants,
+)
 from usagemeter.api.openapi import install_docs
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
 from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_FUTURE, Ingestor
 from usagemeter.meters import MeterRegistry
+from usagemeter.metrics import RequestMetrics, Telemetry, watch_ingest
 from usagemeter.model import Query as UsageQuery
+from usagemeter.portal import AppClock, MetricNotAllowed
 from usagemeter.store.base import Store, StoreUnavailable
 
 log = logging.getLogger("usagemeter")
@@ -73,12 +84,19 @@ def create_app(
     now: Callable[[], datetime] = utc_now,
     max_future: timedelta = MAX_FUTURE,
     close_store: bool = False,
+    metrics: bool = True,
+    metrics_accounts: bool = False,
 ) -> FastAPI:
     """The whole service over ``store``. ``now`` is the clock every endpoint reads;
     ``max_future`` how far ahead of the wall clock an event's timestamp may be.
-    ``close_store``: close (and so checkpoint) the store when the server shuts down."""
+    ``close_store``: close (and so checkpoint) the store when the server shuts down.
+    ``metrics``: count requests and events for ``GET /metrics`` (``metrics_accounts``: with
+    account ids as labels)."""
     engine = Engine(store, meters or MeterRegistry())
+    telemetry = Telemetry(store, accounts=metrics_accounts) if metrics else None
     ingestor = Ingestor(store, meters=engine.meters, max_future=max_future)
+    if telemetry is not None:
+        watch_ingest(ingestor, telemetry)
     alerts = Alerts(store, engine, now)  # limits' crossings and their webhooks
     ingestor.after_append.append(alerts.after_append)
 
@@ -108,6 +126,7 @@ def create_app(
         redoc_url=None,
     )
     install_docs(app)
+    app.state.telemetry = telemetry
     app.state.services = Services(store=store, engine=engine, ingestor=ingestor, now=now)
     app.state.alerts = alerts
 
@@ -121,6 +140,10 @@ def create_app(
         response = error_response(507, "store_unavailable", str(exc))
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
+
+    @app.exception_handler(MetricNotAllowed)
+    async def metric_not_allowed(request: Request, exc: MetricNotAllowed) -> Response:
+        return error_response(403, "forbidden", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -140,10 +163,16 @@ def create_app(
         return error_response(exc.status_code, code, message)
 
     app.add_middleware(CatchAll)
+    app.add_middleware(AppClock, now=now)  # portal tokens expire by this app's clock
+    if telemetry is not None:
+        # Outside CatchAll, so that a request it answers with a 500 is counted as one.
+        app.add_middleware(RequestMetrics, telemetry=telemetry)
     app.include_router(native.router)
     app.include_router(tenants.router)
     app.include_router(limits.router)
+    app.include_router(portal_tokens.router)
     app.include_router(dashboard.router)
+    app.include_router(prometheus.router)
     for router in contracts.routers():
         app.include_router(router)
     for router in compat.routers():  # /openmeter, /lago, /stripe

@@ -26,6 +26,7 @@ from usagemeter.ingest import BatchRejected, Ingestor, answer
 from usagemeter.meters import parse_aggregation
 from usagemeter.model import Aggregation, ApiKey, AppendResult, Event, Result, Scope
 from usagemeter.model import Query as UsageQuery
+from usagemeter.portal import may_read
 from usagemeter.store.base import NotFound
 from usagemeter.timewindows import (
     Granularity,
@@ -132,11 +133,13 @@ async def _append(ingestor: Ingestor, events: list[Event]) -> AppendResult:
     hop to a pool thread and back was a large part of a one-event request's time."""
     store = ingestor.store
     submit = getattr(store, "submit", None)
-    with ingestor.writing(events):
+    with ingestor.writing(events) as write:
         if submit is None:
-            return await run_in_threadpool(store.append, events)
-        result: AppendResult = await asyncio.wrap_future(submit(events))
-        return result
+            write.result = await run_in_threadpool(store.append, events)
+        else:
+            write.result = await asyncio.wrap_future(submit(events))
+    assert write.result is not None  # writing() raised otherwise
+    return write.result
 
 
 # --------------------------------------------------------------------- query
@@ -480,6 +483,7 @@ async def list_metrics(
         raise ApiError(404, "not_found", f"account {account_id!r} {NOT_READABLE}")
     accounts = svc.store.descendants(account_id) if include_subaccounts else [account_id]
     seen = svc.store.metrics_seen(accounts)
+    seen = {name: dims for name, dims in seen.items() if may_read(name)}  # portal tokens
     metrics = []
     for name in sorted(seen):
         meter = svc.engine.meters.get(name)

@@ -61,18 +61,16 @@ def sqlite_path(url: str) -> str | None:
 def _open_clickhouse(url: str, scheme: str) -> Store:
     """``chdb:///dir`` (ClickHouse in this process, on the files under dir; a relative path,
     four slashes for an absolute one) or ``clickhouse://user:password@host:8123/db`` (a
-    server over HTTP; ``clickhouses://`` for HTTPS). Limits and alerts live in a SQLite
-    file: ``limits.sqlite`` in chDB's directory, or the one ``?limits_db=PATH`` names (for
-    a server, give every process the same file). See docs/clickhouse.md."""
+    server over HTTP; ``clickhouses://`` for HTTPS). Limits, alerts and portal tokens live
+    in a SQLite file: ``side.sqlite`` in chDB's directory, or the one ``?side_db=PATH``
+    names (for a server, give every process the same file). See docs/clickhouse.md."""
     from usagemeter.store.chtransport import ChdbTransport, HttpTransport, Transport
     from usagemeter.store.clickhouse import ClickHouseStore
 
     parts = urlsplit(url)
     query = parse_qsl(parts.query)
-    limits_db = [v for k, v in query if k == "limits_db"]
-    url = urlunsplit(
-        parts._replace(query=urlencode([(k, v) for k, v in query if k != "limits_db"]))
-    )
+    side_db = [v for k, v in query if k == "side_db"]
+    url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "side_db"])))
     transport: Transport
     if scheme == "chdb":
         path = url.split("://", 1)[1][1:]
@@ -84,11 +82,11 @@ def _open_clickhouse(url: str, scheme: str) -> Store:
             raise ValueError("chdb:// URLs need chDB: pip install 'usagemeter[chdb]'") from None
         transport = ChdbTransport(path)
         Path(path).mkdir(parents=True, exist_ok=True)
-        default_limits = str(Path(path) / "limits.sqlite")
+        default_side = str(Path(path) / "side.sqlite")
     else:
         transport = HttpTransport(url)
-        default_limits = "usagemeter-limits.sqlite"
-    return ClickHouseStore(transport, limits_db[-1] if limits_db else default_limits)
+        default_side = "usagemeter-side.sqlite"
+    return ClickHouseStore(transport, side_db[-1] if side_db else default_side)
 
 
 def redact(url: str) -> str:

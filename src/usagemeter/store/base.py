@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from usagemeter.model import Account, ApiKey, AppendResult, Event, Group
+from usagemeter.model import Account, ApiKey, AppendResult, Event, Group, PortalToken
 from usagemeter.store.limitbase import LimitStore
 
 
@@ -98,6 +98,19 @@ class Store(LimitStore, Protocol):
         ...
 
     def revoke_key(self, key_id: str) -> ApiKey: ...
+
+    # portal tokens (portal.py)
+    def create_portal_token(self, token: PortalToken, secret_hash: bytes) -> PortalToken:
+        """Store a token by its secret's digest; NotFound when its account does not exist."""
+        ...
+
+    def find_portal_tokens_by_lookup(self, lookup: bytes) -> list[tuple[PortalToken, bytes]]:
+        """Tokens whose secret digest starts with ``lookup``, each with its whole digest."""
+        ...
+
+    def revoke_portal_token(self, token_id: str) -> PortalToken:
+        """Revoke a token (again is fine); NotFound when there is none by that id."""
+        ...
 
     # events
     def append(self, events: Sequence[Event]) -> AppendResult:

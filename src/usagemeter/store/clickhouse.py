@@ -35,15 +35,15 @@ from typing import Any
 
 import msgspec
 
-from usagemeter.model import Account, ApiKey, AppendResult, Event
+from usagemeter.model import Account, ApiKey, AppendResult, Event, PortalToken
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chschema import STATEMENTS
 from usagemeter.store.chtransport import Transport, literal, literals
-from usagemeter.store.limitfile import LimitFile
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.postgres import _digest
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row
+from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import run_plans
 
 EXPORT_PAGE = 10_000  # events per query while exporting
@@ -79,12 +79,12 @@ def _now_ms() -> int:
 
 
 class ClickHouseStore(LimitTables):
-    """The store on one ClickHouse database. Safe to share between threads. Limits and
-    alerts live in a SQLite file beside it (``limits_path``, see limitfile.py)."""
+    """The store on one ClickHouse database. Safe to share between threads. Limits, alerts
+    and portal tokens live in a SQLite file beside it (``side_path``, see sidefile.py)."""
 
-    def __init__(self, transport: Transport, limits_path: str) -> None:
+    def __init__(self, transport: Transport, side_path: str) -> None:
         self.transport = transport
-        self.limits = LimitFile(limits_path)
+        self.side = SideFile(side_path)
         for statement in STATEMENTS:
             transport.command(statement)
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
@@ -94,13 +94,23 @@ class ClickHouseStore(LimitTables):
 
     def close(self) -> None:
         self.transport.close()
-        self.limits.close()
+        self.side.close()
 
     def _limit_read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self.limits._limit_read(sql, params)
+        return self.side._limit_read(sql, params)
 
     def _limit_write(self) -> AbstractContextManager[Run]:
-        return self.limits._limit_write()
+        return self.side._limit_write()
+
+    def create_portal_token(self, token: PortalToken, secret_hash: bytes) -> PortalToken:
+        self.get_account(token.account_id)  # NotFound says which
+        return self.side.create_portal_token(token, secret_hash)
+
+    def find_portal_tokens_by_lookup(self, lookup: bytes) -> list[tuple[PortalToken, bytes]]:
+        return self.side.find_portal_tokens_by_lookup(lookup)
+
+    def revoke_portal_token(self, token_id: str) -> PortalToken:
+        return self.side.revoke_portal_token(token_id, time.time_ns() // 1_000_000)
 
     def _seqs(self, count: int) -> int:
         """The first of ``count`` increasing sequence numbers: nanoseconds of the clock, so

@@ -1,5 +1,5 @@
 """The storage protocol's part for limits and alerts (store/limitstore.py implements it in
-SQL both stores share)."""
+SQL every store shares)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Limits, webhook endpoints, crossings and deliveries: their part of the storage protocol,
-and one implementation in portable SQL that both stores share through two small hooks
+and one implementation in portable SQL that every store shares through two small hooks
 (``_limit_read`` and ``_limit_write``; PostgreSQL's placeholders are rewritten from ``?``).
 
 The tables are small and off the write path: nothing here runs in an event batch's

@@ -174,7 +174,24 @@ CREATE TABLE {table} (
     if table != "rollup"
 )
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2)  # version n is MIGRATIONS[n - 1]
+# Version 3: portal tokens (portal.py), short-lived read-only credentials found like keys.
+# "IF NOT EXISTS": a database taken back to an earlier version (as the migration tests do)
+# may still hold the table.
+_V3 = """
+CREATE TABLE IF NOT EXISTS portal_tokens (
+    id text PRIMARY KEY,
+    account text NOT NULL REFERENCES accounts(id),
+    metrics text,
+    secret_hash bytea NOT NULL UNIQUE,
+    lookup bytea NOT NULL,
+    created_at bigint NOT NULL,
+    expires_at bigint NOT NULL,
+    revoked_at bigint
+);
+CREATE INDEX IF NOT EXISTS portal_tokens_lookup ON portal_tokens(lookup);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)  # version n is MIGRATIONS[n - 1]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -31,8 +31,8 @@ from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg_pool import ConnectionPool
 
-from usagemeter.model import Account, ApiKey, AppendResult, Event
-from usagemeter.store import redact
+from usagemeter.model import Account, ApiKey, AppendResult, Event, PortalToken
+from usagemeter.store import portalrows, redact
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
 from usagemeter.store.limitstore import LIMIT_SCHEMA, LimitTables, Run
 from usagemeter.store.pgschema import (
@@ -525,8 +525,32 @@ class PostgresStore(LimitTables):
                 seen[name] = sorted(str(r[0]) for r in found)
             return seen
 
+    def create_portal_token(self, token: PortalToken, secret_hash: bytes) -> PortalToken:
+        with self._pool.connection() as conn, conn.transaction():
+            self._rid(conn, "accounts", "account", token.account_id)  # NotFound says which
+            try:
+                conn.execute(portalrows.insert("%s"), portalrows.params(token, secret_hash))
+            except errors.UniqueViolation as exc:
+                raise Conflict(f"portal token id {token.id!r} is already taken") from exc
+        return token
+
+    def find_portal_tokens_by_lookup(self, lookup: bytes) -> list[tuple[PortalToken, bytes]]:
+        rows = self._rows(portalrows.select_by_lookup("%s"), (lookup,))
+        return [portalrows.token_from_row(row) for row in rows]
+
+    def revoke_portal_token(self, token_id: str) -> PortalToken:
+        with self._pool.connection() as conn:
+            row = conn.execute(portalrows.revoke("%s"), (_now_ms(), token_id)).fetchone()
+        if row is None:
+            raise NotFound(f"portal token {token_id!r} does not exist")
+        return portalrows.token_from_row(row)[0]
+
     def count_events(self) -> int:
         return int(self._rows("SELECT count(*) FROM events")[0][0])
+
+    def database_size(self) -> int:
+        """Bytes the database occupies (for GET /metrics)."""
+        return int(self._rows("SELECT pg_database_size(current_database())")[0][0])
 
     def iter_events(
         self,

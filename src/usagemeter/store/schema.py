@@ -44,6 +44,18 @@ CREATE TABLE IF NOT EXISTS keys (
     revoked_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS keys_lookup ON keys(lookup);
+-- Portal tokens (portal.py): short-lived read-only credentials, found like keys by lookup.
+CREATE TABLE IF NOT EXISTS portal_tokens (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL REFERENCES accounts(id),
+    metrics TEXT,
+    secret_hash BLOB NOT NULL UNIQUE,
+    lookup BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS portal_tokens_lookup ON portal_tokens(lookup);
 CREATE TABLE IF NOT EXISTS metrics (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS dimsets (id INTEGER PRIMARY KEY, dims TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS tagsets (id INTEGER PRIMARY KEY, tags TEXT NOT NULL UNIQUE);

@@ -29,7 +29,9 @@ from usagemeter.model import (
     ApiKey,
     AppendResult,
     Event,
+    PortalToken,
 )
+from usagemeter.store import portalrows
 from usagemeter.store.base import (
     AggregateRow,
     AggregateSpec,
@@ -377,6 +379,26 @@ class SQLiteStore(LimitTables):
             if cur.rowcount == 0:
                 raise NotFound(f"key {key_id!r} does not exist")
         return self.get_key(key_id)
+
+    def create_portal_token(self, token: PortalToken, secret_hash: bytes) -> PortalToken:
+        with self._write_lock:
+            self._account_rid(self._writer, token.account_id)  # NotFound says which
+            try:
+                self._writer.execute(portalrows.insert("?"), portalrows.params(token, secret_hash))
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"portal token id {token.id!r} is already taken") from exc
+        return token
+
+    def find_portal_tokens_by_lookup(self, lookup: bytes) -> list[tuple[PortalToken, bytes]]:
+        rows = self._reader().execute(portalrows.select_by_lookup("?"), (lookup,)).fetchall()
+        return [portalrows.token_from_row(row) for row in rows]
+
+    def revoke_portal_token(self, token_id: str) -> PortalToken:
+        with self._write_lock:
+            row = self._writer.execute(portalrows.revoke("?"), (_now_ms(), token_id)).fetchone()
+        if row is None:
+            raise NotFound(f"portal token {token_id!r} does not exist")
+        return portalrows.token_from_row(row)[0]
 
     def _key_rid(self, conn: sqlite3.Connection, key_id: str) -> int:
         rid = self._key_rids.get(key_id)
