@@ -89,6 +89,17 @@ def test_tracebacks_are_redacted() -> None:
     assert SECRET not in logging.Formatter().format(record)
 
 
+@given(account=st.from_regex(r"[a-z][a-z0-9-]{0,12}", fullmatch=True))
+def test_a_format_naming_a_key_path_keeps_its_placeholders(account: str) -> None:
+    """The format "/keys/%s/usage" is not itself a key path to rewrite: its arguments still
+    fill it, and the secret among them is gone."""
+    record = logging.LogRecord(
+        "usagemeter", logging.INFO, __file__, 1, "%s asked /keys/%s/usage", (account, SECRET), None
+    )
+    RedactSecrets().filter(record)
+    assert record.getMessage() == f"{account} asked /keys/{{key}}/usage"
+
+
 def test_the_served_access_log_keeps_no_secret(store: SQLiteStore, tenants: Tenants) -> None:
     """End to end: a real uvicorn with the access log on, as ``serve --access-log`` runs."""
     from tests.live import serve_in_thread

@@ -62,7 +62,20 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        record.msg = redact(str(record.msg))
+        if not record.args:
+            record.msg = redact(str(record.msg))
+        else:
+            # The format is never rewritten on its own: "/keys/%s/usage" would lose its %s.
+            # The whole line is judged instead, as a secret may span format and arguments,
+            # and replaces both only when something in it must go (uvicorn's access format
+            # never does, and its formatter reads the arguments).
+            try:
+                whole = record.getMessage()
+            except (TypeError, ValueError, KeyError):  # a malformed call: keep its parts
+                record.msg, record.args = redact(f"{record.msg} {record.args!r}"), ()
+            else:
+                if redact(whole) != whole:
+                    record.msg, record.args = redact(whole), ()
         if record.exc_info and not record.exc_text:
             # Formatted here so that an exception's message (which may quote a request)
             # is redacted too; handlers print exc_text as it is.

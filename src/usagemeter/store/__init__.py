@@ -67,10 +67,12 @@ def _open_clickhouse(url: str, scheme: str) -> Store:
     from usagemeter.store.chtransport import ChdbTransport, HttpTransport, Transport
     from usagemeter.store.clickhouse import ClickHouseStore
 
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query)
+    # The query string is cut off by hand: urlunsplit would turn chdb:////abs into chdb://abs.
+    url, _, query_string = url.partition("?")
+    query = parse_qsl(query_string)
     side_db = [v for k, v in query if k == "side_db"]
-    url = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "side_db"])))
+    rest = urlencode([(k, v) for k, v in query if k != "side_db"])
+    url = f"{url}?{rest}" if rest else url
     transport: Transport
     if scheme == "chdb":
         path = url.split("://", 1)[1][1:]
