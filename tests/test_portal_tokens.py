@@ -13,7 +13,9 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import Clock, Tenants, event
 from usagemeter.api.app import create_app
+from usagemeter.store import open_store
 from usagemeter.store.base import Store
+from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.postgres import PostgresStore
 from usagemeter.store.sqlite import SQLiteStore
 
@@ -166,8 +168,11 @@ def test_another_server_on_the_same_store_sees_issue_and_revocation(
     """Tokens live in the store, not in a process: a second server over the same database
     (a second process, as far as the store can tell) takes a token the first issued, and
     refuses it from the request after the first revoked it."""
+    other: Store
     if isinstance(store, PostgresStore):
-        other: Store = PostgresStore(request.getfixturevalue("postgres_url"), pool_size=2)
+        other = PostgresStore(request.getfixturevalue("postgres_url"), pool_size=2)
+    elif isinstance(store, ClickHouseStore):
+        other = open_store(request.getfixturevalue("clickhouse_home"))
     else:
         other = SQLiteStore(db_path)
     try:

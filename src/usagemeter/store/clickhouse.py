@@ -366,6 +366,14 @@ class ClickHouseStore(LimitTables):
     def count_events(self) -> int:
         return int(self.transport.query("SELECT count() FROM events")[0][0])
 
+    def database_size(self) -> int:
+        """Bytes the database's active parts occupy (for GET /metrics)."""
+        rows = self.transport.query(
+            "SELECT sum(bytes_on_disk) FROM system.parts"
+            " WHERE database = currentDatabase() AND active"
+        )
+        return int(rows[0][0]) if rows else 0
+
     def iter_events(
         self,
         accounts: Sequence[str] | None = None,

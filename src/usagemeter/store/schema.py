@@ -21,7 +21,23 @@ from typing import Any
 from usagemeter.store.sqlplan import DAY_MS, HOUR_MS
 from usagemeter.timewindows import SLOT_MS
 
-SCHEMA = """
+PORTAL_TOKENS = """
+-- Portal tokens (portal.py): short-lived read-only credentials, found like keys by lookup.
+CREATE TABLE IF NOT EXISTS portal_tokens (
+    id TEXT PRIMARY KEY,
+    account TEXT NOT NULL REFERENCES accounts(id),
+    metrics TEXT,
+    secret_hash BLOB NOT NULL UNIQUE,
+    lookup BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS portal_tokens_lookup ON portal_tokens(lookup);
+"""
+
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS accounts (
     rid INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -44,19 +60,9 @@ CREATE TABLE IF NOT EXISTS keys (
     revoked_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS keys_lookup ON keys(lookup);
--- Portal tokens (portal.py): short-lived read-only credentials, found like keys by lookup.
-CREATE TABLE IF NOT EXISTS portal_tokens (
-    id TEXT PRIMARY KEY,
-    account TEXT NOT NULL REFERENCES accounts(id),
-    metrics TEXT,
-    secret_hash BLOB NOT NULL UNIQUE,
-    lookup BLOB NOT NULL,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    revoked_at INTEGER
-);
-CREATE INDEX IF NOT EXISTS portal_tokens_lookup ON portal_tokens(lookup);
-CREATE TABLE IF NOT EXISTS metrics (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+"""
+    + PORTAL_TOKENS
+    + """CREATE TABLE IF NOT EXISTS metrics (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS dimsets (id INTEGER PRIMARY KEY, dims TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS tagsets (id INTEGER PRIMARY KEY, tags TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS tagset_tags (
@@ -100,6 +106,7 @@ CREATE TABLE IF NOT EXISTS rollup (
     PRIMARY KEY (metric, account, slot, key, billable, dimset, tagset)
 ) WITHOUT ROWID;
 """
+)
 # Coarse rollups: whole UTC hours and days, without dimension or tag sets. Most reports ask
 # for a metric per day or hour with no dimension in sight; these answer them from a few rows
 # per unit whatever the dimensions' cardinality (a session id per event, say). The keyed

@@ -8,26 +8,30 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from usagemeter.model import PortalToken
 from usagemeter.store import portalrows
 from usagemeter.store.base import Conflict, NotFound
 from usagemeter.store.limitstore import LimitTables, Run
+from usagemeter.store.schema import PORTAL_TOKENS
 
 SIDE_TABLES = ("deliveries", "crossings", "webhook_endpoints", "limits", "portal_tokens")
-# As in schema.py, but the account is not a foreign key: accounts live in the main store.
-PORTAL_TOKENS = """CREATE TABLE IF NOT EXISTS portal_tokens (
-    id TEXT PRIMARY KEY,
-    account TEXT NOT NULL,
-    metrics TEXT,
-    secret_hash BLOB NOT NULL UNIQUE,
-    lookup BLOB NOT NULL,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    revoked_at INTEGER
-)"""
+
+
+@contextmanager
+def sqlite_transaction(conn: sqlite3.Connection, lock: threading.Lock) -> Iterator[Run]:
+    """A write transaction on ``conn`` (taken at once: BEGIN IMMEDIATE), under ``lock``; the
+    runner it yields executes statements in it."""
+    with lock:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield lambda sql, params: conn.execute(sql, params).fetchall()
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
 
 class SideFile(LimitTables):
@@ -41,9 +45,10 @@ class SideFile(LimitTables):
         self._conn.execute("PRAGMA synchronous=FULL")  # a recorded crossing survives a crash
         self._conn.execute("PRAGMA busy_timeout=10000")  # other processes on the same file
         self._create_limit_tables()
-        with self._limit_write() as run:
-            run(PORTAL_TOKENS, ())
-            run("CREATE INDEX IF NOT EXISTS portal_tokens_lookup ON portal_tokens(lookup)", ())
+        # The table of schema.py; its account names an account of the main store (foreign
+        # keys are not enforced in this file).
+        with self._lock:
+            self._conn.executescript(PORTAL_TOKENS)
 
     def close(self) -> None:
         with self._lock:
@@ -53,17 +58,8 @@ class SideFile(LimitTables):
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
-    @contextmanager
-    def _limit_write(self) -> Iterator[Run]:
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield lambda sql, params: conn.execute(sql, params).fetchall()
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _limit_write(self) -> AbstractContextManager[Run]:
+        return sqlite_transaction(self._conn, self._lock)
 
     # ------------------------------------------------------------ portal tokens
 

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from usagemeter.store.schema import (
     SCHEMA_VERSION,
     Rollups,
 )
+from usagemeter.store.sidefile import sqlite_transaction
 from usagemeter.store.sqlplan import event_from_row, plan_aggregate, plan_export, run_plans
 
 log = logging.getLogger("usagemeter")
@@ -738,14 +739,5 @@ class SQLiteStore(LimitTables):
     def _limit_read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._reader().execute(sql, params).fetchall()
 
-    @contextmanager
-    def _limit_write(self) -> Iterator[Run]:
-        with self._write_lock:
-            conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield lambda sql, params: conn.execute(sql, params).fetchall()
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _limit_write(self) -> AbstractContextManager[Run]:
+        return sqlite_transaction(self._writer, self._write_lock)
