@@ -22,7 +22,7 @@ from usagemeter.client import UsageClient, UsageError
 from usagemeter.gate import LimitGate
 from usagemeter.limitmodel import Crossing, Delivery, DeliveryStatus, Limit, Period
 from usagemeter.limits import period_at
-from usagemeter.middleware import UsageMiddleware
+from usagemeter.middleware import UsageMiddleware, WSGIUsageMiddleware
 from usagemeter.model import Account
 from usagemeter.store.base import Conflict, NotFound, Store
 from usagemeter.timewindows import BillingCycle, parse_zone
@@ -376,3 +376,40 @@ def test_a_misspelled_parameter_is_refused(
     assert check.status_code == 400 and "tz" in check.json()["error"]["message"]
     listing = client.get("/v1/webhooks/deliveries?acount=root", headers=op)
     assert listing.status_code == 400 and "'account'" in listing.json()["error"]["message"]
+
+
+def test_wsgi_middleware_refuses_an_account_over_its_block_limit(
+    client: TestClient, op: dict[str, str], tenants: Tenants
+) -> None:
+    make_limit(client, op, "other", metric="requests", amount=1, action="block", period="total")
+    usage = UsageClient(
+        "http://testserver",
+        op["Authorization"].removeprefix("Bearer "),
+        http=client,
+        background=False,
+    )
+
+    def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"hi"]
+
+    app = WSGIUsageMiddleware(
+        hello,
+        client=usage,
+        account=lambda environ: environ.get("HTTP_X_ACCOUNT"),
+        block=LimitGate(usage, "requests", ttl_s=0),
+    )
+    statuses: list[str] = []
+
+    def call(account: str) -> bytes:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/hello", "HTTP_X_ACCOUNT": account}
+        body = b"".join(
+            app(environ, lambda status, headers, exc_info=None: statuses.append(status))
+        )
+        return body
+
+    assert call("other") == b"hi" and call("root") == b"hi"
+    usage.flush()
+    refused = json.loads(call("other"))
+    assert statuses[-1].startswith("429") and refused["exceeded"] is True and refused["used"] == 1
+    assert call("root") == b"hi" and statuses[-1].startswith("200")

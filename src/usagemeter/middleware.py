@@ -18,6 +18,7 @@ request: a metering problem is logged.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
@@ -135,15 +136,26 @@ class WSGIUsageMiddleware:
         client: UsageClient,
         account: Callable[[dict[str, Any]], str | None],
         metric: str = "requests",
+        block: LimitGate | None = None,
     ) -> None:
+        """``block``: as for UsageMiddleware, a 429 with the limit check's body."""
         self.app = app
         self.client = client
         self.account = _checked(account, "WSGI environ")
         self.metric = metric
+        self.block = block
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
+        if self.block is not None:
+            account = _account_of(self.account, environ, environ.get("PATH_INFO", ""))
+            refusal = None if account is None else self.block.refusal(account)
+            if refusal is not None:
+                body = json.dumps(refusal).encode()
+                headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+                start_response("429 Too Many Requests", headers)
+                return [body]
         status = 500
 
         def start_seeing_status(code: str, headers: Any, exc_info: Any = None) -> Any:
