@@ -244,6 +244,39 @@ def test_a_crossing_missed_by_a_crash_fires_at_the_next_start(
     assert body["used"] == 10 and body["threshold"] == 100
 
 
+def test_a_crash_loses_no_alert_of_an_old_period(
+    store: Store, clock: Clock, op: dict[str, str], tenants: Tenants, receiver: Receiver
+) -> None:
+    """A backfill into a day long past, committed by a process that died before it
+    evaluated it: the current and previous periods say nothing of it, the event log does."""
+    receiver.failures = 0
+    with TestClient(fast_app(store, clock)) as first:
+        setup(first, op, receiver.url, period="day", thresholds=[100], amount=3)
+        first.post("/v1/events", json=lookups("now", 1, "2025-03-15T09:00:00Z"), headers=op)
+        settle(first)
+    Ingestor(store).ingest(lookups("old", 3, "2025-03-02T12:00:00Z"))  # the crash
+    with TestClient(fast_app(store, clock)) as second:
+        settle(second)
+    [(_, body)] = receiver.delivered()
+    assert (body["period_start"], body["used"]) == ("2025-03-02T00:00:00Z", 3)
+
+
+def test_the_event_log_says_what_was_touched(store: Store, tenants: Tenants) -> None:
+    before = store.last_seq()
+    ingest = Ingestor(store)
+    ingest.ingest(lookups("a", 2, "2025-03-02T12:00:00Z") + lookups("b", 1, "2025-03-09T00:14:59Z"))
+    middle = store.last_seq()
+    ingest.ingest([event("c", "root", "requests", "2025-03-10T10:00:00Z")])
+    assert before < middle < store.last_seq()
+    touched = sorted(store.touched(before, middle, ["lookups", "requests"]))
+    march_2, march_9 = 1740916800000, 1741479299000
+    assert touched == [("root", "lookups", march_2, march_2), ("root", "lookups", march_9, march_9)]
+    assert store.touched(middle, store.last_seq(), ["lookups"]) == []
+    assert [t[:2] for t in store.touched(middle, store.last_seq(), ["requests"])] == [
+        ("root", "requests")
+    ]
+
+
 def test_pending_deliveries_survive_a_restart(
     store: Store, clock: Clock, op: dict[str, str], tenants: Tenants, tmp_path: Path
 ) -> None:

@@ -63,12 +63,14 @@ class Alerts:
         self._refreshed = 0.0
         self._reconciled = 0.0
         self._thread: threading.Thread | None = None
+        self._read_upto: int | None = None  # where this process's last read of the log ended
 
     # ------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         self.refresh()
         try:
+            self.read_log()
             self.reconcile()
         except Exception:
             log.exception("reconciling limits at start failed; alerts go on")
@@ -130,6 +132,36 @@ class Alerts:
             self.dispatcher.wake()
         return fired
 
+    def read_log(self) -> None:
+        """Evaluate what the event log holds past the stored cursor: the durable path, as
+        the events' own transaction wrote it (the in-memory queue only makes alerts fast).
+        A crash between an event's commit and its evaluation is caught up here on the next
+        start, whatever period the event fell in.
+
+        The cursor moves to where this process's *previous* read ended, not this one: on
+        PostgreSQL and ClickHouse an event numbered below the newest visible one may still
+        be committing, so each read looks again at the stretch the last one read (a
+        crossing is recorded once, so reading twice costs a query, never a second alert).
+        Only a write still uncommitted a whole read interval after it was numbered could be
+        missed by this path."""
+        high = self.store.last_seq()
+        cursor = self.store.alert_cursor()
+        if cursor is None:
+            # The first start with alerts: the log before it is history, which the
+            # reconcile of current and previous periods covers.
+            self.store.advance_alert_cursor(high)
+            self._read_upto = high
+            return
+        watched = sorted(self._by_metric)
+        touched: Touched = {}
+        if watched and high > cursor:
+            for account, metric, first, last in self.store.touched(cursor, high, watched):
+                touched.setdefault((account, metric), []).extend((first, last))
+        self._evaluate(touched)
+        if self._read_upto is not None:
+            self.store.advance_alert_cursor(self._read_upto)
+        self._read_upto = high
+
     def _run(self) -> None:
         while True:
             try:
@@ -166,6 +198,7 @@ class Alerts:
         try:
             self.refresh()
             if time.monotonic() - self._reconciled > RECONCILE_S:
+                self.read_log()
                 self.reconcile()
         except Exception:
             log.exception("reconciling limits failed; trying again later")

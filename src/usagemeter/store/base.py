@@ -129,6 +129,20 @@ class Store(LimitStore, Protocol):
         ...
 
     def count_events(self) -> int: ...
+    def last_seq(self) -> int:
+        """The arrival number of the latest stored event (0: none yet). Events are numbered
+        as they are stored, so a reader of the event log can go on from where it stopped
+        (PostgreSQL and ClickHouse: numbers of concurrent writers may become visible out of
+        order; see alerts.py)."""
+        ...
+
+    def touched(
+        self, after_seq: int, upto_seq: int, metrics: Sequence[str]
+    ) -> list[tuple[str, str, int, int]]:
+        """What the events numbered in (after_seq, upto_seq] of ``metrics`` touched: per
+        account, metric and 15-minute stretch, (account, metric, earliest ts, latest ts)."""
+        ...
+
     def iter_events(
         self,
         accounts: Sequence[str] | None = None,

@@ -45,6 +45,7 @@ from usagemeter.store.postgres import _digest
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row
 from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import run_plans
+from usagemeter.timewindows import SLOT_MS
 
 EXPORT_PAGE = 10_000  # events per query while exporting
 _EVENT_COLUMNS = (
@@ -365,6 +366,23 @@ class ClickHouseStore(LimitTables):
 
     def count_events(self) -> int:
         return int(self.transport.query("SELECT count() FROM events")[0][0])
+
+    def last_seq(self) -> int:
+        rows = self.transport.query("SELECT max(seq) FROM events")
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+    def touched(
+        self, after_seq: int, upto_seq: int, metrics: Sequence[str]
+    ) -> list[tuple[str, str, int, int]]:
+        if not metrics:
+            return []
+        rows = self.transport.query(
+            "SELECT account, metric, min(ts), max(ts) FROM events"
+            f" WHERE seq > {literal(after_seq)} AND seq <= {literal(upto_seq)}"
+            f" AND metric IN ({literals(metrics)})"
+            f" GROUP BY account, metric, intDiv(ts, {SLOT_MS})"
+        )
+        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
 
     def database_size(self) -> int:
         """Bytes the database's active parts occupy (for GET /metrics)."""

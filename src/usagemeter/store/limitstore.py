@@ -73,6 +73,11 @@ LIMIT_SCHEMA = (
     delivered_at BIGINT
 )""",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_at)",
+    # One row: how far the alerts have read the event log (alerts.py).
+    """CREATE TABLE IF NOT EXISTS alert_log_cursor (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    seq BIGINT NOT NULL
+)""",
 )
 
 Run = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
@@ -206,6 +211,20 @@ class LimitTables:
             )
         if not deleted:
             raise NotFound(f"account {account_id!r} has no limit on {metric!r}")
+
+    # -------------------------------------------------------- the log's cursor
+
+    def alert_cursor(self) -> int | None:
+        rows = self._limit_read("SELECT seq FROM alert_log_cursor")
+        return int(rows[0][0]) if rows else None
+
+    def advance_alert_cursor(self, seq: int) -> None:
+        with self._limit_write() as run:
+            run(
+                "INSERT INTO alert_log_cursor (one, seq) VALUES (1, ?) ON CONFLICT (one)"
+                " DO UPDATE SET seq = excluded.seq WHERE alert_log_cursor.seq < excluded.seq",
+                (seq,),
+            )
 
     # ---------------------------------------------------------------- webhooks
 

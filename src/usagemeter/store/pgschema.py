@@ -191,7 +191,13 @@ CREATE TABLE IF NOT EXISTS portal_tokens (
 CREATE INDEX IF NOT EXISTS portal_tokens_lookup ON portal_tokens(lookup);
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)  # version n is MIGRATIONS[n - 1]
+# Version 4: events found by arrival number, for the alerts' reader of the event log
+# (alerts.py); an index per partition, appended at its right edge.
+_V4 = """
+CREATE INDEX IF NOT EXISTS events_by_seq ON events (seq);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)  # version n is MIGRATIONS[n - 1]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -58,6 +58,7 @@ from usagemeter.store.sqlplan import (
     event_from_row,
     plan_aggregate,
     plan_export,
+    plan_touched,
     run_plans,
 )
 
@@ -547,6 +548,17 @@ class PostgresStore(LimitTables):
 
     def count_events(self) -> int:
         return int(self._rows("SELECT count(*) FROM events")[0][0])
+
+    def last_seq(self) -> int:
+        return int(self._rows("SELECT coalesce(max(seq), 0) FROM events")[0][0])
+
+    def touched(
+        self, after_seq: int, upto_seq: int, metrics: Sequence[str]
+    ) -> list[tuple[str, str, int, int]]:
+        if not metrics:
+            return []
+        sql, params = plan_touched(after_seq, upto_seq, metrics, POSTGRES)
+        return [(r[0], r[1], int(r[2]), int(r[3])) for r in self._rows(sql, params)]
 
     def database_size(self) -> int:
         """Bytes the database occupies (for GET /metrics)."""

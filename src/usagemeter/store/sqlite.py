@@ -58,7 +58,13 @@ from usagemeter.store.schema import (
     Rollups,
 )
 from usagemeter.store.sidefile import sqlite_transaction
-from usagemeter.store.sqlplan import event_from_row, plan_aggregate, plan_export, run_plans
+from usagemeter.store.sqlplan import (
+    event_from_row,
+    plan_aggregate,
+    plan_export,
+    plan_touched,
+    run_plans,
+)
 
 log = logging.getLogger("usagemeter")
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
@@ -718,6 +724,17 @@ class SQLiteStore(LimitTables):
 
     def count_events(self) -> int:
         return int(self._reader().execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def last_seq(self) -> int:
+        return int(self._reader().execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+
+    def touched(
+        self, after_seq: int, upto_seq: int, metrics: Sequence[str]
+    ) -> list[tuple[str, str, int, int]]:
+        if not metrics:
+            return []
+        sql, params = plan_touched(after_seq, upto_seq, metrics)
+        return [(r[0], r[1], int(r[2]), int(r[3])) for r in self._reader().execute(sql, params)]
 
     def iter_events(
         self,

@@ -380,6 +380,21 @@ def plan_export(
     return dialect.finish(sql), params
 
 
+def plan_touched(
+    after_seq: int, upto_seq: int, metrics: Sequence[str], dialect: Dialect = SQLITE
+) -> tuple[str, list[Any]]:
+    """What the events stored with seq in (after_seq, upto_seq] of ``metrics`` touched: per
+    account, metric and 15-minute stretch of time, the earliest and latest timestamp (two
+    real timestamps, so no period they touch is missed however the division rounds)."""
+    sql = (
+        "SELECT a.id, m.name, min(e.ts), max(e.ts) FROM events e"
+        " JOIN accounts a ON a.rid = e.account JOIN metrics m ON m.id = e.metric"
+        f" WHERE e.seq > ? AND e.seq <= ? AND m.name IN ({','.join('?' * len(metrics))})"
+        f" GROUP BY a.id, m.name, e.ts / {SLOT_MS}"
+    )
+    return dialect.finish(sql), [after_seq, upto_seq, *metrics]
+
+
 def event_from_row(row: Sequence[Any]) -> Event:
     """One row of ``plan_export``: dimensions as JSON text or, from PostgreSQL, decoded."""
     dims = row[7]
