@@ -413,3 +413,41 @@ def test_wsgi_middleware_refuses_an_account_over_its_block_limit(
     refused = json.loads(call("other"))
     assert statuses[-1].startswith("429") and refused["exceeded"] is True and refused["used"] == 1
     assert call("root") == b"hi" and statuses[-1].startswith("200")
+
+
+def test_deliveries_are_listed_in_pages(
+    client: TestClient, op: dict[str, str], store: Store, tenants: Tenants
+) -> None:
+    """Seven deliveries (two sharing a creation time): pages of two, in order, each once;
+    a status narrows; bad parameters are each named."""
+    made = []
+    for i, created in enumerate([5, 6, 6, 7, 8, 9, 10]):
+        crossing = Crossing(f"thr_{i}", "lim_1", "root", 1000 + i, 10.0, "{}", created)
+        status = DeliveryStatus.FAILED if i % 3 == 0 else DeliveryStatus.PENDING
+        delivery = Delivery(f"dlv_{i}", f"thr_{i}", "wh_1", "root", status, 0, 100, created)
+        assert store.record_crossing(crossing, [delivery])
+        made.append(delivery.id)
+    seen: list[str] = []
+    url = "/v1/webhooks/deliveries?limit=2"
+    while True:
+        page = client.get(url, headers=op)
+        assert page.status_code == 200, page.text
+        ids = [d["id"] for d in page.json()["data"]]
+        assert len(ids) <= 2
+        seen += ids
+        if page.json()["next"] is None:
+            break
+        assert page.json()["next"] == ids[-1]
+        url = f"/v1/webhooks/deliveries?limit=2&after={ids[-1]}"
+    assert seen == made
+    whole = client.get("/v1/webhooks/deliveries", headers=op).json()
+    assert [d["id"] for d in whole["data"]] == made and whole["next"] is None
+    failed = client.get("/v1/webhooks/deliveries?status=failed", headers=op).json()["data"]
+    assert [d["id"] for d in failed] == ["dlv_0", "dlv_3", "dlv_6"]
+    bad = client.get("/v1/webhooks/deliveries?status=lost&limit=0&after=dlv_x", headers=op)
+    assert bad.status_code == 400
+    assert [e["param"] for e in bad.json()["error"]["details"]["errors"]] == [
+        "status",
+        "limit",
+        "after",
+    ]

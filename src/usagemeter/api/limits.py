@@ -12,12 +12,14 @@ from starlette.concurrency import run_in_threadpool
 
 from usagemeter.alerts import Alerts
 from usagemeter.api.native import caller, refuse_unknown_params
+from usagemeter.api.params import ascii_int
 from usagemeter.api.responses import ApiError, JSONResponse
 from usagemeter.api.services import services
 from usagemeter.api.tenants import body_doc, decode, operator, readable_account, small_body
 from usagemeter.limitmodel import (
     Action,
     Delivery,
+    DeliveryStatus,
     Limit,
     Period,
     ThresholdUnit,
@@ -268,14 +270,56 @@ def list_webhooks(request: Request) -> JSONResponse:
     return JSONResponse({"data": [webhook_json(e) for e in endpoints]})
 
 
+DELIVERY_PAGE = 100  # deliveries per page unless ``limit`` says otherwise
+MAX_DELIVERY_PAGE = 1000
+
+
 @router.get("/v1/webhooks/deliveries", tags=["webhooks"])
-def list_deliveries(request: Request, account: str | None = None) -> JSONResponse:
-    """Every delivery of every alert, oldest first, with its status and attempts
-    (operator; ``account`` narrows it to one account's)."""
+def list_deliveries(
+    request: Request,
+    account: str | None = None,
+    status: str | None = None,
+    limit: str | None = None,
+    after: str | None = None,
+) -> JSONResponse:
+    """Deliveries of the alerts, oldest first, with their status and attempts (operator):
+    ``account`` narrows to one account's, ``status`` (pending, delivered, failed) to one
+    status; a page holds ``limit`` (default 100, at most 1000), and ``next`` names the
+    ``after`` that asks for the following page (null on the last)."""
     operator(request)
-    refuse_unknown_params(request, frozenset({"account"}))
-    deliveries = services(request).store.list_deliveries(account)
-    return JSONResponse({"data": [delivery_json(d) for d in deliveries]})
+    refuse_unknown_params(request, frozenset({"account", "status", "limit", "after"}))
+    store = services(request).store
+    errors = []
+    wanted = None
+    if status is not None:
+        try:
+            wanted = DeliveryStatus(status)
+        except ValueError:
+            choices = ", ".join(s.value for s in DeliveryStatus)
+            errors.append({"param": "status", "message": f"one of {choices}, not {status!r}"})
+    size = DELIVERY_PAGE if limit is None else ascii_int(limit)
+    if size is None or not 1 <= size <= MAX_DELIVERY_PAGE:
+        errors.append(
+            {"param": "limit", "message": f"a whole number from 1 to {MAX_DELIVERY_PAGE}"}
+        )
+    if after is not None:
+        try:
+            store.get_delivery(after)
+        except NotFound:
+            errors.append({"param": "after", "message": f"no delivery {after!r}"})
+    if errors:
+        message = "; ".join(f"{e['param']}: {e['message']}" for e in errors)
+        raise ApiError(400, "invalid_query", message, {"errors": errors})
+    assert size is not None
+    page = store.list_deliveries(account, status=wanted, after=after, limit=size + 1)
+    more = len(page) > size
+    page = page[:size]
+    return JSONResponse(
+        {
+            "data": [delivery_json(d) for d in page],
+            "next": page[-1].id if more else None,
+        }
+    )
 
 
 @router.post("/v1/webhooks/deliveries/{delivery_id}/replay", tags=["webhooks"])

@@ -59,7 +59,19 @@ class LimitStore(Protocol):
         """Record one attempt's outcome (attempts + 1)."""
         ...
 
-    def list_deliveries(self, account_id: str | None = None) -> list[Delivery]: ...
+    def list_deliveries(
+        self,
+        account_id: str | None = None,
+        *,
+        status: DeliveryStatus | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[Delivery]:
+        """Deliveries oldest first: one account's or all, of one status or any, those after
+        the delivery ``after`` names, at most ``limit``."""
+        ...
+
+    def get_delivery(self, delivery_id: str) -> Delivery: ...
     def replay_delivery(self, delivery_id: str, now_ms: int) -> Delivery:
         """Make a delivery pending and due now, whatever its status."""
         ...

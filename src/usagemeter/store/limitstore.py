@@ -336,15 +336,40 @@ class LimitTables:
                 (status.value, next_at_ms, error, delivered_at_ms, delivery_id),
             )
 
-    def list_deliveries(self, account_id: str | None = None) -> list[Delivery]:
-        if account_id is None:
-            rows = self._limit_read(f"SELECT {_DELIVERY_COLUMNS} ORDER BY d.created_at, d.id")
-        else:
-            rows = self._limit_read(
-                f"SELECT {_DELIVERY_COLUMNS} WHERE d.account = ? ORDER BY d.created_at, d.id",
-                (account_id,),
+    def list_deliveries(
+        self,
+        account_id: str | None = None,
+        *,
+        status: DeliveryStatus | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[Delivery]:
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if account_id is not None:
+            where.append("d.account = ?")
+            params.append(account_id)
+        if status is not None:
+            where.append("d.status = ?")
+            params.append(status.value)
+        if after is not None:  # keyset paging: after that delivery in (created_at, id) order
+            where.append(
+                "(d.created_at > (SELECT created_at FROM deliveries WHERE id = ?) OR"
+                " (d.created_at = (SELECT created_at FROM deliveries WHERE id = ?)"
+                " AND d.id > ?))"
             )
-        return [_delivery_from(row) for row in rows]
+            params.extend([after, after, after])
+        sql = f"SELECT {_DELIVERY_COLUMNS} WHERE {' AND '.join(where)} ORDER BY d.created_at, d.id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_delivery_from(row) for row in self._limit_read(sql, params)]
+
+    def get_delivery(self, delivery_id: str) -> Delivery:
+        rows = self._limit_read(f"SELECT {_DELIVERY_COLUMNS} WHERE d.id = ?", (delivery_id,))
+        if not rows:
+            raise NotFound(f"delivery {delivery_id!r} does not exist")
+        return _delivery_from(rows[0])
 
     def replay_delivery(self, delivery_id: str, now_ms: int) -> Delivery:
         with self._limit_write() as run:
