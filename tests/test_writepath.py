@@ -98,6 +98,34 @@ def test_a_file_of_the_version_that_folded_every_batch_is_not_folded_twice(
     reopened.close()
 
 
+def test_a_file_indexed_by_metric_first_is_indexed_by_time_and_answers_ragged_ends(
+    db_path: Path,
+) -> None:
+    store = _open(db_path)
+    # One event a minute for two hours, in two accounts.
+    store.append([Event(f"e{i}", "a", "m", BASE_MS + i * 60_000) for i in range(120)])
+    store.append([Event(f"e{i}", "b", "m", BASE_MS + i * 60_000) for i in range(120)])
+    store.close()
+    import sqlite3
+
+    # As the version before left a file: events indexed by (metric, account, ts).
+    conn = sqlite3.connect(db_path)
+    conn.execute("DROP INDEX events_ts")
+    conn.execute("CREATE INDEX events_time ON events(metric, account, ts)")
+    conn.commit()
+    conn.close()
+    reopened = _open(db_path)
+    indexes = {
+        row[0]
+        for row in reopened._writer.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+    }
+    assert "events_ts" in indexes and "events_time" not in indexes
+    # Ragged ends read raw events: from 00:07:30 to 01:52:00.5, minutes 8 to 112 of "a" only.
+    ragged = (Window(0, BASE_MS + 450_000, BASE_MS + 112 * 60_000 + 500),)
+    assert _totals(reopened, "a", ragged) == {0: (105, 105.0, 1.0, 1.0)}
+    reopened.close()
+
+
 APPENDER = """
 import sys
 from usagemeter.model import Event
