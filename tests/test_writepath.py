@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -43,6 +44,15 @@ def _totals(store: SQLiteStore, account: str, windows: tuple[Window, ...]) -> di
 
 def _day() -> tuple[Window, ...]:
     return (Window(0, BASE_MS, BASE_MS + 24 * HOUR_MS),)
+
+
+def _rewrite(path: Path, *statements: str) -> None:
+    """Change a closed file as an older version would have left it."""
+    conn = sqlite3.connect(path)
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
 
 
 def _stored_rollup_rows(store: SQLiteStore) -> int:
@@ -86,13 +96,7 @@ def test_a_file_of_the_version_that_folded_every_batch_is_not_folded_twice(
     # As version 2 left a file: every event already in the rollups, no fold mark.
     raw = SQLiteStore(db_path)
     raw.close()
-    import sqlite3
-
-    conn = sqlite3.connect(db_path)
-    conn.execute("DROP TABLE folded")
-    conn.execute("PRAGMA user_version = 2")
-    conn.commit()
-    conn.close()
+    _rewrite(db_path, "DROP TABLE folded", "PRAGMA user_version = 2")
     reopened = _open(db_path)
     assert _totals(reopened, "a", _day()) == {0: (10, 10.0, 1.0, 1.0)}
     reopened.close()
@@ -106,14 +110,10 @@ def test_a_file_indexed_by_metric_first_is_indexed_by_time_and_answers_ragged_en
     store.append([Event(f"e{i}", "a", "m", BASE_MS + i * 60_000) for i in range(120)])
     store.append([Event(f"e{i}", "b", "m", BASE_MS + i * 60_000) for i in range(120)])
     store.close()
-    import sqlite3
-
     # As the version before left a file: events indexed by (metric, account, ts).
-    conn = sqlite3.connect(db_path)
-    conn.execute("DROP INDEX events_ts")
-    conn.execute("CREATE INDEX events_time ON events(metric, account, ts)")
-    conn.commit()
-    conn.close()
+    _rewrite(
+        db_path, "DROP INDEX events_ts", "CREATE INDEX events_time ON events(metric, account, ts)"
+    )
     reopened = _open(db_path)
     indexes = {
         row[0]
