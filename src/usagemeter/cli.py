@@ -462,9 +462,10 @@ def ingest(
     pending: list[dict[str, Any]] = []
     lines: list[int] = []
 
-    # SQLite stores one chunk while the next is read and checked: on a file of millions of
-    # lines, decoding and validating took as long as storing. At most one chunk is in
-    # flight, so an interruption or a rejected chunk waits for it and reports exact counts.
+    # SQLite stores one chunk while the next is read and checked: reading and checking are
+    # Python, the store's inserts and fsync release the GIL, so they overlap. At most one
+    # chunk is in flight, so an interruption or a rejected chunk waits for it and reports
+    # exact counts.
     # Other stores write from this thread, as their clients expect.
     overlap = isinstance(store, SQLiteStore)
     writer = ThreadPoolExecutor(1, thread_name_prefix="ingest-writer")
