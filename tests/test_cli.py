@@ -125,6 +125,29 @@ def test_ingest_reports_bad_records_and_stores_nothing_of_their_batch(tmp_path: 
     )
 
 
+def test_ingest_stores_every_chunk_before_a_rejected_one_and_says_how_many(
+    tmp_path: Path,
+) -> None:
+    # Chunks of 3 are stored while the next is checked: the one refused (line 8, a NaN value
+    # that only json's dialect reads) must find the two before it stored, and say so.
+    db = str(tmp_path / "u.db")
+    run("accounts", "create", "Acme", "--id", "acme", "--db", db)
+    lines = [
+        json.dumps({"id": f"e{i}", "account": "acme", "metric": "m", "ts": 1735689600000 + i})
+        for i in range(9)
+    ]
+    lines[7] = lines[7].replace('"ts"', '"value": NaN, "ts"')
+    events = tmp_path / "events.ndjson"
+    events.write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["ingest", str(events), "--batch", "3", "--db", db])
+    assert result.exit_code == 2
+    assert "events.ndjson:8" in result.output and "value" in result.output
+    assert "6 events stored before it" in " ".join(result.output.split())
+    assert "total: 6" in run(
+        "query", "m", "acme", "--start", "2025-01-01", "--end", "2025-01-02", "--db", db
+    )
+
+
 def test_demo_is_idempotent(tmp_path: Path) -> None:
     db = str(tmp_path / "demo.db")
     first = json.loads(run("demo", "--db", db))

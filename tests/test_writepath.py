@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -43,6 +44,15 @@ def _totals(store: SQLiteStore, account: str, windows: tuple[Window, ...]) -> di
 
 def _day() -> tuple[Window, ...]:
     return (Window(0, BASE_MS, BASE_MS + 24 * HOUR_MS),)
+
+
+def _rewrite(path: Path, *statements: str) -> None:
+    """Change a closed file as an older version would have left it."""
+    conn = sqlite3.connect(path)
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
 
 
 def _stored_rollup_rows(store: SQLiteStore) -> int:
@@ -86,15 +96,33 @@ def test_a_file_of_the_version_that_folded_every_batch_is_not_folded_twice(
     # As version 2 left a file: every event already in the rollups, no fold mark.
     raw = SQLiteStore(db_path)
     raw.close()
-    import sqlite3
-
-    conn = sqlite3.connect(db_path)
-    conn.execute("DROP TABLE folded")
-    conn.execute("PRAGMA user_version = 2")
-    conn.commit()
-    conn.close()
+    _rewrite(db_path, "DROP TABLE folded", "PRAGMA user_version = 2")
     reopened = _open(db_path)
     assert _totals(reopened, "a", _day()) == {0: (10, 10.0, 1.0, 1.0)}
+    reopened.close()
+
+
+def test_a_file_indexed_by_metric_first_is_indexed_by_time_and_answers_ragged_ends(
+    db_path: Path,
+) -> None:
+    store = _open(db_path)
+    # One event a minute for two hours, in two accounts.
+    store.append([Event(f"e{i}", "a", "m", BASE_MS + i * 60_000) for i in range(120)])
+    store.append([Event(f"e{i}", "b", "m", BASE_MS + i * 60_000) for i in range(120)])
+    store.close()
+    # As the version before left a file: events indexed by (metric, account, ts).
+    _rewrite(
+        db_path, "DROP INDEX events_ts", "CREATE INDEX events_time ON events(metric, account, ts)"
+    )
+    reopened = _open(db_path)
+    indexes = {
+        row[0]
+        for row in reopened._writer.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+    }
+    assert "events_ts" in indexes and "events_time" not in indexes
+    # Ragged ends read raw events: from 00:07:30 to 01:52:00.5, minutes 8 to 112 of "a" only.
+    ragged = (Window(0, BASE_MS + 450_000, BASE_MS + 112 * 60_000 + 500),)
+    assert _totals(reopened, "a", ragged) == {0: (105, 105.0, 1.0, 1.0)}
     reopened.close()
 
 

@@ -14,6 +14,7 @@ import os
 import signal
 import sqlite3
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,7 +34,7 @@ from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_BATCH, MAX_FUTURE, BatchRejected, Ingestor
 from usagemeter.limits import InvalidLimit, build_limit, new_limit_id, wall_ms
 from usagemeter.meters import MeterRegistry, parse_aggregation
-from usagemeter.model import Account, Query, Scope
+from usagemeter.model import Account, AppendResult, Query, Scope
 from usagemeter.records import CsvRecords, RecordError, ndjson_records, where
 from usagemeter.serving import ServeLimits
 from usagemeter.store import open_store, redact, sqlite_path
@@ -461,11 +462,30 @@ def ingest(
     pending: list[dict[str, Any]] = []
     lines: list[int] = []
 
+    # SQLite stores one chunk while the next is read and checked: reading and checking are
+    # Python, the store's inserts and fsync release the GIL, so they overlap. At most one
+    # chunk is in flight, so an interruption or a rejected chunk waits for it and reports
+    # exact counts.
+    # Other stores write from this thread, as their clients expect.
+    overlap = isinstance(store, SQLiteStore)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="ingest-writer")
+    in_flight: Future[AppendResult] | None = None
+
+    def settle() -> None:
+        nonlocal accepted, duplicates, in_flight
+        if in_flight is not None:
+            result, in_flight = in_flight.result(), None
+            accepted += result.accepted
+            duplicates += result.duplicates
+
     def flush() -> None:
-        nonlocal accepted, duplicates
+        nonlocal in_flight
+        if not pending:
+            return
         try:
-            result = ingestor.ingest(pending)
+            events = ingestor.validate(pending)
         except BatchRejected as exc:
+            settle()
             for e in exc.errors[:20]:
                 column = csv_records.column_of(e.field) if csv_records else None
                 err.print(f"{where(file, lines[e.index], column, e.field)}: {e.message}")
@@ -477,8 +497,12 @@ def ingest(
                 f" {accepted:,} events stored before it. Fix the file and run again: stored"
                 " events are skipped"
             ) from None
-        accepted += result.accepted
-        duplicates += result.duplicates
+        settle()
+        if overlap:
+            in_flight = writer.submit(ingestor.append, events)
+        else:
+            in_flight = Future()
+            in_flight.set_result(ingestor.append(events))
         pending.clear()
         lines.clear()
 
@@ -496,6 +520,7 @@ def ingest(
                 data = record.data
                 if isinstance(data, dict) and data.get("type") in ("account", "key"):
                     flush()  # events before it go first, in file order
+                    settle()
                     try:
                         if load_record(store, data):
                             created[data["type"] + "s"] += 1
@@ -516,8 +541,12 @@ def ingest(
                 if pending:
                     flush()
                 interrupt.asked = False  # the file was read to its end: nothing left over
+            settle()
         except RecordError as exc:
+            settle()
             raise _fail(f"{exc}; {accepted:,} events stored before it") from None
+        finally:
+            writer.shutdown()
     summary: dict[str, Any] = {"records": count, "accepted": accepted, "duplicates": duplicates}
     if any(created.values()):
         summary.update(created)

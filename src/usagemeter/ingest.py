@@ -458,6 +458,10 @@ class Ingestor:
     def ingest_json(self, body: bytes, ndjson: bool, caller: ApiKey | None) -> AppendResult:
         return self._append(self.validate_json(body, ndjson, caller))
 
+    def append(self, events: Sequence[Event]) -> AppendResult:
+        """Store events ``validate`` returned (the after-append hooks run as for ``ingest``)."""
+        return self._append(events)
+
     def _append(self, events: Sequence[Event]) -> AppendResult:
         with self.writing(events) as write:
             write.result = self.store.append(events)

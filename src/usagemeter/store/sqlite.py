@@ -157,6 +157,10 @@ class SQLiteStore(LimitTables):
         existed = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
         ).fetchone()
+        if conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'events_time'"
+        ).fetchone():
+            log.warning("indexing the events of %s by time first (once)", self.path)
         conn.executescript(SCHEMA)
         if existed and version == FOLDED_EVERY_BATCH:
             conn.execute("UPDATE folded SET seq = (SELECT coalesce(max(seq), 0) FROM events)")
