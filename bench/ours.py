@@ -42,7 +42,7 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """The process and all its descendants (uvicorn may fork workers)."""
     out, todo = [], [pid]
     while todo:
@@ -77,7 +77,7 @@ class MemoryWatch:
             self.sample()
 
     def sample(self) -> None:
-        pids = _tree(self.pid)
+        pids = process_tree(self.pid)
         rss = sum(_status_kb(p, "VmRSS") for p in pids)
         hwm = max((_status_kb(p, "VmHWM") for p in pids), default=0)
         self.peak_kb = max(self.peak_kb, rss, hwm)
@@ -134,6 +134,11 @@ class Service:
     @property
     def version(self) -> str:
         return importlib.metadata.version("usagemeter")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
 
     @property
     def headers(self) -> dict[str, str]:

@@ -33,6 +33,10 @@ class StoreCluster(peer.PostgresPeer):
     def url(self) -> str:
         return f"postgresql://bench@/usagemeter?host={self.root}&port={self.port}"
 
+    def postmaster_pid(self) -> int:
+        """The server's first process: every backend is its child."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def db_bytes(self) -> int:
         with psycopg.connect(self.url) as conn:
             row = conn.execute("SELECT pg_database_size(current_database())").fetchone()

@@ -4,22 +4,47 @@
 The bench's durable cluster (bench/pgstore.py) and its generated events; each run loads a
 fresh database, the same events in the same batches, half of them to each server when there
 are two. Prints events/s for each, and checks the stored total.
+
+The machine is shared, so events/s moves with whatever else runs. Beside it the bench prints
+what the load cost in CPU: seconds of the usagemeter processes and of the PostgreSQL server
+(its backends included), and so events per CPU second, which other work changes far less.
+That is the figure to compare two versions by, and what an idle machine's rate follows: on
+C cores of its own, ingest can reach about C x events per CPU second.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import threading
+from pathlib import Path
 
 import psycopg
 
 from bench import generate as g
 from bench import render
 from bench.httpload import LoadResult, post_all
-from bench.ours import Service
+from bench.ours import Service, process_tree
 from bench.pgstore import StoreCluster
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process, its live descendants and the children it has
+    reaped: PostgreSQL's backends end with their connections, and the postmaster reaps them."""
+    total = 0
+    for n, p in enumerate(process_tree(pid)):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if n == 0:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return total / TICKS
 
 
 def _load(services: list[Service], bodies: list[bytes], clients: int) -> tuple[float, int]:
@@ -47,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--clients", type=int, default=4, help="concurrent clients per server")
+    p.add_argument(
+        "--servers", type=int, nargs="+", default=[1, 2], help="server counts to run, in order"
+    )
     args = p.parse_args(argv)
     start_ms = g.window_start_ms(dt.datetime.now(dt.UTC).date())
     events = g.all_events(1, args.events)
@@ -55,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = [(a, g.key_id(i, k)) for i, a in enumerate(accounts) for k in range(g.KEYS_PER_ACCOUNT)]
     cluster = StoreCluster()
     try:
-        for servers in (1, 2):
+        for servers in args.servers:
             name = f"usagemeter{servers}"
+            cluster.execute(f"DROP DATABASE IF EXISTS {name}")
             cluster.execute(f"CREATE DATABASE {name}")
             url = cluster.url.replace("/usagemeter?", f"/{name}?")
             services = [Service(store=url) for _ in range(servers)]
@@ -64,17 +93,22 @@ def main(argv: list[str] | None = None) -> int:
                 for s in services:
                     s.start()
                 services[0].create(accounts, keys)
+                pids = [cluster.postmaster_pid(), *(s.pid for s in services)]
+                before = [cpu_seconds(pid) for pid in pids]
                 seconds, accepted = _load(services, bodies, args.clients)
+                spent = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
             finally:
                 for s in services:
                     s.close()
             with psycopg.connect(url) as conn:
                 row = conn.execute("SELECT count(*) FROM events").fetchone()
             stored = int(row[0]) if row else 0
+            cpu = sum(spent)
             print(
                 f"{servers} server(s), {args.clients} clients each, batches of {args.batch}: "
                 f"{accepted:,} events in {seconds:.1f} s = {accepted / seconds:,.0f} events/s; "
-                f"stored {stored:,}",
+                f"CPU {sum(spent[1:]):.1f} s usagemeter + {spent[0]:.1f} s PostgreSQL"
+                f" = {accepted / cpu:,.0f} events per CPU second; stored {stored:,}",
                 flush=True,
             )
             if stored != len(events):

@@ -191,6 +191,27 @@ def test_the_same_batches_racing_on_two_handles_count_once(adapter: Adapter) -> 
 # ---------------------------------------------------------------- conflicts
 
 
+def test_a_gauge_keeps_the_latest_value_and_the_later_event_on_a_tie(adapter: Adapter) -> None:
+    store = adapter.reopen()
+    _accounts(store)
+    hour = BASE_MS + 5 * HOUR_MS
+
+    def latest() -> float | None:
+        spec = AggregateSpec(
+            ("a",), "m", (Window(0, BASE_MS, BASE_MS + DAY_MS),), (Measure("latest"),)
+        )
+        return store.aggregate(spec)[0].values[0]
+
+    # Within one batch, the same ts: the later event wins, at every grain (the day's rows).
+    store.append([_event(1, ts=hour, value=5.0), _event(2, ts=hour, value=7.0)])
+    assert latest() == 7.0
+    # A later batch: an older ts changes nothing; the same ts wins again.
+    store.append([_event(3, ts=hour - 1, value=100.0)])
+    assert latest() == 7.0
+    store.append([_event(4, ts=hour, value=3.0), _event(5, ts=hour - HOUR_MS, value=9.0)])
+    assert latest() == 3.0
+
+
 def test_a_known_id_with_another_payload_is_a_conflict(adapter: Adapter) -> None:
     store = adapter.reopen()
     _accounts(store)

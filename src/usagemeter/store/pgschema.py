@@ -63,14 +63,18 @@ def fold_into(table: str, source: str, order: str) -> str:
     """Fold the events of ``source`` (events' columns, and ``order`` telling later from
     earlier) into ``table``, adding to the rows already there. The latest value is the one
     with the greatest timestamp; on a tie the later event wins, as the later report of a
-    gauge should. Rows go in key order, so concurrent batches lock them in one order."""
+    gauge should. Rows go in key order, so concurrent batches lock them in one order.
+
+    The latest value is the last of the greatest (ts, order, value) array: an ordered
+    array_agg() sorts each group apart, which cost twice the whole fold. The array is of
+    float8, exact for every ts and order below 2^53 (ts in ms: the year 287396)."""
     keys, unit = ROLLUPS[table]
     columns = ", ".join(keys)
     select = ", ".join(_floor_div("ts", unit) if k == "slot" else k for k in keys)
     positions = ", ".join(str(n + 1) for n in range(len(keys)))
     return f"""INSERT INTO {table} AS r ({columns}, cnt, total, vmin, vmax, last_ts, last_val)
 SELECT {select}, count(*), sum(value), min(value), max(value), max(ts),
-       (array_agg(value ORDER BY ts DESC, {order} DESC))[1]
+       (max(ARRAY[ts, {order}, value]))[3]
 FROM {source} GROUP BY {positions} ORDER BY {positions}
 ON CONFLICT ({columns}) DO UPDATE SET
     cnt = r.cnt + excluded.cnt,

@@ -23,12 +23,13 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
+from psycopg.types.numeric import Int8BinaryDumper
 from psycopg_pool import ConnectionPool
 
 from usagemeter.model import Account, ApiKey, AppendResult, Event, PortalToken
@@ -54,6 +55,7 @@ from usagemeter.store.rows import (
 )
 from usagemeter.store.sqlite import NO_KEY
 from usagemeter.store.sqlplan import (
+    DAY_MS,
     POSTGRES,
     event_from_row,
     plan_aggregate,
@@ -66,15 +68,18 @@ log = logging.getLogger("usagemeter")
 Conn = psycopg.Connection[tuple[Any, ...]]
 RETRIES = 5  # attempts at a batch that lost a deadlock or serialization race
 DEFAULT_POOL_SIZE = 10  # connections per process; see docs/scaling.md
+Dims = tuple[tuple[str, str], ...]  # an event's dimensions as sorted pairs: a cache key
+Name = TypeVar("Name", str, Dims, frozenset[str])
 
-# A batch in one statement. `input` is the batch less its in-batch repeats, in key order;
-# `fresh` the ids never seen before (the unique key makes a racing twin wait, then skip); their
-# events and rollups follow. The answer: the candidates that were not fresh, with the digest
-# this statement's snapshot holds for each.
+# A batch in one statement, its columns sent as binary arrays (text arrays cost the client
+# ten times more: each element is searched for characters to quote). `input` is the batch
+# less its in-batch repeats, in key order; `fresh` the ids never seen before (the unique key
+# makes a racing twin wait, then skip); their events and rollups follow. The answer: the
+# candidates that were not fresh, with the digest this statement's snapshot holds for each.
 APPEND_SQL = (
     "WITH input (account, metric, ts, event_id, key, billable, dimset, tagset, value, digest,"
-    " ord) AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::bigint[], %s::text[],"
-    " %s::bigint[], %s::int2[], %s::int[], %s::int[], %s::float8[], %s::bytea[], %s::int[])),"
+    " ord) AS (SELECT * FROM unnest(%b::bigint[], %b::int[], %b::bigint[], %b::text[],"
+    " %b::bigint[], %b::int2[], %b::int[], %b::int[], %b::float8[], %b::bytea[], %b::int[])),"
     " fresh AS (INSERT INTO event_ids (account, event_id, digest)"
     " SELECT account, event_id, digest FROM input ORDER BY account, event_id"
     " ON CONFLICT DO NOTHING RETURNING account, event_id),"
@@ -110,10 +115,19 @@ def _configure(conn: Conn) -> None:
     # planned each time with their own windows and accounts.
     conn.execute("SET plan_cache_mode = force_generic_plan")
     conn.adapters.register_loader("numeric", _NumberLoader)
+    # A binary list of ints is bigint[] whatever its values, so the batch statement keeps
+    # one set of parameter types and one prepared plan (else int2[] or int4[] by the batch).
+    conn.adapters.register_dumper(int, Int8BinaryDumper)
 
 
 def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
+
+
+# One encoder for every digest and canonical text: json.dumps with options builds a new
+# encoder per call, which cost more than the encoding itself. The output is the same.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_ENCODE_SORTED = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 def _digest(event: Event) -> bytes:
@@ -127,8 +141,7 @@ def _digest(event: Event) -> bytes:
         sorted(event.dimensions.items()),
         sorted(event.tags),
     ]
-    text = json.dumps(payload, separators=(",", ":"))
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+    return hashlib.blake2b(_ENCODE(payload).encode(), digest_size=16).digest()
 
 
 def _refuse_nul(events: Sequence[Event]) -> None:
@@ -147,7 +160,7 @@ def _refuse_nul(events: Sequence[Event]) -> None:
 
 
 def _canon(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return _ENCODE_SORTED(value)
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
@@ -178,11 +191,12 @@ class PostgresStore(LimitTables):
         )
         self._create_limit_tables()
         self._metric_ids: dict[str, int] = {}
-        self._dimset_ids: dict[str, int] = {}
-        self._tagset_ids: dict[str, int] = {}
+        self._dimset_ids: dict[Dims, int] = {}
+        self._tagset_ids: dict[frozenset[str], int] = {}
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
         self._partitions: set[tuple[str, int, int]] = set()
+        self._days: set[int] = set()  # UTC days whose month has its partition
 
     def close(self) -> None:
         self._pool.close()
@@ -307,29 +321,47 @@ class PostgresStore(LimitTables):
     # ------------------------------------------------------------------ events
 
     def _intern(
-        self, conn: Conn, cache: dict[str, int], names: Iterable[str], insert: str, select: str
+        self,
+        conn: Conn,
+        cache: dict[Name, int],
+        names: Iterable[Name],
+        text: Callable[[Name], str],
+        insert: str,
+        select: str,
     ) -> None:
         """Give every name an id, committed at once by whichever process comes first, so a
-        batch's transaction never waits on another's new names."""
-        missing = sorted(set(names) - cache.keys())
+        batch's transaction never waits on another's new names. The cache is keyed by the
+        name as Python holds it (a set of tags, a tuple of dimension pairs), so that a known
+        name costs a dictionary probe, not its canonical text."""
+        missing = {name: text(name) for name in set(names) if name not in cache}
         if not missing:
             return
+        texts = sorted(set(missing.values()))
         with conn.transaction():
-            conn.execute(insert, (missing,))
-            cache.update(dict(conn.execute(select, (missing,)).fetchall()))
+            conn.execute(insert, (texts,))
+            ids: dict[str, int] = dict(conn.execute(select, (texts,)).fetchall())
+        cache.update((name, ids[t]) for name, t in missing.items())
 
-    def _intern_all(self, conn: Conn, events: Sequence[Event]) -> None:
+    def _intern_all(
+        self, conn: Conn, events: Sequence[Event]
+    ) -> tuple[list[Dims], list[frozenset[str]]]:
+        """Intern the batch's metrics, dimension sets and tag sets; the keys of each event's
+        dimension and tag sets in the caches."""
+        dims = [tuple(sorted(e.dimensions.items())) for e in events]
+        tags = [e.tags for e in events]
         self._intern(
             conn,
             self._metric_ids,
             (e.metric for e in events),
+            str,
             "INSERT INTO metrics (name) SELECT * FROM unnest(%s::text[]) ON CONFLICT DO NOTHING",
             "SELECT name, id FROM metrics WHERE name = ANY(%s)",
         )
         self._intern(
             conn,
             self._dimset_ids,
-            (_canon(e.dimensions) for e in events),
+            dims,
+            lambda pairs: _canon(dict(pairs)),
             "INSERT INTO dimsets (canon, dims) SELECT c, c::jsonb FROM unnest(%s::text[]) c"
             " ON CONFLICT DO NOTHING",
             "SELECT canon, id FROM dimsets WHERE canon = ANY(%s)",
@@ -337,7 +369,8 @@ class PostgresStore(LimitTables):
         self._intern(
             conn,
             self._tagset_ids,
-            (_canon(sorted(e.tags)) for e in events),
+            tags,
+            lambda names: _canon(sorted(names)),
             # A new tag set's tags are listed in the same statement, so they never lag it.
             "WITH new AS (INSERT INTO tagsets (tags) SELECT * FROM unnest(%s::text[])"
             " ON CONFLICT DO NOTHING RETURNING id, tags)"
@@ -345,6 +378,19 @@ class PostgresStore(LimitTables):
             " SELECT t, new.id FROM new, jsonb_array_elements_text(new.tags::jsonb) t",
             "SELECT tags, id FROM tagsets WHERE tags = ANY(%s)",
         )
+        return dims, tags
+
+    def _ensure_partitions(self, conn: Conn, events: Sequence[Event]) -> None:
+        """The monthly partitions of the batch's events, known by UTC day: a day's integer
+        division costs far less than a month's calendar arithmetic per event."""
+        days = {e.ts_ms // DAY_MS for e in events} - self._days
+        if not days:
+            return
+        months = {month_bounds(day * DAY_MS) for day in days} - self._partitions
+        if months:
+            ensure_partitions(conn, months)
+            self._partitions |= months
+        self._days |= days
 
     def append(self, events: Sequence[Event]) -> AppendResult:
         if not events:
@@ -362,19 +408,18 @@ class PostgresStore(LimitTables):
     def _append(self, conn: Conn, events: Sequence[Event]) -> AppendResult:
         _refuse_nul(events)
         accounts, keys = self._resolve(conn, events)
-        self._intern_all(conn, events)
-        months = {month_bounds(e.ts_ms) for e in events} - self._partitions
-        if months:
-            ensure_partitions(conn, months)
-            self._partitions |= months
+        dims, tags = self._intern_all(conn, events)
+        self._ensure_partitions(conn, events)
 
         # The first event of each (account, id) in the batch is the candidate; a later one
-        # is a duplicate, and a conflict when its payload differs.
+        # is a duplicate, and a conflict when its payload differs. Candidates go as one list
+        # per column, for unnest().
         first: dict[tuple[int, str], bytes] = {}
-        candidates: list[tuple[Any, ...]] = []
         index_of: dict[tuple[int, str], int] = {}
+        columns: list[list[Any]] = [[] for _ in range(11)]
         duplicates = 0
         conflicts: list[int] = []
+        metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
         for index, e in enumerate(events):
             account = accounts[e.account_id]
             digest = _digest(e)
@@ -386,27 +431,27 @@ class PostgresStore(LimitTables):
                 continue
             first[(account, e.id)] = digest
             index_of[(account, e.id)] = index
-            candidates.append(
-                (
-                    account,
-                    self._metric_ids[e.metric],
-                    e.ts_ms,
-                    e.id,
-                    NO_KEY if e.key_id is None else keys[e.key_id],
-                    1 if e.billable else 0,
-                    self._dimset_ids[_canon(e.dimensions)],
-                    self._tagset_ids[_canon(sorted(e.tags))],
-                    e.value,
-                    digest,
-                    index,
-                )
+            row = (
+                account,
+                metric_ids[e.metric],
+                e.ts_ms,
+                e.id,
+                NO_KEY if e.key_id is None else keys[e.key_id],
+                1 if e.billable else 0,
+                dimset_ids[dims[index]],
+                tagset_ids[tags[index]],
+                float(e.value),  # a binary float8[] takes no int among its floats
+                digest,
+                index,
             )
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
         # One statement, so one round trip and its own transaction: the new ids, their
         # events and every rollup. It answers, for each candidate already known, the digest
         # stored for it (NULL for a new one).
         # Prepared: its plan does not depend on the batch, and planning it cost ten times
         # what running it costs for a small batch.
-        known = conn.execute(APPEND_SQL, _columns(candidates, 11), prepare=True).fetchall()
+        known = conn.execute(APPEND_SQL, columns, prepare=True).fetchall()
         duplicates += len(known)
         missing = [(a, i) for a, i, digest in known if digest is None]
         stored = {(a, i): bytes(d) for a, i, d in known if d is not None}
@@ -423,7 +468,7 @@ class PostgresStore(LimitTables):
                 )
             )
         conflicts.extend(index_of[k] for k in stored if stored[k] != first[k])
-        accepted = len(candidates) - len(known)
+        accepted = len(columns[0]) - len(known)
         return AppendResult(accepted, duplicates, tuple(sorted(conflicts)))
 
     def _resolve(
