@@ -41,7 +41,6 @@ from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chschema import STATEMENTS
 from usagemeter.store.chtransport import Transport, literal, literals
 from usagemeter.store.limitstore import LimitTables, Run
-from usagemeter.store.postgres import _digest
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row
 from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import run_plans
@@ -72,6 +71,13 @@ def _set_id(items: tuple[str | tuple[str, str], ...]) -> int:
     few sets many times, hence the cache."""
     digest = hashlib.blake2b(msgspec.json.encode(items), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+def _digest(e: Event, dims: tuple[tuple[str, str], ...], tags: tuple[str, ...]) -> str:
+    """What identifies an event's payload, to tell a retry from a conflicting reuse of its
+    id (hex). msgspec encodes it: json.dumps took half of a batch's time in Python."""
+    payload = (e.metric, e.ts_ms, float(e.value), e.billable, e.key_id, dims, tags)
+    return hashlib.blake2b(msgspec.json.encode(payload), digest_size=16).hexdigest()
 
 
 def _now_ms() -> int:
@@ -292,7 +298,9 @@ class ClickHouseStore(LimitTables):
             conflicts: list[int] = []
             seq = self._seqs(len(events))
             for index, e in enumerate(events):
-                digest = _digest(e).hex()
+                dims = tuple(sorted(e.dimensions.items()))
+                tags = tuple(sorted(e.tags))
+                digest = _digest(e, dims, tags)
                 earlier = stored.get((e.account_id, e.id))
                 if earlier is not None:
                     duplicates += 1
@@ -300,8 +308,6 @@ class ClickHouseStore(LimitTables):
                         conflicts.append(index)
                     continue
                 stored[(e.account_id, e.id)] = digest
-                dims = tuple(sorted(e.dimensions.items()))
-                tags = tuple(sorted(e.tags))
                 rows.append(
                     (
                         e.account_id,
