@@ -97,6 +97,7 @@ class ClickHouseStore(LimitTables):
         # the insert of an account or key: ClickHouse enforces no unique keys itself.
         self._lock = threading.Lock()
         self._last_seq = 0
+        self._known: dict[str, set[str]] = {"accounts": set(), "keys": set()}
 
     def close(self) -> None:
         self.transport.close()
@@ -132,11 +133,16 @@ class ClickHouseStore(LimitTables):
         return {row[0] for row in rows}
 
     def _require(self, table: str, noun: str, ids: Sequence[str]) -> None:
-        wanted = sorted(set(ids))
+        # Accounts and keys are never deleted (a key is revoked, and a revoked key's events
+        # still count), so one found to exist is not looked up again: a batch then costs no
+        # lookups of its accounts and keys.
+        known = self._known[table]
+        wanted = sorted(set(ids) - known)
         found = self._ids(table, wanted)
         for ident in wanted:
             if ident not in found:
                 raise NotFound(f"{noun} {ident!r} does not exist")
+        known.update(found)
 
     # ---------------------------------------------------------------- accounts
 
