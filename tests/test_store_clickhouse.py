@@ -254,3 +254,49 @@ def test_answers_equal_sqlites_in_any_zone(
             answers.append((result.buckets, result.totals, result.total))
         results.append(answers)
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("aggregation", [Aggregation.COUNT, Aggregation.LATEST, Aggregation.SUM])
+def test_pieces_found_by_comparison_or_by_join_give_the_same_answers(
+    chstore: ClickHouseStore, monkeypatch: pytest.MonkeyPatch, aggregation: Aggregation
+) -> None:
+    """A row finds its piece by a multiIf when there are few pieces and by an ASOF JOIN when
+    there are many (chplan.FEW_PIECES): both ways give every question the same answer."""
+    chstore.create_account(Account("a", "A"))
+    chstore.append(
+        [
+            Event(
+                id=f"e{i}",
+                account_id="a",
+                metric="m",
+                ts_ms=BASE_MS + i * 7 * 60_000 + i,  # every 7 minutes and a few ms
+                value=float(i % 13),
+                dimensions={"agent": "x" if i % 3 else "y"},
+            )
+            for i in range(2_000)
+        ]
+    )
+    engine = Engine(chstore)
+    asked = [
+        (Granularity.HOUR, "America/New_York", ()),
+        (Granularity.DAY, "Asia/Kathmandu", ("agent",)),
+        (Granularity.TOTAL, "UTC", ()),
+    ]
+    for granularity, tz, group_by in asked:
+        query = Query(
+            accounts=("a",),
+            metric="m",
+            start=BASE + timedelta(milliseconds=1234),  # ragged ends: raw pieces too
+            end=BASE + timedelta(days=9, milliseconds=-77),
+            granularity=granularity,
+            tz=tz,
+            aggregations=(aggregation,),
+            group_by=group_by,
+        )
+        answers = []
+        for few in (0, 1_000_000):  # always joined; never joined
+            monkeypatch.setattr("usagemeter.store.chplan.FEW_PIECES", few)
+            result = engine.run(query)
+            answers.append((result.buckets, result.totals, result.total))
+        assert answers[0] == answers[1]
+        assert answers[0][2][0]  # something was counted

@@ -51,10 +51,21 @@ def _windows(pieces: Sequence[Piece]) -> str:
     )
 
 
-def _mapped(source: str, column: str, pieces: Sequence[Piece]) -> str:
-    """FROM and WHERE of ``source`` rows (a subquery with ``column`` and z = 0), each joined
-    to the piece holding it; rows outside every piece drop out."""
-    return (
+# Up to this many pieces, a row finds its piece by comparisons rather than a join.
+FEW_PIECES = 8
+
+
+def _mapped(source: str, column: str, pieces: Sequence[Piece]) -> tuple[str, str]:
+    """The piece index of each row of ``source`` (a subquery with ``column`` and z = 0), and
+    the FROM and WHERE that keep the rows inside some piece. Many pieces: an ASOF JOIN on the
+    piece's start (one binary search per row). A few (a whole range's total, ragged ends):
+    a multiIf, which costs no join (a report tagged prod took 1.3 times as long joined)."""
+    if len(pieces) <= FEW_PIECES:
+        cases = ", ".join(
+            f"s.{column} >= {lo} AND s.{column} < {hi}, {idx}" for idx, lo, hi in pieces
+        )
+        return f"multiIf({cases}, -1)", f"FROM ({source}) AS s WHERE idx >= 0"
+    return "w.idx", (
         f"FROM ({source}) AS s ASOF JOIN {_windows(pieces)} AS w"
         f" ON s.z = w.z AND s.{column} >= w.lo WHERE s.{column} < w.hi"
     )
@@ -145,10 +156,9 @@ def _prefold(
     source: str, column: str, pieces: Sequence[Piece], groups: int, values: Sequence[str]
 ) -> str:
     refs = ["idx", *[f"g{i}" for i in range(groups)]]
-    selected = ["w.idx AS idx", *refs[1:], *values]
-    return (
-        f"SELECT {', '.join(selected)} {_mapped(source, column, pieces)} GROUP BY {', '.join(refs)}"
-    )
+    index, rows = _mapped(source, column, pieces)
+    selected = [f"{index} AS idx", *refs[1:], *values]
+    return f"SELECT {', '.join(selected)} {rows} GROUP BY {', '.join(refs)}"
 
 
 def _select(groups: int, values: Sequence[str], source: str) -> str:
