@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from bench.peers import chdb_peer
 from bench.questions import Question
@@ -88,16 +89,48 @@ def batches(count: int) -> Iterator[list[Event]]:
         yield batch
 
 
-def load(store: Store, count: int) -> float:
-    """Events per second of appending all of them in batches of BATCH."""
+def load(store: Store, count: int, phases: dict[str, float] | None = None) -> float:
+    """Events per second of appending all of them in batches of BATCH; on a ClickHouse
+    store, ``phases`` collects the seconds spent in each step of an append."""
     for n in range(ACCOUNTS):
         store.create_account(Account(f"acct-{n}", f"Account {n}"))
+    timing = phases is not None and isinstance(store, ClickHouseStore)
+    if timing:
+        _time_phases(store, phases)
     elapsed = 0.0
     for batch in batches(count):
         began = time.perf_counter()
         store.append(batch)
         elapsed += time.perf_counter() - began
+    if timing:
+        phases["append, in all"] = elapsed
     return count / elapsed
+
+
+# The steps of ClickHouseStore.append, by the methods that do them; the rest is Python
+# (digests, rows, JSON encoding).
+PHASES = {
+    "_require": "accounts and keys checked",
+    "_stored_digests": "dedupe lookup in event_ids",
+    "insert": "INSERT (events, and every view's table)",
+}
+
+
+def _time_phases(store: ClickHouseStore, phases: dict[str, float]) -> None:
+    for owner in (store, store.transport):
+        for name, label in PHASES.items():
+            method = getattr(owner, name, None)
+            if method is None:
+                continue
+
+            def timed(*args: object, _method: Any = method, _label: str = label) -> object:
+                began = time.perf_counter()
+                try:
+                    return _method(*args)
+                finally:
+                    phases[_label] = phases.get(_label, 0.0) + time.perf_counter() - began
+
+            setattr(owner, name, timed)
 
 
 class Peer:
@@ -203,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         stores = {"ClickHouse": open_store(args.store or f"chdb:///{scratch}/chdb")}
         if not args.no_sqlite:
             stores["SQLite"] = open_store(f"sqlite:///{scratch}/usage.db")
-        rates = {name: load(store, args.events) for name, store in stores.items()}
+        phases: dict[str, float] = {}
+        rates = {name: load(store, args.events, phases) for name, store in stores.items()}
         peer = Peer(stores["ClickHouse"])
         peer_rate = peer.load(args.events)
         names = [*stores, "raw chDB peer"]
@@ -227,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             cells = " | ".join(f"{ms:.1f} ms" for ms, _ in measured)
             print(f"| {label}{'' if same else ' **(answers differ)**'} | {cells} |")
+        count = -(-args.events // BATCH)
+        print(f"\nClickHouse: one append of {BATCH:,} events, mean ms per step\n")
+        rest = phases["append, in all"] - sum(v for k, v in phases.items() if k in PHASES.values())
+        for label, seconds in [*phases.items(), ("the rest: digests, rows, encoding", rest)]:
+            print(f"- {label}: {seconds / count * 1000:.1f} ms")
         peer.close()
         for store in stores.values():
             store.close()
