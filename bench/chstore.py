@@ -30,6 +30,7 @@ from usagemeter.engine import Engine
 from usagemeter.model import Account, Event, Query, Result
 from usagemeter.store import open_store
 from usagemeter.store.base import Store
+from usagemeter.store.chschema import TABLES
 from usagemeter.store.chtransport import ChdbTransport
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.timewindows import Granularity
@@ -230,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", help="the ClickHouse store (default: chDB in a temp dir)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite store")
+    parser.add_argument(
+        "--merged",
+        action="store_true",
+        help="merge the ClickHouse store's parts before the questions (OPTIMIZE ... FINAL),"
+        " as the peer's are: the state a store reaches between bursts of ingest",
+    )
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-bench-"))
     try:
@@ -238,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             stores["SQLite"] = open_store(f"sqlite:///{scratch}/usage.db")
         phases: dict[str, float] = {}
         rates = {name: load(store, args.events, phases) for name, store in stores.items()}
-        peer = Peer(stores["ClickHouse"])
+        ours = stores["ClickHouse"]
+        if args.merged and isinstance(ours, ClickHouseStore):
+            for table in TABLES:
+                ours.transport.command(f"OPTIMIZE TABLE {table} FINAL")
+        peer = Peer(ours)
         peer_rate = peer.load(args.events)
         names = [*stores, "raw chDB peer"]
         print(f"{args.events:,} events, batches of {BATCH:,}\n")
