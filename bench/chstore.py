@@ -1,10 +1,14 @@
-"""usagemeter on ClickHouse (chDB) beside usagemeter on SQLite: the same generated events
-loaded into both in batches of 10,000 through the storage interface, then the heavy account's
-questions asked of both through the engine, every answer checked equal.
+"""usagemeter on ClickHouse (chDB) beside usagemeter on SQLite and the raw chDB peer: the same
+generated events loaded into each in batches of 10,000 (ours through the storage interface),
+then the heavy account's questions asked of each, every answer checked equal to SQLite's (the
+peer's overall total, which is all its GROUPING SETS share with ours).
 
-    python -m bench.chstore --events 1000000 [--store chdb:///dir] [--runs 5]
+    python -m bench.chstore --events 1000000 [--store chdb:///dir] [--runs 5] [--no-sqlite]
 
-Figures are medians of warm runs, in milliseconds, in this process (no HTTP).
+The peer (bench/peers/chdb_peer.py: raw events in one MergeTree, no dedupe, no rollups, no
+fsync) runs in the ClickHouse store's own chDB session, in a database of its own (chDB opens
+one directory per process), so both pay the same engine's fixed costs. Figures are medians
+of warm runs, in milliseconds, in this process (no HTTP).
 """
 
 from __future__ import annotations
@@ -15,14 +19,20 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from bench.peers import chdb_peer
+from bench.questions import Question
 from usagemeter.engine import Engine
 from usagemeter.model import Account, Event, Query, Result
 from usagemeter.store import open_store
 from usagemeter.store.base import Store
+from usagemeter.store.chschema import TABLES
+from usagemeter.store.chtransport import ChdbTransport
+from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.timewindows import Granularity
 
 ANCHOR = datetime(2025, 6, 1, tzinfo=UTC)  # the window's end
@@ -68,24 +78,116 @@ def generate(count: int, seed: int = 1) -> Iterator[Event]:
             )
 
 
-def load(store: Store, count: int) -> float:
-    """Events per second of appending all of them in batches of BATCH."""
-    for n in range(ACCOUNTS):
-        store.create_account(Account(f"acct-{n}", f"Account {n}"))
+def batches(count: int) -> Iterator[list[Event]]:
+    """The generated events in batches of BATCH."""
     batch: list[Event] = []
-    elapsed = 0.0
     for event in generate(count):
         batch.append(event)
         if len(batch) == BATCH:
-            began = time.perf_counter()
-            store.append(batch)
-            elapsed += time.perf_counter() - began
+            yield batch
             batch = []
     if batch:
+        yield batch
+
+
+def load(store: Store, count: int, phases: dict[str, float] | None = None) -> float:
+    """Events per second of appending all of them in batches of BATCH; on a ClickHouse
+    store, ``phases`` collects the seconds spent in each step of an append."""
+    for n in range(ACCOUNTS):
+        store.create_account(Account(f"acct-{n}", f"Account {n}"))
+    timing = phases is not None and isinstance(store, ClickHouseStore)
+    if timing:
+        _time_phases(store, phases)
+    elapsed = 0.0
+    for batch in batches(count):
         began = time.perf_counter()
         store.append(batch)
         elapsed += time.perf_counter() - began
+    if timing:
+        phases["append, in all"] = elapsed
     return count / elapsed
+
+
+# The steps of ClickHouseStore.append, by the methods that do them; the rest is Python
+# (digests, rows, JSON encoding).
+PHASES = {
+    "_require": "accounts and keys checked",
+    "_stored_digests": "dedupe lookup in event_ids",
+    "insert": "INSERT (events, and every view's table)",
+}
+
+
+def _time_phases(store: ClickHouseStore, phases: dict[str, float]) -> None:
+    for owner in (store, store.transport):
+        for name, label in PHASES.items():
+            method = getattr(owner, name, None)
+            if method is None:
+                continue
+
+            def timed(*args: object, _method: Any = method, _label: str = label) -> object:
+                began = time.perf_counter()
+                try:
+                    return _method(*args)
+                finally:
+                    phases[_label] = phases.get(_label, 0.0) + time.perf_counter() - began
+
+            setattr(owner, name, timed)
+
+
+class Peer:
+    """The raw chDB peer beside a chDB store, in the store's session: database ``bench``."""
+
+    def __init__(self, store: Store) -> None:
+        if not isinstance(store, ClickHouseStore) or not isinstance(store.transport, ChdbTransport):
+            raise SystemExit("the raw chDB peer needs a chdb:/// store")
+        self.transport = ChdbTransport(store.transport._shared.path, "bench")
+        self.transport.command(chdb_peer.SCHEMA)
+
+    def load(self, count: int) -> float:
+        """Events per second of inserting them in batches of BATCH, as the store was."""
+        columns = ("account", "key", "metric", "ts", "value", "billable", "dims", "tags")
+        elapsed = 0.0
+        for batch in batches(count):
+            began = time.perf_counter()
+            rows = [
+                (e.account_id, "", e.metric, e.ts_ms / 1000, e.value, True, e.dimensions, [*e.tags])
+                for e in batch
+            ]
+            self.transport.insert("events", columns, rows)
+            elapsed += time.perf_counter() - began
+        # As the peer does after its load (bench/peers/chdb_peer.py): one part to read.
+        self.transport.command("OPTIMIZE TABLE events FINAL")
+        return count / elapsed
+
+    def total(self, question: Question) -> float | None:
+        """The question's overall total: the GROUPING SETS row with neither bucket nor group."""
+        sql = chdb_peer.sql(question).split(" SETTINGS ")[0]
+        for start, group, value in self.transport.query(sql + " SETTINGS group_by_use_nulls = 1"):
+            if start is None and group is None:
+                return None if value is None else float(value)
+        return None
+
+    def close(self) -> None:
+        self.transport.command("DROP TABLE events")
+        self.transport.close()
+
+
+def peer_question(label: str, query: Query) -> Question:
+    """The peer's form of one of our questions."""
+    aggregation = {"Sessions": "unique_count", "StorageBytes": "latest"}.get(query.metric, "count")
+    return Question(
+        name=label,
+        label="heavy",
+        account=query.accounts[0],
+        metric=query.metric,
+        start=query.start,
+        end=query.end,
+        granularity="hour" if query.granularity is Granularity.HOUR else "day",
+        tz=query.tz,
+        aggregation=aggregation,
+        tags=tuple(sorted(query.tags)),
+        group_by=query.group_by[0] if query.group_by else None,
+    )
 
 
 def questions() -> dict[str, Query]:
@@ -110,14 +212,17 @@ def questions() -> dict[str, Query]:
     }
 
 
-def timed(run: Callable[[], Result], runs: int) -> tuple[float, Result]:
-    result = run()  # warm
-    times = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        result = run()
-        times.append((time.perf_counter() - began) * 1000)
-    return statistics.median(times), result
+def timed(runs: Sequence[Callable[[], object]], times: int) -> list[tuple[float, object]]:
+    """Median milliseconds and last answer of each of ``runs``, warmed once, then called in
+    turn ``times`` times: the machine's load then weighs on every system alike."""
+    answers = [run() for run in runs]
+    spent: list[list[float]] = [[] for _ in runs]
+    for _ in range(times):
+        for i, run in enumerate(runs):
+            began = time.perf_counter()
+            answers[i] = run()
+            spent[i].append((time.perf_counter() - began) * 1000)
+    return [(statistics.median(ms), answer) for ms, answer in zip(spent, answers, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,31 +230,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--store", help="the ClickHouse store (default: chDB in a temp dir)")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite store")
+    parser.add_argument(
+        "--merged",
+        action="store_true",
+        help="merge the ClickHouse store's parts before the questions (OPTIMIZE ... FINAL),"
+        " as the peer's are: the state a store reaches between bursts of ingest",
+    )
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-bench-"))
     try:
-        stores = {
-            "ClickHouse": open_store(args.store or f"chdb:///{scratch}/chdb"),
-            "SQLite": open_store(f"sqlite:///{scratch}/usage.db"),
-        }
-        rates = {name: load(store, args.events) for name, store in stores.items()}
+        stores = {"ClickHouse": open_store(args.store or f"chdb:///{scratch}/chdb")}
+        if not args.no_sqlite:
+            stores["SQLite"] = open_store(f"sqlite:///{scratch}/usage.db")
+        phases: dict[str, float] = {}
+        rates = {name: load(store, args.events, phases) for name, store in stores.items()}
+        ours = stores["ClickHouse"]
+        if args.merged and isinstance(ours, ClickHouseStore):
+            for table in TABLES:
+                ours.transport.command(f"OPTIMIZE TABLE {table} FINAL")
+        peer = Peer(ours)
+        peer_rate = peer.load(args.events)
+        names = [*stores, "raw chDB peer"]
         print(f"{args.events:,} events, batches of {BATCH:,}\n")
-        print("| | " + " | ".join(stores) + " |")
-        print("|---|" + "---:|" * len(stores))
-        print("| ingest, events/s | " + " | ".join(f"{r:,.0f}" for r in rates.values()) + " |")
+        print("| | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        figures = [f"{r:,.0f}" for r in [*rates.values(), peer_rate]]
+        print("| ingest, events/s | " + " | ".join(figures) + " |")
         for label, query in questions().items():
-            figures, answers = [], []
-            for store in stores.values():
-                ms, result = timed(lambda s=store, q=query: Engine(s).run(q), args.runs)
-                figures.append(f"{ms:.1f} ms")
-                answers.append((result.buckets, result.totals, result.total))
-            same = "" if answers[0] == answers[1] else " **(answers differ)**"
-            print(f"| {label}{same} | " + " | ".join(figures) + " |")
+            question = peer_question(label, query)
+            runs: list[Callable[[], object]] = [
+                *(lambda s=store, q=query: Engine(s).run(q) for store in stores.values()),
+                lambda q=question: peer.total(q),
+            ]
+            measured = timed(runs, args.runs)
+            results = [answer for _, answer in measured[:-1] if isinstance(answer, Result)]
+            answers = [(r.buckets, r.totals, r.total) for r in results]
+            peer_total = measured[-1][1]
+            same = all(a == answers[0] for a in answers) and _close(
+                peer_total if isinstance(peer_total, float) else None, answers[0][2][0]
+            )
+            cells = " | ".join(f"{ms:.1f} ms" for ms, _ in measured)
+            print(f"| {label}{'' if same else ' **(answers differ)**'} | {cells} |")
+        count = -(-args.events // BATCH)
+        print(f"\nClickHouse: one append of {BATCH:,} events, mean ms per step\n")
+        rest = phases["append, in all"] - sum(v for k, v in phases.items() if k in PHASES.values())
+        for label, seconds in [*phases.items(), ("the rest: digests, rows, encoding", rest)]:
+            print(f"- {label}: {seconds / count * 1000:.1f} ms")
+        peer.close()
         for store in stores.values():
             store.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def _close(peer: float | None, ours: float | None) -> bool:
+    return abs((peer or 0.0) - (ours or 0.0)) < 1e-9
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,9 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-peers", action="store_true", help="only our service")
     p.add_argument(
         "--store",
-        choices=["sqlite", "postgresql"],
+        choices=["sqlite", "postgresql", "chdb"],
         default="sqlite",
-        help="our store: SQLite (default), or PostgreSQL on a durable cluster the bench starts",
+        help="our store: SQLite (default), PostgreSQL on a durable cluster the bench starts,"
+        " or ClickHouse in the server's process (chDB)",
     )
     p.add_argument(
         "--ingest-only",
@@ -105,7 +107,11 @@ class Bench:
             from bench.pgstore import StoreCluster
 
             self.cluster = StoreCluster()
-        self.ours = Service(store=self.cluster.url if self.cluster else None)
+        store, workdir = self.cluster.url if self.cluster else None, None
+        if args.store == "chdb":  # chDB's files in the service's directory, removed with it
+            workdir = Path(tempfile.mkdtemp(prefix="usagemeter-bench-"))
+            store = f"chdb:///{workdir}/chdb"
+        self.ours = Service(workdir, store)
         self.peers: list = []
         self.loaded = 0
         self._events: g.Events | None = None
@@ -134,7 +140,11 @@ class Bench:
         log(f"ours: {len(accounts)} accounts, {len(keys)} keys")
         self.ours.create([*accounts, SINGLE_ACCOUNT], keys)
         r.versions[OURS] = self.ours.version + (
-            f" on PostgreSQL {self.cluster.version}" if self.cluster else " on SQLite"
+            f" on PostgreSQL {self.cluster.version}"
+            if self.cluster
+            else " on chDB"
+            if self.args.store == "chdb"
+            else " on SQLite"
         )
         if not self.args.no_peers:
             from bench.peers.chdb_peer import ChdbPeer

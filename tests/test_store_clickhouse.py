@@ -23,7 +23,7 @@ from usagemeter.engine import Engine
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import Account, Aggregation, Event, Meter, Query, Scope
 from usagemeter.store import open_store
-from usagemeter.store.base import AggregateSpec, Measure, Window
+from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chtransport import literal
 from usagemeter.store.clickhouse import ClickHouseStore
@@ -254,3 +254,67 @@ def test_answers_equal_sqlites_in_any_zone(
             answers.append((result.buckets, result.totals, result.total))
         results.append(answers)
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("aggregation", [Aggregation.COUNT, Aggregation.LATEST, Aggregation.SUM])
+def test_pieces_found_by_comparison_or_by_join_give_the_same_answers(
+    chstore: ClickHouseStore, monkeypatch: pytest.MonkeyPatch, aggregation: Aggregation
+) -> None:
+    """A row finds its piece by a multiIf when there are few pieces and by an ASOF JOIN when
+    there are many (chplan.FEW_PIECES): both ways give every question the same answer."""
+    chstore.create_account(Account("a", "A"))
+    chstore.append(
+        [
+            Event(
+                id=f"e{i}",
+                account_id="a",
+                metric="m",
+                ts_ms=BASE_MS + i * 7 * 60_000 + i,  # every 7 minutes and a few ms
+                value=float(i % 13),
+                dimensions={"agent": "x" if i % 3 else "y"},
+            )
+            for i in range(2_000)
+        ]
+    )
+    engine = Engine(chstore)
+    asked = [
+        (Granularity.HOUR, "America/New_York", ()),
+        (Granularity.DAY, "Asia/Kathmandu", ("agent",)),
+        (Granularity.TOTAL, "UTC", ()),
+    ]
+    for granularity, tz, group_by in asked:
+        query = Query(
+            accounts=("a",),
+            metric="m",
+            start=BASE + timedelta(milliseconds=1234),  # ragged ends: raw pieces too
+            end=BASE + timedelta(days=9, milliseconds=-77),
+            granularity=granularity,
+            tz=tz,
+            aggregations=(aggregation,),
+            group_by=group_by,
+        )
+        answers = []
+        for few in (0, 1_000_000):  # always joined; never joined
+            monkeypatch.setattr("usagemeter.store.chplan.FEW_PIECES", few)
+            result = engine.run(query)
+            answers.append((result.buckets, result.totals, result.total))
+        assert answers[0] == answers[1]
+        assert answers[0][2][0]  # something was counted
+
+
+def test_accounts_and_keys_seen_before_do_not_let_an_unknown_one_through(
+    chstore: ClickHouseStore,
+) -> None:
+    """The store remembers accounts and keys it found (they are never deleted): a batch that
+    names them beside an unknown one is still refused whole."""
+    chstore.create_account(Account("a", "A"))
+    issue_key(chstore, "a", key_id="ka", scopes=[Scope.INGEST])
+    assert chstore.append([_event(1, key_id="ka")]).accepted == 1  # both now remembered
+    for _ in range(2):  # and refused again: what was not found is not remembered
+        with pytest.raises(NotFound, match="'nobody'"):
+            chstore.append([_event(2, key_id="ka"), _event(3, account="nobody")])
+        with pytest.raises(NotFound, match="'kz'"):
+            chstore.append([_event(4, key_id="ka"), _event(5, key_id="kz")])
+    assert chstore.count_events() == 1
+    chstore.create_account(Account("nobody", "Now someone"))
+    assert chstore.append([_event(3, account="nobody")]).accepted == 1

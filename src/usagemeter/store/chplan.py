@@ -4,9 +4,11 @@ the way ClickHouse answers it fast.
 
 - A piece of a grain maps its rows to a window with an ASOF JOIN on the piece's start (the
   pieces of a grain never overlap): one binary search per row instead of a range join.
-- Each part pre-folds its rows per (window, account, key, dimension set) and the outer query
-  folds the parts per window and group. The latest value travels as an argMax state, so it
-  is exact over any range.
+- Each part computes the question's group values from its own rows and pre-folds them per
+  (window, group), carrying only the values the question asks for; the outer query folds the
+  parts per window and group. (Carrying the dimension maps through the join and folding per
+  dimension set first took 1.6 times as long for an hourly report grouped by status.) The
+  latest value travels as an argMax state, so it is exact over any range.
 - Distinct counts are never folded from buckets: they are counted over the raw events of each
   window (uniqExact), so a range's count is distinct over the range.
 """
@@ -21,15 +23,22 @@ from usagemeter.store.base import AggregateRow, AggregateSpec
 from usagemeter.store.chtransport import literal, literals
 from usagemeter.store.sqlplan import Grain, Piece, Plan, grains_for, split_windows
 
-# The fold of each aggregation over the parts' pre-folded rows.
-_OUTER = {
-    "count": "sum(cnt)",
-    "sum": "sum(total)",
-    "max": "max(vmax)",
-    "min": "min(vmin)",
-    "latest": "argMaxMerge(last)",
+# Each foldable aggregation as (the value a part pre-folds from a rollup's rows, the same
+# from raw events, the fold of the parts' values); a part carries only what the question asks.
+_FOLDS = {
+    "count": ("sum(cnt) AS cnt", "count() AS cnt", "sum(cnt)"),
+    "sum": ("sum(total) AS total", "sum(value) AS total", "sum(total)"),
+    "max": ("max(vmax) AS vmax", "max(value) AS vmax", "max(vmax)"),
+    "min": ("min(vmin) AS vmin", "min(value) AS vmin", "min(vmin)"),
+    "latest": (
+        "argMaxMergeState(last) AS last",
+        "argMaxState(value, (ts, seq)) AS last",
+        "argMaxMerge(last)",
+    ),
 }
-_EMPTY_DIMS = "CAST(map(), 'Map(String, String)')"
+# The rollup columns and the raw event columns each pre-fold reads.
+_ROLLUP_COLUMNS = {"count": "cnt", "sum": "total", "max": "vmax", "min": "vmin", "latest": "last"}
+_RAW_COLUMNS = {"count": "", "sum": "value", "max": "value", "min": "value", "latest": "value, seq"}
 
 
 def _windows(pieces: Sequence[Piece]) -> str:
@@ -42,10 +51,21 @@ def _windows(pieces: Sequence[Piece]) -> str:
     )
 
 
-def _mapped(source: str, column: str, pieces: Sequence[Piece]) -> str:
-    """FROM and WHERE of ``source`` rows (a subquery with ``column`` and z = 0), each joined
-    to the piece holding it; rows outside every piece drop out."""
-    return (
+# Up to this many pieces, a row finds its piece by comparisons rather than a join.
+FEW_PIECES = 8
+
+
+def _mapped(source: str, column: str, pieces: Sequence[Piece]) -> tuple[str, str]:
+    """The piece index of each row of ``source`` (a subquery with ``column`` and z = 0), and
+    the FROM and WHERE that keep the rows inside some piece. Many pieces: an ASOF JOIN on the
+    piece's start (one binary search per row). A few (a whole range's total, ragged ends):
+    a multiIf, which costs no join (a report tagged prod took 1.3 times as long joined)."""
+    if len(pieces) <= FEW_PIECES:
+        cases = ", ".join(
+            f"s.{column} >= {lo} AND s.{column} < {hi}, {idx}" for idx, lo, hi in pieces
+        )
+        return f"multiIf({cases}, -1)", f"FROM ({source}) AS s WHERE idx >= 0"
+    return "w.idx", (
         f"FROM ({source}) AS s ASOF JOIN {_windows(pieces)} AS w"
         f" ON s.z = w.z AND s.{column} >= w.lo WHERE s.{column} < w.hi"
     )
@@ -92,41 +112,58 @@ def _where(spec: AggregateSpec, grain: Grain | None, time_column: str, lo: int, 
     return " AND ".join(clauses)
 
 
-def _part(spec: AggregateSpec, grain: Grain, pieces: Sequence[Piece]) -> str:
+def _groups(group_columns: Sequence[str]) -> list[str]:
+    return [f"{c} AS g{i}" for i, c in enumerate(group_columns)]
+
+
+def _part(
+    spec: AggregateSpec,
+    grain: Grain,
+    pieces: Sequence[Piece],
+    group_columns: Sequence[str],
+    aggregations: Sequence[str],
+) -> str:
+    """One grain's rows pre-folded per window and group. The group values are computed in the
+    source, so only they and the asked values travel through the join, not the dimensions."""
     lo, hi = min(p[1] for p in pieces), max(p[2] for p in pieces)
-    key = "key" if grain.keyed else "''"
-    dimset, dims = ("dimset", "dims") if grain.detailed else ("0", _EMPTY_DIMS)
+    columns = [*_groups(group_columns), *dict.fromkeys(_ROLLUP_COLUMNS[a] for a in aggregations)]
     source = (
-        f"SELECT account, {key} AS key, {dimset} AS dimset, {dims} AS dims, slot,"
-        f" cnt, total, vmin, vmax, last, 0 AS z FROM {grain.table}"
+        f"SELECT {', '.join([*columns, 'slot', '0 AS z'])} FROM {grain.table}"
         f" WHERE {_where(spec, grain, 'slot', lo, hi)}"
     )
-    return (
-        "SELECT w.idx AS idx, account, key, dimset, any(dims) AS dims, sum(cnt) AS cnt,"
-        " sum(total) AS total, min(vmin) AS vmin, max(vmax) AS vmax,"
-        f" argMaxMergeState(last) AS last {_mapped(source, 'slot', pieces)}"
-        " GROUP BY idx, account, key, dimset"
+    return _prefold(
+        source, "slot", pieces, len(group_columns), [_FOLDS[a][0] for a in aggregations]
     )
 
 
-def _raw_part(spec: AggregateSpec, pieces: Sequence[Piece]) -> str:
+def _raw_part(
+    spec: AggregateSpec,
+    pieces: Sequence[Piece],
+    group_columns: Sequence[str],
+    aggregations: Sequence[str],
+) -> str:
     lo, hi = min(p[1] for p in pieces), max(p[2] for p in pieces)
+    raw = [c for a in aggregations for c in _RAW_COLUMNS[a].split(", ") if c]
+    columns = [*_groups(group_columns), *dict.fromkeys(raw)]
     source = (
-        "SELECT account, key, dimset, dims, ts, value, seq, 0 AS z FROM events"
+        f"SELECT {', '.join([*columns, 'ts', '0 AS z'])} FROM events"
         f" WHERE {_where(spec, None, 'ts', lo, hi)}"
     )
-    return (
-        "SELECT w.idx AS idx, account, key, dimset, any(dims) AS dims, count() AS cnt,"
-        " sum(value) AS total, min(value) AS vmin, max(value) AS vmax,"
-        f" argMaxState(value, (ts, seq)) AS last {_mapped(source, 'ts', pieces)}"
-        " GROUP BY idx, account, key, dimset"
-    )
+    return _prefold(source, "ts", pieces, len(group_columns), [_FOLDS[a][1] for a in aggregations])
 
 
-def _select(group_columns: Sequence[str], values: Sequence[str], source: str) -> str:
-    selected = ["idx", *[f"{c} AS g{i}" for i, c in enumerate(group_columns)], *values]
-    refs = ["idx", *[f"g{i}" for i in range(len(group_columns))]]
-    return f"SELECT {', '.join(selected)} {source} GROUP BY {', '.join(refs)}"
+def _prefold(
+    source: str, column: str, pieces: Sequence[Piece], groups: int, values: Sequence[str]
+) -> str:
+    refs = ["idx", *[f"g{i}" for i in range(groups)]]
+    index, rows = _mapped(source, column, pieces)
+    selected = [f"{index} AS idx", *refs[1:], *values]
+    return f"SELECT {', '.join(selected)} {rows} GROUP BY {', '.join(refs)}"
+
+
+def _select(groups: int, values: Sequence[str], source: str) -> str:
+    refs = ["idx", *[f"g{i}" for i in range(groups)]]
+    return f"SELECT {', '.join([*refs, *values])} {source} GROUP BY {', '.join(refs)}"
 
 
 def plan_aggregate(spec: AggregateSpec) -> list[Plan]:
@@ -138,29 +175,37 @@ def plan_aggregate(spec: AggregateSpec) -> list[Plan]:
     group_columns = _group_columns(spec.group_by)
     plans: list[Plan] = []
 
-    foldable = [i for i, m in enumerate(spec.measures) if m.aggregation in _OUTER]
+    foldable = [i for i, m in enumerate(spec.measures) if m.aggregation in _FOLDS]
     if foldable:
-        parts = [_part(spec, g, pieces[g]) for g in grains if pieces[g]]
+        aggregations = list(dict.fromkeys(spec.measures[i].aggregation for i in foldable))
+        parts = [
+            _part(spec, g, pieces[g], group_columns, aggregations) for g in grains if pieces[g]
+        ]
         if raw_pieces:
-            parts.append(_raw_part(spec, raw_pieces))
-        values = [_OUTER[spec.measures[i].aggregation] for i in foldable]
-        sql = _select(group_columns, values, "FROM (" + " UNION ALL ".join(parts) + ")")
+            parts.append(_raw_part(spec, raw_pieces, group_columns, aggregations))
+        values = [_FOLDS[spec.measures[i].aggregation][2] for i in foldable]
+        sql = _select(len(group_columns), values, "FROM (" + " UNION ALL ".join(parts) + ")")
         plans.append(Plan(sql, (), tuple(foldable), _decoder(spec, tuple(foldable))))
 
     windows = [(w.index, w.start_ms, w.end_ms) for w in spec.windows]
     lo, hi = min(w[1] for w in windows), max(w[2] for w in windows)
     for i, measure in enumerate(spec.measures):
-        if measure.aggregation in _OUTER:
+        if measure.aggregation in _FOLDS:
             continue
         if measure.aggregation != "unique_count" or measure.dimension is None:
             raise ValueError(f"unknown aggregation {measure.aggregation!r}")
+        # Only the counted value (and whether the event has it) travels through the join.
         name = literal(measure.dimension)
+        columns = [
+            *_groups(group_columns),
+            f"dims[{name}] AS v",
+            f"mapContains(dims, {name}) AS has",
+        ]
         source = (
-            "SELECT account, key, dims, ts, 0 AS z FROM events"
+            f"SELECT {', '.join([*columns, 'ts', '0 AS z'])} FROM events"
             f" WHERE {_where(spec, None, 'ts', lo, hi)}"
         )
-        value = f"uniqExactIf(dims[{name}], mapContains(dims, {name}))"
-        sql = _select(group_columns, [value], _mapped(source, "ts", sorted(windows)))
+        sql = _prefold(source, "ts", sorted(windows), len(group_columns), ["uniqExactIf(v, has)"])
         plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
     return plans
 
