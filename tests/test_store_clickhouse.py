@@ -26,7 +26,8 @@ from usagemeter.store import open_store
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chtransport import literal
-from usagemeter.store.clickhouse import ClickHouseStore
+from usagemeter.store.clickhouse import ClickHouseStore, _digest_v1
+from usagemeter.store.postgres import _digest as pg_digest
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import Granularity
 
@@ -55,6 +56,24 @@ def test_conflicts_are_reported_by_index(chstore: ClickHouseStore) -> None:
     retry = chstore.append([_event(2), _event(1, value=7.0), _event(3)])
     assert (retry.accepted, retry.duplicates, retry.conflicts) == (1, 2, (1,))
     assert chstore.count_events() == 3
+
+
+def test_a_retry_of_an_event_stored_with_the_earlier_digest_is_a_duplicate(
+    chstore: ClickHouseStore,
+) -> None:
+    """Events stored before the digest's encoding changed keep their digests: a retry of
+    one is still counted once and is not reported as a conflict."""
+    chstore.create_account(Account("a", "A"))
+    event = _event(1, value=3, dimensions={"route": "/x"}, tags=("t",))
+    chstore.append([event])
+    earlier = _digest_v1(event)
+    assert earlier == pg_digest(event).hex()  # what this store stored before
+    chstore.transport.command(
+        f"ALTER TABLE event_ids UPDATE digest = {literal(earlier)} WHERE id = 'e1'"
+        " SETTINGS mutations_sync = 1"
+    )
+    retry = chstore.append([event, _event(1, value=4)])
+    assert (retry.accepted, retry.duplicates, retry.conflicts) == (0, 2, (1,))
 
 
 def test_a_batch_of_the_largest_size_is_stored_and_deduplicated(chstore: ClickHouseStore) -> None:
