@@ -40,6 +40,7 @@ from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFoun
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chschema import STATEMENTS
 from usagemeter.store.chtransport import Transport, literal, literals
+from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.postgres import _digest
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row
@@ -78,7 +79,7 @@ def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
 
 
-class ClickHouseStore(LimitTables):
+class ClickHouseStore(ChCorrections, LimitTables):
     """The store on one ClickHouse database. Safe to share between threads. Limits, alerts
     and portal tokens live in a SQLite file beside it (``side_path``, see sidefile.py)."""
 
@@ -91,6 +92,7 @@ class ClickHouseStore(LimitTables):
         # the insert of an account or key: ClickHouse enforces no unique keys itself.
         self._lock = threading.Lock()
         self._last_seq = 0
+        self._create_void_tables()
 
     def close(self) -> None:
         self.transport.close()

@@ -38,6 +38,7 @@ from usagemeter.store.limitstore import LIMIT_SCHEMA, LimitTables, Run
 from usagemeter.store.pgschema import (
     ROLLUPS,
     ensure_partitions,
+    events_partitions,
     fold_into,
     migrate,
     month_bounds,
@@ -60,6 +61,7 @@ from usagemeter.store.sqlplan import (
     plan_export,
     run_plans,
 )
+from usagemeter.store.voidsql import VOID_SCHEMA, SqlCorrections
 
 log = logging.getLogger("usagemeter")
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -154,7 +156,7 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
-class PostgresStore(LimitTables):
+class PostgresStore(SqlCorrections, LimitTables):
     """The shared store on one PostgreSQL database. Safe to share between threads, and any
     number of processes may open the same database."""
 
@@ -569,6 +571,59 @@ class PostgresStore(LimitTables):
             for row in cursor:
                 yield event_from_row(row)
 
+    # ------------------------------------------------------------ corrections
+
+    _dialect = POSTGRES
+
+    def _begin_correction(self, run: Run, hold_ingest: bool) -> None:
+        if hold_ingest:
+            # A batch inserts into events (ROW EXCLUSIVE), which SHARE excludes: batches in
+            # flight commit first, new ones wait for the void. Without it, a batch that
+            # committed between the void's clearing of a rollup cell and its refold could be
+            # counted twice (in the cell it created and in the refold that read its event).
+            run("LOCK TABLE events IN SHARE MODE", ())
+
+    def _gone(self, run: Run, account: int, ids: Sequence[str]) -> set[str]:
+        rows = run(
+            "SELECT event_id FROM event_ids WHERE account = ? AND event_id = ANY(?)",
+            (account, list(ids)),
+        )
+        return {row[0] for row in rows}
+
+    def _claim_id(self, run: Run, account: int, event: Event) -> None:
+        if not run(
+            "INSERT INTO event_ids (account, event_id, digest) VALUES (?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING 1",
+            (account, event.id, _digest(event)),
+        ):
+            raise Conflict(f"event id {event.id!r} is already taken in this account")
+
+    def _refold(self, run: Run, account: int, metric: int, start_ms: int, end_ms: int) -> None:
+        for table in ROLLUPS:
+            run(
+                "WITH src AS (SELECT * FROM events WHERE account = ? AND metric = ?"
+                " AND ts >= ? AND ts < ?) " + fold_into(table, "src", "seq"),
+                (account, metric, start_ms, end_ms),
+            )
+
+    def _forget_accounts(self, account_ids: Sequence[str]) -> None:
+        for account_id in account_ids:
+            self._account_rids.pop(account_id, None)
+        self._key_rids.clear()
+
+    def _account_tables(self) -> tuple[str, ...]:
+        return ("event_ids",)
+
+    def compact(self) -> None:
+        """Drop the monthly partitions retention emptied, and VACUUM what remains."""
+        horizon = self.raw_horizon()
+        with self._pool.connection() as conn:
+            for name, _, end in events_partitions(conn):
+                if horizon is not None and end <= horizon:
+                    conn.execute(f"DROP TABLE {name}")
+                    self._partitions = {p for p in self._partitions if p[0] != name}
+            conn.execute("VACUUM (ANALYZE) events, event_ids")
+
     # ------------------------------------------------------ limits and alerts
 
     def _limit_read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -588,5 +643,5 @@ class PostgresStore(LimitTables):
         with self._limit_write() as run:
             # Two processes starting together: one creates, the other waits, then finds them.
             run("SELECT pg_advisory_xact_lock(7317001)", ())
-            for statement in LIMIT_SCHEMA:
+            for statement in (*LIMIT_SCHEMA, *VOID_SCHEMA):
                 run(statement, ())

@@ -17,7 +17,15 @@ from usagemeter.store.base import Conflict, NotFound
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.schema import PORTAL_TOKENS
 
-SIDE_TABLES = ("deliveries", "crossings", "webhook_endpoints", "limits", "portal_tokens")
+SIDE_TABLES = (
+    "deliveries",
+    "crossings",
+    "webhook_endpoints",
+    "limits",
+    "portal_tokens",
+    "voids",  # and the retention horizon: the ClickHouse store's (chvoids.py)
+    "raw_horizon",
+)
 
 
 @contextmanager
