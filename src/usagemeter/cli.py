@@ -31,6 +31,7 @@ from usagemeter.api.limits import limit_json
 from usagemeter.api.native import query_json
 from usagemeter.auth import issue_key
 from usagemeter.backup import RestoreRefused, account_records, load_record, restore
+from usagemeter.corrections import RawDropped
 from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_BATCH, MAX_FUTURE, BatchRejected, Ingestor
 from usagemeter.limits import InvalidLimit, build_limit, new_limit_id, wall_ms
@@ -583,7 +584,7 @@ def query(
             tags=frozenset(t for t in tags.split(",") if t),
         )
         result = Engine(store, _meters(meters)).run(q)
-    except (ValueError, NotFound) as exc:
+    except (ValueError, NotFound, RawDropped) as exc:
         raise _fail(str(exc)) from None
     if as_json:
         _print_json(query_json(result))

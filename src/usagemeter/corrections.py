@@ -22,8 +22,9 @@ from typing import Any
 MAX_IDS = 10_000  # ids one void names; a filter selects any number
 
 
-class RawDropped(ValueError):
-    """The question or correction needs raw events that retention has dropped."""
+class RawDropped(Exception):
+    """The question or correction needs raw events that retention has dropped. Not a
+    ValueError: nothing is wrong with the question as such (the API answers 409)."""
 
 
 @dataclass(frozen=True, slots=True)
