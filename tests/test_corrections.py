@@ -148,7 +148,9 @@ def test_an_amend_replaces_one_event_under_a_new_id(accounts: Store) -> None:
     assert again.replacement == "e1b" and _day(store)[:2] == (2, 9)
 
 
-def test_a_void_racing_concurrent_ingest_counts_every_survivor_once(accounts: Store) -> None:
+def test_voids_and_an_amend_racing_concurrent_ingest_count_every_survivor_once(
+    accounts: Store,
+) -> None:
     store = accounts
     store.append([_event(f"old{i}", BASE_MS + i * MIN_MS, 100) for i in range(50)])
     stop = threading.Event()
@@ -158,31 +160,30 @@ def test_a_void_racing_concurrent_ingest_counts_every_survivor_once(accounts: St
         for n in itertools.count():
             if stop.is_set():
                 return
-            store.append([_event(f"new{n}", BASE_MS + (n % 90) * MIN_MS, 1)])
+            store.append([_event(f"new{n}", BASE_MS + (50 + n % 60) * MIN_MS, 1)])
             sent.append(n)
 
     writer = threading.Thread(target=ingest)
     writer.start()
     try:
-        for i in range(0, 50, 10):
-            store.void_events(
-                VoidSelector("a", ids=tuple(f"eold{j}" for j in range(i, i + 10))),
-                "racing",
-                None,
-                NOW_MS,
-            )
+        for i in range(0, 40, 10):
+            ids = tuple(f"eold{j}" for j in range(i, i + 10))
+            store.void_events(VoidSelector("a", ids=ids), "racing", None, NOW_MS)
+        amend = VoidSelector("a", ids=("eold49",))
+        store.void_events(amend, "racing", None, NOW_MS, Amendment(1.0, "eamended"))
+        rest = VoidSelector(
+            "a", metric="m", start_ms=BASE_MS + 40 * MIN_MS, end_ms=BASE_MS + 49 * MIN_MS
+        )
+        store.void_events(rest, "racing", None, NOW_MS)
     finally:
         stop.set()
         writer.join()
-    # Only the new events remain, each counted once, at every grain.
-    expected = (len(sent), len(sent), 1, 1, 1, 0)
-    assert _day(store) == expected
-    hours = _report(
-        store,
-        "a",
-        tuple(Window(h, BASE_MS + h * HOUR_MS, BASE_MS + (h + 1) * HOUR_MS) for h in range(2)),
-    )
-    assert sum(r.values[0] or 0 for r in hours) == len(sent)
+    # The new events remain, and the amended one at its new value: each counted once, at
+    # every grain.
+    survivors = len(sent) + 1
+    assert _day(store) == (survivors, survivors, 1, 1, 1, 0)
+    hours = tuple(Window(h, BASE_MS + h * HOUR_MS, BASE_MS + (h + 1) * HOUR_MS) for h in range(2))
+    assert sum(r.values[0] or 0 for r in _report(store, "a", hours)) == survivors
 
 
 # ------------------------------------------------------------ property test

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 from usagemeter.corrections import (
     Amendment,
@@ -255,6 +254,3 @@ class ChCorrections(VoidLog):
         """Merge away deleted rows (OPTIMIZE ... FINAL); months retention emptied go whole."""
         for table in _EVENT_TABLES:
             self.transport.command(f"OPTIMIZE TABLE {table} FINAL")
-
-    def _limit_write(self) -> Any:
-        return self.side._limit_write()

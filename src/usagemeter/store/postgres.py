@@ -220,6 +220,8 @@ class PostgresStore(SqlCorrections, LimitTables):
                 raise Conflict(taken) from exc
 
     def create_account(self, account: Account) -> Account:
+        # A deleted account's id may come back as a new row (delete_account).
+        self._account_rids.pop(account.id, None)
         self._insert_under(
             "accounts",
             ACCOUNT_COLUMNS,
@@ -263,6 +265,7 @@ class PostgresStore(SqlCorrections, LimitTables):
     # -------------------------------------------------------------------- keys
 
     def create_key(self, key: ApiKey, secret_hash: bytes) -> ApiKey:
+        self._key_rids.pop(key.id, None)
         self._insert_under(
             "keys",
             KEY_COLUMNS,
@@ -577,11 +580,12 @@ class PostgresStore(SqlCorrections, LimitTables):
 
     def _begin_correction(self, run: Run, hold_ingest: bool) -> None:
         if hold_ingest:
-            # A batch inserts into events (ROW EXCLUSIVE), which SHARE excludes: batches in
-            # flight commit first, new ones wait for the void. Without it, a batch that
-            # committed between the void's clearing of a rollup cell and its refold could be
-            # counted twice (in the cell it created and in the refold that read its event).
-            run("LOCK TABLE events IN SHARE MODE", ())
+            # A batch inserts into events (ROW EXCLUSIVE), which this mode excludes, as it
+            # excludes another void: batches in flight commit first, new ones wait for the
+            # void. Without it, a batch (or a void) that committed between this void's
+            # clearing of a rollup cell and its refold could be counted twice: in the cell
+            # it wrote, and in the refold that read its events.
+            run("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE", ())
 
     def _gone(self, run: Run, account: int, ids: Sequence[str]) -> set[str]:
         rows = run(

@@ -305,6 +305,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"account id {account.id!r} is already taken") from exc
+            # A deleted account's id may come back as a new row (delete_account).
+            self._account_rids.pop(account.id, None)
         return self.get_account(account.id)
 
     def get_account(self, account_id: str) -> Account:
@@ -371,6 +373,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"key id {key.id!r} is already taken") from exc
+            self._key_rids.pop(key.id, None)
         return self.get_key(key.id)
 
     def get_key(self, key_id: str) -> ApiKey:
