@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from usagemeter.timewindows import from_ms, isoformat
+
 MAX_IDS = 10_000  # ids one void names; a filter selects any number
+DAY_MS = 86_400_000
 
 
 class RawDropped(Exception):
@@ -79,6 +83,43 @@ class VoidSelector:
                 problems.append("end: must be after start")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def check_horizon(self, horizon_ms: int | None) -> None:
+        """RawDropped if a filter reaches before the retention horizon (ids are checked one
+        by one: an id no longer stored is a Conflict, see ``check_found``)."""
+        if horizon_ms is not None and not self.ids:
+            assert self.start_ms is not None
+            if self.start_ms < horizon_ms:
+                raise RawDropped(
+                    f"raw events before {isoformat(from_ms(horizon_ms))} were dropped by"
+                    " retention (their rollups stay): they can no longer be voided or amended"
+                    " one by one"
+                )
+
+    def check_found(
+        self,
+        found: set[str],
+        gone: Callable[[list[str]], set[str]],
+        horizon_ms: int | None,
+        conflict: Callable[[str], Exception],
+        not_found: Callable[[str], Exception],
+    ) -> None:
+        """Every id the selector names must be among the events ``found``; of those that are
+        not, ``gone`` tells which were stored once (voided before, or dropped by retention:
+        a ``conflict``), the others never were (``not_found``)."""
+        missing = [i for i in dict.fromkeys(self.ids) if i not in found]
+        if not missing:
+            return
+        taken = gone(missing)
+        if taken:
+            kept = ""
+            if horizon_ms is not None:
+                kept = f" (raw events are kept from {isoformat(from_ms(horizon_ms))})"
+            raise conflict(
+                f"events {sorted(taken)[:10]} are no longer stored: voided before (see GET"
+                f" /v1/events/voids) or dropped by retention{kept}; nothing was voided"
+            )
+        raise not_found(f"no events {missing[:10]} in this account; nothing was voided")
 
     def as_dict(self) -> dict[str, Any]:
         """What the void record keeps of it (the fields given)."""
@@ -145,6 +186,15 @@ def new_void_id() -> str:
     global _last_ns
     _last_ns = max(_last_ns + 1, time.time_ns())
     return f"void_{_last_ns:x}{secrets.token_hex(4)}"
+
+
+def days_touched(rows: Iterable[Sequence[Any]]) -> dict[Any, set[int]]:
+    """The UTC days of each metric that rows of (id, metric, ts) fall on: the rollup cells a
+    void must recompute."""
+    days: dict[Any, set[int]] = {}
+    for _, metric, ts in rows:
+        days.setdefault(metric, set()).add(int(ts) // DAY_MS)
+    return days
 
 
 def merge_days(days: set[int]) -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ from usagemeter.corrections import (
     Amendment,
     VoidRecord,
     VoidSelector,
+    days_touched,
     merge_days,
     new_void_id,
 )
@@ -41,10 +42,8 @@ from usagemeter.store.voidsql import (
     ROLLUP_GRAINS,
     VoidLog,
     delete_account_rows,
-    gone_message,
     record_void,
     set_horizon,
-    too_old,
 )
 
 # Our own inserts are never deduplicated by block hash: a refold may produce the same rows
@@ -88,33 +87,24 @@ class ChCorrections(VoidLog):
         selector.validate()
         self._require("accounts", "account", [selector.account_id])
         horizon = self.raw_horizon()
-        if horizon is not None and not selector.ids:
-            assert selector.start_ms is not None
-            if selector.start_ms < horizon:
-                raise too_old(horizon)
+        selector.check_horizon(horizon)
         where = self._selection(selector)
         void_id = new_void_id()
         with self._lock:
             rows = self.transport.query(f"SELECT id, metric, ts FROM events WHERE {where}")
-            if selector.ids:
-                self._check_ids(selector, {row[0] for row in rows}, horizon)
+            selector.check_found(
+                {row[0] for row in rows},
+                lambda missing: self._gone(selector.account_id, missing),
+                horizon,
+                Conflict,
+                NotFound,
+            )
             replacement = None
             if amend is not None:
                 replacement = self._amend(selector, amend, void_id)
             delete_rows(self.transport, "events", where)
-            days: dict[str, set[int]] = {}
-            for _, metric, ts in rows:
-                days.setdefault(metric, set()).add(int(ts) // DAY_MS)
-            self._recompute(selector.account_id, days)
-            record = VoidRecord(
-                id=void_id,
-                selector=selector,
-                reason=reason,
-                by=by,
-                at_ms=now_ms,
-                count=len(rows),
-                replacement=replacement,
-            )
+            self._recompute(selector.account_id, days_touched(rows))
+            record = VoidRecord(void_id, selector, reason, by, now_ms, len(rows), replacement)
             with self.side._limit_write() as run:
                 record_void(run, record)
         return record
@@ -140,20 +130,12 @@ class ChCorrections(VoidLog):
             where.append(f"dims[{literal(name)}] = {literal(value)}")
         return " AND ".join(where)
 
-    def _check_ids(self, selector: VoidSelector, found: set[str], horizon: int | None) -> None:
-        missing = [i for i in dict.fromkeys(selector.ids) if i not in found]
-        if not missing:
-            return
-        gone = {
-            row[0]
-            for row in self.transport.query(
-                f"SELECT DISTINCT id FROM event_ids WHERE account ="
-                f" {literal(selector.account_id)} AND id IN ({literals(missing)})"
-            )
-        }
-        if gone:
-            raise Conflict(gone_message(gone, horizon))
-        raise NotFound(f"no events {missing[:10]} in this account; nothing was voided")
+    def _gone(self, account_id: str, ids: Sequence[str]) -> set[str]:
+        rows = self.transport.query(
+            f"SELECT DISTINCT id FROM event_ids WHERE account = {literal(account_id)}"
+            f" AND id IN ({literals(ids)})"
+        )
+        return {row[0] for row in rows}
 
     def _amend(self, selector: VoidSelector, amend: Amendment, void_id: str) -> str:
         """Insert the replacement of the one event an amend names; its id."""

@@ -22,9 +22,9 @@ from typing import Any
 
 from usagemeter.corrections import (
     Amendment,
-    RawDropped,
     VoidRecord,
     VoidSelector,
+    days_touched,
     merge_days,
     new_void_id,
 )
@@ -42,7 +42,6 @@ from usagemeter.store.sqlplan import (
     Dialect,
     event_from_row,
 )
-from usagemeter.timewindows import from_ms, isoformat
 
 VOID_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS voids (
@@ -128,23 +127,6 @@ def delete_account_rows(run: Run, account_ids: Sequence[str]) -> dict[str, int]:
         table: len(run(f"DELETE FROM {table} WHERE account IN ({marks}) RETURNING 1", account_ids))
         for table in ACCOUNT_ID_TABLES
     }
-
-
-def too_old(horizon_ms: int) -> RawDropped:
-    return RawDropped(
-        f"raw events before {isoformat(from_ms(horizon_ms))} were dropped by retention (their"
-        " rollups stay): they can no longer be voided or amended one by one"
-    )
-
-
-def gone_message(gone: set[str], horizon_ms: int | None) -> str:
-    kept = ""
-    if horizon_ms is not None:
-        kept = f" (raw events are kept from {isoformat(from_ms(horizon_ms))})"
-    return (
-        f"events {sorted(gone)[:10]} are no longer stored: voided before (see GET"
-        f" /v1/events/voids) or dropped by retention{kept}; nothing was voided"
-    )
 
 
 class VoidLog:
@@ -237,33 +219,25 @@ class SqlCorrections(VoidLog):
             if not found:
                 raise NotFound(f"account {selector.account_id!r} does not exist")
             account = int(found[0][0])
-            horizon = run("SELECT before_ms FROM raw_horizon", ())
-            if horizon and not selector.ids:
-                assert selector.start_ms is not None
-                if selector.start_ms < int(horizon[0][0]):
-                    raise too_old(int(horizon[0][0]))
+            found_horizon = run("SELECT before_ms FROM raw_horizon", ())
+            horizon = int(found_horizon[0][0]) if found_horizon else None
+            selector.check_horizon(horizon)
             where, params = self._selection(run, selector, account)
             rows = run(f"SELECT event_id, metric, ts FROM events WHERE {where}", params)
-            if selector.ids:
-                self._check_ids(run, account, selector.ids, {r[0] for r in rows}, horizon)
+            selector.check_found(
+                {r[0] for r in rows},
+                lambda missing: self._gone(run, account, missing),
+                horizon,
+                Conflict,
+                NotFound,
+            )
             replacement = None
             if amend is not None:
-                replacement = self._amend(run, account, selector, amend, void_id)
+                replacement = self._amend(run, account, selector, amend, void_id).id
             self._keep_gone(run, where, params, void_id)
             run(f"DELETE FROM events WHERE {where} RETURNING 1", params)
-            days: dict[int, set[int]] = {}
-            for _, metric, ts in rows:
-                days.setdefault(int(metric), set()).add(int(ts) // DAY_MS)
-            self._recompute(run, account, days)
-            record = VoidRecord(
-                id=void_id,
-                selector=selector,
-                reason=reason,
-                by=by,
-                at_ms=now_ms,
-                count=len(rows),
-                replacement=None if replacement is None else replacement.id,
-            )
+            self._recompute(run, account, days_touched(rows))
+            record = VoidRecord(void_id, selector, reason, by, now_ms, len(rows), replacement)
             record_void(run, record)
             self._end_correction(run)
         return record
@@ -297,22 +271,6 @@ class SqlCorrections(VoidLog):
             where.append(f"dimset IN (SELECT d.id FROM dimsets d WHERE {json_field} = ?)")
             params.extend([self._dialect.json_key(name), value])
         return " AND ".join(where), params
-
-    def _check_ids(
-        self,
-        run: Run,
-        account: int,
-        ids: Sequence[str],
-        found: set[str],
-        horizon: list[tuple[Any, ...]],
-    ) -> None:
-        missing = [i for i in dict.fromkeys(ids) if i not in found]
-        if not missing:
-            return
-        gone = self._gone(run, account, missing)
-        if gone:
-            raise Conflict(gone_message(gone, int(horizon[0][0]) if horizon else None))
-        raise NotFound(f"no events {missing[:10]} in this account; nothing was voided")
 
     def _amend(
         self, run: Run, account: int, selector: VoidSelector, amend: Amendment, void_id: str
