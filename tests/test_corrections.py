@@ -203,12 +203,12 @@ _op = st.one_of(
         ),
     ),
     st.tuples(st.just("void_ids"), st.lists(st.integers(0, 11), min_size=1, max_size=3)),
+    st.tuples(st.just("amend"), st.tuples(st.integers(0, 11), st.integers(-5, 20))),
     st.tuples(
         st.just("void_range"),
         st.tuples(st.integers(0, 3 * 24 * 4), st.integers(1, 40), st.sampled_from([None, "x"])),
     ),
 )
-_seen = itertools.count()
 
 
 @pytest.fixture(params=STORES)
@@ -228,8 +228,8 @@ def test_appends_and_voids_report_as_a_store_of_the_survivors(
     store_kind: str,
     ops: list[tuple[str, object]],
 ) -> None:
-    """Any sequence of appends and voids gives the reports a fresh store holding only the
-    surviving events gives, at every grain and for every aggregation."""
+    """Any sequence of appends, voids and amends gives the reports a fresh store holding only
+    the surviving events gives, at every grain and for every aggregation."""
     store = open_test_store(store_kind, request, tmp_path_factory.mktemp("void") / "v.db")
     try:
         _check_survivors(store, ops)
@@ -259,6 +259,24 @@ def _check_survivors(store: Store, ops: list[tuple[str, object]]) -> None:
                 for i in ids:
                     voided.add(i)
                     del stored[i]
+        elif kind == "amend":
+            number, value = arg  # type: ignore[misc]
+            old = stored.get(f"e{number}")
+            if old is not None:
+                new_id = f"r{len(voided)}"
+                store.void_events(
+                    VoidSelector("live", ids=(old.id,)),
+                    "p",
+                    None,
+                    NOW_MS,
+                    Amendment(float(value), new_id),
+                )
+                voided.add(old.id)
+                del stored[old.id]
+                # The replacement arrives now: later than every event stored so far.
+                stored[new_id] = Event(
+                    new_id, "live", "m", old.ts_ms, float(value), dimensions=old.dimensions
+                )
         else:
             quarter, length, s = arg  # type: ignore[misc]
             start = BASE_MS + quarter * 15 * MIN_MS + 7 * MIN_MS
