@@ -39,7 +39,7 @@ MEASURES = (
 
 
 def _event(i: int | str, ts: int, value: float = 1.0, account: str = "a", **dims: str) -> Event:
-    return Event(f"e{i}", account, "m", ts, value, dimensions=dims)
+    return Event(f"e{i}", account, "m", ts, float(value), dimensions=dims)
 
 
 def _report(
@@ -92,7 +92,7 @@ def test_a_void_by_filter_takes_a_metric_range_and_dimensions(accounts: Store) -
             _event(1, BASE_MS + 10 * MIN_MS, 1, agent="bot"),
             _event(2, BASE_MS + 20 * MIN_MS, 2, agent="human"),
             _event(3, BASE_MS + 2 * DAY_MS, 3, agent="bot"),  # outside the range
-            Event("e4", "a", "other", BASE_MS + 10 * MIN_MS, 4, dimensions={"agent": "bot"}),
+            Event("e4", "a", "other", BASE_MS + 10 * MIN_MS, 4.0, dimensions={"agent": "bot"}),
         ]
     )
     selector = VoidSelector(

@@ -120,13 +120,18 @@ def set_horizon(run: Run, before_ms: int) -> None:
     )
 
 
+def delete_counted(run: Run, table: str, where: str, params: Sequence[Any]) -> int:
+    """Delete the rows of ``table`` matching ``where``; how many there were (counted first:
+    a RETURNING clause would bring every deleted row back to Python)."""
+    found = run(f"SELECT count(*) FROM {table} WHERE {where}", params)
+    run(f"DELETE FROM {table} WHERE {where}", params)
+    return int(found[0][0])
+
+
 def delete_account_rows(run: Run, account_ids: Sequence[str]) -> dict[str, int]:
     """Delete the rows of ``ACCOUNT_ID_TABLES`` naming the accounts; rows deleted per table."""
-    marks = _marks(len(account_ids))
-    return {
-        table: len(run(f"DELETE FROM {table} WHERE account IN ({marks}) RETURNING 1", account_ids))
-        for table in ACCOUNT_ID_TABLES
-    }
+    where = f"account IN ({_marks(len(account_ids))})"
+    return {table: delete_counted(run, table, where, account_ids) for table in ACCOUNT_ID_TABLES}
 
 
 class VoidLog:
@@ -235,7 +240,7 @@ class SqlCorrections(VoidLog):
             if amend is not None:
                 replacement = self._amend(run, account, selector, amend, void_id).id
             self._keep_gone(run, where, params, void_id)
-            run(f"DELETE FROM events WHERE {where} RETURNING 1", params)
+            run(f"DELETE FROM events WHERE {where}", params)
             self._recompute(run, account, days_touched(rows))
             record = VoidRecord(void_id, selector, reason, by, now_ms, len(rows), replacement)
             record_void(run, record)
@@ -312,7 +317,7 @@ class SqlCorrections(VoidLog):
                 for grain in ROLLUP_GRAINS:
                     run(
                         f"DELETE FROM {grain.table} WHERE account = ? AND metric = ?"
-                        " AND slot >= ? AND slot < ? RETURNING 1",
+                        " AND slot >= ? AND slot < ?",
                         (account, metric, start_ms // grain.unit_ms, end_ms // grain.unit_ms),
                     )
                 self._refold(run, account, metric, start_ms, end_ms)
@@ -329,16 +334,15 @@ class SqlCorrections(VoidLog):
             rids = [r[0] for r in run(f"SELECT rid FROM accounts WHERE id IN ({marks})", ids)]
             rid_marks = _marks(len(rids))
             counts = delete_account_rows(run, ids)
-            for table in ("events", *self._account_tables(), *(g.table for g in ROLLUP_GRAINS)):
-                counts[table] = len(
-                    run(f"DELETE FROM {table} WHERE account IN ({rid_marks}) RETURNING 1", rids)
-                )
-            counts["keys"] = len(
-                run(f"DELETE FROM keys WHERE account IN ({rid_marks}) RETURNING 1", rids)
-            )
-            counts["accounts"] = len(
-                run(f"DELETE FROM accounts WHERE rid IN ({rid_marks}) RETURNING 1", rids)
-            )
+            # Keys before their accounts, which they reference.
+            for table in (
+                "events",
+                *self._account_tables(),
+                *(g.table for g in ROLLUP_GRAINS),
+                "keys",
+            ):
+                counts[table] = delete_counted(run, table, f"account IN ({rid_marks})", rids)
+            counts["accounts"] = delete_counted(run, "accounts", f"rid IN ({rid_marks})", rids)
             self._end_correction(run)
         self._forget_accounts(ids)
         return counts
@@ -356,7 +360,7 @@ class SqlCorrections(VoidLog):
             # Old events do not change the rollups: ingest goes on meanwhile.
             self._begin_correction(run, hold_ingest=False)
             self._keep_gone(run, "ts < ?", (before_ms,), None)
-            dropped = len(run("DELETE FROM events WHERE ts < ? RETURNING 1", (before_ms,)))
+            dropped = delete_counted(run, "events", "ts < ?", (before_ms,))
             set_horizon(run, before_ms)
             self._end_correction(run)
         self._horizon_read = None
