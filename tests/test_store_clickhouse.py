@@ -22,6 +22,7 @@ from usagemeter.auth import issue_key
 from usagemeter.engine import Engine
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import Account, Aggregation, Event, Meter, Query, Scope
+from usagemeter.store import clickhouse as clickhouse_module
 from usagemeter.store import open_store
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
 from usagemeter.store.chplan import plan_aggregate
@@ -324,8 +325,8 @@ def test_pieces_found_by_comparison_or_by_join_give_the_same_answers(
 def test_accounts_and_keys_seen_before_do_not_let_an_unknown_one_through(
     chstore: ClickHouseStore,
 ) -> None:
-    """The store remembers accounts and keys it found (they are never deleted): a batch that
-    names them beside an unknown one is still refused whole."""
+    """The store remembers accounts and keys it found for a while: a batch that names them
+    beside an unknown one is still refused whole."""
     chstore.create_account(Account("a", "A"))
     issue_key(chstore, "a", key_id="ka", scopes=[Scope.INGEST])
     assert chstore.append([_event(1, key_id="ka")]).accepted == 1  # both now remembered
@@ -337,3 +338,25 @@ def test_accounts_and_keys_seen_before_do_not_let_an_unknown_one_through(
     assert chstore.count_events() == 1
     chstore.create_account(Account("nobody", "Now someone"))
     assert chstore.append([_event(3, account="nobody")]).accepted == 1
+
+
+def test_a_deleted_account_takes_no_more_events_in_any_process(
+    chstore: ClickHouseStore, clickhouse_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The account deleted here is forgotten here at once, and by another process on the
+    same database once what it remembers has expired."""
+    other = open_store(clickhouse_home)
+    assert isinstance(other, ClickHouseStore)
+    try:
+        chstore.create_account(Account("gone", "Gone"))
+        assert chstore.append([_event(1, account="gone")]).accepted == 1
+        assert other.append([_event(2, account="gone")]).accepted == 1  # both remember it
+        chstore.delete_account("gone")
+        with pytest.raises(NotFound, match="'gone'"):
+            chstore.append([_event(3, account="gone")])
+        monkeypatch.setattr(clickhouse_module, "KNOWN_FOR", 0.0)
+        with pytest.raises(NotFound, match="'gone'"):
+            other.append([_event(4, account="gone")])
+        assert chstore.count_events() == 0
+    finally:
+        other.close()

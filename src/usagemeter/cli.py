@@ -1,4 +1,5 @@
-"""The ``usagemeter`` command: serve, accounts, keys, ingest, query, export, demo.
+"""The ``usagemeter`` command: serve, accounts, keys, ingest, query, export, demo (and, in
+cli_corrections.py, void, amend, voids, retain, compact).
 
 Every command but ``serve`` works on the database file directly (SQLite in WAL mode lets it
 run beside a live server).
@@ -14,6 +15,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -30,6 +32,7 @@ from usagemeter.api.limits import limit_json
 from usagemeter.api.native import query_json
 from usagemeter.auth import issue_key
 from usagemeter.backup import RestoreRefused, account_records, load_record, restore
+from usagemeter.corrections import RawDropped
 from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_BATCH, MAX_FUTURE, BatchRejected, Ingestor
 from usagemeter.limits import InvalidLimit, build_limit, new_limit_id, wall_ms
@@ -188,6 +191,13 @@ def serve(
         jsonlogs.LogFormat,
         typer.Option(help="text, or json: one JSON object per line (secrets masked)."),
     ] = jsonlogs.LogFormat.TEXT,
+    retain_raw_days: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Drop raw events older than this many days, hourly (rollups stay).",
+        ),
+    ] = None,
     config_file: Annotated[
         str | None,
         typer.Option(
@@ -236,6 +246,10 @@ def serve(
         except OSError as exc:
             raise _fail(f"--metrics-port {metrics_port}: {exc.strerror or exc}") from None
         err.print(f"metrics: http://{metrics_host}:{metrics_port}/metrics (no key)")
+    if retain_raw_days is not None:
+        from usagemeter.store.retention import RetentionJob
+
+        RetentionJob(store, retain_raw_days, lambda: time.time_ns() // 1_000_000).start()
     uv_config = uvicorn_config(service, host, port, access_log, limits)
     server = uvicorn.Server(uv_config)  # its logging is configured now, so the filter sticks
     logs.install()
@@ -599,7 +613,7 @@ def query(
             tags=frozenset(t for t in tags.split(",") if t),
         )
         result = Engine(store, _meters(meters)).run(q)
-    except (ValueError, NotFound) as exc:
+    except (ValueError, NotFound, RawDropped) as exc:
         raise _fail(str(exc)) from None
     if as_json:
         _print_json(query_json(result))
@@ -872,6 +886,10 @@ def config_check(
     for flag, value, source in rows:
         table.add_row(flag, "" if value is None else str(value), source)
     console.print(table)
+
+
+# Corrections, retention and deletion register their commands on app and accounts_app.
+from usagemeter import cli_corrections  # noqa: E402, F401
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from usagemeter.model import (
 )
 from usagemeter.portal import check_metric
 from usagemeter.store.base import AggregateRow, AggregateSpec, Measure, Store, Window
+from usagemeter.store.retention import check_raw
 from usagemeter.timewindows import Bucket, Granularity, buckets, parse_zone
 
 
@@ -125,7 +126,7 @@ class Engine:
         # Each boundary converted once: a bucket's end is the next one's start.
         edges = [b.start_ms for b in bucket_list[:1]] + [b.end_ms for b in bucket_list]
         windows = tuple(Window(i, edges[i], edges[i + 1]) for i in range(len(bucket_list)))
-        rows = self.store.aggregate(self._spec(query, windows, plan.measures, query.group_by))
+        rows = self._aggregate(self._spec(query, windows, plan.measures, query.group_by))
 
         per_bucket: list[list[GroupValues]] = [[] for _ in bucket_list]
         for row in rows:
@@ -150,12 +151,10 @@ class Engine:
         else:
             totals = [
                 GroupValues(r.group, plan.derive(r.values))
-                for r in self.store.aggregate(
-                    self._spec(query, whole, plan.measures, query.group_by)
-                )
+                for r in self._aggregate(self._spec(query, whole, plan.measures, query.group_by))
             ]
             if query.group_by:
-                overall = self.store.aggregate(self._spec(query, whole, plan.measures, ()))
+                overall = self._aggregate(self._spec(query, whole, plan.measures, ()))
                 total = plan.derive(overall[0].values if overall else (None,) * len(plan.measures))
             else:
                 total = totals[0].values if totals else plan.derive((None,) * len(plan.measures))
@@ -176,6 +175,10 @@ class Engine:
             )
             for group, members in by_group.items()
         ]
+
+    def _aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        check_raw(spec, self.store.raw_horizon())
+        return self.store.aggregate(spec)
 
     @staticmethod
     def _spec(

@@ -20,6 +20,7 @@ from usagemeter.alerts import Alerts
 from usagemeter.api import (
     compat,
     contracts,
+    corrections,
     dashboard,
     limits,
     native,
@@ -30,6 +31,7 @@ from usagemeter.api import (
 from usagemeter.api.openapi import install_docs
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
+from usagemeter.corrections import RawDropped
 from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_FUTURE, Ingestor
 from usagemeter.meters import MeterRegistry
@@ -141,6 +143,11 @@ def create_app(
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
 
+    @app.exception_handler(RawDropped)
+    async def raw_dropped(request: Request, exc: RawDropped) -> Response:
+        # The question is fine but needs raw events that retention dropped: say which part.
+        return error_response(409, "raw_events_dropped", str(exc))
+
     @app.exception_handler(MetricNotAllowed)
     async def metric_not_allowed(request: Request, exc: MetricNotAllowed) -> Response:
         return error_response(403, "forbidden", str(exc))
@@ -169,6 +176,7 @@ def create_app(
         app.add_middleware(RequestMetrics, telemetry=telemetry)
     app.include_router(native.router)
     app.include_router(tenants.router)
+    app.include_router(corrections.router)
     app.include_router(limits.router)
     app.include_router(portal_tokens.router)
     app.include_router(dashboard.router)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from usagemeter.corrections import Amendment, VoidRecord, VoidSelector
 from usagemeter.model import Account, ApiKey, AppendResult, Event, Group, PortalToken
 from usagemeter.store.limitbase import LimitStore
 
@@ -149,5 +150,37 @@ class Store(LimitStore, Protocol):
         start_ms: int | None = None,
         end_ms: int | None = None,
     ) -> Iterator[Event]: ...
+
+    # corrections, retention, deletion (corrections.py, store/voidsql.py)
+    def void_events(
+        self,
+        selector: VoidSelector,
+        reason: str,
+        by: str | None,
+        now_ms: int,
+        amend: Amendment | None = None,
+    ) -> VoidRecord:
+        """Take the selected events out of every report at once (their ids stay taken) and
+        record the void; with ``amend``, store the one voided event's replacement too.
+        NotFound for an unknown account or id, Conflict for an id no longer stored,
+        corrections.RawDropped for a range before the retention horizon."""
+        ...
+
+    def list_voids(self, account_id: str | None = None) -> list[VoidRecord]: ...
+    def delete_account(self, account_id: str) -> dict[str, int]:
+        """Remove the account, its subaccounts and all their data; rows deleted per table."""
+        ...
+
+    def retain(self, before_ms: int) -> int:
+        """Drop raw events before ``before_ms``, keeping their rollups and ids; how many."""
+        ...
+
+    def raw_horizon(self) -> int | None:
+        """Raw events before this instant (epoch ms) were dropped; None: none were."""
+        ...
+
+    def compact(self) -> None:
+        """Give the space of dropped or deleted data back."""
+        ...
 
     def close(self) -> None: ...

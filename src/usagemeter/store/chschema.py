@@ -111,11 +111,25 @@ ORDER BY (account, metric, slot, key, billable, dimset, tagset)
 SETTINGS {_DURABLE}, {_TOKENS}
 """
 
-SLOTS_VIEW = f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_mv TO rollup AS
+
+def _slots_select(source: str) -> str:
+    return f"""
 SELECT account, metric, {floor_div("ts", SLOT_MS)} AS slot, key, billable, dimset, tagset,
        any(dims) AS dims, any(tags) AS tags, {_FOLD}
-FROM events GROUP BY account, metric, slot, key, billable, dimset, tagset
+FROM {source} GROUP BY account, metric, slot, key, billable, dimset, tagset
+"""
+
+
+SLOTS_VIEW = "CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_mv TO rollup AS" + _slots_select(
+    "events"
+)
+
+
+def _coarse_select(unit: int, keyed: bool, source: str) -> str:
+    key = " key," if keyed else ""
+    return f"""
+SELECT account, metric,{key} {floor_div("ts", unit)} AS slot, billable, {_FOLD}
+FROM {source} GROUP BY account, metric,{key} slot, billable
 """
 
 
@@ -135,12 +149,19 @@ CREATE TABLE IF NOT EXISTS {table} (
 ORDER BY (account, metric,{key} slot, billable)
 SETTINGS {_DURABLE}, {_TOKENS}
 """,
-        f"""
-CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv TO {table} AS
-SELECT account, metric,{key} {floor_div("ts", unit)} AS slot, billable, {_FOLD}
-FROM events GROUP BY account, metric,{key} slot, billable
-""",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv TO {table} AS"
+        + _coarse_select(unit, keyed, "events"),
     )
+
+
+def fold_select(table: str, source: str) -> str:
+    """The SELECT that folds the events of ``source`` (a table or subquery with the events'
+    columns) into rows of rollup ``table``, column for column: what its view runs on every
+    insert, and what a void runs to recompute the cells it cleared."""
+    if table == "rollup":
+        return _slots_select(source)
+    unit = HOUR_MS if "hour" in table else DAY_MS
+    return _coarse_select(unit, table.endswith("_key"), source)
 
 
 ACCOUNTS = f"""

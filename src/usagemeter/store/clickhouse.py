@@ -41,6 +41,7 @@ from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFoun
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chschema import STATEMENTS
 from usagemeter.store.chtransport import Transport, literal, literals
+from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row
 from usagemeter.store.sidefile import SideFile
@@ -93,11 +94,14 @@ def _digest_v1(e: Event) -> str:
     return hashlib.blake2b(_ENCODE_V1(payload).encode(), digest_size=16).hexdigest()
 
 
+KNOWN_FOR = 1.0  # seconds an account or key found to exist is taken as existing
+
+
 def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
 
 
-class ClickHouseStore(LimitTables):
+class ClickHouseStore(ChCorrections, LimitTables):
     """The store on one ClickHouse database. Safe to share between threads. Limits, alerts
     and portal tokens live in a SQLite file beside it (``side_path``, see sidefile.py)."""
 
@@ -110,7 +114,10 @@ class ClickHouseStore(LimitTables):
         # the insert of an account or key: ClickHouse enforces no unique keys itself.
         self._lock = threading.Lock()
         self._last_seq = 0
-        self._known: dict[str, set[str]] = {"accounts": set(), "keys": set()}
+        self._known: dict[str, set[str]] = {}
+        self._known_since = 0.0
+        self._forget_known(time.monotonic())
+        self._create_void_tables()
 
     def close(self) -> None:
         self.transport.close()
@@ -146,9 +153,13 @@ class ClickHouseStore(LimitTables):
         return {row[0] for row in rows}
 
     def _require(self, table: str, noun: str, ids: Sequence[str]) -> None:
-        # Accounts and keys are never deleted (a key is revoked, and a revoked key's events
-        # still count), so one found to exist is not looked up again: a batch then costs no
-        # lookups of its accounts and keys.
+        # Accounts and keys found to exist are not looked up again for a while: a batch then
+        # costs no lookups of its accounts and keys. Only deleting an account takes one away
+        # (a revoked key's events still count): this process forgets at once, another within
+        # KNOWN_FOR seconds.
+        now = time.monotonic()
+        if now - self._known_since > KNOWN_FOR:
+            self._forget_known(now)
         known = self._known[table]
         wanted = sorted(set(ids) - known)
         found = self._ids(table, wanted)
@@ -156,6 +167,15 @@ class ClickHouseStore(LimitTables):
             if ident not in found:
                 raise NotFound(f"{noun} {ident!r} does not exist")
         known.update(found)
+
+    def _forget_known(self, now: float) -> None:
+        self._known = {"accounts": set(), "keys": set()}
+        self._known_since = now
+
+    def delete_account(self, account_id: str) -> dict[str, int]:
+        counts = super().delete_account(account_id)
+        self._forget_known(time.monotonic())
+        return counts
 
     # ---------------------------------------------------------------- accounts
 

@@ -237,6 +237,19 @@ def month_bounds(ts_ms: int) -> tuple[str, int, int]:
     )
 
 
+def events_partitions(conn: psycopg.Connection[tuple[Any, ...]]) -> list[tuple[str, int, int]]:
+    """The monthly partitions of events that exist, as month_bounds names them."""
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'events'::regclass AND c.relname <> 'events_default'"
+    ).fetchall()
+    found = []
+    for (name,) in rows:
+        year, month = int(name[7:11]), int(name[12:14])
+        found.append(month_bounds(int(datetime(year, month, 1, tzinfo=UTC).timestamp() * 1000)))
+    return sorted(found)
+
+
 def ensure_partitions(
     conn: psycopg.Connection[tuple[Any, ...]], months: set[tuple[str, int, int]]
 ) -> None:

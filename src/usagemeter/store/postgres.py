@@ -39,6 +39,7 @@ from usagemeter.store.limitstore import LIMIT_SCHEMA, LimitTables, Run
 from usagemeter.store.pgschema import (
     ROLLUPS,
     ensure_partitions,
+    events_partitions,
     fold_into,
     migrate,
     month_bounds,
@@ -63,6 +64,7 @@ from usagemeter.store.sqlplan import (
     plan_touched,
     run_plans,
 )
+from usagemeter.store.voidsql import VOID_SCHEMA, SqlCorrections
 
 log = logging.getLogger("usagemeter")
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -168,7 +170,7 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
-class PostgresStore(LimitTables):
+class PostgresStore(SqlCorrections, LimitTables):
     """The shared store on one PostgreSQL database. Safe to share between threads, and any
     number of processes may open the same database."""
 
@@ -233,6 +235,8 @@ class PostgresStore(LimitTables):
                 raise Conflict(taken) from exc
 
     def create_account(self, account: Account) -> Account:
+        # A deleted account's id may come back as a new row (delete_account).
+        self._account_rids.pop(account.id, None)
         self._insert_under(
             "accounts",
             ACCOUNT_COLUMNS,
@@ -276,6 +280,7 @@ class PostgresStore(LimitTables):
     # -------------------------------------------------------------------- keys
 
     def create_key(self, key: ApiKey, secret_hash: bytes) -> ApiKey:
+        self._key_rids.pop(key.id, None)
         self._insert_under(
             "keys",
             KEY_COLUMNS,
@@ -626,6 +631,60 @@ class PostgresStore(LimitTables):
             for row in cursor:
                 yield event_from_row(row)
 
+    # ------------------------------------------------------------ corrections
+
+    _dialect = POSTGRES
+
+    def _begin_correction(self, run: Run, hold_ingest: bool) -> None:
+        if hold_ingest:
+            # A batch inserts into events (ROW EXCLUSIVE), which this mode excludes, as it
+            # excludes another void: batches in flight commit first, new ones wait for the
+            # void. Without it, a batch (or a void) that committed between this void's
+            # clearing of a rollup cell and its refold could be counted twice: in the cell
+            # it wrote, and in the refold that read its events.
+            run("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE", ())
+
+    def _gone(self, run: Run, account: int, ids: Sequence[str]) -> set[str]:
+        rows = run(
+            "SELECT event_id FROM event_ids WHERE account = ? AND event_id = ANY(?)",
+            (account, list(ids)),
+        )
+        return {row[0] for row in rows}
+
+    def _claim_id(self, run: Run, account: int, event: Event) -> None:
+        if not run(
+            "INSERT INTO event_ids (account, event_id, digest) VALUES (?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING 1",
+            (account, event.id, _digest(event)),
+        ):
+            raise Conflict(f"event id {event.id!r} is already taken in this account")
+
+    def _refold(self, run: Run, account: int, metric: int, start_ms: int, end_ms: int) -> None:
+        for table in ROLLUPS:
+            run(
+                "WITH src AS (SELECT * FROM events WHERE account = ? AND metric = ?"
+                " AND ts >= ? AND ts < ?) " + fold_into(table, "src", "seq"),
+                (account, metric, start_ms, end_ms),
+            )
+
+    def _forget_accounts(self, account_ids: Sequence[str]) -> None:
+        for account_id in account_ids:
+            self._account_rids.pop(account_id, None)
+        self._key_rids.clear()
+
+    def _account_tables(self) -> tuple[str, ...]:
+        return ("event_ids",)
+
+    def compact(self) -> None:
+        """Drop the monthly partitions retention emptied, and VACUUM what remains."""
+        horizon = self.raw_horizon()
+        with self._pool.connection() as conn:
+            for name, _, end in events_partitions(conn):
+                if horizon is not None and end <= horizon:
+                    conn.execute(f"DROP TABLE {name}")
+                    self._partitions = {p for p in self._partitions if p[0] != name}
+            conn.execute("VACUUM (ANALYZE) events, event_ids")
+
     # ------------------------------------------------------ limits and alerts
 
     def _limit_read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -645,5 +704,5 @@ class PostgresStore(LimitTables):
         with self._limit_write() as run:
             # Two processes starting together: one creates, the other waits, then finds them.
             run("SELECT pg_advisory_xact_lock(7317001)", ())
-            for statement in LIMIT_SCHEMA:
+            for statement in (*LIMIT_SCHEMA, *VOID_SCHEMA):
                 run(statement, ())

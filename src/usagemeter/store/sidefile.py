@@ -24,6 +24,8 @@ SIDE_TABLES = (
     "limits",
     "portal_tokens",
     "alert_log_cursor",
+    "voids",  # and the retention horizon: the ClickHouse store's (chvoids.py)
+    "raw_horizon",
 )
 
 

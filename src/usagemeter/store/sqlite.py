@@ -59,12 +59,14 @@ from usagemeter.store.schema import (
 )
 from usagemeter.store.sidefile import sqlite_transaction
 from usagemeter.store.sqlplan import (
+    SQLITE,
     event_from_row,
     plan_aggregate,
     plan_export,
     plan_touched,
     run_plans,
 )
+from usagemeter.store.voidsql import SqlCorrections
 
 log = logging.getLogger("usagemeter")
 NO_KEY = 0  # rowid 0 is never assigned, so it stands for "the event named no key"
@@ -123,7 +125,26 @@ class _PendingBatch:
         self.result: AppendResult | None = None
 
 
-class SQLiteStore(LimitTables):
+# Ids of events no longer stored raw (voided, or dropped by retention), with their payloads:
+# a retry of one is still a duplicate, and a reuse of its id with another payload a conflict.
+TOMBSTONES = """
+CREATE TABLE IF NOT EXISTS tombstones (
+    account INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    metric INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    billable INTEGER NOT NULL,
+    dimset INTEGER NOT NULL,
+    tagset INTEGER NOT NULL,
+    value REAL NOT NULL,
+    void TEXT,                           -- the void that took it; NULL: retention did
+    PRIMARY KEY (account, event_id)
+) WITHOUT ROWID;
+"""
+
+
+class SQLiteStore(SqlCorrections, LimitTables):
     """The embedded store on one SQLite file. Safe to share between threads."""
 
     def __init__(self, path: str | Path) -> None:
@@ -144,8 +165,10 @@ class SQLiteStore(LimitTables):
         # Events this process appended since its last fold (others' appends fold when they
         # reach their own count, when a query asks, or when this file is next opened).
         self._unfolded = 0
+        self._writer.executescript(TOMBSTONES)  # before _migrate: a rebuild reads it
         self._migrate()
         self._create_limit_tables()
+        self._create_void_tables()
         self.fold()  # what a crash or another process left unfolded
         self._committer = threading.Thread(target=self._commit_loop, daemon=True)
         self._committer.start()
@@ -199,6 +222,14 @@ class SQLiteStore(LimitTables):
             for table in ROLLUP_TABLES:
                 conn.execute(f"DELETE FROM {table}")
             conn.execute("UPDATE folded SET seq = 0")
+            # Events retention dropped still count: their payloads wait in the tombstones.
+            rollups = Rollups()
+            for row in conn.execute(
+                "SELECT metric, account, key, billable, dimset, tagset, ts, value"
+                " FROM tombstones WHERE void IS NULL ORDER BY ts"
+            ):
+                rollups.add(*row)
+            rollups.write(conn)
         start, end = conn.execute(
             "SELECT seq, (SELECT coalesce(max(seq), 0) FROM events) FROM folded"
         ).fetchone()
@@ -287,6 +318,8 @@ class SQLiteStore(LimitTables):
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"account id {account.id!r} is already taken") from exc
+            # A deleted account's id may come back as a new row (delete_account).
+            self._account_rids.pop(account.id, None)
         return self.get_account(account.id)
 
     def get_account(self, account_id: str) -> Account:
@@ -353,6 +386,7 @@ class SQLiteStore(LimitTables):
                 )
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"key id {key.id!r} is already taken") from exc
+            self._key_rids.pop(key.id, None)
         return self.get_key(key.id)
 
     def get_key(self, key_id: str) -> ApiKey:
@@ -573,7 +607,12 @@ class SQLiteStore(LimitTables):
         names = {rid: account for account, rid in rids.items()}
         pairs = list(dict.fromkeys((rids[e.account_id], e.id) for e in events))
         stored: dict[tuple[str, str], _Payload] = {}
-        for i in range(0, len(pairs), PAIR_CHUNK):
+        # Tombstones too: the ids of voided events and of those retention dropped stay taken.
+        for i, table in (
+            (i, table)
+            for i in range(0, len(pairs), PAIR_CHUNK)
+            for table in ("events", "tombstones")
+        ):
             chunk = pairs[i : i + PAIR_CHUNK]
             values = ",".join(["(?,?)"] * len(chunk))
             for rid, event_id, *payload in conn.execute(
@@ -581,7 +620,7 @@ class SQLiteStore(LimitTables):
                 # as a scan of the whole index, and this as one index search per pair.
                 f"WITH v(a, i) AS (VALUES {values}) SELECT e.account, e.event_id,"
                 " m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
-                " FROM v JOIN events e ON e.account = v.a AND e.event_id = v.i"
+                f" FROM v JOIN {table} e ON e.account = v.a AND e.event_id = v.i"
                 " JOIN metrics m ON m.id = e.metric LEFT JOIN keys k ON k.rid = e.key"
                 " JOIN dimsets d ON d.id = e.dimset JOIN tagsets t ON t.id = e.tagset",
                 [v for pair in chunk for v in pair],
@@ -754,6 +793,65 @@ class SQLiteStore(LimitTables):
                 yield event_from_row(row)
         finally:
             conn.close()
+
+    # ------------------------------------------------------------ corrections
+
+    _dialect = SQLITE
+
+    def _begin_correction(self, run: Run, hold_ingest: bool) -> None:
+        # The write lock is held: fold what waits, so that rollups and events agree.
+        self._fold_locked(self._writer)
+
+    def _keep_gone(self, run: Run, where: str, params: Sequence[Any], void_id: str | None) -> None:
+        run(
+            "INSERT INTO tombstones SELECT account, event_id, metric, ts, key, billable, dimset,"
+            f" tagset, value, ? FROM events WHERE {where}",
+            [void_id, *params],
+        )
+
+    def _gone(self, run: Run, account: int, ids: Sequence[str]) -> set[str]:
+        rows = run(
+            f"SELECT event_id FROM tombstones WHERE account = ? AND event_id IN"
+            f" ({','.join('?' * len(ids))})",
+            [account, *ids],
+        )
+        return {row[0] for row in rows}
+
+    def _claim_id(self, run: Run, account: int, event: Event) -> None:
+        for table in ("events", "tombstones"):
+            if run(
+                f"SELECT 1 FROM {table} WHERE account = ? AND event_id = ?", (account, event.id)
+            ):
+                raise Conflict(f"event id {event.id!r} is already taken in this account")
+
+    def _refold(self, run: Run, account: int, metric: int, start_ms: int, end_ms: int) -> None:
+        rollups = Rollups()
+        for row in self._writer.execute(
+            "SELECT metric, account, key, billable, dimset, tagset, ts, value FROM events"
+            " WHERE metric = ? AND account = ? AND ts >= ? AND ts < ? ORDER BY seq",
+            (metric, account, start_ms, end_ms),
+        ):
+            rollups.add(*row)
+        rollups.write(self._writer)
+
+    def _end_correction(self, run: Run) -> None:
+        # Everything was folded first, and an amend's replacement with its day since.
+        run("UPDATE folded SET seq = (SELECT coalesce(max(seq), 0) FROM events)", ())
+
+    def _forget_accounts(self, account_ids: Sequence[str]) -> None:
+        with self._write_lock:
+            self._account_rids.clear()
+            self._key_rids.clear()
+
+    def _account_tables(self) -> tuple[str, ...]:
+        return ("tombstones",)
+
+    def compact(self) -> None:
+        """Give the space of dropped events back to the file system (VACUUM)."""
+        self.fold()
+        with self._write_lock:
+            self._writer.execute("VACUUM")
+        self._checkpoint()
 
     # ------------------------------------------------------ limits and alerts
 

@@ -355,6 +355,15 @@ def run_plans(
     return [AggregateRow(w, g, tuple(v)) for (w, g), v in merged.items()]
 
 
+# Stored events (as ``e``) as rows for ``event_from_row``; a WHERE clause may follow.
+EXPORT_SELECT = (
+    "SELECT e.event_id, a.id, m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
+    " FROM events e JOIN accounts a ON a.rid = e.account JOIN metrics m ON m.id = e.metric"
+    " LEFT JOIN keys k ON k.rid = e.key JOIN dimsets d ON d.id = e.dimset"
+    " JOIN tagsets t ON t.id = e.tagset"
+)
+
+
 def plan_export(
     accounts: Sequence[str] | None,
     start_ms: int | None,
@@ -374,12 +383,7 @@ def plan_export(
     if end_ms is not None:
         where.append("e.ts < ?")
         params.append(end_ms)
-    sql = (
-        "SELECT e.event_id, a.id, m.name, e.ts, e.value, e.billable, k.id, d.dims, t.tags"
-        " FROM events e JOIN accounts a ON a.rid = e.account JOIN metrics m ON m.id = e.metric"
-        " LEFT JOIN keys k ON k.rid = e.key JOIN dimsets d ON d.id = e.dimset"
-        f" JOIN tagsets t ON t.id = e.tagset WHERE {' AND '.join(where)} ORDER BY e.seq"
-    )
+    sql = f"{EXPORT_SELECT} WHERE {' AND '.join(where)} ORDER BY e.seq"
     return dialect.finish(sql), params
 
 
