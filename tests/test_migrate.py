@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from tests.conftest import open_clickhouse
 from usagemeter.auth import authenticate, issue_key
 from usagemeter.cli import app
+from usagemeter.corrections import VoidSelector
 from usagemeter.migrate import copy_store
 from usagemeter.model import Account, Event, Scope
 from usagemeter.store.base import AggregateSpec, Measure, Store, Window
@@ -121,3 +122,23 @@ def test_migrate_says_what_is_wrong(tmp_path: Path) -> None:
     assert same.exit_code == 2 and "same store" in same.output
     unknown = runner.invoke(app, ["migrate", "--from", "x.db", "--to", "mysql://h/db"])
     assert unknown.exit_code == 2 and "unknown store" in unknown.output
+
+
+def test_a_corrected_source_is_refused_before_anything_is_copied(tmp_path: Path) -> None:
+    """A void's ids and retention's dropped counts cannot travel as events: the copy says so
+    instead of counting a voided id's retry again, or losing the dropped events' usage."""
+    voided, retained = SQLiteStore(tmp_path / "v.db"), SQLiteStore(tmp_path / "r.db")
+    for source in (voided, retained):
+        _fill(source)
+    voided.void_events(VoidSelector("child", ids=("e1",)), "refund", None, BASE_MS)
+    retained.retain(BASE_MS + 3_600_000)
+    for source, reason in ((voided, "1 void"), (retained, "retention dropped")):
+        target = tmp_path / f"t{reason[0]}.db"
+        result = runner.invoke(
+            app, ["migrate", "--from", source.path, "--to", f"sqlite:///{target}"]
+        )
+        said = " ".join(result.output.split())  # the console wraps long lines
+        assert result.exit_code == 2, said
+        assert reason in said and "never voided" in said
+        assert SQLiteStore(target).count_events() == 0
+        source.close()
