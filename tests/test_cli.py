@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
+from usagemeter import demo as demo_module
 from usagemeter.cli import app
 
 runner = CliRunner(env={"COLUMNS": "200"})  # rich tables wide enough to read
@@ -148,9 +152,57 @@ def test_ingest_stores_every_chunk_before_a_rejected_one_and_says_how_many(
     )
 
 
-def test_demo_is_idempotent(tmp_path: Path) -> None:
+def test_demo_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run twice at the same moment, the demo adds nothing the second time (run later, it
+    adds the usage that has happened since)."""
+    moment = datetime.now(UTC)
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Frozen:
+            return cls.fromtimestamp(moment.timestamp(), tz)
+
+    monkeypatch.setattr(demo_module, "datetime", Frozen)
     db = str(tmp_path / "demo.db")
     first = json.loads(run("demo", "--db", db))
     assert first["events_added"] > 10_000
     assert first["keys"]["key_demo_operator"] == "demo_operator_secret"
     assert json.loads(run("demo", "--db", db))["events_added"] == 0
+
+
+def test_ingest_takes_clean_blocks_whole_and_the_others_line_by_line(tmp_path: Path) -> None:
+    """A file mixing blocks the compiled path decodes whole (events with ids) with blocks
+    it cannot (an account record, lines without ids, blank lines) stores every event once,
+    in file order, and a rerun finds every one already stored."""
+    db = str(tmp_path / "u.db")
+    lines: list[str] = []
+    for i in range(40):
+        if i == 7:
+            lines.append(json.dumps({"type": "account", "id": "late", "name": "Late"}))
+        if i == 20:
+            lines.append("")
+        event: dict[str, Any] = {
+            "account": "acme" if i < 10 else "late" if i % 2 else "acme",
+            "metric": "m",
+            "ts": 1735732800000 + i,  # 2025-01-01T12:00:00Z
+            "value": i,
+        }
+        if not 25 <= i < 30:  # a block of events with no id: theirs derived from the line
+            event["id"] = f"e{i}"
+        lines.append(json.dumps(event))
+    events = tmp_path / "mixed.ndjson"
+    events.write_text(json.dumps({"type": "account", "id": "acme", "name": "Acme"}) + "\n")
+    with events.open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    first = json.loads(run("ingest", str(events), "--batch", "4", "--db", db))
+    assert first == {"records": 42, "accepted": 40, "duplicates": 0, "accounts": 2, "keys": 0}
+    again = json.loads(run("ingest", str(events), "--batch", "4", "--db", db))
+    assert (again["accepted"], again["duplicates"]) == (0, 40)
+    day = ("--start", "2025-01-01", "--end", "2025-01-02", "--granularity", "total")
+    expected = {
+        "acme": sum(i for i in range(40) if i < 10 or i % 2 == 0),
+        "late": sum(i for i in range(10, 40) if i % 2),
+    }
+    for account, total in expected.items():
+        answer = run("query", "m", account, *day, "--json", "--db", db)
+        assert json.loads(answer)["total"] == total, answer

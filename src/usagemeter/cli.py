@@ -37,8 +37,8 @@ from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_BATCH, MAX_FUTURE, BatchRejected, Ingestor
 from usagemeter.limits import InvalidLimit, build_limit, new_limit_id, wall_ms
 from usagemeter.meters import MeterRegistry, parse_aggregation
-from usagemeter.model import Account, AppendResult, Query, Scope
-from usagemeter.records import CsvRecords, RecordError, ndjson_records, where
+from usagemeter.model import Account, AppendResult, Event, Query, Scope
+from usagemeter.records import CsvRecords, Record, RecordError, ndjson_blocks, ndjson_record, where
 from usagemeter.serving import ServeLimits
 from usagemeter.store import open_store, redact, sqlite_path
 from usagemeter.store.base import Conflict, NotFound, Store
@@ -468,10 +468,9 @@ def ingest(
     if kind not in ("csv", "ndjson"):
         raise _fail("--format: ndjson or csv")
     csv_records = CsvRecords(file) if kind == "csv" else None
-    records = csv_records if csv_records is not None else ndjson_records(file)
     store = _open(db)
     ingestor = Ingestor(store, meters=_meters(meters))
-    accepted = duplicates = count = 0
+    accepted = duplicates = count = last_line = 0
     created = {"accounts": 0, "keys": 0}
     pending: list[dict[str, Any]] = []
     lines: list[int] = []
@@ -492,8 +491,16 @@ def ingest(
             accepted += result.accepted
             duplicates += result.duplicates
 
-    def flush() -> None:
+    def store_events(events: list[Event]) -> None:
         nonlocal in_flight
+        settle()
+        if overlap:
+            in_flight = writer.submit(ingestor.append, events)
+        else:
+            in_flight = Future()
+            in_flight.set_result(ingestor.append(events))
+
+    def flush() -> None:
         if not pending:
             return
         try:
@@ -511,14 +518,57 @@ def ingest(
                 f" {accepted:,} events stored before it. Fix the file and run again: stored"
                 " events are skipped"
             ) from None
-        settle()
-        if overlap:
-            in_flight = writer.submit(ingestor.append, events)
-        else:
-            in_flight = Future()
-            in_flight.set_result(ingestor.append(events))
+        store_events(events)
         pending.clear()
         lines.clear()
+
+    def take(record: Record) -> None:
+        """One record, checked and stored with the others of its chunk."""
+        nonlocal count, last_line
+        count += 1
+        last_line = record.line
+        data = record.data
+        if isinstance(data, dict) and data.get("type") in ("account", "key"):
+            flush()  # events before it go first, in file order
+            settle()
+            try:
+                if load_record(store, data):
+                    created[data["type"] + "s"] += 1
+            except (ValueError, NotFound, Conflict) as exc:
+                raise _fail(f"{where(file, record.line)}: {exc}") from None
+            return
+        if isinstance(data, dict) and "id" not in data:
+            digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+            data["id"] = f"{file.name}:{count}:{digest[:16]}"
+        pending.append(data)
+        lines.append(record.line)
+        if len(pending) >= batch:
+            progress.advance(task, len(pending))
+            flush()
+
+    def take_block(block: list[tuple[int, bytes]]) -> None:
+        """A block of NDJSON lines: decoded whole when every line is a clean event with
+        its id (a file from ``export``), as the server decodes a request; else line by line,
+        which derives missing ids, loads account and key records and names each problem."""
+        nonlocal count, last_line
+        body = b"".join(line for _, line in block)
+        events = None
+        if b'"type"' not in body:  # account and key records take the line-by-line path
+            try:
+                events = ingestor.validate_json(body, ndjson=True, caller=None)
+            except (BatchRejected, ValueError):
+                events = None
+        if events is None:
+            for number, line in block:
+                take(ndjson_record(file, number, line))
+                if interrupt.asked and not pending:
+                    return
+            return
+        flush()  # records before the block go first, in file order
+        count += len(block)
+        last_line = block[-1][0]
+        progress.advance(task, len(block))
+        store_events(events)
 
     with file.open("rb") as handle:
         total = sum(1 for _ in handle) - (1 if kind == "csv" else 0)
@@ -529,32 +579,23 @@ def ingest(
     ):
         task = progress.add_task(f"ingesting {file.name}", total=total)
         try:
-            for record in records:
-                count += 1
-                data = record.data
-                if isinstance(data, dict) and data.get("type") in ("account", "key"):
-                    flush()  # events before it go first, in file order
-                    settle()
-                    try:
-                        if load_record(store, data):
-                            created[data["type"] + "s"] += 1
-                    except (ValueError, NotFound, Conflict) as exc:
-                        raise _fail(f"{where(file, record.line)}: {exc}") from None
-                    continue
-                if isinstance(data, dict) and "id" not in data:
-                    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-                    data["id"] = f"{file.name}:{count}:{digest[:16]}"
-                pending.append(data)
-                lines.append(record.line)
-                if len(pending) >= batch:
-                    progress.advance(task, len(pending))
-                    flush()
-                    if interrupt.asked:
+            # An interruption stops between chunks, with every record taken stored.
+            if csv_records is not None:
+                for record in csv_records:
+                    take(record)
+                    if interrupt.asked and not pending:
                         break
-            else:
-                if pending:
+                else:
                     flush()
-                interrupt.asked = False  # the file was read to its end: nothing left over
+                    interrupt.asked = False  # the file was read to its end
+            else:
+                for block in ndjson_blocks(file, batch):
+                    take_block(block)
+                    if interrupt.asked and not pending:
+                        break
+                else:
+                    flush()
+                    interrupt.asked = False
             settle()
         except RecordError as exc:
             settle()
@@ -567,7 +608,7 @@ def ingest(
     if interrupt.asked:
         err.print(
             f"interrupted: {accepted:,} events stored ({duplicates:,} were already there),"
-            f" up to line {record.line} of {file}. Run the same command again to resume:"
+            f" up to line {last_line} of {file}. Run the same command again to resume:"
             " stored events are skipped."
         )
         _print_json({**summary, "interrupted": True})

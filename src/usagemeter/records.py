@@ -39,20 +39,38 @@ _DECODE = msgspec.json.Decoder().decode
 
 
 def ndjson_records(path: Path) -> Iterator[Record]:
+    for block in ndjson_blocks(path, 1000):
+        for number, line in block:
+            yield ndjson_record(path, number, line)
+
+
+def ndjson_blocks(path: Path, size: int) -> Iterator[list[tuple[int, bytes]]]:
+    """The file's non-blank lines, undecoded, with their numbers, ``size`` to a block: a
+    clean block is decoded whole by the ingestor's compiled path (``Ingestor.validate_json``),
+    the others line by line (``ndjson_record``)."""
+    block: list[tuple[int, bytes]] = []
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
-                # msgspec reads lines in half json's time; a line it refuses goes to
-                # json, which reads what JSON's Python dialect allows (NaN, a BOM) and else
-                # says what is wrong, as before.
-                try:
-                    data = _DECODE(line)
-                except msgspec.DecodeError:
-                    try:
-                        data = json.loads(line)
-                    except ValueError as exc:
-                        raise RecordError(f"{where(path, number)}: not JSON: {exc}") from None
-                yield Record(number, data)
+                block.append((number, line))
+                if len(block) >= size:
+                    yield block
+                    block = []
+    if block:
+        yield block
+
+
+def ndjson_record(path: Path, number: int, line: bytes) -> Record:
+    # msgspec reads lines in half json's time; a line it refuses goes to json, which reads
+    # what JSON's Python dialect allows (NaN, a BOM) and else says what is wrong, as before.
+    try:
+        data = _DECODE(line)
+    except msgspec.DecodeError:
+        try:
+            data = json.loads(line)
+        except ValueError as exc:
+            raise RecordError(f"{where(path, number)}: not JSON: {exc}") from None
+    return Record(number, data)
 
 
 class CsvRecords:
