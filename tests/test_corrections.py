@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from tests.conftest import STORES, open_test_store
 from usagemeter.corrections import Amendment, VoidSelector
 from usagemeter.model import Account, AppendResult, Event
+from usagemeter.store import open_store, rows
 from usagemeter.store.base import (
     AggregateRow,
     AggregateSpec,
@@ -22,6 +24,8 @@ from usagemeter.store.base import (
     Store,
     Window,
 )
+from usagemeter.store.postgres import PostgresStore
+from usagemeter.store.sqlite import SQLiteStore
 
 BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 MIN_MS = 60_000
@@ -309,3 +313,33 @@ def _check_survivors(store: Store, ops: list[tuple[str, object]]) -> None:
             assert _report(store, "live", windows, group_by) == _report(
                 store, "fresh", windows, group_by
             )
+
+
+def test_an_account_deleted_by_another_process_takes_no_more_events_here(
+    store: Store, request: pytest.FixtureRequest, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two stores on one database, as two processes are: once the row ids this one keeps have
+    expired, an account the other deleted is refused here, and one it created again under
+    the same id takes this one's events under its new row, where queries find them."""
+    other = _same_database(store, request, db_path)
+    try:
+        store.create_account(Account("x", "X"))
+        assert store.append([_event(1, BASE_MS, account="x")]).accepted == 1  # its row id kept
+        other.delete_account("x")
+        monkeypatch.setattr(rows, "ROW_IDS_KEPT_FOR", 0.0)
+        with pytest.raises(NotFound, match="'x'"):
+            store.append([_event(2, BASE_MS, account="x")])
+        other.create_account(Account("x", "X again"))
+        assert store.append([_event(3, BASE_MS, 5.0, account="x")]).accepted == 1
+        assert _day(other, "x")[:2] == (1, 5.0)
+    finally:
+        other.close()
+
+
+def _same_database(store: Store, request: pytest.FixtureRequest, db_path: Path) -> Store:
+    """Another store on the database of ``store``, as another process would open it."""
+    if isinstance(store, SQLiteStore):
+        return SQLiteStore(db_path)
+    if isinstance(store, PostgresStore):
+        return PostgresStore(request.getfixturevalue("postgres_url"), pool_size=2)
+    return open_store(request.getfixturevalue("clickhouse_home"))

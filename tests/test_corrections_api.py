@@ -213,6 +213,11 @@ def test_deleting_an_account_leaves_nothing_of_it_or_its_subaccounts(
     assert client.get("/v1/accounts/root", headers=op).status_code == 404
     assert client.delete("/v1/accounts/root", headers=op).status_code == 404
     assert client.delete("/v1/accounts/other", headers=tenants.headers("other")).status_code == 403
+    # Events for a deleted account are refused, as for one that never existed.
+    late = client.post(
+        "/v1/events", json=[event("elate", "root", "m", "2025-01-01T10:00:00Z")], headers=op
+    )
+    assert late.status_code == 400 and "root" in late.text, late.text
     # The id may be used again, from nothing.
     assert (
         client.post("/v1/accounts", json={"id": "root", "name": "R"}, headers=op).status_code == 201

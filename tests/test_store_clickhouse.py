@@ -22,8 +22,7 @@ from usagemeter.auth import issue_key
 from usagemeter.engine import Engine
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import Account, Aggregation, Event, Meter, Query, Scope
-from usagemeter.store import clickhouse as clickhouse_module
-from usagemeter.store import open_store
+from usagemeter.store import open_store, rows
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chtransport import literal
@@ -354,7 +353,7 @@ def test_a_deleted_account_takes_no_more_events_in_any_process(
         chstore.delete_account("gone")
         with pytest.raises(NotFound, match="'gone'"):
             chstore.append([_event(3, account="gone")])
-        monkeypatch.setattr(clickhouse_module, "KNOWN_FOR", 0.0)
+        monkeypatch.setattr(rows, "ROW_IDS_KEPT_FOR", 0.0)
         with pytest.raises(NotFound, match="'gone'"):
             other.append([_event(4, account="gone")])
         assert chstore.count_events() == 0

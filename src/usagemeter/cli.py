@@ -487,7 +487,15 @@ def ingest(
     def settle() -> None:
         nonlocal accepted, duplicates, in_flight
         if in_flight is not None:
-            result, in_flight = in_flight.result(), None
+            try:
+                result = in_flight.result()
+            except BatchRejected as exc:  # an account deleted meanwhile, say
+                raise _fail(
+                    f"a batch was refused and nothing of it stored: {exc.errors[0].message};"
+                    f" {accepted:,} events stored before it"
+                ) from None
+            finally:
+                in_flight = None
             accepted += result.accepted
             duplicates += result.duplicates
 

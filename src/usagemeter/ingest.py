@@ -304,6 +304,20 @@ class Ingestor:
             self._key_accounts[key_id] = self.store.get_key(key_id).account_id
         return self._key_accounts[key_id]
 
+    def _gone_references(self, events: Sequence[Event], found: NotFound) -> list[EventError]:
+        """The store found no account or key an event names: forget what this process
+        knew of accounts and keys, and check each event afresh."""
+        self._accounts, self._key_accounts = set(), {}
+        errors = []
+        for index, event in enumerate(events):
+            try:
+                self._check_references(event, None)
+            except ValueError as exc:
+                field = str(exc).split(":", 1)[0]
+                errors.append(EventError(index, field if field in FIELDS else None, str(exc)))
+        # Should it exist again already (deleted and created anew), the store's answer stands.
+        return errors or [EventError(0, None, f"{found}; send the batch again")]
+
     def decode(self, body: bytes, ndjson: bool) -> list[object]:
         """The raw items of a JSON array (a lone object is a batch of one) or NDJSON body.
         ValueError says where the text is not JSON."""
@@ -480,6 +494,10 @@ class Ingestor:
         except StoreUnavailable as exc:
             self.write_failure = str(exc)
             raise
+        except NotFound as exc:
+            # An account or key deleted since this process last looked (perhaps by another
+            # process): the batch is refused as if checked now, naming each event it names.
+            raise BatchRejected(self._gone_references(events, exc)) from None
         self.write_failure = None
         if write.result is None:
             raise RuntimeError("a write ended without its result")

@@ -43,7 +43,7 @@ from usagemeter.store.chschema import STATEMENTS
 from usagemeter.store.chtransport import Transport, literal, literals
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
-from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row
+from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row, row_ids_stale
 from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import run_plans
 from usagemeter.timewindows import SLOT_MS
@@ -92,9 +92,6 @@ def _digest_v1(e: Event) -> str:
     payload = [e.metric, e.ts_ms, e.value, e.billable, e.key_id]
     payload += [sorted(e.dimensions.items()), sorted(e.tags)]
     return hashlib.blake2b(_ENCODE_V1(payload).encode(), digest_size=16).hexdigest()
-
-
-KNOWN_FOR = 1.0  # seconds an account or key found to exist is taken as existing
 
 
 def _now_ms() -> int:
@@ -156,10 +153,9 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # Accounts and keys found to exist are not looked up again for a while: a batch then
         # costs no lookups of its accounts and keys. Only deleting an account takes one away
         # (a revoked key's events still count): this process forgets at once, another within
-        # KNOWN_FOR seconds.
-        now = time.monotonic()
-        if now - self._known_since > KNOWN_FOR:
-            self._forget_known(now)
+        # rows.ROW_IDS_KEPT_FOR.
+        if row_ids_stale(self._known_since):
+            self._forget_known(time.monotonic())
         known = self._known[table]
         wanted = sorted(set(ids) - known)
         found = self._ids(table, wanted)

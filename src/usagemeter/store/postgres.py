@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -53,6 +54,7 @@ from usagemeter.store.rows import (
     account_values,
     key_from_row,
     key_values,
+    row_ids_stale,
 )
 from usagemeter.store.sqlite import NO_KEY
 from usagemeter.store.sqlplan import (
@@ -197,6 +199,7 @@ class PostgresStore(SqlCorrections, LimitTables):
         self._tagset_ids: dict[frozenset[str], int] = {}
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
+        self._row_ids_since = time.monotonic()  # see rows.ROW_IDS_KEPT_FOR
         self._partitions: set[tuple[str, int, int]] = set()
         self._days: set[int] = set()  # UTC days whose month has its partition
 
@@ -493,22 +496,31 @@ class PostgresStore(SqlCorrections, LimitTables):
     def _row_ids(
         self, conn: Conn, account_ids: Sequence[str], key_ids: Sequence[str]
     ) -> tuple[dict[str, int], dict[str, int]]:
-        """The row ids of those of the named accounts and keys that exist. A row id never
-        changes and nothing is deleted, so an id once found is kept; one not found is asked
-        for again next time (another process may create it)."""
-        want_accounts = sorted(set(account_ids) - self._account_rids.keys())
-        want_keys = sorted(set(key_ids) - self._key_rids.keys())
+        """The row ids of those of the named accounts and keys that exist. An id found is
+        kept a moment (rows.ROW_IDS_KEPT_FOR: another process may delete its account); one
+        not found is asked for again next time (another process may create it). The caches
+        are replaced rather than emptied, so that a batch on another thread keeps the ones
+        it started with."""
+        if row_ids_stale(self._row_ids_since):
+            self._forget_row_ids()
+        account_rids, key_rids = self._account_rids, self._key_rids
+        want_accounts = sorted(set(account_ids) - account_rids.keys())
+        want_keys = sorted(set(key_ids) - key_rids.keys())
         if want_accounts or want_keys:
             for kind, ident, rid in conn.execute(
                 "SELECT 'account', id, rid FROM accounts WHERE id = ANY(%s)"
                 " UNION ALL SELECT 'key', id, rid FROM keys WHERE id = ANY(%s)",
                 (want_accounts, want_keys),
             ):
-                (self._account_rids if kind == "account" else self._key_rids)[ident] = rid
+                (account_rids if kind == "account" else key_rids)[ident] = rid
         return (
-            {a: self._account_rids[a] for a in account_ids if a in self._account_rids},
-            {k: self._key_rids[k] for k in key_ids if k in self._key_rids},
+            {a: account_rids[a] for a in account_ids if a in account_rids},
+            {k: key_rids[k] for k in key_ids if k in key_rids},
         )
+
+    def _forget_row_ids(self) -> None:
+        self._account_rids, self._key_rids = {}, {}
+        self._row_ids_since = time.monotonic()
 
     # ---------------------------------------------------------------- queries
 
@@ -668,9 +680,7 @@ class PostgresStore(SqlCorrections, LimitTables):
             )
 
     def _forget_accounts(self, account_ids: Sequence[str]) -> None:
-        for account_id in account_ids:
-            self._account_rids.pop(account_id, None)
-        self._key_rids.clear()
+        self._forget_row_ids()
 
     def _account_tables(self) -> tuple[str, ...]:
         return ("event_ids",)

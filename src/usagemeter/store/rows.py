@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime
 from typing import Any
 
 from usagemeter.model import Account, ApiKey, Scope
 from usagemeter.timewindows import BillingCycle
+
+# A write path keeps the row ids of the accounts and keys it has looked up for this long: an
+# account deleted by another process sharing the database (and perhaps created again, under
+# a new row id) is then looked up afresh within that time. This process forgets at once.
+ROW_IDS_KEPT_FOR = 1.0  # seconds
+
+
+def row_ids_stale(since: float) -> bool:
+    """Whether row ids kept since ``since`` (time.monotonic()) are to be looked up again."""
+    return time.monotonic() - since > ROW_IDS_KEPT_FOR
+
 
 LOOKUP_BYTES = 8  # digest prefix indexed for key lookup; auth compares the whole digest
 ACCOUNT_COLUMNS = "id, name, parent, cycle_anchor, cycle_period, created_at"

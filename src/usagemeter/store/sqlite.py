@@ -17,6 +17,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
@@ -49,6 +50,7 @@ from usagemeter.store.rows import (
     account_values,
     key_from_row,
     key_values,
+    row_ids_stale,
 )
 from usagemeter.store.schema import (
     FOLDED_EVERY_BATCH,
@@ -162,6 +164,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
         self._tagset_ids: dict[frozenset[str], int] = {}
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
+        self._row_ids_since = time.monotonic()  # see rows.ROW_IDS_KEPT_FOR
         # Events this process appended since its last fold (others' appends fold when they
         # reach their own count, when a query asks, or when this file is next opened).
         self._unfolded = 0
@@ -553,6 +556,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
         conn = self._writer
         interned: list[tuple[dict[str, int], dict[str, int], dict[str, int]]] = []
         failed: dict[int, BaseException] = {}  # a batch's place in the group -> its error
+        if row_ids_stale(self._row_ids_since):
+            self._forget_row_ids()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for place, batch in enumerate(group):
@@ -840,8 +845,11 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     def _forget_accounts(self, account_ids: Sequence[str]) -> None:
         with self._write_lock:
-            self._account_rids.clear()
-            self._key_rids.clear()
+            self._forget_row_ids()
+
+    def _forget_row_ids(self) -> None:
+        self._account_rids, self._key_rids = {}, {}
+        self._row_ids_since = time.monotonic()
 
     def _account_tables(self) -> tuple[str, ...]:
         return ("tombstones",)
