@@ -38,7 +38,7 @@ from usagemeter.meters import MeterRegistry
 from usagemeter.metrics import RequestMetrics, Telemetry, watch_ingest
 from usagemeter.model import Query as UsageQuery
 from usagemeter.portal import AppClock, MetricNotAllowed
-from usagemeter.store.base import Store, StoreUnavailable
+from usagemeter.store.base import Store, StoreUnavailable, UnstorableText
 
 log = logging.getLogger("usagemeter")
 RETRY_AFTER_S = 30  # what a client is told to wait after a write the store could not take
@@ -142,6 +142,10 @@ def create_app(
         response = error_response(507, "store_unavailable", str(exc))
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
+
+    @app.exception_handler(UnstorableText)
+    async def unstorable_text(request: Request, exc: UnstorableText) -> Response:
+        return error_response(400, "invalid_text", str(exc))
 
     @app.exception_handler(RawDropped)
     async def raw_dropped(request: Request, exc: RawDropped) -> Response:

@@ -246,8 +246,18 @@ async def create_webhook(request: Request) -> JSONResponse:
     key = operator(request)
     data: WebhookIn = decode(WebhookIn, await small_body(request))
     parts = urlsplit(data.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(data.url) > 2000:
-        message = "url: an http:// or https:// URL with a host, at most 2000 characters"
+    # Spaces and control characters are never part of a URL (RFC 3986): percent-encode them.
+    unsafe = any(c <= " " or c == "\x7f" for c in data.url)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or len(data.url) > 2000
+        or unsafe
+    ):
+        message = (
+            "url: an http:// or https:// URL with a host, at most 2000 characters, with"
+            " spaces and control characters percent-encoded"
+        )
         raise ApiError(400, "invalid_webhook", message)
     if data.account is not None:
         try:

@@ -24,6 +24,11 @@ class Conflict(ValueError):
     """The value would break a uniqueness rule (an account or key id already taken)."""
 
 
+class UnstorableText(ValueError):
+    """A text the store cannot hold (PostgreSQL's text holds no NUL character): an id or
+    name sent with one can be neither stored nor found. The API answers it with a 400."""
+
+
 class StoreUnavailable(RuntimeError):
     """The store cannot take writes for now (its disk is full, say); nothing of the batch was
     stored, and the same batch may be sent again later. Adapters raise this rather than

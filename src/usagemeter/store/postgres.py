@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool
 
 from usagemeter.model import Account, ApiKey, AppendResult, Event, PortalToken
 from usagemeter.store import portalrows, redact
-from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
+from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound, UnstorableText
 from usagemeter.store.limitstore import LIMIT_SCHEMA, LimitTables, Run
 from usagemeter.store.pgschema import (
     ROLLUPS,
@@ -206,8 +206,23 @@ class PostgresStore(SqlCorrections, LimitTables):
     def close(self) -> None:
         self._pool.close()
 
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    @contextmanager
+    def _connection(self) -> Iterator[Conn]:
+        """A pooled connection; a text with a NUL character, which PostgreSQL cannot hold
+        (psycopg refuses to send it), is UnstorableText rather than the driver's error."""
         with self._pool.connection() as conn:
+            try:
+                yield conn
+            except psycopg.DataError as exc:
+                if "NUL" not in str(exc):
+                    raise
+                raise UnstorableText(
+                    "a text sent contains a NUL character (U+0000), which this store cannot"
+                    " hold: remove it"
+                ) from None
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._connection() as conn:
             return conn.execute(sql, params).fetchall()
 
     # ---------------------------------------------------------------- accounts
@@ -228,7 +243,7 @@ class PostgresStore(SqlCorrections, LimitTables):
     ) -> None:
         """Insert a row naming an account (its ``owner``, by row id) that must exist;
         Conflict saying ``taken`` when its id is."""
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             rid = None if owner is None else self._rid(conn, "accounts", "account", owner)
             row = values(rid)
             marks = ", ".join(["%s"] * len(row))
@@ -317,7 +332,7 @@ class PostgresStore(SqlCorrections, LimitTables):
         return [(key_from_row(row), bytes(row[7])) for row in rows]
 
     def revoke_key(self, key_id: str) -> ApiKey:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             cur = conn.execute(
                 "UPDATE keys SET revoked_at = coalesce(revoked_at, %s) WHERE id = %s",
                 (_now_ms(), key_id),
@@ -405,7 +420,7 @@ class PostgresStore(SqlCorrections, LimitTables):
             return AppendResult(0, 0)
         for attempt in range(1, RETRIES + 1):
             try:
-                with self._pool.connection() as conn:
+                with self._connection() as conn:
                     return self._append(conn, events)
             except (errors.DeadlockDetected, errors.SerializationFailure):
                 if attempt == RETRIES:
@@ -527,7 +542,7 @@ class PostgresStore(SqlCorrections, LimitTables):
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
         if not spec.windows:
             return []
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             metric = self._metric_ids.get(spec.metric)
             if metric is None:
                 row = conn.execute(
@@ -553,7 +568,7 @@ class PostgresStore(SqlCorrections, LimitTables):
     def metrics_seen(
         self, accounts: Sequence[str], metric: str | None = None, *, dimensions: bool = True
     ) -> dict[str, list[str]]:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             rids = [
                 int(r[0])
                 for r in conn.execute(
@@ -589,7 +604,7 @@ class PostgresStore(SqlCorrections, LimitTables):
             return seen
 
     def create_portal_token(self, token: PortalToken, secret_hash: bytes) -> PortalToken:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             self._rid(conn, "accounts", "account", token.account_id)  # NotFound says which
             try:
                 conn.execute(portalrows.insert("%s"), portalrows.params(token, secret_hash))
@@ -602,7 +617,7 @@ class PostgresStore(SqlCorrections, LimitTables):
         return [portalrows.token_from_row(row) for row in rows]
 
     def revoke_portal_token(self, token_id: str) -> PortalToken:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             row = conn.execute(portalrows.revoke("%s"), (_now_ms(), token_id)).fetchone()
         if row is None:
             raise NotFound(f"portal token {token_id!r} does not exist")
@@ -635,7 +650,7 @@ class PostgresStore(SqlCorrections, LimitTables):
         sql, params = plan_export(accounts, start_ms, end_ms, POSTGRES)
         # A server-side cursor: a long export streams instead of loading every row.
         with (
-            self._pool.connection() as conn,
+            self._connection() as conn,
             conn.transaction(),
             conn.cursor(name="export") as cursor,
         ):
@@ -688,7 +703,7 @@ class PostgresStore(SqlCorrections, LimitTables):
     def compact(self) -> None:
         """Drop the monthly partitions retention emptied, and VACUUM what remains."""
         horizon = self.raw_horizon()
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             for name, _, end in events_partitions(conn):
                 if horizon is not None and end <= horizon:
                     conn.execute(f"DROP TABLE {name}")
@@ -702,7 +717,7 @@ class PostgresStore(SqlCorrections, LimitTables):
 
     @contextmanager
     def _limit_write(self) -> Iterator[Run]:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
 
             def run(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
                 cursor = conn.execute(sql.replace("?", "%s"), params)
