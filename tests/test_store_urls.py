@@ -96,3 +96,25 @@ def test_a_nul_character_is_a_clear_400_not_a_500(postgres_url: str) -> None:
             assert f"event 1: {field}: contains a NUL" in response.json()["error"]["message"]
         assert store.count_events() == 0
     store.close()
+
+
+def test_a_sqlite_file_that_cannot_be_opened_is_a_clear_error_everywhere(tmp_path: Path) -> None:
+    """Regression: a missing directory or a file that is not a database ended commands such as
+    ``compact`` and ``query`` in a traceback."""
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("hello\n")
+    for path, said in (
+        (tmp_path / "missing" / "usage.db", "unable to open database file"),
+        (not_a_database, "file is not a database"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            open_store(str(path))
+        for command in (["compact"], ["query", "m", "a"], ["accounts", "list"]):
+            result = CliRunner().invoke(app, [*command, "--db", str(path)])
+            assert result.exit_code == 2, result.output
+            assert said in " ".join(result.output.split())
+
+
+def test_serve_refuses_a_port_that_does_not_exist(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["serve", "--port", "99999", "--db", str(tmp_path / "u.db")])
+    assert result.exit_code == 2 and "65535" in result.output

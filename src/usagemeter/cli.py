@@ -145,7 +145,7 @@ def _folded(name: str) -> Column:
 def serve(
     db: DbOption = DEFAULT_DB,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=0, max=65535)] = 8000,
     demo: Annotated[bool, typer.Option(help="Load demo data first (idempotent).")] = False,
     meters: MetersOption = None,
     access_log: Annotated[

@@ -23,9 +23,17 @@ def open_store(url: str) -> Store:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     path = sqlite_path(url)
     if path is not None:
+        import sqlite3
+
         from usagemeter.store.sqlite import SQLiteStore
 
-        return SQLiteStore(path)
+        try:
+            return SQLiteStore(path)
+        except sqlite3.DatabaseError as exc:  # a missing directory, not a SQLite file, ...
+            raise ValueError(
+                f"cannot open the SQLite file {path!r}: {exc} (does its directory exist, may"
+                " this user write there, and is it a usagemeter database?)"
+            ) from None
     if scheme in ("postgresql", "postgres"):
         from usagemeter.store.postgres import DEFAULT_POOL_SIZE, PostgresStore
 
