@@ -52,7 +52,11 @@ from usagemeter.timewindows import (
     parse_zone,
 )
 
-app = typer.Typer(help="Self-hosted usage metering and usage analytics.", no_args_is_help=True)
+app = typer.Typer(
+    help="Self-hosted usage metering and usage analytics.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",  # a docstring's paragraphs rewrapped, not its line breaks kept
+)
 accounts_app = typer.Typer(help="Create and list accounts.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
