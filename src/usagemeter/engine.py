@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import (
@@ -34,7 +33,12 @@ def _sort_key(group: Group) -> tuple[tuple[bool, str], ...]:
 
 
 def _fold(aggregation: Aggregation, values: Iterable[float | None]) -> float:
-    present = [v for v in values if v is not None]
+    # A column of a group's rows is a tuple, without None as a rule: no copy then.
+    present: tuple[float, ...]
+    if isinstance(values, tuple) and None not in values:
+        present = values
+    else:
+        present = tuple(v for v in values if v is not None)
     if not present:
         return 0
     if aggregation is Aggregation.MAX:
@@ -218,7 +222,6 @@ class Engine:
 
 
 def _zeros(values: Sequence[float | None]) -> tuple[float, ...]:
-    if None not in values:  # the usual row: no copy
-        present = cast(Sequence[float], values)
-        return present if isinstance(present, tuple) else tuple(present)
+    if None not in values and isinstance(values, tuple):
+        return values  # the usual row: no None, no copy
     return tuple([0.0 if v is None else v for v in values])
