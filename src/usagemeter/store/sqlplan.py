@@ -366,6 +366,9 @@ def row_decoder(
     everything = positions == tuple(range(total))
 
     def values_of(row: Sequence[Any]) -> tuple[float | None, ...]:
+        if everything and stop == end + 1:  # one measure: the usual question
+            value = row[end]
+            return (float(value) if floats and value is not None else value,)
         found = row[end:stop]
         if floats:
             found = list(found)
