@@ -58,14 +58,20 @@ class MeasurePlan:
     sources: tuple[tuple[int, ...], ...]
 
     @property
+    def direct(self) -> bool:
+        """Each aggregation is its own measure, in order (the usual case): the measures'
+        values are the aggregations'."""
+        return self.sources == _DIRECT[: len(self.sources)]
+
+    @property
     def measured(self) -> tuple[Aggregation, ...]:
         return tuple(Aggregation(m.aggregation) for m in self.measures)
 
     def derive(self, measured: Sequence[float | None]) -> tuple[float, ...]:
         """The aggregations' values from the measures' (None where no event counted)."""
         values = _zeros(measured)
-        if self.sources == _DIRECT[: len(self.sources)]:
-            return values  # each aggregation is its own measure, in order: the usual case
+        if self.direct:
+            return values
         out = []
         for aggregation, source in zip(self.aggregations, self.sources, strict=True):
             if aggregation is Aggregation.AVG:
@@ -158,7 +164,7 @@ class Engine:
                 range_rows.append(row)
             else:
                 overall = row
-        derive = plan.derive
+        derive = _zeros if plan.direct else plan.derive
         per_bucket: list[list[GroupValues]] = [[] for _ in bucket_list]
         for group in sorted(by_group, key=_sort_key):
             for row in by_group[group]:
