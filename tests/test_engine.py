@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from usagemeter.engine import Engine
 from usagemeter.model import Account, Aggregation, Event, Query
+from usagemeter.store.base import AggregateRow, AggregateSpec
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import Granularity, to_ms
 
@@ -100,6 +101,40 @@ def test_unique_count_total_is_distinct_over_the_range(tmp_path: object) -> None
         (("subaccount", "b"),): 1,
     }
     assert grouped.total == (3,)
+    store.close()
+
+
+class _Counting(SQLiteStore):
+    """A real SQLite store that counts the aggregate calls made of it."""
+
+    calls = 0
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        self.calls += 1
+        return super().aggregate(spec)
+
+
+@pytest.mark.parametrize("metric", ["Sessions", "StorageBytes"])
+@pytest.mark.parametrize("group_by", [(), ("subaccount",)])
+def test_a_range_total_that_is_no_fold_of_the_buckets_costs_one_store_call(
+    tmp_path: object, metric: str, group_by: tuple[str, ...]
+) -> None:
+    """Buckets, per-group totals and the overall total in one call: a distinct count used to
+    read the account's raw events three times over."""
+    store = _Counting(f"{tmp_path}/c.db")
+    store.create_account(Account("a", "A"))
+    store.create_account(Account("b", "B", "a"))
+    day = to_ms(T0)
+    store.append(
+        [
+            Event("1", "a", metric, day, value=5, dimensions={"session_id": "s1"}),
+            Event("2", "b", metric, day + 86_400_000, value=7, dimensions={"session_id": "s1"}),
+        ]
+    )
+    result = Engine(store).run(_query(metric=metric, group_by=group_by))
+    assert store.calls == 1
+    assert result.total == ((1,) if metric == "Sessions" else (7,))
+    assert len(result.totals) == (2 if group_by else 1)
     store.close()
 
 

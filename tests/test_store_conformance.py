@@ -7,10 +7,12 @@ how to make its data look as the previous schema version left it.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,7 +22,16 @@ from hypothesis import strategies as st
 from tests.conftest import STORES, empty_postgres, make_database, open_test_store
 from usagemeter.auth import authenticate, issue_key
 from usagemeter.model import Account, AppendResult, Event, Scope
-from usagemeter.store.base import AggregateSpec, Conflict, Measure, NotFound, Store, Window
+from usagemeter.store.base import (
+    OVERALL,
+    TOTAL,
+    AggregateSpec,
+    Conflict,
+    Measure,
+    NotFound,
+    Store,
+    Window,
+)
 from usagemeter.store.pgschema import SCHEMA_VERSION as PG_VERSION
 from usagemeter.store.postgres import PostgresStore
 from usagemeter.store.schema import SCHEMA_VERSION as SQLITE_VERSION
@@ -464,3 +475,84 @@ def _check_fold(
 @pytest.fixture(params=STORES)
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    raw=events_strategy,
+    cuts=st.lists(st.integers(-2 * DAY_MS, 3 * DAY_MS), min_size=2, max_size=6, unique=True),
+    gaps=st.lists(st.booleans(), min_size=5, max_size=5),
+    grouped=st.booleans(),
+)
+def test_totals_asked_beside_the_windows_equal_a_naive_fold(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    store_kind: str,
+    raw: list[tuple[int, str, int, int, str | None, str, bool]],
+    cuts: list[int],
+    gaps: list[bool],
+    grouped: bool,
+) -> None:
+    """A spec with ``totals`` answers each window, each group over all the windows (TOTAL)
+    and, grouped, everything together (OVERALL): a distinct count and a latest value over
+    the windows, never a fold of the windows' own."""
+    store = open_test_store(store_kind, request, tmp_path_factory.mktemp("totals") / "t.db")
+    try:
+        _accounts(store)
+        events = [
+            Event(f"e{i}", account, "m", BASE_MS + offset, float(value), flag, None, dims)
+            for i, account, offset, value, agent, session, flag in raw
+            for dims in [{"session_id": session, **({"agent": agent} if agent else {})}]
+        ]
+        store.append(events)
+        kept: dict[tuple[str, str], Event] = {}
+        for e in events:
+            kept.setdefault((e.account_id, e.id), e)
+        # Consecutive stretches between the cut points, some left out (a gap between
+        # windows), each a window of the spec.
+        edges = sorted(BASE_MS + c for c in cuts)
+        spans = [
+            (lo, hi)
+            for (lo, hi), gap in zip(itertools.pairwise(edges), gaps, strict=False)
+            if not gap
+        ]
+        spans = spans or [(edges[0], edges[1])]
+        windows = tuple(Window(n, lo, hi) for n, (lo, hi) in enumerate(spans))
+        group_by = ("agent",) if grouped else ()
+        measures = (Measure("count"), Measure("sum"), Measure("unique_count", "session_id"))
+        spec = AggregateSpec(("a", "b"), "m", windows, measures, group_by, totals=True)
+        rows = store.aggregate(spec)
+        latest = store.aggregate(replace(spec, measures=(Measure("latest"),)))
+
+        def group_of(e: Event) -> tuple[tuple[str, str | None], ...]:
+            return (("agent", e.dimensions.get("agent")),) if grouped else ()
+
+        expected: dict[tuple[int, Any], tuple[float, ...]] = {}
+        newest: dict[tuple[int, Any], set[float]] = {}
+
+        def fold(cell: tuple[int, Any], members: list[Event]) -> None:
+            if not members:
+                return
+            sessions = {e.dimensions["session_id"] for e in members}
+            expected[cell] = (len(members), sum(e.value for e in members), len(sessions))
+            last = max(e.ts_ms for e in members)
+            newest[cell] = {e.value for e in members if e.ts_ms == last}
+
+        inside = [
+            e for e in kept.values() if any(w.start_ms <= e.ts_ms < w.end_ms for w in windows)
+        ]
+        for group in {group_of(e) for e in inside}:
+            members = [e for e in inside if group_of(e) == group]
+            fold((TOTAL, group), members)
+            for w in windows:
+                fold((w.index, group), [e for e in members if w.start_ms <= e.ts_ms < w.end_ms])
+        if grouped:
+            fold((OVERALL, ()), inside)
+        assert {(r.window, r.group): r.values for r in rows} == expected
+        assert {(r.window, r.group) for r in latest} == set(newest)
+        for r in latest:
+            assert r.values[0] in newest[(r.window, r.group)]
+    finally:
+        store.close()

@@ -22,7 +22,7 @@ from usagemeter.model import (
     ResultBucket,
 )
 from usagemeter.portal import check_metric
-from usagemeter.store.base import AggregateRow, AggregateSpec, Measure, Store, Window
+from usagemeter.store.base import TOTAL, AggregateRow, AggregateSpec, Measure, Store, Window
 from usagemeter.store.retention import check_raw
 from usagemeter.timewindows import Bucket, Granularity, buckets, parse_zone
 
@@ -33,7 +33,12 @@ def _sort_key(group: Group) -> tuple[tuple[bool, str], ...]:
 
 
 def _fold(aggregation: Aggregation, values: Iterable[float | None]) -> float:
-    present = [v for v in values if v is not None]
+    # A column of a group's rows is a tuple, without None as a rule: no copy then.
+    present: tuple[float, ...]
+    if isinstance(values, tuple) and None not in values:
+        present = values
+    else:
+        present = tuple(v for v in values if v is not None)
     if not present:
         return 0
     if aggregation is Aggregation.MAX:
@@ -53,12 +58,20 @@ class MeasurePlan:
     sources: tuple[tuple[int, ...], ...]
 
     @property
+    def direct(self) -> bool:
+        """Each aggregation is its own measure, in order (the usual case): the measures'
+        values are the aggregations'."""
+        return self.sources == _DIRECT[: len(self.sources)]
+
+    @property
     def measured(self) -> tuple[Aggregation, ...]:
         return tuple(Aggregation(m.aggregation) for m in self.measures)
 
     def derive(self, measured: Sequence[float | None]) -> tuple[float, ...]:
         """The aggregations' values from the measures' (None where no event counted)."""
         values = _zeros(measured)
+        if self.direct:
+            return values
         out = []
         for aggregation, source in zip(self.aggregations, self.sources, strict=True):
             if aggregation is Aggregation.AVG:
@@ -67,6 +80,10 @@ class MeasurePlan:
             else:
                 out.append(values[source[0]])
         return tuple(out)
+
+
+# The sources of a plan whose every aggregation is its own measure, in order.
+_DIRECT = tuple((i,) for i in range(32))
 
 
 class Engine:
@@ -123,58 +140,66 @@ class Engine:
         check_metric(query.metric)  # a portal token limited to some metrics (portal.py)
         plan = self.plan(query)
         bucket_list = self.buckets(query)
-        # Each boundary converted once: a bucket's end is the next one's start.
-        edges = [b.start_ms for b in bucket_list[:1]] + [b.end_ms for b in bucket_list]
-        windows = tuple(Window(i, edges[i], edges[i + 1]) for i in range(len(bucket_list)))
-        rows = self._aggregate(self._spec(query, windows, plan.measures, query.group_by))
-
-        per_bucket: list[list[GroupValues]] = [[] for _ in bucket_list]
-        for row in rows:
-            per_bucket[row.window].append(GroupValues(row.group, plan.derive(row.values)))
-        result_buckets = tuple(
-            ResultBucket(b.start, b.end, tuple(sorted(groups, key=lambda g: _sort_key(g.group))))
-            for b, groups in zip(bucket_list, per_bucket, strict=True)
-        )
-
         aggregations = plan.aggregations
         if not bucket_list:
             return Result(query, aggregations, (), (), plan.derive((None,) * len(plan.measures)))
-        whole = (Window(0, bucket_list[0].start_ms, bucket_list[-1].end_ms),)
-        if all(m.is_additive for m in plan.measured):
+        # Each boundary converted once: a bucket's end is the next one's start.
+        edges = [b.start_ms for b in bucket_list[:1]] + [b.end_ms for b in bucket_list]
+        windows = tuple(Window(i, edges[i], edges[i + 1]) for i in range(len(bucket_list)))
+        additive = all(m.is_additive for m in plan.measured)
+        # A distinct count or a latest value over the range is not a fold of its buckets:
+        # the store computes the range's totals beside the buckets, in the same call.
+        spec = self._spec(query, windows, plan.measures, query.group_by, totals=not additive)
+        rows = self._aggregate(spec)
+
+        # Rows by group, groups in their order: every bucket's groups then come out sorted
+        # without a sort per bucket (an hourly report by status has thousands of buckets).
+        by_group: dict[Group, list[AggregateRow]] = {}
+        range_rows: list[AggregateRow] = []
+        overall: AggregateRow | None = None
+        for row in rows:
+            if row.window >= 0:
+                by_group.setdefault(row.group, []).append(row)
+            elif row.window == TOTAL:
+                range_rows.append(row)
+            else:
+                overall = row
+        derive = _zeros if plan.direct else plan.derive
+        per_bucket: list[list[GroupValues]] = [[] for _ in bucket_list]
+        for group in sorted(by_group, key=_sort_key):
+            for row in by_group[group]:
+                per_bucket[row.window].append(GroupValues(group, derive(row.values)))
+        result_buckets = tuple(
+            ResultBucket(b.start, b.end, tuple(groups))
+            for b, groups in zip(bucket_list, per_bucket, strict=True)
+        )
+
+        if additive:
             # Fold the stored measures, then derive: an average over a range is the range's
             # sum over its count, never an average of the buckets' averages.
-            folded = self._fold_groups(plan.measured, rows)
-            totals = [GroupValues(g.group, plan.derive(g.values)) for g in folded]
-            total = plan.derive(
+            folded = self._fold_groups(plan.measured, by_group)
+            totals = [GroupValues(g.group, derive(g.values)) for g in folded]
+            total = derive(
                 [_fold(m, (g.values[i] for g in folded)) for i, m in enumerate(plan.measured)]
             )
         else:
-            totals = [
-                GroupValues(r.group, plan.derive(r.values))
-                for r in self._aggregate(self._spec(query, whole, plan.measures, query.group_by))
-            ]
-            if query.group_by:
-                overall = self._aggregate(self._spec(query, whole, plan.measures, ()))
-                total = plan.derive(overall[0].values if overall else (None,) * len(plan.measures))
-            else:
-                total = totals[0].values if totals else plan.derive((None,) * len(plan.measures))
-        totals.sort(key=lambda g: _sort_key(g.group))
+            totals = [GroupValues(r.group, derive(r.values)) for r in range_rows]
+            totals.sort(key=lambda g: _sort_key(g.group))
+            whole = overall if query.group_by else (range_rows[0] if range_rows else None)
+            total = derive(whole.values if whole else (None,) * len(plan.measures))
         return Result(query, aggregations, result_buckets, tuple(totals), total)
 
     @staticmethod
     def _fold_groups(
-        aggregations: Sequence[Aggregation], rows: Sequence[AggregateRow]
+        aggregations: Sequence[Aggregation], by_group: dict[Group, list[AggregateRow]]
     ) -> list[GroupValues]:
-        by_group: dict[Group, list[AggregateRow]] = {}
-        for row in rows:
-            by_group.setdefault(row.group, []).append(row)
-        return [
-            GroupValues(
-                group,
-                tuple(_fold(a, (r.values[i] for r in members)) for i, a in enumerate(aggregations)),
-            )
-            for group, members in by_group.items()
-        ]
+        """Each group's rows folded, measure by measure, in the groups' order."""
+        folded = []
+        for group in sorted(by_group, key=_sort_key):
+            columns = zip(*(r.values for r in by_group[group]), strict=True)
+            values = tuple(_fold(a, c) for a, c in zip(aggregations, columns, strict=True))
+            folded.append(GroupValues(group, values))
+        return folded
 
     def _aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
         check_raw(spec, self.store.raw_horizon())
@@ -186,6 +211,7 @@ class Engine:
         windows: tuple[Window, ...],
         measures: tuple[Measure, ...],
         group_by: tuple[str, ...],
+        totals: bool = False,
     ) -> AggregateSpec:
         return AggregateSpec(
             accounts=query.accounts,
@@ -197,8 +223,11 @@ class Engine:
             tags=query.tags,
             billable=query.billable,
             key_id=query.key_id,
+            totals=totals,
         )
 
 
 def _zeros(values: Sequence[float | None]) -> tuple[float, ...]:
-    return tuple(0.0 if v is None else v for v in values)
+    if None not in values and isinstance(values, tuple):
+        return values  # the usual row: no None, no copy
+    return tuple([0.0 if v is None else v for v in values])

@@ -53,10 +53,20 @@ class Measure:
     dimension: str | None = None
 
 
+# The window numbers of the rows a spec with ``totals`` adds (bucket windows count from 0).
+TOTAL = -1  # each group folded over every window together
+OVERALL = -2  # every group folded together (grouped specs only; its group is empty)
+
+
 @dataclass(frozen=True, slots=True)
 class AggregateSpec:
     """What the engine asks of a store: the events of ``metric`` in ``accounts`` that pass the
-    filters, folded per window and group. Windows must not overlap."""
+    filters, folded per window and group. Windows must not overlap.
+
+    With ``totals``, the answer also holds the fold over all the windows together: per group
+    as window TOTAL and, when grouped, over every group as window OVERALL. A distinct count or
+    a latest value over a range is not a fold of its buckets, so the store computes these
+    beside the buckets, in the same statement where it can."""
 
     accounts: tuple[str, ...]
     metric: str
@@ -67,6 +77,7 @@ class AggregateSpec:
     tags: frozenset[str] = frozenset()
     billable: bool | None = None
     key_id: str | None = None
+    totals: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Group
-from usagemeter.store.base import AggregateRow, AggregateSpec
+from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT
+from usagemeter.store.base import OVERALL, TOTAL, AggregateRow, AggregateSpec
 from usagemeter.store.chtransport import literal, literals
-from usagemeter.store.sqlplan import Grain, Piece, Plan, grains_for, split_windows
+from usagemeter.store.sqlplan import (
+    Grain,
+    Piece,
+    Plan,
+    grains_for,
+    row_decoder,
+    split_windows,
+)
 
 # Each foldable aggregation as (the value a part pre-folds from a rollup's rows, the same
 # from raw events, the fold of the parts' values); a part carries only what the question asks.
@@ -161,9 +168,24 @@ def _prefold(
     return f"SELECT {', '.join(selected)} {rows} GROUP BY {', '.join(refs)}"
 
 
-def _select(groups: int, values: Sequence[str], source: str) -> str:
-    refs = ["idx", *[f"g{i}" for i in range(groups)]]
-    return f"SELECT {', '.join([*refs, *values])} {source} GROUP BY {', '.join(refs)}"
+def _select(groups: int, values: Sequence[str], source: str, totals: bool = False) -> str:
+    """The outer fold per window and group; with ``totals``, in the same scan, per group over
+    every window (TOTAL) and, when grouped, over everything (OVERALL), by GROUPING SETS."""
+    refs = [f"g{i}" for i in range(groups)]
+    if not totals:
+        keys = ", ".join(["idx", *refs])
+        return f"SELECT {', '.join([keys, *values])} {source} GROUP BY {keys}"
+    # grouping(x) is 1 in the rows of a set that leaves x out.
+    if refs:
+        window = f"if(grouping(idx) = 0, idx, if(grouping(g0) = 0, {TOTAL}, {OVERALL}))"
+        sets = f"({', '.join(['idx', *refs])}), ({', '.join(refs)}), ()"
+    else:
+        window, sets = f"if(grouping(idx) = 0, idx, {TOTAL})", "(idx), ()"
+    selected = [f"{window} AS window_index", *refs, *values]
+    # The empty set yields a row even when nothing matched; a fold of nothing has none.
+    return (
+        f"SELECT {', '.join(selected)} {source} GROUP BY GROUPING SETS ({sets}) HAVING count() > 0"
+    )
 
 
 def plan_aggregate(spec: AggregateSpec) -> list[Plan]:
@@ -184,7 +206,8 @@ def plan_aggregate(spec: AggregateSpec) -> list[Plan]:
         if raw_pieces:
             parts.append(_raw_part(spec, raw_pieces, group_columns, aggregations))
         values = [_FOLDS[spec.measures[i].aggregation][2] for i in foldable]
-        sql = _select(len(group_columns), values, "FROM (" + " UNION ALL ".join(parts) + ")")
+        source = "FROM (" + " UNION ALL ".join(parts) + ")"
+        sql = _select(len(group_columns), values, source, spec.totals)
         plans.append(Plan(sql, (), tuple(foldable), _decoder(spec, tuple(foldable))))
 
     windows = [(w.index, w.start_ms, w.end_ms) for w in spec.windows]
@@ -205,7 +228,12 @@ def plan_aggregate(spec: AggregateSpec) -> list[Plan]:
             f"SELECT {', '.join([*columns, 'ts', '0 AS z'])} FROM events"
             f" WHERE {_where(spec, None, 'ts', lo, hi)}"
         )
-        sql = _prefold(source, "ts", sorted(windows), len(group_columns), ["uniqExactIf(v, has)"])
+        # Each event mapped to its window, then counted per window and group (and, with
+        # totals, over the whole range in the same scan: never a fold of the windows').
+        index, rows = _mapped(source, "ts", sorted(windows))
+        refs = [f"g{n}" for n in range(len(group_columns))]
+        mapped = f"FROM (SELECT {', '.join([f'{index} AS idx', *refs, 'v', 'has'])} {rows})"
+        sql = _select(len(group_columns), ["uniqExactIf(v, has)"], mapped, spec.totals)
         plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
     return plans
 
@@ -213,17 +241,6 @@ def plan_aggregate(spec: AggregateSpec) -> list[Plan]:
 def _decoder(
     spec: AggregateSpec, positions: tuple[int, ...]
 ) -> Callable[[Sequence[Any]], AggregateRow]:
-    names = tuple(spec.group_by)
-    width = len(names)
-    total = len(spec.measures)
     # Counts come back whole, everything else as floats: what the SQL stores return.
     whole = tuple(spec.measures[p].aggregation in ("count", "unique_count") for p in positions)
-
-    def decode(row: Sequence[Any]) -> AggregateRow:
-        group: Group = tuple(zip(names, row[1 : 1 + width], strict=True))
-        values: list[float | None] = [None] * total
-        for pos, is_whole, value in zip(positions, whole, row[1 + width :], strict=True):
-            values[pos] = None if value is None else (int(value) if is_whole else float(value))
-        return AggregateRow(int(row[0]), group, tuple(values))
-
-    return decode
+    return row_decoder(spec, positions, whole)

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Event, Group
-from usagemeter.store.base import AggregateRow, AggregateSpec, Measure, Window
+from usagemeter.store.base import (
+    OVERALL,
+    TOTAL,
+    AggregateRow,
+    AggregateSpec,
+    Measure,
+    Window,
+)
 from usagemeter.timewindows import SLOT_MS
 
 HOUR_MS = 3_600_000
@@ -290,52 +297,118 @@ def plan_aggregate(
         where.append(f"{dialect.json_field('d.dims')} = ?")
         where_params.extend([dialect.json_key(dimension), value])
 
-    def statement(select_values: list[str], value_params: list[Any]) -> tuple[str, list[Any]]:
-        selected = ["s.idx", *[f"{c} AS g{i}" for i, c in enumerate(group_cols)], *select_values]
-        group_refs = ["s.idx", *[f"g{i}" for i in range(len(group_cols))]]
-        sql = (
-            f"WITH {', '.join(ctes)} SELECT {', '.join(selected)} FROM {source} "
+    def select(index: str, columns: list[str], refs: list[str], values: list[str]) -> str:
+        selected = [index, *[f"{c} AS g{i}" for i, c in enumerate(columns)], *values]
+        return (
+            f"SELECT {', '.join(selected)} FROM {source} "
             + " ".join(joins)
             + (f" WHERE {' AND '.join(where)}" if where else "")
-            + f" GROUP BY {', '.join(group_refs)}"
+            # "GROUP BY 1" (the constant index) folds everything into one row, and into none
+            # when nothing matched, as a grouped fold does.
+            + f" GROUP BY {', '.join(refs or ['1'])}"
         )
-        # Parameter order follows the text: CTEs, selected group columns, values, source, where.
-        params = [*cte_params, *group_params, *value_params, *part_params, *where_params]
+
+    def statement(select_values: list[str], value_params: list[Any]) -> tuple[str, list[Any]]:
+        group_refs = [f"g{i}" for i in range(len(group_cols))]
+        # Each select's parameters follow its text: group columns, values, source, where.
+        body = [*group_params, *value_params, *part_params, *where_params]
+        selects = [select("s.idx", group_cols, ["s.idx", *group_refs], select_values)]
+        params = [*cte_params, *body]
+        if spec.totals:
+            # The whole range per group, then (grouped) over every group: one statement, as
+            # UNION ALL, which SQLite and PostgreSQL both read (SQLite has no GROUPING SETS).
+            selects.append(select(str(TOTAL), group_cols, group_refs, select_values))
+            params.extend(body)
+            if group_cols:
+                nulls = ["NULL"] * len(group_cols)
+                selects.append(select(str(OVERALL), nulls, [], select_values))
+                params.extend([*value_params, *part_params, *where_params])
+        sql = f"WITH {', '.join(ctes)} " + " UNION ALL ".join(selects)
         return dialect.finish(sql), params
-
-    names = tuple(spec.group_by)
-    width = len(group_cols)
-
-    def decoder(positions: tuple[int, ...]) -> Callable[[Sequence[Any]], AggregateRow]:
-        total = len(spec.measures)
-
-        def decode(row: Sequence[Any]) -> AggregateRow:
-            group: Group = tuple(zip(names, row[1 : 1 + width], strict=True))
-            values: list[float | None] = [None] * total
-            for pos, value in zip(positions, row[1 + width :], strict=False):
-                values[pos] = value
-            return AggregateRow(int(row[0]), group, tuple(values))
-
-        return decode
 
     plans: list[Plan] = []
     additive = [i for i, m in enumerate(spec.measures) if m.aggregation in ADDITIVE_SQL]
     if additive:
         sql, params = statement([ADDITIVE_SQL[spec.measures[i].aggregation] for i in additive], [])
-        plans.append(Plan(sql, tuple(params), tuple(additive), decoder(tuple(additive))))
+        positions = tuple(additive)
+        plans.append(Plan(sql, tuple(params), positions, row_decoder(spec, positions)))
     for i, measure in enumerate(spec.measures):
         if measure.aggregation == "latest":
             sql, params = statement(dialect.latest(), [])
-            plans.append(Plan(sql, tuple(params), (i,), decoder((i,))))
+            plans.append(Plan(sql, tuple(params), (i,), row_decoder(spec, (i,))))
         elif measure.aggregation == "unique_count":
             sql, params = statement(
                 [f"count(DISTINCT {dialect.json_field('d.dims')})"],
                 [dialect.json_key(_dimension(measure))],
             )
-            plans.append(Plan(sql, tuple(params), (i,), decoder((i,))))
+            plans.append(Plan(sql, tuple(params), (i,), row_decoder(spec, (i,))))
         elif measure.aggregation not in ADDITIVE_SQL:
             raise ValueError(f"unknown aggregation {measure.aggregation!r}")
     return plans
+
+
+def row_decoder(
+    spec: AggregateSpec, positions: tuple[int, ...], whole: tuple[bool, ...] | None = None
+) -> Callable[[Sequence[Any]], AggregateRow]:
+    """Decodes one result row (window index, group values, then the values of the measures
+    at ``positions``) into an AggregateRow of all the spec's measures. With ``whole``, each
+    value that is not whole becomes a float (ClickHouse's JSON says 5 for 5.0).
+
+    A report may return tens of thousands of rows, so the common shapes (one or no group,
+    every measure from this statement) take the short road."""
+    names = tuple(spec.group_by)
+    width = len(names)
+    end = 1 + width
+    stop = end + len(positions)  # SQLite's latest fold selects a timestamp after its value
+    total = len(spec.measures)
+    # ClickHouse's JSON writes counts as integers already; only the others need float().
+    floats = [n for n, w in enumerate(whole or ()) if not w]
+    everything = positions == tuple(range(total))
+
+    def values_of(row: Sequence[Any]) -> tuple[float | None, ...]:
+        if everything and stop == end + 1:  # one measure: the usual question
+            value = row[end]
+            return (float(value) if floats and value is not None else value,)
+        found = row[end:stop]
+        if floats:
+            found = list(found)
+            for n in floats:
+                if found[n] is not None:
+                    found[n] = float(found[n])
+        if everything:
+            return tuple(found)
+        out: list[float | None] = [None] * total
+        for pos, value in zip(positions, found, strict=True):
+            out[pos] = value
+        return tuple(out)
+
+    if width == 0:
+
+        def decode(row: Sequence[Any]) -> AggregateRow:
+            return AggregateRow(int(row[0]), (), values_of(row))
+
+    elif width == 1:
+        name = names[0]
+        # One tuple per distinct group, shared by its rows: fewer objects for the collector.
+        groups: dict[Any, Group] = {}
+
+        def decode(row: Sequence[Any]) -> AggregateRow:
+            index = int(row[0])
+            if index == OVERALL:
+                return AggregateRow(index, (), values_of(row))
+            group = groups.get(row[1])
+            if group is None:
+                group = groups[row[1]] = ((name, row[1]),)
+            return AggregateRow(index, group, values_of(row))
+
+    else:
+
+        def decode(row: Sequence[Any]) -> AggregateRow:
+            index = int(row[0])
+            group: Group = () if index == OVERALL else tuple(zip(names, row[1:end], strict=True))
+            return AggregateRow(index, group, values_of(row))
+
+    return decode
 
 
 def run_plans(
