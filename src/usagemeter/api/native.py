@@ -14,7 +14,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import BaseRoute
 
 from usagemeter.api.credentials import key_from_bearer
 from usagemeter.api.params import MAX_FILTERS, MAX_GROUP_BY, MAX_TAGS, ascii_int
@@ -125,6 +127,14 @@ async def post_events(request: Request) -> JSONResponse:
     except ValueError as exc:  # not JSON at all
         raise ApiError(400, "invalid_json", str(exc)) from None
     return JSONResponse(answer(result, events))
+
+
+def events_route() -> BaseRoute:
+    """The route of ``POST /v1/events`` (``fastroute.FastRoute`` answers it first)."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.endpoint is post_events:
+            return route
+    raise LookupError("POST /v1/events is not routed")
 
 
 async def _append(ingestor: Ingestor, events: list[Event]) -> AppendResult:
