@@ -13,6 +13,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from usagemeter.model import ApiKey, Scope
@@ -86,6 +87,57 @@ def _live_key(store: Store, secret: str | None) -> ApiKey | None:
         if hmac.compare_digest(digest, stored) and key.revoked_at is None:
             return key
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A request's key (None: no valid credential), the SHA-256 of the secret it sent, and
+    whether the key came from a ``KeyCache`` (so is unchecked since it was cached)."""
+
+    key: ApiKey | None
+    digest: bytes | None
+    cached: bool
+
+
+class KeyCache:
+    """Keys that authenticated before, by the SHA-256 of their secret, for a caller that
+    has the key checked again where it matters: a batch sent to a store that stores it only
+    if its key still stands at commit (``SQLiteStore.submit``). The lookup it spares cost a
+    one-event request a sixth of its time. Only live keys are kept; a secret seen for the
+    first time, a portal token or a revoked key always goes to the store. (The dictionary
+    compares digests, not secrets, so its timing says nothing useful about a secret.)"""
+
+    SIZE = 1024  # keys; past it the cache starts again: more keys than this is unusual
+
+    def __init__(self) -> None:
+        self._keys: dict[bytes, ApiKey] = {}
+
+    def authenticate(self, store: Store, secret: str | None) -> Caller:
+        """Who sends ``secret``: ``authenticate``'s key, from this cache when it holds it."""
+        if not secret:
+            return Caller(authenticate(store, secret), None, cached=False)
+        digest = hash_secret(secret)
+        key = self._keys.get(digest)
+        if key is not None:
+            _restrict_to(key)
+            return Caller(key, digest, cached=True)
+        key = _live_key(store, secret)
+        if key is None:  # a portal token, or no credential at all
+            return Caller(authenticate(store, secret), digest, cached=False)
+        if len(self._keys) >= self.SIZE:
+            self._keys.clear()
+        self._keys[digest] = key
+        _restrict_to(key)
+        return Caller(key, digest, cached=False)
+
+    def forget(self, digest: bytes) -> None:
+        self._keys.pop(digest, None)
+
+
+def _restrict_to(key: ApiKey) -> None:
+    from usagemeter import portal
+
+    portal.restrict_to(key)
 
 
 def can_read(store: Store, key: ApiKey, account_id: str) -> bool:

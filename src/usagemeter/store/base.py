@@ -24,6 +24,11 @@ class Conflict(ValueError):
     """The value would break a uniqueness rule (an account or key id already taken)."""
 
 
+class KeyRevoked(PermissionError):
+    """The key a batch was sent with was revoked (or deleted) before the batch's commit:
+    nothing of the batch was stored."""
+
+
 class StoreUnavailable(RuntimeError):
     """The store cannot take writes for now (its disk is full, say); nothing of the batch was
     stored, and the same batch may be sent again later. Adapters raise this rather than
