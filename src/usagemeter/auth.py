@@ -69,14 +69,24 @@ def issue_key(
 def authenticate(store: Store, secret: str | None) -> ApiKey | None:
     """The live key whose secret this is (a live portal token stands for a read key of its
     account), or None. Remembers for the request which metrics the caller may read."""
+    key = _live_key(store, secret)
+    if key is None and secret:
+        key = _token_key(store, secret)
+    _restrict_to(key)
+    return key
+
+
+def _token_key(store: Store, secret: str) -> ApiKey | None:
     # Here, not at the top: portal.py builds on this module's hashing.
     from usagemeter import portal
 
-    key = _live_key(store, secret)
-    if key is None and secret:
-        key = portal.authenticate_token(store, secret)
+    return portal.authenticate_token(store, secret)
+
+
+def _restrict_to(key: ApiKey | None) -> None:
+    from usagemeter import portal
+
     portal.restrict_to(key)
-    return key
 
 
 def _live_key(store: Store, secret: str | None) -> ApiKey | None:
@@ -122,22 +132,17 @@ class KeyCache:
             _restrict_to(key)
             return Caller(key, digest, cached=True)
         key = _live_key(store, secret)
-        if key is None:  # a portal token, or no credential at all
-            return Caller(authenticate(store, secret), digest, cached=False)
-        if len(self._keys) >= self.SIZE:
-            self._keys.clear()
-        self._keys[digest] = key
+        if key is not None:
+            if len(self._keys) >= self.SIZE:
+                self._keys.clear()
+            self._keys[digest] = key
+        else:  # a portal token (never cached: it expires), or no credential at all
+            key = _token_key(store, secret)
         _restrict_to(key)
         return Caller(key, digest, cached=False)
 
     def forget(self, digest: bytes) -> None:
         self._keys.pop(digest, None)
-
-
-def _restrict_to(key: ApiKey) -> None:
-    from usagemeter import portal
-
-    portal.restrict_to(key)
 
 
 def can_read(store: Store, key: ApiKey, account_id: str) -> bool:
