@@ -112,10 +112,10 @@ class Caller:
 class KeyCache:
     """Keys that authenticated before, by the SHA-256 of their secret, for a caller that
     has the key checked again where it matters: a batch sent to a store that stores it only
-    if its key still stands at commit (``SQLiteStore.submit``). The lookup it spares cost a
-    one-event request a sixth of its time. Only live keys are kept; a secret seen for the
-    first time, a portal token or a revoked key always goes to the store. (The dictionary
-    compares digests, not secrets, so its timing says nothing useful about a secret.)"""
+    if its key still stands at commit (``SQLiteStore.submit``). The lookup it spares was a
+    fifth of the event loop's work for one-event requests. Only live keys are kept; a secret
+    seen for the first time, a portal token or a revoked key always goes to the store. (The
+    dictionary compares digests, not secrets: its timing says nothing useful about one.)"""
 
     SIZE = 1024  # keys; past it the cache starts again: more keys than this is unusual
 
