@@ -13,6 +13,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from usagemeter.model import ApiKey, Scope
@@ -68,14 +69,24 @@ def issue_key(
 def authenticate(store: Store, secret: str | None) -> ApiKey | None:
     """The live key whose secret this is (a live portal token stands for a read key of its
     account), or None. Remembers for the request which metrics the caller may read."""
+    key = _live_key(store, secret)
+    if key is None and secret:
+        key = _token_key(store, secret)
+    _restrict_to(key)
+    return key
+
+
+def _token_key(store: Store, secret: str) -> ApiKey | None:
     # Here, not at the top: portal.py builds on this module's hashing.
     from usagemeter import portal
 
-    key = _live_key(store, secret)
-    if key is None and secret:
-        key = portal.authenticate_token(store, secret)
+    return portal.authenticate_token(store, secret)
+
+
+def _restrict_to(key: ApiKey | None) -> None:
+    from usagemeter import portal
+
     portal.restrict_to(key)
-    return key
 
 
 def _live_key(store: Store, secret: str | None) -> ApiKey | None:
@@ -86,6 +97,52 @@ def _live_key(store: Store, secret: str | None) -> ApiKey | None:
         if hmac.compare_digest(digest, stored) and key.revoked_at is None:
             return key
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A request's key (None: no valid credential), the SHA-256 of the secret it sent, and
+    whether the key came from a ``KeyCache`` (so is unchecked since it was cached)."""
+
+    key: ApiKey | None
+    digest: bytes | None
+    cached: bool
+
+
+class KeyCache:
+    """Keys that authenticated before, by the SHA-256 of their secret, for a caller that
+    has the key checked again where it matters: a batch sent to a store that stores it only
+    if its key still stands at commit (``SQLiteStore.submit``). The lookup it spares was a
+    fifth of the event loop's work for one-event requests. Only live keys are kept; a secret
+    seen for the first time, a portal token or a revoked key always goes to the store. (The
+    dictionary compares digests, not secrets: its timing says nothing useful about one.)"""
+
+    SIZE = 1024  # keys; past it the cache starts again: more keys than this is unusual
+
+    def __init__(self) -> None:
+        self._keys: dict[bytes, ApiKey] = {}
+
+    def authenticate(self, store: Store, secret: str | None) -> Caller:
+        """Who sends ``secret``: ``authenticate``'s key, from this cache when it holds it."""
+        if not secret:
+            return Caller(authenticate(store, secret), None, cached=False)
+        digest = hash_secret(secret)
+        key = self._keys.get(digest)
+        if key is not None:
+            _restrict_to(key)
+            return Caller(key, digest, cached=True)
+        key = _live_key(store, secret)
+        if key is not None:
+            if len(self._keys) >= self.SIZE:
+                self._keys.clear()
+            self._keys[digest] = key
+        else:  # a portal token (never cached: it expires), or no credential at all
+            key = _token_key(store, secret)
+        _restrict_to(key)
+        return Caller(key, digest, cached=False)
+
+    def forget(self, digest: bytes) -> None:
+        self._keys.pop(digest, None)
 
 
 def can_read(store: Store, key: ApiKey, account_id: str) -> bool:

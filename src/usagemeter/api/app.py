@@ -28,6 +28,7 @@ from usagemeter.api import (
     prometheus,
     tenants,
 )
+from usagemeter.api.fastroute import FastRoute
 from usagemeter.api.openapi import install_docs
 from usagemeter.api.responses import ApiError, JSONResponse, error_response
 from usagemeter.api.services import Services, utc_now
@@ -173,6 +174,15 @@ def create_app(
             message = f"no endpoint at {request.url.path}; see /docs"
         return error_response(exc.status_code, code, message)
 
+    # Innermost, so that every middleware below sees its requests as any other's.
+    app.add_middleware(
+        FastRoute,
+        method="POST",
+        path="/v1/events",
+        endpoint=native.post_events,
+        route=native.events_route(),
+        handlers=app.exception_handlers,
+    )
     app.add_middleware(CatchAll)
     app.add_middleware(AppClock, now=now)  # portal tokens expire by this app's clock
     if telemetry is not None:

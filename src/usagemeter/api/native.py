@@ -14,13 +14,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import BaseRoute
 
-from usagemeter.api.credentials import key_from_bearer
+from usagemeter.api.credentials import bearer_secret, key_from_bearer
 from usagemeter.api.params import MAX_FILTERS, MAX_GROUP_BY, MAX_TAGS, ascii_int
 from usagemeter.api.responses import ApiError, JSONResponse, number
 from usagemeter.api.services import Services, services
-from usagemeter.auth import can_read
+from usagemeter.auth import Caller, authenticate, can_read
 from usagemeter.engine import Engine
 from usagemeter.ingest import BatchRejected, Ingestor, answer
 from usagemeter.meters import parse_aggregation
@@ -36,7 +38,7 @@ from usagemeter.model import (
 )
 from usagemeter.model import Query as UsageQuery
 from usagemeter.portal import may_read
-from usagemeter.store.base import NotFound
+from usagemeter.store.base import KeyRevoked, NotFound
 from usagemeter.timewindows import (
     Granularity,
     isoformat,
@@ -56,8 +58,12 @@ NOT_READABLE = "not found, or this key may not read it"
 def caller(request: Request) -> ApiKey:
     key = key_from_bearer(services(request).store, request)
     if key is None:
-        raise ApiError(401, "unauthorized", "send a valid key as 'Authorization: Bearer <secret>'")
+        raise _unauthorized()
     return key
+
+
+def _unauthorized() -> ApiError:
+    return ApiError(401, "unauthorized", "send a valid key as 'Authorization: Bearer <secret>'")
 
 
 def reader(request: Request) -> ApiKey:
@@ -112,7 +118,34 @@ async def post_events(request: Request) -> JSONResponse:
     ``id`` its account has sent before is counted once and reported in ``duplicates``; one
     that came with another payload (metric, ts, value, billable, key, dimensions or tags) is
     also listed in ``conflicting``, and the stored event stays as first received."""
-    key = caller(request)
+    svc = services(request)
+    store = svc.store
+    secret = bearer_secret(request)
+    if not hasattr(store, "submit"):
+        who = Caller(authenticate(store, secret), None, cached=False)
+    else:
+        # This store checks the key again in the transaction that stores the batch, so a
+        # key authenticated before is taken from the cache; any other answer than a
+        # stored batch's checks it in the store first (below): a revoked key gets a 401.
+        who = svc.keys.authenticate(store, secret)
+    try:
+        return await _post_events(request, svc, who)
+    except KeyRevoked:
+        assert who.digest is not None
+        svc.keys.forget(who.digest)
+        raise _unauthorized() from None
+    except Exception:
+        if who.cached and authenticate(store, secret) is None:
+            assert who.digest is not None
+            svc.keys.forget(who.digest)
+            raise _unauthorized() from None
+        raise
+
+
+async def _post_events(request: Request, svc: Services, who: Caller) -> JSONResponse:
+    key = who.key
+    if key is None:
+        raise _unauthorized()
     if not key.is_operator and Scope.INGEST not in key.scopes:
         raise ApiError(403, "forbidden", "this key has no ingest scope")
     body = await request.body()
@@ -120,13 +153,14 @@ async def post_events(request: Request) -> JSONResponse:
         raise ApiError(413, "too_large", f"a request body holds at most {MAX_BODY} bytes")
     content_type = request.headers.get("content-type", "")
     ndjson = "ndjson" in content_type or "jsonlines" in content_type
-    ingestor = services(request).ingestor
+    ingestor = svc.ingestor
+    guard = None if who.digest is None else (who.digest, key.id)
     try:
         if len(body) <= INLINE_BODY:
             events = ingestor.validate_json(body, ndjson, key)
         else:
             events = await run_in_threadpool(ingestor.validate_json, body, ndjson, key)
-        result = await _append(ingestor, events)
+        result = await _append(ingestor, events, guard)
     except BatchRejected as exc:
         errors = [e.as_dict() for e in exc.errors]
         message = f"{len(errors)} event(s) rejected, nothing stored: {exc}"
@@ -136,17 +170,28 @@ async def post_events(request: Request) -> JSONResponse:
     return JSONResponse(answer(result, events))
 
 
-async def _append(ingestor: Ingestor, events: list[Event]) -> AppendResult:
+def events_route() -> BaseRoute:
+    """The route of ``POST /v1/events`` (``fastroute.FastRoute`` answers it first)."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.endpoint is post_events:
+            return route
+    raise LookupError("POST /v1/events is not routed")
+
+
+async def _append(
+    ingestor: Ingestor, events: list[Event], key: tuple[bytes, str] | None
+) -> AppendResult:
     """A store that commits queued batches on a thread of its own (SQLite's ``submit``) is
     awaited on the event loop; any other store's ``append`` waits in the thread pool. The
-    hop to a pool thread and back was a large part of a one-event request's time."""
+    hop to a pool thread and back was a large part of a one-event request's time. ``key``:
+    the (secret hash, key id) the batch must still be sent under at its commit."""
     store = ingestor.store
     submit = getattr(store, "submit", None)
     with ingestor.writing(events) as write:
         if submit is None:
             write.result = await run_in_threadpool(store.append, events)
         else:
-            write.result = await asyncio.wrap_future(submit(events))
+            write.result = await asyncio.wrap_future(submit(events, key))
     assert write.result is not None  # writing() raised otherwise
     return write.result
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from starlette.requests import Request
 
+from usagemeter.auth import KeyCache
 from usagemeter.engine import Engine
 from usagemeter.ingest import Ingestor
 from usagemeter.store.base import Store
@@ -24,6 +25,8 @@ class Services:
     ingestor: Ingestor
     # Endpoints ask this for "now" and "today", so tests can pin the clock of a real server.
     now: Callable[[], datetime] = field(default=utc_now)
+    # Keys POST /v1/events authenticated before (the store checks them again at commit).
+    keys: KeyCache = field(default_factory=KeyCache)
 
 
 def services(request: Request) -> Services:

@@ -29,6 +29,11 @@ class UnstorableText(ValueError):
     name sent with one can be neither stored nor found. The API answers it with a 400."""
 
 
+class KeyRevoked(PermissionError):
+    """The key a batch was sent with was revoked (or deleted) before the batch's commit:
+    nothing of the batch was stored."""
+
+
 class StoreUnavailable(RuntimeError):
     """The store cannot take writes for now (its disk is full, say); nothing of the batch was
     stored, and the same batch may be sent again later. Adapters raise this rather than

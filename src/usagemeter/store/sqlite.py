@@ -37,6 +37,7 @@ from usagemeter.store.base import (
     AggregateRow,
     AggregateSpec,
     Conflict,
+    KeyRevoked,
     NotFound,
     StoreUnavailable,
 )
@@ -117,12 +118,14 @@ def _payload(event: Event) -> _Payload:
 
 
 class _PendingBatch:
-    """One caller's batch, waiting for the group commit that carries it."""
+    """One caller's batch, waiting for the group commit that carries it; ``key``: the
+    (secret hash, key id) it must still be sent under when it commits (``submit``)."""
 
-    __slots__ = ("events", "future", "result")
+    __slots__ = ("events", "future", "key", "result")
 
-    def __init__(self, events: Sequence[Event]) -> None:
+    def __init__(self, events: Sequence[Event], key: tuple[bytes, str] | None = None) -> None:
         self.events = events
+        self.key = key
         self.future: Future[AppendResult] = Future()
         self.result: AppendResult | None = None
 
@@ -483,11 +486,19 @@ class SQLiteStore(SqlCorrections, LimitTables):
     def append(self, events: Sequence[Event]) -> AppendResult:
         return self.submit(events).result()
 
-    def submit(self, events: Sequence[Event]) -> Future[AppendResult]:
+    def submit(
+        self, events: Sequence[Event], key: tuple[bytes, str] | None = None
+    ) -> Future[AppendResult]:
         """``append`` without waiting: the future resolves once the batch is durable (or
         fails with the batch's error). An async caller awaits it without a thread of its
-        own (``asyncio.wrap_future``)."""
-        mine = _PendingBatch(events)
+        own (``asyncio.wrap_future``).
+
+        ``key``: the SHA-256 of the secret the batch was sent with, and its key's id. The
+        batch is stored only if, in the transaction that stores it, that key still stands
+        (not revoked, not deleted); else it fails with KeyRevoked. So a caller may trust a
+        key it looked up earlier: a revocation committed by any process before the batch's
+        commit still refuses the batch."""
+        mine = _PendingBatch(events, key)
         if not events:
             mine.future.set_result(AppendResult(0, 0))
             return mine.future
@@ -560,7 +571,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
             self._forget_row_ids()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            failed.update(self._revoked(conn, group))
             for place, batch in enumerate(group):
+                if place in failed:
+                    continue
                 conn.execute("SAVEPOINT batch")
                 try:
                     batch.result, names = self._append_locked(conn, batch.events)
@@ -596,6 +610,27 @@ class SQLiteStore(SqlCorrections, LimitTables):
             if place not in failed and batch.result is not None:
                 self._unfolded += batch.result.accepted
                 batch.future.set_result(batch.result)
+
+    def _revoked(
+        self, conn: sqlite3.Connection, group: list[_PendingBatch]
+    ) -> dict[int, Exception]:
+        """The batches of ``group`` whose key no longer stands, by their place: one lookup
+        per distinct key, inside the group's transaction (so after any revocation another
+        connection committed before it)."""
+        standing: dict[tuple[bytes, str], bool] = {}
+        refused: dict[int, Exception] = {}
+        for place, batch in enumerate(group):
+            if batch.key is None:
+                continue
+            if batch.key not in standing:
+                digest, key_id = batch.key
+                row = conn.execute(
+                    "SELECT id FROM keys WHERE secret_hash = ? AND revoked_at IS NULL", (digest,)
+                ).fetchone()
+                standing[batch.key] = row is not None and row[0] == key_id
+            if not standing[batch.key]:
+                refused[place] = KeyRevoked("the key this batch was sent with is revoked")
+        return refused
 
     def _append_locked(
         self, conn: sqlite3.Connection, events: Sequence[Event]
