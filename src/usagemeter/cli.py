@@ -8,6 +8,7 @@ run beside a live server).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import hashlib
 import json
@@ -566,10 +567,9 @@ def ingest(
         body = b"".join(line for _, line in block)
         events = None
         if b'"type"' not in body:  # account and key records take the line-by-line path
-            try:
+            # A refused block goes line by line, which names each problem.
+            with contextlib.suppress(BatchRejected, ValueError):
                 events = ingestor.validate_json(body, ndjson=True, caller=None)
-            except (BatchRejected, ValueError):
-                events = None
         if events is None:
             for number, line in block:
                 take(ndjson_record(file, number, line))

@@ -38,12 +38,6 @@ def where(path: Path, line: int, column: int | None = None, name: str | None = N
 _DECODE = msgspec.json.Decoder().decode
 
 
-def ndjson_records(path: Path) -> Iterator[Record]:
-    for block in ndjson_blocks(path, 1000):
-        for number, line in block:
-            yield ndjson_record(path, number, line)
-
-
 def ndjson_blocks(path: Path, size: int) -> Iterator[list[tuple[int, bytes]]]:
     """The file's non-blank lines, undecoded, with their numbers, ``size`` to a block: a
     clean block is decoded whole by the ingestor's compiled path (``Ingestor.validate_json``),

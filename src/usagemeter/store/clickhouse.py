@@ -113,7 +113,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._last_seq = 0
         self._known: dict[str, set[str]] = {}
         self._known_since = 0.0
-        self._forget_known(time.monotonic())
+        self._forget_known()
         self._create_void_tables()
 
     def close(self) -> None:
@@ -155,7 +155,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # (a revoked key's events still count): this process forgets at once, another within
         # rows.ROW_IDS_KEPT_FOR.
         if row_ids_stale(self._known_since):
-            self._forget_known(time.monotonic())
+            self._forget_known()
         known = self._known[table]
         wanted = sorted(set(ids) - known)
         found = self._ids(table, wanted)
@@ -164,13 +164,13 @@ class ClickHouseStore(ChCorrections, LimitTables):
                 raise NotFound(f"{noun} {ident!r} does not exist")
         known.update(found)
 
-    def _forget_known(self, now: float) -> None:
+    def _forget_known(self) -> None:
         self._known = {"accounts": set(), "keys": set()}
-        self._known_since = now
+        self._known_since = time.monotonic()
 
     def delete_account(self, account_id: str) -> dict[str, int]:
         counts = super().delete_account(account_id)
-        self._forget_known(time.monotonic())
+        self._forget_known()
         return counts
 
     # ---------------------------------------------------------------- accounts
