@@ -20,8 +20,10 @@ from typing import Any
 
 from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT
 from usagemeter.store.base import OVERALL, TOTAL, AggregateRow, AggregateSpec
+from usagemeter.store.chschema import HOUR_SETS_GRAIN
 from usagemeter.store.chtransport import literal, literals
 from usagemeter.store.sqlplan import (
+    SLOTS,
     Grain,
     Piece,
     Plan,
@@ -188,9 +190,13 @@ def _select(groups: int, values: Sequence[str], source: str, totals: bool = Fals
     )
 
 
-def plan_aggregate(spec: AggregateSpec) -> list[Plan]:
-    """One statement for the foldable measures together, one per distinct count."""
+def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
+    """One statement for the foldable measures together, one per distinct count. With
+    ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
+    question reads whole UTC hours there and slots only for its ragged quarter hours."""
     grains = grains_for(spec)
+    if hour_sets and grains == (SLOTS,):
+        grains = (HOUR_SETS_GRAIN, SLOTS)
     pieces, raw_pieces = split_windows(spec.windows, grains)
     if not spec.accounts or (not raw_pieces and not any(pieces.values())):
         return []

@@ -8,7 +8,7 @@ the same thing everywhere and the shared window splitter (sqlplan.split_windows)
 
 from __future__ import annotations
 
-from usagemeter.store.sqlplan import DAY_MS, HOUR_MS
+from usagemeter.store.sqlplan import DAY_MS, HOUR_MS, Grain
 from usagemeter.timewindows import SLOT_MS
 
 # Durable before acknowledged: each insert's part (and its directory) is fsynced before the
@@ -90,12 +90,10 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS event_ids_mv TO event_ids AS
 SELECT account, id, digest FROM events
 """
 
-SLOTS = f"""
--- 15-minute slots with everything (key, billable, dimension and tag sets): any zone's hour,
--- day or month is a whole number of slots, and any filter or group can be answered here.
--- ORDER BY leads with (account, metric, slot): a question reads one contiguous range.
--- The dimension and tag values ride along as any(): they are fixed by dimset and tagset.
-CREATE TABLE IF NOT EXISTS rollup (
+
+def _sets_table(table: str, unit: int) -> str:
+    return f"""
+CREATE TABLE IF NOT EXISTS {table} (
     account String,
     metric LowCardinality(String),
     slot Int64,
@@ -106,23 +104,54 @@ CREATE TABLE IF NOT EXISTS rollup (
     dims SimpleAggregateFunction(any, Map(String, String)),
     tags SimpleAggregateFunction(any, Array(String)),{_VALUES}
 ) ENGINE = AggregatingMergeTree
-PARTITION BY {_month(f"slot * {SLOT_MS}")}
+PARTITION BY {_month(f"slot * {unit}")}
 ORDER BY (account, metric, slot, key, billable, dimset, tagset)
 SETTINGS {_DURABLE}, {_TOKENS}
 """
 
 
-def _slots_select(source: str) -> str:
+# 15-minute slots with everything (key, billable, dimension and tag sets): any zone's hour,
+# day or month is a whole number of slots, and any filter or group can be answered here.
+# ORDER BY leads with (account, metric, slot): a question reads one contiguous range.
+# The dimension and tag values ride along as any(): they are fixed by dimset and tagset.
+SLOTS = _sets_table("rollup", SLOT_MS)
+# The same at whole UTC hours: a grouped or tagged question reads a quarter of the rows
+# (fewer where an hour repeats a set), and slots only for its ragged quarter hours. Its view
+# counts the events from a boundary on, and a database that had events before it is
+# backfilled up to that boundary once (chupgrade.py); the planner reads it only after that.
+HOUR_SETS = "rollup_hour_sets"
+HOUR_SETS_TABLE = _sets_table(HOUR_SETS, HOUR_MS)
+HOUR_SETS_GRAIN = Grain(HOUR_SETS, HOUR_MS, detailed=True, keyed=True)
+
+
+def _sets_select(unit: int, source: str, where: str = "") -> str:
     return f"""
-SELECT account, metric, {floor_div("ts", SLOT_MS)} AS slot, key, billable, dimset, tagset,
+SELECT account, metric, {floor_div("ts", unit)} AS slot, key, billable, dimset, tagset,
        any(dims) AS dims, any(tags) AS tags, {_FOLD}
-FROM {source} GROUP BY account, metric, slot, key, billable, dimset, tagset
+FROM {source}{where} GROUP BY account, metric, slot, key, billable, dimset, tagset
 """
 
 
-SLOTS_VIEW = "CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_mv TO rollup AS" + _slots_select(
-    "events"
+SLOTS_VIEW = "CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_mv TO rollup AS" + _sets_select(
+    SLOT_MS, "events"
 )
+
+
+def hour_sets_view(boundary: int) -> str:
+    """The hour table's view: it folds the events of ``seq >= boundary``, as each insert
+    lands; the boundary is part of its definition, so every process reads the same one."""
+    return (
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {HOUR_SETS}_mv TO {HOUR_SETS} AS"
+        + _sets_select(HOUR_MS, "events", f" WHERE seq >= {int(boundary)}")
+    )
+
+
+def hour_sets_backfill(boundary: int) -> str:
+    """The events the view did not count (``seq < boundary``), folded into the hour table."""
+    settings = "SETTINGS insert_deduplicate = 0, max_partitions_per_insert_block = 0"
+    return f"INSERT INTO {HOUR_SETS} {settings}" + _sets_select(
+        HOUR_MS, "events", f" WHERE seq < {int(boundary)}"
+    )
 
 
 def _coarse_select(unit: int, keyed: bool, source: str) -> str:
@@ -159,7 +188,9 @@ def fold_select(table: str, source: str) -> str:
     columns) into rows of rollup ``table``, column for column: what its view runs on every
     insert, and what a void runs to recompute the cells it cleared."""
     if table == "rollup":
-        return _slots_select(source)
+        return _sets_select(SLOT_MS, source)
+    if table == HOUR_SETS:
+        return _sets_select(HOUR_MS, source)
     unit = HOUR_MS if "hour" in table else DAY_MS
     return _coarse_select(unit, table.endswith("_key"), source)
 
@@ -208,6 +239,7 @@ STATEMENTS: tuple[str, ...] = (
     EVENT_IDS_VIEW,
     SLOTS,
     SLOTS_VIEW,
+    HOUR_SETS_TABLE,
     *_coarse("rollup_hour_key", HOUR_MS, keyed=True),
     *_coarse("rollup_day_key", DAY_MS, keyed=True),
     *_coarse("rollup_hour", HOUR_MS, keyed=False),
@@ -219,6 +251,7 @@ TABLES = (
     "events",
     "event_ids",
     "rollup",
+    HOUR_SETS,
     "rollup_hour_key",
     "rollup_day_key",
     "rollup_hour",

@@ -33,8 +33,9 @@ from usagemeter.corrections import (
 )
 from usagemeter.model import Event
 from usagemeter.store.base import Conflict, NotFound
-from usagemeter.store.chschema import fold_select
+from usagemeter.store.chschema import HOUR_SETS_GRAIN, fold_select
 from usagemeter.store.chtransport import Transport, literal, literals
+from usagemeter.store.chupgrade import HourSets
 from usagemeter.store.postgres import _digest
 from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import DAY_MS
@@ -49,7 +50,9 @@ from usagemeter.store.voidsql import (
 # Our own inserts are never deduplicated by block hash: a refold may produce the same rows
 # as an earlier one, and both must land.
 _NO_DEDUPE = "SETTINGS insert_deduplicate = 0"
-_EVENT_TABLES = ("events", "event_ids", *(g.table for g in ROLLUP_GRAINS))
+# Every rollup of the SQL stores, and the hour table with dimension and tag sets.
+_GRAINS = (*ROLLUP_GRAINS, HOUR_SETS_GRAIN)
+_EVENT_TABLES = ("events", "event_ids", *(g.table for g in _GRAINS))
 
 
 def delete_rows(transport: Transport, table: str, where: str) -> None:
@@ -66,6 +69,7 @@ class ChCorrections(VoidLog):
     transport: Transport
     side: SideFile
     _lock: threading.Lock
+    hour_sets: HourSets
 
     def _require(self, table: str, noun: str, ids: Sequence[str]) -> None:
         raise NotImplementedError
@@ -189,8 +193,12 @@ class ChCorrections(VoidLog):
         events = " OR ".join(
             f"(metric = {literal(m)} AND ts >= {lo} AND ts < {hi})" for m, lo, hi in ranges
         )
-        source = f"(SELECT * FROM events WHERE account = {account} AND ({events}))"
-        for grain in ROLLUP_GRAINS:
+        where = f"account = {account} AND ({events})"
+        for grain in _GRAINS:
+            # The hour table's cells count only what its view counted until its backfill
+            # is complete (chupgrade.py): the backfill brings the rest, once.
+            narrowed = self.hour_sets.refold_filter() if grain is HOUR_SETS_GRAIN else ""
+            source = f"(SELECT * FROM events WHERE {where}{narrowed})"
             cells = " OR ".join(
                 f"(metric = {literal(m)} AND slot >= {lo // grain.unit_ms}"
                 f" AND slot < {hi // grain.unit_ms})"

@@ -41,6 +41,7 @@ from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFoun
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chschema import STATEMENTS
 from usagemeter.store.chtransport import Transport, literal, literals
+from usagemeter.store.chupgrade import HourSets
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row, row_ids_stale
@@ -105,11 +106,15 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def __init__(self, transport: Transport, side_path: str) -> None:
         self.transport = transport
         self.side = SideFile(side_path)
+        fresh = not transport.query(
+            "SELECT 1 FROM system.tables WHERE database = currentDatabase() AND name = 'events'"
+        )
         for statement in STATEMENTS:
             transport.command(statement)
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
         # the insert of an account or key: ClickHouse enforces no unique keys itself.
         self._lock = threading.Lock()
+        self.hour_sets = HourSets(transport, self._lock, fresh)
         self._last_seq = 0
         self._known: dict[str, set[str]] = {}
         self._known_since = 0.0
@@ -384,7 +389,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
         if not spec.windows:
             return []
-        plans = plan_aggregate(spec)
+        plans = plan_aggregate(spec, hour_sets=self.hour_sets.ready())
         return run_plans(plans, lambda plan: self.transport.query(plan.sql), len(spec.measures))
 
     def metrics_seen(

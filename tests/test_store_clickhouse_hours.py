@@ -1,0 +1,231 @@
+"""The ClickHouse store's hour table with dimension and tag sets: read for the whole hours of
+grouped and tagged questions, equal to a fold of the events after voids, amends and account
+deletion, and built on an older database while another process ingests, each event counted
+once (store/chupgrade.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import open_clickhouse
+from usagemeter.corrections import Amendment, VoidSelector
+from usagemeter.engine import Engine
+from usagemeter.model import Account, Event, Query
+from usagemeter.store import chupgrade
+from usagemeter.store.base import AggregateSpec, Measure, Window
+from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.chschema import HOUR_SETS
+from usagemeter.store.chtransport import ChdbTransport, HttpTransport, Transport
+from usagemeter.store.clickhouse import ClickHouseStore
+from usagemeter.timewindows import Granularity
+
+BASE_MS = 1_741_392_000_000  # 2025-03-08T00:00:00Z
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+COLUMNS = "account, metric, slot, key, billable, dimset, tagset"
+
+
+@pytest.fixture
+def chstore(clickhouse_home: str) -> Iterator[ClickHouseStore]:
+    store = open_clickhouse(clickhouse_home)
+    assert isinstance(store, ClickHouseStore)
+    yield store
+    store.close()
+
+
+def _events(first: int, count: int, account: str = "a") -> list[Event]:
+    """Every 7 minutes and a few ms, in two statuses and two tag sets: values are whole, so
+    sums are exact in any order."""
+    return [
+        Event(
+            id=f"e{i}",
+            account_id=account,
+            metric="requests",
+            ts_ms=BASE_MS + i * 7 * 60_000 + i % 5,
+            value=float(i % 11),
+            dimensions={"status": "200" if i % 3 else "500"},
+            tags=frozenset({"prod"} if i % 4 else {"staging"}),
+        )
+        for i in range(first, first + count)
+    ]
+
+
+def _hour_table(store: ClickHouseStore) -> list[list[Any]]:
+    return store.transport.query(
+        f"SELECT {COLUMNS}, sum(cnt), sum(total), min(vmin), max(vmax), argMaxMerge(last)"
+        f" FROM {HOUR_SETS} GROUP BY {COLUMNS} ORDER BY {COLUMNS}"
+    )
+
+
+def _folded_events(store: ClickHouseStore) -> list[list[Any]]:
+    return store.transport.query(
+        f"SELECT account, metric, intDiv(ts, {HOUR_MS}) AS slot, key, billable, dimset,"
+        " tagset, count(), sum(value), min(value), max(value), argMax(value, (ts, seq))"
+        f" FROM events GROUP BY {COLUMNS} ORDER BY {COLUMNS}"
+    )
+
+
+def _tagged_by_status(account: str = "a") -> AggregateSpec:
+    start = BASE_MS + 15 * 60_000  # two-hour windows from :15: one whole hour each
+    windows = tuple(
+        Window(n, start + 2 * n * HOUR_MS, start + 2 * (n + 1) * HOUR_MS) for n in range(24)
+    )
+    return AggregateSpec(
+        (account,),
+        "requests",
+        windows,
+        (Measure("count"), Measure("sum")),
+        group_by=("status",),
+        tags=frozenset({"prod"}),
+    )
+
+
+def test_whole_hours_of_grouped_and_tagged_questions_read_the_hour_table() -> None:
+    """Windows starting at :15, as Kathmandu's hours do: each window's whole UTC hours come from the
+    hour table, its ragged quarter hours from the slots; without the hour table, slots."""
+    (plan,) = plan_aggregate(_tagged_by_status(), hour_sets=True)
+    assert f"FROM {HOUR_SETS} WHERE" in plan.sql and "FROM rollup WHERE" in plan.sql
+    (before,) = plan_aggregate(_tagged_by_status(), hour_sets=False)
+    assert HOUR_SETS not in before.sql and "FROM rollup WHERE" in before.sql
+    plain = AggregateSpec(("a",), "requests", _tagged_by_status().windows, (Measure("count"),))
+    (coarse,) = plan_aggregate(plain, hour_sets=True)
+    assert HOUR_SETS not in coarse.sql  # the lean hour and day tables serve it
+
+
+def test_the_hour_table_answers_as_the_slots_do(
+    chstore: ClickHouseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chstore.create_account(Account("a", "A"))
+    chstore.append(_events(0, 600))
+    chstore.append(_events(600, 600))  # rows of one hour from two inserts
+    assert chstore.hour_sets.ready()
+    engine = Engine(chstore)
+    queries = [
+        Query(
+            ("a",),
+            "requests",
+            _utc(BASE_MS + 1234),
+            _utc(BASE_MS + 5 * DAY_MS - 77),
+            granularity,
+            tz,
+            group_by=group_by,
+            tags=tags,
+        )
+        for granularity, tz, group_by, tags in [
+            (Granularity.HOUR, "America/New_York", ("status",), frozenset()),
+            (Granularity.DAY, "Asia/Kathmandu", (), frozenset({"prod"})),
+            (Granularity.TOTAL, "UTC", ("status",), frozenset({"staging"})),
+        ]
+    ]
+    with_hours = [engine.run(q) for q in queries]
+    monkeypatch.setattr(chstore.hour_sets, "ready", lambda: False)  # the slots answer
+    for query, answer in zip(queries, with_hours, strict=True):
+        result = engine.run(query)
+        assert (answer.buckets, answer.totals, answer.total) == (
+            result.buckets,
+            result.totals,
+            result.total,
+        )
+    assert with_hours[0].total[0]  # something was counted
+
+
+def test_voids_amends_and_deletion_recompute_the_hour_table(chstore: ClickHouseStore) -> None:
+    chstore.create_account(Account("a", "A"))
+    chstore.create_account(Account("b", "B"))
+    chstore.append(_events(0, 400))
+    chstore.append(_events(0, 300, account="b"))
+    chstore.void_events(
+        VoidSelector("a", metric="requests", start_ms=BASE_MS, end_ms=BASE_MS + 5 * HOUR_MS),
+        "test",
+        None,
+        BASE_MS + 9 * DAY_MS,
+    )
+    chstore.void_events(
+        VoidSelector("a", ids=("e100",)),
+        "test",
+        None,
+        BASE_MS + 9 * DAY_MS,
+        amend=Amendment(value=40.0),
+    )
+    assert _hour_table(chstore) == _folded_events(chstore)
+    chstore.delete_account("b")
+    assert _hour_table(chstore) == _folded_events(chstore)
+    assert {row[0] for row in _hour_table(chstore)} == {"a"}
+
+
+def _utc(ms: int) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _transport(home: str, database: str) -> Transport:
+    if home.startswith("chdb:"):
+        return ChdbTransport(home.split("://", 1)[1][1:], database)
+    return HttpTransport(home.rsplit("/", 1)[0] + "/" + database)
+
+
+def test_an_older_database_is_upgraded_while_another_process_ingests(
+    clickhouse_home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database from before the hour table, its ingest running on: the store that opens it
+    creates the table and its view, folds what came before once the boundary has settled, and
+    only then plans with it. A void in between refolds only what the view counted. Every
+    event is in the table once, none is lost."""
+    monkeypatch.setattr(chupgrade, "SETTLE_NS", 1_000_000_000)  # 1 s instead of 30
+    monkeypatch.setattr(chupgrade, "CHECK_EVERY", 0.0)
+    database = f"older_{time.time_ns()}"
+    side = str(tmp_path / "side.sqlite")
+    older = ClickHouseStore(_transport(clickhouse_home, database), side)
+    upgraded: ClickHouseStore | None = None
+    try:
+        # What an older version left: no hour table, no view, events already stored.
+        older.transport.command(f"DROP VIEW {HOUR_SETS}_mv")
+        older.transport.command(f"DROP TABLE {HOUR_SETS}")
+        older.create_account(Account("a", "A"))
+        older.append(_events(0, 500))
+
+        stop = threading.Event()
+        appended = [500]
+
+        def ingest() -> None:  # the other process: batches of 50 until told to stop
+            while not stop.is_set() and appended[0] < 10_000:
+                older.append(_events(appended[0], 50))
+                appended[0] += 50
+
+        other = threading.Thread(target=ingest)
+        other.start()
+        try:
+            time.sleep(0.05)
+            upgraded = ClickHouseStore(_transport(clickhouse_home, database), side)
+            assert upgraded.hour_sets.boundary > 0 and not upgraded.hour_sets.ready()
+            # A void before the backfill: its refold of the hour table counts only what the
+            # view counted, the backfill the rest.
+            upgraded.void_events(VoidSelector("a", ids=("e3", "e400")), "t", None, BASE_MS)
+            deadline = time.monotonic() + 30
+            while not upgraded.hour_sets.ready():
+                assert time.monotonic() < deadline, "the backfill never ran"
+                time.sleep(0.05)
+            time.sleep(0.1)  # ingest goes on after the backfill too
+        finally:
+            stop.set()
+            other.join()
+        assert appended[0] > 500
+        assert upgraded.count_events() == appended[0] - 2
+        assert _hour_table(upgraded) == _folded_events(upgraded)
+        # A second store on it reads the same boundary and finds the backfill done.
+        again = ClickHouseStore(_transport(clickhouse_home, database), side)
+        assert again.hour_sets.boundary == upgraded.hour_sets.boundary
+        assert again.hour_sets.ready()
+        again.close()
+    finally:
+        (upgraded or older).transport.command(f"DROP DATABASE {database}")
+        if upgraded is not None:
+            upgraded.close()
+        older.close()
