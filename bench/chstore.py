@@ -4,16 +4,23 @@ then the heavy account's questions asked of each, every answer checked equal to 
 peer's overall total, which is all its GROUPING SETS share with ours).
 
     python -m bench.chstore --events 1000000 [--store chdb:///dir] [--runs 5] [--no-sqlite]
+                            [--slots-only] [--hour-view-ab]
 
 The peer (bench/peers/chdb_peer.py: raw events in one MergeTree, no dedupe, no rollups, no
 fsync) runs in the ClickHouse store's own chDB session, in a database of its own (chDB opens
 one directory per process), so both pay the same engine's fixed costs. Figures are medians
 of warm runs, in milliseconds, in this process (no HTTP).
+
+``--slots-only`` adds a column: the same ClickHouse store planning without its hour table of
+dimension and tag sets (the store before it), asked in turn with the others. ``--hour-view-ab``
+loads a second ClickHouse store in the same session without that table's view, batches taken
+in turn with the first, and prints both ingest rates: what the view costs an append.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import shutil
 import statistics
@@ -30,7 +37,7 @@ from usagemeter.engine import Engine
 from usagemeter.model import Account, Event, Query, Result
 from usagemeter.store import open_store
 from usagemeter.store.base import Store
-from usagemeter.store.chschema import TABLES
+from usagemeter.store.chschema import HOUR_SETS, TABLES
 from usagemeter.store.chtransport import ChdbTransport
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.timewindows import Granularity
@@ -212,6 +219,40 @@ def questions() -> dict[str, Query]:
     }
 
 
+def slots_only(store: Store, query: Query) -> Result:
+    """The store's answer planned without its hour table of dimension and tag sets."""
+    assert isinstance(store, ClickHouseStore)
+    ready = store.hour_sets.ready
+    store.hour_sets.ready = lambda: False  # type: ignore[method-assign]
+    try:
+        return Engine(store).run(query)
+    finally:
+        store.hour_sets.ready = ready  # type: ignore[method-assign]
+
+
+def hour_view_ab(store: Store, count: int) -> tuple[float, float]:
+    """Events per second into ``store`` and into a store in the same session without the
+    hour table's view, their batches taken in turn."""
+    assert isinstance(store, ClickHouseStore) and isinstance(store.transport, ChdbTransport)
+    without = ClickHouseStore(
+        ChdbTransport(store.transport._shared.path, "nohourview"), store.side.path
+    )
+    without.transport.command(f"DROP VIEW {HOUR_SETS}_mv")
+    targets = [store, without]
+    for target in targets:
+        for n in range(ACCOUNTS):
+            target.create_account(Account(f"acct-{n}", f"Account {n}"))
+    elapsed = [0.0, 0.0]
+    for batch in batches(count):
+        for i, target in enumerate(targets):
+            began = time.perf_counter()
+            target.append(batch)
+            elapsed[i] += time.perf_counter() - began
+    without.transport.command("DROP DATABASE nohourview")
+    without.close()
+    return count / elapsed[0], count / elapsed[1]
+
+
 def timed(runs: Sequence[Callable[[], object]], times: int) -> list[tuple[float, object]]:
     """Median milliseconds and last answer of each of ``runs``, warmed once, then called in
     turn ``times`` times: the machine's load then weighs on every system alike."""
@@ -237,6 +278,17 @@ def main(argv: list[str] | None = None) -> int:
         help="merge the ClickHouse store's parts before the questions (OPTIMIZE ... FINAL),"
         " as the peer's are: the state a store reaches between bursts of ingest",
     )
+    parser.add_argument(
+        "--slots-only",
+        action="store_true",
+        help="add a column: the ClickHouse store without its hour table of dimension and tag sets",
+    )
+    parser.add_argument(
+        "--hour-view-ab",
+        action="store_true",
+        help="load a second ClickHouse store without the hour table's view, batches in turn,"
+        " and print both ingest rates (replaces the ClickHouse store's own load)",
+    )
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-bench-"))
     try:
@@ -244,23 +296,35 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_sqlite:
             stores["SQLite"] = open_store(f"sqlite:///{scratch}/usage.db")
         phases: dict[str, float] = {}
-        rates = {name: load(store, args.events, phases) for name, store in stores.items()}
         ours = stores["ClickHouse"]
+        ab = None
+        if args.hour_view_ab:
+            ab = hour_view_ab(ours, args.events)
+        rates = {
+            name: ab[0] if ab and store is ours else load(store, args.events, phases)
+            for name, store in stores.items()
+        }
         if args.merged and isinstance(ours, ClickHouseStore):
             for table in TABLES:
                 ours.transport.command(f"OPTIMIZE TABLE {table} FINAL")
         peer = Peer(ours)
         peer_rate = peer.load(args.events)
-        names = [*stores, "raw chDB peer"]
+        # As the server does once started (api/app.py): what exists now lives on, frozen, so
+        # the collector's full passes do not walk it while the questions run.
+        gc.collect()
+        gc.freeze()
+        names = [*stores, *(["ClickHouse, slots only"] if args.slots_only else []), "raw chDB peer"]
         print(f"{args.events:,} events, batches of {BATCH:,}\n")
         print("| | " + " | ".join(names) + " |")
         print("|---|" + "---:|" * len(names))
-        figures = [f"{r:,.0f}" for r in [*rates.values(), peer_rate]]
+        slots_rate = [ab[1] if ab else float("nan")] if args.slots_only else []
+        figures = [f"{r:,.0f}" for r in [*rates.values(), *slots_rate, peer_rate]]
         print("| ingest, events/s | " + " | ".join(figures) + " |")
         for label, query in questions().items():
             question = peer_question(label, query)
             runs: list[Callable[[], object]] = [
                 *(lambda s=store, q=query: Engine(s).run(q) for store in stores.values()),
+                *([lambda q=query: slots_only(ours, q)] if args.slots_only else []),
                 lambda q=question: peer.total(q),
             ]
             measured = timed(runs, args.runs)
@@ -273,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             cells = " | ".join(f"{ms:.1f} ms" for ms, _ in measured)
             print(f"| {label}{'' if same else ' **(answers differ)**'} | {cells} |")
         count = -(-args.events // BATCH)
-        print(f"\nClickHouse: one append of {BATCH:,} events, mean ms per step\n")
-        rest = phases["append, in all"] - sum(v for k, v in phases.items() if k in PHASES.values())
-        for label, seconds in [*phases.items(), ("the rest: digests, rows, encoding", rest)]:
-            print(f"- {label}: {seconds / count * 1000:.1f} ms")
+        if ab:
+            print(f"\ningest without the hour table's view: {ab[1]:,.0f} events/s")
+        if phases:
+            print(f"\nClickHouse: one append of {BATCH:,} events, mean ms per step\n")
+            done = sum(v for k, v in phases.items() if k in PHASES.values())
+            rest = phases["append, in all"] - done
+            for label, seconds in [*phases.items(), ("the rest: digests, rows, encoding", rest)]:
+                print(f"- {label}: {seconds / count * 1000:.1f} ms")
         peer.close()
         for store in stores.values():
             store.close()
