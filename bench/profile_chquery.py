@@ -26,6 +26,7 @@ import msgspec
 from bench.chstore import load, questions
 from usagemeter.api.native import query_json
 from usagemeter.engine import Engine
+from usagemeter.model import Result
 from usagemeter.store import chplan, open_store
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.clickhouse import ClickHouseStore
@@ -37,6 +38,10 @@ SHORT = {
     "tagged": "90-day daily requests tagged prod",
     "latest": "90-day daily StorageBytes (latest)",
 }
+
+
+def encode(result: Result) -> bytes:
+    return msgspec.json.encode(query_json(result))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,17 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         store.aggregate = aggregate  # type: ignore[method-assign]
         (plan,) = plan_aggregate(spec[0], hour_sets=store.hour_sets.ready())
         (slots_plan,) = plan_aggregate(spec[0], hour_sets=False)
-        by_unit = chplan._unit_offset
-        chplan._unit_offset = lambda pieces: None  # type: ignore[assignment]
+        regular = chplan._regular
+        chplan._regular = lambda pieces: None  # type: ignore[assignment]
         (joined_plan,) = plan_aggregate(spec[0], hour_sets=store.hour_sets.ready())
-        chplan._unit_offset = by_unit  # type: ignore[assignment]
-
-        def unfrozen() -> object:
-            gc.unfreeze()
-            try:
-                return engine.run(query)
-            finally:
-                gc.freeze()
+        chplan._regular = regular  # type: ignore[assignment]
 
         def without_collector() -> object:
             gc.disable()
@@ -90,41 +88,61 @@ def main(argv: list[str] | None = None) -> int:
 
         steps: dict[str, Callable[[], object]] = {
             "ClickHouse's query": lambda: store.transport.query(plan.sql),
-            "the same, windows joined (ASOF) rather than by unit": lambda: store.transport.query(
-                joined_plan.sql
-            ),
+            "the same, windows joined (ASOF)": lambda: store.transport.query(joined_plan.sql),
             "the same, slots rather than the hour table": lambda: store.transport.query(
                 slots_plan.sql
             ),
             "store.aggregate (query and decoding)": lambda: store.aggregate(spec[0]),
-            "Engine.run": lambda: engine.run(query),
-            "Engine.run, startup not frozen": unfrozen,
             "Engine.run, the collector off": without_collector,
-            "Engine.run and query_json": lambda: query_json(engine.run(query)),
-            "the same, JSON encoded": lambda: msgspec.json.encode(query_json(engine.run(query))),
         }
         spent: dict[str, list[float]] = {name: [] for name in steps}
-        collected: list[float] = []
         for _ in range(args.runs):
             for name, step in steps.items():
                 began = time.perf_counter()
                 step()
                 spent[name].append((time.perf_counter() - began) * 1000)
-            began = time.perf_counter()
-            gc.unfreeze()
-            gc.collect()
-            collected.append((time.perf_counter() - began) * 1000)
-            gc.freeze()
         rows = len(store.transport.query(plan.sql))
         print(f"{args.events:,} events, {SHORT[args.question]}: {rows:,} rows from the store\n")
         for name, ms in spent.items():
             print(f"- {name}: median {statistics.median(ms):.1f} ms")
-        gc_ms = statistics.median(collected)
-        print(f"- a full gc.collect() of everything, after each round: median {gc_ms:.1f} ms")
+        # A full collection runs every other time or so: the collector's own time per run
+        # (gc.callbacks), over runs in a row, with what startup built walked by every full
+        # pass, and frozen as the server has it (api/app.py); twice each, in turn.
+        collector: list[float] = []
+        began_at: list[float] = [0.0]
+
+        def watch(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                began_at[0] = time.perf_counter()
+            else:
+                collector.append((time.perf_counter() - began_at[0]) * 1000)
+
+        gc.callbacks.append(watch)
+        whole: dict[str, list[float]] = {}
+        for frozen in (False, True, False, True):
+            (gc.freeze if frozen else gc.unfreeze)()
+            label = "frozen, as the server has it" if frozen else "not frozen"
+            for _ in range(args.runs):
+                collector.clear()
+                began = time.perf_counter()
+                engine.run(query)
+                whole.setdefault(f"Engine.run, startup {label}", []).append(
+                    (time.perf_counter() - began) * 1000
+                )
+                whole.setdefault(f"its collector, startup {label}", []).append(sum(collector))
+        gc.callbacks.remove(watch)
+        for name, ms in whole.items():
+            mean, median = statistics.mean(ms), statistics.median(ms)
+            print(f"- {name}: mean {mean:.1f} ms, median {median:.1f} ms")
+        gc.unfreeze()
+        began = time.perf_counter()
+        gc.collect()
+        print(f"- one full collection of everything: {(time.perf_counter() - began) * 1000:.1f} ms")
+        gc.freeze()
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(args.runs):
-            msgspec.json.encode(query_json(engine.run(query)))
+            encode(engine.run(query))
         profile.disable()
         print()
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)

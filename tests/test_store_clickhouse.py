@@ -24,7 +24,7 @@ from usagemeter.meters import MeterRegistry
 from usagemeter.model import Account, Aggregation, Event, Meter, Query, Scope
 from usagemeter.store import open_store, rows
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
-from usagemeter.store.chplan import _unit_offset as chplan_unit_offset
+from usagemeter.store.chplan import _regular as chplan_regular
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chtransport import literal
 from usagemeter.store.clickhouse import ClickHouseStore, _digest_v1
@@ -160,13 +160,18 @@ def test_the_sql_quotes_every_value() -> None:
     assert "= 'x\\'y'" in plan.sql
 
 
-def test_single_unit_windows_in_a_row_find_their_window_by_arithmetic() -> None:
-    """An hourly report's windows are single hours in a row: a row's window is its hour
-    plus an offset, no join; windows with a gap between them are joined."""
+def test_windows_of_one_width_in_a_row_find_their_window_by_arithmetic() -> None:
+    """An hourly report's windows are single hours in a row, a UTC daily report's 24 hours
+    each: a row's window is arithmetic on its hour, no join; windows with a gap between them
+    are joined."""
     hours = tuple(Window(n, BASE_MS + n * HOUR_MS, BASE_MS + (n + 1) * HOUR_MS) for n in range(48))
     (plan,) = plan_aggregate(AggregateSpec(("a",), "m", hours, (Measure("count"),)))
     first = BASE_MS // HOUR_MS
-    assert "ASOF" not in plan.sql and f"s.slot - {first}" in plan.sql
+    assert "ASOF" not in plan.sql and f"intDiv(s.slot - {first}, 1) + 0" in plan.sql
+    days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(9))
+    tagged = AggregateSpec(("a",), "m", days, (Measure("count"),), tags=frozenset({"t"}))
+    (by_day,) = plan_aggregate(tagged, hour_sets=True)
+    assert "ASOF" not in by_day.sql and f"intDiv(s.slot - {first}, 24) + 0" in by_day.sql
     gapped = hours[:10] + tuple(
         Window(n, w.start_ms + HOUR_MS, w.end_ms + HOUR_MS) for n, w in enumerate(hours[10:], 10)
     )
@@ -294,8 +299,8 @@ def test_answers_equal_sqlites_in_any_zone(
 def test_pieces_found_by_comparison_or_by_join_give_the_same_answers(
     chstore: ClickHouseStore, monkeypatch: pytest.MonkeyPatch, aggregation: Aggregation
 ) -> None:
-    """A row finds its piece by arithmetic when the pieces are single units in a row
-    (chplan._unit_offset), else by a multiIf when there are few pieces and by an ASOF JOIN
+    """A row finds its piece by arithmetic when the pieces are of one width in a row
+    (chplan._regular), else by a multiIf when there are few pieces and by an ASOF JOIN
     when there are many (chplan.FEW_PIECES): every way gives every question the same answer."""
     chstore.create_account(Account("a", "A"))
     chstore.append(
@@ -329,12 +334,11 @@ def test_pieces_found_by_comparison_or_by_join_give_the_same_answers(
             group_by=group_by,
         )
         answers = []
-        # By unit arithmetic where pieces are single units in a row; else always joined;
-        # never joined.
+        # By arithmetic where the pieces are regular; else always joined; never joined.
         for few, by_unit in ((0, True), (0, False), (1_000_000, False)):
             monkeypatch.setattr("usagemeter.store.chplan.FEW_PIECES", few)
-            unit = chplan_unit_offset if by_unit else lambda pieces: None
-            monkeypatch.setattr("usagemeter.store.chplan._unit_offset", unit)
+            regular = chplan_regular if by_unit else lambda pieces: None
+            monkeypatch.setattr("usagemeter.store.chplan._regular", regular)
             result = engine.run(query)
             answers.append((result.buckets, result.totals, result.total))
         assert answers[0] == answers[1] == answers[2]
