@@ -5,13 +5,17 @@ once (store/chupgrade.py)."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import open_clickhouse
 from usagemeter.corrections import Amendment, VoidSelector
@@ -159,9 +163,7 @@ def test_voids_amends_and_deletion_recompute_the_hour_table(chstore: ClickHouseS
     assert {row[0] for row in _hour_table(chstore)} == {"a"}
 
 
-def _utc(ms: int) -> Any:
-    from datetime import UTC, datetime
-
+def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
@@ -179,7 +181,7 @@ def test_an_older_database_is_upgraded_while_another_process_ingests(
     only then plans with it. A void in between refolds only what the view counted. Every
     event is in the table once, none is lost."""
     monkeypatch.setattr(chupgrade, "SETTLE_NS", 1_000_000_000)  # 1 s instead of 30
-    monkeypatch.setattr(chupgrade, "CHECK_EVERY", 0.0)
+    monkeypatch.setattr(chupgrade, "CHECK_EVERY", 0.05)
     database = f"older_{time.time_ns()}"
     side = str(tmp_path / "side.sqlite")
     older = ClickHouseStore(_transport(clickhouse_home, database), side)
@@ -229,3 +231,18 @@ def test_an_older_database_is_upgraded_while_another_process_ingests(
         if upgraded is not None:
             upgraded.close()
         older.close()
+
+
+@given(
+    first=st.integers(-(10**12), 4 * 10**12),
+    span=st.integers(0, 5 * 366 * DAY_MS),
+)
+def test_the_backfill_months_cover_the_events_without_gaps(first: int, span: int) -> None:
+    months = chupgrade._months(first, first + span)
+    assert months[0][0] <= first < months[0][1] and months[-1][0] <= first + span < months[-1][1]
+    for (_, end), (start, _) in itertools.pairwise(months):
+        assert end == start
+    for start, end in months:
+        opened = datetime.fromtimestamp(start / 1000, UTC)
+        assert (opened.day, opened.hour, opened.minute) == (1, 0, 0)
+        assert 28 * DAY_MS <= end - start <= 31 * DAY_MS

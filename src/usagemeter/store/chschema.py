@@ -146,12 +146,12 @@ def hour_sets_view(boundary: int) -> str:
     )
 
 
-def hour_sets_backfill(boundary: int) -> str:
-    """The events the view did not count (``seq < boundary``), folded into the hour table."""
+def hour_sets_backfill(boundary: int, start_ms: int, end_ms: int) -> str:
+    """The events of [start_ms, end_ms) the view did not count (``seq < boundary``), folded
+    into the hour table."""
     settings = "SETTINGS insert_deduplicate = 0, max_partitions_per_insert_block = 0"
-    return f"INSERT INTO {HOUR_SETS} {settings}" + _sets_select(
-        HOUR_MS, "events", f" WHERE seq < {int(boundary)}"
-    )
+    where = f" WHERE seq < {int(boundary)} AND ts >= {int(start_ms)} AND ts < {int(end_ms)}"
+    return f"INSERT INTO {HOUR_SETS} {settings}" + _sets_select(HOUR_MS, "events", where)
 
 
 def _coarse_select(unit: int, keyed: bool, source: str) -> str:

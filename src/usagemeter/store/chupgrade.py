@@ -22,11 +22,15 @@ A database created by this version gets B = 0: the view exists before any event,
 is nothing to backfill. The views are created ``IF NOT EXISTS``: of two processes upgrading
 together, the first view wins, and both read B back from its definition.
 
-The backfill is claimed by creating a table named after B (a CREATE without ``IF NOT
-EXISTS`` succeeds once), which receives a row when the backfill is complete. A process that
-dies in the middle leaves the claim without its row: the planner then keeps reading the
-slots (correct, slower) until the hour table is dropped and rebuilt (``DROP TABLE`` of the
-table, its view and the claim; the next start creates them again).
+The backfill runs in a thread of the store once due, a UTC month of events at a time (one
+INSERT ... SELECT each, so no statement folds the whole history at once), holding the
+store's corrections lock: appends go on beside it, and no void or account deletion of this
+process refolds or deletes cells meanwhile. It is claimed by creating a table named after
+B (a CREATE without ``IF NOT EXISTS`` succeeds once), which receives a row when the backfill
+is complete; other processes wait for that row. A process that dies in the middle leaves
+the claim without its row: the planner then keeps reading the slots (correct, slower) until
+the hour table is rebuilt (``DROP`` the table, its view and the claim; the next start
+creates them again).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from datetime import UTC, datetime
 
 from usagemeter.store.chschema import HOUR_SETS, hour_sets_backfill, hour_sets_view
 from usagemeter.store.chtransport import Transport, literal
@@ -51,16 +56,20 @@ def _claim_table(boundary: int) -> str:
 
 
 class HourSets:
-    """Whether the hour table may be read, and its backfill. ``lock`` is the store's process
-    lock: the backfill holds it, so no void of this process refolds cells meanwhile."""
+    """Whether the hour table may be read, and its backfill. ``corrections`` is the store's
+    lock of voids and deletions: the backfill holds it (module docstring)."""
 
-    def __init__(self, transport: Transport, lock: threading.Lock, fresh: bool) -> None:
+    def __init__(self, transport: Transport, corrections: threading.Lock, fresh: bool) -> None:
         self.transport = transport
-        self._lock = lock
+        self._corrections = corrections
         transport.command(hour_sets_view(0 if fresh else time.time_ns() + SETTLE_NS))
         self.boundary = self._read_boundary()
-        self.complete = self.boundary == 0
-        self._checked = 0.0
+        self.complete = self.boundary == 0 or self._finished()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not self.complete:
+            self._thread = threading.Thread(target=self._complete, daemon=True)
+            self._thread.start()
 
     def _read_boundary(self) -> int:
         rows = self.transport.query(
@@ -73,18 +82,26 @@ class HourSets:
         return int(found.group(1))
 
     def ready(self) -> bool:
-        """Whether the table holds every event; backfills it when that is due and unclaimed."""
-        if self.complete:
-            return True
-        if time.time_ns() < self.boundary + SETTLE_NS or (
-            time.monotonic() - self._checked < CHECK_EVERY
-        ):
-            return False
-        with self._lock:
-            self._checked = time.monotonic()
-            if not self.complete:
-                self.complete = self._finished() or (self._claim() and self._backfill())
+        """Whether the table holds every event, so that the planner may read it."""
         return self.complete
+
+    def close(self) -> None:
+        """Stop waiting; a backfill in progress finishes its month first."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _complete(self) -> None:
+        due = (self.boundary + SETTLE_NS - time.time_ns()) / 1e9
+        if self._stop.wait(max(due, 0.0)):
+            return
+        with self._corrections:
+            if self._finished():
+                self.complete = True
+            elif self._claim():
+                self.complete = self._backfill()
+        while not self.complete and not self._stop.wait(CHECK_EVERY):
+            self.complete = self._finished()  # another process's backfill
 
     def _claimed(self) -> bool:
         exists = self.transport.query(
@@ -112,11 +129,32 @@ class HourSets:
         return True
 
     def _backfill(self) -> bool:
-        self.transport.command(hour_sets_backfill(self.boundary))
+        rows = self.transport.query(
+            f"SELECT min(ts), max(ts) FROM events WHERE seq < {self.boundary} HAVING count() > 0"
+        )
+        if rows:
+            for lo, hi in _months(int(rows[0][0]), int(rows[0][1])):
+                if self._stop.is_set():
+                    return False  # claimed, not complete: see the module docstring
+                self.transport.command(hour_sets_backfill(self.boundary, lo, hi))
         self.transport.command(f"INSERT INTO {_claim_table(self.boundary)} VALUES (1)")
         return True
 
     def refold_filter(self) -> str:
         """What a void's refold of the hour table reads of the events: until the backfill is
-        complete, only what the view counts (the backfill brings the rest)."""
+        complete, only what the view counts (the backfill brings the rest). Voids hold the
+        corrections lock, so the backfill is not halfway meanwhile."""
         return "" if self.complete else f" AND seq >= {self.boundary}"
+
+
+def _months(first_ms: int, last_ms: int) -> list[tuple[int, int]]:
+    """The UTC months [start, end) in ms from the one holding ``first_ms`` to the one
+    holding ``last_ms``."""
+    day = datetime.fromtimestamp(first_ms // 1000, UTC)
+    month = datetime(day.year, day.month, 1, tzinfo=UTC)
+    months = []
+    while int(month.timestamp() * 1000) <= last_ms:
+        following = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
+        months.append((int(month.timestamp() * 1000), int(following.timestamp() * 1000)))
+        month = following
+    return months

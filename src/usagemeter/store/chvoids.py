@@ -2,7 +2,8 @@
 
 ClickHouse has no transactions, so a void is ordered to be exact at every step a reader
 might see, and run under the store's process lock (which every append of this process also
-holds, so no batch of this process lands in the middle):
+holds, so no batch of this process lands in the middle) and its corrections lock (which the
+hour table's backfill holds, chupgrade.py):
 
 1. an amend's replacement is inserted (a copy of the event with the new id and value; the
    views fold it into the rollups and the id into ``event_ids``, as for any insert);
@@ -69,6 +70,7 @@ class ChCorrections(VoidLog):
     transport: Transport
     side: SideFile
     _lock: threading.Lock
+    _corrections: threading.Lock
     hour_sets: HourSets
 
     def _require(self, table: str, noun: str, ids: Sequence[str]) -> None:
@@ -94,7 +96,7 @@ class ChCorrections(VoidLog):
         selector.check_horizon(horizon)
         where = self._selection(selector)
         void_id = new_void_id()
-        with self._lock:
+        with self._corrections, self._lock:
             rows = self.transport.query(f"SELECT id, metric, ts FROM events WHERE {where}")
             selector.check_found(
                 {row[0] for row in rows},
@@ -215,7 +217,7 @@ class ChCorrections(VoidLog):
         ids = self.descendants(account_id)
         accounts = literals(ids)
         counts: dict[str, int] = {}
-        with self._lock:
+        with self._corrections, self._lock:
             for table in (*_EVENT_TABLES, "keys", "accounts"):
                 column = "id" if table == "accounts" else "account"
                 where = f"{column} IN ({accounts})"

@@ -114,7 +114,10 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
         # the insert of an account or key: ClickHouse enforces no unique keys itself.
         self._lock = threading.Lock()
-        self.hour_sets = HourSets(transport, self._lock, fresh)
+        # Held by voids and account deletions, and by the hour table's backfill (appends go
+        # on beside it): see chupgrade.py.
+        self._corrections = threading.Lock()
+        self.hour_sets = HourSets(transport, self._corrections, fresh)
         self._last_seq = 0
         self._known: dict[str, set[str]] = {}
         self._known_since = 0.0
@@ -122,6 +125,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._create_void_tables()
 
     def close(self) -> None:
+        self.hour_sets.close()
         self.transport.close()
         self.side.close()
 
