@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -25,6 +25,9 @@ from usagemeter.store.base import Store
 from usagemeter.store.postgres import PostgresStore
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import BillingCycle
+
+if TYPE_CHECKING:
+    from usagemeter.store.clickhouse import ClickHouseStore
 
 
 @dataclass
@@ -151,6 +154,17 @@ def open_clickhouse(url: str) -> Store:
         for table in SIDE_TABLES:
             run(f"DELETE FROM {table}", ())
     return store
+
+
+@pytest.fixture
+def chstore(clickhouse_home: str) -> Iterator[ClickHouseStore]:
+    """A ClickHouse store with every table emptied, closed after the test."""
+    from usagemeter.store.clickhouse import ClickHouseStore
+
+    store = open_clickhouse(clickhouse_home)
+    assert isinstance(store, ClickHouseStore)
+    yield store
+    store.close()
 
 
 @pytest.fixture(params=STORES)

@@ -17,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import open_clickhouse
 from usagemeter.auth import issue_key
 from usagemeter.engine import Engine
 from usagemeter.meters import MeterRegistry
@@ -36,14 +35,6 @@ BASE = datetime(2025, 3, 8, tzinfo=UTC)  # New York springs forward on the 9th
 BASE_MS = int(BASE.timestamp() * 1000)
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
-
-
-@pytest.fixture
-def chstore(clickhouse_home: str) -> Iterator[ClickHouseStore]:
-    store = open_clickhouse(clickhouse_home)
-    assert isinstance(store, ClickHouseStore)
-    yield store
-    store.close()
 
 
 def _event(i: int, account: str = "a", id_suffix: str = "", **fields: Any) -> Event:

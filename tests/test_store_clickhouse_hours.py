@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import open_clickhouse
 from usagemeter.corrections import Amendment, VoidSelector
 from usagemeter.engine import Engine
 from usagemeter.model import Account, Event, Query
@@ -33,14 +31,6 @@ BASE_MS = 1_741_392_000_000  # 2025-03-08T00:00:00Z
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 COLUMNS = "account, metric, slot, key, billable, dimset, tagset"
-
-
-@pytest.fixture
-def chstore(clickhouse_home: str) -> Iterator[ClickHouseStore]:
-    store = open_clickhouse(clickhouse_home)
-    assert isinstance(store, ClickHouseStore)
-    yield store
-    store.close()
 
 
 def _events(first: int, count: int, account: str = "a") -> list[Event]:
