@@ -187,39 +187,85 @@ RUN_ROWS = 1 << RUN_BITS  # rowids one fold statement covers: their places fit t
 TS_LIMIT = 1 << (63 - RUN_BITS)
 
 
-def fold_statement(table: str, source: str) -> str:
-    """Fold the rows of ``source`` with ``?1 < rowid <= ?2`` (at most RUN_ROWS apart) into
-    ``table``, adding to the rows already there; ``source`` has the events' columns and its
-    rowid orders its rows as they arrived. Runs in SQLite's C, without the GIL, and writes
-    the rows in primary-key order, so each B-tree page is dirtied in one stretch."""
-    keys, unit = ROLLUP_KEYS[table]
+def _partial_rows(keys: tuple[str, ...], unit: int, source: str) -> str:
+    """The partial rows at grain (``keys``, ``unit``) of the rows of ``source`` with
+    ``?1 < rowid <= ?2`` (at most RUN_ROWS apart; its rowid orders them as they arrived)."""
     columns = ", ".join(keys)
     # Integer division truncates, as // floors, for the ts >= 0 that ingest admits.
     select = ", ".join(f"ts / {unit} AS slot" if k == "slot" else k for k in keys)
-    mask = RUN_ROWS - 1
+    return f"""SELECT {select}, count(*) AS cnt, sum(value) AS total, min(value) AS vmin,
+       max(value) AS vmax, max((ts << {RUN_BITS}) + (rowid - ?1 - 1)) AS latest
+FROM {source} WHERE rowid > ?1 AND rowid <= ?2 GROUP BY {columns} ORDER BY {columns}"""
+
+
+# A run's partial rows per key and hour. The coarser grains fold from these, a few rows per
+# hour, instead of reading and sorting every event of the run again: a fold costs two passes
+# over its events (slots, key hours) instead of five.
+HOURS_TABLE = "temp.fold_hours"
+_HOUR_KEYS = ROLLUP_KEYS["rollup_hour_key"][0]
+_HOURS_DDL = """CREATE TEMP TABLE IF NOT EXISTS fold_hours (
+    metric, account, key, hour, billable, cnt, total, vmin, vmax, latest,
+    PRIMARY KEY (metric, account, key, hour, billable)
+) WITHOUT ROWID"""
+
+
+def _from_hours(keys: tuple[str, ...], unit: int) -> str:
+    """The partial rows at grain (``keys``, ``unit``) of the run's key hours."""
+    columns = ", ".join(keys)
+    slot = "hour AS slot" if unit == HOUR_MS else f"hour / {unit // HOUR_MS} AS slot"
+    select = ", ".join(slot if k == "slot" else k for k in keys)
+    return f"""SELECT {select}, sum(cnt) AS cnt, sum(total) AS total, min(vmin) AS vmin,
+       max(vmax) AS vmax, max(latest) AS latest
+FROM {HOURS_TABLE} GROUP BY {columns} ORDER BY {columns}"""
+
+
+def _upsert(table: str, partial: str, source: str) -> str:
+    """Add ``partial`` rows into ``table``; the latest value is read back from ``source`` by
+    the rowid packed in ``latest``. Runs in SQLite's C, without the GIL, and writes the rows
+    in primary-key order, so each B-tree page is dirtied in one stretch."""
+    columns = ", ".join(ROLLUP_KEYS[table][0])
     return f"""INSERT INTO {table} ({columns}, cnt, total, vmin, vmax, last_ts, last_val)
 SELECT {columns}, cnt, total, vmin, vmax, latest >> {RUN_BITS},
-       (SELECT value FROM {source} WHERE rowid = ?1 + 1 + (latest & {mask}))
-FROM (
-    SELECT {select}, count(*) AS cnt, sum(value) AS total, min(value) AS vmin,
-           max(value) AS vmax, max((ts << {RUN_BITS}) + (rowid - ?1 - 1)) AS latest
-    FROM {source} WHERE rowid > ?1 AND rowid <= ?2
-    GROUP BY {columns} ORDER BY {columns}
-) WHERE true
+       (SELECT value FROM {source} WHERE rowid = ?1 + 1 + (latest & {RUN_ROWS - 1}))
+FROM ({partial}) WHERE true
 {UPSERT_SET}"""
 
 
-_EVENT_FOLDS = tuple(fold_statement(table, "events") for table in ROLLUP_TABLES)
+def _fold_statements(source: str) -> tuple[tuple[str, int], ...]:
+    """A run's fold from ``source``: each statement, and how many of the run's bounds
+    (start, end) it takes."""
+    slot_keys, _ = ROLLUP_KEYS["rollup"]
+    return (
+        (_upsert("rollup", _partial_rows(slot_keys, SLOT_MS, source), source), 2),
+        (f"DELETE FROM {HOURS_TABLE}", 0),
+        (f"INSERT INTO {HOURS_TABLE} {_partial_rows(_HOUR_KEYS, HOUR_MS, source)}", 2),
+        *(
+            (_upsert(table, _from_hours(keys, unit), source), 1)
+            for table, (keys, unit) in ROLLUP_KEYS.items()
+            if table != "rollup"
+        ),
+    )
+
+
+_EVENT_FOLDS = _fold_statements("events")
 RUN_TABLE = "temp.fold_run"
-_RUN_FOLDS = tuple(fold_statement(table, RUN_TABLE) for table in ROLLUP_TABLES)
+_RUN_FOLDS = _fold_statements(RUN_TABLE)
 ROLLUP_COLUMNS = "metric, account, key, billable, dimset, tagset, ts, value"
+
+
+def _fold_run(
+    conn: sqlite3.Connection, statements: tuple[tuple[str, int], ...], start: int, end: int
+) -> None:
+    conn.execute(_HOURS_DDL)
+    for low in range(start, end, RUN_ROWS):
+        bounds = (low, min(low + RUN_ROWS, end))
+        for statement, taken in statements:
+            conn.execute(statement, bounds[:taken])
 
 
 def fold_events(conn: sqlite3.Connection, start: int, end: int) -> None:
     """Fold the events with ``start < seq <= end`` into every rollup."""
-    for low in range(start, end, RUN_ROWS):
-        for statement in _EVENT_FOLDS:
-            conn.execute(statement, (low, min(low + RUN_ROWS, end)))
+    _fold_run(conn, _EVENT_FOLDS, start, end)
 
 
 def fold_selected(conn: sqlite3.Connection, select: str, params: Sequence[Any] = ()) -> None:
@@ -229,7 +275,5 @@ def fold_selected(conn: sqlite3.Connection, select: str, params: Sequence[Any] =
     conn.execute(f"DELETE FROM {RUN_TABLE}")
     conn.execute(f"INSERT INTO {RUN_TABLE} ({ROLLUP_COLUMNS}) {select}", params)
     end = conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {RUN_TABLE}").fetchone()[0]
-    for low in range(0, end, RUN_ROWS):
-        for statement in _RUN_FOLDS:
-            conn.execute(statement, (low, min(low + RUN_ROWS, end)))
+    _fold_run(conn, _RUN_FOLDS, 0, end)
     conn.execute(f"DELETE FROM {RUN_TABLE}")
