@@ -40,7 +40,7 @@ from usagemeter.limits import InvalidLimit, build_limit, new_limit_id, wall_ms
 from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, AppendResult, Event, Query, Scope
 from usagemeter.records import CsvRecords, Record, RecordError, ndjson_blocks, ndjson_record, where
-from usagemeter.serving import ServeLimits
+from usagemeter.serving import ServeLimits, collector_tuned
 from usagemeter.store import open_store, redact, sqlite_path
 from usagemeter.store.base import Conflict, NotFound, Store
 from usagemeter.store.sqlite import SQLiteStore
@@ -260,7 +260,8 @@ def serve(
     logs.install()
     if log_format is jsonlogs.LogFormat.JSON:
         jsonlogs.use_json()
-    server.run()
+    with collector_tuned():
+        server.run()
 
 
 @app.command()
@@ -588,6 +589,7 @@ def ingest(
     with (
         _Interrupt() as interrupt,
         Progress(*columns, console=err, transient=True) as progress,
+        collector_tuned(),
     ):
         task = progress.add_task(f"ingesting {file.name}", total=total)
         try:

@@ -682,6 +682,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
         conflicts: list[int] = []
         earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
         metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
+        key_rids = self._key_rids
         for index, event in enumerate(events):
             ident = (event.account_id, event.id)
             if ident in stored or ident in earlier:
@@ -694,9 +695,15 @@ class SQLiteStore(SqlCorrections, LimitTables):
             metric = metric_ids.get(event.metric) or self._intern(
                 "metrics", "name", event.metric, new_metrics
             )
-            key = NO_KEY if event.key_id is None else self._key_rid(conn, event.key_id)
-            dims_key = tuple(sorted(event.dimensions.items())) if event.dimensions else ()
+            key_id = event.key_id
+            key = NO_KEY if key_id is None else key_rids.get(key_id) or self._key_rid(conn, key_id)
+            # Sets are cached by their sorted items; a set sent in sorted order (every set of
+            # one, and most others) is found without sorting it.
+            dims_key = tuple(event.dimensions.items())
             dimset = dimset_ids.get(dims_key)
+            if dimset is None:
+                dims_key = tuple(sorted(dims_key))
+                dimset = dimset_ids.get(dims_key)
             if dimset is None:
                 dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
                 dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
