@@ -358,6 +358,21 @@ class Ingestor:
         """Events from a request body: msgspec's typed decode when the batch is clean (the
         common case, several times faster), else the item-by-item path that names each
         problem."""
+        events = self.validate_clean(body, ndjson, caller)
+        if events is not None:
+            return events
+        try:
+            return self._validate_each(self.decode(body, ndjson), caller)
+        except (BatchRejected, ValueError) as exc:
+            self._refused(exc)
+            raise
+
+    def validate_clean(
+        self, body: bytes, ndjson: bool, caller: ApiKey | None
+    ) -> list[Event] | None:
+        """The events of a body the compiled path takes whole, or None: a body it refuses
+        (an item that is no clean event, a record of another type) is the caller's to take
+        item by item, which names each problem."""
         default_account = caller.account_id if caller is not None else None
         try:
             if ndjson:
@@ -368,11 +383,7 @@ class Ingestor:
                 return self._fast(items, default_account, caller)
         except (msgspec.DecodeError, ValueError, RecursionError):
             pass
-        try:
-            return self._validate_each(self.decode(body, ndjson), caller)
-        except (BatchRejected, ValueError) as exc:
-            self._refused(exc)
-            raise
+        return None
 
     def _fast(
         self, items: Sequence[_EventIn], default_account: str | None, caller: ApiKey | None
