@@ -170,6 +170,40 @@ def test_demo_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert json.loads(run("demo", "--db", db))["events_added"] == 0
 
 
+def test_ingest_takes_events_with_a_type_dimension_in_whole_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conversations carry a "type" dimension; their blocks are clean events, not account or
+    key records, and go the compiled way (they went line by line, at a third of the rate)."""
+    from usagemeter import cli
+
+    lines_taken: list[int] = []
+    line_by_line = cli.ndjson_record
+
+    def counted(path: Path, number: int, line: bytes) -> Any:
+        lines_taken.append(number)
+        return line_by_line(path, number, line)
+
+    monkeypatch.setattr(cli, "ndjson_record", counted)
+    db = str(tmp_path / "u.db")
+    events = tmp_path / "conversations.ndjson"
+    records = [{"type": "account", "id": "acme", "name": "Acme"}] + [
+        {
+            "id": f"c{i}",
+            "account": "acme",
+            "metric": "conversations",
+            "ts": 1735732800000 + i,
+            "value": 30,
+            "dimensions": {"agent": "a1", "type": "inbound"},
+        }
+        for i in range(12)
+    ]
+    events.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    result = json.loads(run("ingest", str(events), "--batch", "4", "--db", db))
+    assert result == {"records": 13, "accepted": 12, "duplicates": 0, "accounts": 1, "keys": 0}
+    assert lines_taken == [1, 2, 3, 4]  # the block with the account record, and only it
+
+
 def test_ingest_takes_clean_blocks_whole_and_the_others_line_by_line(tmp_path: Path) -> None:
     """A file mixing blocks the compiled path decodes whole (events with ids) with blocks
     it cannot (an account record, lines without ids, blank lines) stores every event once,

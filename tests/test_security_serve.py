@@ -196,3 +196,21 @@ def test_sigkill_during_concurrent_ingest_loses_and_doubles_nothing(tmp_path: Pa
     # is then answered as duplicates. So acknowledged "accepted" counts never exceed it.
     assert len(acknowledged) == workers * batches
     assert sum(acknowledged) <= total
+
+
+def test_the_collector_is_tuned_for_ingest_and_restored_after() -> None:
+    import gc
+
+    from usagemeter.serving import YOUNG_PASS_EVERY, collector_tuned
+
+    before = gc.get_threshold()
+    with collector_tuned():
+        assert gc.get_threshold() == (YOUNG_PASS_EVERY, *before[1:])
+        assert gc.get_freeze_count() > 0  # start-up's objects are out of the collector's sight
+        # A cycle made now is still collected.
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0

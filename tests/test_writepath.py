@@ -14,12 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from usagemeter.auth import issue_key
-from usagemeter.ingest import BatchRejected, Ingestor
+from usagemeter.ingest import MAX_TS_MS, BatchRejected, Ingestor
 from usagemeter.model import Account, Event, Scope
+from usagemeter.store import schema as schema_module
 from usagemeter.store import sqlite as sqlite_module
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.sqlite import SQLiteStore
@@ -313,3 +314,101 @@ def ingest_store(tmp_path: Path) -> Iterator[SQLiteStore]:
     issue_key(store, "a", key_id="ka", scopes=[Scope.READ])
     yield store
     store.close()
+
+
+# ------------------------------------------------------------ the fold, in SQL
+
+# Offsets from BASE_MS on the edges of every grain, few enough that timestamps often tie.
+EDGES = (0, 1, 899_999, 900_000, HOUR_MS - 1, HOUR_MS, 24 * HOUR_MS - 1, 24 * HOUR_MS)
+fold_cases = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["m", "g"]),
+        st.sampled_from(EDGES),
+        st.integers(-3, 3),
+        st.booleans(),
+        st.sampled_from([None, "ka"]),
+        st.sampled_from([{}, {"d": "x"}]),
+        st.sampled_from([frozenset(), frozenset({"t"})]),
+        st.booleans(),  # fold after this event's batch
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+def _rollup_tables(store: SQLiteStore) -> dict[str, set[tuple]]:
+    return {
+        table: set(store._writer.execute(f"SELECT * FROM {table}"))
+        for table in schema_module.ROLLUP_TABLES
+    }
+
+
+def _folded_in_python(rows: list[tuple]) -> dict[str, set[tuple]]:
+    """Every rollup table as folding ``rows`` (ROLLUP_COLUMNS, in arrival order) one by one
+    gives it: the latest value is the greatest ts's, and on a tie the later row's."""
+    tables: dict[str, set[tuple]] = {}
+    for table, (keys, unit) in schema_module.ROLLUP_KEYS.items():
+        acc: dict[tuple, list] = {}
+        for metric, account, key, billable, dimset, tagset, ts, value in rows:
+            named = dict(
+                metric=metric, account=account, key=key, billable=billable,
+                dimset=dimset, tagset=tagset, slot=ts // unit,
+            )  # fmt: skip
+            group = tuple(named[k] for k in keys)
+            row = acc.setdefault(group, [0, 0.0, value, value, ts, value])
+            row[0] += 1
+            row[1] += value
+            row[2], row[3] = min(row[2], value), max(row[3], value)
+            if ts >= row[4]:
+                row[4], row[5] = ts, value
+        tables[table] = {(*group, *values) for group, values in acc.items()}
+    return tables
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cases=fold_cases)
+# Two dropped events tied on ts: the later one's value stays the latest after a rebuild.
+@example(cases=[("a", "m", 0, v, True, None, {}, frozenset(), False) for v in (1, 2)])
+def test_the_sql_fold_equals_folding_event_by_event_and_survives_rebuild_and_retention(
+    tmp_path: Path, cases: list[tuple]
+) -> None:
+    """Folded in runs at any points, rebuilt from the raw events, and rebuilt again after
+    retention dropped some (whose payloads the tombstones keep), the rollups are those of
+    folding every event in arrival order, ties of the latest value included."""
+    store = _open(tmp_path / f"fold-{os.urandom(4).hex()}.db")
+    issue_key(store, "a", key_id="ka")
+    batch: list[Event] = []
+    for n, (account, metric, offset, amount, billable, key, dims, tags, cut) in enumerate(cases):
+        value = float(amount)
+        key = key if account == "a" else None
+        # Ids in the reverse of arrival order: an order of ids is no order of arrival.
+        ts = BASE_MS + offset
+        batch.append(
+            Event(f"e{len(cases) - n:03}", account, metric, ts, value, billable, key, dims, tags)
+        )
+        if cut or n == len(cases) - 1:
+            store.append(batch)
+            batch = []
+            if n % 2:
+                store.fold()
+    store.fold()
+    arrived = store._writer.execute(
+        f"SELECT {schema_module.ROLLUP_COLUMNS} FROM events ORDER BY seq"
+    ).fetchall()
+    expected = _folded_in_python(arrived)
+    assert _rollup_tables(store) == expected
+    store.rebuild_rollups()
+    assert _rollup_tables(store) == expected
+    store.retain(BASE_MS + HOUR_MS)  # drops the events of the first hour
+    store.rebuild_rollups()
+    assert _rollup_tables(store) == expected
+    store.close()
+
+
+def test_the_latest_values_packing_holds_every_timestamp_ingest_admits() -> None:
+    # ts << RUN_BITS plus a row's place must stay an exact 64-bit integer.
+    assert MAX_TS_MS + 1 <= schema_module.TS_LIMIT
+    assert (schema_module.TS_LIMIT << schema_module.RUN_BITS) - 1 <= 2**63 - 1

@@ -8,7 +8,6 @@ run beside a live server).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import csv
 import hashlib
 import json
@@ -40,7 +39,7 @@ from usagemeter.limits import InvalidLimit, build_limit, new_limit_id, wall_ms
 from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, AppendResult, Event, Query, Scope
 from usagemeter.records import CsvRecords, Record, RecordError, ndjson_blocks, ndjson_record, where
-from usagemeter.serving import ServeLimits
+from usagemeter.serving import ServeLimits, collector_tuned
 from usagemeter.store import open_store, redact, sqlite_path
 from usagemeter.store.base import Conflict, NotFound, Store
 from usagemeter.store.sqlite import SQLiteStore
@@ -260,7 +259,8 @@ def serve(
     logs.install()
     if log_format is jsonlogs.LogFormat.JSON:
         jsonlogs.use_json()
-    server.run()
+    with collector_tuned():
+        server.run()
 
 
 @app.command()
@@ -564,12 +564,10 @@ def ingest(
         its id (a file from ``export``), as the server decodes a request; else line by line,
         which derives missing ids, loads account and key records and names each problem."""
         nonlocal count, last_line
-        body = b"".join(line for _, line in block)
-        events = None
-        if b'"type"' not in body:  # account and key records take the line-by-line path
-            # A refused block goes line by line, which names each problem.
-            with contextlib.suppress(BatchRejected, ValueError):
-                events = ingestor.validate_json(body, ndjson=True, caller=None)
+        # A block the compiled path refuses (an account or key record in it, a line to
+        # name) goes line by line. (A block was sent line by line whenever "type" was in it,
+        # which an event's dimension of that name is too: every conversations event.)
+        events = ingestor.validate_clean(b"".join(line for _, line in block), True, None)
         if events is None:
             for number, line in block:
                 take(ndjson_record(file, number, line))
@@ -588,6 +586,7 @@ def ingest(
     with (
         _Interrupt() as interrupt,
         Progress(*columns, console=err, transient=True) as progress,
+        collector_tuned(),
     ):
         task = progress.add_task(f"ingesting {file.name}", total=total)
         try:

@@ -16,6 +16,7 @@ Layout:
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 from usagemeter.store.sqlplan import DAY_MS, HOUR_MS
@@ -147,8 +148,9 @@ CREATE TABLE IF NOT EXISTS {_table} (
 ) WITHOUT ROWID;
 """
 
-# A rollup row absorbs a batch's partial row. The latest value is the one with the greatest
-# timestamp; on a tie the later write wins, as the later report of a gauge should.
+# A rollup row absorbs a run's partial row. The latest value is the one with the greatest
+# timestamp; on a tie the later event wins, as the later report of a gauge should (a run's
+# events all came after those already folded).
 UPSERT_SET = """ON CONFLICT DO UPDATE SET
     cnt = cnt + excluded.cnt,
     total = total + excluded.total,
@@ -157,78 +159,121 @@ UPSERT_SET = """ON CONFLICT DO UPDATE SET
     last_val = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_val ELSE last_val END,
     last_ts = max(last_ts, excluded.last_ts)
 """
-UPSERT_SLOTS = "INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
-UPSERT_KEY_HOURS = "INSERT INTO rollup_hour_key VALUES (?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
-UPSERT_KEY_DAYS = "INSERT INTO rollup_day_key VALUES (?,?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
-UPSERT_HOURS = "INSERT INTO rollup_hour VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
-UPSERT_DAYS = "INSERT INTO rollup_day VALUES (?,?,?,?,?,?,?,?,?,?) " + UPSERT_SET
 
 SCHEMA_VERSION = 3  # PRAGMA user_version; a file of another version has its rollups rebuilt
 # Version 2 folded every batch into the rollups as it stored it: a file it wrote has folded
 # all its events, and needs no rebuild, only the mark that says so.
 FOLDED_EVERY_BATCH = 2
-ROLLUP_TABLES = ("rollup", "rollup_hour_key", "rollup_day_key", "rollup_hour", "rollup_day")
 
 
-class Rollups:
-    """A run of events' partial rollup rows at every grain, written with one upsert per
-    grain."""
+# Each rollup table: its key columns in primary-key order, and the unit its slot counts.
+ROLLUP_KEYS: dict[str, tuple[tuple[str, ...], int]] = {
+    "rollup": (("metric", "account", "slot", "key", "billable", "dimset", "tagset"), SLOT_MS),
+    "rollup_hour_key": (("metric", "account", "key", "slot", "billable"), HOUR_MS),
+    "rollup_day_key": (("metric", "account", "key", "slot", "billable"), DAY_MS),
+    "rollup_hour": (("metric", "account", "slot", "billable"), HOUR_MS),
+    "rollup_day": (("metric", "account", "slot", "billable"), DAY_MS),
+}
+ROLLUP_TABLES = tuple(ROLLUP_KEYS)
 
-    def __init__(self) -> None:
-        self.slots: dict[tuple[int, ...], list[Any]] = {}
-        self.key_hours: dict[tuple[int, ...], list[Any]] = {}
-        self.key_days: dict[tuple[int, ...], list[Any]] = {}
-        self.hours: dict[tuple[int, ...], list[Any]] = {}
-        self.days: dict[tuple[int, ...], list[Any]] = {}
-
-    def add(
-        self,
-        metric: int,
-        account: int,
-        key: int,
-        billable: int,
-        dimset: int,
-        tagset: int,
-        ts: int,
-        value: float,
-    ) -> None:
-        hour, day = ts // HOUR_MS, ts // DAY_MS
-        slot = (metric, account, ts // SLOT_MS, key, billable, dimset, tagset)
-        fold(self.slots, slot, ts, value)
-        fold(self.key_hours, (metric, account, key, hour, billable), ts, value)
-        fold(self.key_days, (metric, account, key, day, billable), ts, value)
-        fold(self.hours, (metric, account, hour, billable), ts, value)
-        fold(self.days, (metric, account, day, billable), ts, value)
-
-    def write(self, conn: sqlite3.Connection) -> None:
-        # In primary-key order: each B-tree page is then dirtied in one stretch, where a
-        # run's rows in arrival order would revisit pages that a large fold's cache spill
-        # had already written out.
-        for statement, rows in (
-            (UPSERT_SLOTS, self.slots),
-            (UPSERT_KEY_HOURS, self.key_hours),
-            (UPSERT_KEY_DAYS, self.key_days),
-            (UPSERT_HOURS, self.hours),
-            (UPSERT_DAYS, self.days),
-        ):
-            conn.executemany(statement, [rows[key] for key in sorted(rows)])
+# The latest value of a group is found with one max(): of the timestamp and the row's place
+# in the run packed into one integer, ts * 2^20 + place, so that the greatest ts wins and on
+# a tie the later row. (SQLite's bare column beside max() would take the first of the tied
+# rows, and only when the query has no other min() or max().) The value is then read back by
+# rowid, once per group. ts < 2^43 ms (the year 2248; ingest keeps ts before 2200), so the
+# packed integer stays below 2^63 and exact.
+RUN_BITS = 20
+RUN_ROWS = 1 << RUN_BITS  # rowids one fold statement covers: their places fit the low bits
+TS_LIMIT = 1 << (63 - RUN_BITS)
 
 
-def fold(
-    into: dict[tuple[int, ...], list[Any]], key: tuple[int, ...], ts: int, value: float
+def _partial_rows(keys: tuple[str, ...], unit: int, source: str) -> str:
+    """The partial rows at grain (``keys``, ``unit``) of the rows of ``source`` with
+    ``?1 < rowid <= ?2`` (at most RUN_ROWS apart; its rowid orders them as they arrived)."""
+    columns = ", ".join(keys)
+    # Integer division truncates, as // floors, for the ts >= 0 that ingest admits.
+    select = ", ".join(f"ts / {unit} AS slot" if k == "slot" else k for k in keys)
+    return f"""SELECT {select}, count(*) AS cnt, sum(value) AS total, min(value) AS vmin,
+       max(value) AS vmax, max((ts << {RUN_BITS}) + (rowid - ?1 - 1)) AS latest
+FROM {source} WHERE rowid > ?1 AND rowid <= ?2 GROUP BY {columns} ORDER BY {columns}"""
+
+
+# A run's partial rows per key and hour. The coarser grains fold from these, a few rows per
+# hour, instead of reading and sorting every event of the run again: a fold costs two passes
+# over its events (slots, key hours) instead of five.
+HOURS_TABLE = "temp.fold_hours"
+_HOUR_KEYS = ROLLUP_KEYS["rollup_hour_key"][0]
+_HOURS_DDL = """CREATE TEMP TABLE IF NOT EXISTS fold_hours (
+    metric, account, key, hour, billable, cnt, total, vmin, vmax, latest,
+    PRIMARY KEY (metric, account, key, hour, billable)
+) WITHOUT ROWID"""
+
+
+def _from_hours(keys: tuple[str, ...], unit: int) -> str:
+    """The partial rows at grain (``keys``, ``unit``) of the run's key hours."""
+    columns = ", ".join(keys)
+    slot = "hour AS slot" if unit == HOUR_MS else f"hour / {unit // HOUR_MS} AS slot"
+    select = ", ".join(slot if k == "slot" else k for k in keys)
+    return f"""SELECT {select}, sum(cnt) AS cnt, sum(total) AS total, min(vmin) AS vmin,
+       max(vmax) AS vmax, max(latest) AS latest
+FROM {HOURS_TABLE} GROUP BY {columns} ORDER BY {columns}"""
+
+
+def _upsert(table: str, partial: str, source: str) -> str:
+    """Add ``partial`` rows into ``table``; the latest value is read back from ``source`` by
+    the rowid packed in ``latest``. Runs in SQLite's C, without the GIL, and writes the rows
+    in primary-key order, so each B-tree page is dirtied in one stretch."""
+    columns = ", ".join(ROLLUP_KEYS[table][0])
+    return f"""INSERT INTO {table} ({columns}, cnt, total, vmin, vmax, last_ts, last_val)
+SELECT {columns}, cnt, total, vmin, vmax, latest >> {RUN_BITS},
+       (SELECT value FROM {source} WHERE rowid = ?1 + 1 + (latest & {RUN_ROWS - 1}))
+FROM ({partial}) WHERE true
+{UPSERT_SET}"""
+
+
+def _fold_statements(source: str) -> tuple[tuple[str, int], ...]:
+    """A run's fold from ``source``: each statement, and how many of the run's bounds
+    (start, end) it takes."""
+    slot_keys, _ = ROLLUP_KEYS["rollup"]
+    return (
+        (_upsert("rollup", _partial_rows(slot_keys, SLOT_MS, source), source), 2),
+        (f"DELETE FROM {HOURS_TABLE}", 0),
+        (f"INSERT INTO {HOURS_TABLE} {_partial_rows(_HOUR_KEYS, HOUR_MS, source)}", 2),
+        *(
+            (_upsert(table, _from_hours(keys, unit), source), 1)
+            for table, (keys, unit) in ROLLUP_KEYS.items()
+            if table != "rollup"
+        ),
+    )
+
+
+_EVENT_FOLDS = _fold_statements("events")
+RUN_TABLE = "temp.fold_run"
+_RUN_FOLDS = _fold_statements(RUN_TABLE)
+ROLLUP_COLUMNS = "metric, account, key, billable, dimset, tagset, ts, value"
+
+
+def _fold_run(
+    conn: sqlite3.Connection, statements: tuple[tuple[str, int], ...], start: int, end: int
 ) -> None:
-    """Add one event to a run's partial rollup row: the key's columns, then count, sum, min,
-    max, last ts, last value (so the row is the upsert's parameters as it stands)."""
-    acc = into.get(key)
-    if acc is None:
-        into[key] = [*key, 1, value, value, value, ts, value]
-        return
-    acc[-6] += 1
-    acc[-5] += value
-    if value < acc[-4]:
-        acc[-4] = value
-    if value > acc[-3]:
-        acc[-3] = value
-    if ts >= acc[-2]:
-        acc[-2] = ts
-        acc[-1] = value
+    conn.execute(_HOURS_DDL)
+    for low in range(start, end, RUN_ROWS):
+        bounds = (low, min(low + RUN_ROWS, end))
+        for statement, taken in statements:
+            conn.execute(statement, bounds[:taken])
+
+
+def fold_events(conn: sqlite3.Connection, start: int, end: int) -> None:
+    """Fold the events with ``start < seq <= end`` into every rollup."""
+    _fold_run(conn, _EVENT_FOLDS, start, end)
+
+
+def fold_selected(conn: sqlite3.Connection, select: str, params: Sequence[Any] = ()) -> None:
+    """Fold the rows ``select`` returns (ROLLUP_COLUMNS, earliest first) into every rollup:
+    numbered in a temporary table, then folded as a run of events is."""
+    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS fold_run ({ROLLUP_COLUMNS})")
+    conn.execute(f"DELETE FROM {RUN_TABLE}")
+    conn.execute(f"INSERT INTO {RUN_TABLE} ({ROLLUP_COLUMNS}) {select}", params)
+    end = conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {RUN_TABLE}").fetchone()[0]
+    _fold_run(conn, _RUN_FOLDS, 0, end)
+    conn.execute(f"DELETE FROM {RUN_TABLE}")

@@ -55,10 +55,12 @@ from usagemeter.store.rows import (
 )
 from usagemeter.store.schema import (
     FOLDED_EVERY_BATCH,
+    ROLLUP_COLUMNS,
     ROLLUP_TABLES,
     SCHEMA,
     SCHEMA_VERSION,
-    Rollups,
+    fold_events,
+    fold_selected,
 )
 from usagemeter.store.sidefile import sqlite_transaction
 from usagemeter.store.sqlplan import (
@@ -78,7 +80,6 @@ PAIR_CHUNK = 2000  # (account, id) pairs per dedupe lookup: 4,000 variables, und
 # traffic folds into few rows per page, small enough that the fold a query may have to do
 # first stays short.
 FOLD_EVENTS = 20_000
-FOLD_CHUNK = 50_000  # events folded per pass of Python dicts: bounds a fold's memory
 IDLE_FOLD_SECONDS = 0.5  # appends paused this long: fold what waits
 
 
@@ -144,6 +145,7 @@ CREATE TABLE IF NOT EXISTS tombstones (
     tagset INTEGER NOT NULL,
     value REAL NOT NULL,
     void TEXT,                           -- the void that took it; NULL: retention did
+    seq INTEGER,                         -- its place among the events (NULL: kept before it was)
     PRIMARY KEY (account, event_id)
 ) WITHOUT ROWID;
 """
@@ -172,6 +174,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
         # reach their own count, when a query asks, or when this file is next opened).
         self._unfolded = 0
         self._writer.executescript(TOMBSTONES)  # before _migrate: a rebuild reads it
+        self._add_tombstone_seq()
         self._migrate()
         self._create_limit_tables()
         self._create_void_tables()
@@ -202,6 +205,13 @@ class SQLiteStore(SqlCorrections, LimitTables):
             self.rebuild_rollups()
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _add_tombstone_seq(self) -> None:
+        """Tombstones keep their event's seq since it decides a tie of latest values when
+        the rollups are folded again; a file of before gains the column (NULL: unknown)."""
+        columns = {row[1] for row in self._writer.execute("PRAGMA table_info(tombstones)")}
+        if "seq" not in columns:
+            self._writer.execute("ALTER TABLE tombstones ADD COLUMN seq INTEGER")
+
     def rebuild_rollups(self) -> None:
         """Fold every stored event into empty rollups again, in one transaction."""
         with self._write_lock:
@@ -227,31 +237,22 @@ class SQLiteStore(SqlCorrections, LimitTables):
         if rebuild:
             for table in ROLLUP_TABLES:
                 conn.execute(f"DELETE FROM {table}")
-            conn.execute("UPDATE folded SET seq = 0")
-            # Events retention dropped still count: their payloads wait in the tombstones.
-            rollups = Rollups()
-            for row in conn.execute(
-                "SELECT metric, account, key, billable, dimset, tagset, ts, value"
-                " FROM tombstones WHERE void IS NULL ORDER BY ts"
-            ):
-                rollups.add(*row)
-            rollups.write(conn)
+            # Events retention dropped still count: their payloads wait in the tombstones,
+            # folded with the stored events in the order they arrived.
+            fold_selected(
+                conn,
+                f"SELECT {ROLLUP_COLUMNS} FROM (SELECT {ROLLUP_COLUMNS}, seq FROM tombstones"
+                f" WHERE void IS NULL UNION ALL SELECT {ROLLUP_COLUMNS}, seq FROM events)"
+                " ORDER BY seq NULLS FIRST, ts",
+            )
+            conn.execute("UPDATE folded SET seq = (SELECT coalesce(max(seq), 0) FROM events)")
+            return
         start, end = conn.execute(
             "SELECT seq, (SELECT coalesce(max(seq), 0) FROM events) FROM folded"
         ).fetchone()
         if end <= start:
             return
-        cursor = conn.execute(
-            "SELECT metric, account, key, billable, dimset, tagset, ts, value FROM events"
-            " WHERE seq > ? AND seq <= ? ORDER BY seq",
-            (start, end),
-        )
-        while chunk := cursor.fetchmany(FOLD_CHUNK):
-            rollups = Rollups()
-            add = rollups.add
-            for row in chunk:
-                add(*row)
-            rollups.write(conn)
+        fold_events(conn, start, end)
         conn.execute("UPDATE folded SET seq = ?", (end,))
 
     def _fold_if_behind(self, conn: sqlite3.Connection) -> None:
@@ -681,6 +682,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
         conflicts: list[int] = []
         earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
         metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
+        key_rids = self._key_rids
         for index, event in enumerate(events):
             ident = (event.account_id, event.id)
             if ident in stored or ident in earlier:
@@ -693,9 +695,15 @@ class SQLiteStore(SqlCorrections, LimitTables):
             metric = metric_ids.get(event.metric) or self._intern(
                 "metrics", "name", event.metric, new_metrics
             )
-            key = NO_KEY if event.key_id is None else self._key_rid(conn, event.key_id)
-            dims_key = tuple(sorted(event.dimensions.items())) if event.dimensions else ()
+            key_id = event.key_id
+            key = NO_KEY if key_id is None else key_rids.get(key_id) or self._key_rid(conn, key_id)
+            # Sets are cached by their sorted items; a set sent in sorted order (every set of
+            # one, and most others) is found without sorting it.
+            dims_key = tuple(event.dimensions.items())
             dimset = dimset_ids.get(dims_key)
+            if dimset is None:
+                dims_key = tuple(sorted(dims_key))
+                dimset = dimset_ids.get(dims_key)
             if dimset is None:
                 dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
                 dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
@@ -844,8 +852,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     def _keep_gone(self, run: Run, where: str, params: Sequence[Any], void_id: str | None) -> None:
         run(
-            "INSERT INTO tombstones SELECT account, event_id, metric, ts, key, billable, dimset,"
-            f" tagset, value, ? FROM events WHERE {where}",
+            "INSERT INTO tombstones (account, event_id, metric, ts, key, billable, dimset,"
+            " tagset, value, void, seq) SELECT account, event_id, metric, ts, key, billable,"
+            f" dimset, tagset, value, ?, seq FROM events WHERE {where}",
             [void_id, *params],
         )
 
@@ -865,14 +874,12 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 raise Conflict(f"event id {event.id!r} is already taken in this account")
 
     def _refold(self, run: Run, account: int, metric: int, start_ms: int, end_ms: int) -> None:
-        rollups = Rollups()
-        for row in self._writer.execute(
-            "SELECT metric, account, key, billable, dimset, tagset, ts, value FROM events"
+        fold_selected(
+            self._writer,
+            f"SELECT {ROLLUP_COLUMNS} FROM events"
             " WHERE metric = ? AND account = ? AND ts >= ? AND ts < ? ORDER BY seq",
             (metric, account, start_ms, end_ms),
-        ):
-            rollups.add(*row)
-        rollups.write(self._writer)
+        )
 
     def _end_correction(self, run: Run) -> None:
         # Everything was folded first, and an amend's replacement with its day since.
