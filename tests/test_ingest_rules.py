@@ -113,3 +113,49 @@ def test_a_meters_file_sets_allow_negative(
     path.write_text(json.dumps({"meters": [{"metric": "x", "allow_negative": "yes"}]}))
     with pytest.raises(ValueError, match="allow_negative"):
         MeterRegistry.from_file(path)
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_a_nul_character_is_refused_by_every_store_naming_the_field(
+    client: TestClient, op: dict[str, str], tenants: Tenants, ndjson: bool
+) -> None:
+    """Regression: U+0000 in an event's text was stored by SQLite and ClickHouse and refused
+    only by PostgreSQL, so a file one store took could not move to another (`migrate`)."""
+    ts = "2025-05-01T00:00:00Z"
+    good = event("good", "root", "lookups", ts)
+    bads = [
+        (event("a\u0000b", "root", "lookups", ts), "id"),
+        ({**event("d", "root", "lookups", ts), "dimensions": {"agent": "x\u0000"}}, "dimensions"),
+        ({**event("t", "root", "lookups", ts), "tags": ["t\u0000"]}, "tags"),
+        (event("k", "root\u0000", "lookups", ts), "account"),
+    ]
+    for bad, field in bads:
+        refused = _post(client, op, good, bad, ndjson=ndjson)
+        assert refused.status_code == 400, refused.text
+        [error] = refused.json()["error"]["details"]["errors"]
+        assert error["index"] == 1 and error["field"] == field, error
+        assert "contains a NUL character" in error["message"]
+    # A backslash and "u0000" written as text is no NUL: it is kept as sent.
+    literal = event("back\\u0000slash", "root", "lookups", ts)
+    assert _post(client, op, good, literal, ndjson=ndjson).json() == STORED_TWO
+
+
+def test_parsed_records_with_a_nul_character_are_refused(
+    store: SQLiteStore, tenants: Tenants
+) -> None:
+    """The records path (a CSV file's rows, the peers' APIs) has no JSON body to look at."""
+    ingestor = Ingestor(store)
+    bad = {**event("a", "root", "m", "2025-05-01T00:00:00Z"), "dimensions": {"x": "\u0000"}}
+    with pytest.raises(BatchRejected) as refused:
+        ingestor.ingest([event("b", "root", "m", "2025-05-01T00:00:00Z"), bad])
+    assert [(e.index, e.field) for e in refused.value.errors] == [(1, "dimensions")]
+    assert store.count_events() == 0
+
+
+def test_account_and_key_names_with_a_nul_character_are_refused(
+    client: TestClient, op: dict[str, str], tenants: Tenants
+) -> None:
+    made = client.post("/v1/accounts", json={"id": "nul", "name": "N\u0000"}, headers=op)
+    assert made.status_code == 400 and "NUL character" in made.text, made.text
+    key = client.post("/v1/accounts/root/keys", json={"name": "k\u0000"}, headers=op)
+    assert key.status_code == 400 and "NUL character" in key.text, key.text

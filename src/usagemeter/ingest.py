@@ -44,6 +44,10 @@ MAX_FUTURE = timedelta(hours=24)
 # and inf - inf is NaN, which SQLite stores as NULL, so the slot rejected every later event).
 MAX_VALUE = 1e15
 MAX_DEPTH = 8  # JSON nesting: an event is at depth 2, its dimensions at 3
+# U+0000 in any text of an event is refused by every store, not only by the one that cannot
+# keep it (PostgreSQL): an event one store takes must move to any other (usagemeter migrate).
+NUL = "\x00"
+NUL_ESCAPED = b"\\u0000"  # how JSON carries it (raw control characters are not JSON)
 
 
 # The fast path: a whole batch decoded and checked by msgspec in C. Any event it refuses
@@ -175,6 +179,7 @@ def _dimensions(raw: object) -> dict[str, str]:
         text = str(value)
         if len(text) > MAX_TEXT:
             raise ValueError(f"dimensions.{name}: longer than {MAX_TEXT} characters")
+        _refuse_nul(f"dimensions.{name}", text)
         out[name] = text
     return out
 
@@ -187,7 +192,26 @@ def _tags(raw: object) -> frozenset[str]:
     for tag in raw:
         if not isinstance(tag, str) or not 0 < len(tag) <= 100 or "," in tag:
             raise ValueError(f"tags: {tag!r} must be a string of 1-100 characters without commas")
+        _refuse_nul("tags", tag)
     return frozenset(raw)
+
+
+def _refuse_nul(field: str, text: str) -> None:
+    if NUL in text:
+        raise ValueError(f"{field}: contains a NUL character (\\u0000); remove it")
+
+
+def _nul_in(items: Sequence[_EventIn]) -> bool:
+    """Whether any text of the decoded ``items`` holds U+0000 (the slow path then names it);
+    for parsed records, which have no JSON body to look at."""
+    return any(
+        NUL in item.id
+        or NUL in (item.account or "")
+        or NUL in (item.key or "")
+        or any(NUL in value for value in item.dimensions.values())
+        or any(NUL in tag for tag in item.tags)
+        for item in items
+    )
 
 
 def parse_event(raw: object, default_account: str | None = None) -> Event:
@@ -202,9 +226,11 @@ def parse_event(raw: object, default_account: str | None = None) -> Event:
     event_id = raw.get("id")
     if not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_TEXT:
         raise ValueError("id: required, a unique string per event (1-256 characters)")
+    _refuse_nul("id", event_id)
     account = raw.get("account", default_account)
     if not isinstance(account, str) or not account:
         raise ValueError("account: required, the id of the account the usage belongs to")
+    _refuse_nul("account", account)
     metric = raw.get("metric")
     if not isinstance(metric, str) or not NAME.match(metric):
         raise ValueError("metric: required, 1-100 letters, digits, _ . : -")
@@ -222,6 +248,8 @@ def parse_event(raw: object, default_account: str | None = None) -> Event:
     key = raw.get("key")
     if key is not None and (not isinstance(key, str) or not key):
         raise ValueError("key: expected a key's public id")
+    if key is not None:
+        _refuse_nul("key", key)
     return Event(
         id=event_id,
         account_id=account,
@@ -373,6 +401,8 @@ class Ingestor:
         """The events of a body the compiled path takes whole, or None: a body it refuses
         (an item that is no clean event, a record of another type) is the caller's to take
         item by item, which names each problem."""
+        if NUL_ESCAPED in body:  # rare: the slow path names the text that holds it
+            return None
         default_account = caller.account_id if caller is not None else None
         try:
             if ndjson:
@@ -435,6 +465,8 @@ class Ingestor:
         if len(raws) <= MAX_BATCH:
             try:
                 items = msgspec.convert(raws, list[_EventIn])
+                if _nul_in(items):
+                    raise ValueError("needs the slow path's message")
                 return self._fast(items, caller.account_id if caller else None, caller)
             except (msgspec.ValidationError, ValueError):
                 pass

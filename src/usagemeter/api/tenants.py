@@ -19,6 +19,7 @@ from usagemeter.auth import (
     grantable,
     issue_key,
 )
+from usagemeter.ingest import NUL
 from usagemeter.model import Account, ApiKey, Scope
 from usagemeter.store.base import Conflict, NotFound
 from usagemeter.timewindows import BillingCycle, isoformat
@@ -35,6 +36,9 @@ def operator(request: Request) -> ApiKey:
 
 MAX_BODY = 64 * 1024  # an account or a key is a few hundred bytes of JSON
 MAX_NAME = 200
+# Names are refused with U+0000 on every store, as PostgreSQL's text cannot hold it: an
+# account or key one store takes must move to any other.
+NUL_MESSAGE = "name: contains a NUL character (\\u0000); remove it"
 
 
 async def small_body(request: Request) -> bytes:
@@ -129,6 +133,8 @@ async def create_account(request: Request) -> JSONResponse:
         errors.append("name: must not be empty")
     if len(data.name) > MAX_NAME:
         errors.append(f"name: at most {MAX_NAME} characters")
+    if NUL in data.name:
+        errors.append(NUL_MESSAGE)
     if data.id is not None and not KEY_ID_PATTERN.match(data.id):
         errors.append("id: 1 to 64 letters, digits, '_' or '-'")
     cycle = None
@@ -244,6 +250,8 @@ async def create_key(request: Request, account_id: str) -> JSONResponse:
     scopes = parse_scopes(key, data)
     if len(data.name) > MAX_NAME:
         raise ApiError(400, "invalid_key", f"name: at most {MAX_NAME} characters")
+    if NUL in data.name:
+        raise ApiError(400, "invalid_key", NUL_MESSAGE)
     if data.id is not None and not key.is_operator:
         # Key ids are global: a chosen id that is taken would tell another tenant's key
         # from a free id. Generated ids are random and never collide.
