@@ -223,6 +223,48 @@ def test_an_older_database_is_upgraded_while_another_process_ingests(
         older.close()
 
 
+def test_a_store_closed_during_its_backfill_lets_it_finish(
+    clickhouse_home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: closing a store between two months of its backfill left the claim without
+    its row, and the hour table unread by every process from then on."""
+    monkeypatch.setattr(chupgrade, "SETTLE_NS", 100_000_000)
+    monkeypatch.setattr(chupgrade, "CHECK_EVERY", 0.05)
+    first_month = threading.Event()
+    real = chupgrade.hour_sets_backfill
+
+    def slow_backfill(boundary: int, lo: int, hi: int) -> str:
+        first_month.set()
+        time.sleep(0.3)  # close() arrives while the first month is being folded
+        return real(boundary, lo, hi)
+
+    monkeypatch.setattr(chupgrade, "hour_sets_backfill", slow_backfill)
+    database = f"closed_{time.time_ns()}"
+    side = str(tmp_path / "side.sqlite")
+    older = ClickHouseStore(_transport(clickhouse_home, database), side)
+    try:
+        older.transport.command(f"DROP VIEW {HOUR_SETS}_mv")
+        older.transport.command(f"DROP TABLE {HOUR_SETS}")
+        older.create_account(Account("a", "A"))
+        # Three months of events, so the backfill takes three statements.
+        older.append(
+            [
+                Event(f"m{i}", "a", "requests", BASE_MS + i * 40 * DAY_MS, float(i))
+                for i in range(3)
+            ]
+        )
+        upgraded = ClickHouseStore(_transport(clickhouse_home, database), side)
+        assert first_month.wait(10), "the backfill never began"
+        upgraded.close()
+        again = ClickHouseStore(_transport(clickhouse_home, database), side)
+        assert again.hour_sets.ready()
+        assert _hour_table(again) == _folded_events(again)
+        again.close()
+    finally:
+        older.transport.command(f"DROP DATABASE {database}")
+        older.close()
+
+
 @given(
     first=st.integers(-(10**12), 4 * 10**12),
     span=st.integers(0, 5 * 366 * DAY_MS),

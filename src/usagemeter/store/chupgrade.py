@@ -27,8 +27,8 @@ INSERT ... SELECT each, so no statement folds the whole history at once), holdin
 store's corrections lock: appends go on beside it, and no void or account deletion of this
 process refolds or deletes cells meanwhile. It is claimed by creating a table named after
 B (a CREATE without ``IF NOT EXISTS`` succeeds once), which receives a row when the backfill
-is complete; other processes wait for that row. A process that dies in the middle leaves
-the claim without its row: the planner then keeps reading the slots (correct, slower) until
+is complete; other processes wait for that row. Closing the store lets a backfill it began
+finish. A process that dies in the middle leaves the claim without its row: the planner then keeps reading the slots (correct, slower) until
 the hour table is rebuilt (``DROP`` the table, its view and the claim; the next start
 creates them again).
 """
@@ -86,7 +86,7 @@ class HourSets:
         return self.complete
 
     def close(self) -> None:
-        """Stop waiting; a backfill in progress finishes its month first."""
+        """Stop waiting; a backfill in progress finishes first."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -133,9 +133,9 @@ class HourSets:
             f"SELECT min(ts), max(ts) FROM events WHERE seq < {self.boundary} HAVING count() > 0"
         )
         if rows:
+            # Not stopped by close(): a claimed backfill left halfway could never be told
+            # from one in progress, and the table would stay unread. A month takes seconds.
             for lo, hi in _months(int(rows[0][0]), int(rows[0][1])):
-                if self._stop.is_set():
-                    return False  # claimed, not complete: see the module docstring
                 self.transport.command(hour_sets_backfill(self.boundary, lo, hi))
         self.transport.command(f"INSERT INTO {_claim_table(self.boundary)} VALUES (1)")
         return True
