@@ -248,10 +248,7 @@ def test_a_store_closed_during_its_backfill_lets_it_finish(
         older.create_account(Account("a", "A"))
         # Three months of events, so the backfill takes three statements.
         older.append(
-            [
-                Event(f"m{i}", "a", "requests", BASE_MS + i * 40 * DAY_MS, float(i))
-                for i in range(3)
-            ]
+            [Event(f"m{i}", "a", "requests", BASE_MS + i * 40 * DAY_MS, float(i)) for i in range(3)]
         )
         upgraded = ClickHouseStore(_transport(clickhouse_home, database), side)
         assert first_month.wait(10), "the backfill never began"
