@@ -19,6 +19,7 @@ import datetime as dt
 import os
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -45,6 +46,44 @@ def cpu_seconds(pid: int) -> float:
         if n == 0:
             total += int(fields[13]) + int(fields[14])  # cutime, cstime
     return total / TICKS
+
+
+class WaitSampler:
+    """What the database's busy backends are doing, sampled every 20 ms while the load runs
+    (pg_stat_activity): running, or waiting, and on what (a row lock held by another batch,
+    the WAL's fsync, ...). Counts are backend-samples, so their shares add up to the average
+    number of busy backends."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.samples = 0
+        self.counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.wait(0.02):
+                rows = conn.execute(
+                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'running')"
+                    " FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()"
+                    " AND backend_type = 'client backend'"
+                ).fetchall()
+                self.samples += 1
+                self.counts.update(r[0] for r in rows)
+
+    def summary(self) -> str:
+        n = max(self.samples, 1)
+        parts = [f"{what} {count / n:.2f}" for what, count in self.counts.most_common(5)]
+        return "busy backends on average: " + ", ".join(parts)
 
 
 def _load(services: list[Service], bodies: list[bytes], clients: int) -> tuple[float, int]:
@@ -95,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 services[0].create(accounts, keys)
                 pids = [cluster.postmaster_pid(), *(s.pid for s in services)]
                 before = [cpu_seconds(pid) for pid in pids]
-                seconds, accepted = _load(services, bodies, args.clients)
+                with WaitSampler(url) as waits:
+                    seconds, accepted = _load(services, bodies, args.clients)
                 spent = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
             finally:
                 for s in services:
@@ -111,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" = {accepted / cpu:,.0f} events per CPU second; stored {stored:,}",
                 flush=True,
             )
+            print(f"  {waits.summary()}", flush=True)
             if stored != len(events):
                 print(f"FAIL: sent {len(events):,}, stored {stored:,}", file=sys.stderr)
                 return 1
