@@ -99,7 +99,7 @@ def measure(store: pg.PostgresStore, batches: Sequence[list[Event]], label: str)
         cpu0, t0, py = backend_cpu(pid), time.perf_counter(), 0.0
         for batch in batches:
             p0 = time.process_time()
-            store._append(conn, batch)
+            store._append(conn, [batch])
             py += time.process_time() - p0
         wall = time.perf_counter() - t0
         cpu = backend_cpu(pid) - cpu0
@@ -125,7 +125,7 @@ def explain(store: pg.PostgresStore, batch: list[Event]) -> None:
         try:
             # Run through the store to get its parameters, in a transaction rolled back; then
             # the same statement again, explained, on fresh ids.
-            store._append(Spy(conn, seen), batch)  # type: ignore[arg-type]
+            store._append(Spy(conn, seen), [batch])  # type: ignore[arg-type]
             conn.execute("ROLLBACK")
             conn.execute("BEGIN")
             plan = conn.execute(

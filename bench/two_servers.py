@@ -22,6 +22,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import psycopg
 
 from bench import generate as g
@@ -86,6 +87,17 @@ class WaitSampler:
         return "busy backends on average: " + ", ".join(parts)
 
 
+def live(events: g.Events, minutes: float) -> g.Events:
+    """The same events in time order, their timestamps squeezed into the window's last
+    ``minutes`` (order kept): what live traffic looks like to the rollups, whose rows a
+    batch then mostly updates rather than inserts."""
+    order = np.argsort(events.ts, kind="stable")
+    span = int(minutes * 60_000)
+    ts = g.DAYS * g.DAY_MS - span + np.linspace(0, span - 1, len(events)).astype(np.int64)
+    columns = {name: getattr(events, name)[order] for name in g.COLUMNS if name != "ts"}
+    return g.Events(first=events.first, ts=ts, **columns)
+
+
 def _load(services: list[Service], bodies: list[bytes], clients: int) -> tuple[float, int]:
     """Post every body, split evenly across the services at once; (seconds, accepted)."""
     results: list[LoadResult] = [LoadResult() for _ in services]
@@ -114,9 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--servers", type=int, nargs="+", default=[1, 2], help="server counts to run, in order"
     )
+    p.add_argument(
+        "--live",
+        type=float,
+        default=0,
+        metavar="MINUTES",
+        help="send the events in time order, spread over the window's last MINUTES (live"
+        " traffic) instead of the bench's 120 days in random order (a backfill)",
+    )
     args = p.parse_args(argv)
     start_ms = g.window_start_ms(dt.datetime.now(dt.UTC).date())
     events = g.all_events(1, args.events)
+    if args.live:
+        events = live(events, args.live)
     bodies = render.json_batches(events, start_ms, args.batch)
     accounts = [g.account_id(a) for a in range(g.ACCOUNTS)]
     keys = [(a, g.key_id(i, k)) for i, a in enumerate(accounts) for k in range(g.KEYS_PER_ACCOUNT)]

@@ -37,6 +37,7 @@ from usagemeter.model import Account, ApiKey, AppendResult, Event, PortalToken
 from usagemeter.store import portalrows, redact
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound, UnstorableText
 from usagemeter.store.limitstore import LIMIT_SCHEMA, LimitTables, Run
+from usagemeter.store.pgcommit import GroupCommit
 from usagemeter.store.pgschema import (
     ROLLUPS,
     ensure_partitions,
@@ -72,6 +73,7 @@ log = logging.getLogger("usagemeter")
 Conn = psycopg.Connection[tuple[Any, ...]]
 RETRIES = 5  # attempts at a batch that lost a deadlock or serialization race
 DEFAULT_POOL_SIZE = 10  # connections per process; see docs/scaling.md
+GROUP_EVENTS = 5_000  # at most this many events of concurrent batches in one statement
 Dims = tuple[tuple[str, str], ...]  # an event's dimensions as sorted pairs: a cache key
 Name = TypeVar("Name", str, Dims, frozenset[str])
 
@@ -167,6 +169,22 @@ def _canon(value: Any) -> str:
     return _ENCODE_SORTED(value)
 
 
+def _per_batch(
+    batches: Sequence[Sequence[Event]], repeats: Sequence[int], conflicts: Sequence[int]
+) -> list[AppendResult]:
+    """Each batch's result, from the indexes (over the batches as one) of the events that
+    were duplicates and of those that were conflicts too (sorted)."""
+    results = []
+    low = 0
+    for batch in batches:
+        high = low + len(batch)
+        duplicates = sum(1 for i in repeats if low <= i < high)
+        own = tuple(i - low for i in conflicts if low <= i < high)
+        results.append(AppendResult(len(batch) - duplicates, duplicates, own))
+        low = high
+    return results
+
+
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     """Rows as one list per column, for unnest()."""
     return [[row[i] for row in rows] for i in range(width)]
@@ -202,6 +220,9 @@ class PostgresStore(SqlCorrections, LimitTables):
         self._row_ids_since = time.monotonic()  # see rows.ROW_IDS_KEPT_FOR
         self._partitions: set[tuple[str, int, int]] = set()
         self._days: set[int] = set()  # UTC days whose month has its partition
+        self._group_commit: GroupCommit[Sequence[Event], AppendResult] = GroupCommit(
+            self._write_group, GROUP_EVENTS
+        )
 
     def close(self) -> None:
         self._pool.close()
@@ -418,29 +439,53 @@ class PostgresStore(SqlCorrections, LimitTables):
     def append(self, events: Sequence[Event]) -> AppendResult:
         if not events:
             return AppendResult(0, 0)
+        # Refused before it joins a group, so that it fails alone, saying which event.
+        _refuse_nul(events)
+        return self._group_commit.submit(events, len(events))
+
+    def _write_group(self, batches: Sequence[Sequence[Event]]) -> list[AppendResult | Exception]:
+        """The batches of one group in one transaction, or each alone when the group as a
+        whole cannot be (one names an account that does not exist, say), so that an error
+        is the batch's own."""
+        if len(batches) > 1:
+            try:
+                return list(self._write_retrying(batches))
+            except (NotFound, psycopg.Error):
+                pass
+        outcomes: list[AppendResult | Exception] = []
+        for batch in batches:
+            try:
+                outcomes.extend(self._write_retrying([batch]))
+            except (NotFound, ValueError, psycopg.Error) as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _write_retrying(self, batches: Sequence[Sequence[Event]]) -> list[AppendResult]:
         for attempt in range(1, RETRIES + 1):
             try:
                 with self._connection() as conn:
-                    return self._append(conn, events)
+                    return self._append(conn, batches)
             except (errors.DeadlockDetected, errors.SerializationFailure):
                 if attempt == RETRIES:
                     raise
-                log.warning("batch of %s events lost a lock race; retrying", len(events))
+                log.warning("%s batch(es) lost a lock race; retrying", len(batches))
         raise AssertionError("unreachable")
 
-    def _append(self, conn: Conn, events: Sequence[Event]) -> AppendResult:
-        _refuse_nul(events)
+    def _append(self, conn: Conn, batches: Sequence[Sequence[Event]]) -> list[AppendResult]:
+        """Store the batches, in order, as one: a later batch's repeat of an earlier one's
+        id is its duplicate, as if the earlier had committed first."""
+        events = [e for batch in batches for e in batch]
         accounts, keys = self._resolve(conn, events)
         dims, tags = self._intern_all(conn, events)
         self._ensure_partitions(conn, events)
 
-        # The first event of each (account, id) in the batch is the candidate; a later one
-        # is a duplicate, and a conflict when its payload differs. Candidates go as one list
-        # per column, for unnest().
+        # The first event of each (account, id) is the candidate; a later one is a
+        # duplicate, and a conflict when its payload differs. Candidates go as one list per
+        # column, for unnest(). Indexes run over the batches as one.
         first: dict[tuple[int, str], bytes] = {}
         index_of: dict[tuple[int, str], int] = {}
         columns: list[list[Any]] = [[] for _ in range(11)]
-        duplicates = 0
+        repeats: list[int] = []
         conflicts: list[int] = []
         metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
         for index, e in enumerate(events):
@@ -448,7 +493,7 @@ class PostgresStore(SqlCorrections, LimitTables):
             digest = _digest(e)
             earlier = first.get((account, e.id))
             if earlier is not None:
-                duplicates += 1
+                repeats.append(index)
                 if earlier != digest:
                     conflicts.append(index)
                 continue
@@ -475,7 +520,6 @@ class PostgresStore(SqlCorrections, LimitTables):
         # Prepared: its plan does not depend on the batch, and planning it cost ten times
         # what running it costs for a small batch.
         known = conn.execute(APPEND_SQL, columns, prepare=True).fetchall()
-        duplicates += len(known)
         missing = [(a, i) for a, i, digest in known if digest is None]
         stored = {(a, i): bytes(d) for a, i, d in known if d is not None}
         if missing:
@@ -490,9 +534,9 @@ class PostgresStore(SqlCorrections, LimitTables):
                     _columns(missing, 2),
                 )
             )
+        repeats.extend(index_of[(a, i)] for a, i, _ in known)
         conflicts.extend(index_of[k] for k in stored if stored[k] != first[k])
-        accepted = len(columns[0]) - len(known)
-        return AppendResult(accepted, duplicates, tuple(sorted(conflicts)))
+        return _per_batch(batches, repeats, sorted(conflicts))
 
     def _resolve(
         self, conn: Conn, events: Sequence[Event]
