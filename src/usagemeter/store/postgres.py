@@ -136,24 +136,31 @@ _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 _ENCODE_SORTED = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
-def _digest(event: Event) -> bytes:
-    """What identifies an event's payload, to tell a retry from a conflicting reuse of an id."""
-    payload = [
-        event.metric,
-        event.ts_ms,
-        event.value,
-        event.billable,
-        event.key_id,
-        sorted(event.dimensions.items()),
-        sorted(event.tags),
-    ]
-    return hashlib.blake2b(_ENCODE(payload).encode(), digest_size=16).digest()
+def _digest(event: Event, tail: str | None = None) -> bytes:
+    """What identifies an event's payload, to tell a retry from a conflicting reuse of an id:
+    the compact JSON of [metric, ts, value, billable, key, sorted dimension pairs, sorted
+    tags]. ``tail`` is _digest_tail of its dimensions and tags, when known: many events
+    share them, and their text costs more than the rest's."""
+    if tail is None:
+        tail = _digest_tail(tuple(sorted(event.dimensions.items())), event.tags)
+    head = _ENCODE([event.metric, event.ts_ms, event.value, event.billable, event.key_id])
+    return hashlib.blake2b((head[:-1] + tail).encode(), digest_size=16).digest()
+
+
+def _digest_tail(dims: Dims, tags: frozenset[str]) -> str:
+    """The end of a digest's JSON text: ``,<dimension pairs>,<tags>]``."""
+    return "," + _ENCODE([dims, sorted(tags)])[1:]
 
 
 def _refuse_nul(events: Sequence[Event]) -> None:
     """PostgreSQL text cannot hold U+0000: say which event and field, before anything is
     stored (the API answers a ValueError with a 400), instead of failing mid-batch."""
     for index, e in enumerate(events):
+        # One look per event at all its texts; the field is looked for only when found.
+        if "\x00" not in "".join(
+            (e.id, e.account_id, e.key_id or "", *e.dimensions.values(), *e.tags)
+        ):
+            continue
         texts = [("id", e.id), ("account", e.account_id), ("key", e.key_id or "")]
         texts += [(f"dimensions.{k}", v) for k, v in e.dimensions.items()]
         texts += [("tags", tag) for tag in e.tags]
@@ -484,13 +491,19 @@ class PostgresStore(SqlCorrections, LimitTables):
         # column, for unnest(). Indexes run over the batches as one.
         first: dict[tuple[int, str], bytes] = {}
         index_of: dict[tuple[int, str], int] = {}
-        columns: list[list[Any]] = [[] for _ in range(11)]
+        candidates: list[int] = []
+        account_column: list[int] = []
+        digests: list[bytes] = []
         repeats: list[int] = []
         conflicts: list[int] = []
-        metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
+        tails: dict[tuple[Dims, frozenset[str]], str] = {}
         for index, e in enumerate(events):
             account = accounts[e.account_id]
-            digest = _digest(e)
+            names = (dims[index], tags[index])
+            tail = tails.get(names)
+            if tail is None:
+                tail = tails[names] = _digest_tail(*names)
+            digest = _digest(e, tail)
             earlier = first.get((account, e.id))
             if earlier is not None:
                 repeats.append(index)
@@ -499,21 +512,24 @@ class PostgresStore(SqlCorrections, LimitTables):
                 continue
             first[(account, e.id)] = digest
             index_of[(account, e.id)] = index
-            row = (
-                account,
-                metric_ids[e.metric],
-                e.ts_ms,
-                e.id,
-                NO_KEY if e.key_id is None else keys[e.key_id],
-                1 if e.billable else 0,
-                dimset_ids[dims[index]],
-                tagset_ids[tags[index]],
-                float(e.value),  # a binary float8[] takes no int among its floats
-                digest,
-                index,
-            )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
+            candidates.append(index)
+            account_column.append(account)
+            digests.append(digest)
+        metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
+        chosen = [events[i] for i in candidates]
+        columns: list[list[Any]] = [
+            account_column,
+            [metric_ids[e.metric] for e in chosen],
+            [e.ts_ms for e in chosen],
+            [e.id for e in chosen],
+            [NO_KEY if e.key_id is None else keys[e.key_id] for e in chosen],
+            [1 if e.billable else 0 for e in chosen],
+            [dimset_ids[dims[i]] for i in candidates],
+            [tagset_ids[tags[i]] for i in candidates],
+            [float(e.value) for e in chosen],  # a binary float8[] takes no int among floats
+            digests,
+            candidates,
+        ]
         # One statement, so one round trip and its own transaction: the new ids, their
         # events and every rollup. It answers, for each candidate already known, the digest
         # stored for it (NULL for a new one).
