@@ -73,6 +73,8 @@ log = logging.getLogger("usagemeter")
 Conn = psycopg.Connection[tuple[Any, ...]]
 RETRIES = 5  # attempts at a batch that lost a deadlock or serialization race
 DEFAULT_POOL_SIZE = 10  # connections per process; see docs/scaling.md
+# What one batch of a group can bring on itself; the others are then written without it.
+_REFUSALS = (NotFound, ValueError, psycopg.DataError)
 GROUP_EVENTS = 5_000  # at most this many events of concurrent batches in one statement
 Dims = tuple[tuple[str, str], ...]  # an event's dimensions as sorted pairs: a cache key
 Name = TypeVar("Name", str, Dims, frozenset[str])
@@ -451,19 +453,19 @@ class PostgresStore(SqlCorrections, LimitTables):
         return self._group_commit.submit(events, len(events))
 
     def _write_group(self, batches: Sequence[Sequence[Event]]) -> list[AppendResult | Exception]:
-        """The batches of one group in one transaction, or each alone when the group as a
-        whole cannot be (one names an account that does not exist, say), so that an error
-        is the batch's own."""
+        """The batches of one group in one transaction, or each alone when one of them is
+        refused (it names an account that does not exist, say), so that the error is that
+        batch's own. Any other error (the database gone) is every batch's."""
         if len(batches) > 1:
             try:
                 return list(self._write_retrying(batches))
-            except (NotFound, psycopg.Error):
+            except _REFUSALS:
                 pass
         outcomes: list[AppendResult | Exception] = []
         for batch in batches:
             try:
                 outcomes.extend(self._write_retrying([batch]))
-            except (NotFound, ValueError, psycopg.Error) as exc:
+            except _REFUSALS as exc:
                 outcomes.append(exc)
         return outcomes
 
