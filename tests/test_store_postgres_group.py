@@ -157,3 +157,22 @@ def test_a_batch_naming_an_unknown_account_fails_alone(store: PostgresStore) -> 
     # The first batch and its repeat: whichever came first stored it, in a group or not.
     assert {results[0], results[5]} == {AppendResult(50, 0), AppendResult(0, 50)}
     assert store.count_events() == 200
+
+
+def test_two_writers_write_two_groups_at_once() -> None:
+    both = threading.Barrier(2, timeout=5)
+
+    def write(items: Sequence[int]) -> list[int | BaseException]:
+        both.wait()  # breaks (and fails the batches) unless a second group is being written
+        return list(items)
+
+    commit: GroupCommit[int, int] = GroupCommit(write, max_size=10, writers=2)
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(commit.submit(i, 1))) for i in (1, 2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == [1, 2]

@@ -7,10 +7,12 @@ until they commit; the bench's backends spent more time waiting on each other th
 (bench/two_servers.py prints it). One statement for them all takes those locks once, shares
 one commit, and folds the batches' events into each rollup row once.
 
-Leader and followers, as in SQLite's or PostgreSQL's own group commit: a thread whose batch
-finds no writer at work becomes the writer and takes everything queued; the others wait for
-their outcome. When the writer is done, the oldest batch still queued (if any) is woken to be
-the next writer, so no thread writes for others for longer than one group.
+Leaders and followers, as in SQLite's or PostgreSQL's own group commit: a thread whose batch
+finds fewer than ``writers`` writers at work becomes one and takes what is queued; the others
+wait for their outcome. When a writer is done, the oldest batch still queued (if any) is woken
+to write next, so no thread writes for others for longer than one group. More than one
+writer: a single one leaves the database a single backend, and the process's next batches
+wait while it writes.
 """
 
 from __future__ import annotations
@@ -40,35 +42,45 @@ class GroupCommit(Generic[Item, Result]):
 
     ``write`` gets the items of a group, oldest first, and returns one outcome per item: its
     result, or the exception to raise in the thread that submitted it. A group holds at most
-    ``max_size`` (by the sizes given to ``submit``), or one item if that alone is larger."""
+    ``max_size`` (by the sizes given to ``submit``), or one item if that alone is larger; at
+    most ``writers`` groups are written at a time."""
 
     def __init__(
         self,
         write: Callable[[Sequence[Item]], Sequence[Result | BaseException]],
         max_size: int,
+        writers: int = 1,
     ) -> None:
         self._write = write
         self._max_size = max_size
+        self._max_writers = writers
         self._lock = threading.Lock()
         self._queue: list[_Job[Item, Result]] = []
-        self._writing = False
+        self._writers = 0
 
     def submit(self, item: Item, size: int) -> Result:
         job: _Job[Item, Result] = _Job(item, size)
         with self._lock:
             self._queue.append(job)
-            lead = not self._writing
-            self._writing = True
-        if not lead:
+            if self._writers < self._max_writers:
+                self._writers += 1
+                job.lead = True
+        if not job.lead:
             job.woken.wait()
             if not job.lead:
                 return self._outcome(job)
+        # A writer writes its own batch and what waits behind it, but not a batch woken to
+        # write (it takes its own group).
         with self._lock:
-            group: list[_Job[Item, Result]] = []
-            taken = 0
-            while self._queue and (not group or taken + self._queue[0].size <= self._max_size):
-                taken += self._queue[0].size
-                group.append(self._queue.pop(0))
+            self._queue.remove(job)
+            group, rest, taken = [job], [], size
+            for j in self._queue:
+                if not j.lead and taken + j.size <= self._max_size:
+                    group.append(j)
+                    taken += j.size
+                else:
+                    rest.append(j)
+            self._queue = rest
         try:
             outcomes = self._write([j.item for j in group])
             for j, outcome in zip(group, outcomes, strict=True):
@@ -81,11 +93,12 @@ class GroupCommit(Generic[Item, Result]):
                 j.error = exc
         finally:
             with self._lock:
-                if self._queue:
-                    self._queue[0].lead = True
-                    self._queue[0].woken.set()
+                waiting = [j for j in self._queue if not j.lead]
+                if waiting:
+                    waiting[0].lead = True
+                    waiting[0].woken.set()
                 else:
-                    self._writing = False
+                    self._writers -= 1
             for j in group:
                 if j is not job:
                     j.woken.set()
