@@ -19,8 +19,10 @@ import datetime as dt
 import os
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import psycopg
 
 from bench import generate as g
@@ -45,6 +47,55 @@ def cpu_seconds(pid: int) -> float:
         if n == 0:
             total += int(fields[13]) + int(fields[14])  # cutime, cstime
     return total / TICKS
+
+
+class WaitSampler:
+    """What the database's busy backends are doing, sampled every 20 ms while the load runs
+    (pg_stat_activity): running, or waiting, and on what (a row lock held by another batch,
+    the WAL's fsync, ...). Counts are backend-samples, so their shares add up to the average
+    number of busy backends."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.samples = 0
+        self.counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.wait(0.02):
+                rows = conn.execute(
+                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'running')"
+                    " FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()"
+                    " AND backend_type = 'client backend'"
+                ).fetchall()
+                self.samples += 1
+                self.counts.update(r[0] for r in rows)
+
+    def summary(self) -> str:
+        n = max(self.samples, 1)
+        parts = [f"{what} {count / n:.2f}" for what, count in self.counts.most_common(5)]
+        return "busy backends on average: " + ", ".join(parts)
+
+
+def live(events: g.Events, minutes: float) -> g.Events:
+    """The same events in time order, their timestamps squeezed into the window's last
+    ``minutes`` (order kept): what live traffic looks like to the rollups, whose rows a
+    batch then mostly updates rather than inserts."""
+    order = np.argsort(events.ts, kind="stable")
+    span = int(minutes * 60_000)
+    ts = g.DAYS * g.DAY_MS - span + np.linspace(0, span - 1, len(events)).astype(np.int64)
+    columns = {name: getattr(events, name)[order] for name in g.COLUMNS if name != "ts"}
+    return g.Events(first=events.first, ts=ts, **columns)
 
 
 def _load(services: list[Service], bodies: list[bytes], clients: int) -> tuple[float, int]:
@@ -75,9 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--servers", type=int, nargs="+", default=[1, 2], help="server counts to run, in order"
     )
+    p.add_argument(
+        "--live",
+        type=float,
+        default=0,
+        metavar="MINUTES",
+        help="send the events in time order, spread over the window's last MINUTES (live"
+        " traffic) instead of the bench's 120 days in random order (a backfill)",
+    )
     args = p.parse_args(argv)
     start_ms = g.window_start_ms(dt.datetime.now(dt.UTC).date())
     events = g.all_events(1, args.events)
+    if args.live:
+        events = live(events, args.live)
     bodies = render.json_batches(events, start_ms, args.batch)
     accounts = [g.account_id(a) for a in range(g.ACCOUNTS)]
     keys = [(a, g.key_id(i, k)) for i, a in enumerate(accounts) for k in range(g.KEYS_PER_ACCOUNT)]
@@ -95,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 services[0].create(accounts, keys)
                 pids = [cluster.postmaster_pid(), *(s.pid for s in services)]
                 before = [cpu_seconds(pid) for pid in pids]
-                seconds, accepted = _load(services, bodies, args.clients)
+                with WaitSampler(url) as waits:
+                    seconds, accepted = _load(services, bodies, args.clients)
                 spent = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
             finally:
                 for s in services:
@@ -111,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" = {accepted / cpu:,.0f} events per CPU second; stored {stored:,}",
                 flush=True,
             )
+            print(f"  {waits.summary()}", flush=True)
             if stored != len(events):
                 print(f"FAIL: sent {len(events):,}, stored {stored:,}", file=sys.stderr)
                 return 1

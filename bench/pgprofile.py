@@ -1,0 +1,189 @@
+"""Where a batch's time goes in PostgreSQL: `python -m bench.pgprofile [--stored N]`.
+
+Loads N of the bench's events (a 120-day backfill over 1,000 Zipf accounts) into the PostgreSQL
+store in process, on the bench's durable cluster, then appends more batches of 1,000 and
+reports, per batch: the server backend's CPU (from /proc), the WAL it wrote, the store's own
+Python time, and the rollup rows updated in place (HOT) or not. Once for batches in the
+bench's order (a backfill), once for the same events sorted by time (live traffic). Then
+`EXPLAIN (ANALYZE, BUFFERS, WAL)` of one batch statement, rolled back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from bench import generate as g
+from bench import render
+from bench.pgstore import StoreCluster
+from usagemeter.model import Account, ApiKey, Event, Scope
+from usagemeter.store import postgres as pg
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def events_of(chunk: g.Events, start_ms: int) -> list[Event]:
+    accounts = [g.account_id(a) for a in range(g.ACCOUNTS)]
+    out = []
+    for i, ts, a, k, m, value, billable, dim, dim2, tags in render.rows(chunk, start_ms):
+        out.append(
+            Event(
+                id=f"e{i}",
+                account_id=accounts[a],
+                metric=g.METRICS[m],
+                ts_ms=ts,
+                value=float(value),
+                billable=bool(billable),
+                key_id=g.key_id(a, k),
+                dimensions=g.dimensions(m, a, dim, dim2),
+                tags=frozenset(g.tag_names(tags)),
+            )
+        )
+    return out
+
+
+def open_store(url: str) -> pg.PostgresStore:
+    """The store on ``url``, with the bench's accounts and keys."""
+    store = pg.PostgresStore(url)
+    now = dt.datetime.now(dt.UTC)
+    for a in range(g.ACCOUNTS):
+        store.create_account(Account(id=g.account_id(a), name=g.account_id(a)))
+        for k in range(g.KEYS_PER_ACCOUNT):
+            key = ApiKey(g.key_id(a, k), g.account_id(a), "k", "ak_", frozenset([Scope.READ]), now)
+            store.create_key(key, f"{a}/{k}".encode().ljust(32, b"."))
+    return store
+
+
+def backend_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+class Spy:
+    """A connection that hands the batch statement's parameters to `seen`."""
+
+    def __init__(self, conn: pg.Conn, seen: list[Any]) -> None:
+        self.conn, self.seen = conn, seen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def execute(self, sql: Any, params: Any = None, **kw: Any) -> Any:
+        if sql is pg.APPEND_SQL:
+            self.seen.append(params)
+        return self.conn.execute(sql, params, **kw)
+
+
+def stats(conn: pg.Conn) -> dict[str, tuple[int, int]]:
+    rows = conn.execute(
+        "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+        " WHERE relname LIKE 'rollup%%'"
+    ).fetchall()
+    return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+def measure(store: pg.PostgresStore, batches: Sequence[list[Event]], label: str) -> None:
+    with store._pool.connection() as conn:
+        pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+        # Statistics are sent at transaction end, and read once per transaction.
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        before_stats = stats(conn)
+        lsn0 = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
+        cpu0, t0, py = backend_cpu(pid), time.perf_counter(), 0.0
+        for batch in batches:
+            p0 = time.process_time()
+            store._append(conn, [batch])
+            py += time.process_time() - p0
+        wall = time.perf_counter() - t0
+        cpu = backend_cpu(pid) - cpu0
+        wal = conn.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (str(lsn0),)).fetchone()[0]  # type: ignore[index]
+        time.sleep(0.6)  # let the statistics collector catch up
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        after = stats(conn)
+    n = sum(len(b) for b in batches)
+    print(
+        f"{label}: {len(batches)} batches: server CPU {cpu / n * 1e6:.1f} us/event,"
+        f" client CPU {py / n * 1e6:.1f} us/event, wall {wall / n * 1e6:.1f} us/event,"
+        f" WAL {int(wal) / n:.0f} B/event"
+    )
+    for table, (upd, hot) in sorted(after.items()):
+        u, h = upd - before_stats.get(table, (0, 0))[0], hot - before_stats.get(table, (0, 0))[1]
+        print(f"   {table}: {u} updates, {h} HOT")
+
+
+def explain(store: pg.PostgresStore, batch: list[Event]) -> None:
+    seen: list[Any] = []
+    with store._pool.connection() as conn:
+        conn.execute("BEGIN")
+        try:
+            # Run through the store to get its parameters, in a transaction rolled back; then
+            # the same statement again, explained, on fresh ids.
+            store._append(Spy(conn, seen), [batch])  # type: ignore[arg-type]
+            conn.execute("ROLLBACK")
+            conn.execute("BEGIN")
+            plan = conn.execute(
+                "EXPLAIN (ANALYZE, BUFFERS, WAL, COSTS OFF) " + pg.APPEND_SQL, seen[0]
+            ).fetchall()
+        finally:
+            conn.execute("ROLLBACK")
+    print("\n".join(r[0] for r in plan))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.pgprofile", description=__doc__)
+    p.add_argument("--stored", type=int, default=200_000)
+    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--explain", action="store_true")
+    args = p.parse_args(argv)
+    extra = 2 * args.batches * 1000 + 1000
+    chunk = g.all_events(1, args.stored + extra)
+    start_ms = g.window_start_ms(dt.datetime.now(dt.UTC).date())
+    events = events_of(chunk, start_ms)
+    cluster = StoreCluster()
+    try:
+        store = open_store(cluster.url)
+        t0 = time.perf_counter()
+        for i in range(0, args.stored, 1000):
+            store.append(events[i : i + 1000])
+        print(f"loaded {args.stored:,} in {time.perf_counter() - t0:.1f} s")
+        cluster.execute("CHECKPOINT")
+        rest = events[args.stored :]
+        backfill = rest[: args.batches * 1000]
+        live = sorted(rest[args.batches * 1000 : 2 * args.batches * 1000], key=lambda e: e.ts_ms)
+        # Live traffic: the same kinds of events, arriving in time order over a shorter span.
+        span = live[-1].ts_ms - live[0].ts_ms
+        live_ts = np.linspace(0, min(span, 3_600_000), len(live)).astype(np.int64)
+        end = max(e.ts_ms for e in events)
+        live = [
+            Event(
+                e.id,
+                e.account_id,
+                e.metric,
+                end + int(t),
+                e.value,
+                e.billable,
+                e.key_id,
+                e.dimensions,
+                e.tags,
+            )
+            for e, t in zip(live, live_ts, strict=True)
+        ]
+        measure(store, [backfill[i : i + 1000] for i in range(0, len(backfill), 1000)], "backfill")
+        measure(store, [live[i : i + 1000] for i in range(0, len(live), 1000)], "live, 1 hour")
+        if args.explain:
+            explain(store, events[-1000:])
+        store.close()
+    finally:
+        cluster.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
