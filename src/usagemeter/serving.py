@@ -27,13 +27,20 @@ DESCRIPTORS_SPARE = 64  # kept free for the database files, logs and the listeni
 YOUNG_PASS_EVERY = 50_000
 
 
+def freeze_long_lived() -> None:
+    """Move every object made so far (modules, the app, what startup built) out of the cycle
+    collector's sight: they live as long as the process, and a full pass would walk them all
+    inside some request or batch."""
+    gc.collect()
+    gc.freeze()
+
+
 @contextmanager
 def collector_tuned() -> Iterator[None]:
     """For a stretch of ingest: move the objects made so far (modules, the app) out of the
     cycle collector's sight, as they live on, and let the young generation grow before a
     pass. Cycles are still collected, less often. Undone on leaving."""
-    gc.collect()
-    gc.freeze()
+    freeze_long_lived()
     before = gc.get_threshold()
     gc.set_threshold(YOUNG_PASS_EVERY, *before[1:])
     try:

@@ -4,7 +4,6 @@ dashboard, over one store."""
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,6 +40,7 @@ from usagemeter.meters import MeterRegistry
 from usagemeter.metrics import RequestMetrics, Telemetry, watch_ingest
 from usagemeter.model import Query as UsageQuery
 from usagemeter.portal import AppClock, MetricNotAllowed
+from usagemeter.serving import freeze_long_lived
 from usagemeter.store.base import Store, StoreUnavailable, UnstorableText
 
 log = logging.getLogger("usagemeter")
@@ -90,8 +90,7 @@ def _freeze_startup() -> None:
     status (10,000 cells) paid 60 to 110 ms for one full pass over ~85,000 such objects every
     other time it ran; with it, 5 to 20 ms (bench/profile_chquery.py). Once per process: a
     process that builds several apps (the tests) would otherwise keep each one's garbage."""
-    gc.collect()
-    gc.freeze()
+    freeze_long_lived()
 
 
 def create_app(
