@@ -38,7 +38,7 @@ from usagemeter.model import Account, Event, Query, Result
 from usagemeter.store import open_store
 from usagemeter.store.base import Store
 from usagemeter.store.chschema import HOUR_SETS, TABLES
-from usagemeter.store.chtransport import ChdbTransport
+from usagemeter.store.chtransport import ChdbTransport, insert_rows
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.timewindows import Granularity
 
@@ -160,7 +160,7 @@ class Peer:
                 (e.account_id, "", e.metric, e.ts_ms / 1000, e.value, True, e.dimensions, [*e.tags])
                 for e in batch
             ]
-            self.transport.insert("events", columns, rows)
+            insert_rows(self.transport, "events", columns, rows)
             elapsed += time.perf_counter() - began
         # As the peer does after its load (bench/peers/chdb_peer.py): one part to read.
         self.transport.command("OPTIMIZE TABLE events FINAL")
