@@ -4,7 +4,7 @@ then the heavy account's questions asked of each, every answer checked equal to 
 peer's overall total, which is all its GROUPING SETS share with ours).
 
     python -m bench.chstore --events 1000000 [--store chdb:///dir] [--runs 5] [--no-sqlite]
-                            [--slots-only] [--hour-view-ab]
+                            [--slots-only] [--hour-view-ab] [--ingest-only]
 
 The peer (bench/peers/chdb_peer.py: raw events in one MergeTree, no dedupe, no rollups, no
 fsync) runs in the ClickHouse store's own chDB session, in a database of its own (chDB opens
@@ -15,6 +15,9 @@ of warm runs, in milliseconds, in this process (no HTTP).
 dimension and tag sets (the store before it), asked in turn with the others. ``--hour-view-ab``
 loads a second ClickHouse store in the same session without that table's view, batches taken
 in turn with the first, and prints both ingest rates: what the view costs an append.
+``--ingest-only`` loads the ClickHouse store and the peer, prints their rates and where an
+append's time went, and asks no questions (a code change's before and after: run it on each,
+in turn).
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def load(store: Store, count: int, phases: dict[str, float] | None = None) -> fl
 PHASES = {
     "_require": "accounts and keys checked",
     "_stored_digests": "dedupe lookup in event_ids",
-    "insert": "INSERT (events, and every view's table)",
+    "insert_columns": "INSERT (events, and every view's table)",
 }
 
 
@@ -289,7 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         help="load a second ClickHouse store without the hour table's view, batches in turn,"
         " and print both ingest rates (replaces the ClickHouse store's own load)",
     )
+    parser.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="load the ClickHouse store and the peer only: their rates and an append's steps",
+    )
     args = parser.parse_args(argv)
+    if args.ingest_only:
+        args.no_sqlite = True
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-bench-"))
     try:
         stores = {"ClickHouse": open_store(args.store or f"chdb:///{scratch}/chdb")}
@@ -320,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         slots_rate = [ab[1] if ab else float("nan")] if args.slots_only else []
         figures = [f"{r:,.0f}" for r in [*rates.values(), *slots_rate, peer_rate]]
         print("| ingest, events/s | " + " | ".join(figures) + " |")
-        for label, query in questions().items():
+        for label, query in ({} if args.ingest_only else questions()).items():
             question = peer_question(label, query)
             runs: list[Callable[[], object]] = [
                 *(lambda s=store, q=query: Engine(s).run(q) for store in stores.values()),
