@@ -1,0 +1,125 @@
+"""A change to the ClickHouse store's write path beside the code before it: the same batches
+appended by this checkout's store and by a second process running another checkout's
+(``--against DIR``, a directory holding its ``usagemeter`` package, e.g. ``src`` of a
+``git worktree`` of main), each on its own chDB directory, the two taking turns batch by
+batch, so the machine's load weighs on both alike. Prints both rates, their ratio, and where
+an append's time went in each (``bench.chstore``'s steps).
+
+    python -m bench.chturns --against /tmp/main/src [--events 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+from bench.chstore import ACCOUNTS, BATCH, PHASES, REST, _time_phases, batches
+from usagemeter.model import Account
+from usagemeter.store import open_store
+from usagemeter.store.clickhouse import ClickHouseStore
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds bench/
+
+
+def _loaded(count: int) -> tuple[ClickHouseStore, dict[str, float], Path]:
+    scratch = Path(tempfile.mkdtemp(prefix="usagemeter-turns-"))
+    store = open_store(f"chdb:///{scratch}/chdb")
+    assert isinstance(store, ClickHouseStore)
+    for n in range(ACCOUNTS):
+        store.create_account(Account(f"acct-{n}", f"Account {n}"))
+    phases: dict[str, float] = {}
+    _time_phases(store, phases)
+    return store, phases, scratch
+
+
+def _append(store: ClickHouseStore, batch: list) -> float:  # type: ignore[type-arg]
+    began = time.perf_counter()
+    store.append(batch)
+    return time.perf_counter() - began
+
+
+def serve(count: int) -> None:
+    """The other side: one batch appended per line read, its seconds written back; the
+    steps' seconds last."""
+    store, phases, scratch = _loaded(count)
+    print("ready", flush=True)
+    for batch in batches(count):
+        sys.stdin.readline()
+        print(_append(store, batch), flush=True)
+    print(json.dumps(phases), flush=True)
+    store.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _steps(phases: dict[str, float], elapsed: float, batches_: int) -> dict[str, float]:
+    """Milliseconds per append in each step, and in the rest (bench.chstore.REST)."""
+    steps = {label: phases.get(label, 0.0) for label in dict.fromkeys(PHASES.values())}
+    steps[REST] = elapsed - sum(steps.values())
+    steps["append, in all"] = elapsed
+    return {label: seconds / batches_ * 1000 for label, seconds in steps.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.chturns", description=__doc__)
+    parser.add_argument("--against", help="a directory holding the other usagemeter package")
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.events)
+        return 0
+    if not args.against or not (Path(args.against) / "usagemeter").is_dir():
+        raise SystemExit("--against DIR: DIR must hold a usagemeter package (a checkout's src)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.against, str(ROOT)])}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bench.chturns", "--serve", "--events", str(args.events)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    into: IO[str] = child.stdin  # type: ignore[assignment]
+    out: IO[str] = child.stdout  # type: ignore[assignment]
+    if out.readline().strip() != "ready":
+        raise SystemExit("the other checkout's store did not start")
+    store, phases, scratch = _loaded(args.events)
+    spent = [0.0, 0.0]
+    try:
+        for batch in batches(args.events):
+            spent[0] += _append(store, batch)
+            into.write("go\n")
+            into.flush()
+            spent[1] += float(out.readline())
+        theirs = json.loads(out.readline())
+        child.wait()
+    finally:
+        store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    count = -(-args.events // BATCH)
+    ours_steps = _steps(phases, spent[0], count)
+    their_steps = _steps(theirs, spent[1], count)
+    print(f"{args.events:,} events, batches of {BATCH:,}, taken in turn\n")
+    print(f"| | this checkout | {args.against} | ratio |")
+    print("|---|---:|---:|---:|")
+    rates = [args.events / spent[0], args.events / spent[1]]
+    print(f"| ingest, events/s | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.2f} |")
+    for label, ms in ours_steps.items():
+        other = their_steps[label]
+        ratio = f"{other / ms:.2f}" if ms > 0 else ""
+        print(
+            f"| {label}, ms per append (µs per event) | {ms:.1f} ({ms * 1000 / BATCH:.1f})"
+            f" | {other:.1f} ({other * 1000 / BATCH:.1f}) | {ratio} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
