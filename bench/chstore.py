@@ -119,8 +119,8 @@ def load(store: Store, count: int, phases: dict[str, float] | None = None) -> fl
 
 
 # The steps of ClickHouseStore.append, by the methods that do them; the rest is Python
-# (digests, columns, JSON encoding), less what runs beside the dedupe lookup (round 6).
-REST = "the rest: Python not beside the lookup (digests, columns, encoding)"
+# (digests, columns, JSON encoding).
+REST = "the rest: Python (digests, columns, encoding)"
 PHASES = {
     "_require": "accounts and keys checked",
     "_stored_digests": "dedupe lookup in event_ids",

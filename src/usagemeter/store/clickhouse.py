@@ -30,7 +30,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
@@ -61,14 +60,6 @@ def _set_id(items: tuple[str | tuple[str, str], ...]) -> int:
     few sets many times, hence the cache."""
     digest = hashlib.blake2b(msgspec.json.encode(items), digest_size=8).digest()
     return int.from_bytes(digest, "big")
-
-
-def _payload(e: Event) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], str]:
-    """An event's sorted dimensions, its sorted tags and its digest. Most events have no
-    tags, many no dimensions: their sorts are skipped."""
-    dims = tuple(sorted(e.dimensions.items())) if e.dimensions else ()
-    tags = tuple(sorted(e.tags)) if e.tags else ()
-    return dims, tags, _digest(e, dims, tags)
 
 
 def _digest(e: Event, dims: tuple[tuple[str, str], ...], tags: tuple[str, ...]) -> str:
@@ -108,8 +99,6 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
         # the insert of an account or key: ClickHouse enforces no unique keys itself.
         self._lock = threading.Lock()
-        # Runs a batch's dedupe lookup beside the Python that prepares the batch (append).
-        self._lookups = ThreadPoolExecutor(1, thread_name_prefix="usagemeter-dedupe")
         # Held by voids and account deletions, and by the hour table's backfill (appends go
         # on beside it): see chupgrade.py.
         self._corrections = threading.Lock()
@@ -121,7 +110,6 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._create_void_tables()
 
     def close(self) -> None:
-        self._lookups.shutdown()
         self.hour_sets.close()
         self.transport.close()
         self.side.close()
@@ -335,22 +323,18 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._require("accounts", "account", [e.account_id for e in events])
         self._require("keys", "key", [e.key_id for e in events if e.key_id is not None])
         with self._lock:
-            # The lookup runs in ClickHouse (which lets go of the GIL) while this thread
-            # computes the batch's payload digests: one no longer waits for the other.
-            lookup = self._lookups.submit(self._stored_digests, events)
-            try:
-                payloads = [_payload(e) for e in events]
-            finally:
-                stored = lookup.result()
+            stored = self._stored_digests(events)
             new: list[Event] = []
             dims: list[tuple[tuple[str, str], ...]] = []
             tags: list[tuple[str, ...]] = []
             digests: list[str] = []
             duplicates = 0
             conflicts: list[int] = []
-            for index, (e, (e_dims, e_tags, digest)) in enumerate(
-                zip(events, payloads, strict=True)
-            ):
+            for index, e in enumerate(events):
+                # Most events have no tags, many no dimensions: skip their sorts.
+                e_dims = tuple(sorted(e.dimensions.items())) if e.dimensions else ()
+                e_tags = tuple(sorted(e.tags)) if e.tags else ()
+                digest = _digest(e, e_dims, e_tags)
                 pair = (e.account_id, e.id)
                 earlier = stored.get(pair)
                 if earlier is not None:
