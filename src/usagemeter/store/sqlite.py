@@ -118,15 +118,35 @@ def _payload(event: Event) -> _Payload:
     )
 
 
+_Row = tuple[int, str, int, int, int, int, int, int, float]  # an events row, as inserted
+# Names a batch interned (metrics, dimension sets, tag sets: text -> id), cached once its
+# transaction commits.
+_Names = tuple[dict[str, int], dict[str, int], dict[str, int]]
+INSERT_EVENTS = (
+    "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset, value)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 class _PendingBatch:
     """One caller's batch, waiting for the group commit that carries it; ``key``: the
-    (secret hash, key id) it must still be sent under when it commits (``submit``)."""
+    (secret hash, key id) it must still be sent under when it commits (``submit``).
+    ``rows``: its rows, built by the caller from the row ids cached in ``generation`` (None
+    where one was not cached), or None for the committer to build them all."""
 
-    __slots__ = ("events", "future", "key", "result")
+    __slots__ = ("events", "future", "generation", "key", "result", "rows")
 
-    def __init__(self, events: Sequence[Event], key: tuple[bytes, str] | None = None) -> None:
+    def __init__(
+        self,
+        events: Sequence[Event],
+        key: tuple[bytes, str] | None = None,
+        rows: list[_Row | None] | None = None,
+        generation: int = 0,
+    ) -> None:
         self.events = events
         self.key = key
+        self.rows = rows
+        self.generation = generation
         self.future: Future[AppendResult] = Future()
         self.result: AppendResult | None = None
 
@@ -170,6 +190,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
         self._row_ids_since = time.monotonic()  # see rows.ROW_IDS_KEPT_FOR
+        # Bumped whenever cached account or key row ids are forgotten: rows a caller built
+        # from an older generation are built again by the committer.
+        self._row_ids_generation = 0
         # Events this process appended since its last fold (others' appends fold when they
         # reach their own count, when a query asks, or when this file is next opened).
         self._unfolded = 0
@@ -499,7 +522,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
         (not revoked, not deleted); else it fails with KeyRevoked. So a caller may trust a
         key it looked up earlier: a revocation committed by any process before the batch's
         commit still refuses the batch."""
-        mine = _PendingBatch(events, key)
+        generation = self._row_ids_generation  # read before the caches the rows come from
+        mine = _PendingBatch(events, key, self._prepare(events), generation)
         if not events:
             mine.future.set_result(AppendResult(0, 0))
             return mine.future
@@ -509,6 +533,39 @@ class SQLiteStore(SqlCorrections, LimitTables):
             self._queue.append(mine)
             self._queue_ready.notify()
         return mine.future
+
+    def _prepare(self, events: Sequence[Event]) -> list[_Row | None] | None:
+        """The rows of ``events`` from the row ids cached so far (None for a row whose names
+        are not all cached yet: the committer builds it), or None if the batch repeats an
+        id. Runs in the caller's thread, so that the committer's own Python stays out from
+        between its SQL statements: its inserts and folds run in SQLite's C, without the
+        GIL, while callers build the next batches."""
+        if len({(e.account_id, e.id) for e in events}) < len(events):
+            return None  # the committer's whole path tells the repeats apart
+        accounts, keys, metrics = self._account_rids, self._key_rids, self._metric_ids
+        dimsets, tagsets = self._dimset_ids, self._tagset_ids
+        rows: list[_Row | None] = []
+        for e in events:
+            try:
+                dimset = dimsets.get(tuple(e.dimensions.items()))
+                if dimset is None:
+                    dimset = dimsets[tuple(sorted(e.dimensions.items()))]
+                rows.append(
+                    (
+                        accounts[e.account_id],
+                        e.id,
+                        metrics[e.metric],
+                        e.ts_ms,
+                        NO_KEY if e.key_id is None else keys[e.key_id],
+                        1 if e.billable else 0,
+                        dimset,
+                        tagsets[e.tags],
+                        e.value,
+                    )
+                )
+            except KeyError:
+                rows.append(None)
+        return rows
 
     def _commit_loop(self) -> None:
         """The committer thread. Group commit: the batches that arrived while it wrote the
@@ -566,7 +623,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     def _commit_group(self, group: list[_PendingBatch]) -> None:
         conn = self._writer
-        interned: list[tuple[dict[str, int], dict[str, int], dict[str, int]]] = []
+        interned: list[_Names] = []
         failed: dict[int, BaseException] = {}  # a batch's place in the group -> its error
         if row_ids_stale(self._row_ids_since):
             self._forget_row_ids()
@@ -578,12 +635,18 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     continue
                 conn.execute("SAVEPOINT batch")
                 try:
-                    batch.result, names = self._append_locked(conn, batch.events)
+                    names: _Names = ({}, {}, {})
+                    rows = batch.rows
+                    if rows is not None and batch.generation != self._row_ids_generation:
+                        rows = [None] * len(rows)  # row ids forgotten since: built here
+                    fresh = None
+                    if rows is not None:
+                        fresh = self._append_fresh(conn, batch.events, rows, names)
+                    batch.result = fresh or self._append_locked(conn, batch.events, names)
+                    interned.append(names)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO batch")
                     failed[place] = exc
-                else:
-                    interned.append(names)
                 conn.execute("RELEASE batch")
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -633,19 +696,87 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 refused[place] = KeyRevoked("the key this batch was sent with is revoked")
         return refused
 
-    def _append_locked(
-        self, conn: sqlite3.Connection, events: Sequence[Event]
-    ) -> tuple[AppendResult, tuple[dict[str, int], dict[str, int], dict[str, int]]]:
-        new_metrics: dict[str, int] = {}
-        new_dimsets: dict[str, int] = {}
-        new_tagsets: dict[str, int] = {}
+    def _append_fresh(
+        self,
+        conn: sqlite3.Connection,
+        events: Sequence[Event],
+        prepared: list[_Row | None],
+        names: _Names,
+    ) -> AppendResult | None:
+        """Insert the rows a caller ``prepared`` (their ids distinct; the missing ones built
+        here) if none of their ids was seen before, the common case; else None, having
+        stored nothing. Seen ids are found by the unique index itself as the rows go in,
+        not looked up first: the lookup cost as much as the insert. Ids of voided or
+        dropped events (tombstones) are looked up, when there are any."""
+        rows = [
+            row if row is not None else self._row(conn, event, names)
+            for row, event in zip(prepared, events, strict=True)
+        ]
+        if conn.execute("SELECT EXISTS (SELECT 1 FROM tombstones)").fetchone()[0]:
+            for i in range(0, len(rows), PAIR_CHUNK):
+                chunk = rows[i : i + PAIR_CHUNK]
+                values = ",".join(["(?,?)"] * len(chunk))
+                if conn.execute(
+                    f"WITH v(a, i) AS (VALUES {values}) SELECT 1 FROM v JOIN tombstones t"
+                    " ON t.account = v.a AND t.event_id = v.i LIMIT 1",
+                    [v for row in chunk for v in row[:2]],
+                ).fetchone():
+                    return None
+        conn.execute("SAVEPOINT fresh")
+        try:
+            conn.executemany(INSERT_EVENTS, rows)
+        except sqlite3.IntegrityError:  # an id seen before: the whole path sorts them out
+            conn.execute("ROLLBACK TO fresh")
+            conn.execute("RELEASE fresh")
+            return None
+        conn.execute("RELEASE fresh")
+        return AppendResult(len(rows), 0)
 
+    def _row(self, conn: sqlite3.Connection, event: Event, names: _Names) -> _Row:
+        """``event`` as a row of ``events``; names not interned yet are, in ``names``."""
+        new_metrics, new_dimsets, new_tagsets = names
+        metric = self._metric_ids.get(event.metric) or self._intern(
+            "metrics", "name", event.metric, new_metrics
+        )
+        key_id = event.key_id
+        key = NO_KEY if key_id is None else self._key_rid(conn, key_id)
+        # Sets are cached by their sorted items; a set sent in sorted order (every set of
+        # one, and most others) is found without sorting it.
+        dims_key = tuple(event.dimensions.items())
+        dimset = self._dimset_ids.get(dims_key)
+        if dimset is None:
+            dims_key = tuple(sorted(dims_key))
+            dimset = self._dimset_ids.get(dims_key)
+        if dimset is None:
+            dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
+            dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
+        tagset = self._tagset_ids.get(event.tags)
+        if tagset is None:
+            tags_text = json.dumps(sorted(event.tags), separators=(",", ":"))
+            tagset = self._intern("tagsets", "tags", tags_text, new_tagsets)
+        return (
+            self._account_rid(conn, event.account_id),
+            event.id,
+            metric,
+            event.ts_ms,
+            key,
+            1 if event.billable else 0,
+            dimset,
+            tagset,
+            event.value,
+        )
+
+    def _append_locked(
+        self, conn: sqlite3.Connection, events: Sequence[Event], names: _Names
+    ) -> AppendResult:
+        """Store ``events``, looking each id up first: repeats are counted, and compared
+        with what is stored. Names interned go into ``names``."""
         # Which (account, id) pairs this file has already seen, asked in a few statements
         # whatever the number of accounts: a batch often spans hundreds of them. The stored
         # payload comes along (joins that cost nothing when, as usual, no pair is found) so
         # that a repeat with another payload is reported as a conflict.
         rids = {a: self._account_rid(conn, a) for a in {e.account_id for e in events}}
-        names = {rid: account for account, rid in rids.items()}
+        account_of = {rid: account for account, rid in rids.items()}
         pairs = list(dict.fromkeys((rids[e.account_id], e.id) for e in events))
         stored: dict[tuple[str, str], _Payload] = {}
         # Tombstones too: the ids of voided events and of those retention dropped stay taken.
@@ -667,7 +798,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 [v for pair in chunk for v in pair],
             ):
                 metric, ts, value, billable, key_id, dims, tags = payload
-                stored[(names[rid], event_id)] = (
+                stored[(account_of[rid], event_id)] = (
                     metric,
                     ts,
                     value,
@@ -677,12 +808,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     frozenset(json.loads(tags)),
                 )
 
-        rows: list[tuple[Any, ...]] = []
+        rows: list[_Row] = []
         duplicates = 0
         conflicts: list[int] = []
         earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
-        metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
-        key_rids = self._key_rids
         for index, event in enumerate(events):
             ident = (event.account_id, event.id)
             if ident in stored or ident in earlier:
@@ -692,46 +821,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     conflicts.append(index)
                 continue
             earlier[ident] = event
-            metric = metric_ids.get(event.metric) or self._intern(
-                "metrics", "name", event.metric, new_metrics
-            )
-            key_id = event.key_id
-            key = NO_KEY if key_id is None else key_rids.get(key_id) or self._key_rid(conn, key_id)
-            # Sets are cached by their sorted items; a set sent in sorted order (every set of
-            # one, and most others) is found without sorting it.
-            dims_key = tuple(event.dimensions.items())
-            dimset = dimset_ids.get(dims_key)
-            if dimset is None:
-                dims_key = tuple(sorted(dims_key))
-                dimset = dimset_ids.get(dims_key)
-            if dimset is None:
-                dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
-                dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
-            tagset = tagset_ids.get(event.tags)
-            if tagset is None:
-                tags_text = json.dumps(sorted(event.tags), separators=(",", ":"))
-                tagset = self._intern("tagsets", "tags", tags_text, new_tagsets)
-            rows.append(
-                (
-                    rids[event.account_id],
-                    event.id,
-                    metric,
-                    event.ts_ms,
-                    key,
-                    1 if event.billable else 0,
-                    dimset,
-                    tagset,
-                    event.value,
-                )
-            )
+            rows.append(self._row(conn, event, names))
 
-        conn.executemany(
-            "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset,"
-            " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        result = AppendResult(len(rows), duplicates, tuple(conflicts))
-        return result, (new_metrics, new_dimsets, new_tagsets)
+        conn.executemany(INSERT_EVENTS, rows)
+        return AppendResult(len(rows), duplicates, tuple(conflicts))
 
     # ---------------------------------------------------------------- queries
 
@@ -891,6 +984,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     def _forget_row_ids(self) -> None:
         self._account_rids, self._key_rids = {}, {}
+        self._row_ids_generation += 1
         self._row_ids_since = time.monotonic()
 
     def _account_tables(self) -> tuple[str, ...]:
