@@ -488,3 +488,58 @@ def test_a_batch_built_before_its_account_was_deleted_and_made_again_goes_to_the
     assert orphans == 0
     assert _totals(store, "a", _day()) == {0: (1, 2.0, 2.0, 2.0)}
     store.close()
+
+
+def test_batches_of_one_group_keep_their_own_answers_when_one_repeats_or_fails(
+    db_path: Path,
+) -> None:
+    store = _open(db_path)
+    store.append([Event("e0", "a", "m", BASE_MS, 1.0)])  # names and row ids cached
+    groups = [
+        # One insert for all: nothing repeated, a new dimension set built by the committer.
+        [
+            [Event("e1", "a", "m", BASE_MS + 1, 1.0)],
+            [Event("e2", "b", "m", BASE_MS + 2, 2.0, dimensions={"new": "set"})],
+        ],
+        # A repeat across batches (the unique index refuses the insert of all): each its own.
+        [
+            [Event("e3", "a", "m", BASE_MS + 3, 3.0)],
+            [Event("e3", "a", "m", BASE_MS + 3, 3.0), Event("e4", "a", "m", BASE_MS + 4, 4.0)],
+        ],
+        # A repeat within a batch, an unknown account, a conflict with a stored event.
+        [
+            [Event("e5", "b", "m", BASE_MS + 5, 5.0), Event("e5", "b", "m", BASE_MS + 5, 6.0)],
+            [Event("e6", "ghost", "m", BASE_MS + 6, 6.0)],
+            [Event("e1", "a", "m", BASE_MS + 1, 9.0)],
+        ],
+    ]
+    answers = []
+    for group in groups:
+        with store._queue_ready:  # the committer takes the whole queue as one group
+            futures = [store.submit(events) for events in group]
+        for future in futures:
+            try:
+                result = future.result()
+                answers.append((result.accepted, result.duplicates, result.conflicts))
+            except Exception as exc:
+                answers.append(type(exc).__name__)
+    assert answers == [
+        (1, 0, ()),
+        (1, 0, ()),
+        (1, 0, ()),
+        (1, 1, ()),
+        (1, 1, (1,)),
+        "NotFound",
+        (0, 1, (0,)),
+    ]
+    stored = sorted((e.account_id, e.id, e.value) for e in store.iter_events())
+    assert stored == [
+        ("a", "e0", 1.0),
+        ("a", "e1", 1.0),
+        ("a", "e3", 3.0),
+        ("a", "e4", 4.0),
+        ("b", "e2", 2.0),
+        ("b", "e5", 5.0),
+    ]
+    assert _totals(store, "b", _day()) == {0: (2, 7.0, 2.0, 5.0)}
+    store.close()

@@ -630,24 +630,23 @@ class SQLiteStore(SqlCorrections, LimitTables):
         try:
             conn.execute("BEGIN IMMEDIATE")
             failed.update(self._revoked(conn, group))
-            for place, batch in enumerate(group):
-                if place in failed:
-                    continue
-                conn.execute("SAVEPOINT batch")
-                try:
-                    names: _Names = ({}, {}, {})
-                    rows = batch.rows
-                    if rows is not None and batch.generation != self._row_ids_generation:
-                        rows = [None] * len(rows)  # row ids forgotten since: built here
-                    fresh = None
-                    if rows is not None:
-                        fresh = self._append_fresh(conn, batch.events, rows, names)
-                    batch.result = fresh or self._append_locked(conn, batch.events, names)
-                    interned.append(names)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO batch")
-                    failed[place] = exc
-                conn.execute("RELEASE batch")
+            todo = [place for place in range(len(group)) if place not in failed]
+            if not self._append_together(conn, [group[place] for place in todo], interned):
+                for place in todo:
+                    batch = group[place]
+                    conn.execute("SAVEPOINT batch")
+                    try:
+                        names: _Names = ({}, {}, {})
+                        rows = self._rows_of(batch)
+                        fresh = None
+                        if rows is not None:
+                            fresh = self._append_fresh(conn, batch.events, rows, names)
+                        batch.result = fresh or self._append_locked(conn, batch.events, names)
+                        interned.append(names)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO batch")
+                        failed[place] = exc
+                    conn.execute("RELEASE batch")
             conn.execute("COMMIT")
         except BaseException as exc:
             try:
@@ -696,6 +695,45 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 refused[place] = KeyRevoked("the key this batch was sent with is revoked")
         return refused
 
+    def _rows_of(self, batch: _PendingBatch) -> list[_Row | None] | None:
+        """The rows the caller built, as far as they still hold."""
+        if batch.rows is not None and batch.generation != self._row_ids_generation:
+            return [None] * len(batch.rows)  # row ids forgotten since: built here
+        return batch.rows
+
+    def _tombstones(self, conn: sqlite3.Connection) -> bool:
+        return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM tombstones)").fetchone()[0])
+
+    def _append_together(
+        self, conn: sqlite3.Connection, batches: list[_PendingBatch], interned: list[_Names]
+    ) -> bool:
+        """Store ``batches`` in one insert, the common case of a group: no id repeated or
+        seen before (the unique index tells) and no tombstone to look at. Else store
+        nothing and return False: the batches then go one by one, each in a savepoint of
+        its own, so that one batch's error or repeat is its own. One-event requests come in
+        groups of a few: three statements a batch were a large part of their commit."""
+        built = [self._rows_of(batch) for batch in batches]
+        if not batches or any(rows is None for rows in built) or self._tombstones(conn):
+            return False
+        names: _Names = ({}, {}, {})
+        conn.execute("SAVEPOINT together")
+        try:
+            rows = [
+                row if row is not None else self._row(conn, event, names)
+                for batch, prepared in zip(batches, built, strict=True)
+                for row, event in zip(prepared or (), batch.events, strict=True)
+            ]
+            conn.executemany(INSERT_EVENTS, rows)
+        except Exception:  # a repeat, an account gone: batch by batch sorts it out
+            conn.execute("ROLLBACK TO together")
+            conn.execute("RELEASE together")
+            return False
+        conn.execute("RELEASE together")
+        interned.append(names)
+        for batch in batches:
+            batch.result = AppendResult(len(batch.events), 0)
+        return True
+
     def _append_fresh(
         self,
         conn: sqlite3.Connection,
@@ -712,7 +750,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             row if row is not None else self._row(conn, event, names)
             for row, event in zip(prepared, events, strict=True)
         ]
-        if conn.execute("SELECT EXISTS (SELECT 1 FROM tombstones)").fetchone()[0]:
+        if self._tombstones(conn):
             for i in range(0, len(rows), PAIR_CHUNK):
                 chunk = rows[i : i + PAIR_CHUNK]
                 values = ",".join(["(?,?)"] * len(chunk))
