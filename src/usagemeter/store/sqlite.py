@@ -2,7 +2,9 @@
 sqlplan.py).
 
 One writer connection serialises writes (``BEGIN IMMEDIATE``); one committer thread writes
-the batches callers queue, many in one commit (group commit). A batch appends its events
+the batches callers queue, many in one commit (group commit). Callers build their batches'
+rows from cached row ids before queueing them, so that the one writer's time goes to SQL,
+and rows of ids never seen go in without a lookup first. A batch appends its events
 (and the dedupe index entries) and nothing else: ``synchronous=FULL`` makes that commit durable
 before ``append`` returns. The rollups catch up in runs of many batches (``fold``), so a
 rollup page is written once per run instead of once per batch; and every query first folds
@@ -190,8 +192,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
         self._row_ids_since = time.monotonic()  # see rows.ROW_IDS_KEPT_FOR
-        # Bumped whenever cached account or key row ids are forgotten: rows a caller built
-        # from an older generation are built again by the committer.
+        # Bumped whenever a cached account or key row id is forgotten: rows a caller built
+        # under an older generation are built again by the committer.
         self._row_ids_generation = 0
         # Events this process appended since its last fold (others' appends fold when they
         # reach their own count, when a query asks, or when this file is next opened).
@@ -350,6 +352,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 raise Conflict(f"account id {account.id!r} is already taken") from exc
             # A deleted account's id may come back as a new row (delete_account).
             self._account_rids.pop(account.id, None)
+            self._row_ids_generation += 1
         return self.get_account(account.id)
 
     def get_account(self, account_id: str) -> Account:
@@ -417,6 +420,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"key id {key.id!r} is already taken") from exc
             self._key_rids.pop(key.id, None)
+            self._row_ids_generation += 1
         return self.get_key(key.id)
 
     def get_key(self, key_id: str) -> ApiKey:
