@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from usagemeter.auth import issue_key
+from usagemeter.corrections import VoidSelector
 from usagemeter.ingest import MAX_TS_MS, BatchRejected, Ingestor
 from usagemeter.model import Account, Event, Scope
 from usagemeter.store import schema as schema_module
@@ -412,3 +413,133 @@ def test_the_latest_values_packing_holds_every_timestamp_ingest_admits() -> None
     # ts << RUN_BITS plus a row's place must stay an exact 64-bit integer.
     assert MAX_TS_MS + 1 <= schema_module.TS_LIMIT
     assert (schema_module.TS_LIMIT << schema_module.RUN_BITS) - 1 <= 2**63 - 1
+
+
+# Batches are built into rows by the caller from cached row ids and inserted without an id
+# lookup first (the unique index finds a seen id); a batch with a seen id, a repeat inside
+# it or a voided id goes the whole way. Every answer must equal the event-by-event model.
+sends = st.lists(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 12), st.integers(0, 1)),
+        min_size=1,
+        max_size=8,
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(batches=sends, voided=st.sets(st.integers(0, 12), max_size=3))
+def test_each_batch_counts_new_repeated_conflicting_and_voided_ids_as_event_by_event(
+    tmp_path: Path, batches: list[list[tuple[str, int, int]]], voided: set[int]
+) -> None:
+    store = _open(tmp_path / f"fresh-{os.urandom(4).hex()}.db")
+    seen: dict[tuple[str, str], float] = {}
+    if voided:  # stored, then voided: their ids stay taken, with their payload
+        store.append([Event(f"e{n}", "a", "m", BASE_MS + n, 1.0) for n in sorted(voided)])
+        store.void_events(VoidSelector("a", ids=tuple(f"e{n}" for n in voided)), "r", None, 0)
+        seen.update({("a", f"e{n}"): 1.0 for n in voided})
+    for batch in batches:
+        events = [Event(f"e{n}", a, "m", BASE_MS + n, 1.0 + v) for a, n, v in batch]
+        accepted, duplicates, conflicts = 0, 0, []
+        for index, event in enumerate(events):
+            ident = (event.account_id, event.id)
+            if ident in seen:
+                duplicates += 1
+                if seen[ident] != event.value:
+                    conflicts.append(index)
+            else:
+                seen[ident] = event.value
+                accepted += 1
+        result = store.append(events)
+        assert (result.accepted, result.duplicates, list(result.conflicts)) == (
+            accepted,
+            duplicates,
+            conflicts,
+        )
+    stored = {(e.account_id, e.id): e.value for e in store.iter_events()}
+    assert stored == {k: v for k, v in seen.items() if int(k[1][1:]) not in voided or k[0] != "a"}
+    store.close()
+
+
+def test_a_batch_built_before_its_account_was_deleted_and_made_again_goes_to_the_new_one(
+    db_path: Path,
+) -> None:
+    store = _open(db_path)
+    store.append([Event("e0", "a", "m", BASE_MS, 1.0)])  # the account's row id is cached
+    events = [Event("e1", "a", "m", BASE_MS + 1, 2.0)]
+    generation = store._row_ids_generation
+    built = store._prepare(events)
+    assert built is not None and built[0] is not None  # built from the cached row id
+    store.delete_account("a")
+    store.create_account(Account("a", "A"))
+    batch = sqlite_module._PendingBatch(events, None, built, generation)
+    with store._queue_ready:
+        store._queue.append(batch)
+        store._queue_ready.notify()
+    assert batch.future.result().accepted == 1
+    assert [(e.account_id, e.id) for e in store.iter_events()] == [("a", "e1")]
+    orphans = store._writer.execute(
+        "SELECT count(*) FROM events WHERE account NOT IN (SELECT rid FROM accounts)"
+    ).fetchone()[0]
+    assert orphans == 0
+    assert _totals(store, "a", _day()) == {0: (1, 2.0, 2.0, 2.0)}
+    store.close()
+
+
+def test_batches_of_one_group_keep_their_own_answers_when_one_repeats_or_fails(
+    db_path: Path,
+) -> None:
+    store = _open(db_path)
+    store.append([Event("e0", "a", "m", BASE_MS, 1.0)])  # names and row ids cached
+    groups = [
+        # One insert for all: nothing repeated, a new dimension set built by the committer.
+        [
+            [Event("e1", "a", "m", BASE_MS + 1, 1.0)],
+            [Event("e2", "b", "m", BASE_MS + 2, 2.0, dimensions={"new": "set"})],
+        ],
+        # A repeat across batches (the unique index refuses the insert of all): each its own.
+        [
+            [Event("e3", "a", "m", BASE_MS + 3, 3.0)],
+            [Event("e3", "a", "m", BASE_MS + 3, 3.0), Event("e4", "a", "m", BASE_MS + 4, 4.0)],
+        ],
+        # A repeat within a batch, an unknown account, a conflict with a stored event.
+        [
+            [Event("e5", "b", "m", BASE_MS + 5, 5.0), Event("e5", "b", "m", BASE_MS + 5, 6.0)],
+            [Event("e6", "ghost", "m", BASE_MS + 6, 6.0)],
+            [Event("e1", "a", "m", BASE_MS + 1, 9.0)],
+        ],
+    ]
+    answers = []
+    for group in groups:
+        with store._queue_ready:  # the committer takes the whole queue as one group
+            futures = [store.submit(events) for events in group]
+        for future in futures:
+            try:
+                result = future.result()
+                answers.append((result.accepted, result.duplicates, result.conflicts))
+            except Exception as exc:
+                answers.append(type(exc).__name__)
+    assert answers == [
+        (1, 0, ()),
+        (1, 0, ()),
+        (1, 0, ()),
+        (1, 1, ()),
+        (1, 1, (1,)),
+        "NotFound",
+        (0, 1, (0,)),
+    ]
+    stored = sorted((e.account_id, e.id, e.value) for e in store.iter_events())
+    assert stored == [
+        ("a", "e0", 1.0),
+        ("a", "e1", 1.0),
+        ("a", "e3", 3.0),
+        ("a", "e4", 4.0),
+        ("b", "e2", 2.0),
+        ("b", "e5", 5.0),
+    ]
+    assert _totals(store, "b", _day()) == {0: (2, 7.0, 2.0, 5.0)}
+    store.close()

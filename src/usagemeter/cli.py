@@ -16,7 +16,8 @@ import signal
 import sqlite3
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -453,6 +454,11 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
+# Blocks of a file `ingest` keeps waiting for their commit while it reads on: enough that the
+# committer finds the next one queued when it finishes one, and a few to group in one commit.
+IN_FLIGHT = 3
+
+
 @app.command()
 def ingest(
     file: Path,
@@ -480,38 +486,51 @@ def ingest(
     pending: list[dict[str, Any]] = []
     lines: list[int] = []
 
-    # SQLite stores one chunk while the next is read and checked: reading and checking are
-    # Python, the store's inserts and fsync release the GIL, so they overlap. At most one
-    # chunk is in flight, so an interruption or a rejected chunk waits for it and reports
-    # exact counts.
+    # SQLite stores blocks on its committer thread while this one reads and checks the next:
+    # reading and checking are Python, the store's inserts, folds and fsync are C that runs
+    # without the GIL, so they overlap. Up to IN_FLIGHT blocks wait for their commit, so the
+    # committer always finds the next one queued; an interruption or a rejected block waits
+    # for every one in flight, so the counts reported are exact.
     # Other stores write from this thread, as their clients expect.
-    overlap = isinstance(store, SQLiteStore)
-    writer = ThreadPoolExecutor(1, thread_name_prefix="ingest-writer")
-    in_flight: Future[AppendResult] | None = None
+    submit = store.submit if isinstance(store, SQLiteStore) else None
+    in_flight: deque[tuple[list[Event], Future[AppendResult]]] = deque()
 
-    def settle() -> None:
-        nonlocal accepted, duplicates, in_flight
-        if in_flight is not None:
+    def stored(result: AppendResult) -> None:
+        nonlocal accepted, duplicates
+        accepted += result.accepted
+        duplicates += result.duplicates
+
+    def refused(exc: BatchRejected) -> typer.Exit:
+        # an account deleted meanwhile, say
+        return _fail(
+            f"a batch was refused and nothing of it stored: {exc.errors[0].message};"
+            f" {accepted:,} events stored before it"
+        )
+
+    def settle(keep: int = 0) -> None:
+        """Wait for the blocks in flight until ``keep`` are left."""
+        first: BatchRejected | None = None
+        while len(in_flight) > keep or (first is not None and in_flight):
+            events, future = in_flight.popleft()
             try:
-                result = in_flight.result()
-            except BatchRejected as exc:  # an account deleted meanwhile, say
-                raise _fail(
-                    f"a batch was refused and nothing of it stored: {exc.errors[0].message};"
-                    f" {accepted:,} events stored before it"
-                ) from None
-            finally:
-                in_flight = None
-            accepted += result.accepted
-            duplicates += result.duplicates
+                with ingestor.writing(events) as write:
+                    write.result = future.result()
+            except BatchRejected as exc:
+                first = first or exc
+                continue
+            stored(write.result)
+        if first is not None:
+            raise refused(first) from None
 
     def store_events(events: list[Event]) -> None:
-        nonlocal in_flight
-        settle()
-        if overlap:
-            in_flight = writer.submit(ingestor.append, events)
-        else:
-            in_flight = Future()
-            in_flight.set_result(ingestor.append(events))
+        if submit is not None:
+            settle(keep=IN_FLIGHT - 1)
+            in_flight.append((events, submit(events)))
+            return
+        try:
+            stored(ingestor.append(events))
+        except BatchRejected as exc:
+            raise refused(exc) from None
 
     def flush() -> None:
         if not pending:
@@ -612,7 +631,7 @@ def ingest(
             settle()
             raise _fail(f"{exc}; {accepted:,} events stored before it") from None
         finally:
-            writer.shutdown()
+            settle()
     summary: dict[str, Any] = {"records": count, "accepted": accepted, "duplicates": duplicates}
     if any(created.values()):
         summary.update(created)

@@ -2,7 +2,9 @@
 sqlplan.py).
 
 One writer connection serialises writes (``BEGIN IMMEDIATE``); one committer thread writes
-the batches callers queue, many in one commit (group commit). A batch appends its events
+the batches callers queue, many in one commit (group commit). Callers build their batches'
+rows from cached row ids before queueing them, so that the one writer's time goes to SQL,
+and rows of ids never seen go in without a lookup first. A batch appends its events
 (and the dedupe index entries) and nothing else: ``synchronous=FULL`` makes that commit durable
 before ``append`` returns. The rollups catch up in runs of many batches (``fold``), so a
 rollup page is written once per run instead of once per batch; and every query first folds
@@ -118,15 +120,35 @@ def _payload(event: Event) -> _Payload:
     )
 
 
+_Row = tuple[int, str, int, int, int, int, int, int, float]  # an events row, as inserted
+# Names a batch interned (metrics, dimension sets, tag sets: text -> id), cached once its
+# transaction commits.
+_Names = tuple[dict[str, int], dict[str, int], dict[str, int]]
+INSERT_EVENTS = (
+    "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset, value)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 class _PendingBatch:
     """One caller's batch, waiting for the group commit that carries it; ``key``: the
-    (secret hash, key id) it must still be sent under when it commits (``submit``)."""
+    (secret hash, key id) it must still be sent under when it commits (``submit``).
+    ``rows``: its rows, built by the caller from the row ids cached in ``generation`` (None
+    where one was not cached), or None for the committer to build them all."""
 
-    __slots__ = ("events", "future", "key", "result")
+    __slots__ = ("events", "future", "generation", "key", "result", "rows")
 
-    def __init__(self, events: Sequence[Event], key: tuple[bytes, str] | None = None) -> None:
+    def __init__(
+        self,
+        events: Sequence[Event],
+        key: tuple[bytes, str] | None = None,
+        rows: list[_Row | None] | None = None,
+        generation: int = 0,
+    ) -> None:
         self.events = events
         self.key = key
+        self.rows = rows
+        self.generation = generation
         self.future: Future[AppendResult] = Future()
         self.result: AppendResult | None = None
 
@@ -170,6 +192,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
         self._account_rids: dict[str, int] = {}
         self._key_rids: dict[str, int] = {}
         self._row_ids_since = time.monotonic()  # see rows.ROW_IDS_KEPT_FOR
+        # Bumped whenever a cached account or key row id is forgotten: rows a caller built
+        # under an older generation are built again by the committer.
+        self._row_ids_generation = 0
         # Events this process appended since its last fold (others' appends fold when they
         # reach their own count, when a query asks, or when this file is next opened).
         self._unfolded = 0
@@ -327,6 +352,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 raise Conflict(f"account id {account.id!r} is already taken") from exc
             # A deleted account's id may come back as a new row (delete_account).
             self._account_rids.pop(account.id, None)
+            self._row_ids_generation += 1
         return self.get_account(account.id)
 
     def get_account(self, account_id: str) -> Account:
@@ -394,6 +420,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"key id {key.id!r} is already taken") from exc
             self._key_rids.pop(key.id, None)
+            self._row_ids_generation += 1
         return self.get_key(key.id)
 
     def get_key(self, key_id: str) -> ApiKey:
@@ -499,7 +526,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
         (not revoked, not deleted); else it fails with KeyRevoked. So a caller may trust a
         key it looked up earlier: a revocation committed by any process before the batch's
         commit still refuses the batch."""
-        mine = _PendingBatch(events, key)
+        generation = self._row_ids_generation  # read before the caches the rows come from
+        mine = _PendingBatch(events, key, self._prepare(events), generation)
         if not events:
             mine.future.set_result(AppendResult(0, 0))
             return mine.future
@@ -509,6 +537,39 @@ class SQLiteStore(SqlCorrections, LimitTables):
             self._queue.append(mine)
             self._queue_ready.notify()
         return mine.future
+
+    def _prepare(self, events: Sequence[Event]) -> list[_Row | None] | None:
+        """The rows of ``events`` from the row ids cached so far (None for a row whose names
+        are not all cached yet: the committer builds it), or None if the batch repeats an
+        id. Runs in the caller's thread, so that the committer's own Python stays out from
+        between its SQL statements: its inserts and folds run in SQLite's C, without the
+        GIL, while callers build the next batches."""
+        if len({(e.account_id, e.id) for e in events}) < len(events):
+            return None  # the committer's whole path tells the repeats apart
+        accounts, keys, metrics = self._account_rids, self._key_rids, self._metric_ids
+        dimsets, tagsets = self._dimset_ids, self._tagset_ids
+        rows: list[_Row | None] = []
+        for e in events:
+            try:
+                dimset = dimsets.get(tuple(e.dimensions.items()))
+                if dimset is None:
+                    dimset = dimsets[tuple(sorted(e.dimensions.items()))]
+                rows.append(
+                    (
+                        accounts[e.account_id],
+                        e.id,
+                        metrics[e.metric],
+                        e.ts_ms,
+                        NO_KEY if e.key_id is None else keys[e.key_id],
+                        1 if e.billable else 0,
+                        dimset,
+                        tagsets[e.tags],
+                        e.value,
+                    )
+                )
+            except KeyError:
+                rows.append(None)
+        return rows
 
     def _commit_loop(self) -> None:
         """The committer thread. Group commit: the batches that arrived while it wrote the
@@ -566,25 +627,30 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     def _commit_group(self, group: list[_PendingBatch]) -> None:
         conn = self._writer
-        interned: list[tuple[dict[str, int], dict[str, int], dict[str, int]]] = []
+        interned: list[_Names] = []
         failed: dict[int, BaseException] = {}  # a batch's place in the group -> its error
         if row_ids_stale(self._row_ids_since):
             self._forget_row_ids()
         try:
             conn.execute("BEGIN IMMEDIATE")
             failed.update(self._revoked(conn, group))
-            for place, batch in enumerate(group):
-                if place in failed:
-                    continue
-                conn.execute("SAVEPOINT batch")
-                try:
-                    batch.result, names = self._append_locked(conn, batch.events)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO batch")
-                    failed[place] = exc
-                else:
-                    interned.append(names)
-                conn.execute("RELEASE batch")
+            todo = [place for place in range(len(group)) if place not in failed]
+            if not self._append_together(conn, [group[place] for place in todo], interned):
+                for place in todo:
+                    batch = group[place]
+                    conn.execute("SAVEPOINT batch")
+                    try:
+                        names: _Names = ({}, {}, {})
+                        rows = self._rows_of(batch)
+                        fresh = None
+                        if rows is not None:
+                            fresh = self._append_fresh(conn, batch.events, rows, names)
+                        batch.result = fresh or self._append_locked(conn, batch.events, names)
+                        interned.append(names)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO batch")
+                        failed[place] = exc
+                    conn.execute("RELEASE batch")
             conn.execute("COMMIT")
         except BaseException as exc:
             try:
@@ -633,19 +699,126 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 refused[place] = KeyRevoked("the key this batch was sent with is revoked")
         return refused
 
-    def _append_locked(
-        self, conn: sqlite3.Connection, events: Sequence[Event]
-    ) -> tuple[AppendResult, tuple[dict[str, int], dict[str, int], dict[str, int]]]:
-        new_metrics: dict[str, int] = {}
-        new_dimsets: dict[str, int] = {}
-        new_tagsets: dict[str, int] = {}
+    def _rows_of(self, batch: _PendingBatch) -> list[_Row | None] | None:
+        """The rows the caller built, as far as they still hold."""
+        if batch.rows is not None and batch.generation != self._row_ids_generation:
+            return [None] * len(batch.rows)  # row ids forgotten since: built here
+        return batch.rows
 
+    def _tombstones(self, conn: sqlite3.Connection) -> bool:
+        return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM tombstones)").fetchone()[0])
+
+    def _append_together(
+        self, conn: sqlite3.Connection, batches: list[_PendingBatch], interned: list[_Names]
+    ) -> bool:
+        """Store ``batches`` in one insert, the common case of a group: no id repeated or
+        seen before (the unique index tells) and no tombstone to look at. Else store
+        nothing and return False: the batches then go one by one, each in a savepoint of
+        its own, so that one batch's error or repeat is its own. One-event requests come in
+        groups of a few: three statements a batch were a large part of their commit."""
+        built = [self._rows_of(batch) for batch in batches]
+        if not batches or any(rows is None for rows in built) or self._tombstones(conn):
+            return False
+        names: _Names = ({}, {}, {})
+        conn.execute("SAVEPOINT together")
+        try:
+            rows = [
+                row if row is not None else self._row(conn, event, names)
+                for batch, prepared in zip(batches, built, strict=True)
+                for row, event in zip(prepared or (), batch.events, strict=True)
+            ]
+            conn.executemany(INSERT_EVENTS, rows)
+        except Exception:  # a repeat, an account gone: batch by batch sorts it out
+            conn.execute("ROLLBACK TO together")
+            conn.execute("RELEASE together")
+            return False
+        conn.execute("RELEASE together")
+        interned.append(names)
+        for batch in batches:
+            batch.result = AppendResult(len(batch.events), 0)
+        return True
+
+    def _append_fresh(
+        self,
+        conn: sqlite3.Connection,
+        events: Sequence[Event],
+        prepared: list[_Row | None],
+        names: _Names,
+    ) -> AppendResult | None:
+        """Insert the rows a caller ``prepared`` (their ids distinct; the missing ones built
+        here) if none of their ids was seen before, the common case; else None, having
+        stored nothing. Seen ids are found by the unique index itself as the rows go in,
+        not looked up first: the lookup cost as much as the insert. Ids of voided or
+        dropped events (tombstones) are looked up, when there are any."""
+        rows = [
+            row if row is not None else self._row(conn, event, names)
+            for row, event in zip(prepared, events, strict=True)
+        ]
+        if self._tombstones(conn):
+            for i in range(0, len(rows), PAIR_CHUNK):
+                chunk = rows[i : i + PAIR_CHUNK]
+                values = ",".join(["(?,?)"] * len(chunk))
+                if conn.execute(
+                    f"WITH v(a, i) AS (VALUES {values}) SELECT 1 FROM v JOIN tombstones t"
+                    " ON t.account = v.a AND t.event_id = v.i LIMIT 1",
+                    [v for row in chunk for v in row[:2]],
+                ).fetchone():
+                    return None
+        conn.execute("SAVEPOINT fresh")
+        try:
+            conn.executemany(INSERT_EVENTS, rows)
+        except sqlite3.IntegrityError:  # an id seen before: the whole path sorts them out
+            conn.execute("ROLLBACK TO fresh")
+            conn.execute("RELEASE fresh")
+            return None
+        conn.execute("RELEASE fresh")
+        return AppendResult(len(rows), 0)
+
+    def _row(self, conn: sqlite3.Connection, event: Event, names: _Names) -> _Row:
+        """``event`` as a row of ``events``; names not interned yet are, in ``names``."""
+        new_metrics, new_dimsets, new_tagsets = names
+        metric = self._metric_ids.get(event.metric) or self._intern(
+            "metrics", "name", event.metric, new_metrics
+        )
+        key_id = event.key_id
+        key = NO_KEY if key_id is None else self._key_rid(conn, key_id)
+        # Sets are cached by their sorted items; a set sent in sorted order (every set of
+        # one, and most others) is found without sorting it.
+        dims_key = tuple(event.dimensions.items())
+        dimset = self._dimset_ids.get(dims_key)
+        if dimset is None:
+            dims_key = tuple(sorted(dims_key))
+            dimset = self._dimset_ids.get(dims_key)
+        if dimset is None:
+            dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
+            dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
+        tagset = self._tagset_ids.get(event.tags)
+        if tagset is None:
+            tags_text = json.dumps(sorted(event.tags), separators=(",", ":"))
+            tagset = self._intern("tagsets", "tags", tags_text, new_tagsets)
+        return (
+            self._account_rid(conn, event.account_id),
+            event.id,
+            metric,
+            event.ts_ms,
+            key,
+            1 if event.billable else 0,
+            dimset,
+            tagset,
+            event.value,
+        )
+
+    def _append_locked(
+        self, conn: sqlite3.Connection, events: Sequence[Event], names: _Names
+    ) -> AppendResult:
+        """Store ``events``, looking each id up first: repeats are counted, and compared
+        with what is stored. Names interned go into ``names``."""
         # Which (account, id) pairs this file has already seen, asked in a few statements
         # whatever the number of accounts: a batch often spans hundreds of them. The stored
         # payload comes along (joins that cost nothing when, as usual, no pair is found) so
         # that a repeat with another payload is reported as a conflict.
         rids = {a: self._account_rid(conn, a) for a in {e.account_id for e in events}}
-        names = {rid: account for account, rid in rids.items()}
+        account_of = {rid: account for account, rid in rids.items()}
         pairs = list(dict.fromkeys((rids[e.account_id], e.id) for e in events))
         stored: dict[tuple[str, str], _Payload] = {}
         # Tombstones too: the ids of voided events and of those retention dropped stay taken.
@@ -667,7 +840,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 [v for pair in chunk for v in pair],
             ):
                 metric, ts, value, billable, key_id, dims, tags = payload
-                stored[(names[rid], event_id)] = (
+                stored[(account_of[rid], event_id)] = (
                     metric,
                     ts,
                     value,
@@ -677,12 +850,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     frozenset(json.loads(tags)),
                 )
 
-        rows: list[tuple[Any, ...]] = []
+        rows: list[_Row] = []
         duplicates = 0
         conflicts: list[int] = []
         earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
-        metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
-        key_rids = self._key_rids
         for index, event in enumerate(events):
             ident = (event.account_id, event.id)
             if ident in stored or ident in earlier:
@@ -692,46 +863,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     conflicts.append(index)
                 continue
             earlier[ident] = event
-            metric = metric_ids.get(event.metric) or self._intern(
-                "metrics", "name", event.metric, new_metrics
-            )
-            key_id = event.key_id
-            key = NO_KEY if key_id is None else key_rids.get(key_id) or self._key_rid(conn, key_id)
-            # Sets are cached by their sorted items; a set sent in sorted order (every set of
-            # one, and most others) is found without sorting it.
-            dims_key = tuple(event.dimensions.items())
-            dimset = dimset_ids.get(dims_key)
-            if dimset is None:
-                dims_key = tuple(sorted(dims_key))
-                dimset = dimset_ids.get(dims_key)
-            if dimset is None:
-                dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
-                dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
-            tagset = tagset_ids.get(event.tags)
-            if tagset is None:
-                tags_text = json.dumps(sorted(event.tags), separators=(",", ":"))
-                tagset = self._intern("tagsets", "tags", tags_text, new_tagsets)
-            rows.append(
-                (
-                    rids[event.account_id],
-                    event.id,
-                    metric,
-                    event.ts_ms,
-                    key,
-                    1 if event.billable else 0,
-                    dimset,
-                    tagset,
-                    event.value,
-                )
-            )
+            rows.append(self._row(conn, event, names))
 
-        conn.executemany(
-            "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset,"
-            " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        result = AppendResult(len(rows), duplicates, tuple(conflicts))
-        return result, (new_metrics, new_dimsets, new_tagsets)
+        conn.executemany(INSERT_EVENTS, rows)
+        return AppendResult(len(rows), duplicates, tuple(conflicts))
 
     # ---------------------------------------------------------------- queries
 
@@ -891,6 +1026,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     def _forget_row_ids(self) -> None:
         self._account_rids, self._key_rids = {}, {}
+        self._row_ids_generation += 1
         self._row_ids_since = time.monotonic()
 
     def _account_tables(self) -> tuple[str, ...]:
