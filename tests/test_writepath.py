@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -542,4 +542,32 @@ def test_batches_of_one_group_keep_their_own_answers_when_one_repeats_or_fails(
         ("b", "e5", 5.0),
     ]
     assert _totals(store, "b", _day()) == {0: (2, 7.0, 2.0, 5.0)}
+    store.close()
+
+
+def test_a_batch_committed_just_after_its_account_was_deleted_is_refused(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The committer may take a group between the deletion's commit and anything done after
+    it: that group must not find the deleted account's row id still cached."""
+    store = _open(db_path)
+    store.append([Event("e0", "a", "m", BASE_MS, 1.0)])  # the account's row id is cached
+    late: list[BaseException | None] = []
+    forget = store._forget_accounts
+
+    def append_then_forget(account_ids: Sequence[str]) -> None:
+        try:
+            store.append([Event("e1", "a", "m", BASE_MS + 1, 2.0)])
+            late.append(None)
+        except Exception as exc:
+            late.append(exc)
+        forget(account_ids)
+
+    monkeypatch.setattr(store, "_forget_accounts", append_then_forget)
+    store.delete_account("a")
+    assert len(late) == 1 and late[0] is not None, "an event was stored for a deleted account"
+    orphans = store._writer.execute(
+        "SELECT count(*) FROM events WHERE account NOT IN (SELECT rid FROM accounts)"
+    ).fetchone()[0]
+    assert orphans == 0
     store.close()

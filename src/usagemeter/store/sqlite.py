@@ -1024,6 +1024,12 @@ class SQLiteStore(SqlCorrections, LimitTables):
         with self._write_lock:
             self._forget_row_ids()
 
+    def _forget_accounts_in_transaction(self) -> None:
+        # Inside the deletion's transaction, with the write lock held: forgotten only after
+        # it, a group the committer took between the commit and the lock would store its
+        # events under the deleted account's row id, and acknowledge them.
+        self._forget_row_ids()
+
     def _forget_row_ids(self) -> None:
         self._account_rids, self._key_rids = {}, {}
         self._row_ids_generation += 1

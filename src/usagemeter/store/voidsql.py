@@ -203,6 +203,10 @@ class SqlCorrections(VoidLog):
     def _forget_accounts(self, account_ids: Sequence[str]) -> None:
         """Drop cached row ids of deleted accounts and their keys."""
 
+    def _forget_accounts_in_transaction(self) -> None:
+        """The same, as the deletion's last step before its commit, for a store whose
+        writers share its lock (other processes learn of it by their caches' expiry)."""
+
     def _limit_write(self) -> Any:
         raise NotImplementedError
 
@@ -344,6 +348,7 @@ class SqlCorrections(VoidLog):
                 counts[table] = delete_counted(run, table, f"account IN ({rid_marks})", rids)
             counts["accounts"] = delete_counted(run, "accounts", f"rid IN ({rid_marks})", rids)
             self._end_correction(run)
+            self._forget_accounts_in_transaction()
         self._forget_accounts(ids)
         return counts
 
