@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT
-from usagemeter.store.base import OVERALL, TOTAL, AggregateRow, AggregateSpec
+from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Group
+from usagemeter.store.base import OVERALL, TOTAL, AggregateColumns, AggregateRow, AggregateSpec
 from usagemeter.store.chschema import HOUR_SETS_GRAIN
 from usagemeter.store.chtransport import literal, literals
 from usagemeter.store.sqlplan import (
@@ -265,9 +265,52 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
     return plans
 
 
+def _whole(spec: AggregateSpec, positions: tuple[int, ...]) -> tuple[bool, ...]:
+    # Counts come back whole, everything else as floats: what the SQL stores return.
+    return tuple(spec.measures[p].aggregation in ("count", "unique_count") for p in positions)
+
+
 def _decoder(
     spec: AggregateSpec, positions: tuple[int, ...]
 ) -> Callable[[Sequence[Any]], AggregateRow]:
-    # Counts come back whole, everything else as floats: what the SQL stores return.
-    whole = tuple(spec.measures[p].aggregation in ("count", "unique_count") for p in positions)
-    return row_decoder(spec, positions, whole)
+    return row_decoder(spec, positions, _whole(spec, positions))
+
+
+def decode_columns(spec: AggregateSpec, plan: Plan, columns: list[list[Any]]) -> AggregateColumns:
+    """One statement's result read by columns (the window, the group values, then the values
+    of the measures at ``plan.positions``; see Transport.query_columns) as the spec's rows.
+    Per row only C loops run: a group tuple is made once per distinct group and shared by
+    its rows, and the values' tuples come out of one zip."""
+    if not columns:
+        return AggregateColumns([], [], [])
+    windows: list[int] = columns[0]
+    rows = len(windows)
+    names = spec.group_by
+    end = 1 + len(names)
+    groups: list[Group]
+    if not names:
+        groups = [()] * rows
+    else:
+        keys: list[Any] = columns[1] if end == 2 else list(zip(*columns[1:end], strict=True))
+        made = {
+            k: tuple(zip(names, k if end > 2 else (k,), strict=True)) for k in dict.fromkeys(keys)
+        }
+        groups = list(map(made.__getitem__, keys))
+        if spec.totals and OVERALL in windows:  # the one row over every group
+            groups[windows.index(OVERALL)] = ()
+    measured = []
+    for column, whole in zip(columns[end:], _whole(spec, plan.positions), strict=True):
+        if not whole:  # ClickHouse's JSON says 5 for 5.0
+            column = (
+                list(map(float, column))
+                if None not in column
+                else [None if v is None else float(v) for v in column]
+            )
+        measured.append(column)
+    if plan.positions != tuple(range(len(spec.measures))):
+        nothing: list[float | None] = [None] * rows
+        placed = [nothing] * len(spec.measures)
+        for position, column in zip(plan.positions, measured, strict=True):
+            placed[position] = column
+        measured = placed
+    return AggregateColumns(windows, groups, list(zip(*measured, strict=True)))

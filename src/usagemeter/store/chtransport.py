@@ -79,6 +79,11 @@ class Transport(Protocol):
         """Rows of a SELECT, as lists of JSON-like values (Map as dict, Array as list)."""
         ...
 
+    def query_columns(self, sql: str) -> list[list[Any]]:
+        """The same result by columns: one list per selected column (none when no row).
+        A report of thousands of rows decodes in a few lists, not a list per row."""
+        ...
+
     def insert(
         self,
         table: str,
@@ -96,6 +101,12 @@ class Transport(Protocol):
 def _each_row(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
     """JSONCompactEachRow: one JSON array per row, in ``columns`` order."""
     return b"\n".join(msgspec.json.encode(row) for row in rows)
+
+
+def _columns(raw: bytes) -> list[list[Any]]:
+    """JSONCompactColumns: a JSON array of the columns' arrays (empty when no row)."""
+    columns: list[list[Any]] = msgspec.json.decode(raw) if raw.strip() else []
+    return columns
 
 
 class _ChdbSession:
@@ -160,6 +171,10 @@ class ChdbTransport:
             return []
         data: list[list[Any]] = msgspec.json.decode(raw)["data"]
         return data
+
+    def query_columns(self, sql: str) -> list[list[Any]]:
+        raw = self._run(f"{sql} SETTINGS {_JSON_SETTINGS}", "JSONCompactColumns").bytes()
+        return _columns(raw)
 
     def insert(
         self,
@@ -234,6 +249,13 @@ class HttpTransport:
             raw = self._client.raw_query(f"{sql} SETTINGS {_JSON_SETTINGS}", fmt="JSONCompact")
         data: list[list[Any]] = msgspec.json.decode(raw)["data"] if raw else []
         return data
+
+    def query_columns(self, sql: str) -> list[list[Any]]:
+        with self._lock:
+            raw = self._client.raw_query(
+                f"{sql} SETTINGS {_JSON_SETTINGS}", fmt="JSONCompactColumns"
+            )
+        return _columns(raw)
 
     def insert(
         self,
