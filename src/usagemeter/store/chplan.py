@@ -102,8 +102,12 @@ def _mapped(source: str, column: str, pieces: Sequence[Piece]) -> tuple[str, str
 
 
 def _dimension(name: str) -> str:
-    """A dimension's value, or NULL where the event has none (as the SQL stores return)."""
-    return f"if(mapContains(dims, {literal(name)}), dims[{literal(name)}], NULL)"
+    """A dimension's value, or NULL where the event has none (as the SQL stores return).
+    Found by its position among the map's keys: ``dims[name]`` with ``mapContains`` took
+    1.7 times as long for an hourly report grouped by status (the keys are unique: they
+    come from a dict)."""
+    position = f"indexOf(dims.keys, {literal(name)})"
+    return f"if({position} > 0, dims.values[{position}], NULL)"
 
 
 def _group_columns(group_by: Sequence[str]) -> list[str]:
