@@ -374,3 +374,63 @@ def test_a_deleted_account_takes_no_more_events_in_any_process(
         assert chstore.count_events() == 0
     finally:
         other.close()
+
+
+def test_answers_read_by_columns_equal_sqlites_with_two_groups_and_several_measures(
+    both: tuple[SQLiteStore, ClickHouseStore],
+) -> None:
+    """The engine reads ClickHouse's answers by columns (ClickHouseStore.aggregate_columns),
+    SQLite's by rows: two group columns (the OVERALL row's group is empty), an average (two
+    measures of one statement), a distinct count beside a sum (two statements merged), a
+    latest value per hour across New York's DST change."""
+    meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "session_id")})
+    asked = [
+        (Granularity.DAY, "UTC", (Aggregation.COUNT,), ("agent", "region")),
+        (Granularity.DAY, "Asia/Kathmandu", (Aggregation.UNIQUE_COUNT,), ("key", "agent")),
+        (Granularity.HOUR, "UTC", (Aggregation.AVG, Aggregation.MAX), ("region",)),
+        (Granularity.MONTH, "UTC", (Aggregation.UNIQUE_COUNT, Aggregation.SUM), ("agent",)),
+        (Granularity.HOUR, "America/New_York", (Aggregation.LATEST,), ("agent",)),
+        (Granularity.TOTAL, "UTC", (Aggregation.MIN,), ("subaccount", "region")),
+    ]
+    answers = []
+    for store in both:
+        store.create_account(Account("cols", "A"))
+        store.create_account(Account("cols-sub", "B", "cols"))
+        issue_key(store, "cols", key_id="kcols", scopes=[Scope.READ])
+        store.append(
+            [
+                Event(
+                    id=f"c{i}",
+                    account_id="cols" if i % 4 else "cols-sub",
+                    metric="m",
+                    ts_ms=BASE_MS + i * 37 * 60_000 + i,  # every 37 minutes, over DST
+                    value=float(i % 11 - 3),
+                    key_id="kcols" if i % 3 else None,
+                    dimensions={
+                        "session_id": f"s{i % 9}",
+                        **({"agent": "xy"[i % 2]} if i % 5 else {}),
+                        **({"region": "eu"} if i % 7 < 3 else {}),
+                    },
+                )
+                for i in range(300)
+            ]
+        )
+        engine = Engine(store, meters)
+        found = []
+        for granularity, tz, aggregations, group_by in asked:
+            result = engine.run(
+                Query(
+                    accounts=("cols", "cols-sub"),
+                    metric="m",
+                    start=BASE + timedelta(minutes=7),
+                    end=BASE + timedelta(days=3, minutes=-11),
+                    granularity=granularity,
+                    tz=tz,
+                    aggregations=aggregations,
+                    group_by=group_by,
+                )
+            )
+            assert result.total[0]  # something was counted
+            found.append((result.buckets, result.totals, result.total))
+        answers.append(found)
+    assert answers[0] == answers[1]

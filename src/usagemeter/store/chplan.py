@@ -281,10 +281,13 @@ def _decoder(
 
 
 def decode_columns(spec: AggregateSpec, plan: Plan, columns: list[list[Any]]) -> AggregateColumns:
-    """One statement's result read by columns (the window, the group values, then the values
-    of the measures at ``plan.positions``; see Transport.query_columns) as the spec's rows.
+    """The result of a question's only statement (every measure: see plan_aggregate), read
+    by columns (the window, the group values, each measure's values; see
+    Transport.query_columns), as the spec's rows.
     Per row only C loops run: a group tuple is made once per distinct group and shared by
     its rows, and the values' tuples come out of one zip."""
+    if plan.positions != tuple(range(len(spec.measures))):
+        raise ValueError("one of several statements: merge their rows (sqlplan.run_plans)")
     if not columns:
         return AggregateColumns([], [], [])
     windows: list[int] = columns[0]
@@ -311,10 +314,4 @@ def decode_columns(spec: AggregateSpec, plan: Plan, columns: list[list[Any]]) ->
                 else [None if v is None else float(v) for v in column]
             )
         measured.append(column)
-    if plan.positions != tuple(range(len(spec.measures))):
-        nothing: list[float | None] = [None] * rows
-        placed = [nothing] * len(spec.measures)
-        for position, column in zip(plan.positions, measured, strict=True):
-            placed[position] = column
-        measured = placed
     return AggregateColumns(windows, groups, list(zip(*measured, strict=True)))
