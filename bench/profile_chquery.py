@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 step()
                 spent[name].append((time.perf_counter() - began) * 1000)
         rows = len(store.transport.query(plan.sql))
-        print(f"{args.events:,} events, {SHORT[args.question]}: {rows:,} rows from the store\n")
+        print(f"{SHORT[args.question]}: {rows:,} rows from the store\n")
         for name, ms in spent.items():
             print(f"- {name}: median {statistics.median(ms):.1f} ms")
         # A full collection runs every other time or so: the collector's own time per run
