@@ -12,7 +12,10 @@ built; one step runs unfrozen.
                                     [--dir DIR]
 
 ``--dir`` keeps the chDB files there and, when it already holds the events, reads them
-rather than loading them again.
+rather than loading them again. ``--against SRC`` (another version's ``src/usagemeter``, main's
+say) first asks every question of that version's engine and ClickHouse planner (its rows
+decoded one by one, as it did) and of this one, in turn with the peer, answers checked
+equal; ``--sqlite`` adds the two engines over a SQLite store of the same events.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import importlib.util
 import pstats
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,10 +42,11 @@ from usagemeter.api.native import query_json
 from usagemeter.engine import Engine
 from usagemeter.model import Query, Result
 from usagemeter.store import chplan, open_store
-from usagemeter.store.base import AggregateSpec
+from usagemeter.store.base import AggregateRow, AggregateSpec, Store
 from usagemeter.store.chplan import decode_columns, plan_aggregate
 from usagemeter.store.chtransport import ChdbTransport, _columns
 from usagemeter.store.clickhouse import ClickHouseStore
+from usagemeter.store.sqlplan import run_plans
 
 SHORT = {
     "daily": "90-day daily requests",
@@ -120,6 +126,87 @@ def _split(
     return {name: statistics.median(v) for name, v in spent.items()}
 
 
+def _module(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Planned:
+    """The store's rows as another version's ClickHouse planner asks for them."""
+
+    def __init__(self, store: ClickHouseStore, planner: Any) -> None:
+        self.store, self.planner = store, planner
+
+    def raw_horizon(self) -> int | None:
+        return self.store.raw_horizon()
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        plans = self.planner.plan_aggregate(spec, hour_sets=self.store.hour_sets.ready())
+        transport = self.store.transport
+        return run_plans(plans, lambda plan: transport.query(plan.sql), len(spec.measures))
+
+
+def against(
+    source: Path, store: ClickHouseStore, peer: ChdbTransport, sqlite: Store | None, runs: int
+) -> None:
+    """Every question asked of ``source``'s engine and planner and of this version's, in
+    turn (each run starting with the next of them), beside the peer; medians."""
+    other = _module("against_engine", source / "engine.py")
+    planned = _Planned(store, _module("against_chplan", source / "store" / "chplan.py"))
+    print("| heavy account, 90 days | before | this version | raw chDB peer | ratio | to peer |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, query in questions().items():
+        peer_sql = chdb_peer.sql(peer_question(label, query))
+        ms = _in_turn(
+            {
+                "before": lambda q=query: other.Engine(planned).run(q),
+                "after": lambda q=query: Engine(store).run(q),
+                "peer": lambda s=peer_sql: peer.query(s),
+            },
+            runs,
+        )
+        cells = [f"{ms[k]:.1f} ms" for k in ("before", "after", "peer")]
+        cells += [f"{ms['before'] / ms['after']:.2f}", f"{ms['after'] / ms['peer']:.2f}"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if sqlite is not None:
+        print("\n| SQLite, heavy account, 90 days | before | this version | ratio |")
+        print("|---|---:|---:|---:|")
+        for label, query in questions().items():
+            ms = _in_turn(
+                {
+                    "before": lambda q=query: other.Engine(sqlite).run(q),
+                    "after": lambda q=query: Engine(sqlite).run(q),
+                },
+                runs,
+            )
+            ratio = ms["before"] / ms["after"]
+            print(f"| {label} | {ms['before']:.1f} ms | {ms['after']:.1f} ms | {ratio:.2f} |")
+    print()
+
+
+def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Median milliseconds of each step, each run starting with the next step; the answers
+    of the steps that return a Result checked equal."""
+    answers = [a for a in (step() for step in steps.values()) if isinstance(a, Result)]
+    if any(
+        (a.buckets, a.totals, a.total) != (answers[0].buckets, answers[0].totals, answers[0].total)
+        for a in answers
+    ):
+        raise SystemExit("the versions' answers differ")
+    names = list(steps)
+    spent: dict[str, list[float]] = {name: [] for name in names}
+    for n in range(runs):
+        for name in names[n % len(names) :] + names[: n % len(names)]:
+            began = time.perf_counter()
+            steps[name]()
+            spent[name].append((time.perf_counter() - began) * 1000)
+    return {name: statistics.median(v) for name, v in spent.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_chquery", description=__doc__)
     parser.add_argument("--events", type=int, default=300_000)
@@ -127,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--dir", type=Path, help="keep the chDB files here (reused if loaded)")
+    parser.add_argument("--against", type=Path, help="another version's src/usagemeter")
+    parser.add_argument("--sqlite", action="store_true", help="with --against: SQLite too")
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-profile-"))
     try:
@@ -147,6 +236,17 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         gc.freeze()
         print(f"{store.count_events():,} events\n")
+        if args.against:
+            sqlite = None
+            if args.sqlite:
+                sqlite = open_store(f"sqlite:///{args.dir or scratch}/usage.db")
+                if not sqlite.count_events():
+                    load(sqlite, store.count_events())
+                gc.collect()
+                gc.freeze()
+            against(args.against, store, peer, sqlite, args.runs)
+            if sqlite is not None:
+                sqlite.close()
         breakdown(store, peer, args.runs)
         spec = asked(store, query)
         (plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
