@@ -24,11 +24,14 @@ from usagemeter.model import Account, Aggregation, Event, Meter, Query, Scope
 from usagemeter.store import open_store, rows
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
 from usagemeter.store.chplan import _regular as chplan_regular
+from usagemeter.store.chplan import _split as chplan_split
 from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.chschema import HOUR_SETS_GRAIN
 from usagemeter.store.chtransport import literal
 from usagemeter.store.clickhouse import ClickHouseStore, _digest_v1
 from usagemeter.store.postgres import _digest as pg_digest
 from usagemeter.store.sqlite import SQLiteStore
+from usagemeter.store.sqlplan import ACCOUNT_GRAINS, KEY_GRAINS, SLOTS, split_windows
 from usagemeter.timewindows import Granularity
 
 BASE = datetime(2025, 3, 8, tzinfo=UTC)  # New York springs forward on the 9th
@@ -434,3 +437,28 @@ def test_answers_read_by_columns_equal_sqlites_with_two_groups_and_several_measu
             found.append((result.buckets, result.totals, result.total))
         answers.append(found)
     assert answers[0] == answers[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    unit=st.sampled_from([15 * 60_000, HOUR_MS, DAY_MS, 7 * 60_000]),
+    first=st.integers(-48, 48),
+    count=st.integers(1, 30),
+    shift=st.sampled_from([0, 0, 0, 1, 15 * 60_000, 30 * 60_000]),
+    odd=st.integers(0, 40),
+)
+def test_windows_of_one_unit_are_cut_as_split_windows_cuts_them(
+    unit: int, first: int, count: int, shift: int, odd: int
+) -> None:
+    """chplan._split takes a short road when every window is one aligned unit of a grain;
+    its pieces are split_windows' (and it takes the long road otherwise: a window shifted
+    off the unit, or one of another width)."""
+    windows = [
+        Window(n, (first + n) * unit + shift, (first + n + 1) * unit + shift) for n in range(count)
+    ]
+    if odd < count:  # one window of another width
+        w = windows[odd]
+        windows[odd] = Window(w.index, w.start_ms, w.end_ms + 15 * 60_000)
+        windows = windows[: odd + 1]
+    for grains in (ACCOUNT_GRAINS, KEY_GRAINS, (HOUR_SETS_GRAIN, SLOTS), (SLOTS,)):
+        assert chplan_split(windows, grains) == split_windows(windows, grains)

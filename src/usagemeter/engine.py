@@ -155,7 +155,7 @@ class Engine:
             return Result(query, aggregations, (), (), plan.derive((None,) * len(plan.measures)))
         # Each boundary converted once: a bucket's end is the next one's start.
         edges = [b.start_ms for b in bucket_list[:1]] + [b.end_ms for b in bucket_list]
-        windows = tuple(Window(i, edges[i], edges[i + 1]) for i in range(len(bucket_list)))
+        windows = tuple(map(Window, range(len(bucket_list)), edges, edges[1:]))
         additive = all(m.is_additive for m in plan.measured)
         # A distinct count or a latest value over the range is not a fold of its buckets:
         # the store computes the range's totals beside the buckets, in the same call.

@@ -19,7 +19,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Group
-from usagemeter.store.base import OVERALL, TOTAL, AggregateColumns, AggregateRow, AggregateSpec
+from usagemeter.store.base import (
+    OVERALL,
+    TOTAL,
+    AggregateColumns,
+    AggregateRow,
+    AggregateSpec,
+    Window,
+)
 from usagemeter.store.chschema import HOUR_SETS_GRAIN
 from usagemeter.store.chtransport import literal, literals
 from usagemeter.store.sqlplan import (
@@ -215,6 +222,23 @@ def _select(groups: int, values: Sequence[str], source: str, totals: bool = Fals
     )
 
 
+def _split(
+    windows: Sequence[Window], grains: Sequence[Grain]
+) -> tuple[dict[Grain, list[Piece]], list[Piece]]:
+    """sqlplan.split_windows, with a short road for the usual report: every window one unit
+    of a grain, aligned to it (an hourly report in a zone of whole-hour offsets, a daily one
+    in UTC), is that one piece. split_windows finds the same piece recursing three times per
+    window: two thirds of planning a 2,160-hour report."""
+    width = windows[0].end_ms - windows[0].start_ms
+    grain = next((g for g in grains if g.unit_ms == width), None)  # none coarser fits in
+    if grain is not None and all(
+        w.end_ms - w.start_ms == width and w.start_ms % width == 0 for w in windows
+    ):
+        units = [(w.index, w.start_ms // width, w.start_ms // width + 1) for w in windows]
+        return {g: units if g is grain else [] for g in grains}, []
+    return split_windows(windows, grains)
+
+
 def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
@@ -222,7 +246,7 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
     grains = grains_for(spec)
     if hour_sets and grains == (SLOTS,):
         grains = (HOUR_SETS_GRAIN, SLOTS)
-    pieces, raw_pieces = split_windows(spec.windows, grains)
+    pieces, raw_pieces = _split(spec.windows, grains)
     if not spec.accounts or (not raw_pieces and not any(pieces.values())):
         return []
     group_columns = _group_columns(spec.group_by)
