@@ -68,6 +68,12 @@ def literals(values: Sequence[Any]) -> str:
     return ", ".join(literal(v) for v in values)
 
 
+def _columns(raw: bytes) -> list[list[Any]]:
+    """JSONCompactColumns: a JSON array of the columns' arrays (empty when no row)."""
+    columns: list[list[Any]] = msgspec.json.decode(raw) if raw.strip() else []
+    return columns
+
+
 class Transport(Protocol):
     """What the ClickHouse store needs of a connection."""
 
@@ -75,13 +81,13 @@ class Transport(Protocol):
         """Run a statement that returns nothing (DDL, ALTER, TRUNCATE)."""
         ...
 
-    def query(self, sql: str) -> list[list[Any]]:
-        """Rows of a SELECT, as lists of JSON-like values (Map as dict, Array as list)."""
+    def query_columns(self, sql: str) -> list[list[Any]]:
+        """A SELECT's result by columns: one list per selected column (none when no row).
+        A report of thousands of rows decodes in a few lists, not a list per row."""
         ...
 
-    def query_columns(self, sql: str) -> list[list[Any]]:
-        """The same result by columns: one list per selected column (none when no row).
-        A report of thousands of rows decodes in a few lists, not a list per row."""
+    def query(self, sql: str) -> list[list[Any]]:
+        """Rows of a SELECT, as lists of JSON-like values (Map as dict, Array as list)."""
         ...
 
     def insert(
@@ -101,12 +107,6 @@ class Transport(Protocol):
 def _each_row(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
     """JSONCompactEachRow: one JSON array per row, in ``columns`` order."""
     return b"\n".join(msgspec.json.encode(row) for row in rows)
-
-
-def _columns(raw: bytes) -> list[list[Any]]:
-    """JSONCompactColumns: a JSON array of the columns' arrays (empty when no row)."""
-    columns: list[list[Any]] = msgspec.json.decode(raw) if raw.strip() else []
-    return columns
 
 
 class _ChdbSession:
@@ -164,6 +164,10 @@ class ChdbTransport:
     def command(self, sql: str) -> None:
         self._run(sql)
 
+    def query_columns(self, sql: str) -> list[list[Any]]:
+        raw = self._run(f"{sql} SETTINGS {_JSON_SETTINGS}", "JSONCompactColumns").bytes()
+        return _columns(raw)
+
     def query(self, sql: str) -> list[list[Any]]:
         result = self._run(f"{sql} SETTINGS {_JSON_SETTINGS}", "JSONCompact")
         raw = result.bytes()
@@ -171,10 +175,6 @@ class ChdbTransport:
             return []
         data: list[list[Any]] = msgspec.json.decode(raw)["data"]
         return data
-
-    def query_columns(self, sql: str) -> list[list[Any]]:
-        raw = self._run(f"{sql} SETTINGS {_JSON_SETTINGS}", "JSONCompactColumns").bytes()
-        return _columns(raw)
 
     def insert(
         self,
@@ -244,18 +244,18 @@ class HttpTransport:
         with self._lock:
             self._client.command(sql)
 
-    def query(self, sql: str) -> list[list[Any]]:
-        with self._lock:
-            raw = self._client.raw_query(f"{sql} SETTINGS {_JSON_SETTINGS}", fmt="JSONCompact")
-        data: list[list[Any]] = msgspec.json.decode(raw)["data"] if raw else []
-        return data
-
     def query_columns(self, sql: str) -> list[list[Any]]:
         with self._lock:
             raw = self._client.raw_query(
                 f"{sql} SETTINGS {_JSON_SETTINGS}", fmt="JSONCompactColumns"
             )
         return _columns(raw)
+
+    def query(self, sql: str) -> list[list[Any]]:
+        with self._lock:
+            raw = self._client.raw_query(f"{sql} SETTINGS {_JSON_SETTINGS}", fmt="JSONCompact")
+        data: list[list[Any]] = msgspec.json.decode(raw)["data"] if raw else []
+        return data
 
     def insert(
         self,
