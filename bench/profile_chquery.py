@@ -1,10 +1,21 @@
-"""Where one question's time goes on a chDB store: the bench's events loaded (bench/chstore.py),
-then the question asked ``--runs`` times, each step timed in turn (ClickHouse's query, the
-rows' decoding, the engine, ``query_json``, JSON encoding, the collector), and the whole under
-cProfile, its top functions printed. What exists once the events are loaded is frozen
-(gc.freeze), as the server freezes what its startup built; one step runs unfrozen.
+"""Where each question's time goes on a chDB store: the bench's events loaded (bench/chstore.py),
+then first every question split in three, each part timed in turn with the whole: ClickHouse
+executing the statement and writing its result (the raw bytes), reading that result (the JSON
+decoded by columns into the store's answer), and our Python (the rest of Engine.run: windows,
+planning, cells, totals); beside it the raw chDB peer's statement. Then one question asked
+``--runs`` times, each step timed in turn (ClickHouse's query, the answer's decoding, the
+engine, the collector), and the whole under cProfile, its top functions printed. What exists
+once the events are loaded is frozen (gc.freeze), as the server freezes what its startup
+built; one step runs unfrozen.
 
     python -m bench.profile_chquery --events 300000 [--question hourly] [--runs 20] [--top 25]
+                                    [--dir DIR]
+
+``--dir`` keeps the chDB files there and, when it already holds the events, reads them
+rather than loading them again. ``--against SRC`` (another version's ``src/usagemeter``, main's
+say) first asks every question of that version's engine and ClickHouse planner (its rows
+decoded one by one, as it did) and of this one, in turn with the peer, answers checked
+equal; ``--sqlite`` adds the two engines over a SQLite store of the same events.
 """
 
 from __future__ import annotations
@@ -12,9 +23,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import importlib.util
 import pstats
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,13 +36,17 @@ from typing import Any
 
 import msgspec
 
-from bench.chstore import load, questions
+from bench.chstore import Peer, load, peer_question, questions
+from bench.peers import chdb_peer
 from usagemeter.api.native import query_json
 from usagemeter.engine import Engine
-from usagemeter.model import Result
+from usagemeter.model import Query, Result
 from usagemeter.store import chplan, open_store
-from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.base import AggregateRow, AggregateSpec, Store
+from usagemeter.store.chplan import decode_columns, plan_aggregate
+from usagemeter.store.chtransport import ChdbTransport, _columns
 from usagemeter.store.clickhouse import ClickHouseStore
+from usagemeter.store.sqlplan import run_plans
 
 SHORT = {
     "daily": "90-day daily requests",
@@ -44,39 +61,199 @@ def encode(result: Result) -> bytes:
     return msgspec.json.encode(query_json(result))
 
 
+def asked(store: ClickHouseStore, query: Query) -> AggregateSpec:
+    """The spec the engine asks the store for ``query``."""
+    spec: list[AggregateSpec] = []
+    aggregate = store.aggregate_columns
+
+    def keep_spec(s: AggregateSpec) -> Any:
+        spec[:] = [s]
+        return aggregate(s)
+
+    store.aggregate_columns = keep_spec  # type: ignore[method-assign]
+    try:
+        Engine(store).run(query)
+    finally:
+        store.aggregate_columns = aggregate  # type: ignore[method-assign]
+    return spec[0]
+
+
+def breakdown(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
+    """Each question's Engine.run split into ClickHouse, reading its result, and Python; the
+    parts and the whole timed in turn (medians), beside the peer's statement."""
+    print("| question | Engine.run | ClickHouse | reading | Python | peer |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, query in questions().items():
+        ms = _split(store, peer, label, query, runs)
+        python = ms["whole"] - ms["clickhouse"] - ms["reading"]
+        cells = [ms["whole"], ms["clickhouse"], ms["reading"], python, ms["peer"]]
+        print(f"| {label} | " + " | ".join(f"{v:.1f} ms" for v in cells) + " |")
+    print()
+
+
+def _split(
+    store: ClickHouseStore, peer: ChdbTransport, label: str, query: Query, runs: int
+) -> dict[str, float]:
+    assert isinstance(store.transport, ChdbTransport)
+    transport = store.transport
+    spec = asked(store, query)
+    plans = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
+    settings = " SETTINGS output_format_json_quote_64bit_integers = 0"
+    peer_sql = chdb_peer.sql(peer_question(label, query))
+
+    def clickhouse() -> list[bytes]:
+        return [transport._run(p.sql + settings, "JSONCompactColumns").bytes() for p in plans]
+
+    answers = clickhouse()
+
+    def reading() -> object:
+        if len(plans) > 1:  # several statements: merged by rows, counted as Python
+            return [_columns(a) for a in answers]
+        return decode_columns(spec, plans[0], _columns(answers[0]))
+
+    steps: dict[str, Callable[[], object]] = {
+        "whole": lambda: Engine(store).run(query),
+        "clickhouse": clickhouse,
+        "reading": reading,
+        "peer": lambda: peer.query(peer_sql),
+    }
+    spent: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(runs):
+        for name, step in steps.items():
+            began = time.perf_counter()
+            step()
+            spent[name].append((time.perf_counter() - began) * 1000)
+    return {name: statistics.median(v) for name, v in spent.items()}
+
+
+def _module(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Planned:
+    """The store's rows as another version's ClickHouse planner asks for them."""
+
+    def __init__(self, store: ClickHouseStore, planner: Any) -> None:
+        self.store, self.planner = store, planner
+
+    def raw_horizon(self) -> int | None:
+        return self.store.raw_horizon()
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        plans = self.planner.plan_aggregate(spec, hour_sets=self.store.hour_sets.ready())
+        transport = self.store.transport
+        return run_plans(plans, lambda plan: transport.query(plan.sql), len(spec.measures))
+
+
+def against(
+    source: Path, store: ClickHouseStore, peer: ChdbTransport, sqlite: Store | None, runs: int
+) -> None:
+    """Every question asked of ``source``'s engine and planner and of this version's, in
+    turn (each run starting with the next of them), beside the peer; medians."""
+    other = _module("against_engine", source / "engine.py")
+    planned = _Planned(store, _module("against_chplan", source / "store" / "chplan.py"))
+    print("| heavy account, 90 days | before | this version | raw chDB peer | ratio | to peer |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, query in questions().items():
+        peer_sql = chdb_peer.sql(peer_question(label, query))
+        ms = _in_turn(
+            {
+                "before": lambda q=query: other.Engine(planned).run(q),
+                "after": lambda q=query: Engine(store).run(q),
+                "peer": lambda s=peer_sql: peer.query(s),
+            },
+            runs,
+        )
+        cells = [f"{ms[k]:.1f} ms" for k in ("before", "after", "peer")]
+        cells += [f"{ms['before'] / ms['after']:.2f}", f"{ms['after'] / ms['peer']:.2f}"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if sqlite is not None:
+        print("\n| SQLite, heavy account, 90 days | before | this version | ratio |")
+        print("|---|---:|---:|---:|")
+        for label, query in questions().items():
+            ms = _in_turn(
+                {
+                    "before": lambda q=query: other.Engine(sqlite).run(q),
+                    "after": lambda q=query: Engine(sqlite).run(q),
+                },
+                runs,
+            )
+            ratio = ms["before"] / ms["after"]
+            print(f"| {label} | {ms['before']:.1f} ms | {ms['after']:.1f} ms | {ratio:.2f} |")
+    print()
+
+
+def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """Median milliseconds of each step, each run starting with the next step; the answers
+    of the steps that return a Result checked equal."""
+    answers = [a for a in (step() for step in steps.values()) if isinstance(a, Result)]
+    if any(
+        (a.buckets, a.totals, a.total) != (answers[0].buckets, answers[0].totals, answers[0].total)
+        for a in answers
+    ):
+        raise SystemExit("the versions' answers differ")
+    names = list(steps)
+    spent: dict[str, list[float]] = {name: [] for name in names}
+    for n in range(runs):
+        for name in names[n % len(names) :] + names[: n % len(names)]:
+            began = time.perf_counter()
+            steps[name]()
+            spent[name].append((time.perf_counter() - began) * 1000)
+    return {name: statistics.median(v) for name, v in spent.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_chquery", description=__doc__)
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--question", choices=sorted(SHORT), default="hourly")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--dir", type=Path, help="keep the chDB files here (reused if loaded)")
+    parser.add_argument("--against", type=Path, help="another version's src/usagemeter")
+    parser.add_argument("--sqlite", action="store_true", help="with --against: SQLite too")
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-profile-"))
     try:
-        store = open_store(f"chdb:///{scratch}/chdb")
+        store = open_store(f"chdb:///{args.dir or scratch}/chdb")
         assert isinstance(store, ClickHouseStore)
-        load(store, args.events)
+        assert isinstance(store.transport, ChdbTransport)
+        if store.count_events():  # loaded by an earlier run, the peer's table too
+            peer = ChdbTransport(store.transport._shared.path, "bench")
+        else:
+            load(store, args.events)
+            loader = Peer(store)
+            loader.load(args.events)
+            peer = loader.transport
         query = questions()[SHORT[args.question]]
         engine = Engine(store)
         engine.run(query)  # warm
         # As the server does once started (api/app.py): what exists now lives on, frozen.
         gc.collect()
         gc.freeze()
-        spec: list[Any] = []
-        aggregate = store.aggregate
-
-        def keep_spec(s: Any) -> Any:
-            spec[:] = [s]
-            return aggregate(s)
-
-        store.aggregate = keep_spec  # type: ignore[method-assign]
-        engine.run(query)
-        store.aggregate = aggregate  # type: ignore[method-assign]
-        (plan,) = plan_aggregate(spec[0], hour_sets=store.hour_sets.ready())
-        (slots_plan,) = plan_aggregate(spec[0], hour_sets=False)
+        print(f"{store.count_events():,} events\n")
+        if args.against:
+            sqlite = None
+            if args.sqlite:
+                sqlite = open_store(f"sqlite:///{args.dir or scratch}/usage.db")
+                if not sqlite.count_events():
+                    load(sqlite, store.count_events())
+                gc.collect()
+                gc.freeze()
+            against(args.against, store, peer, sqlite, args.runs)
+            if sqlite is not None:
+                sqlite.close()
+        breakdown(store, peer, args.runs)
+        spec = asked(store, query)
+        (plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
+        (slots_plan,) = plan_aggregate(spec, hour_sets=False)
         regular = chplan._regular
         chplan._regular = lambda pieces: None  # type: ignore[assignment]
-        (joined_plan,) = plan_aggregate(spec[0], hour_sets=store.hour_sets.ready())
+        (joined_plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
         chplan._regular = regular  # type: ignore[assignment]
 
         def without_collector() -> object:
@@ -92,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "the same, slots rather than the hour table": lambda: store.transport.query(
                 slots_plan.sql
             ),
-            "store.aggregate (query and decoding)": lambda: store.aggregate(spec[0]),
+            "store.aggregate_columns (query and decoding)": lambda: store.aggregate_columns(spec),
             "Engine.run, the collector off": without_collector,
         }
         spent: dict[str, list[float]] = {name: [] for name in steps}
@@ -102,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 step()
                 spent[name].append((time.perf_counter() - began) * 1000)
         rows = len(store.transport.query(plan.sql))
-        print(f"{args.events:,} events, {SHORT[args.question]}: {rows:,} rows from the store\n")
+        print(f"{SHORT[args.question]}: {rows:,} rows from the store\n")
         for name, ms in spent.items():
             print(f"- {name}: median {statistics.median(ms):.1f} ms")
         # A full collection runs every other time or so: the collector's own time per run
@@ -146,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         profile.disable()
         print()
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+        peer.close()  # its table stays with --dir, for the next run
         store.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -24,11 +24,14 @@ from usagemeter.model import Account, Aggregation, Event, Meter, Query, Scope
 from usagemeter.store import open_store, rows
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
 from usagemeter.store.chplan import _regular as chplan_regular
+from usagemeter.store.chplan import _split as chplan_split
 from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.chschema import HOUR_SETS_GRAIN
 from usagemeter.store.chtransport import literal
 from usagemeter.store.clickhouse import ClickHouseStore, _digest_v1
 from usagemeter.store.postgres import _digest as pg_digest
 from usagemeter.store.sqlite import SQLiteStore
+from usagemeter.store.sqlplan import ACCOUNT_GRAINS, KEY_GRAINS, SLOTS, split_windows
 from usagemeter.timewindows import Granularity
 
 BASE = datetime(2025, 3, 8, tzinfo=UTC)  # New York springs forward on the 9th
@@ -374,3 +377,88 @@ def test_a_deleted_account_takes_no_more_events_in_any_process(
         assert chstore.count_events() == 0
     finally:
         other.close()
+
+
+def test_answers_read_by_columns_equal_sqlites_with_two_groups_and_several_measures(
+    both: tuple[SQLiteStore, ClickHouseStore],
+) -> None:
+    """The engine reads ClickHouse's answers by columns (ClickHouseStore.aggregate_columns),
+    SQLite's by rows: two group columns (the OVERALL row's group is empty), an average (two
+    measures of one statement), a distinct count beside a sum (two statements merged), a
+    latest value per hour across New York's DST change."""
+    meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "session_id")})
+    asked = [
+        (Granularity.DAY, "UTC", (Aggregation.COUNT,), ("agent", "region")),
+        (Granularity.DAY, "Asia/Kathmandu", (Aggregation.UNIQUE_COUNT,), ("key", "agent")),
+        (Granularity.HOUR, "UTC", (Aggregation.AVG, Aggregation.MAX), ("region",)),
+        (Granularity.MONTH, "UTC", (Aggregation.UNIQUE_COUNT, Aggregation.SUM), ("agent",)),
+        (Granularity.HOUR, "America/New_York", (Aggregation.LATEST,), ("agent",)),
+        (Granularity.TOTAL, "UTC", (Aggregation.MIN,), ("subaccount", "region")),
+    ]
+    answers = []
+    for store in both:
+        store.create_account(Account("cols", "A"))
+        store.create_account(Account("cols-sub", "B", "cols"))
+        issue_key(store, "cols", key_id="kcols", scopes=[Scope.READ])
+        store.append(
+            [
+                Event(
+                    id=f"c{i}",
+                    account_id="cols" if i % 4 else "cols-sub",
+                    metric="m",
+                    ts_ms=BASE_MS + i * 37 * 60_000 + i,  # every 37 minutes, over DST
+                    value=float(i % 11 - 3),
+                    key_id="kcols" if i % 3 else None,
+                    dimensions={
+                        "session_id": f"s{i % 9}",
+                        **({"agent": "xy"[i % 2]} if i % 5 else {}),
+                        **({"region": "eu"} if i % 7 < 3 else {}),
+                    },
+                )
+                for i in range(300)
+            ]
+        )
+        engine = Engine(store, meters)
+        found = []
+        for granularity, tz, aggregations, group_by in asked:
+            result = engine.run(
+                Query(
+                    accounts=("cols", "cols-sub"),
+                    metric="m",
+                    start=BASE + timedelta(minutes=7),
+                    end=BASE + timedelta(days=3, minutes=-11),
+                    granularity=granularity,
+                    tz=tz,
+                    aggregations=aggregations,
+                    group_by=group_by,
+                )
+            )
+            assert result.total[0]  # something was counted
+            found.append((result.buckets, result.totals, result.total))
+        answers.append(found)
+    assert answers[0] == answers[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    unit=st.sampled_from([15 * 60_000, HOUR_MS, DAY_MS, 7 * 60_000]),
+    first=st.integers(-48, 48),
+    count=st.integers(1, 30),
+    shift=st.sampled_from([0, 0, 0, 1, 15 * 60_000, 30 * 60_000]),
+    odd=st.integers(0, 40),
+)
+def test_windows_of_one_unit_are_cut_as_split_windows_cuts_them(
+    unit: int, first: int, count: int, shift: int, odd: int
+) -> None:
+    """chplan._split takes a short road when every window is one aligned unit of a grain;
+    its pieces are split_windows' (and it takes the long road otherwise: a window shifted
+    off the unit, or one of another width)."""
+    windows = [
+        Window(n, (first + n) * unit + shift, (first + n + 1) * unit + shift) for n in range(count)
+    ]
+    if odd < count:  # one window of another width
+        w = windows[odd]
+        windows[odd] = Window(w.index, w.start_ms, w.end_ms + 15 * 60_000)
+        windows = windows[: odd + 1]
+    for grains in (ACCOUNT_GRAINS, KEY_GRAINS, (HOUR_SETS_GRAIN, SLOTS), (SLOTS,)):
+        assert chplan_split(windows, grains) == split_windows(windows, grains)

@@ -282,6 +282,17 @@ def test_other_keys_are_not_found(
     assert target not in hidden.text
 
 
+def test_a_key_named_with_a_nul_character_is_not_found(
+    client: TestClient, tenants: Tenants
+) -> None:
+    """No key's id holds a NUL, and PostgreSQL cannot even be asked about one: a path naming
+    one answers as for any other key that does not exist (it answered a 500)."""
+    for ref in ("%00", "key_root%00", "a%00b"):
+        missing = get(client, "key_does_not_exist", tenants.headers("root"))
+        assert error(get(client, ref, tenants.headers("root")), 404)
+        assert get(client, ref, tenants.headers("root")).json() == missing.json()
+
+
 def test_an_operator_key_in_the_path_is_not_found(
     client: TestClient, op: dict[str, str], operator_secret: str, tenants: Tenants
 ) -> None:

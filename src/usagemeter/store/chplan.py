@@ -18,8 +18,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT
-from usagemeter.store.base import OVERALL, TOTAL, AggregateRow, AggregateSpec
+from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Group
+from usagemeter.store.base import (
+    OVERALL,
+    TOTAL,
+    AggregateColumns,
+    AggregateRow,
+    AggregateSpec,
+    Window,
+)
 from usagemeter.store.chschema import HOUR_SETS_GRAIN
 from usagemeter.store.chtransport import literal, literals
 from usagemeter.store.sqlplan import (
@@ -102,8 +109,12 @@ def _mapped(source: str, column: str, pieces: Sequence[Piece]) -> tuple[str, str
 
 
 def _dimension(name: str) -> str:
-    """A dimension's value, or NULL where the event has none (as the SQL stores return)."""
-    return f"if(mapContains(dims, {literal(name)}), dims[{literal(name)}], NULL)"
+    """A dimension's value, or NULL where the event has none (as the SQL stores return).
+    Found by its position among the map's keys: ``dims[name]`` with ``mapContains`` took
+    1.7 times as long for an hourly report grouped by status (the keys are unique: they
+    come from a dict)."""
+    position = f"indexOf(dims.keys, {literal(name)})"
+    return f"if({position} > 0, dims.values[{position}], NULL)"
 
 
 def _group_columns(group_by: Sequence[str]) -> list[str]:
@@ -211,6 +222,23 @@ def _select(groups: int, values: Sequence[str], source: str, totals: bool = Fals
     )
 
 
+def _split(
+    windows: Sequence[Window], grains: Sequence[Grain]
+) -> tuple[dict[Grain, list[Piece]], list[Piece]]:
+    """sqlplan.split_windows, with a short road for the usual report: every window one unit
+    of a grain, aligned to it (an hourly report in a zone of whole-hour offsets, a daily one
+    in UTC), is that one piece. split_windows finds the same piece recursing three times per
+    window: two thirds of planning a 2,160-hour report."""
+    width = windows[0].end_ms - windows[0].start_ms
+    grain = next((g for g in grains if g.unit_ms == width), None)  # none coarser fits in
+    if grain is not None and all(
+        w.end_ms - w.start_ms == width and w.start_ms % width == 0 for w in windows
+    ):
+        units = [(w.index, w.start_ms // width, w.start_ms // width + 1) for w in windows]
+        return {g: units if g is grain else [] for g in grains}, []
+    return split_windows(windows, grains)
+
+
 def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
@@ -218,7 +246,7 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
     grains = grains_for(spec)
     if hour_sets and grains == (SLOTS,):
         grains = (HOUR_SETS_GRAIN, SLOTS)
-    pieces, raw_pieces = split_windows(spec.windows, grains)
+    pieces, raw_pieces = _split(spec.windows, grains)
     if not spec.accounts or (not raw_pieces and not any(pieces.values())):
         return []
     group_columns = _group_columns(spec.group_by)
@@ -265,9 +293,49 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
     return plans
 
 
+def _whole(spec: AggregateSpec, positions: tuple[int, ...]) -> tuple[bool, ...]:
+    # Counts come back whole, everything else as floats: what the SQL stores return.
+    return tuple(spec.measures[p].aggregation in ("count", "unique_count") for p in positions)
+
+
 def _decoder(
     spec: AggregateSpec, positions: tuple[int, ...]
 ) -> Callable[[Sequence[Any]], AggregateRow]:
-    # Counts come back whole, everything else as floats: what the SQL stores return.
-    whole = tuple(spec.measures[p].aggregation in ("count", "unique_count") for p in positions)
-    return row_decoder(spec, positions, whole)
+    return row_decoder(spec, positions, _whole(spec, positions))
+
+
+def decode_columns(spec: AggregateSpec, plan: Plan, columns: list[list[Any]]) -> AggregateColumns:
+    """The result of a question's only statement (every measure: see plan_aggregate), read
+    by columns (the window, the group values, each measure's values; see
+    Transport.query_columns), as the spec's rows.
+    Per row only C loops run: a group tuple is made once per distinct group and shared by
+    its rows, and the values' tuples come out of one zip."""
+    if plan.positions != tuple(range(len(spec.measures))):
+        raise ValueError("one of several statements: merge their rows (sqlplan.run_plans)")
+    if not columns:
+        return AggregateColumns([], [], [])
+    windows: list[int] = columns[0]
+    rows = len(windows)
+    names = spec.group_by
+    end = 1 + len(names)
+    groups: list[Group]
+    if not names:
+        groups = [()] * rows
+    else:
+        keys: list[Any] = columns[1] if end == 2 else list(zip(*columns[1:end], strict=True))
+        made = {
+            k: tuple(zip(names, k if end > 2 else (k,), strict=True)) for k in dict.fromkeys(keys)
+        }
+        groups = list(map(made.__getitem__, keys))
+        if spec.totals and OVERALL in windows:  # the one row over every group
+            groups[windows.index(OVERALL)] = ()
+    measured = []
+    for column, whole in zip(columns[end:], _whole(spec, plan.positions), strict=True):
+        if not whole:  # ClickHouse's JSON says 5 for 5.0
+            column = (
+                list(map(float, column))
+                if None not in column
+                else [None if v is None else float(v) for v in column]
+            )
+        measured.append(column)
+    return AggregateColumns(windows, groups, list(zip(*measured, strict=True)))

@@ -74,11 +74,22 @@ def literals(values: Sequence[Any]) -> str:
     return ", ".join(literal(v) for v in values)
 
 
+def _columns(raw: bytes) -> list[list[Any]]:
+    """JSONCompactColumns: a JSON array of the columns' arrays (empty when no row)."""
+    columns: list[list[Any]] = msgspec.json.decode(raw) if raw.strip() else []
+    return columns
+
+
 class Transport(Protocol):
     """What the ClickHouse store needs of a connection."""
 
     def command(self, sql: str) -> None:
         """Run a statement that returns nothing (DDL, ALTER, TRUNCATE)."""
+        ...
+
+    def query_columns(self, sql: str) -> list[list[Any]]:
+        """A SELECT's result by columns: one list per selected column (none when no row).
+        A report of thousands of rows decodes in a few lists, not a list per row."""
         ...
 
     def query(self, sql: str) -> list[list[Any]]:
@@ -176,6 +187,10 @@ class ChdbTransport:
     def command(self, sql: str) -> None:
         self._run(sql)
 
+    def query_columns(self, sql: str) -> list[list[Any]]:
+        raw = self._run(f"{sql} SETTINGS {_JSON_SETTINGS}", "JSONCompactColumns").bytes()
+        return _columns(raw)
+
     def query(self, sql: str) -> list[list[Any]]:
         result = self._run(f"{sql} SETTINGS {_JSON_SETTINGS}", "JSONCompact")
         raw = result.bytes()
@@ -246,6 +261,13 @@ class HttpTransport:
     def command(self, sql: str) -> None:
         with self._lock:
             self._client.command(sql)
+
+    def query_columns(self, sql: str) -> list[list[Any]]:
+        with self._lock:
+            raw = self._client.raw_query(
+                f"{sql} SETTINGS {_JSON_SETTINGS}", fmt="JSONCompactColumns"
+            )
+        return _columns(raw)
 
     def query(self, sql: str) -> list[list[Any]]:
         with self._lock:

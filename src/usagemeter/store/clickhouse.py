@@ -37,8 +37,14 @@ from typing import Any
 import msgspec
 
 from usagemeter.model import Account, ApiKey, AppendResult, Event, PortalToken
-from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound
-from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.base import (
+    AggregateColumns,
+    AggregateRow,
+    AggregateSpec,
+    Conflict,
+    NotFound,
+)
+from usagemeter.store.chplan import decode_columns, plan_aggregate
 from usagemeter.store.chschema import STATEMENTS
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
 from usagemeter.store.chupgrade import HourSets
@@ -399,10 +405,18 @@ class ClickHouseStore(ChCorrections, LimitTables):
         return {(account, event_id): digest for account, event_id, digest in rows}
 
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        return self.aggregate_columns(spec).rows()
+
+    def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
         if not spec.windows:
-            return []
+            return AggregateColumns([], [], [])
         plans = plan_aggregate(spec, hour_sets=self.hour_sets.ready())
-        return run_plans(plans, lambda plan: self.transport.query(plan.sql), len(spec.measures))
+        if len(plans) == 1:  # the usual question: its result read by columns
+            (plan,) = plans
+            return decode_columns(spec, plan, self.transport.query_columns(plan.sql))
+        # Distinct counts beside other measures fill the same cells from several statements.
+        rows = run_plans(plans, lambda plan: self.transport.query(plan.sql), len(spec.measures))
+        return AggregateColumns.from_rows(rows)
 
     def metrics_seen(
         self, accounts: Sequence[str], metric: str | None = None, *, dimensions: bool = True

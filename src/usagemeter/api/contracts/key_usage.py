@@ -26,7 +26,7 @@ from usagemeter.auth import authenticate, can_see_key, hash_secret
 from usagemeter.ingest import MAX_TS_MS, MIN_TS_MS
 from usagemeter.model import ApiKey, Scope
 from usagemeter.model import Query as UsageQuery
-from usagemeter.store.base import NotFound, Store
+from usagemeter.store.base import NotFound, Store, UnstorableText
 from usagemeter.store.rows import LOOKUP_BYTES
 from usagemeter.timewindows import Granularity, from_ms, isoformat, to_ms
 
@@ -85,7 +85,7 @@ def _target(store: Store, ref: str) -> ApiKey | None:
     usage to report, so unlike ``authenticate`` this accepts one."""
     try:
         return store.get_key(ref)
-    except NotFound:
+    except (NotFound, UnstorableText):  # no id holds a NUL: PostgreSQL refuses to look
         pass
     digest = hash_secret(ref)
     for key, stored in store.find_keys_by_lookup(digest[:LOOKUP_BYTES]):
