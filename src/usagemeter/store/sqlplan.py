@@ -97,8 +97,9 @@ class Dialect:
         hint = " INDEXED BY events_ts" if table == "events" else ""
         return f"FROM {windows} JOIN {table} x{hint} ON {on}"
 
-    def latest(self) -> list[str]:
-        """Select-list items whose first is the value at the greatest ``last_ts``."""
+    def latest(self, late: bool = False) -> list[str]:
+        """Select-list items whose first is the value at the greatest ``last_ts``; with
+        ``late``, of those at that ``last_ts`` the one with the greatest ``late``."""
         # SQLite returns the bare column last_val from the row that holds max(last_ts), as
         # long as max() is the statement's only aggregate.
         return ["s.last_val", "max(s.last_ts)"]
@@ -133,8 +134,9 @@ class PostgresDialect(Dialect):
         # cost 90 passes over the account's hours.
         return f"FROM {windows} CROSS JOIN LATERAL (SELECT * FROM {table} x WHERE {on} OFFSET 0) x"
 
-    def latest(self) -> list[str]:
-        return ["(array_agg(s.last_val ORDER BY s.last_ts DESC))[1]"]
+    def latest(self, late: bool = False) -> list[str]:
+        tie = ", s.late DESC" if late else ""
+        return [f"(array_agg(s.last_val ORDER BY s.last_ts DESC{tie}))[1]"]
 
 
 SQLITE = Dialect()
@@ -194,14 +196,38 @@ def grains_for(spec: AggregateSpec) -> tuple[Grain, ...]:
     return KEY_GRAINS if spec.key_id is not None or GROUP_KEY in spec.group_by else ACCOUNT_GRAINS
 
 
+def tail_pieces(pieces: dict[Grain, list[Piece]]) -> list[Piece]:
+    """The stretches of each window (in ms) that its rollup pieces cover, adjacent pieces
+    merged: where events not yet folded into the rollups count."""
+    spans = sorted(
+        (index, lo * grain.unit_ms, hi * grain.unit_ms)
+        for grain, found in pieces.items()
+        for index, lo, hi in found
+    )
+    merged: list[Piece] = []
+    for index, lo, hi in spans:
+        if merged and merged[-1][0] == index and merged[-1][2] == lo:
+            merged[-1] = (index, merged[-1][1], hi)
+        else:
+            merged.append((index, lo, hi))
+    return merged
+
+
 def plan_aggregate(
     spec: AggregateSpec,
     metric: int,
     accounts: Sequence[int],
     key: int | None,
     dialect: Dialect = SQLITE,
+    pending: str | None = None,
 ) -> list[Plan]:
-    """One statement for the additive measures together, one for each other measure."""
+    """One statement for the additive measures together, one for each other measure.
+
+    ``pending`` names a table of events stored but not yet folded into the rollups (the
+    PostgreSQL store's ``unfolded``, with the events' columns and ``seq``): they count
+    wherever the rollups do, read in the same statement. On a tie of timestamps, the
+    latest value is a waiting event's (it came after every folded one), the later of them
+    by ``seq``."""
     grains = grains_for(spec)
     pieces, raw_pieces = split_windows(spec.windows, grains)
     if not raw_pieces and not any(pieces.values()):
@@ -227,6 +253,13 @@ def plan_aggregate(
     account_marks = ",".join("?" * len(accounts))
     extra = "".join(f" AND {clause}" for clause in source_where)
 
+    late = ", 0 AS late" if pending else ""  # see latest(); only with a pending table
+    # An event's columns as a source row (the raw events, and those waiting to be folded).
+    event_row = (
+        " x.account AS account, x.key AS key, x.dimset AS dimset,"
+        " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax,"
+        " x.ts AS last_ts, x.value AS last_val"
+    )
     ctes: list[str] = []
     cte_params: list[Any] = []
     parts: list[str] = []
@@ -243,7 +276,7 @@ def plan_aggregate(
             f"SELECT w{n}.idx AS idx, x.account AS account, {key_column} AS key,"
             f" {dimset} AS dimset,"
             " x.cnt AS cnt, x.total AS total, x.vmin AS vmin, x.vmax AS vmax,"
-            " x.last_ts AS last_ts, x.last_val AS last_val "
+            f" x.last_ts AS last_ts, x.last_val AS last_val{late} "
             + dialect.join(
                 f"w{n}",
                 grain.table,
@@ -256,9 +289,7 @@ def plan_aggregate(
         ctes.append(f"rw(idx, lo, hi) AS ({dialect.values(len(raw_pieces), 3)})")
         cte_params.extend(dialect.value_params(raw_pieces))
         parts.append(
-            "SELECT rw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
-            " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax,"
-            " x.ts AS last_ts, x.value AS last_val "
+            f"SELECT rw.idx AS idx,{event_row}{late} "
             + dialect.join(
                 "rw",
                 "events",
@@ -267,6 +298,19 @@ def plan_aggregate(
             )
         )
         part_params.extend([metric, *accounts, *source_params])
+    tail = tail_pieces(pieces) if pending else []
+    if tail:
+        ctes.append(f"tw(idx, lo, hi) AS ({dialect.values(len(tail), 3)})")
+        cte_params.extend(dialect.value_params(tail))
+        # The waiting events are few: read once over the whole range, then paired with the
+        # windows (one index probe per window would cost more than the rows it finds).
+        parts.append(
+            f"SELECT tw.idx AS idx,{event_row}, x.seq AS late FROM tw JOIN (SELECT * FROM"
+            f" {pending} x WHERE x.metric = ? AND x.account IN ({account_marks})"
+            f" AND x.ts >= ? AND x.ts < ?{extra}) x ON x.ts >= tw.lo AND x.ts < tw.hi"
+        )
+        low, high = min(p[1] for p in tail), max(p[2] for p in tail)
+        part_params.extend([metric, *accounts, low, high, *source_params])
     source = "(" + " UNION ALL ".join(parts) + ") AS s"
 
     # Group columns and dimension filters, which need the interned dimension set.
@@ -334,7 +378,7 @@ def plan_aggregate(
         plans.append(Plan(sql, tuple(params), positions, row_decoder(spec, positions)))
     for i, measure in enumerate(spec.measures):
         if measure.aggregation == "latest":
-            sql, params = statement(dialect.latest(), [])
+            sql, params = statement(dialect.latest(late=bool(pending)), [])
             plans.append(Plan(sql, tuple(params), (i,), row_decoder(spec, (i,))))
         elif measure.aggregation == "unique_count":
             sql, params = statement(
