@@ -220,7 +220,11 @@ class PostgresStore(SqlCorrections, LimitTables):
     """The shared store on one PostgreSQL database. Safe to share between threads, and any
     number of processes may open the same database."""
 
-    def __init__(self, url: str, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+    def __init__(
+        self, url: str, pool_size: int = DEFAULT_POOL_SIZE, *, background_fold: bool = True
+    ) -> None:
+        """``background_fold``: fold waiting events in a thread of this process (else only
+        when ``fold`` is called, or by another process: the tests choose when)."""
         # One direct connection first: a wrong URL fails here at once with the server's
         # reason, instead of in a pool that retries in the background.
         try:
@@ -249,7 +253,7 @@ class PostgresStore(SqlCorrections, LimitTables):
         self._group_commit: GroupCommit[Sequence[Event], AppendResult] = GroupCommit(
             self._write_group, GROUP_EVENTS, GROUP_WRITERS
         )
-        self._folder = Folder(self.fold)
+        self._folder = Folder(self.fold) if background_fold else None
 
     def fold(self, wait: bool = False) -> int | None:
         """Move the events waiting in ``unfolded`` (any process's) into the rollups: how
@@ -259,7 +263,8 @@ class PostgresStore(SqlCorrections, LimitTables):
             return fold(conn, wait)
 
     def close(self) -> None:
-        self._folder.stop()
+        if self._folder is not None:
+            self._folder.stop()
         try:
             self.fold(wait=True)  # leave nothing waiting that this process could fold
         except psycopg.Error:
@@ -486,7 +491,8 @@ class PostgresStore(SqlCorrections, LimitTables):
         """The batches of one group in one transaction, or each alone when one of them is
         refused (it names an account that does not exist, say), so that the error is that
         batch's own. Any other error (the database gone) is every batch's."""
-        self._folder.wake()
+        if self._folder is not None:
+            self._folder.wake()
         if len(batches) > 1:
             try:
                 return list(self._write_retrying(batches))
