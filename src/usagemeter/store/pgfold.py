@@ -53,7 +53,14 @@ def fold(conn: psycopg.Connection[tuple[Any, ...]], wait: bool = False) -> int |
             if row is None or not row[0]:
                 return None
         moved = conn.execute(FOLD_SQL, prepare=True).fetchone()
-    return int(moved[0]) if moved else 0
+    count = int(moved[0]) if moved else 0
+    if count and not conn.info.transaction_status:  # not inside a caller's transaction
+        # The rows just moved stay in the table and its index, dead, until a vacuum; a
+        # question reading the waiting events of a range would visit them all (2,000
+        # waiting behind 200,000 folded: 79 ms instead of 0.1). Autovacuum looks once a
+        # minute; this is at most once per fold, and skipped if another process vacuums.
+        conn.execute("VACUUM (SKIP_LOCKED) unfolded")
+    return count
 
 
 class Folder:
