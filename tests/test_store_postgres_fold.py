@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import empty_postgres
+from tests.test_store_postgres import two_handles
 from usagemeter.corrections import Amendment, VoidSelector
 from usagemeter.model import Account, Event
 from usagemeter.store.base import AggregateSpec, Measure, Window
@@ -33,16 +34,8 @@ def _open(url: str) -> PostgresStore:
 @pytest.fixture
 def pair(postgres_url: str) -> Iterator[tuple[PostgresStore, PostgresStore]]:
     """Two handles on one empty database, as two processes would be, neither folding."""
-    first = _open(postgres_url)
-    empty_postgres(first)
-    second = _open(postgres_url)
-    first.create_account(Account("a", "A"))
-    first.create_account(Account("b", "B"))
-    try:
-        yield first, second
-    finally:
-        first.close()
-        second.close()
+    with two_handles(postgres_url, ["a", "b"], background_fold=False) as handles:
+        yield handles
 
 
 def _waiting(store: PostgresStore) -> int:
