@@ -84,8 +84,8 @@ _REFUSALS = (NotFound, ValueError, psycopg.DataError)
 # (one server, 4 clients, batches of 1,000: 7,364 and 4,274 events/s with 5,000 here,
 # 8,408 and 7,791 with 2,000; bench/two_servers.py --live 10).
 GROUP_EVENTS = 2_000
-# Groups written at once by one process: two keep two backends busy, while their waits on
-# each other's rollup rows stay those of two statements, not of every client's. (bench.run's
+# Groups written at once by one process: two keep two backends busy. (Chosen when batches
+# still upserted the rollups, and waited on each other's rows; bench.run's
 # 1M ingest, 4 clients, beside the store without groups: one writer, 10,258 events/s
 # against 18,597; two, 11,506 against 12,820; the machine's load moved between the pairs.)
 GROUP_WRITERS = 2
