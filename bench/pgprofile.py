@@ -11,6 +11,11 @@ Where batches leave their events waiting to be folded (store/pgfold.py), the ben
 them itself every ``--fold-every`` batches, on the same backend, and reports the folds' CPU
 apart: the server's CPU per event is the batches' and the folds' together. (Run with an
 older version on PYTHONPATH, it measures that version: its batches fold their own.)
+
+With ``--question``, it then times the heavy account's 90-day New York daily lookups report
+in process, with the read of the waiting events and without it, alternating, with none and
+with some of the account's events waiting (without the read those answers are wrong: that
+is the read's price).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import statistics
 import time
+import zoneinfo
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +36,7 @@ from bench import render
 from bench.pgstore import StoreCluster
 from usagemeter.model import Account, ApiKey, Event, Scope
 from usagemeter.store import postgres as pg
+from usagemeter.store.base import AggregateSpec, Measure, Window
 
 try:
     from usagemeter.store import pgfold
@@ -156,11 +164,52 @@ def explain(store: pg.PostgresStore, batch: list[Event]) -> None:
     print("\n".join(r[0] for r in plan))
 
 
+def question(store: pg.PostgresStore, end_ms: int, rounds: int = 40) -> None:
+    """The heavy report with and without the read of the waiting events, alternating."""
+    ny = zoneinfo.ZoneInfo("America/New_York")
+    last = dt.datetime.fromtimestamp(end_ms / 1000, ny).replace(hour=0, minute=0, second=0)
+    days = [last + dt.timedelta(days=1 - 90 + i) for i in range(91)]
+    windows = tuple(
+        Window(i, int(days[i].timestamp() * 1000), int(days[i + 1].timestamp() * 1000))
+        for i in range(90)
+    )
+    heavy = g.account_id(0)
+    spec = AggregateSpec((heavy,), "lookups", windows, (Measure("count"),))
+    planned = pg.plan_aggregate
+
+    def without(*args: Any, **kw: Any) -> Any:
+        return planned(*args, **{**kw, "pending": None})
+
+    store.fold(wait=True)
+    for waiting in (0, 2_000, 20_000):
+        fresh = [
+            Event(f"q{waiting}-{i}", heavy, "lookups", windows[-1].end_ms - 1 - i * 1000)
+            for i in range(waiting)
+        ]
+        for i in range(0, waiting, 1000):
+            store.append(fresh[i : i + 1000])
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(rounds):
+            for read in (True, False):
+                pg.plan_aggregate = planned if read else without  # type: ignore[assignment]
+                t0 = time.perf_counter()
+                store.aggregate(spec)
+                times[read].append(time.perf_counter() - t0)
+        pg.plan_aggregate = planned  # type: ignore[assignment]
+        with_read, plain = (statistics.median(times[r]) * 1000 for r in (True, False))
+        print(
+            f"heavy 90-day New York report, {waiting:,} of its events waiting: {with_read:.2f} ms"
+            f" reading them, {plain:.2f} ms not ({with_read / plain:.2f}x)"
+        )
+        store.fold(wait=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.pgprofile", description=__doc__)
     p.add_argument("--stored", type=int, default=200_000)
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--explain", action="store_true")
+    p.add_argument("--question", action="store_true", help="time the heavy report too")
     p.add_argument(
         "--fold-every",
         type=int,
@@ -212,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.explain:
             explain(store, events[-1000:])
+        if args.question and pgfold:
+            question(store, max(e.ts_ms for e in events))
         store.close()
     finally:
         cluster.close()

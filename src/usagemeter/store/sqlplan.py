@@ -287,8 +287,8 @@ def plan_aggregate(
         spans = [f"SELECT idx, lo * {g.unit_ms}, hi * {g.unit_ms} FROM w{n}" for n, g in used]
         ctes.append(f"tw(idx, lo, hi) AS ({' UNION ALL '.join(spans)})")
         # As the raw events are read: by time, one index range per window; but only when
-        # anything waits in the whole range (one probe, evaluated once), which it mostly
-        # does not: a heavy 90-day report's 90 probes cost it a fifth more.
+        # anything waits in the whole range (one probe, evaluated once), so that a question
+        # with nothing waiting (the usual case) pays one probe, not one per window.
         parts.append(
             f"SELECT tw.idx AS idx,{event_row}, x.seq AS late "
             + dialect.join(
