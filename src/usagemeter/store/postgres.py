@@ -89,6 +89,7 @@ GROUP_EVENTS = 2_000
 # 1M ingest, 4 clients, beside the store without groups: one writer, 10,258 events/s
 # against 18,597; two, 11,506 against 12,820; the machine's load moved between the pairs.)
 GROUP_WRITERS = 2
+CLOSE_FOLD_SECONDS = 2.0  # at most this long waiting for a connection to fold on close
 Dims = tuple[tuple[str, str], ...]  # an event's dimensions as sorted pairs: a cache key
 Name = TypeVar("Name", str, Dims, frozenset[str])
 
@@ -253,22 +254,29 @@ class PostgresStore(SqlCorrections, LimitTables):
         self._group_commit: GroupCommit[Sequence[Event], AppendResult] = GroupCommit(
             self._write_group, GROUP_EVENTS, GROUP_WRITERS
         )
+        self._appended = False  # since this handle's last fold: close folds once more
         self._folder = Folder(self.fold) if background_fold else None
 
-    def fold(self, wait: bool = False) -> int | None:
+    def fold(self, wait: bool = False, timeout: float | None = None) -> int | None:
         """Move the events waiting in ``unfolded`` (any process's) into the rollups: how
         many, or None when another fold holds the lock and ``wait`` is false. Queries never
-        need it (they read what waits); it keeps what they read short."""
-        with self._connection() as conn:
+        need it (they read what waits); it keeps what they read short. ``timeout``: seconds
+        to wait for a connection (the pool's default, 30, when None)."""
+        self._appended = False
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        with self._pool.connection(**kwargs) as conn:
             return fold(conn, wait)
 
     def close(self) -> None:
         if self._folder is not None:
             self._folder.stop()
-        try:
-            self.fold(wait=True)  # leave nothing waiting that this process could fold
-        except psycopg.Error:
-            log.exception("folding the PostgreSQL rollups on close failed; they wait")
+        if self._appended:
+            # Leave nothing waiting that this process wrote; not for long if the database
+            # is gone (its events wait, and any process folds them later).
+            try:
+                self.fold(wait=True, timeout=CLOSE_FOLD_SECONDS)
+            except psycopg.Error:
+                log.exception("folding the PostgreSQL rollups on close failed; they wait")
         self._pool.close()
 
     @contextmanager
@@ -491,6 +499,7 @@ class PostgresStore(SqlCorrections, LimitTables):
         """The batches of one group in one transaction, or each alone when one of them is
         refused (it names an account that does not exist, say), so that the error is that
         batch's own. Any other error (the database gone) is every batch's."""
+        self._appended = True
         if self._folder is not None:
             self._folder.wake()
         if len(batches) > 1:
