@@ -78,10 +78,12 @@ class Folder:
     def wake(self) -> None:
         self._wanted.set()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread, waiting at most ``timeout`` seconds for a fold in progress (a
+        database gone makes it wait for a connection; the thread is a daemon)."""
         self._stopping.set()
         self._wanted.set()
-        self._thread.join()
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
