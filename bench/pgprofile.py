@@ -6,6 +6,16 @@ reports, per batch: the server backend's CPU (from /proc), the WAL it wrote, the
 Python time, and the rollup rows updated in place (HOT) or not. Once for batches in the
 bench's order (a backfill), once for the same events sorted by time (live traffic). Then
 `EXPLAIN (ANALYZE, BUFFERS, WAL)` of one batch statement, rolled back.
+
+Where batches leave their events waiting to be folded (store/pgfold.py), the bench folds
+them itself every ``--fold-every`` batches, on the same backend, and reports the folds' CPU
+apart: the server's CPU per event is the batches' and the folds' together. (Run with an
+older version on PYTHONPATH, it measures that version: its batches fold their own.)
+
+With ``--question``, it then times the heavy account's 90-day New York daily lookups report
+in process, with the read of the waiting events and without it, alternating, with none and
+with some of the account's events waiting (without the read those answers are wrong: that
+is the read's price).
 """
 
 from __future__ import annotations
@@ -13,7 +23,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import statistics
 import time
+import zoneinfo
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +36,12 @@ from bench import render
 from bench.pgstore import StoreCluster
 from usagemeter.model import Account, ApiKey, Event, Scope
 from usagemeter.store import postgres as pg
+from usagemeter.store.base import AggregateSpec, Measure, Window
+
+try:
+    from usagemeter.store import pgfold
+except ImportError:  # a version whose batches fold their own rollups
+    pgfold = None  # type: ignore[assignment]
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -50,7 +68,8 @@ def events_of(chunk: g.Events, start_ms: int) -> list[Event]:
 
 def open_store(url: str) -> pg.PostgresStore:
     """The store on ``url``, with the bench's accounts and keys."""
-    store = pg.PostgresStore(url)
+    # Folds only when measure() asks, so that their CPU is counted on its backend.
+    store = pg.PostgresStore(url, background_fold=False) if pgfold else pg.PostgresStore(url)
     now = dt.datetime.now(dt.UTC)
     for a in range(g.ACCOUNTS):
         store.create_account(Account(id=g.account_id(a), name=g.account_id(a)))
@@ -89,18 +108,26 @@ def stats(conn: pg.Conn) -> dict[str, tuple[int, int]]:
     return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
 
-def measure(store: pg.PostgresStore, batches: Sequence[list[Event]], label: str) -> None:
+def measure(
+    store: pg.PostgresStore, batches: Sequence[list[Event]], label: str, fold_every: int
+) -> None:
     with store._pool.connection() as conn:
         pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
         # Statistics are sent at transaction end, and read once per transaction.
         conn.execute("SELECT pg_stat_clear_snapshot()")
         before_stats = stats(conn)
         lsn0 = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
-        cpu0, t0, py = backend_cpu(pid), time.perf_counter(), 0.0
-        for batch in batches:
+        if pgfold:
+            pgfold.fold(conn, wait=True)  # nothing left over from the load
+        cpu0, t0, py, folding = backend_cpu(pid), time.perf_counter(), 0.0, 0.0
+        for n, batch in enumerate(batches, 1):
             p0 = time.process_time()
             store._append(conn, [batch])
             py += time.process_time() - p0
+            if pgfold and (n % fold_every == 0 or n == len(batches)):
+                f0 = backend_cpu(pid)
+                pgfold.fold(conn, wait=True)
+                folding += backend_cpu(pid) - f0
         wall = time.perf_counter() - t0
         cpu = backend_cpu(pid) - cpu0
         wal = conn.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (str(lsn0),)).fetchone()[0]  # type: ignore[index]
@@ -109,7 +136,8 @@ def measure(store: pg.PostgresStore, batches: Sequence[list[Event]], label: str)
         after = stats(conn)
     n = sum(len(b) for b in batches)
     print(
-        f"{label}: {len(batches)} batches: server CPU {cpu / n * 1e6:.1f} us/event,"
+        f"{label}: {len(batches)} batches: server CPU {cpu / n * 1e6:.1f} us/event"
+        f" ({folding / n * 1e6:.1f} of it folding, every {fold_every} batches),"
         f" client CPU {py / n * 1e6:.1f} us/event, wall {wall / n * 1e6:.1f} us/event,"
         f" WAL {int(wal) / n:.0f} B/event"
     )
@@ -136,11 +164,59 @@ def explain(store: pg.PostgresStore, batch: list[Event]) -> None:
     print("\n".join(r[0] for r in plan))
 
 
+def question(store: pg.PostgresStore, end_ms: int, rounds: int = 40) -> None:
+    """The heavy report with and without the read of the waiting events, alternating."""
+    ny = zoneinfo.ZoneInfo("America/New_York")
+    last = dt.datetime.fromtimestamp(end_ms / 1000, ny).replace(hour=0, minute=0, second=0)
+    days = [last + dt.timedelta(days=1 - 90 + i) for i in range(91)]
+    windows = tuple(
+        Window(i, int(days[i].timestamp() * 1000), int(days[i + 1].timestamp() * 1000))
+        for i in range(90)
+    )
+    heavy = g.account_id(0)
+    spec = AggregateSpec((heavy,), "lookups", windows, (Measure("count"),))
+    planned = pg.plan_aggregate
+
+    def without(*args: Any, **kw: Any) -> Any:
+        return planned(*args, **{**kw, "pending": None})
+
+    store.fold(wait=True)
+    for waiting in (0, 2_000, 20_000):
+        fresh = [
+            Event(f"q{waiting}-{i}", heavy, "lookups", windows[-1].end_ms - 1 - i * 1000)
+            for i in range(waiting)
+        ]
+        for i in range(0, waiting, 1000):
+            store.append(fresh[i : i + 1000])
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(rounds):
+            for read in (True, False):
+                pg.plan_aggregate = planned if read else without  # type: ignore[assignment]
+                t0 = time.perf_counter()
+                store.aggregate(spec)
+                times[read].append(time.perf_counter() - t0)
+        pg.plan_aggregate = planned  # type: ignore[assignment]
+        with_read, plain = (statistics.median(times[r]) * 1000 for r in (True, False))
+        print(
+            f"heavy 90-day New York report, {waiting:,} of its events waiting: {with_read:.2f} ms"
+            f" reading them, {plain:.2f} ms not ({with_read / plain:.2f}x)"
+        )
+        store.fold(wait=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.pgprofile", description=__doc__)
     p.add_argument("--stored", type=int, default=200_000)
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--explain", action="store_true")
+    p.add_argument("--question", action="store_true", help="time the heavy report too")
+    p.add_argument(
+        "--fold-every",
+        type=int,
+        default=5,
+        help="batches between folds (default 5: a run of"
+        " 5,000 events, what half a second of two servers' live traffic leaves waiting)",
+    )
     args = p.parse_args(argv)
     extra = 2 * args.batches * 1000 + 1000
     chunk = g.all_events(1, args.stored + extra)
@@ -152,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for i in range(0, args.stored, 1000):
             store.append(events[i : i + 1000])
+        if pgfold:
+            store.fold(wait=True)
         print(f"loaded {args.stored:,} in {time.perf_counter() - t0:.1f} s")
         cluster.execute("CHECKPOINT")
         rest = events[args.stored :]
@@ -175,10 +253,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             for e, t in zip(live, live_ts, strict=True)
         ]
-        measure(store, [backfill[i : i + 1000] for i in range(0, len(backfill), 1000)], "backfill")
-        measure(store, [live[i : i + 1000] for i in range(0, len(live), 1000)], "live, 1 hour")
+        every = args.fold_every
+        backfills = [backfill[i : i + 1000] for i in range(0, len(backfill), 1000)]
+        measure(store, backfills, "backfill", every)
+        measure(
+            store, [live[i : i + 1000] for i in range(0, len(live), 1000)], "live, 1 hour", every
+        )
         if args.explain:
             explain(store, events[-1000:])
+        if args.question and pgfold:
+            question(store, max(e.ts_ms for e in events))
         store.close()
     finally:
         cluster.close()

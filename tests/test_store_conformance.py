@@ -60,9 +60,13 @@ def _age_sqlite(store: Store) -> None:
 
 def _age_postgres(store: Store) -> None:
     assert isinstance(store, PostgresStore)
-    # Version 1 had no hour or day rollups at all.
+    # Version 1 had no hour or day rollups at all, and no events waiting to be folded: a
+    # store of then folded every batch as it stored it.
+    store.fold(wait=True)
     with store._pool.connection() as conn:
-        conn.execute("DROP TABLE rollup_hour_key, rollup_day_key, rollup_hour, rollup_day")
+        conn.execute(
+            "DROP TABLE rollup_hour_key, rollup_day_key, rollup_hour, rollup_day, unfolded"
+        )
         conn.execute("DELETE FROM schema_version WHERE version > %s", (1,))
 
 

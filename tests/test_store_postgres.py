@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,18 +21,28 @@ BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 DAY_MS = 86_400_000
 
 
-@pytest.fixture
-def stores(postgres_url: str) -> Iterator[tuple[PostgresStore, PostgresStore]]:
-    """Two handles on one empty database: two processes, as far as the store can tell."""
-    first = PostgresStore(postgres_url, pool_size=2)
+@contextmanager
+def two_handles(
+    url: str, accounts: Sequence[str], background_fold: bool = True
+) -> Iterator[tuple[PostgresStore, PostgresStore]]:
+    """Two handles on one database, emptied, with ``accounts``: two processes, as far as
+    the store can tell."""
+    first = PostgresStore(url, pool_size=2, background_fold=background_fold)
     empty_postgres(first)
-    second = PostgresStore(postgres_url, pool_size=2)
-    first.create_account(Account("a", "A"))
+    second = PostgresStore(url, pool_size=2, background_fold=background_fold)
+    for account in accounts:
+        first.create_account(Account(account, account.upper()))
     try:
         yield first, second
     finally:
         first.close()
         second.close()
+
+
+@pytest.fixture
+def stores(postgres_url: str) -> Iterator[tuple[PostgresStore, PostgresStore]]:
+    with two_handles(postgres_url, ["a"]) as pair:
+        yield pair
 
 
 names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=5)

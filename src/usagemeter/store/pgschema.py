@@ -14,6 +14,10 @@ sharding ask for:
   partitioned table must include the partition key (ts), which would let the same id in two
   months through. ``event_ids`` remembers every (account, id) forever, with a digest of the
   first payload so that a different payload under a known id is reported as a conflict.
+- A batch does not fold its events into the rollups: it copies the columns a fold needs
+  into ``unfolded``, an insert-only table no other writer locks a row of, and a folder
+  (pgfold.py) moves long runs of them into the rollups later. Queries read the rollups and
+  ``unfolded`` together (docs/scaling.md says why an event then counts exactly once).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ log = logging.getLogger("usagemeter")
 # pg_advisory_lock keys: any two distinct bigints this database uses for nothing else.
 MIGRATION_LOCK = 0x75_6D_5F_6D_69_67  # "um_mig"
 PARTITION_LOCK = 0x75_6D_5F_70_61_72  # "um_par"
+FOLD_LOCK = 0x75_6D_5F_66_6F_6C  # "um_fol": one fold (or correction) at a time
 
 _VALUES = """
     cnt bigint NOT NULL,
@@ -201,7 +206,27 @@ _V4 = """
 CREATE INDEX IF NOT EXISTS events_by_seq ON events (seq);
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4)  # version n is MIGRATIONS[n - 1]
+# Version 5: events stored but not yet folded into the rollups (pgfold.py), with the columns
+# a fold and a query need, so that neither reads the partitioned events. No key: rows are
+# only inserted (by batches) and deleted (by a fold, all of them at once). The index serves
+# the queries' reads of the tail, which name an account, a metric and a range of time. A
+# database of version 4 has every stored event in its rollups: nothing to copy here.
+_V5 = """
+CREATE TABLE IF NOT EXISTS unfolded (
+    account bigint NOT NULL,
+    metric integer NOT NULL,
+    ts bigint NOT NULL,
+    seq bigint NOT NULL,
+    key bigint NOT NULL,
+    billable smallint NOT NULL,
+    dimset integer NOT NULL,
+    tagset integer NOT NULL,
+    value double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS unfolded_time ON unfolded (account, metric, ts);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)  # version n is MIGRATIONS[n - 1]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

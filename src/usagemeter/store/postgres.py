@@ -3,13 +3,15 @@ tables: pgschema.py; its queries: sqlplan.py in the PostgreSQL dialect).
 
 The promises are the SQLite store's, kept across processes by the database itself:
 
-- A batch is one transaction with its rollups; ``synchronous_commit = on`` for every
-  connection, so ``append`` returns only after the commit is durable.
+- A batch is one transaction; ``synchronous_commit = on`` for every connection, so
+  ``append`` returns only after the commit is durable. Its events wait in ``unfolded``
+  until a folder thread moves them into the rollups (pgfold.py); every query reads the
+  rollups and what waits together, in one statement.
 - An (account, id) counts once, forever: ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` into
   ``event_ids`` tells which events of a batch are new, and when two processes get the same
   batch at once, the second waits on the first's rows and then finds them taken.
-- Rows are inserted and rollups upserted in key order, so concurrent batches lock rows in the
-  same order and do not deadlock; a deadlock or serialization failure is retried anyway.
+- Ids are inserted in key order, so concurrent batches lock rows in the same order and do
+  not deadlock; a deadlock or serialization failure is retried anyway.
 - Nothing that can change is cached: a key revoked by one process is refused by every
   process at its next request. Only what never changes is kept: the row ids of accounts,
   keys and interned names (metrics, dimension and tag sets), once committed.
@@ -38,7 +40,9 @@ from usagemeter.store import portalrows, redact
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound, UnstorableText
 from usagemeter.store.limitstore import LIMIT_SCHEMA, LimitTables, Run
 from usagemeter.store.pgcommit import GroupCommit
+from usagemeter.store.pgfold import FOLD_SQL, Folder, fold
 from usagemeter.store.pgschema import (
+    FOLD_LOCK,
     ROLLUPS,
     ensure_partitions,
     events_partitions,
@@ -80,19 +84,22 @@ _REFUSALS = (NotFound, ValueError, psycopg.DataError)
 # (one server, 4 clients, batches of 1,000: 7,364 and 4,274 events/s with 5,000 here,
 # 8,408 and 7,791 with 2,000; bench/two_servers.py --live 10).
 GROUP_EVENTS = 2_000
-# Groups written at once by one process: two keep two backends busy, while their waits on
-# each other's rollup rows stay those of two statements, not of every client's. (bench.run's
+# Groups written at once by one process: two keep two backends busy. (Chosen when batches
+# still upserted the rollups, and waited on each other's rows; bench.run's
 # 1M ingest, 4 clients, beside the store without groups: one writer, 10,258 events/s
 # against 18,597; two, 11,506 against 12,820; the machine's load moved between the pairs.)
 GROUP_WRITERS = 2
+CLOSE_FOLD_SECONDS = 2.0  # at most this long waiting for a connection to fold on close
 Dims = tuple[tuple[str, str], ...]  # an event's dimensions as sorted pairs: a cache key
 Name = TypeVar("Name", str, Dims, frozenset[str])
 
 # A batch in one statement, its columns sent as binary arrays (text arrays cost the client
 # ten times more: each element is searched for characters to quote). `input` is the batch
 # less its in-batch repeats, in key order; `fresh` the ids never seen before (the unique key
-# makes a racing twin wait, then skip); their events and rollups follow. The answer: the
-# candidates that were not fresh, with the digest this statement's snapshot holds for each.
+# makes a racing twin wait, then skip); their events follow, numbered (seq) in the batch's
+# order, and wait in `unfolded` for the folder (pgfold.py): a batch inserts only, so no
+# writer waits on another's rows. The answer: the candidates that were not fresh, with the
+# digest this statement's snapshot holds for each.
 APPEND_SQL = (
     "WITH input (account, metric, ts, event_id, key, billable, dimset, tagset, value, digest,"
     " ord) AS (SELECT * FROM unnest(%b::bigint[], %b::int[], %b::bigint[], %b::text[],"
@@ -103,9 +110,11 @@ APPEND_SQL = (
     " new AS (SELECT input.* FROM input JOIN fresh USING (account, event_id)),"
     " stored AS (INSERT INTO events (account, metric, ts, event_id, key, billable, dimset,"
     " tagset, value) SELECT account, metric, ts, event_id, key, billable, dimset, tagset, value"
-    " FROM new)"
-    + "".join(f", {table} AS ({fold_into(table, 'new', 'ord')})" for table in ROLLUPS)
-    + " SELECT i.account, i.event_id, e.digest FROM input i"
+    " FROM new ORDER BY ord"
+    " RETURNING account, metric, ts, seq, key, billable, dimset, tagset, value),"
+    " waiting AS (INSERT INTO unfolded (account, metric, ts, seq, key, billable, dimset, tagset,"
+    " value) SELECT * FROM stored)"
+    " SELECT i.account, i.event_id, e.digest FROM input i"
     " LEFT JOIN event_ids e ON e.account = i.account AND e.event_id = i.event_id"
     " WHERE NOT EXISTS (SELECT 1 FROM fresh f"
     " WHERE f.account = i.account AND f.event_id = i.event_id)"
@@ -212,7 +221,11 @@ class PostgresStore(SqlCorrections, LimitTables):
     """The shared store on one PostgreSQL database. Safe to share between threads, and any
     number of processes may open the same database."""
 
-    def __init__(self, url: str, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+    def __init__(
+        self, url: str, pool_size: int = DEFAULT_POOL_SIZE, *, background_fold: bool = True
+    ) -> None:
+        """``background_fold``: fold waiting events in a thread of this process (else only
+        when ``fold`` is called, or by another process: the tests choose when)."""
         # One direct connection first: a wrong URL fails here at once with the server's
         # reason, instead of in a pool that retries in the background.
         try:
@@ -241,8 +254,29 @@ class PostgresStore(SqlCorrections, LimitTables):
         self._group_commit: GroupCommit[Sequence[Event], AppendResult] = GroupCommit(
             self._write_group, GROUP_EVENTS, GROUP_WRITERS
         )
+        self._appended = False  # since this handle's last fold: close folds once more
+        self._folder = Folder(self.fold) if background_fold else None
+
+    def fold(self, wait: bool = False, timeout: float | None = None) -> int | None:
+        """Move the events waiting in ``unfolded`` (any process's) into the rollups: how
+        many, or None when another fold holds the lock and ``wait`` is false. Queries never
+        need it (they read what waits); it keeps what they read short. ``timeout``: seconds
+        to wait for a connection (the pool's default, 30, when None)."""
+        self._appended = False
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        with self._pool.connection(**kwargs) as conn:
+            return fold(conn, wait)
 
     def close(self) -> None:
+        if self._folder is not None:
+            self._folder.stop()
+        if self._appended:
+            # Leave nothing waiting that this process wrote; not for long if the database
+            # is gone (its events wait, and any process folds them later).
+            try:
+                self.fold(wait=True, timeout=CLOSE_FOLD_SECONDS)
+            except psycopg.Error:
+                log.exception("folding the PostgreSQL rollups on close failed; they wait")
         self._pool.close()
 
     @contextmanager
@@ -465,6 +499,9 @@ class PostgresStore(SqlCorrections, LimitTables):
         """The batches of one group in one transaction, or each alone when one of them is
         refused (it names an account that does not exist, say), so that the error is that
         batch's own. Any other error (the database gone) is every batch's."""
+        self._appended = True
+        if self._folder is not None:
+            self._folder.wake()
         if len(batches) > 1:
             try:
                 return list(self._write_retrying(batches))
@@ -627,7 +664,9 @@ class PostgresStore(SqlCorrections, LimitTables):
             if not accounts or len(keys) != len(key_ids):
                 return []
             key = keys[spec.key_id] if spec.key_id is not None else None
-            plans = plan_aggregate(spec, metric, sorted(accounts.values()), key, POSTGRES)
+            plans = plan_aggregate(
+                spec, metric, sorted(accounts.values()), key, POSTGRES, pending="unfolded"
+            )
             # Values bound into the text (a client-side cursor), so the server plans each
             # question with its own windows and accounts: a generic plan is blind to them (a
             # 90-day report went from 7 to 22 ms).
@@ -656,20 +695,26 @@ class PostgresStore(SqlCorrections, LimitTables):
                 ).fetchall()
             seen: dict[str, list[str]] = {}
             for metric_id, name in names:
-                # Any day with usage: one index probe per account on the day rollups.
-                if not conn.execute(
-                    "SELECT 1 FROM rollup_day WHERE account = ANY(%s) AND metric = %s LIMIT 1",
-                    (rids, metric_id),
-                ).fetchone():
+                # Any day with usage: one index probe per account on the day rollups, and on
+                # what waits to be folded; one statement, so one snapshot, where an event
+                # is in one or the other.
+                found_any = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM rollup_day WHERE account = ANY(%s)"
+                    " AND metric = %s) OR EXISTS (SELECT 1 FROM unfolded WHERE"
+                    " account = ANY(%s) AND metric = %s)",
+                    (rids, metric_id, rids, metric_id),
+                ).fetchone()
+                if not found_any or not found_any[0]:
                     continue
                 if not dimensions:
                     seen[name] = []
                     continue
                 found = conn.execute(
                     "SELECT DISTINCT jsonb_object_keys(dims) FROM dimsets WHERE id IN"
-                    " (SELECT DISTINCT dimset FROM rollup WHERE account = ANY(%s)"
+                    " (SELECT dimset FROM rollup WHERE account = ANY(%s) AND metric = %s"
+                    " UNION SELECT dimset FROM unfolded WHERE account = ANY(%s)"
                     " AND metric = %s)",
-                    (rids, metric_id),
+                    (rids, metric_id, rids, metric_id),
                 )
                 seen[name] = sorted(str(r[0]) for r in found)
             return seen
@@ -741,6 +786,11 @@ class PostgresStore(SqlCorrections, LimitTables):
             # clearing of a rollup cell and its refold could be counted twice: in the cell
             # it wrote, and in the refold that read its events.
             run("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE", ())
+            # Then the rollups made whole: every waiting event folded (after any fold in
+            # progress commits), and no fold until this commits, since the correction
+            # clears and refolds rollup cells from the events themselves.
+            run("SELECT pg_advisory_xact_lock(?)", (FOLD_LOCK,))
+            run(FOLD_SQL, ())
 
     def _gone(self, run: Run, account: int, ids: Sequence[str]) -> set[str]:
         rows = run(

@@ -97,8 +97,9 @@ class Dialect:
         hint = " INDEXED BY events_ts" if table == "events" else ""
         return f"FROM {windows} JOIN {table} x{hint} ON {on}"
 
-    def latest(self) -> list[str]:
-        """Select-list items whose first is the value at the greatest ``last_ts``."""
+    def latest(self, late: bool = False) -> list[str]:
+        """Select-list items whose first is the value at the greatest ``last_ts``; with
+        ``late``, of those at that ``last_ts`` the one with the greatest ``late``."""
         # SQLite returns the bare column last_val from the row that holds max(last_ts), as
         # long as max() is the statement's only aggregate.
         return ["s.last_val", "max(s.last_ts)"]
@@ -133,8 +134,9 @@ class PostgresDialect(Dialect):
         # cost 90 passes over the account's hours.
         return f"FROM {windows} CROSS JOIN LATERAL (SELECT * FROM {table} x WHERE {on} OFFSET 0) x"
 
-    def latest(self) -> list[str]:
-        return ["(array_agg(s.last_val ORDER BY s.last_ts DESC))[1]"]
+    def latest(self, late: bool = False) -> list[str]:
+        tie = ", s.late DESC" if late else ""
+        return [f"(array_agg(s.last_val ORDER BY s.last_ts DESC{tie}))[1]"]
 
 
 SQLITE = Dialect()
@@ -200,8 +202,15 @@ def plan_aggregate(
     accounts: Sequence[int],
     key: int | None,
     dialect: Dialect = SQLITE,
+    pending: str | None = None,
 ) -> list[Plan]:
-    """One statement for the additive measures together, one for each other measure."""
+    """One statement for the additive measures together, one for each other measure.
+
+    ``pending`` names a table of events stored but not yet folded into the rollups (the
+    PostgreSQL store's ``unfolded``, with the events' columns and ``seq``): they count
+    wherever the rollups do, read in the same statement. On a tie of timestamps, the
+    latest value is a waiting event's (it came after every folded one), the later of them
+    by ``seq``."""
     grains = grains_for(spec)
     pieces, raw_pieces = split_windows(spec.windows, grains)
     if not raw_pieces and not any(pieces.values()):
@@ -227,6 +236,13 @@ def plan_aggregate(
     account_marks = ",".join("?" * len(accounts))
     extra = "".join(f" AND {clause}" for clause in source_where)
 
+    late = ", 0 AS late" if pending else ""  # see latest(); only with a pending table
+    # An event's columns as a source row (the raw events, and those waiting to be folded).
+    event_row = (
+        " x.account AS account, x.key AS key, x.dimset AS dimset,"
+        " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax,"
+        " x.ts AS last_ts, x.value AS last_val"
+    )
     ctes: list[str] = []
     cte_params: list[Any] = []
     parts: list[str] = []
@@ -243,7 +259,7 @@ def plan_aggregate(
             f"SELECT w{n}.idx AS idx, x.account AS account, {key_column} AS key,"
             f" {dimset} AS dimset,"
             " x.cnt AS cnt, x.total AS total, x.vmin AS vmin, x.vmax AS vmax,"
-            " x.last_ts AS last_ts, x.last_val AS last_val "
+            f" x.last_ts AS last_ts, x.last_val AS last_val{late} "
             + dialect.join(
                 f"w{n}",
                 grain.table,
@@ -256,9 +272,7 @@ def plan_aggregate(
         ctes.append(f"rw(idx, lo, hi) AS ({dialect.values(len(raw_pieces), 3)})")
         cte_params.extend(dialect.value_params(raw_pieces))
         parts.append(
-            "SELECT rw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
-            " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax,"
-            " x.ts AS last_ts, x.value AS last_val "
+            f"SELECT rw.idx AS idx,{event_row}{late} "
             + dialect.join(
                 "rw",
                 "events",
@@ -267,6 +281,28 @@ def plan_aggregate(
             )
         )
         part_params.extend([metric, *accounts, *source_params])
+    if pending and any(pieces.values()):
+        # Where the rollups answer, in ms: the grains' own windows, scaled (no parameters).
+        used = [(n, g) for n, g in enumerate(grains) if pieces[g]]
+        spans = [f"SELECT idx, lo * {g.unit_ms}, hi * {g.unit_ms} FROM w{n}" for n, g in used]
+        ctes.append(f"tw(idx, lo, hi) AS ({' UNION ALL '.join(spans)})")
+        # As the raw events are read: by time, one index range per window; but only when
+        # anything waits in the whole range (one probe, evaluated once), so that a question
+        # with nothing waiting (the usual case) pays one probe, not one per window.
+        parts.append(
+            f"SELECT tw.idx AS idx,{event_row}, x.seq AS late "
+            + dialect.join(
+                "tw",
+                pending,
+                f"x.metric = ? AND x.account IN ({account_marks})"
+                f" AND x.ts >= tw.lo AND x.ts < tw.hi{extra}",
+            )
+            + f" WHERE EXISTS (SELECT 1 FROM {pending} y WHERE y.metric = ?"
+            f" AND y.account IN ({account_marks}) AND y.ts >= ? AND y.ts < ?)"
+        )
+        low = min(lo * g.unit_ms for _, g in used for _, lo, _ in pieces[g])
+        high = max(hi * g.unit_ms for _, g in used for _, _, hi in pieces[g])
+        part_params.extend([metric, *accounts, *source_params, metric, *accounts, low, high])
     source = "(" + " UNION ALL ".join(parts) + ") AS s"
 
     # Group columns and dimension filters, which need the interned dimension set.
@@ -334,7 +370,7 @@ def plan_aggregate(
         plans.append(Plan(sql, tuple(params), positions, row_decoder(spec, positions)))
     for i, measure in enumerate(spec.measures):
         if measure.aggregation == "latest":
-            sql, params = statement(dialect.latest(), [])
+            sql, params = statement(dialect.latest(late=bool(pending)), [])
             plans.append(Plan(sql, tuple(params), (i,), row_decoder(spec, (i,))))
         elif measure.aggregation == "unique_count":
             sql, params = statement(
