@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import psycopg_pool
 
 from usagemeter.store.pgschema import FOLD_LOCK, ROLLUPS, fold_into
 
@@ -93,6 +94,12 @@ class Folder:
             self._wanted.clear()
             try:
                 self._work()
+            except psycopg_pool.PoolClosed:
+                return  # the store closed while this fold waited for a connection
+            except psycopg.OperationalError as exc:
+                # The database down or restarting: an operator's condition, not a bug, so
+                # one line a try rather than a traceback a second. The events wait.
+                log.warning("folding the PostgreSQL rollups failed, retrying: %s", exc)
             except Exception:
                 log.exception("folding the PostgreSQL rollups failed; retrying")
             if self._stopping.wait(FOLD_INTERVAL):
