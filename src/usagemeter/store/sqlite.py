@@ -108,6 +108,14 @@ def _now_ms() -> int:
 _Payload = tuple[str, int, float, bool, str | None, dict[str, str], frozenset[str]]
 
 
+def _cached_dimset(cache: dict[tuple[tuple[str, str], ...], int], event: Event) -> int | None:
+    """The cached id of ``event``'s dimension set. Sets are cached by their sorted items; a
+    set sent in sorted order (every set of one, and most others) is found without sorting."""
+    items = tuple(event.dimensions.items())
+    found = cache.get(items)
+    return found if found is not None else cache.get(tuple(sorted(items)))
+
+
 def _payload(event: Event) -> _Payload:
     return (
         event.metric,
@@ -551,9 +559,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
         rows: list[_Row | None] = []
         for e in events:
             try:
-                dimset = dimsets.get(tuple(e.dimensions.items()))
+                dimset = _cached_dimset(dimsets, e)
                 if dimset is None:
-                    dimset = dimsets[tuple(sorted(e.dimensions.items()))]
+                    raise KeyError(e.dimensions)
                 rows.append(
                     (
                         accounts[e.account_id],
@@ -782,15 +790,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
         )
         key_id = event.key_id
         key = NO_KEY if key_id is None else self._key_rid(conn, key_id)
-        # Sets are cached by their sorted items; a set sent in sorted order (every set of
-        # one, and most others) is found without sorting it.
-        dims_key = tuple(event.dimensions.items())
-        dimset = self._dimset_ids.get(dims_key)
+        dimset = _cached_dimset(self._dimset_ids, event)
         if dimset is None:
-            dims_key = tuple(sorted(dims_key))
-            dimset = self._dimset_ids.get(dims_key)
-        if dimset is None:
-            dims_text = json.dumps(dict(dims_key), separators=(",", ":"))
+            dims_text = json.dumps(dict(sorted(event.dimensions.items())), separators=(",", ":"))
             dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
         tagset = self._tagset_ids.get(event.tags)
         if tagset is None:
