@@ -88,23 +88,50 @@ def _regular(pieces: Sequence[Piece]) -> tuple[int, int, int] | None:
     return first_lo, width, first_idx
 
 
-def _mapped(source: str, column: str, pieces: Sequence[Piece]) -> tuple[str, str]:
-    """The piece index of each row of ``source`` (a subquery with ``column`` and z = 0), and
-    the FROM and WHERE that keep the rows inside some piece. Many pieces: an ASOF JOIN on the
-    piece's start (one binary search per row). A few (a whole range's total, ragged ends):
-    a multiIf, which costs no join (a report tagged prod took 1.3 times as long joined)."""
+def _index(column: str, pieces: Sequence[Piece]) -> tuple[str, str] | None:
+    """The piece index of a row by arithmetic or comparisons on ``column``, and the condition
+    that keeps the rows inside some piece ('' when the source's time bounds do); None when
+    the pieces need a join. Regular pieces: arithmetic on the unit. A few (a whole range's
+    total, ragged ends): a multiIf, which costs no join (a report tagged prod took 1.3 times
+    as long joined)."""
     regular = _regular(pieces)
     if regular is not None:
         lo, width, idx = regular
-        return f"intDiv(s.{column} - {lo}, {width}) + {idx}", f"FROM ({source}) AS s"
+        return f"intDiv({column} - {lo}, {width}) + {idx}", ""
     if len(pieces) <= FEW_PIECES:
-        cases = ", ".join(
-            f"s.{column} >= {lo} AND s.{column} < {hi}, {idx}" for idx, lo, hi in pieces
-        )
-        return f"multiIf({cases}, -1)", f"FROM ({source}) AS s WHERE idx >= 0"
+        cases = ", ".join(f"{column} >= {lo} AND {column} < {hi}, {idx}" for idx, lo, hi in pieces)
+        return f"multiIf({cases}, -1)", "idx >= 0"
+    return None
+
+
+def _mapped(source: str, column: str, pieces: Sequence[Piece]) -> tuple[str, str]:
+    """The piece index of each row of ``source`` (a subquery with ``column`` and z = 0), and
+    the FROM and WHERE that keep the rows inside some piece: see _index, and for many
+    irregular pieces an ASOF JOIN on the piece's start (one binary search per row)."""
+    found = _index(f"s.{column}", pieces)
+    if found is not None:
+        index, keep = found
+        return index, f"FROM ({source}) AS s" + (f" WHERE {keep}" if keep else "")
     return "w.idx", (
         f"FROM ({source}) AS s ASOF JOIN {_windows(pieces)} AS w"
         f" ON s.z = w.z AND s.{column} >= w.lo WHERE s.{column} < w.hi"
+    )
+
+
+def _flat(
+    table: str, where: str, column: str, pieces: Sequence[Piece], group_columns: Sequence[str]
+) -> tuple[str, str] | None:
+    """A WITH clause that names each row's window (idx) and group values (g0, ...) over
+    ``table``'s own columns, and the FROM and WHERE of its rows: the one fold then reads the
+    table with no subquery (an hourly report by status 1.2 times, a daily one 1.25 times as
+    fast as through a subquery). None when the windows need a join (see _mapped)."""
+    found = _index(column, pieces)
+    if found is None:
+        return None
+    index, keep = found
+    names = [f"{index} AS idx", *_groups(group_columns)]
+    return "WITH " + ", ".join(names), f"FROM {table} WHERE {where}" + (
+        f" AND {keep}" if keep else ""
     )
 
 
@@ -202,13 +229,17 @@ def _prefold(
     return f"SELECT {', '.join(selected)} {rows} GROUP BY {', '.join(refs)}"
 
 
-def _select(groups: int, values: Sequence[str], source: str, totals: bool = False) -> str:
+def _select(
+    groups: int, values: Sequence[str], source: str, totals: bool = False, names: str = ""
+) -> str:
     """The outer fold per window and group; with ``totals``, in the same scan, per group over
-    every window (TOTAL) and, when grouped, over everything (OVERALL), by GROUPING SETS."""
+    every window (TOTAL) and, when grouped, over everything (OVERALL), by GROUPING SETS.
+    ``names``: a WITH clause naming idx and the groups over ``source``'s columns (_flat)."""
     refs = [f"g{i}" for i in range(groups)]
+    with_ = f"{names} " if names else ""
     if not totals:
         keys = ", ".join(["idx", *refs])
-        return f"SELECT {', '.join([keys, *values])} {source} GROUP BY {keys}"
+        return f"{with_}SELECT {', '.join([keys, *values])} {source} GROUP BY {keys}"
     # grouping(x) is 1 in the rows of a set that leaves x out.
     if refs:
         window = f"if(grouping(idx) = 0, idx, if(grouping(g0) = 0, {TOTAL}, {OVERALL}))"
@@ -218,7 +249,8 @@ def _select(groups: int, values: Sequence[str], source: str, totals: bool = Fals
     selected = [f"{window} AS window_index", *refs, *values]
     # The empty set yields a row even when nothing matched; a fold of nothing has none.
     return (
-        f"SELECT {', '.join(selected)} {source} GROUP BY GROUPING SETS ({sets}) HAVING count() > 0"
+        f"{with_}SELECT {', '.join(selected)} {source}"
+        f" GROUP BY GROUPING SETS ({sets}) HAVING count() > 0"
     )
 
 
@@ -255,14 +287,25 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
     foldable = [i for i, m in enumerate(spec.measures) if m.aggregation in _FOLDS]
     if foldable:
         aggregations = list(dict.fromkeys(spec.measures[i].aggregation for i in foldable))
-        parts = [
-            _part(spec, g, pieces[g], group_columns, aggregations) for g in grains if pieces[g]
-        ]
-        if raw_pieces:
-            parts.append(_raw_part(spec, raw_pieces, group_columns, aggregations))
         values = [_FOLDS[spec.measures[i].aggregation][2] for i in foldable]
-        source = "FROM (" + " UNION ALL ".join(parts) + ")"
-        sql = _select(len(group_columns), values, source, spec.totals)
+        sources = [g for g in grains if pieces[g]]
+        flat = None
+        if len(sources) == 1 and not raw_pieces:
+            # One table answers (the usual report: whole hours or days): folded once, read
+            # with no subquery, where its windows need no join.
+            (grain,) = sources
+            lo, hi = min(p[1] for p in pieces[grain]), max(p[2] for p in pieces[grain])
+            where = _where(spec, grain, "slot", lo, hi)
+            flat = _flat(grain.table, where, "slot", pieces[grain], group_columns)
+        if flat is not None:
+            names, source = flat
+            sql = _select(len(group_columns), values, source, spec.totals, names)
+        else:
+            parts = [_part(spec, g, pieces[g], group_columns, aggregations) for g in sources]
+            if raw_pieces:
+                parts.append(_raw_part(spec, raw_pieces, group_columns, aggregations))
+            source = "FROM (" + " UNION ALL ".join(parts) + ")"
+            sql = _select(len(group_columns), values, source, spec.totals)
         plans.append(Plan(sql, (), tuple(foldable), _decoder(spec, tuple(foldable))))
 
     windows = [(w.index, w.start_ms, w.end_ms) for w in spec.windows]
@@ -272,23 +315,27 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
             continue
         if measure.aggregation != "unique_count" or measure.dimension is None:
             raise ValueError(f"unknown aggregation {measure.aggregation!r}")
-        # Only the counted value (and whether the event has it) travels through the join.
         name = literal(measure.dimension)
-        columns = [
-            *_groups(group_columns),
-            f"dims[{name}] AS v",
-            f"mapContains(dims, {name}) AS has",
-        ]
-        source = (
-            f"SELECT {', '.join([*columns, 'ts', '0 AS z'])} FROM events"
-            f" WHERE {_where(spec, None, 'ts', lo, hi)}"
-        )
+        counted = f"uniqExactIf(dims[{name}], mapContains(dims, {name}))"
+        where = _where(spec, None, "ts", lo, hi)
         # Each event mapped to its window, then counted per window and group (and, with
         # totals, over the whole range in the same scan: never a fold of the windows').
-        index, rows = _mapped(source, "ts", sorted(windows))
-        refs = [f"g{n}" for n in range(len(group_columns))]
-        mapped = f"FROM (SELECT {', '.join([f'{index} AS idx', *refs, 'v', 'has'])} {rows})"
-        sql = _select(len(group_columns), ["uniqExactIf(v, has)"], mapped, spec.totals)
+        flat = _flat("events", where, "ts", sorted(windows), group_columns)
+        if flat is not None:
+            names, source = flat
+            sql = _select(len(group_columns), [counted], source, spec.totals, names)
+        else:
+            # Only the counted value (and whether the event has it) travels through the join.
+            columns = [
+                *_groups(group_columns),
+                f"dims[{name}] AS v",
+                f"mapContains(dims, {name}) AS has",
+            ]
+            inner = f"SELECT {', '.join([*columns, 'ts', '0 AS z'])} FROM events WHERE {where}"
+            index, rows = _mapped(inner, "ts", sorted(windows))
+            refs = [f"g{n}" for n in range(len(group_columns))]
+            mapped = f"FROM (SELECT {', '.join([f'{index} AS idx', *refs, 'v', 'has'])} {rows})"
+            sql = _select(len(group_columns), ["uniqExactIf(v, has)"], mapped, spec.totals)
         plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
     return plans
 
