@@ -71,6 +71,54 @@ def test_a_question_several_tables_answer_still_prefolds_each() -> None:
     assert "UNION ALL" in plan.sql and not plan.sql.startswith("WITH")
 
 
+def test_a_distinct_count_reads_the_tables_of_sets_and_raw_events_only_for_ragged_ends() -> None:
+    """Whole hours of a distinct count are counted over the hour table of sets (a value seen
+    in many events of an hour is one row there), quarter hours over the slots, and only the
+    ragged millisecond ends over the raw events: all in one count per window, never a fold."""
+    days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(3))
+    (whole,) = plan_aggregate(_spec(days, "unique_count", totals=True), hour_sets=True)
+    assert "FROM rollup_hour_sets" in whole.sql and "events" not in whole.sql
+    (slots,) = plan_aggregate(_spec(days, "unique_count", totals=True), hour_sets=False)
+    assert "FROM rollup " in slots.sql and "events" not in slots.sql
+    ragged = (Window(0, BASE_MS + 15 * 60_000 + 7, BASE_MS + DAY_MS), *days[1:])
+    (plan,) = plan_aggregate(_spec(ragged, "unique_count", totals=True), hour_sets=True)
+    assert plan.sql.count("UNION ALL") == 2 and "uniqExactIf(v, has)" in plan.sql
+    assert all(f"FROM {t} " in plan.sql for t in ("rollup_hour_sets", "rollup", "events"))
+
+
+def test_a_distinct_count_of_values_repeated_across_hours_and_ragged_ends(
+    both: tuple[SQLiteStore, ClickHouseStore],
+) -> None:
+    """The same sessions in many hours, slots and ragged milliseconds, counted once per
+    window and once over the range, as SQLite counts them."""
+    meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "s")})
+    results = []
+    for store in both:
+        store.create_account(Account("r", "R"))
+        store.append(
+            [
+                Event(
+                    id=f"r{n}",
+                    account_id="r",
+                    metric="m",
+                    ts_ms=BASE_MS + n * 7 * 60_000 + n,
+                    dimensions={"s": f"s{n % 4}"} if n % 5 else {},
+                )
+                for n in range(400)
+            ]
+        )
+        engine = Engine(store, meters)
+        answers = []
+        for tz in ("UTC", "America/New_York", "Asia/Kathmandu"):
+            start = BASE + timedelta(minutes=15, milliseconds=3)
+            query = Query(("r",), "m", start, start + timedelta(hours=40), Granularity.DAY, tz)
+            result = engine.run(query)
+            answers.append((result.buckets, result.totals, result.total))
+        results.append(answers)
+    assert results[0] == results[1]
+    assert results[1][0][2] == (4,)
+
+
 def test_cells_made_without_their_init_equal_the_constructors() -> None:
     groups = [(("agent", "x"),), (("agent", None),), ()]
     values = [(1.0,), (2.0, 3.0), ()]
