@@ -223,6 +223,29 @@ def _raw_part(
     return _prefold(source, "ts", pieces, len(group_columns), [_FOLDS[a][1] for a in aggregations])
 
 
+def _one_table(
+    spec: AggregateSpec,
+    pieces: dict[Grain, list[Piece]],
+    raw_pieces: Sequence[Piece],
+    group_columns: Sequence[str],
+    raw: bool,
+) -> tuple[str, str] | None:
+    """The WITH clause and the FROM of a question one table answers with no join (_flat):
+    one table of rollups holds all its pieces or, with ``raw`` (a distinct count, whose
+    value reads the same from a table of sets as from an event), the raw events do."""
+    sources = [g for g, p in pieces.items() if p]
+    grain: Grain | None
+    if len(sources) == 1 and not raw_pieces:
+        (grain,) = sources
+        table, column, found = grain.table, "slot", pieces[grain]
+    elif raw and not sources:
+        grain, table, column, found = None, "events", "ts", list(raw_pieces)
+    else:
+        return None
+    lo, hi = min(p[1] for p in found), max(p[2] for p in found)
+    return _flat(table, _where(spec, grain, column, lo, hi), column, found, group_columns)
+
+
 def _distinct_part(
     spec: AggregateSpec,
     grain: Grain | None,
@@ -311,27 +334,19 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
     if foldable:
         aggregations = list(dict.fromkeys(spec.measures[i].aggregation for i in foldable))
         values = [_FOLDS[spec.measures[i].aggregation][2] for i in foldable]
-        sources = [g for g in grains if pieces[g]]
-        flat = None
-        if len(sources) == 1 and not raw_pieces:
-            # One table answers (the usual report: whole hours or days): folded once, read
-            # with no subquery, where its windows need no join.
-            (grain,) = sources
-            lo, hi = min(p[1] for p in pieces[grain]), max(p[2] for p in pieces[grain])
-            where = _where(spec, grain, "slot", lo, hi)
-            flat = _flat(grain.table, where, "slot", pieces[grain], group_columns)
+        # One table answers the usual report (whole hours or days): folded once, straight.
+        flat = _one_table(spec, pieces, raw_pieces, group_columns, raw=False)
         if flat is not None:
             names, source = flat
             sql = _select(len(group_columns), values, source, spec.totals, names)
         else:
-            parts = [_part(spec, g, pieces[g], group_columns, aggregations) for g in sources]
+            parts = [_part(spec, g, p, group_columns, aggregations) for g, p in pieces.items() if p]
             if raw_pieces:
                 parts.append(_raw_part(spec, raw_pieces, group_columns, aggregations))
             source = "FROM (" + " UNION ALL ".join(parts) + ")"
             sql = _select(len(group_columns), values, source, spec.totals)
         plans.append(Plan(sql, (), tuple(foldable), _decoder(spec, tuple(foldable))))
 
-    sources = [g for g in grains if pieces[g]]
     for i, measure in enumerate(spec.measures):
         if measure.aggregation in _FOLDS:
             continue
@@ -344,22 +359,17 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
         # A session seen in many events of an hour is one row there, not many.
         name = literal(measure.dimension)
         value, has = f"dims[{name}]", f"mapContains(dims, {name})"
-        flat = None
-        if len(sources) == 1 and not raw_pieces:
-            (grain,) = sources
-            lo, hi = min(p[1] for p in pieces[grain]), max(p[2] for p in pieces[grain])
-            where = _where(spec, grain, "slot", lo, hi)
-            flat = _flat(grain.table, where, "slot", pieces[grain], group_columns)
-        elif not sources:
-            lo, hi = min(p[1] for p in raw_pieces), max(p[2] for p in raw_pieces)
-            where = _where(spec, None, "ts", lo, hi)
-            flat = _flat("events", where, "ts", raw_pieces, group_columns)
+        flat = _one_table(spec, pieces, raw_pieces, group_columns, raw=True)
         if flat is not None:
             names, source = flat
             counted = f"uniqExactIf({value}, {has})"
             sql = _select(len(group_columns), [counted], source, spec.totals, names)
         else:
-            parts = [_distinct_part(spec, g, pieces[g], group_columns, value, has) for g in sources]
+            parts = [
+                _distinct_part(spec, g, p, group_columns, value, has)
+                for g, p in pieces.items()
+                if p
+            ]
             if raw_pieces:
                 parts.append(_distinct_part(spec, None, raw_pieces, group_columns, value, has))
             source = "FROM (" + " UNION ALL ".join(parts) + ")"
