@@ -254,15 +254,15 @@ def prototype(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
     assert isinstance(store.transport, ChdbTransport)
     scratch = ChdbTransport(store.transport._shared.path, PROTO)
     db = store.transport.database
-    top = int(store.transport.query("SELECT max(seq) FROM events")[0][0]) + 1
+    first, top = store.transport.query("SELECT min(seq), max(seq) + 1 FROM events")[0]
     for table, (columns, order, fill) in PROTO_TABLES.items():
         scratch.command(f"DROP TABLE IF EXISTS {table}")
         scratch.command(
             f"CREATE TABLE {table} ({columns}) ENGINE = AggregatingMergeTree ORDER BY {order}"
         )
         scratch.command(f"SYSTEM STOP MERGES {table}")  # ten parts stay ten
-        step = -(-top // 10)
-        for lo in range(0, top, step):
+        step = -(-(int(top) - int(first)) // 10)
+        for lo in range(int(first), int(top), step):
             rows = f"seq >= {lo} AND seq < {lo + step}"
             scratch.command(f"INSERT INTO {table} " + fill.format(db=db, rows=rows))
     parts = scratch.query(
