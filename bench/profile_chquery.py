@@ -16,6 +16,11 @@ rather than loading them again. ``--against SRC`` (another version's ``src/usage
 say) first asks every question of that version's engine and ClickHouse planner (its rows
 decoded one by one, as it did) and of this one, in turn with the peer, answers checked
 equal; ``--sqlite`` adds the two engines over a SQLite store of the same events.
+``--prototype`` builds, in a scratch database of the same session, tables the schema does not
+have (distinct-count states per hour and dimension; the latest value as a plain tuple maximum
+per day; the day table's argMax states in small granules), fills them from the store's events
+as views would, and asks the distinct and latest questions of them beside the store's own
+statements and the peer's, in turn, answers checked equal.
 """
 
 from __future__ import annotations
@@ -207,6 +212,107 @@ def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, flo
     return {name: statistics.median(v) for name, v in spent.items()}
 
 
+PROTO = "proto_r7"
+# Tables a later schema could add, filled from the store's events in ten inserts (ten parts,
+# as a store's tables hold several between merges).
+PROTO_TABLES = {
+    # Distinct-count states per UTC hour and dimension: a day's distinct sessions merge 24
+    # states rather than hashing every event's value out of its map of plain strings.
+    "distinct_hour": (
+        "account String, metric LowCardinality(String), name LowCardinality(String),"
+        " slot Int64, billable UInt8, u AggregateFunction(uniqExact, String)",
+        "(account, metric, name, slot, billable)",
+        "SELECT account, metric, name, intDiv(ts, 3600000) AS slot, billable,"
+        " uniqExactState(v) AS u FROM {db}.events ARRAY JOIN mapKeys(dims) AS name,"
+        " mapValues(dims) AS v WHERE {rows} GROUP BY account, metric, name, slot, billable",
+    ),
+    # The latest value as the maximum of (ts, seq, value): a plain tuple column, read like a
+    # sum, where an argMax state is parsed row by row across every granule read.
+    "latest_day": (
+        "account String, metric LowCardinality(String), slot Int64, billable UInt8,"
+        " last SimpleAggregateFunction(max, Tuple(Int64, UInt64, Float64))",
+        "(account, metric, slot, billable)",
+        "SELECT account, metric, intDiv(ts, 86400000) AS slot, billable,"
+        " max((ts, seq, value)) AS last FROM {db}.events WHERE {rows}"
+        " GROUP BY account, metric, slot, billable",
+    ),
+    # rollup_day's argMax states as they are, in granules of 256 rows rather than 8,192.
+    "rollup_day_g256": (
+        "account String, metric LowCardinality(String), slot Int64, billable UInt8,"
+        " last AggregateFunction(argMax, Float64, Tuple(Int64, UInt64))",
+        "(account, metric, slot, billable) SETTINGS index_granularity = 256",
+        "SELECT account, metric, intDiv(ts, 86400000) AS slot, billable,"
+        " argMaxState(value, (ts, seq)) AS last FROM {db}.events WHERE {rows}"
+        " GROUP BY account, metric, slot, billable",
+    ),
+}
+
+
+def prototype(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
+    """The distinct and latest questions asked of PROTO_TABLES beside the store's statements
+    and the peer's (medians, in turn; each answer checked equal to the store's)."""
+    assert isinstance(store.transport, ChdbTransport)
+    scratch = ChdbTransport(store.transport._shared.path, PROTO)
+    db = store.transport.database
+    first, top = store.transport.query("SELECT min(seq), max(seq) + 1 FROM events")[0]
+    for table, (columns, order, fill) in PROTO_TABLES.items():
+        scratch.command(f"DROP TABLE IF EXISTS {table}")
+        scratch.command(
+            f"CREATE TABLE {table} ({columns}) ENGINE = AggregatingMergeTree ORDER BY {order}"
+        )
+        scratch.command(f"SYSTEM STOP MERGES {table}")  # ten parts stay ten
+        step = -(-(int(top) - int(first)) // 10)
+        for lo in range(int(first), int(top), step):
+            rows = f"seq >= {lo} AND seq < {lo + step}"
+            scratch.command(f"INSERT INTO {table} " + fill.format(db=db, rows=rows))
+    parts = scratch.query(
+        "SELECT database, table, count() FROM system.parts WHERE active"
+        f" AND database IN ({PROTO!r}, {db!r}) GROUP BY database, table ORDER BY 1, 2"
+    )
+    print("active parts: " + ", ".join(f"{d}.{t} {n}" for d, t, n in parts) + "\n")
+    print("| question (statement only) | the store's | prototype | raw chDB peer | store / proto |")
+    print("|---|---:|---:|---:|---:|")
+    labels = {
+        "90-day daily Sessions (distinct)": ("distinct_hour", "uniqExactMerge(u)", 24),
+        "90-day daily StorageBytes (latest)": ("latest_day", "max(last).3", 1),
+        "90-day daily StorageBytes (latest), small granules": (
+            "rollup_day_g256",
+            "argMaxMerge(last)",
+            1,
+        ),
+    }
+    for label, (table, value, per_day) in labels.items():
+        query = questions()[label.split(", small")[0]]
+        spec = asked(store, query)
+        (plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
+        unit = 3_600_000 if per_day == 24 else 86_400_000
+        lo, hi = spec.windows[0].start_ms // unit, spec.windows[-1].end_ms // unit
+        name = " AND name = 'session_id'" if table == "distinct_hour" else ""
+        sql = (
+            f"WITH intDiv(slot - {lo}, {per_day}) AS idx SELECT if(grouping(idx) = 0, idx, -1),"
+            f" {value} FROM {table} WHERE account = 'acct-0' AND metric = {spec.metric!r}{name}"
+            f" AND slot >= {lo} AND slot < {hi} GROUP BY GROUPING SETS ((idx), ())"
+            " HAVING count() > 0 ORDER BY 1"
+        )
+        ours = sorted(zip(*store.transport.query_columns(plan.sql), strict=True))
+        if sorted(zip(*scratch.query_columns(sql), strict=True)) != ours:
+            raise SystemExit(f"{label}: the prototype's answer differs from the store's")
+        peer_sql = chdb_peer.sql(peer_question(label, query))
+        ms = _in_turn(
+            {
+                "store": lambda s=plan.sql: store.transport.query_columns(s),
+                "proto": lambda s=sql: scratch.query_columns(s),
+                "peer": lambda s=peer_sql: peer.query(s),
+            },
+            runs,
+        )
+        cells = [f"{ms[k]:.1f} ms" for k in ("store", "proto", "peer")]
+        print(f"| {label} | " + " | ".join(cells) + f" | {ms['store'] / ms['proto']:.2f} |")
+    print()
+    scratch.command(f"DROP DATABASE {PROTO}")
+    scratch.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_chquery", description=__doc__)
     parser.add_argument("--events", type=int, default=300_000)
@@ -216,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="keep the chDB files here (reused if loaded)")
     parser.add_argument("--against", type=Path, help="another version's src/usagemeter")
     parser.add_argument("--sqlite", action="store_true", help="with --against: SQLite too")
+    parser.add_argument(
+        "--prototype",
+        action="store_true",
+        help="only the distinct and latest questions of tables the schema does not have",
+    )
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-profile-"))
     try:
@@ -236,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         gc.freeze()
         print(f"{store.count_events():,} events\n")
+        if args.prototype:
+            prototype(store, peer, args.runs)
+            peer.close()
+            store.close()
+            return 0
         if args.against:
             sqlite = None
             if args.sqlite:

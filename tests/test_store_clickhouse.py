@@ -161,11 +161,11 @@ def test_windows_of_one_width_in_a_row_find_their_window_by_arithmetic() -> None
     hours = tuple(Window(n, BASE_MS + n * HOUR_MS, BASE_MS + (n + 1) * HOUR_MS) for n in range(48))
     (plan,) = plan_aggregate(AggregateSpec(("a",), "m", hours, (Measure("count"),)))
     first = BASE_MS // HOUR_MS
-    assert "ASOF" not in plan.sql and f"intDiv(s.slot - {first}, 1) + 0" in plan.sql
+    assert "ASOF" not in plan.sql and f"intDiv(slot - {first}, 1) + 0" in plan.sql
     days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(9))
     tagged = AggregateSpec(("a",), "m", days, (Measure("count"),), tags=frozenset({"t"}))
     (by_day,) = plan_aggregate(tagged, hour_sets=True)
-    assert "ASOF" not in by_day.sql and f"intDiv(s.slot - {first}, 24) + 0" in by_day.sql
+    assert "ASOF" not in by_day.sql and f"intDiv(slot - {first}, 24) + 0" in by_day.sql
     gapped = hours[:10] + tuple(
         Window(n, w.start_ms + HOUR_MS, w.end_ms + HOUR_MS) for n, w in enumerate(hours[10:], 10)
     )

@@ -1,0 +1,275 @@
+"""The ClickHouse store's questions, round 7: a question one table answers is folded once,
+straight from that table (chplan._flat), and the engine lays its cells out by C loops
+(engine._made). Both must leave every answer as SQLite gives it, in any zone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from usagemeter.engine import Engine, _made
+from usagemeter.meters import MeterRegistry
+from usagemeter.model import Account, Aggregation, Event, GroupValues, Meter, Query, ResultBucket
+from usagemeter.store.base import AggregateSpec, Measure, Window
+from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.clickhouse import ClickHouseStore
+from usagemeter.store.sqlite import SQLiteStore
+from usagemeter.timewindows import Granularity
+
+BASE = datetime(2025, 11, 1, tzinfo=UTC)  # New York falls back on the 2nd: a 25-hour day
+BASE_MS = int(BASE.timestamp() * 1000)
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+def _spec(windows: tuple[Window, ...], measure: str, **fields: Any) -> AggregateSpec:
+    dimension = "s" if measure == "unique_count" else None
+    return AggregateSpec(("a",), "m", windows, (Measure(measure, dimension),), **fields)
+
+
+@pytest.mark.parametrize("measure", ["count", "sum", "max", "latest", "unique_count"])
+@pytest.mark.parametrize("group_by", [(), ("agent",)])
+@pytest.mark.parametrize("totals", [False, True])
+def test_a_question_one_table_answers_reads_it_with_no_subquery(
+    measure: str, group_by: tuple[str, ...], totals: bool
+) -> None:
+    """Whole days in a row (a daily report) and a few irregular hours (a range's total): the
+    window is arithmetic or a multiIf over the table's own columns, named by WITH, and the
+    statement has one SELECT. Windows with gaps between many of them still join."""
+    days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(9))
+    few = (
+        Window(0, BASE_MS, BASE_MS + 3 * HOUR_MS),
+        Window(1, BASE_MS + 5 * HOUR_MS, BASE_MS + DAY_MS),
+    )
+    for windows, index in ((days, "intDiv("), (few, "multiIf(")):
+        spec = _spec(windows, measure, group_by=group_by, totals=totals)
+        (plan,) = plan_aggregate(spec, hour_sets=True)
+        assert plan.sql.startswith(f"WITH {index}"), plan.sql
+        assert plan.sql.count("SELECT") == 1 and "ASOF" not in plan.sql
+        assert ("GROUPING SETS" in plan.sql) == totals
+    gapped = tuple(
+        Window(n, BASE_MS + 2 * n * HOUR_MS, BASE_MS + (2 * n + 1) * HOUR_MS) for n in range(20)
+    )
+    (joined,) = plan_aggregate(_spec(gapped, measure, group_by=group_by), hour_sets=True)
+    assert "ASOF" in joined.sql and not joined.sql.startswith("WITH")
+
+
+def test_a_question_several_tables_answer_still_prefolds_each() -> None:
+    """A New York day of ragged quarter hours (from 00:15) reads whole hours and slots: each
+    pre-folded, then folded together, as before."""
+    start = BASE_MS + 15 * 60_000
+    windows = (Window(0, start, start + DAY_MS), Window(1, start + DAY_MS, start + 2 * DAY_MS))
+    (plan,) = plan_aggregate(_spec(windows, "count", tags=frozenset({"t"})), hour_sets=True)
+    assert "UNION ALL" in plan.sql and not plan.sql.startswith("WITH")
+
+
+def test_a_distinct_count_reads_the_tables_of_sets_and_raw_events_only_for_ragged_ends() -> None:
+    """Whole hours of a distinct count are counted over the hour table of sets (a value seen
+    in many events of an hour is one row there), quarter hours over the slots, and only the
+    ragged millisecond ends over the raw events: all in one count per window, never a fold."""
+    days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(3))
+    (whole,) = plan_aggregate(_spec(days, "unique_count", totals=True), hour_sets=True)
+    assert "FROM rollup_hour_sets" in whole.sql and "events" not in whole.sql
+    (slots,) = plan_aggregate(_spec(days, "unique_count", totals=True), hour_sets=False)
+    assert "FROM rollup " in slots.sql and "events" not in slots.sql
+    ragged = (Window(0, BASE_MS + 15 * 60_000 + 7, BASE_MS + DAY_MS), *days[1:])
+    (plan,) = plan_aggregate(_spec(ragged, "unique_count", totals=True), hour_sets=True)
+    assert plan.sql.count("UNION ALL") == 2 and "uniqExactIf(v, has)" in plan.sql
+    assert all(f"FROM {t} " in plan.sql for t in ("rollup_hour_sets", "rollup", "events"))
+
+
+def test_a_distinct_count_of_values_repeated_across_hours_and_ragged_ends(
+    both: tuple[SQLiteStore, ClickHouseStore],
+) -> None:
+    """The same sessions in many hours, slots and ragged milliseconds, counted once per
+    window and once over the range, as SQLite counts them."""
+    meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "s")})
+    results = []
+    for store in both:
+        store.create_account(Account("r", "R"))
+        store.append(
+            [
+                Event(
+                    id=f"r{n}",
+                    account_id="r",
+                    metric="m",
+                    ts_ms=BASE_MS + n * 7 * 60_000 + n,
+                    dimensions={"s": f"s{n % 4}"} if n % 5 else {},
+                )
+                for n in range(400)
+            ]
+        )
+        engine = Engine(store, meters)
+        answers = []
+        for tz in ("UTC", "America/New_York", "Asia/Kathmandu"):
+            start = BASE + timedelta(minutes=15, milliseconds=3)
+            query = Query(("r",), "m", start, start + timedelta(hours=40), Granularity.DAY, tz)
+            result = engine.run(query)
+            answers.append((result.buckets, result.totals, result.total))
+        results.append(answers)
+    assert results[0] == results[1]
+    assert results[1][0][2] == (4,)
+
+
+def test_cells_made_without_their_init_equal_the_constructors() -> None:
+    groups = [(("agent", "x"),), (("agent", None),), ()]
+    values = [(1.0,), (2.0, 3.0), ()]
+    made = _made(GroupValues, iter(groups), iter(values))
+    assert made == [GroupValues(g, v) for g, v in zip(groups, values, strict=True)]
+    assert hash(made[0]) == hash(GroupValues(groups[0], values[0]))  # frozen, hashable
+    with pytest.raises(AttributeError):
+        made[0].values = (9.0,)  # type: ignore[misc]
+    bucket = _made(ResultBucket, [BASE], [BASE + timedelta(hours=1)], [tuple(made)])
+    assert bucket == [ResultBucket(BASE, BASE + timedelta(hours=1), tuple(made))]
+    assert _made(GroupValues, [], []) == []
+    with pytest.raises(ValueError, match="one column of equal length per field"):
+        _made(GroupValues, groups, values[:2])
+    with pytest.raises(ValueError, match="one column of equal length per field"):
+        _made(GroupValues, groups)
+
+
+# ---------------------------------------------------------------- the same answers as SQLite
+
+events_strategy = st.lists(
+    st.tuples(
+        st.integers(-6 * HOUR_MS, 3 * DAY_MS),  # ms after BASE: across New York's fall back
+        st.integers(0, 20),
+        st.sampled_from([None, "x", "y"]),
+        st.sampled_from(["s1", "s2", "s3", None]),
+        st.frozensets(st.sampled_from(["t1", "t2"])),
+    ),
+    min_size=5,
+    max_size=50,
+    unique_by=lambda e: e[0],  # distinct instants: "latest" then has one answer
+)
+# Whole hours from a whole hour: the questions one table answers (hours, days, months in
+# zones of whole-hour offsets; a range's total by a multiIf) and some that need several
+# (Kathmandu's and Kolkata's hours, which start at :15 and :30).
+queries = st.fixed_dictionaries(
+    {
+        "tz": st.sampled_from(["UTC", "America/New_York", "Asia/Kathmandu", "Asia/Kolkata"]),
+        "granularity": st.sampled_from(list(Granularity)),
+        "start": st.integers(-8, 30).map(lambda h: h * HOUR_MS),
+        "length": st.integers(1, 80).map(lambda h: h * HOUR_MS),
+        "aggregation": st.sampled_from(list(Aggregation)),
+        "group_by": st.sampled_from([(), ("agent",), ("subaccount",)]),
+        "tags": st.sampled_from([frozenset(), frozenset({"t1"})]),
+    }
+)
+_runs = itertools.count()
+
+
+@pytest.fixture
+def both(tmp_path: Path, chstore: ClickHouseStore) -> Iterator[tuple[SQLiteStore, Any]]:
+    sqlite = SQLiteStore(tmp_path / "same.db")
+    yield sqlite, chstore
+    sqlite.close()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raw=events_strategy, asked=st.lists(queries, min_size=1, max_size=4))
+def test_whole_hour_questions_equal_sqlites(
+    both: tuple[SQLiteStore, ClickHouseStore],
+    raw: list[tuple[Any, ...]],
+    asked: list[dict[str, Any]],
+) -> None:
+    run = next(_runs)  # each example in accounts of its own: the stores are shared
+    a, b = f"qa{run}", f"qb{run}"
+    meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "s")})
+    results = []
+    for store in both:
+        store.create_account(Account(a, "A"))
+        store.create_account(Account(b, "B", a))
+        events = [
+            Event(
+                id=f"e{n}",
+                account_id=a if n % 3 else b,
+                metric="m",
+                ts_ms=BASE_MS + offset,
+                value=float(value),
+                dimensions={
+                    **({"agent": agent} if agent else {}),
+                    **({"s": session} if session else {}),
+                },
+                tags=tags,
+            )
+            for n, (offset, value, agent, session, tags) in enumerate(raw)
+        ]
+        store.append(events)
+        engine = Engine(store, meters)
+        answers = []
+        for q in asked:
+            start = BASE + timedelta(milliseconds=q["start"])
+            query = Query(
+                accounts=(a, b),
+                metric="m",
+                start=start,
+                end=start + timedelta(milliseconds=q["length"]),
+                granularity=q["granularity"],
+                tz=q["tz"],
+                aggregations=(q["aggregation"],),
+                group_by=q["group_by"],
+                tags=q["tags"],
+            )
+            result = engine.run(query)
+            answers.append((result.buckets, result.totals, result.total))
+        results.append(answers)
+    assert results[0] == results[1]
+
+
+def test_cells_come_in_group_order_with_missing_values_last(chstore: ClickHouseStore) -> None:
+    """Each bucket's cells and the totals are ordered by group, a missing value (None) after
+    every present one; a distinct count's totals (not a fold of the buckets) too."""
+    chstore.create_account(Account("o", "O"))
+    chstore.append(
+        [
+            Event(
+                id=f"o{n}",
+                account_id="o",
+                metric="m",
+                ts_ms=BASE_MS + n * HOUR_MS,
+                dimensions={**({"agent": agent} if agent else {}), "s": f"s{n % 2}"},
+            )
+            for n, agent in enumerate(["y", None, "x", "y", None, "x", "x"])
+        ]
+    )
+    meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "s")})
+    for aggregation in (Aggregation.COUNT, Aggregation.UNIQUE_COUNT):
+        result = Engine(chstore, meters).run(
+            Query(
+                ("o",),
+                "m",
+                BASE,
+                BASE + timedelta(hours=7),
+                Granularity.HOUR,
+                aggregations=(aggregation,),
+                group_by=("agent",),
+            )
+        )
+        assert [[c.group for c in b.groups] for b in result.buckets] == [
+            [(("agent", "y"),)],
+            [(("agent", None),)],
+            [(("agent", "x"),)],
+            [(("agent", "y"),)],
+            [(("agent", None),)],
+            [(("agent", "x"),)],
+            [(("agent", "x"),)],
+        ]
+        assert [t.group for t in result.totals] == [
+            (("agent", "x"),),
+            (("agent", "y"),),
+            (("agent", None),),
+        ]
+        totals = [t.values[0] for t in result.totals]
+        assert totals == ([3, 2, 2] if aggregation is Aggregation.COUNT else [2, 2, 2])
+        assert result.total == ((7,) if aggregation is Aggregation.COUNT else (2,))
