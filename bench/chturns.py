@@ -6,6 +6,14 @@ batch, so the machine's load weighs on both alike. Prints both rates, their rati
 an append's time went in each (``bench.chstore``'s steps).
 
     python -m bench.chturns --against /tmp/main/src [--events 200000]
+
+``--grouped N`` measures group commit instead, in one process: two stores on one chDB
+session (a database each), the same batches sent to each by N client threads at once, a
+burst of 2N batches to one store, then the same burst to the other, in turn. One store
+writes the batches that queue together in one INSERT; the other, one INSERT per batch (as
+before group commit). Prints both rates and the INSERTs each made.
+
+    python -m bench.chturns --grouped 4 [--events 200000]
 """
 
 from __future__ import annotations
@@ -17,13 +25,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from bench.chstore import ACCOUNTS, BATCH, PHASES, REST, _time_phases, batches
 from usagemeter.model import Account
 from usagemeter.store import open_store
+from usagemeter.store.chtransport import ChdbTransport
 from usagemeter.store.clickhouse import ClickHouseStore
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds bench/
@@ -67,14 +77,73 @@ def _steps(phases: dict[str, float], elapsed: float, batches_: int) -> dict[str,
     return {label: seconds / batches_ * 1000 for label, seconds in steps.items()}
 
 
+def grouped(count: int, clients: int) -> None:
+    """Group commit against one INSERT per batch, in turn by bursts (see the docstring)."""
+    scratch = Path(tempfile.mkdtemp(prefix="usagemeter-grouped-"))
+    stores = [
+        ClickHouseStore(ChdbTransport(f"{scratch}/chdb", database), str(scratch / database))
+        for database in ("grouped", "alone")
+    ]
+    stores[1]._group_commit._max_size = 1  # every group holds one batch
+    inserts = [0, 0]
+    for i, store in enumerate(stores):
+        for n in range(ACCOUNTS):
+            store.create_account(Account(f"acct-{n}", f"Account {n}"))
+        insert = store.transport.insert_columns
+
+        def counted(table: str, *args: object, _i: int = i, _insert: Any = insert) -> None:
+            inserts[_i] += table == "events"
+            _insert(table, *args)
+
+        store.transport.insert_columns = counted  # type: ignore[method-assign]
+    spent = [0.0, 0.0]
+    pending = list(batches(count))
+    try:
+        while pending:
+            burst, pending = pending[: 2 * clients], pending[2 * clients :]
+            for i, store in enumerate(stores):
+                queue = burst[::-1]
+
+                def client(_store: ClickHouseStore = store, _queue: list[Any] = queue) -> None:
+                    while _queue:
+                        try:
+                            batch = _queue.pop()
+                        except IndexError:
+                            return
+                        _store.append(batch)
+
+                threads = [threading.Thread(target=client) for _ in range(clients)]
+                began = time.perf_counter()
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                spent[i] += time.perf_counter() - began
+    finally:
+        for store in stores:
+            store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    count_batches = -(-count // BATCH)
+    print(f"{count:,} events, batches of {BATCH:,}, {clients} clients at once, in turn\n")
+    print("| | group commit | an INSERT per batch | ratio |")
+    print("|---|---:|---:|---:|")
+    rates = [count / spent[0], count / spent[1]]
+    print(f"| ingest, events/s | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.2f} |")
+    print(f"| INSERTs for {count_batches} batches | {inserts[0]} | {inserts[1]} | |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chturns", description=__doc__)
     parser.add_argument("--against", help="a directory holding the other usagemeter package")
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--grouped", type=int, metavar="N", help="group commit, N clients")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.events)
+        return 0
+    if args.grouped:
+        grouped(args.events, args.grouped)
         return 0
     if not args.against or not (Path(args.against) / "usagemeter").is_dir():
         raise SystemExit("--against DIR: DIR must hold a usagemeter package (a checkout's src)")
