@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,28 +98,17 @@ def grouped(count: int, clients: int) -> None:
 
         store.transport.insert_columns = counted  # type: ignore[method-assign]
     spent = [0.0, 0.0]
+    ratios = []  # per burst: the INSERT-per-batch store's seconds over the grouped one's
     pending = list(batches(count))
     try:
         while pending:
             burst, pending = pending[: 2 * clients], pending[2 * clients :]
-            for i, store in enumerate(stores):
-                queue = burst[::-1]
-
-                def client(_store: ClickHouseStore = store, _queue: list[Any] = queue) -> None:
-                    while _queue:
-                        try:
-                            batch = _queue.pop()
-                        except IndexError:
-                            return
-                        _store.append(batch)
-
-                threads = [threading.Thread(target=client) for _ in range(clients)]
-                began = time.perf_counter()
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-                spent[i] += time.perf_counter() - began
+            took = [0.0, 0.0]
+            # Which store goes first alternates, so that neither always follows the other.
+            for i in (0, 1) if len(ratios) % 2 == 0 else (1, 0):
+                took[i] = _burst(stores[i], burst, clients)
+                spent[i] += took[i]
+            ratios.append(took[1] / took[0])
     finally:
         for store in stores:
             store.close()
@@ -130,6 +120,33 @@ def grouped(count: int, clients: int) -> None:
     rates = [count / spent[0], count / spent[1]]
     print(f"| ingest, events/s | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.2f} |")
     print(f"| INSERTs for {count_batches} batches | {inserts[0]} | {inserts[1]} | |")
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    print(
+        f"\nper burst of {2 * clients} batches, an INSERT per batch / group commit: median"
+        f" {statistics.median(ratios):.2f} (quartiles {quartiles[0]:.2f} to {quartiles[2]:.2f},"
+        f" {len(ratios)} bursts)"
+    )
+
+
+def _burst(store: ClickHouseStore, burst: list[Any], clients: int) -> float:
+    """Seconds to append ``burst`` from ``clients`` threads at once."""
+    queue = burst[::-1]
+
+    def client() -> None:
+        while queue:
+            try:
+                batch = queue.pop()
+            except IndexError:  # another client took the last one
+                return
+            store.append(batch)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - began
 
 
 def main(argv: list[str] | None = None) -> int:

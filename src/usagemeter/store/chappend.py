@@ -103,14 +103,23 @@ class NewEvents:
 
 
 def sort_out(
-    batches: Sequence[Prepared], stored: dict[tuple[str, str], str]
+    batches: Sequence[Prepared], stored: dict[tuple[str, str], str], distinct: int
 ) -> tuple[list[AppendResult], NewEvents]:
     """Each batch's answer and the group's new events. ``stored`` holds the digests found
-    for the group's pairs; it takes each new event's too, so that a later batch of the group
-    (or a later event of one batch) repeating an id is a duplicate, as it would be had the
-    batches been written one by one."""
-    results: list[AppendResult] = []
+    for the group's pairs (``distinct`` of them); it takes each new event's too, so that a
+    later batch of the group (or a later event of one batch) repeating an id is a duplicate,
+    as it would be had the batches been written one by one."""
     new = NewEvents()
+    if not stored and distinct == sum(len(b.events) for b in batches):
+        # The usual group: no id stored, none twice. Every event is new, taken whole (the
+        # loop below cost a batch of 10,000 about 15 ms).
+        for batch in batches:
+            new.events.extend(batch.events)
+            new.dims.extend(batch.dims)
+            new.tags.extend(batch.tags)
+            new.digests.extend(batch.digests)
+        return [AppendResult(len(b.events), 0) for b in batches], new
+    results: list[AppendResult] = []
     for batch in batches:
         accepted = duplicates = 0
         conflicts: list[int] = []
@@ -144,7 +153,8 @@ def event_columns(new: NewEvents, first_seq: int) -> dict[str, list[Any]]:
         "key": [e.key_id or "" for e in events],
         "billable": [1 if e.billable else 0 for e in events],
         "value": [float(e.value) for e in events],
-        "dims": [dict(d) for d in new.dims],
+        # As sent (a Map's order is not its identity); a mapping that is no dict, as a dict.
+        "dims": [d if type(d) is dict else dict(d) for d in (e.dimensions for e in events)],
         "tags": new.tags,
         "dimset": [set_id(d) for d in new.dims],
         "tagset": [set_id(t) for t in new.tags],

@@ -312,7 +312,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
         their new events. Should the INSERT fail, every batch of the group fails with it,
         each whole."""
         with self._lock:
-            results, new = sort_out(batches, self._stored_digests(pairs(batches)))
+            asked = pairs(batches)
+            results, new = sort_out(batches, self._stored_digests(asked), len(asked))
             if new.events:
                 self.transport.insert_columns(
                     "events", event_columns(new, self._seqs(len(new.events))), new.token()
