@@ -13,7 +13,7 @@ burst of 2N batches to one store, then the same burst to the other, in turn. One
 writes the batches that queue together in one INSERT; the other, one INSERT per batch (as
 before group commit). Prints both rates and the INSERTs each made.
 
-    python -m bench.chturns --grouped 4 [--events 200000]
+    python -m bench.chturns --grouped 4 [--events 200000] [--batch 10000]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from bench.chstore import ACCOUNTS, BATCH, PHASES, REST, _time_phases, batches
+from bench.chstore import ACCOUNTS, BATCH, PHASES, REST, _time_phases, batches, generate
 from usagemeter.model import Account
 from usagemeter.store import open_store
 from usagemeter.store.chtransport import ChdbTransport
@@ -78,7 +78,7 @@ def _steps(phases: dict[str, float], elapsed: float, batches_: int) -> dict[str,
     return {label: seconds / batches_ * 1000 for label, seconds in steps.items()}
 
 
-def grouped(count: int, clients: int) -> None:
+def grouped(count: int, clients: int, size: int = BATCH) -> None:
     """Group commit against one INSERT per batch, in turn by bursts (see the docstring)."""
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-grouped-"))
     stores = [
@@ -99,7 +99,8 @@ def grouped(count: int, clients: int) -> None:
         store.transport.insert_columns = counted  # type: ignore[method-assign]
     spent = [0.0, 0.0]
     ratios = []  # per burst: the INSERT-per-batch store's seconds over the grouped one's
-    pending = list(batches(count))
+    events = list(generate(count))
+    pending = [events[i : i + size] for i in range(0, count, size)]
     try:
         while pending:
             burst, pending = pending[: 2 * clients], pending[2 * clients :]
@@ -113,8 +114,8 @@ def grouped(count: int, clients: int) -> None:
         for store in stores:
             store.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    count_batches = -(-count // BATCH)
-    print(f"{count:,} events, batches of {BATCH:,}, {clients} clients at once, in turn\n")
+    count_batches = -(-count // size)
+    print(f"{count:,} events, batches of {size:,}, {clients} clients at once, in turn\n")
     print("| | group commit | an INSERT per batch | ratio |")
     print("|---|---:|---:|---:|")
     rates = [count / spent[0], count / spent[1]]
@@ -154,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", help="a directory holding the other usagemeter package")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--grouped", type=int, metavar="N", help="group commit, N clients")
+    parser.add_argument("--batch", type=int, default=BATCH, help="events per batch (--grouped)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.events)
         return 0
     if args.grouped:
-        grouped(args.events, args.grouped)
+        grouped(args.events, args.grouped, args.batch)
         return 0
     if not args.against or not (Path(args.against) / "usagemeter").is_dir():
         raise SystemExit("--against DIR: DIR must hold a usagemeter package (a checkout's src)")
