@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.test_store_clickhouse_hours import _transport
 from usagemeter.model import Account, AppendResult, Event
-from usagemeter.store.chschema import HOUR_SETS, SLOTS
+from usagemeter.store.chschema import HOUR_SETS, SLOTS, STATEMENTS
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlite import SQLiteStore
 
@@ -259,3 +259,33 @@ def test_a_group_commit_answers_as_the_batches_one_by_one_on_sqlite(
 
 def _identity(e: Event) -> tuple[str, str, float]:
     return (e.account_id, e.id, e.value)
+
+
+def test_small_parts_are_packed_also_in_a_database_created_before(
+    clickhouse_home: str, tmp_path: Path
+) -> None:
+    """An insert's parts are stored packed (one file each), in the tables of a database
+    created before the setting (by the DDL alone) once a store opens it."""
+    database = f"unpacked_{time.time_ns()}"
+    transport = _transport(clickhouse_home, database)
+    for statement in STATEMENTS:
+        transport.command(statement)
+    store = ClickHouseStore(transport, str(tmp_path / "side.sqlite"))
+    try:
+        store.create_account(Account("a", "A"))
+        events = [
+            Event(id=f"e{i}", account_id="a", metric="m", ts_ms=BASE_MS + i * 9 * DAY_MS)
+            for i in range(12)  # over four months
+        ]
+        assert store.append(events).accepted == 12
+        parts = transport.query(
+            "SELECT table, groupUniqArray(part_storage_type) FROM system.parts"
+            " WHERE database = currentDatabase() AND active GROUP BY table ORDER BY table"
+        )
+        assert {row[0] for row in parts} >= {"accounts", "events", "event_ids", "rollup"}
+        assert all(row[1] == ["Packed"] for row in parts), parts
+        assert store.append(events).duplicates == 12
+        assert store.count_events() == 12
+    finally:
+        transport.command(f"DROP DATABASE {database}")
+        store.close()

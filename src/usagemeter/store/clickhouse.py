@@ -43,7 +43,7 @@ from usagemeter.store.base import (
 )
 from usagemeter.store.chappend import GROUP_EVENTS, Prepared, event_columns, pairs, sort_out
 from usagemeter.store.chplan import decode_columns, plan_aggregate
-from usagemeter.store.chschema import STATEMENTS
+from usagemeter.store.chschema import STATEMENTS, pack_small_parts
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
 from usagemeter.store.chupgrade import HourSets
 from usagemeter.store.chvoids import ChCorrections
@@ -75,6 +75,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         )
         for statement in STATEMENTS:
             transport.command(statement)
+        pack_small_parts(transport)
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
         # the insert of an account or key: ClickHouse enforces no unique keys itself.
         self._lock = threading.Lock()
