@@ -114,7 +114,8 @@ def load(
     if timing:
         _time_phases(store, phases)
     if clients > 1:
-        elapsed = _load_concurrently(store, count, clients)
+        # The batches made beforehand: generating them is not the store's time.
+        elapsed = append_concurrently(store, list(batches(count)), clients)
     else:
         elapsed = 0.0
         for batch in batches(count):
@@ -126,19 +127,22 @@ def load(
     return count / elapsed
 
 
-def _load_concurrently(store: Store, count: int, clients: int) -> float:
-    """Seconds from the first batch sent to the last acknowledged, ``clients`` at a time
-    (the batches made beforehand: generating them is not the store's time)."""
-    queue = list(batches(count))
-    queue.reverse()
+def append_concurrently(store: Store, sent: Sequence[list[Event]], clients: int) -> float:
+    """Seconds from the first of ``sent`` appended to the last acknowledged, from ``clients``
+    threads at once, each taking the next batch when its last is acknowledged."""
+    queue = list(sent)[::-1]
+    failures: list[BaseException] = []
 
     def client() -> None:
-        while queue:
-            try:
-                batch = queue.pop()
-            except IndexError:  # another client took the last one
-                return
-            store.append(batch)
+        try:
+            while queue:
+                try:
+                    batch = queue.pop()
+                except IndexError:  # another client took the last one
+                    return
+                store.append(batch)
+        except BaseException as exc:  # raised in the caller's thread below
+            failures.append(exc)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     began = time.perf_counter()
@@ -146,6 +150,8 @@ def _load_concurrently(store: Store, count: int, clients: int) -> float:
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:
+        raise failures[0]
     return time.perf_counter() - began
 
 

@@ -26,12 +26,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import IO, Any
 
-from bench.chstore import ACCOUNTS, BATCH, PHASES, REST, _time_phases, batches, generate
+from bench.chstore import (
+    ACCOUNTS,
+    BATCH,
+    PHASES,
+    REST,
+    _time_phases,
+    append_concurrently,
+    batches,
+    generate,
+)
 from usagemeter.model import Account
 from usagemeter.store import open_store
 from usagemeter.store.chtransport import ChdbTransport
@@ -107,7 +115,7 @@ def grouped(count: int, clients: int, size: int = BATCH) -> None:
             took = [0.0, 0.0]
             # Which store goes first alternates, so that neither always follows the other.
             for i in (0, 1) if len(ratios) % 2 == 0 else (1, 0):
-                took[i] = _burst(stores[i], burst, clients)
+                took[i] = append_concurrently(stores[i], burst, clients)
                 spent[i] += took[i]
             ratios.append(took[1] / took[0])
     finally:
@@ -127,27 +135,6 @@ def grouped(count: int, clients: int, size: int = BATCH) -> None:
         f" {statistics.median(ratios):.2f} (quartiles {quartiles[0]:.2f} to {quartiles[2]:.2f},"
         f" {len(ratios)} bursts)"
     )
-
-
-def _burst(store: ClickHouseStore, burst: list[Any], clients: int) -> float:
-    """Seconds to append ``burst`` from ``clients`` threads at once."""
-    queue = burst[::-1]
-
-    def client() -> None:
-        while queue:
-            try:
-                batch = queue.pop()
-            except IndexError:  # another client took the last one
-                return
-            store.append(batch)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - began
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,17 +6,20 @@ The promises are the other stores', kept this way:
 - Rollups are kept by the engine: materialized views fold each insert into them as part of
   the INSERT, so when ``append`` returns the events and their rollups are stored (and fsynced:
   see chschema._DURABLE) and the next question sees them (read-your-writes).
-- A batch is one INSERT of one block. Accounts and keys are checked before it, so a batch
-  naming an unknown one stores nothing. (ClickHouse has no transactions: a server that dies
-  in the middle of a multi-month batch may keep some months' parts; a retry of the batch is
-  then deduplicated per event and completes it.)
-- Dedupe per (account, id), forever: before inserting, the store looks the batch's ids up in
+- A batch is written by one INSERT of one block, alone or with the batches that queued
+  behind the INSERT before it (group commit, chappend.py). Accounts and keys are checked
+  before a batch joins a group, so a batch naming an unknown one stores nothing and fails
+  alone; an INSERT that fails fails every batch of its group, each whole. (ClickHouse has no
+  transactions: a server that dies in the middle of a multi-month INSERT may keep some
+  months' parts; a retry of the batch is then deduplicated per event and completes it.)
+- Dedupe per (account, id), forever: before inserting, the store looks the group's ids up in
   ``event_ids`` (kept by the engine from every insert, ordered by (account, id)) while
   holding a process lock, so within one process an id is stored once whatever the threads,
   and a retry after the first attempt was acknowledged is caught by any process. The insert
-  carries a dedupe token naming its new events, so one batch racing at two processes is
-  stored once. The window that remains: two different batches sharing ids, looked up at two
-  processes before either inserted (a few milliseconds). Route each account's ingest to one
+  carries a dedupe token naming its new events, so one batch racing at two processes, each
+  written alone, is stored once. The window that remains: batches sharing ids, looked up at
+  two processes before either inserted (a few milliseconds), unless both INSERTs named the
+  same new events (a batch written alone at both). Route each account's ingest to one
   process (docs/clickhouse.md) to close it.
 - Distinct counts and latest values are exact over any range: distinct counts are counted on
   the raw events, latest values travel as argMax states.
