@@ -152,7 +152,8 @@ def _grouped(
     try:
         with store._lock:  # the first batch's writer waits here, the others queue
             threads[0].start()
-            while not store._group_commit._writers:
+            # Until the first has taken its group (itself alone) off the queue.
+            while not store._group_commit._writers or store._group_commit._queue:
                 time.sleep(0.001)
             for thread in threads[1:]:
                 thread.start()
