@@ -155,10 +155,11 @@ def _grouped(
             # Until the first has taken its group (itself alone) off the queue.
             while not store._group_commit._writers or store._group_commit._queue:
                 time.sleep(0.001)
-            for thread in threads[1:]:
+            # One at a time, so that they queue in order (a group answers in its order).
+            for queued, thread in enumerate(threads[1:], start=1):
                 thread.start()
-            while len(store._group_commit._queue) < len(batches) - 1:
-                time.sleep(0.001)
+                while len(store._group_commit._queue) < queued:
+                    time.sleep(0.001)
         for thread in threads:
             thread.join()
     finally:
