@@ -5,7 +5,7 @@ block of columns.
 
 Why group commit: an INSERT's cost is largely per part written (the events table's months,
 ``event_ids``, every rollup's table, each part fsynced), not per row: four batches of 10,000
-in one INSERT took 0.55 to 0.6 times as long as the four one by one (docs/clickhouse.md,
+in one INSERT took 0.5 to 0.6 times as long as the four one by one (docs/clickhouse.md,
 "Ingest, round 7"). Batches that arrive while an INSERT is under way wait for it anyway (one
 lookup and insert at a time per process: see clickhouse.py), so they go in the next one
 together.
@@ -27,8 +27,8 @@ import msgspec
 
 from usagemeter.model import AppendResult, Event
 
-# Events per INSERT at most (the batches of one group together). Larger blocks still paid
-# less per event, but a group's batches all wait for the last of them.
+# Events per INSERT at most (the batches of one group together): five batches of 10,000, so
+# that a group's batches do not all wait long for the last of them.
 GROUP_EVENTS = 50_000
 
 Dims = tuple[tuple[str, str], ...]
