@@ -6,6 +6,14 @@ batch, so the machine's load weighs on both alike. Prints both rates, their rati
 an append's time went in each (``bench.chstore``'s steps).
 
     python -m bench.chturns --against /tmp/main/src [--events 200000]
+
+``--grouped N`` measures group commit instead, in one process: two stores on one chDB
+session (a database each), the same batches sent to each by N client threads at once, a
+burst of 2N batches to one store, then the same burst to the other, in turn. One store
+writes the batches that queue together in one INSERT; the other, one INSERT per batch (as
+before group commit). Prints both rates and the INSERTs each made.
+
+    python -m bench.chturns --grouped 4 [--events 200000] [--batch 10000]
 """
 
 from __future__ import annotations
@@ -14,16 +22,27 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from bench.chstore import ACCOUNTS, BATCH, PHASES, REST, _time_phases, batches
+from bench.chstore import (
+    ACCOUNTS,
+    BATCH,
+    PHASES,
+    REST,
+    _time_phases,
+    append_concurrently,
+    batches,
+    generate,
+)
 from usagemeter.model import Account
 from usagemeter.store import open_store
+from usagemeter.store.chtransport import ChdbTransport
 from usagemeter.store.clickhouse import ClickHouseStore
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds bench/
@@ -67,14 +86,70 @@ def _steps(phases: dict[str, float], elapsed: float, batches_: int) -> dict[str,
     return {label: seconds / batches_ * 1000 for label, seconds in steps.items()}
 
 
+def grouped(count: int, clients: int, size: int = BATCH) -> None:
+    """Group commit against one INSERT per batch, in turn by bursts (see the docstring)."""
+    scratch = Path(tempfile.mkdtemp(prefix="usagemeter-grouped-"))
+    stores = [
+        ClickHouseStore(ChdbTransport(f"{scratch}/chdb", database), str(scratch / database))
+        for database in ("grouped", "alone")
+    ]
+    stores[1]._group_commit._max_size = 1  # every group holds one batch
+    inserts = [0, 0]
+    for i, store in enumerate(stores):
+        for n in range(ACCOUNTS):
+            store.create_account(Account(f"acct-{n}", f"Account {n}"))
+        insert = store.transport.insert_columns
+
+        def counted(table: str, *args: object, _i: int = i, _insert: Any = insert) -> None:
+            inserts[_i] += table == "events"
+            _insert(table, *args)
+
+        store.transport.insert_columns = counted  # type: ignore[method-assign]
+    spent = [0.0, 0.0]
+    ratios = []  # per burst: the INSERT-per-batch store's seconds over the grouped one's
+    events = list(generate(count))
+    pending = [events[i : i + size] for i in range(0, count, size)]
+    try:
+        while pending:
+            burst, pending = pending[: 2 * clients], pending[2 * clients :]
+            took = [0.0, 0.0]
+            # Which store goes first alternates, so that neither always follows the other.
+            for i in (0, 1) if len(ratios) % 2 == 0 else (1, 0):
+                took[i] = append_concurrently(stores[i], burst, clients)
+                spent[i] += took[i]
+            ratios.append(took[1] / took[0])
+    finally:
+        for store in stores:
+            store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    count_batches = -(-count // size)
+    print(f"{count:,} events, batches of {size:,}, {clients} clients at once, in turn\n")
+    print("| | group commit | an INSERT per batch | ratio |")
+    print("|---|---:|---:|---:|")
+    rates = [count / spent[0], count / spent[1]]
+    print(f"| ingest, events/s | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.2f} |")
+    print(f"| INSERTs for {count_batches} batches | {inserts[0]} | {inserts[1]} | |")
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    print(
+        f"\nper burst of {2 * clients} batches, an INSERT per batch / group commit: median"
+        f" {statistics.median(ratios):.2f} (quartiles {quartiles[0]:.2f} to {quartiles[2]:.2f},"
+        f" {len(ratios)} bursts)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chturns", description=__doc__)
     parser.add_argument("--against", help="a directory holding the other usagemeter package")
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--grouped", type=int, metavar="N", help="group commit, N clients")
+    parser.add_argument("--batch", type=int, default=BATCH, help="events per batch (--grouped)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.events)
+        return 0
+    if args.grouped:
+        grouped(args.events, args.grouped, args.batch)
         return 0
     if not args.against or not (Path(args.against) / "usagemeter").is_dir():
         raise SystemExit("--against DIR: DIR must hold a usagemeter package (a checkout's src)")

@@ -23,12 +23,13 @@ from usagemeter.meters import MeterRegistry
 from usagemeter.model import Account, Aggregation, Event, Meter, Query, Scope
 from usagemeter.store import open_store, rows
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
+from usagemeter.store.chappend import digest_v1 as _digest_v1
 from usagemeter.store.chplan import _regular as chplan_regular
 from usagemeter.store.chplan import _split as chplan_split
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chschema import HOUR_SETS_GRAIN
 from usagemeter.store.chtransport import literal
-from usagemeter.store.clickhouse import ClickHouseStore, _digest_v1
+from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.postgres import _digest as pg_digest
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.store.sqlplan import ACCOUNT_GRAINS, KEY_GRAINS, SLOTS, split_windows

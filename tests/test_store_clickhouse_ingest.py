@@ -1,20 +1,26 @@
 """The ClickHouse store's write path: events travel as columns (JSONColumns), so any text is
-stored as sent and a retry of it is a duplicate, not a conflict; and a database whose tables
-of sets were created partitioned by month (before round 6) takes batches as before."""
+stored as sent and a retry of it is a duplicate, not a conflict; a database whose tables
+of sets were created partitioned by month (before round 6) takes batches as before; and
+batches that queue together are written by one group commit, each answered and stored (or
+failed) as if it had been written alone."""
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.test_store_clickhouse_hours import _transport
-from usagemeter.model import Account, Event
-from usagemeter.store.chschema import HOUR_SETS, SLOTS
+from usagemeter.model import Account, AppendResult, Event
+from usagemeter.store.chschema import HOUR_SETS, SLOTS, STATEMENTS
 from usagemeter.store.clickhouse import ClickHouseStore
+from usagemeter.store.sqlite import SQLiteStore
 
 BASE_MS = 1_741_392_000_000  # 2025-03-08T00:00:00Z
 DAY_MS = 86_400_000
@@ -117,3 +123,171 @@ def test_a_fresh_database_keeps_its_tables_of_sets_unpartitioned(chstore: ClickH
         ("rollup", 1),
         (HOUR_SETS, 1),
     ]
+
+
+def _grouped(
+    store: ClickHouseStore, batches: list[list[Event]]
+) -> tuple[list[AppendResult | BaseException], int]:
+    """Append ``batches`` from a thread each, held until all but the first are queued behind
+    the first one's INSERT: the first is written alone, the others by one group commit.
+    Returns each batch's outcome (in order) and the number of INSERTs into events."""
+    inserts = 0
+    insert = store.transport.insert_columns
+
+    def counted(table: str, *args: Any) -> None:
+        nonlocal inserts
+        inserts += table == "events"
+        insert(table, *args)
+
+    store.transport.insert_columns = counted  # type: ignore[method-assign]
+    outcomes: list[AppendResult | BaseException] = [ValueError("not run")] * len(batches)
+
+    def run(index: int) -> None:
+        try:
+            outcomes[index] = store.append(batches[index])
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    try:
+        with store._lock:  # the first batch's writer waits here, the others queue
+            threads[0].start()
+            # Until the first has taken its group (itself alone) off the queue.
+            while not store._group_commit._writers or store._group_commit._queue:
+                time.sleep(0.001)
+            # One at a time, so that they queue in order (a group answers in its order).
+            for queued, thread in enumerate(threads[1:], start=1):
+                thread.start()
+                while len(store._group_commit._queue) < queued:
+                    time.sleep(0.001)
+        for thread in threads:
+            thread.join()
+    finally:
+        store.transport.insert_columns = insert  # type: ignore[method-assign]
+    return outcomes, inserts
+
+
+def test_batches_that_queue_together_are_one_insert_and_answer_each_for_itself(
+    chstore: ClickHouseStore,
+) -> None:
+    chstore.create_account(Account("a", "A"))
+    first = [Event(id=f"e{i}", account_id="a", metric="m", ts_ms=BASE_MS + i) for i in range(5)]
+    second = [Event(id=f"e{i}", account_id="a", metric="m", ts_ms=BASE_MS + i) for i in (3, 5, 6)]
+    # A repeat of the second's e6 (the same group), and e5 with another payload: a conflict.
+    third = [
+        Event(id="e6", account_id="a", metric="m", ts_ms=BASE_MS + 6),
+        Event(id="e5", account_id="a", metric="m", ts_ms=BASE_MS + 5, value=2.0),
+        Event(id="e7", account_id="a", metric="m", ts_ms=BASE_MS + 7),
+    ]
+    outcomes, inserts = _grouped(chstore, [first, second, third])
+    assert outcomes == [AppendResult(5, 0), AppendResult(2, 1), AppendResult(1, 2, (1,))]
+    assert inserts == 2  # the first alone, then the other two together
+    assert chstore.count_events() == 8
+    cells = chstore.transport.query(
+        f"SELECT sum(cnt) FROM rollup UNION ALL SELECT sum(cnt) FROM {HOUR_SETS}"
+    )
+    assert [int(row[0]) for row in cells] == [8, 8]
+
+
+def test_a_group_whose_insert_fails_fails_every_batch_of_it_whole(
+    chstore: ClickHouseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chstore.create_account(Account("a", "A"))
+    batches = [
+        [Event(id=f"e{b}-{i}", account_id="a", metric="m", ts_ms=BASE_MS + i) for i in range(3)]
+        for b in range(3)
+    ]
+    real = chstore.transport.insert_columns
+    calls = 0
+
+    def second_fails(table: str, *args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ConnectionError("ClickHouse went away")
+        real(table, *args)
+
+    monkeypatch.setattr(chstore.transport, "insert_columns", second_fails)
+    outcomes, _ = _grouped(chstore, batches)
+    assert outcomes[0] == AppendResult(3, 0)
+    assert [type(o) for o in outcomes[1:]] == [ConnectionError, ConnectionError]
+    assert chstore.count_events() == 3
+    # Their retries are whole, and counted once.
+    assert [chstore.append(b) for b in batches] == [AppendResult(0, 3)] + [AppendResult(3, 0)] * 2
+    assert chstore.count_events() == 9
+
+
+ids = st.sampled_from([f"e{i}" for i in range(8)])
+batch_strategy = st.lists(
+    st.tuples(ids, st.sampled_from(["a", "b"]), st.integers(0, 2)), min_size=1, max_size=6
+)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(batches=st.lists(batch_strategy, min_size=2, max_size=4))
+def test_a_group_commit_answers_as_the_batches_one_by_one_on_sqlite(
+    chstore: ClickHouseStore,
+    tmp_path_factory: pytest.TempPathFactory,
+    batches: list[list[tuple[str, str, int]]],
+) -> None:
+    """Whatever ids the batches of a group share, with whatever payloads, each batch's
+    answer (new, repeated, conflicting by index) and what is stored are SQLite's, where the
+    same batches are appended one after the other."""
+    run = next(_accounts)
+    accounts = {name: f"{name}-{run}" for name in ("a", "b")}
+    sqlite = SQLiteStore(str(tmp_path_factory.mktemp("sqlite") / "db.sqlite"))
+    try:
+        for store in (chstore, sqlite):
+            for account in accounts.values():
+                store.create_account(Account(account, account))
+        events = [
+            [
+                Event(id=i, account_id=accounts[a], metric="m", ts_ms=BASE_MS, value=float(v))
+                for i, a, v in batch
+            ]
+            for batch in batches
+        ]
+        outcomes, _ = _grouped(chstore, events)
+        assert outcomes == [sqlite.append(batch) for batch in events]
+        listed = sorted(accounts.values())
+        assert sorted(chstore.iter_events(listed), key=_identity) == sorted(
+            sqlite.iter_events(listed), key=_identity
+        )
+    finally:
+        sqlite.close()
+
+
+def _identity(e: Event) -> tuple[str, str, float]:
+    return (e.account_id, e.id, e.value)
+
+
+def test_small_parts_are_packed_also_in_a_database_created_before(
+    clickhouse_home: str, tmp_path: Path
+) -> None:
+    """An insert's parts are stored packed (one file each), in the tables of a database
+    created before the setting (by the DDL alone) once a store opens it."""
+    database = f"unpacked_{time.time_ns()}"
+    transport = _transport(clickhouse_home, database)
+    for statement in STATEMENTS:
+        transport.command(statement)
+    store = ClickHouseStore(transport, str(tmp_path / "side.sqlite"))
+    try:
+        store.create_account(Account("a", "A"))
+        events = [
+            Event(id=f"e{i}", account_id="a", metric="m", ts_ms=BASE_MS + i * 9 * DAY_MS)
+            for i in range(12)  # over four months
+        ]
+        assert store.append(events).accepted == 12
+        parts = transport.query(
+            "SELECT table, groupUniqArray(part_storage_type) FROM system.parts"
+            " WHERE database = currentDatabase() AND active GROUP BY table ORDER BY table"
+        )
+        assert {row[0] for row in parts} >= {"accounts", "events", "event_ids", "rollup"}
+        assert all(row[1] == ["Packed"] for row in parts), parts
+        assert store.append(events).duplicates == 12
+        assert store.count_events() == 12
+    finally:
+        transport.command(f"DROP DATABASE {database}")
+        store.close()

@@ -8,8 +8,13 @@ the same thing everywhere and the shared window splitter (sqlplan.split_windows)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from usagemeter.store.sqlplan import DAY_MS, HOUR_MS, Grain
 from usagemeter.timewindows import SLOT_MS
+
+if TYPE_CHECKING:
+    from usagemeter.store.chtransport import Transport
 
 # Durable before acknowledged: each insert's part (and its directory) is fsynced before the
 # INSERT returns, as SQLite's synchronous=FULL and PostgreSQL's synchronous_commit do.
@@ -19,6 +24,16 @@ _DURABLE = "fsync_after_insert = 1, fsync_part_directory = 1"
 # same retried batch, see clickhouse.py) is stored once, rollups included. Every insert into
 # events carries a token, so no two different batches are ever taken for one.
 _TOKENS = "non_replicated_deduplication_window = 10000"
+# A part smaller than this (uncompressed) is stored packed: its files (data, marks, index,
+# checksums, columns, count, ...) in one file, so an insert fsyncs one file and the part's
+# directory per table instead of about a dozen files. Durable as before (the packed file is
+# fsynced before the part is renamed into place). Small inserts (single events, batches of
+# a few thousand) write such parts: an insert of one event took 0.4 to 0.75 times as long.
+# Larger parts (batches of 10,000 mostly, merged parts) stay whole: they gained little
+# (1.06 times an append of 10,000), and a question read small packed parts no faster
+# (docs/clickhouse.md, "Ingest, round 7").
+PACKED_BELOW = 1024 * 1024
+_PACKED_SETTING = "min_bytes_for_full_part_storage"
 
 
 def floor_div(column: str, unit: int) -> str:
@@ -261,3 +276,24 @@ TABLES = (
     "rollup_hour",
     "rollup_day",
 )
+
+
+def pack_small_parts(transport: Transport) -> None:
+    """Give every table of TABLES the packed storage of small parts (PACKED_BELOW), a table
+    created before round 7 too. Set by ALTER rather than in the DDL: a server that does not
+    know the setting (packed parts are recent) keeps its tables as they are, and works."""
+    known = transport.query(
+        f"SELECT count() FROM system.merge_tree_settings WHERE name = '{_PACKED_SETTING}'"
+    )
+    if not known or not int(known[0][0]):
+        return
+    tables = ", ".join(f"'{name}'" for name in TABLES)
+    rows = transport.query(
+        "SELECT name, engine_full FROM system.tables"
+        f" WHERE database = currentDatabase() AND name IN ({tables})"
+    )
+    for name, engine in rows:
+        if _PACKED_SETTING not in engine:
+            transport.command(
+                f"ALTER TABLE {name} MODIFY SETTING {_PACKED_SETTING} = {PACKED_BELOW}"
+            )

@@ -6,17 +6,20 @@ The promises are the other stores', kept this way:
 - Rollups are kept by the engine: materialized views fold each insert into them as part of
   the INSERT, so when ``append`` returns the events and their rollups are stored (and fsynced:
   see chschema._DURABLE) and the next question sees them (read-your-writes).
-- A batch is one INSERT of one block. Accounts and keys are checked before it, so a batch
-  naming an unknown one stores nothing. (ClickHouse has no transactions: a server that dies
-  in the middle of a multi-month batch may keep some months' parts; a retry of the batch is
-  then deduplicated per event and completes it.)
-- Dedupe per (account, id), forever: before inserting, the store looks the batch's ids up in
+- A batch is written by one INSERT of one block, alone or with the batches that queued
+  behind the INSERT before it (group commit, chappend.py). Accounts and keys are checked
+  before a batch joins a group, so a batch naming an unknown one stores nothing and fails
+  alone; an INSERT that fails fails every batch of its group, each whole. (ClickHouse has no
+  transactions: a server that dies in the middle of a multi-month INSERT may keep some
+  months' parts; a retry of the batch is then deduplicated per event and completes it.)
+- Dedupe per (account, id), forever: before inserting, the store looks the group's ids up in
   ``event_ids`` (kept by the engine from every insert, ordered by (account, id)) while
   holding a process lock, so within one process an id is stored once whatever the threads,
   and a retry after the first attempt was acknowledged is caught by any process. The insert
-  carries a dedupe token naming its new events, so one batch racing at two processes is
-  stored once. The window that remains: two different batches sharing ids, looked up at two
-  processes before either inserted (a few milliseconds). Route each account's ingest to one
+  carries a dedupe token naming its new events, so one batch racing at two processes, each
+  written alone, is stored once. The window that remains: batches sharing ids, looked up at
+  two processes before either inserted (a few milliseconds), unless both INSERTs named the
+  same new events (a batch written alone at both). Route each account's ingest to one
   process (docs/clickhouse.md) to close it.
 - Distinct counts and latest values are exact over any range: distinct counts are counted on
   the raw events, latest values travel as argMax states.
@@ -24,9 +27,6 @@ The promises are the other stores', kept this way:
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -44,12 +44,14 @@ from usagemeter.store.base import (
     Conflict,
     NotFound,
 )
+from usagemeter.store.chappend import GROUP_EVENTS, Prepared, event_columns, pairs, sort_out
 from usagemeter.store.chplan import decode_columns, plan_aggregate
-from usagemeter.store.chschema import STATEMENTS
+from usagemeter.store.chschema import STATEMENTS, pack_small_parts
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
 from usagemeter.store.chupgrade import HourSets
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
+from usagemeter.store.pgcommit import GroupCommit
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row, row_ids_stale
 from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import run_plans
@@ -58,32 +60,6 @@ from usagemeter.timewindows import SLOT_MS
 EXPORT_PAGE = 10_000  # events per query while exporting
 _ACCOUNT_COLUMNS = "id, name, parent, cycle_anchor, cycle_period, created_at"
 _KEY_COLUMNS = "id, account, name, prefix, scopes, created_at, revoked_at, secret_hash"
-
-
-@functools.lru_cache(maxsize=65_536)
-def _set_id(items: tuple[str | tuple[str, str], ...]) -> int:
-    """A stable 64-bit id of a dimension or tag set (its sorted members); a batch repeats a
-    few sets many times, hence the cache."""
-    digest = hashlib.blake2b(msgspec.json.encode(items), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def _digest(e: Event, dims: tuple[tuple[str, str], ...], tags: tuple[str, ...]) -> str:
-    """What identifies an event's payload, to tell a retry from a conflicting reuse of its
-    id (hex). msgspec encodes it: json.dumps took half of a batch's time in Python."""
-    payload = (e.metric, e.ts_ms, float(e.value), e.billable, e.key_id, dims, tags)
-    return hashlib.blake2b(msgspec.json.encode(payload), digest_size=16).hexdigest()
-
-
-_ENCODE_V1 = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _digest_v1(e: Event) -> str:
-    """The digest events were stored with before _digest: a retry of one of those is still
-    a retry, not a conflict. Computed only when the current digest does not match."""
-    payload = [e.metric, e.ts_ms, e.value, e.billable, e.key_id]
-    payload += [sorted(e.dimensions.items()), sorted(e.tags)]
-    return hashlib.blake2b(_ENCODE_V1(payload).encode(), digest_size=16).hexdigest()
 
 
 def _now_ms() -> int:
@@ -102,6 +78,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         )
         for statement in STATEMENTS:
             transport.command(statement)
+        pack_small_parts(transport)
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
         # the insert of an account or key: ClickHouse enforces no unique keys itself.
         self._lock = threading.Lock()
@@ -110,6 +87,9 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._corrections = threading.Lock()
         self.hour_sets = HourSets(transport, self._corrections, fresh)
         self._last_seq = 0
+        self._group_commit: GroupCommit[Prepared, AppendResult] = GroupCommit(
+            self._write_group, GROUP_EVENTS
+        )
         self._known: dict[str, set[str]] = {}
         self._known_since = 0.0
         self._forget_known()
@@ -326,78 +306,29 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def append(self, events: Sequence[Event]) -> AppendResult:
         if not events:
             return AppendResult(0, 0)
+        # Refused before it joins a group, so that it fails alone, saying which name.
         self._require("accounts", "account", [e.account_id for e in events])
         self._require("keys", "key", [e.key_id for e in events if e.key_id is not None])
+        return self._group_commit.submit(Prepared(events), len(events))
+
+    def _write_group(self, batches: Sequence[Prepared]) -> list[AppendResult]:
+        """The batches of one group commit (chappend.py): one dedupe lookup, one INSERT of
+        their new events. Should the INSERT fail, every batch of the group fails with it,
+        each whole."""
         with self._lock:
-            stored = self._stored_digests(events)
-            new: list[Event] = []
-            dims: list[tuple[tuple[str, str], ...]] = []
-            tags: list[tuple[str, ...]] = []
-            digests: list[str] = []
-            duplicates = 0
-            conflicts: list[int] = []
-            for index, e in enumerate(events):
-                # Most events have no tags, many no dimensions: skip their sorts.
-                e_dims = tuple(sorted(e.dimensions.items())) if e.dimensions else ()
-                e_tags = tuple(sorted(e.tags)) if e.tags else ()
-                digest = _digest(e, e_dims, e_tags)
-                pair = (e.account_id, e.id)
-                earlier = stored.get(pair)
-                if earlier is not None:
-                    duplicates += 1
-                    if earlier != digest and earlier != _digest_v1(e):
-                        conflicts.append(index)
-                    continue
-                stored[pair] = digest
-                new.append(e)
-                dims.append(e_dims)
-                tags.append(e_tags)
-                digests.append(digest)
-            if new:
-                self._insert_events(new, dims, tags, digests)
-        return AppendResult(len(new), duplicates, tuple(conflicts))
+            asked = pairs(batches)
+            results, new = sort_out(batches, self._stored_digests(asked), len(asked))
+            if new.events:
+                self.transport.insert_columns(
+                    "events", event_columns(new, self._seqs(len(new.events))), new.token()
+                )
+        return results
 
-    def _insert_events(
-        self,
-        new: list[Event],
-        dims: list[tuple[tuple[str, str], ...]],
-        tags: list[tuple[str, ...]],
-        digests: list[str],
-    ) -> None:
-        """One INSERT of the new events, column by column (a comprehension per column builds
-        them faster than a tuple per event, and they are encoded in one call)."""
-        accounts = [e.account_id for e in new]
-        ids = [e.id for e in new]
-        seq = self._seqs(len(new))
-        columns: dict[str, list[Any]] = {
-            "account": accounts,
-            "metric": [e.metric for e in new],
-            "ts": [e.ts_ms for e in new],
-            "id": ids,
-            "key": [e.key_id or "" for e in new],
-            "billable": [1 if e.billable else 0 for e in new],
-            "value": [float(e.value) for e in new],
-            "dims": [dict(d) for d in dims],
-            "tags": tags,
-            "dimset": [_set_id(d) for d in dims],
-            "tagset": [_set_id(t) for t in tags],
-            "seq": list(range(seq, seq + len(new))),
-            "digest": digests,
-        }
-        # The token names exactly these new events: should another process insert the same
-        # ones at the same moment (one batch retried at two processes), ClickHouse keeps one
-        # of the two inserts.
-        token = hashlib.blake2b(
-            msgspec.json.encode(sorted(zip(accounts, ids, digests, strict=True))), digest_size=16
-        ).hexdigest()
-        self.transport.insert_columns("events", columns, token)
-
-    def _stored_digests(self, events: Sequence[Event]) -> dict[tuple[str, str], str]:
-        """The payload digests of the batch's (account, id) pairs already stored. The pairs
+    def _stored_digests(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The payload digests of those (account, id) pairs already stored. The pairs
         travel as one data literal (format()) rather than as SQL tuples, which ClickHouse
         parses ten times slower."""
-        pairs = dict.fromkeys((e.account_id, e.id) for e in events)
-        data = b"\n".join(msgspec.json.encode(pair) for pair in pairs).decode()
+        data = b"\n".join(map(msgspec.json.encode, pairs)).decode()
         rows = self.transport.query(
             "SELECT account, id, digest FROM event_ids WHERE (account, id) IN (SELECT a, i"
             f" FROM format(JSONCompactEachRow, 'a String, i String', {literal(data)}))"
