@@ -224,7 +224,19 @@ class IngestBench:
             floor, floor_cpu = floor_rate(tmp, floor_rows(live, self.start_ms))
             n, seconds, cpu = self.post(service, live)
             label = f"live: in time order, {a.clients} clients x {a.batch}"
-            self.add(Figure(label, n, seconds, cpu, floor, floor_cpu, *self.settle(service)))
+            folded, folded_cpu = self.settle(service)
+            self.add(
+                Figure(
+                    label,
+                    n,
+                    seconds,
+                    cpu,
+                    floor,
+                    floor_cpu,
+                    folded_seconds=folded,
+                    folded_cpu=folded_cpu,
+                )
+            )
 
             self.single(service)
 
@@ -239,7 +251,19 @@ class IngestBench:
             n, seconds, cpu = self.post(service, backfill)
             held = a.prefill + a.live
             label = f"backfill: 120 days, into {held:,} stored, {a.clients} x {a.batch}"
-            self.add(Figure(label, n, seconds, cpu, floor, floor_cpu, *self.settle(service)))
+            folded, folded_cpu = self.settle(service)
+            self.add(
+                Figure(
+                    label,
+                    n,
+                    seconds,
+                    cpu,
+                    floor,
+                    floor_cpu,
+                    folded_seconds=folded,
+                    folded_cpu=folded_cpu,
+                )
+            )
             self.peak_rss = service.stop()
 
             self.file(tmp)
