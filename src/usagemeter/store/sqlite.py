@@ -895,7 +895,13 @@ class SQLiteStore(SqlCorrections, LimitTables):
             key_rid = int(row[0])
         if not account_rids:
             return []
-        plans = plan_aggregate(spec, metric, account_rids, key_rid, pending="unfolded")
+        # Events waiting for their fold are read beside the rollups, in the same statement.
+        # None waiting (a settled store): the statement without them, which SQLite runs in
+        # half the time. An event acknowledged before this question is in ``unfolded`` or,
+        # moved by a fold in one transaction, in the rollups, so the check misses none.
+        waiting = conn.execute("SELECT EXISTS (SELECT 1 FROM unfolded)").fetchone()[0]
+        pending = "unfolded" if waiting else None
+        plans = plan_aggregate(spec, metric, account_rids, key_rid, pending=pending)
         return run_plans(plans, lambda p: conn.execute(p.sql, p.params), len(spec.measures))
 
     def metrics_seen(
