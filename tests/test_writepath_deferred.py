@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,23 @@ def test_waiting_events_survive_sigkill_and_are_folded_when_the_file_is_opened(
     assert tuple(folded) == (50, 75.0)
     assert _answers(store, "a")[2][0][:2] == (50, 75.0)
     store.close()
+
+
+def test_an_idle_store_folds_what_another_process_left_waiting(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 0.05)
+    server = _open(db_path)  # open before the events arrive: its opening folds none of them
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED, str(db_path), str(BASE_MS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == -9 and done.stdout.strip() == "50"
+    deadline = time.monotonic() + 20
+    while _waiting(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _waiting(server) == 0
+    assert server._writer.execute("SELECT sum(cnt) FROM rollup").fetchone()[0] == 50
+    server.close()

@@ -593,11 +593,24 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     self._commit_group(group)
             if not group and closing:
                 return
-            if self._unfolded >= FOLD_EVENTS or (not group and self._unfolded):
+            if self._unfolded >= FOLD_EVENTS or (not group and self._anything_waits()):
                 try:
                     self.fold()
-                except Exception:  # a query folds again, and raises to its caller
+                except Exception:  # tried again at the next pause; questions read them
                     log.exception("folding the rollups of %s failed", self.path)
+
+    def _anything_waits(self) -> bool:
+        """Events wait for their fold: this process's, or those another process left (an
+        `ingest` killed before it folded), which no question folds any more."""
+        if self._unfolded:
+            return True
+        try:
+            with self._write_lock:
+                found = self._writer.execute("SELECT EXISTS (SELECT 1 FROM unfolded)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("reading what waits in %s failed: %s", self.path, exc)
+            return False
+        return bool(found[0])
 
     def _translate(self, error: BaseException) -> BaseException:
         """A full disk as the store-agnostic StoreUnavailable (after a checkpoint, so that
