@@ -210,6 +210,15 @@ class IngestBench:
             raise RuntimeError(f"sent {len(events)} events, {res.accepted} accepted")
         return res.accepted, res.seconds, cpu
 
+    def measure(
+        self, service: Service, label: str, events: g.Events, floor: float, floor_cpu: float
+    ) -> None:
+        """Post ``events``, then wait for their fold: one figure of both."""
+        n, seconds, cpu = self.post(service, events)
+        folded, folded_cpu = self.settle(service)
+        figure = Figure(label, n, seconds, cpu, floor, floor_cpu)
+        self.add(dataclasses.replace(figure, folded_seconds=folded, folded_cpu=folded_cpu))
+
     def run(self) -> list[Figure]:
         a = self.args
         service = Service()
@@ -222,21 +231,8 @@ class IngestBench:
 
             live = live_events(a.seed, a.live)
             floor, floor_cpu = floor_rate(tmp, floor_rows(live, self.start_ms))
-            n, seconds, cpu = self.post(service, live)
             label = f"live: in time order, {a.clients} clients x {a.batch}"
-            folded, folded_cpu = self.settle(service)
-            self.add(
-                Figure(
-                    label,
-                    n,
-                    seconds,
-                    cpu,
-                    floor,
-                    floor_cpu,
-                    folded_seconds=folded,
-                    folded_cpu=folded_cpu,
-                )
-            )
+            self.measure(service, label, live, floor, floor_cpu)
 
             self.single(service)
 
@@ -248,22 +244,9 @@ class IngestBench:
             backfill = g.concat(list(g.iter_events(a.seed, a.prefill, a.prefill + a.backfill)))
             before = floor_rows(prefill, self.start_ms) if prefill is not None else []
             floor, floor_cpu = floor_rate(tmp, floor_rows(backfill, self.start_ms), before)
-            n, seconds, cpu = self.post(service, backfill)
             held = a.prefill + a.live
             label = f"backfill: 120 days, into {held:,} stored, {a.clients} x {a.batch}"
-            folded, folded_cpu = self.settle(service)
-            self.add(
-                Figure(
-                    label,
-                    n,
-                    seconds,
-                    cpu,
-                    floor,
-                    floor_cpu,
-                    folded_seconds=folded,
-                    folded_cpu=folded_cpu,
-                )
-            )
+            self.measure(service, label, backfill, floor, floor_cpu)
             self.peak_rss = service.stop()
 
             self.file(tmp)
