@@ -152,14 +152,21 @@ def test_a_question_reads_waiting_events_without_folding_them(
 ) -> None:
     monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 3600.0)
     store = _open(db_path)
-    store.append([Event(f"e{i}", "a", "m", BASE_MS + i * HOUR_MS, 2.0) for i in range(3)])
+    store.append(
+        [
+            Event(f"e{i}", "a", "m", BASE_MS + i * HOUR_MS, 2.0, dimensions={"d": "x"})
+            for i in range(3)
+        ]
+    )
     assert _answers(store, "a")[2] == {0: (3, 6.0, 2.0, 2.0, 2.0), TOTAL: (3, 6.0, 2.0, 2.0, 2.0)}
     assert _waiting(store) == 3  # answered from the waiting events: nothing folded
-    assert store.metrics_seen(["a"]) == {"m": []}
+    assert store.metrics_seen(["a"]) == {"m": ["d"]}
+    assert store.metrics_seen(["a"], dimensions=False) == {"m": []}
     assert store.metrics_seen(["b"]) == {}
     store.fold()
     assert _waiting(store) == 0
     assert _answers(store, "a")[2][0] == (3, 6.0, 2.0, 2.0, 2.0)
+    assert store.metrics_seen(["a"]) == {"m": ["d"]}
     store.close()
 
 

@@ -908,19 +908,23 @@ class SQLiteStore(SqlCorrections, LimitTables):
             key_rid = int(row[0])
         if not account_rids:
             return []
-        # Events waiting for their fold are read beside the rollups, in the same statement.
-        # None waiting (a settled store): the statement without them, which SQLite runs in
-        # half the time. An event acknowledged before this question is in ``unfolded`` or,
-        # moved by a fold in one transaction, in the rollups, so the check misses none.
-        waiting = conn.execute("SELECT EXISTS (SELECT 1 FROM unfolded)").fetchone()[0]
-        pending = "unfolded" if waiting else None
+        pending = "unfolded" if self._waiting(conn) else None
         plans = plan_aggregate(spec, metric, account_rids, key_rid, pending=pending)
         return run_plans(plans, lambda p: conn.execute(p.sql, p.params), len(spec.measures))
+
+    def _waiting(self, conn: sqlite3.Connection) -> bool:
+        """Whether any event waits for its fold. Questions read the waiting events beside
+        the rollups, in the same statement, only then: a settled store gets the statement
+        without them, which SQLite runs in about half the time. An event acknowledged
+        before the question is in ``unfolded`` or, moved there by a fold in one
+        transaction, in the rollups, so the check misses none."""
+        return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM unfolded)").fetchone()[0])
 
     def metrics_seen(
         self, accounts: Sequence[str], metric: str | None = None, *, dimensions: bool = True
     ) -> dict[str, list[str]]:
         conn = self._reader()
+        waiting = self._waiting(conn)
         rids = [
             int(row[0])
             for account_id in accounts
@@ -951,11 +955,13 @@ class SQLiteStore(SqlCorrections, LimitTables):
             # The dimension sets in use are interned: read their ids off the slot rollups
             # of this metric and accounts (one range of the primary key), then their names.
             dimension_names: set[str] = set()
+            also = ""  # and of the waiting events, when any wait (a UNION costs a quarter more)
+            if waiting:
+                also = f" UNION SELECT dimset FROM unfolded WHERE metric = ? AND {where_accounts}"
             for (dims,) in conn.execute(
-                "SELECT dims FROM dimsets WHERE id IN (SELECT dimset FROM rollup"
-                f" WHERE metric = ? AND {where_accounts} UNION SELECT dimset FROM unfolded"
-                f" WHERE metric = ? AND {where_accounts})",
-                (metric_id, *rids, metric_id, *rids),
+                "SELECT dims FROM dimsets WHERE id IN (SELECT DISTINCT dimset FROM rollup"
+                f" WHERE metric = ? AND {where_accounts}{also})",
+                (metric_id, *rids, *((metric_id, *rids) if waiting else ())),
             ):
                 dimension_names.update(json.loads(dims))
             seen[name] = sorted(dimension_names)
