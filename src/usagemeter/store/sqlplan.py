@@ -102,7 +102,12 @@ class Dialect:
         ``late``, of those at that ``last_ts`` the one with the greatest ``late``."""
         # SQLite returns the bare column last_val from the row that holds max(last_ts), as
         # long as max() is the statement's only aggregate.
-        return ["s.last_val", "max(s.last_ts)"]
+        if not late:
+            return ["s.last_val", "max(s.last_ts)"]
+        # Of tied rows SQLite keeps whichever came first: the tie goes to the greatest
+        # ``late`` only if it is in the compared value, and (last_ts, late), up to 2^43 and
+        # 2^63, fit no integer: as text of fixed widths, which compares as the pair does.
+        return ["s.last_val", "max(format('%013d%019d', s.last_ts, s.late))"]
 
 
 class PostgresDialect(Dialect):
