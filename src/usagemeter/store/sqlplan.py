@@ -122,8 +122,10 @@ class PostgresDialect(Dialect):
 
     def finish(self, sql: str) -> str:
         # The planner puts no "?" or "%" in its text other than placeholders (names and
-        # values are always parameters), so this swap is safe.
-        return sql.replace("?", "%s")
+        # values are always parameters), so this swap is safe. Binary parameters: a list of
+        # ints is then a bigint[] whatever its values (the store dumps ints as int8), so a
+        # statement keeps one set of parameter types and one prepared plan.
+        return sql.replace("?", "%b")
 
     def values(self, count: int, width: int) -> str:
         # One array per column instead of count * width parameters: the statement text stays
