@@ -179,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                 services[0].create(accounts, keys)
                 pids = [cluster.postmaster_pid(), *(s.pid for s in services)]
                 before = [cpu_seconds(pid) for pid in pids]
+                client_before = time.process_time()
                 with WaitSampler(url) as waits:
                     seconds, accepted = _load(services, bodies, args.clients)
                     folding, left = settle(url)
                 seconds += folding
                 spent = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+                client = time.process_time() - client_before
             finally:
                 for s in services:
                     s.close()
@@ -201,6 +203,16 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {waits.summary()}; {left:,} events waited to be folded when the load"
                 f" ended, folded in {folding:.2f} s (counted above)",
+                flush=True,
+            )
+            # What bounds the rate on this machine: the CPU one event costs the servers, the
+            # database and the bench's own clients (which share the cores), against the cores.
+            per_event = [1e6 * t / accepted for t in (sum(spent[1:]), spent[0], client)]
+            cores = os.cpu_count() or 1
+            print(
+                f"  CPU per event: {per_event[0]:.1f} us usagemeter, {per_event[1]:.1f} us"
+                f" PostgreSQL, {per_event[2]:.1f} us the bench's clients; all {cores} cores"
+                f" busy with nothing else: {cores * 1e6 / sum(per_event):,.0f} events/s at most",
                 flush=True,
             )
             if stored != len(events):

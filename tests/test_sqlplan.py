@@ -13,6 +13,7 @@ from usagemeter.store.sqlplan import (
     KEY_DAYS,
     KEY_GRAINS,
     KEY_HOURS,
+    POSTGRES,
     SLOTS,
     grains_for,
     plan_aggregate,
@@ -20,6 +21,7 @@ from usagemeter.store.sqlplan import (
 )
 
 MIN = 60_000
+SLOT = 15 * MIN
 HOUR = 60 * MIN
 DAY = 24 * HOUR
 
@@ -115,3 +117,30 @@ def test_golden_sql() -> None:
         1,
         1,
     )
+
+
+def test_golden_postgres_sql_reads_dimension_sets_by_key_and_tag_sets_once() -> None:
+    # On PostgreSQL a plain join to dimsets hashed every set ever stored (they grow with the
+    # sessions), and the tags' IN (subquery) was scanned again for every slot row; the
+    # statement now says how to read both. Parameters are binary (%b): one prepared plan.
+    spec = AggregateSpec(
+        ("a",),
+        "requests",
+        (Window(0, 0, 2 * SLOT), Window(1, 2 * SLOT, 4 * SLOT)),
+        (Measure("count"),),
+        group_by=("status",),
+        tags=frozenset({"prod", "web"}),
+    )
+    (plan,) = plan_aggregate(spec, 7, [1], None, POSTGRES, pending="unfolded")
+    assert "?" not in plan.sql and "%s" not in plan.sql
+    assert (
+        "x.tagset = ANY(ARRAY(SELECT tagset FROM tagset_tags WHERE tag IN (%b,%b)"
+        " GROUP BY tagset HAVING count(*) = %b))"
+    ) in plan.sql
+    assert plan.sql.count("tagset_tags") == 2  # the slots, and the events waiting
+    assert (
+        ") AS s CROSS JOIN LATERAL (SELECT y.dims FROM dimsets y WHERE y.id = s.dimset"
+        " OFFSET 0) d GROUP BY s.idx, g0"
+    ) in plan.sql
+    assert "JOIN dimsets" not in plan.sql
+    assert plan.params[:3] == ([0, 1], [0, 2], [2, 4])  # each window's slots, as arrays

@@ -3,20 +3,27 @@ batch statement's binary columns."""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.testclient import TestClient
 
 from tests.conftest import empty_postgres
-from usagemeter.model import Account, Event
+from usagemeter.api.app import create_app
+from usagemeter.auth import authenticate, issue_key
+from usagemeter.model import Account, ApiKey, Event, Scope
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.postgres import PostgresStore, _digest
 
+T = TypeVar("T")
 BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 DAY_MS = 86_400_000
 
@@ -113,3 +120,67 @@ def test_the_payload_digest_stays_the_one_stored_ids_were_given(
         separators=(",", ":"),
     )
     assert _digest(event) == hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def _request(fn: Callable[[], T]) -> T:
+    """``fn`` in a context of its own, as one HTTP request runs (an asyncio task)."""
+    return contextvars.copy_context().run(fn)
+
+
+def test_a_request_reads_accounts_and_keys_as_of_its_key_lookup_and_no_longer(
+    stores: tuple[PostgresStore, PostgresStore], postgres_url: str
+) -> None:
+    first, second = stores
+    _, secret = issue_key(first, "a", key_id="ka", scopes=[Scope.READ])
+
+    def read() -> tuple[str, list[str], ApiKey]:
+        assert authenticate(second, secret) is not None
+        return second.get_account("a").name, second.descendants("a"), second.get_key("ka")
+
+    assert _request(read)[:2] == ("A", ["a"])
+    # Changed behind the store's back, without moving the version (triggers off): a later
+    # request still answers from what was read, so what it keeps is really used...
+    with psycopg.connect(postgres_url, autocommit=True) as side:
+        side.execute("SET session_replication_role = replica")
+        side.execute("UPDATE accounts SET name = 'renamed quietly' WHERE id = 'a'")
+    assert _request(read)[0] == "A"
+    # ...and any change made as usual, through another process, is seen by the next request.
+    first.create_account(Account("b", "B", "a"))
+    name, tree, key = _request(read)
+    assert (name, tree, key.revoked_at) == ("renamed quietly", ["a", "b"], None)
+    first.revoke_key("ka")
+    assert _request(lambda: authenticate(second, secret)) is None
+    assert _request(lambda: second.get_key("ka")).revoked_at is not None
+
+
+def test_a_request_sees_its_own_changes_to_what_it_read(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    first, _ = stores
+    _, secret = issue_key(first, "a", key_id="ka", scopes=[Scope.READ])
+    _, other = issue_key(first, "a", key_id="kb", scopes=[Scope.READ])
+
+    def revoke_then_read() -> None:
+        assert authenticate(first, secret) is not None
+        assert first.get_key("kb").revoked_at is None and first.descendants("a") == ["a"]
+        first.revoke_key("kb")
+        first.create_account(Account("b", "B", "a"))
+        assert first.get_key("kb").revoked_at is not None
+        assert first.descendants("a") == ["a", "b"]
+
+    _request(revoke_then_read)
+    assert _request(lambda: authenticate(first, other)) is None
+
+
+def test_a_key_revoked_through_one_server_is_refused_by_the_other_at_its_next_request(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    first, second = stores
+    _, secret = issue_key(first, "a", key_id="ka", scopes=[Scope.READ])
+    headers = {"Authorization": f"Bearer {secret}"}
+    params = {"metric": "m", "account": "a", "start": "2025-01-01", "end": "2025-01-02"}
+    with TestClient(create_app(second)) as two:
+        for _ in range(2):  # the second time, what the first read is kept
+            assert two.get("/v1/query", params=params, headers=headers).status_code == 200
+        first.revoke_key("ka")
+        assert two.get("/v1/query", params=params, headers=headers).status_code == 401

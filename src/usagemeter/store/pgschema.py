@@ -226,7 +226,33 @@ CREATE TABLE IF NOT EXISTS unfolded (
 CREATE INDEX IF NOT EXISTS unfolded_time ON unfolded (account, metric, ts);
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5)  # version n is MIGRATIONS[n - 1]
+# Version 6: a version of accounts and keys (pgdirectory.py), which every statement that
+# changes either moves on in its own transaction; a new number from a sequence each time, so
+# that a number never names two states, even after the table is emptied (TRUNCATE fires the
+# trigger too, and the next change writes the row again). A process that reads it with a
+# key's lookup knows whether what it read of accounts and keys before is still what they hold.
+_V6 = """
+CREATE SEQUENCE IF NOT EXISTS directory_versions;
+CREATE TABLE IF NOT EXISTS directory_version (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    v bigint NOT NULL
+);
+INSERT INTO directory_version (v) VALUES (nextval('directory_versions')) ON CONFLICT DO NOTHING;
+CREATE OR REPLACE FUNCTION directory_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO directory_version (v) VALUES (nextval('directory_versions'))
+    ON CONFLICT (one) DO UPDATE SET v = excluded.v;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS accounts_changed ON accounts;
+CREATE TRIGGER accounts_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION directory_changed();
+DROP TRIGGER IF EXISTS keys_changed ON keys;
+CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keys
+    FOR EACH STATEMENT EXECUTE FUNCTION directory_changed();
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)  # version n is MIGRATIONS[n - 1]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

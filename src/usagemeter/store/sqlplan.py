@@ -97,6 +97,18 @@ class Dialect:
         hint = " INDEXED BY events_ts" if table == "events" else ""
         return f"FROM {windows} JOIN {table} x{hint} ON {on}"
 
+    def tagsets_with_all(self, marks: str) -> str:
+        """The condition on ``x.tagset``: a set holding every one of the tags (``marks``
+        placeholders, then one for how many they are)."""
+        return (
+            f"x.tagset IN (SELECT tagset FROM tagset_tags WHERE tag IN ({marks})"
+            " GROUP BY tagset HAVING count(*) = ?)"
+        )
+
+    def dimsets_join(self) -> str:
+        """The join giving each source row ``s`` its dimension set as ``d.dims``."""
+        return "JOIN dimsets d ON d.id = s.dimset"
+
     def latest(self, late: bool = False) -> list[str]:
         """Select-list items whose first is the value at the greatest ``last_ts``; with
         ``late``, of those at that ``last_ts`` the one with the greatest ``late``."""
@@ -115,8 +127,10 @@ class PostgresDialect(Dialect):
 
     def finish(self, sql: str) -> str:
         # The planner puts no "?" or "%" in its text other than placeholders (names and
-        # values are always parameters), so this swap is safe.
-        return sql.replace("?", "%s")
+        # values are always parameters), so this swap is safe. Binary parameters: a list of
+        # ints is then a bigint[] whatever its values (the store dumps ints as int8), so a
+        # statement keeps one set of parameter types and one prepared plan.
+        return sql.replace("?", "%b")
 
     def values(self, count: int, width: int) -> str:
         # One array per column instead of count * width parameters: the statement text stays
@@ -138,6 +152,22 @@ class PostgresDialect(Dialect):
         # every window against every row (a join filter): a 90-day report in New York days
         # cost 90 passes over the account's hours.
         return f"FROM {windows} CROSS JOIN LATERAL (SELECT * FROM {table} x WHERE {on} OFFSET 0) x"
+
+    def tagsets_with_all(self, marks: str) -> str:
+        # An array computed once (an InitPlan), tested in each index scan. As IN (...), the
+        # subquery became the inner side of a join that every slot row scanned again: 2,500
+        # rescans, 14 ms of a 90-day tagged report at 200,000 events, where this takes 1.
+        return (
+            f"x.tagset = ANY(ARRAY(SELECT tagset FROM tagset_tags WHERE tag IN ({marks})"
+            " GROUP BY tagset HAVING count(*) = ?))"
+        )
+
+    def dimsets_join(self) -> str:
+        # One primary-key probe per source row, which OFFSET 0 keeps from being flattened.
+        # As a plain join, PostgreSQL (expecting a row per window) hashed every dimension
+        # set ever seen, and a set per session makes that table grow with the events: 2 to
+        # 3 ms of a 90-day report at 200,000 events, twice when totals are asked too.
+        return "CROSS JOIN LATERAL (SELECT y.dims FROM dimsets y WHERE y.id = s.dimset OFFSET 0) d"
 
     def latest(self, late: bool = False) -> list[str]:
         tie = ", s.late DESC" if late else ""
@@ -233,10 +263,7 @@ def plan_aggregate(
     if spec.tags:
         tags = sorted(spec.tags)
         marks = ",".join("?" * len(tags))
-        source_where.append(
-            f"x.tagset IN (SELECT tagset FROM tagset_tags WHERE tag IN ({marks})"
-            " GROUP BY tagset HAVING count(*) = ?)"
-        )
+        source_where.append(dialect.tagsets_with_all(marks))
         source_params.extend([*tags, len(tags)])
     account_marks = ",".join("?" * len(accounts))
     extra = "".join(f" AND {clause}" for clause in source_where)
@@ -319,7 +346,7 @@ def plan_aggregate(
     )
     needs_dims = needs_dims or any(m.aggregation == "unique_count" for m in spec.measures)
     if needs_dims:
-        joins.append("JOIN dimsets d ON d.id = s.dimset")
+        joins.append(dialect.dimsets_join())
     if GROUP_KEY in spec.group_by:
         joins.append("LEFT JOIN keys k ON k.rid = s.key")
     if GROUP_SUBACCOUNT in spec.group_by:
