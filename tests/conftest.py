@@ -167,6 +167,17 @@ def chstore(clickhouse_home: str) -> Iterator[ClickHouseStore]:
     store.close()
 
 
+@pytest.fixture
+def sqlite_and_chstore(
+    tmp_path: Path, chstore: ClickHouseStore
+) -> Iterator[tuple[SQLiteStore, ClickHouseStore]]:
+    """A fresh SQLite store beside the ClickHouse one: the same events sent to both must
+    give the same answers."""
+    sqlite = SQLiteStore(tmp_path / "same.db")
+    yield sqlite, chstore
+    sqlite.close()
+
+
 @pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Store]:
     """A fresh, empty store of each kind: every test that uses it runs on both."""

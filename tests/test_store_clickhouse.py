@@ -8,7 +8,6 @@ The whole store suite and every contract test also run on it, through the ``stor
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.questions import answers_to
 from usagemeter.auth import issue_key
 from usagemeter.engine import Engine
 from usagemeter.meters import MeterRegistry
@@ -223,19 +223,12 @@ queries = st.fixed_dictionaries(
 _runs = itertools.count()
 
 
-@pytest.fixture
-def both(tmp_path: Path, chstore: ClickHouseStore) -> Iterator[tuple[SQLiteStore, Any]]:
-    sqlite = SQLiteStore(tmp_path / "same.db")
-    yield sqlite, chstore
-    sqlite.close()
-
-
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(raw=events_strategy, asked=st.lists(queries, min_size=1, max_size=3))
 def test_answers_equal_sqlites_in_any_zone(
-    both: tuple[SQLiteStore, ClickHouseStore],
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
     raw: list[tuple[Any, ...]],
     asked: list[dict[str, Any]],
 ) -> None:
@@ -243,7 +236,7 @@ def test_answers_equal_sqlites_in_any_zone(
     a, b, key = f"a{run}", f"b{run}", f"ka{run}"
     meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "session_id")})
     results = []
-    for store in both:
+    for store in sqlite_and_chstore:
         store.create_account(Account(a, "A"))
         store.create_account(Account(b, "B", a))
         issue_key(store, a, key_id=key, scopes=[Scope.READ])
@@ -266,27 +259,7 @@ def test_answers_equal_sqlites_in_any_zone(
         # Two batches, so rollup rows of one slot come from two inserts.
         store.append(events[: len(events) // 2])
         store.append(events[len(events) // 2 :])
-        engine = Engine(store, meters)
-        answers = []
-        for q in asked:
-            start = BASE + timedelta(milliseconds=q["start"])
-            query = Query(
-                accounts=(a, b),
-                metric="m",
-                start=start,
-                end=start + timedelta(milliseconds=q["length"]),
-                granularity=q["granularity"],
-                tz=q["tz"],
-                aggregations=(q["aggregation"],),
-                group_by=q["group_by"],
-                filters=q["filters"],
-                tags=q["tags"],
-                billable=q["billable"],
-            )
-            result = engine.run(query)
-            # Group values name accounts and keys of this run: the same on both stores.
-            answers.append((result.buckets, result.totals, result.total))
-        results.append(answers)
+        results.append(answers_to(Engine(store, meters), (a, b), BASE, asked))
     assert results[0] == results[1]
 
 
@@ -381,7 +354,7 @@ def test_a_deleted_account_takes_no_more_events_in_any_process(
 
 
 def test_answers_read_by_columns_equal_sqlites_with_two_groups_and_several_measures(
-    both: tuple[SQLiteStore, ClickHouseStore],
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
 ) -> None:
     """The engine reads ClickHouse's answers by columns (ClickHouseStore.aggregate_columns),
     SQLite's by rows: two group columns (the OVERALL row's group is empty), an average (two
@@ -397,7 +370,7 @@ def test_answers_read_by_columns_equal_sqlites_with_two_groups_and_several_measu
         (Granularity.TOTAL, "UTC", (Aggregation.MIN,), ("subaccount", "region")),
     ]
     answers = []
-    for store in both:
+    for store in sqlite_and_chstore:
         store.create_account(Account("cols", "A"))
         store.create_account(Account("cols-sub", "B", "cols"))
         issue_key(store, "cols", key_id="kcols", scopes=[Scope.READ])

@@ -6,15 +6,14 @@ straight from that table (chplan._flat), and the engine lays its cells out by C 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.questions import answers_to
 from usagemeter.engine import Engine, _made
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import Account, Aggregation, Event, GroupValues, Meter, Query, ResultBucket
@@ -87,13 +86,13 @@ def test_a_distinct_count_reads_the_tables_of_sets_and_raw_events_only_for_ragge
 
 
 def test_a_distinct_count_of_values_repeated_across_hours_and_ragged_ends(
-    both: tuple[SQLiteStore, ClickHouseStore],
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
 ) -> None:
     """The same sessions in many hours, slots and ragged milliseconds, counted once per
     window and once over the range, as SQLite counts them."""
     meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "s")})
     results = []
-    for store in both:
+    for store in sqlite_and_chstore:
         store.create_account(Account("r", "R"))
         store.append(
             [
@@ -167,19 +166,12 @@ queries = st.fixed_dictionaries(
 _runs = itertools.count()
 
 
-@pytest.fixture
-def both(tmp_path: Path, chstore: ClickHouseStore) -> Iterator[tuple[SQLiteStore, Any]]:
-    sqlite = SQLiteStore(tmp_path / "same.db")
-    yield sqlite, chstore
-    sqlite.close()
-
-
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(raw=events_strategy, asked=st.lists(queries, min_size=1, max_size=4))
 def test_whole_hour_questions_equal_sqlites(
-    both: tuple[SQLiteStore, ClickHouseStore],
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
     raw: list[tuple[Any, ...]],
     asked: list[dict[str, Any]],
 ) -> None:
@@ -187,7 +179,7 @@ def test_whole_hour_questions_equal_sqlites(
     a, b = f"qa{run}", f"qb{run}"
     meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "s")})
     results = []
-    for store in both:
+    for store in sqlite_and_chstore:
         store.create_account(Account(a, "A"))
         store.create_account(Account(b, "B", a))
         events = [
@@ -206,24 +198,7 @@ def test_whole_hour_questions_equal_sqlites(
             for n, (offset, value, agent, session, tags) in enumerate(raw)
         ]
         store.append(events)
-        engine = Engine(store, meters)
-        answers = []
-        for q in asked:
-            start = BASE + timedelta(milliseconds=q["start"])
-            query = Query(
-                accounts=(a, b),
-                metric="m",
-                start=start,
-                end=start + timedelta(milliseconds=q["length"]),
-                granularity=q["granularity"],
-                tz=q["tz"],
-                aggregations=(q["aggregation"],),
-                group_by=q["group_by"],
-                tags=q["tags"],
-            )
-            result = engine.run(query)
-            answers.append((result.buckets, result.totals, result.total))
-        results.append(answers)
+        results.append(answers_to(Engine(store, meters), (a, b), BASE, asked))
     assert results[0] == results[1]
 
 
