@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from tests.test_store_clickhouse_hours import _transport
 from usagemeter.model import Account, AppendResult, Event
+from usagemeter.store import open_store, rows
+from usagemeter.store.base import NotFound
 from usagemeter.store.chschema import HOUR_SETS, SLOTS, STATEMENTS
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlite import SQLiteStore
@@ -291,3 +293,47 @@ def test_small_parts_are_packed_also_in_a_database_created_before(
     finally:
         transport.command(f"DROP DATABASE {database}")
         store.close()
+
+
+def test_an_id_stored_under_one_account_is_new_under_another_in_the_same_group(
+    chstore: ClickHouseStore,
+) -> None:
+    """The dedupe lookup asks for a group's ids among its accounts (not for its (account, id)
+    pairs): a stored id found under another account of the group is no duplicate."""
+    for name in ("a", "b"):
+        chstore.create_account(Account(name, name.upper()))
+    assert chstore.append([Event(id="x", account_id="a", metric="m", ts_ms=BASE_MS)]).accepted
+    both = [
+        [Event(id="x", account_id="b", metric="m", ts_ms=BASE_MS)],
+        [Event(id="y", account_id="a", metric="m", ts_ms=BASE_MS)],
+    ]
+    outcomes, _ = _grouped(chstore, [[Event(id="z", account_id="a", metric="m", ts_ms=1)], *both])
+    assert outcomes == [AppendResult(1, 0)] * 3
+    assert chstore.append(both[0] + both[1]) == AppendResult(0, 2)
+    assert chstore.count_events() == 4
+
+
+def test_a_batch_naming_an_account_deleted_by_another_process_fails_alone_in_its_group(
+    chstore: ClickHouseStore, clickhouse_home: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a process knows of accounts is looked up again by the group's writer once stale
+    (not before a batch queues): the batch naming the account another process deleted
+    fails, saying which, and the other batches of its group are stored."""
+    other = open_store(clickhouse_home)
+    try:
+        for name in ("a", "b"):
+            chstore.create_account(Account(name, name.upper()))
+        assert chstore.append([Event(id="seen", account_id="b", metric="m", ts_ms=BASE_MS)])
+        other.delete_account("b")  # this process still knows "b"
+        monkeypatch.setattr(rows, "ROW_IDS_KEPT_FOR", 0.0)
+        batches = [
+            [Event(id=f"e{i}", account_id=name, metric="m", ts_ms=BASE_MS)]
+            for i, name in enumerate("aab")
+        ]
+        outcomes, inserts = _grouped(chstore, batches)
+        assert outcomes[:2] == [AppendResult(1, 0)] * 2
+        assert isinstance(outcomes[2], NotFound) and "account 'b'" in str(outcomes[2])
+        assert inserts == 2  # the first alone, then the second without the third
+        assert sorted(e.id for e in chstore.iter_events(["a", "b"])) == ["e0", "e1"]
+    finally:
+        other.close()

@@ -136,12 +136,13 @@ class ClickHouseStore(ChCorrections, LimitTables):
         rows = self.transport.query(f"SELECT id FROM {table} FINAL WHERE id IN ({literals(ids)})")
         return {row[0] for row in rows}
 
-    def _require(self, table: str, noun: str, ids: Sequence[str]) -> None:
+    def _require(self, table: str, noun: str, ids: Sequence[str], *, recheck: bool = True) -> None:
         # Accounts and keys found to exist are not looked up again for a while: a batch then
         # costs no lookups of its accounts and keys. Only deleting an account takes one away
         # (a revoked key's events still count): this process forgets at once, another within
-        # rows.ROW_IDS_KEPT_FOR.
-        if row_ids_stale(self._known_since):
+        # rows.ROW_IDS_KEPT_FOR. An append leaves that to its group's writer (recheck=False,
+        # see _names_gone).
+        if recheck and row_ids_stale(self._known_since):
             self._forget_known()
         known = self._known[table]
         wanted = sorted(set(ids) - known)
@@ -313,24 +314,58 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def append(self, events: Sequence[Event]) -> AppendResult:
         if not events:
             return AppendResult(0, 0)
-        # Refused before it joins a group, so that it fails alone, saying which name.
-        self._require("accounts", "account", [e.account_id for e in events])
-        self._require("keys", "key", [e.key_id for e in events if e.key_id is not None])
+        # A name never seen is looked up before the batch joins a group, so that it fails
+        # alone, saying which. Names seen before are looked up again by the group's writer
+        # once they are stale (_names_gone), not here: a lookup here waits for the INSERT under
+        # way (a chDB session runs one statement at a time), 40 to 85 ms per batch with 4
+        # clients, and the batch then misses the group that INSERT's end starts.
+        self._require("accounts", "account", [e.account_id for e in events], recheck=False)
+        keys = [e.key_id for e in events if e.key_id is not None]
+        self._require("keys", "key", keys, recheck=False)
         return self._group_commit.submit(Prepared(events), len(events))
 
-    def _write_group(self, batches: Sequence[Prepared]) -> list[AppendResult]:
+    def _write_group(self, batches: Sequence[Prepared]) -> list[AppendResult | BaseException]:
         """The batches of one group commit (chappend.py): one dedupe lookup, one INSERT of
         their new events. Should the INSERT fail, every batch of the group fails with it,
         each whole."""
         group = Group(batches)
         with self._lock:
-            stored = self._stored_digests(group)
-            results, picks = sort_out(batches, stored, len(group.pairs))
-            accepted = sum(r.accepted for r in results)
-            if accepted:
-                columns = group_columns(batches, picks, self._seqs(accepted))
-                self.transport.insert_columns("events", columns, token(columns))
-        return results
+            gone = self._names_gone(batches)
+            kept = [b for i, b in enumerate(batches) if i not in gone] if gone else batches
+            results: list[AppendResult] = []
+            if kept:
+                if gone:  # rare: another process deleted an account this one remembered
+                    group = Group(kept)
+                results, picks = sort_out(kept, self._stored_digests(group), len(group.pairs))
+                accepted = sum(r.accepted for r in results)
+                if accepted:
+                    columns = group_columns(kept, picks, self._seqs(accepted))
+                    self.transport.insert_columns("events", columns, token(columns))
+        written = iter(results)
+        return [gone[i] if i in gone else next(written) for i in range(len(batches))]
+
+    def _names_gone(self, batches: Sequence[Prepared]) -> dict[int, NotFound]:
+        """Once what this process knows of accounts and keys is stale, the group's are looked
+        up again (one query per table, in the lock the group holds anyway), the rest
+        forgotten; a batch naming one no longer there (deleted by another process) fails,
+        alone, by its index in the group."""
+        if not row_ids_stale(self._known_since):
+            return {}
+        named = [({a for a, _ in b.pairs}, {k for k in b.columns["key"] if k}) for b in batches]
+        accounts = sorted(set().union(*(a for a, _ in named)))
+        keys = sorted(set().union(*(k for _, k in named)))
+        self._known = {"accounts": self._ids("accounts", accounts), "keys": self._ids("keys", keys)}
+        self._known_since = time.monotonic()
+        gone: dict[int, NotFound] = {}
+        for index, (batch_accounts, batch_keys) in enumerate(named):
+            for noun, table, names in (
+                ("account", "accounts", batch_accounts),
+                ("key", "keys", batch_keys),
+            ):
+                missing = sorted(names - self._known[table])
+                if missing and index not in gone:
+                    gone[index] = NotFound(f"{noun} {missing[0]!r} does not exist")
+        return gone
 
     def _stored_digests(self, group: Group) -> dict[tuple[str, str], str]:
         """The payload digests of the group's (account, id) pairs already stored. The ids
