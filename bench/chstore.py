@@ -173,10 +173,12 @@ def _time_phases(store: ClickHouseStore, phases: dict[str, float]) -> None:
             if method is None:
                 continue
 
-            def timed(*args: object, _method: Any = method, _label: str = label) -> object:
+            def timed(
+                *args: object, _method: Any = method, _label: str = label, **kwargs: object
+            ) -> object:
                 began = time.perf_counter()
                 try:
-                    return _method(*args)
+                    return _method(*args, **kwargs)
                 finally:
                     phases[_label] = phases.get(_label, 0.0) + time.perf_counter() - began
 
