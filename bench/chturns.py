@@ -5,7 +5,11 @@ appended by this checkout's store and by a second process running another checko
 batch, so the machine's load weighs on both alike. Prints both rates, their ratio, and where
 an append's time went in each (``bench.chstore``'s steps).
 
-    python -m bench.chturns --against /tmp/main/src [--events 200000]
+    python -m bench.chturns --against /tmp/main/src [--events 200000] [--clients N]
+
+With ``--clients N`` each side appends bursts of 2N batches from N threads at once (as a
+server's concurrent requests do, so that batches queue and share INSERTs), the two sides
+taking turns burst by burst.
 
 ``--grouped N`` measures group commit instead, in one process: two stores on one chDB
 session (a database each), the same batches sent to each by N client threads at once, a
@@ -40,7 +44,7 @@ from bench.chstore import (
     batches,
     generate,
 )
-from usagemeter.model import Account
+from usagemeter.model import Account, Event
 from usagemeter.store import open_store
 from usagemeter.store.chtransport import ChdbTransport
 from usagemeter.store.clickhouse import ClickHouseStore
@@ -59,20 +63,33 @@ def _loaded(count: int) -> tuple[ClickHouseStore, dict[str, float], Path]:
     return store, phases, scratch
 
 
-def _append(store: ClickHouseStore, batch: list) -> float:  # type: ignore[type-arg]
+def _append(store: ClickHouseStore, batch: list[Event]) -> float:
     began = time.perf_counter()
     store.append(batch)
     return time.perf_counter() - began
 
 
-def serve(count: int) -> None:
-    """The other side: one batch appended per line read, its seconds written back; the
+def _bursts(count: int, clients: int) -> list[list[list[Event]]]:
+    """The batches in bursts of 2N (N clients), or one by one for one client."""
+    sent = list(batches(count))
+    size = 2 * clients if clients > 1 else 1
+    return [sent[i : i + size] for i in range(0, len(sent), size)]
+
+
+def _append_burst(store: ClickHouseStore, burst: list[list[Event]], clients: int) -> float:
+    if clients > 1:
+        return append_concurrently(store, burst, clients)
+    return _append(store, burst[0])
+
+
+def serve(count: int, clients: int) -> None:
+    """The other side: one burst appended per line read, its seconds written back; the
     steps' seconds last."""
     store, phases, scratch = _loaded(count)
     print("ready", flush=True)
-    for batch in batches(count):
+    for burst in _bursts(count, clients):
         sys.stdin.readline()
-        print(_append(store, batch), flush=True)
+        print(_append_burst(store, burst, clients), flush=True)
     print(json.dumps(phases), flush=True)
     store.close()
     shutil.rmtree(scratch, ignore_errors=True)
@@ -143,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--grouped", type=int, metavar="N", help="group commit, N clients")
     parser.add_argument("--batch", type=int, default=BATCH, help="events per batch (--grouped)")
+    parser.add_argument(
+        "--clients", type=int, default=1, help="--against: bursts of 2N batches from N threads"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.events)
+        serve(args.events, args.clients)
         return 0
     if args.grouped:
         grouped(args.events, args.grouped, args.batch)
@@ -155,7 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--against DIR: DIR must hold a usagemeter package (a checkout's src)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.against, str(ROOT)])}
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.chturns", "--serve", "--events", str(args.events)],
+        [
+            sys.executable,
+            "-m",
+            "bench.chturns",
+            "--serve",
+            "--events",
+            str(args.events),
+            "--clients",
+            str(args.clients),
+        ],
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -168,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     store, phases, scratch = _loaded(args.events)
     spent = [0.0, 0.0]
     try:
-        for batch in batches(args.events):
-            spent[0] += _append(store, batch)
+        for burst in _bursts(args.events, args.clients):
+            spent[0] += _append_burst(store, burst, args.clients)
             into.write("go\n")
             into.flush()
             spent[1] += float(out.readline())
@@ -181,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     count = -(-args.events // BATCH)
     ours_steps = _steps(phases, spent[0], count)
     their_steps = _steps(theirs, spent[1], count)
-    print(f"{args.events:,} events, batches of {BATCH:,}, taken in turn\n")
+    clients = f", {args.clients} clients at once" if args.clients > 1 else ""
+    print(f"{args.events:,} events, batches of {BATCH:,}{clients}, taken in turn\n")
     print(f"| | this checkout | {args.against} | ratio |")
     print("|---|---:|---:|---:|")
     rates = [args.events / spent[0], args.events / spent[1]]
