@@ -1,7 +1,7 @@
 """The ClickHouse store's append path, apart from the store: a batch prepared in its caller's
-thread (each event's sorted dimensions and tags and its payload digest), and the batches of
-one group commit sorted into what each stores, repeats or conflicts with, and written as one
-block of columns.
+thread (its events' columns: sorted dimensions and tags, set ids, payload digests), and the
+batches of one group commit sorted into what each stores, repeats or conflicts with, and
+written as one block of columns.
 
 Why group commit: an INSERT's cost is largely per part written (the events table's months,
 ``event_ids``, every rollup's table, each part fsynced), not per row: four batches of 10,000
@@ -10,9 +10,10 @@ in one INSERT took 0.5 to 0.6 times as long as the four one by one (docs/clickho
 lookup and insert at a time per process: see clickhouse.py), so they go in the next one
 together.
 
-Why prepare outside the lock: the digests and sorts are most of a batch's Python, and need
-nothing from the database; done before the batch queues, they run while another group's
-INSERT holds the store.
+Why prepare outside the lock: the digests, sorts and columns are most of a batch's Python,
+and need nothing from the database; done before the batch queues, they run while another
+group's INSERT holds the store (and waits for its disk). In the lock a group only
+concatenates its batches' columns (docs/clickhouse.md, "Ingest, round 8").
 """
 
 from __future__ import annotations
