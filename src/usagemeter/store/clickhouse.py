@@ -317,7 +317,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # A name never seen is looked up before the batch joins a group, so that it fails
         # alone, saying which. Names seen before are looked up again by the group's writer
         # once they are stale (_names_gone), not here: a lookup here waits for the INSERT under
-        # way (a chDB session runs one statement at a time), 40 to 85 ms per batch with 4
+        # way (a chDB session runs one statement at a time), 40 to 94 ms per batch with 4
         # clients, and the batch then misses the group that INSERT's end starts.
         self._require("accounts", "account", [e.account_id for e in events], recheck=False)
         keys = [e.key_id for e in events if e.key_id is not None]
