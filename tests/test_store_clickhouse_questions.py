@@ -248,3 +248,85 @@ def test_cells_come_in_group_order_with_missing_values_last(chstore: ClickHouseS
         totals = [t.values[0] for t in result.totals]
         assert totals == ([3, 2, 2] if aggregation is Aggregation.COUNT else [2, 2, 2])
         assert result.total == ((7,) if aggregation is Aggregation.COUNT else (2,))
+
+
+# ------------------------------------------------- round 8: the distinct table's exact states
+
+
+def test_a_plain_distinct_count_merges_the_distinct_tables_states() -> None:
+    """A distinct count with no filter, tag or key merges the states of the distinct table's
+    whole hours (straight from it for whole UTC days), with states of the slots and raw
+    events of ragged ends; a filter, a tag, a key or a dimension group keeps the tables of
+    sets, which hold them."""
+    days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(3))
+    spec = _spec(days, "unique_count", totals=True, group_by=("subaccount",), billable=True)
+    (whole,) = plan_aggregate(spec, hour_sets=True, distinct_hours=True)
+    assert whole.sql.startswith("WITH intDiv(") and "FROM distinct_hour WHERE" in whole.sql
+    assert "name IN ('', 's')" in whole.sql and "billable = 1" in whole.sql
+    assert "uniqExactMerge(u)" in whole.sql and "UNION ALL" not in whole.sql
+    ragged = (Window(0, BASE_MS + 15 * 60_000 + 7, BASE_MS + DAY_MS), *days[1:])
+    (plan,) = plan_aggregate(_spec(ragged, "unique_count", totals=True), distinct_hours=True)
+    assert plan.sql.count("UNION ALL") == 2 and "uniqExactStateIf(v, has)" in plan.sql
+    assert all(f"FROM {t} " in plan.sql for t in ("distinct_hour", "rollup", "events"))
+    for narrowed in (
+        {"filters": (("agent", "x"),)},
+        {"tags": frozenset({"t"})},
+        {"key_id": "k"},
+        {"group_by": ("agent",)},
+    ):
+        (other,) = plan_aggregate(_spec(days, "unique_count", **narrowed), distinct_hours=True)
+        assert "distinct_hour" not in other.sql, narrowed
+    (before,) = plan_aggregate(_spec(days, "unique_count"), distinct_hours=False)
+    assert "distinct_hour" not in before.sql
+
+
+def test_the_distinct_table_answers_as_the_tables_of_sets_do(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows with events but none carrying the dimension answer 0 (the '' rows), not
+    nothing; billable filters and subaccount groups; ragged ends in every zone. Equal to
+    SQLite's answers and to the store's own without the table."""
+    chstore = sqlite_and_chstore[1]
+    meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "s")})
+    start = BASE + timedelta(minutes=15, milliseconds=3)
+    asked = [
+        Query(("d", "d2"), "m", start, start + timedelta(hours=50), granularity, tz, **extra)
+        for granularity, tz, extra in [
+            (Granularity.DAY, "UTC", {}),
+            (Granularity.HOUR, "America/New_York", {"group_by": ("subaccount",)}),
+            (Granularity.DAY, "Asia/Kathmandu", {"billable": False}),
+            (Granularity.TOTAL, "Asia/Kolkata", {"group_by": ("subaccount",)}),
+            (Granularity.MONTH, "UTC", {"billable": True}),
+        ]
+    ]
+    results = []
+    for store in sqlite_and_chstore:
+        store.create_account(Account("d", "D"))
+        store.create_account(Account("d2", "D2", "d"))
+        store.append(
+            [
+                Event(
+                    id=f"d{n}",
+                    account_id="d" if n % 3 else "d2",
+                    metric="m",
+                    ts_ms=BASE_MS + n * 11 * 60_000 + n % 7,
+                    billable=n % 4 != 0,
+                    # Hours 10 to 14 have events but no session: their buckets say 0.
+                    dimensions={"s": f"s{n % 9}", "agent": "x"}
+                    if not 55 <= n < 82
+                    else {"agent": "y"},
+                )
+                for n in range(300)
+            ]
+        )
+        results.append([Engine(store, meters).run(q) for q in asked])
+    monkeypatch.setattr(chstore.distinct_hours, "ready", lambda: False)
+    without = [Engine(chstore, meters).run(q) for q in asked]
+    for answers in (results[1], without):
+        assert [(r.buckets, r.totals, r.total) for r in answers] == [
+            (r.buckets, r.totals, r.total) for r in results[0]
+        ]
+    zero = [b for b in results[1][0].buckets if b.groups and b.groups[0].values == (0,)]
+    assert not zero  # days hold sessions; the hours without any:
+    hourly = results[1][1].buckets
+    assert any(cell.values == (0,) for b in hourly for cell in b.groups)

@@ -12,7 +12,9 @@ the way ClickHouse answers it fast.
 - Distinct counts are never folded from buckets: each window's values are counted (uniqExact)
   over the rows of the tables of sets that cover it (a row per hour or slot and dimension
   set: each value of its events once) and the raw events of its ragged ends, so a range's
-  count is distinct over the range.
+  count is distinct over the range. A distinct count with no filter, tag or key merges the
+  exact states of the distinct table's whole hours instead (the sets of values themselves,
+  never their counts), with states of its ragged slots and milliseconds (_distinct_states).
 - A question one table answers is folded once, straight from that table (see _flat).
 """
 
@@ -30,7 +32,7 @@ from usagemeter.store.base import (
     AggregateSpec,
     Window,
 )
-from usagemeter.store.chschema import HOUR_SETS_GRAIN
+from usagemeter.store.chschema import DISTINCT, DISTINCT_GRAIN, HOUR_SETS_GRAIN, PRESENT
 from usagemeter.store.chtransport import literal, literals
 from usagemeter.store.sqlplan import (
     SLOTS,
@@ -266,6 +268,51 @@ def _distinct_part(
     return f"SELECT {', '.join([f'{index} AS idx', *refs, 'v', 'has'])} {rows}"
 
 
+def _plain_distinct(spec: AggregateSpec) -> bool:
+    """Whether the distinct table answers a distinct count of ``spec``: it keeps no dimension
+    set, tag or key, only the account (a subaccount group) and billable."""
+    return (
+        not spec.filters
+        and not spec.tags
+        and spec.key_id is None
+        and all(g == GROUP_SUBACCOUNT for g in spec.group_by)
+    )
+
+
+def _distinct_states(
+    spec: AggregateSpec, group_columns: Sequence[str], value: str, has: str, dimension: str
+) -> str:
+    """A distinct count merged from exact states: the distinct table's rows of the whole UTC
+    hours (the dimension's and the '' rows, which say where events are), and states made
+    from the slots and raw events of the ragged ends (uniqExactStateIf's state is the
+    table's). Folded once, straight from the table, when its hours are every piece."""
+    pieces, raw_pieces = _split(spec.windows, (DISTINCT_GRAIN, SLOTS))
+    names = f"name IN ({PRESENT}, {literal(dimension)})"
+    hours = pieces[DISTINCT_GRAIN]
+    groups, merged = len(group_columns), ["uniqExactMerge(u)"]
+    if hours:
+        lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
+        where = f"{_where(spec, DISTINCT_GRAIN, 'slot', lo, hi)} AND {names}"
+        if not pieces[SLOTS] and not raw_pieces:
+            flat = _flat(DISTINCT, where, "slot", hours, group_columns)
+            if flat is not None:
+                return _select(groups, merged, flat[1], spec.totals, flat[0])
+    refs = ["idx", *(f"g{n}" for n in range(groups))]
+    parts = []
+    if hours:
+        source = f"SELECT {', '.join([*_groups(group_columns), 'u', 'slot', '0 AS z'])}"
+        index, rows = _mapped(f"{source} FROM {DISTINCT} WHERE {where}", "slot", hours)
+        parts.append(f"SELECT {', '.join([f'{index} AS idx', *refs[1:], 'u'])} {rows}")
+    keys = ", ".join(refs)
+    for grain, found in ((SLOTS, pieces[SLOTS]), (None, raw_pieces)):
+        if found:
+            part = _distinct_part(spec, grain, found, group_columns, value, has)
+            parts.append(
+                f"SELECT {keys}, uniqExactStateIf(v, has) AS u FROM ({part}) GROUP BY {keys}"
+            )
+    return _select(groups, merged, "FROM (" + " UNION ALL ".join(parts) + ")", spec.totals)
+
+
 def _prefold(
     source: str, column: str, pieces: Sequence[Piece], groups: int, values: Sequence[str]
 ) -> str:
@@ -317,10 +364,14 @@ def _split(
     return split_windows(windows, grains)
 
 
-def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
+def plan_aggregate(
+    spec: AggregateSpec, hour_sets: bool = False, distinct_hours: bool = False
+) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
-    question reads whole UTC hours there and slots only for its ragged quarter hours."""
+    question reads whole UTC hours there and slots only for its ragged quarter hours; with
+    ``distinct_hours`` (the distinct table is complete), a distinct count with no filter,
+    tag or key merges its whole hours' states there (_distinct_states)."""
     grains = grains_for(spec)
     if hour_sets and grains == (SLOTS,):
         grains = (HOUR_SETS_GRAIN, SLOTS)
@@ -359,6 +410,10 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
         # A session seen in many events of an hour is one row there, not many.
         name = literal(measure.dimension)
         value, has = f"dims[{name}]", f"mapContains(dims, {name})"
+        if distinct_hours and _plain_distinct(spec):
+            sql = _distinct_states(spec, group_columns, value, has, measure.dimension)
+            plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
+            continue
         flat = _one_table(spec, pieces, raw_pieces, group_columns, raw=True)
         if flat is not None:
             names, source = flat

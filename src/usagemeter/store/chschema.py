@@ -173,6 +173,58 @@ def hour_sets_backfill(boundary: int, start_ms: int, end_ms: int) -> str:
     return f"INSERT INTO {HOUR_SETS} {settings}" + _sets_select(HOUR_MS, "events", where)
 
 
+# Exact distinct-count states per UTC hour and dimension: a distinct count with no filter,
+# tag or key (Sessions per day, say) merges a day's 24 states per account rather than
+# hashing every event's value out of its map of strings (round 8: 1.5 to 2 times as fast at
+# 1M events, and the gap grows with the events per hour). Each row holds the values one
+# dimension took in an hour; every (account, metric, hour, billable) that has events also
+# has a row named '' (no dimension is: ingest.py refuses an empty name) whose state is
+# empty, so that a window whose events lack the dimension still answers 0, as a fold of
+# the events does, rather than nothing. Its view counts the events from a boundary on and
+# an older database is backfilled up to it once (chupgrade.py), as for the hour table.
+DISTINCT = "distinct_hour"
+DISTINCT_GRAIN = Grain(DISTINCT, HOUR_MS, detailed=False, keyed=False)
+PRESENT = "''"  # the name of the rows that say "events here", with an empty state
+DISTINCT_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {DISTINCT} (
+    account String,
+    metric LowCardinality(String),
+    name LowCardinality(String),         -- the dimension; {PRESENT}: see above
+    slot Int64,
+    billable UInt8,
+    u AggregateFunction(uniqExact, String)
+) ENGINE = AggregatingMergeTree
+ORDER BY (account, metric, name, slot, billable)
+SETTINGS {_DURABLE}, {_TOKENS}
+"""
+
+
+def _distinct_select(source: str, where: str = "") -> str:
+    # uniqExactStateIf's state is uniqExact's own: the '' rows' states are empty.
+    return f"""
+SELECT account, metric, name, {floor_div("ts", HOUR_MS)} AS slot, billable,
+       uniqExactStateIf(v, name != {PRESENT}) AS u
+FROM {source} ARRAY JOIN arrayConcat([{PRESENT}], mapKeys(dims)) AS name,
+     arrayConcat([{PRESENT}], mapValues(dims)) AS v{where}
+GROUP BY account, metric, name, slot, billable
+"""
+
+
+def distinct_view(boundary: int) -> str:
+    """The distinct table's view, counting the events of ``seq >= boundary``."""
+    return (
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DISTINCT}_mv TO {DISTINCT} AS"
+        + _distinct_select("events", f" WHERE seq >= {int(boundary)}")
+    )
+
+
+def distinct_backfill(boundary: int, start_ms: int, end_ms: int) -> str:
+    """The events of [start_ms, end_ms) the distinct view did not count, folded."""
+    settings = "SETTINGS insert_deduplicate = 0, max_partitions_per_insert_block = 0"
+    where = f" WHERE seq < {int(boundary)} AND ts >= {int(start_ms)} AND ts < {int(end_ms)}"
+    return f"INSERT INTO {DISTINCT} {settings}" + _distinct_select("events", where)
+
+
 def _coarse_select(unit: int, keyed: bool, source: str) -> str:
     key = " key," if keyed else ""
     return f"""
@@ -210,6 +262,8 @@ def fold_select(table: str, source: str) -> str:
         return _sets_select(SLOT_MS, source)
     if table == HOUR_SETS:
         return _sets_select(HOUR_MS, source)
+    if table == DISTINCT:
+        return _distinct_select(source)
     unit = HOUR_MS if "hour" in table else DAY_MS
     return _coarse_select(unit, table.endswith("_key"), source)
 
@@ -259,6 +313,7 @@ STATEMENTS: tuple[str, ...] = (
     SLOTS,
     SLOTS_VIEW,
     HOUR_SETS_TABLE,
+    DISTINCT_TABLE,
     *_coarse("rollup_hour_key", HOUR_MS, keyed=True),
     *_coarse("rollup_day_key", DAY_MS, keyed=True),
     *_coarse("rollup_hour", HOUR_MS, keyed=False),
@@ -271,6 +326,7 @@ TABLES = (
     "event_ids",
     "rollup",
     HOUR_SETS,
+    DISTINCT,
     "rollup_hour_key",
     "rollup_day_key",
     "rollup_hour",

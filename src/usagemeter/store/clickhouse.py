@@ -21,8 +21,9 @@ The promises are the other stores', kept this way:
   two processes before either inserted (a few milliseconds), unless both INSERTs named the
   same new events (a batch written alone at both). Route each account's ingest to one
   process (docs/clickhouse.md) to close it.
-- Distinct counts and latest values are exact over any range: distinct counts are counted on
-  the raw events, latest values travel as argMax states.
+- Distinct counts and latest values are exact over any range: distinct counts merge exact
+  states (of an hour's values, or of the slots' and raw events' values), never counts,
+  and latest values travel as argMax states.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from usagemeter.store.chappend import GROUP_EVENTS, Prepared, event_columns, pai
 from usagemeter.store.chplan import decode_columns, plan_aggregate
 from usagemeter.store.chschema import STATEMENTS, pack_small_parts
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
-from usagemeter.store.chupgrade import HourSets
+from usagemeter.store.chupgrade import DistinctHours, HourSets
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.pgcommit import GroupCommit
@@ -86,6 +87,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # on beside it): see chupgrade.py.
         self._corrections = threading.Lock()
         self.hour_sets = HourSets(transport, self._corrections, fresh)
+        self.distinct_hours = DistinctHours(transport, self._corrections, fresh)
         self._last_seq = 0
         self._group_commit: GroupCommit[Prepared, AppendResult] = GroupCommit(
             self._write_group, GROUP_EVENTS
@@ -97,6 +99,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
 
     def close(self) -> None:
         self.hour_sets.close()
+        self.distinct_hours.close()
         self.transport.close()
         self.side.close()
 
@@ -341,7 +344,9 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
         if not spec.windows:
             return AggregateColumns([], [], [])
-        plans = plan_aggregate(spec, hour_sets=self.hour_sets.ready())
+        plans = plan_aggregate(
+            spec, hour_sets=self.hour_sets.ready(), distinct_hours=self.distinct_hours.ready()
+        )
         if len(plans) == 1:  # the usual question: its result read by columns
             (plan,) = plans
             return decode_columns(spec, plan, self.transport.query_columns(plan.sql))
