@@ -23,7 +23,7 @@ from usagemeter.model import Account, Event, Query
 from usagemeter.store import chupgrade
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.chplan import plan_aggregate
-from usagemeter.store.chschema import DISTINCT, HOUR_SETS
+from usagemeter.store.chschema import DISTINCT, HOUR_SETS, LATEST
 from usagemeter.store.chtransport import ChdbTransport, HttpTransport, Transport
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.timewindows import Granularity
@@ -83,9 +83,25 @@ def _distinct_events(store: ClickHouseStore) -> list[list[Any]]:
     )
 
 
+def _latest_table(store: ClickHouseStore) -> list[list[Any]]:
+    return store.transport.query(
+        f"SELECT account, metric, slot, key, billable, max(top) FROM {LATEST}"
+        " GROUP BY account, metric, slot, key, billable ORDER BY ALL"
+    )
+
+
+def _latest_events(store: ClickHouseStore) -> list[list[Any]]:
+    return store.transport.query(
+        f"SELECT account, metric, intDiv(ts, {HOUR_MS}) AS slot, key, billable,"
+        " max((ts, seq, value)) FROM events GROUP BY account, metric, slot, key, billable"
+        " ORDER BY ALL"
+    )
+
+
 def _tables_equal_their_folds(store: ClickHouseStore) -> None:
     assert _hour_table(store) == _folded_events(store)
     assert _distinct_table(store) == _distinct_events(store)
+    assert _latest_table(store) == _latest_events(store)
 
 
 def _tagged_by_status(account: str = "a") -> AggregateSpec:
@@ -152,7 +168,7 @@ def test_the_hour_table_answers_as_the_slots_do(
     assert with_hours[0].total[0]  # something was counted
 
 
-def test_voids_amends_and_deletion_recompute_the_hour_and_distinct_tables(
+def test_voids_amends_and_deletion_recompute_the_hour_distinct_and_latest_tables(
     chstore: ClickHouseStore,
 ) -> None:
     chstore.create_account(Account("a", "A"))
@@ -178,6 +194,7 @@ def test_voids_amends_and_deletion_recompute_the_hour_and_distinct_tables(
     assert {row[0] for row in _hour_table(chstore)} == {"a"}
     assert {row[0] for row in _distinct_table(chstore)} == {"a"}
     assert {row[2] for row in _distinct_table(chstore)} == {"", "status"}
+    assert {row[0] for row in _latest_table(chstore)} == {"a"}
 
 
 def _utc(ms: int) -> datetime:
@@ -191,7 +208,8 @@ def _transport(home: str, database: str) -> Transport:
 
 
 @pytest.mark.parametrize(
-    ("table", "backfilled"), [(HOUR_SETS, "hour_sets"), (DISTINCT, "distinct_hours")]
+    ("table", "backfilled"),
+    [(HOUR_SETS, "hour_sets"), (DISTINCT, "distinct_hours"), (LATEST, "latest_hours")],
 )
 def test_an_older_database_is_upgraded_while_another_process_ingests(
     clickhouse_home: str,
@@ -200,8 +218,8 @@ def test_an_older_database_is_upgraded_while_another_process_ingests(
     table: str,
     backfilled: str,
 ) -> None:
-    """A database from before the hour table (or the distinct table, round 8), its ingest
-    running on: the store that opens it creates the table and its view, folds what came
+    """A database from before the hour table (or the distinct or latest table, round 8), its
+    ingest running on: the store that opens it creates the table and its view, folds what came
     before once the boundary has settled, and only then plans with it. A void in between
     refolds only what the view counted. Every event is in the table once, none is lost."""
     monkeypatch.setattr(chupgrade, "SETTLE_NS", 1_000_000_000)  # 1 s instead of 30

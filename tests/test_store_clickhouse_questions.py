@@ -14,9 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.questions import answers_to
+from usagemeter.auth import issue_key
 from usagemeter.engine import Engine, _made
 from usagemeter.meters import MeterRegistry
-from usagemeter.model import Account, Aggregation, Event, GroupValues, Meter, Query, ResultBucket
+from usagemeter.model import (
+    Account,
+    Aggregation,
+    Event,
+    GroupValues,
+    Meter,
+    Query,
+    ResultBucket,
+    Scope,
+)
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.clickhouse import ClickHouseStore
@@ -330,3 +340,81 @@ def test_the_distinct_table_answers_as_the_tables_of_sets_do(
     assert not zero  # days hold sessions; the hours without any:
     hourly = results[1][1].buckets
     assert any(cell.values == (0,) for b in hourly for cell in b.groups)
+
+
+# -------------------------------------------- round 8: the latest value as a tuple maximum
+
+
+def test_a_plain_latest_value_is_a_maximum_over_the_latest_table() -> None:
+    """A latest value with no filter, tag or dimension group is max((ts, seq, value)) over
+    the latest table's hours, in a statement of its own beside the other measures; ragged
+    ends from the raw events; a filter, a tag or a dimension group keeps the argMax states."""
+    days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(3))
+    spec = _spec(days, "latest", totals=True, group_by=("key",), key_id="k")
+    (whole,) = plan_aggregate(spec, latest_hours=True)
+    assert whole.sql.startswith("WITH intDiv(") and "FROM latest_hour WHERE" in whole.sql
+    assert "max(top).3" in whole.sql and "key = 'k'" in whole.sql and "argMax" not in whole.sql
+    ragged = (Window(0, BASE_MS + 15 * 60_000 + 7, BASE_MS + DAY_MS), *days[1:])
+    mixed = AggregateSpec(("a",), "m", ragged, (Measure("sum"), Measure("latest")))
+    latest, summed = plan_aggregate(mixed, hour_sets=True, latest_hours=True)
+    assert (latest.positions, summed.positions) == ((1,), (0,))
+    assert "FROM latest_hour " in latest.sql and "(ts, seq, value) AS top" in latest.sql
+    assert "top" not in summed.sql and "argMax" not in summed.sql
+    for narrowed in (
+        {"filters": (("agent", "x"),)},
+        {"tags": frozenset({"t"})},
+        {"group_by": ("agent",)},
+    ):
+        (other,) = plan_aggregate(_spec(days, "latest", **narrowed), latest_hours=True)
+        assert "latest_hour" not in other.sql and "argMaxMerge" in other.sql, narrowed
+
+
+def test_the_latest_table_answers_as_the_argmax_states_do(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ties on the timestamp go to the later write; keys grouped and asked for; billable;
+    subaccounts; ragged ends in every zone; the latest beside a sum. Equal to SQLite's
+    answers and to the store's own without the table."""
+    chstore = sqlite_and_chstore[1]
+    start = BASE + timedelta(minutes=15, milliseconds=3)
+    asked = [
+        Query(("g", "g2"), "m", start, start + timedelta(hours=50), granularity, tz, **extra)
+        for granularity, tz, extra in [
+            (Granularity.DAY, "UTC", {}),
+            (Granularity.HOUR, "America/New_York", {"group_by": ("key",)}),
+            (Granularity.DAY, "Asia/Kathmandu", {"billable": False, "key_id": "kg"}),
+            (Granularity.TOTAL, "Asia/Kolkata", {"group_by": ("subaccount",)}),
+            (Granularity.DAY, "UTC", {"aggregations": (Aggregation.LATEST, Aggregation.SUM)}),
+        ]
+    ]
+    results = []
+    for store in sqlite_and_chstore:
+        store.create_account(Account("g", "G"))
+        store.create_account(Account("g2", "G2", "g"))
+        issue_key(store, "g", key_id="kg", scopes=[Scope.READ])
+        for first in (0, 200):  # two batches: the second's ties are later writes
+            store.append(
+                [
+                    Event(
+                        id=f"g{first}-{n}",
+                        account_id="g" if n % 3 else "g2",
+                        metric="m",
+                        # Every instant twice (once per batch): a tie on the timestamp.
+                        ts_ms=BASE_MS + n * 13 * 60_000 + n % 7,
+                        value=float((n * 37 + first) % 101),
+                        billable=n % 4 != 0,
+                        key_id="kg" if n % 3 and n % 2 else None,
+                    )
+                    for n in range(200)
+                ]
+            )
+        meters = MeterRegistry({"m": Meter("m", Aggregation.LATEST)})
+        results.append([Engine(store, meters).run(q) for q in asked])
+    monkeypatch.setattr(chstore.latest_hours, "ready", lambda: False)
+    meters = MeterRegistry({"m": Meter("m", Aggregation.LATEST)})
+    without = [Engine(chstore, meters).run(q) for q in asked]
+    for answers in (results[1], without):
+        assert [(r.buckets, r.totals, r.total) for r in answers] == [
+            (r.buckets, r.totals, r.total) for r in results[0]
+        ]
+    assert results[1][0].total == (float((199 * 37 + 200) % 101),)  # the second write

@@ -8,7 +8,9 @@ the way ClickHouse answers it fast.
   (window, group), carrying only the values the question asks for; the outer query folds the
   parts per window and group. (Carrying the dimension maps through the join and folding per
   dimension set first took 1.6 times as long for an hourly report grouped by status.) The
-  latest value travels as an argMax state, so it is exact over any range.
+  latest value travels as an argMax state, so it is exact over any range; a question with
+  no filter, tag or dimension group reads it as a plain maximum of (ts, seq, value) from
+  the latest table's hours instead (_latest_tops).
 - Distinct counts are never folded from buckets: each window's values are counted (uniqExact)
   over the rows of the tables of sets that cover it (a row per hour or slot and dimension
   set: each value of its events once) and the raw events of its ragged ends, so a range's
@@ -32,7 +34,14 @@ from usagemeter.store.base import (
     AggregateSpec,
     Window,
 )
-from usagemeter.store.chschema import DISTINCT, DISTINCT_GRAIN, HOUR_SETS_GRAIN, PRESENT
+from usagemeter.store.chschema import (
+    DISTINCT,
+    DISTINCT_GRAIN,
+    HOUR_SETS_GRAIN,
+    LATEST,
+    LATEST_GRAIN,
+    PRESENT,
+)
 from usagemeter.store.chtransport import literal, literals
 from usagemeter.store.sqlplan import (
     SLOTS,
@@ -271,12 +280,7 @@ def _distinct_part(
 def _plain_distinct(spec: AggregateSpec) -> bool:
     """Whether the distinct table answers a distinct count of ``spec``: it keeps no dimension
     set, tag or key, only the account (a subaccount group) and billable."""
-    return (
-        not spec.filters
-        and not spec.tags
-        and spec.key_id is None
-        and all(g == GROUP_SUBACCOUNT for g in spec.group_by)
-    )
+    return _plain(spec) and spec.key_id is None and GROUP_KEY not in spec.group_by
 
 
 def _distinct_states(
@@ -311,6 +315,48 @@ def _distinct_states(
                 f"SELECT {keys}, uniqExactStateIf(v, has) AS u FROM ({part}) GROUP BY {keys}"
             )
     return _select(groups, merged, "FROM (" + " UNION ALL ".join(parts) + ")", spec.totals)
+
+
+def _plain(spec: AggregateSpec) -> bool:
+    """Whether the tables without dimension or tag sets answer ``spec``: no filter, tag or
+    dimension group (the key and subaccount groups are columns of theirs)."""
+    return (
+        not spec.filters
+        and not spec.tags
+        and all(g in (GROUP_KEY, GROUP_SUBACCOUNT) for g in spec.group_by)
+    )
+
+
+def _latest_tops(spec: AggregateSpec, group_columns: Sequence[str]) -> str:
+    """The latest value as the maximum of (ts, seq, value): the latest table's whole UTC
+    hours (straight from it when they are every piece) and the raw events of the rest,
+    which are a window's ragged quarter hours and milliseconds at most."""
+    pieces, raw_pieces = _split(spec.windows, (LATEST_GRAIN,))
+    hours = pieces[LATEST_GRAIN]
+    groups, latest = len(group_columns), ["max(top).3"]
+    if hours:
+        lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
+        where = _where(spec, LATEST_GRAIN, "slot", lo, hi)
+        if not raw_pieces:
+            flat = _flat(LATEST, where, "slot", hours, group_columns)
+            if flat is not None:
+                return _select(groups, latest, flat[1], spec.totals, flat[0])
+    refs = [f"g{n}" for n in range(groups)]
+    parts = []
+    for found, table, column, top in (
+        (hours, LATEST, "slot", "CAST(top, 'Tuple(Int64, UInt64, Float64)')"),
+        (raw_pieces, "events", "ts", "(ts, seq, value)"),
+    ):
+        if found:
+            lo, hi = min(p[1] for p in found), max(p[2] for p in found)
+            grain = LATEST_GRAIN if table == LATEST else None
+            columns = [*_groups(group_columns), f"{top} AS top", column, "0 AS z"]
+            source = f"SELECT {', '.join(columns)} FROM {table}"
+            index, rows = _mapped(
+                f"{source} WHERE {_where(spec, grain, column, lo, hi)}", column, found
+            )
+            parts.append(f"SELECT {', '.join([f'{index} AS idx', *refs, 'top'])} {rows}")
+    return _select(groups, latest, "FROM (" + " UNION ALL ".join(parts) + ")", spec.totals)
 
 
 def _prefold(
@@ -365,13 +411,18 @@ def _split(
 
 
 def plan_aggregate(
-    spec: AggregateSpec, hour_sets: bool = False, distinct_hours: bool = False
+    spec: AggregateSpec,
+    hour_sets: bool = False,
+    distinct_hours: bool = False,
+    latest_hours: bool = False,
 ) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
     question reads whole UTC hours there and slots only for its ragged quarter hours; with
     ``distinct_hours`` (the distinct table is complete), a distinct count with no filter,
-    tag or key merges its whole hours' states there (_distinct_states)."""
+    tag or key merges its whole hours' states there (_distinct_states); with
+    ``latest_hours``, a latest value with no filter, tag or dimension group is a maximum
+    over the latest table's hours, in a statement of its own (_latest_tops)."""
     grains = grains_for(spec)
     if hour_sets and grains == (SLOTS,):
         grains = (HOUR_SETS_GRAIN, SLOTS)
@@ -381,7 +432,16 @@ def plan_aggregate(
     group_columns = _group_columns(spec.group_by)
     plans: list[Plan] = []
 
-    foldable = [i for i, m in enumerate(spec.measures) if m.aggregation in _FOLDS]
+    tops = latest_hours and _plain(spec)
+    for i, measure in enumerate(spec.measures):
+        if tops and measure.aggregation == "latest":
+            sql = _latest_tops(spec, group_columns)
+            plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
+    foldable = [
+        i
+        for i, m in enumerate(spec.measures)
+        if m.aggregation in _FOLDS and not (tops and m.aggregation == "latest")
+    ]
     if foldable:
         aggregations = list(dict.fromkeys(spec.measures[i].aggregation for i in foldable))
         values = [_FOLDS[spec.measures[i].aggregation][2] for i in foldable]

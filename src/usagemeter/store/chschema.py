@@ -225,6 +225,50 @@ def distinct_backfill(boundary: int, start_ms: int, end_ms: int) -> str:
     return f"INSERT INTO {DISTINCT} {settings}" + _distinct_select("events", where)
 
 
+# The latest value per UTC hour, key and billable as a plain tuple maximum, max((ts, seq,
+# value)): read like a sum, where the rollups' argMax states are parsed row by row across
+# every granule read (round 8: a daily StorageBytes report 1.2 to 1.4 times as fast). The
+# same order as argMax over (ts, seq): a tie on the timestamp goes to the later write. A
+# question without the key folds its keys (a maximum folds across anything). Backfilled on
+# an older database as the hour table is (chupgrade.py).
+LATEST = "latest_hour"
+LATEST_GRAIN = Grain(LATEST, HOUR_MS, detailed=False, keyed=True)
+LATEST_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {LATEST} (
+    account String,
+    metric LowCardinality(String),
+    slot Int64,
+    key String,
+    billable UInt8,
+    top SimpleAggregateFunction(max, Tuple(Int64, UInt64, Float64))  -- (ts, seq, value)
+) ENGINE = AggregatingMergeTree
+ORDER BY (account, metric, slot, key, billable)
+SETTINGS {_DURABLE}, {_TOKENS}
+"""
+
+
+def _latest_select(source: str, where: str = "") -> str:
+    return f"""
+SELECT account, metric, {floor_div("ts", HOUR_MS)} AS slot, key, billable,
+       max((ts, seq, value)) AS top
+FROM {source}{where} GROUP BY account, metric, slot, key, billable
+"""
+
+
+def latest_view(boundary: int) -> str:
+    """The latest table's view, counting the events of ``seq >= boundary``."""
+    return f"CREATE MATERIALIZED VIEW IF NOT EXISTS {LATEST}_mv TO {LATEST} AS" + _latest_select(
+        "events", f" WHERE seq >= {int(boundary)}"
+    )
+
+
+def latest_backfill(boundary: int, start_ms: int, end_ms: int) -> str:
+    """The events of [start_ms, end_ms) the latest view did not count, folded."""
+    settings = "SETTINGS insert_deduplicate = 0, max_partitions_per_insert_block = 0"
+    where = f" WHERE seq < {int(boundary)} AND ts >= {int(start_ms)} AND ts < {int(end_ms)}"
+    return f"INSERT INTO {LATEST} {settings}" + _latest_select("events", where)
+
+
 def _coarse_select(unit: int, keyed: bool, source: str) -> str:
     key = " key," if keyed else ""
     return f"""
@@ -264,6 +308,8 @@ def fold_select(table: str, source: str) -> str:
         return _sets_select(HOUR_MS, source)
     if table == DISTINCT:
         return _distinct_select(source)
+    if table == LATEST:
+        return _latest_select(source)
     unit = HOUR_MS if "hour" in table else DAY_MS
     return _coarse_select(unit, table.endswith("_key"), source)
 
@@ -314,6 +360,7 @@ STATEMENTS: tuple[str, ...] = (
     SLOTS_VIEW,
     HOUR_SETS_TABLE,
     DISTINCT_TABLE,
+    LATEST_TABLE,
     *_coarse("rollup_hour_key", HOUR_MS, keyed=True),
     *_coarse("rollup_day_key", DAY_MS, keyed=True),
     *_coarse("rollup_hour", HOUR_MS, keyed=False),
@@ -327,6 +374,7 @@ TABLES = (
     "rollup",
     HOUR_SETS,
     DISTINCT,
+    LATEST,
     "rollup_hour_key",
     "rollup_day_key",
     "rollup_hour",

@@ -1,7 +1,8 @@
 """Tables folded from the events that a database may have had events before (the hour table
 with dimension and tag sets, chschema.HOUR_SETS; the distinct-count states per hour,
-chschema.DISTINCT): each created beside the running ingest, backfilled once, and read by
-the planner only when complete. Each table goes through the same steps on its own boundary.
+chschema.DISTINCT; the latest value per hour, chschema.LATEST): each created beside the
+running ingest, backfilled once, and read by the planner only when complete. Each table goes
+through the same steps on its own boundary.
 
 ClickHouse has no transactions and no lock that processes could share, and a process of an
 older version (which knows nothing of this table) may be ingesting meanwhile. So the table's
@@ -44,10 +45,13 @@ from datetime import UTC, datetime
 from usagemeter.store.chschema import (
     DISTINCT,
     HOUR_SETS,
+    LATEST,
     distinct_backfill,
     distinct_view,
     hour_sets_backfill,
     hour_sets_view,
+    latest_backfill,
+    latest_view,
 )
 from usagemeter.store.chtransport import Transport, literal
 
@@ -184,6 +188,18 @@ class DistinctHours(Backfilled):
 
     def fold(self, boundary: int, start_ms: int, end_ms: int) -> str:
         return distinct_backfill(boundary, start_ms, end_ms)
+
+
+class LatestHours(Backfilled):
+    """The latest value per hour as a tuple maximum (chschema.LATEST)."""
+
+    table = LATEST
+
+    def view(self, boundary: int) -> str:
+        return latest_view(boundary)
+
+    def fold(self, boundary: int, start_ms: int, end_ms: int) -> str:
+        return latest_backfill(boundary, start_ms, end_ms)
 
 
 def _months(first_ms: int, last_ms: int) -> list[tuple[int, int]]:

@@ -23,7 +23,7 @@ The promises are the other stores', kept this way:
   process (docs/clickhouse.md) to close it.
 - Distinct counts and latest values are exact over any range: distinct counts merge exact
   states (of an hour's values, or of the slots' and raw events' values), never counts,
-  and latest values travel as argMax states.
+  and latest values are the maximum of (ts, seq, value) or travel as argMax states.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from usagemeter.store.chappend import GROUP_EVENTS, Prepared, event_columns, pai
 from usagemeter.store.chplan import decode_columns, plan_aggregate
 from usagemeter.store.chschema import STATEMENTS, pack_small_parts
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
-from usagemeter.store.chupgrade import DistinctHours, HourSets
+from usagemeter.store.chupgrade import DistinctHours, HourSets, LatestHours
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.pgcommit import GroupCommit
@@ -88,6 +88,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._corrections = threading.Lock()
         self.hour_sets = HourSets(transport, self._corrections, fresh)
         self.distinct_hours = DistinctHours(transport, self._corrections, fresh)
+        self.latest_hours = LatestHours(transport, self._corrections, fresh)
         self._last_seq = 0
         self._group_commit: GroupCommit[Prepared, AppendResult] = GroupCommit(
             self._write_group, GROUP_EVENTS
@@ -100,6 +101,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def close(self) -> None:
         self.hour_sets.close()
         self.distinct_hours.close()
+        self.latest_hours.close()
         self.transport.close()
         self.side.close()
 
@@ -345,7 +347,10 @@ class ClickHouseStore(ChCorrections, LimitTables):
         if not spec.windows:
             return AggregateColumns([], [], [])
         plans = plan_aggregate(
-            spec, hour_sets=self.hour_sets.ready(), distinct_hours=self.distinct_hours.ready()
+            spec,
+            hour_sets=self.hour_sets.ready(),
+            distinct_hours=self.distinct_hours.ready(),
+            latest_hours=self.latest_hours.ready(),
         )
         if len(plans) == 1:  # the usual question: its result read by columns
             (plan,) = plans
