@@ -55,7 +55,7 @@ from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.pgcommit import GroupCommit
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row, row_ids_stale
 from usagemeter.store.sidefile import SideFile
-from usagemeter.store.sqlplan import run_plans
+from usagemeter.store.sqlplan import Plan, run_plans
 from usagemeter.timewindows import SLOT_MS
 
 EXPORT_PAGE = 10_000  # events per query while exporting
@@ -343,15 +343,20 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
         return self.aggregate_columns(spec).rows()
 
-    def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
-        if not spec.windows:
-            return AggregateColumns([], [], [])
-        plans = plan_aggregate(
+    def plans(self, spec: AggregateSpec) -> list[Plan]:
+        """The statements of a question, reading each table chupgrade.py backfills only once
+        it is complete."""
+        return plan_aggregate(
             spec,
             hour_sets=self.hour_sets.ready(),
             distinct_hours=self.distinct_hours.ready(),
             latest_hours=self.latest_hours.ready(),
         )
+
+    def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
+        if not spec.windows:
+            return AggregateColumns([], [], [])
+        plans = self.plans(spec)
         if len(plans) == 1:  # the usual question: its result read by columns
             (plan,) = plans
             return decode_columns(spec, plan, self.transport.query_columns(plan.sql))
