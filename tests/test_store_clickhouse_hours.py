@@ -284,14 +284,15 @@ def test_a_store_closed_during_its_backfill_lets_it_finish(
     monkeypatch.setattr(chupgrade, "SETTLE_NS", 100_000_000)
     monkeypatch.setattr(chupgrade, "CHECK_EVERY", 0.05)
     first_month = threading.Event()
-    real = chupgrade.hour_sets_backfill
+    real = chupgrade.backfill
 
-    def slow_backfill(boundary: int, lo: int, hi: int) -> str:
-        first_month.set()
-        time.sleep(0.3)  # close() arrives while the first month is being folded
-        return real(boundary, lo, hi)
+    def slow_backfill(table: str, boundary: int, lo: int, hi: int) -> str:
+        if table == HOUR_SETS:
+            first_month.set()
+            time.sleep(0.3)  # close() arrives while the first month is being folded
+        return real(table, boundary, lo, hi)
 
-    monkeypatch.setattr(chupgrade, "hour_sets_backfill", slow_backfill)
+    monkeypatch.setattr(chupgrade, "backfill", slow_backfill)
     database = f"closed_{time.time_ns()}"
     side = str(tmp_path / "side.sqlite")
     older = ClickHouseStore(_transport(clickhouse_home, database), side)

@@ -156,23 +156,6 @@ SLOTS_VIEW = "CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_mv TO rollup AS" + _
 )
 
 
-def hour_sets_view(boundary: int) -> str:
-    """The hour table's view: it folds the events of ``seq >= boundary``, as each insert
-    lands; the boundary is part of its definition, so every process reads the same one."""
-    return (
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {HOUR_SETS}_mv TO {HOUR_SETS} AS"
-        + _sets_select(HOUR_MS, "events", f" WHERE seq >= {int(boundary)}")
-    )
-
-
-def hour_sets_backfill(boundary: int, start_ms: int, end_ms: int) -> str:
-    """The events of [start_ms, end_ms) the view did not count (``seq < boundary``), folded
-    into the hour table."""
-    settings = "SETTINGS insert_deduplicate = 0, max_partitions_per_insert_block = 0"
-    where = f" WHERE seq < {int(boundary)} AND ts >= {int(start_ms)} AND ts < {int(end_ms)}"
-    return f"INSERT INTO {HOUR_SETS} {settings}" + _sets_select(HOUR_MS, "events", where)
-
-
 # Exact distinct-count states per UTC hour and dimension: a distinct count with no filter,
 # tag or key (Sessions per day, say) merges a day's 24 states per account rather than
 # hashing every event's value out of its map of strings (round 8: 1.5 to 2 times as fast at
@@ -210,21 +193,6 @@ GROUP BY account, metric, name, slot, billable
 """
 
 
-def distinct_view(boundary: int) -> str:
-    """The distinct table's view, counting the events of ``seq >= boundary``."""
-    return (
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DISTINCT}_mv TO {DISTINCT} AS"
-        + _distinct_select("events", f" WHERE seq >= {int(boundary)}")
-    )
-
-
-def distinct_backfill(boundary: int, start_ms: int, end_ms: int) -> str:
-    """The events of [start_ms, end_ms) the distinct view did not count, folded."""
-    settings = "SETTINGS insert_deduplicate = 0, max_partitions_per_insert_block = 0"
-    where = f" WHERE seq < {int(boundary)} AND ts >= {int(start_ms)} AND ts < {int(end_ms)}"
-    return f"INSERT INTO {DISTINCT} {settings}" + _distinct_select("events", where)
-
-
 # The latest value per UTC hour, key and billable as a plain tuple maximum, max((ts, seq,
 # value)): read like a sum, where the rollups' argMax states are parsed row by row across
 # every granule read (round 8: a daily StorageBytes report 1.2 to 1.4 times as fast). The
@@ -255,25 +223,11 @@ FROM {source}{where} GROUP BY account, metric, slot, key, billable
 """
 
 
-def latest_view(boundary: int) -> str:
-    """The latest table's view, counting the events of ``seq >= boundary``."""
-    return f"CREATE MATERIALIZED VIEW IF NOT EXISTS {LATEST}_mv TO {LATEST} AS" + _latest_select(
-        "events", f" WHERE seq >= {int(boundary)}"
-    )
-
-
-def latest_backfill(boundary: int, start_ms: int, end_ms: int) -> str:
-    """The events of [start_ms, end_ms) the latest view did not count, folded."""
-    settings = "SETTINGS insert_deduplicate = 0, max_partitions_per_insert_block = 0"
-    where = f" WHERE seq < {int(boundary)} AND ts >= {int(start_ms)} AND ts < {int(end_ms)}"
-    return f"INSERT INTO {LATEST} {settings}" + _latest_select("events", where)
-
-
-def _coarse_select(unit: int, keyed: bool, source: str) -> str:
+def _coarse_select(unit: int, keyed: bool, source: str, where: str = "") -> str:
     key = " key," if keyed else ""
     return f"""
 SELECT account, metric,{key} {floor_div("ts", unit)} AS slot, billable, {_FOLD}
-FROM {source} GROUP BY account, metric,{key} slot, billable
+FROM {source}{where} GROUP BY account, metric,{key} slot, billable
 """
 
 
@@ -298,20 +252,37 @@ SETTINGS {_DURABLE}, {_TOKENS}
     )
 
 
-def fold_select(table: str, source: str) -> str:
+def fold_select(table: str, source: str, where: str = "") -> str:
     """The SELECT that folds the events of ``source`` (a table or subquery with the events'
-    columns) into rows of rollup ``table``, column for column: what its view runs on every
-    insert, and what a void runs to recompute the cells it cleared."""
+    columns; ``where`` narrows them) into rows of rollup ``table``, column for column: what
+    its view runs on every insert, and what a void runs to recompute the cells it cleared."""
     if table == "rollup":
-        return _sets_select(SLOT_MS, source)
+        return _sets_select(SLOT_MS, source, where)
     if table == HOUR_SETS:
-        return _sets_select(HOUR_MS, source)
+        return _sets_select(HOUR_MS, source, where)
     if table == DISTINCT:
-        return _distinct_select(source)
+        return _distinct_select(source, where)
     if table == LATEST:
-        return _latest_select(source)
+        return _latest_select(source, where)
     unit = HOUR_MS if "hour" in table else DAY_MS
-    return _coarse_select(unit, table.endswith("_key"), source)
+    return _coarse_select(unit, table.endswith("_key"), source, where)
+
+
+def backfilled_view(table: str, boundary: int) -> str:
+    """The view of a table that chupgrade.py backfills: it folds the events of ``seq >=
+    boundary`` as each insert lands; the boundary is part of its definition, so every
+    process reads the same one."""
+    return f"CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv TO {table} AS" + fold_select(
+        table, "events", f" WHERE seq >= {int(boundary)}"
+    )
+
+
+def backfill(table: str, boundary: int, start_ms: int, end_ms: int) -> str:
+    """The events of [start_ms, end_ms) that ``table``'s view did not count (``seq <
+    boundary``), folded into it."""
+    settings = "SETTINGS insert_deduplicate = 0, max_partitions_per_insert_block = 0"
+    where = f" WHERE seq < {int(boundary)} AND ts >= {int(start_ms)} AND ts < {int(end_ms)}"
+    return f"INSERT INTO {table} {settings}" + fold_select(table, "events", where)
 
 
 ACCOUNTS = f"""

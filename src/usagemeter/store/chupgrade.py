@@ -42,17 +42,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from usagemeter.store.chschema import (
-    DISTINCT,
-    HOUR_SETS,
-    LATEST,
-    distinct_backfill,
-    distinct_view,
-    hour_sets_backfill,
-    hour_sets_view,
-    latest_backfill,
-    latest_view,
-)
+from usagemeter.store.chschema import backfill, backfilled_view
 from usagemeter.store.chtransport import Transport, literal
 
 SETTLE_NS = 30 * 1_000_000_000
@@ -63,22 +53,17 @@ _BOUNDARY = re.compile(r"seq >= (\d+)")
 
 
 class Backfilled:
-    """Whether a table folded from the events may be read, and its backfill. ``corrections``
-    is the store's lock of voids and deletions: the backfill holds it (module docstring).
-    A subclass names the table and says its view and its backfill's statement."""
+    """Whether ``table`` (one chschema.fold_select folds) may be read, and its backfill.
+    ``corrections`` is the store's lock of voids and deletions: the backfill holds it
+    (module docstring)."""
 
-    table = ""
-
-    def view(self, boundary: int) -> str:
-        raise NotImplementedError
-
-    def fold(self, boundary: int, start_ms: int, end_ms: int) -> str:
-        raise NotImplementedError
-
-    def __init__(self, transport: Transport, corrections: threading.Lock, fresh: bool) -> None:
+    def __init__(
+        self, transport: Transport, corrections: threading.Lock, fresh: bool, table: str
+    ) -> None:
+        self.table = table
         self.transport = transport
         self._corrections = corrections
-        transport.command(self.view(0 if fresh else time.time_ns() + SETTLE_NS))
+        transport.command(backfilled_view(table, 0 if fresh else time.time_ns() + SETTLE_NS))
         self.boundary = self._read_boundary()
         self.complete = self.boundary == 0 or self._finished()
         self._stop = threading.Event()
@@ -155,7 +140,7 @@ class Backfilled:
             # Not stopped by close(): a claimed backfill left halfway could never be told
             # from one in progress, and the table would stay unread. A month takes seconds.
             for lo, hi in _months(int(rows[0][0]), int(rows[0][1])):
-                self.transport.command(self.fold(self.boundary, lo, hi))
+                self.transport.command(backfill(self.table, self.boundary, lo, hi))
         self.transport.command(f"INSERT INTO {self._claim_table()} VALUES (1)")
         return True
 
@@ -164,42 +149,6 @@ class Backfilled:
         complete, only what the view counts (the backfill brings the rest). Voids hold the
         corrections lock, so the backfill is not halfway meanwhile."""
         return "" if self.complete else f" AND seq >= {self.boundary}"
-
-
-class HourSets(Backfilled):
-    """The hour table with dimension and tag sets (chschema.HOUR_SETS)."""
-
-    table = HOUR_SETS
-
-    def view(self, boundary: int) -> str:
-        return hour_sets_view(boundary)
-
-    def fold(self, boundary: int, start_ms: int, end_ms: int) -> str:
-        return hour_sets_backfill(boundary, start_ms, end_ms)
-
-
-class DistinctHours(Backfilled):
-    """The distinct-count states per hour and dimension (chschema.DISTINCT)."""
-
-    table = DISTINCT
-
-    def view(self, boundary: int) -> str:
-        return distinct_view(boundary)
-
-    def fold(self, boundary: int, start_ms: int, end_ms: int) -> str:
-        return distinct_backfill(boundary, start_ms, end_ms)
-
-
-class LatestHours(Backfilled):
-    """The latest value per hour as a tuple maximum (chschema.LATEST)."""
-
-    table = LATEST
-
-    def view(self, boundary: int) -> str:
-        return latest_view(boundary)
-
-    def fold(self, boundary: int, start_ms: int, end_ms: int) -> str:
-        return latest_backfill(boundary, start_ms, end_ms)
 
 
 def _months(first_ms: int, last_ms: int) -> list[tuple[int, int]]:

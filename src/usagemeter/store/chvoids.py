@@ -36,7 +36,7 @@ from usagemeter.model import Event
 from usagemeter.store.base import Conflict, NotFound
 from usagemeter.store.chschema import DISTINCT_GRAIN, HOUR_SETS_GRAIN, LATEST_GRAIN, fold_select
 from usagemeter.store.chtransport import Transport, literal, literals
-from usagemeter.store.chupgrade import DistinctHours, HourSets, LatestHours
+from usagemeter.store.chupgrade import Backfilled
 from usagemeter.store.postgres import _digest
 from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import DAY_MS
@@ -72,9 +72,9 @@ class ChCorrections(VoidLog):
     side: SideFile
     _lock: threading.Lock
     _corrections: threading.Lock
-    hour_sets: HourSets
-    distinct_hours: DistinctHours
-    latest_hours: LatestHours
+    hour_sets: Backfilled
+    distinct_hours: Backfilled
+    latest_hours: Backfilled
 
     def _require(self, table: str, noun: str, ids: Sequence[str]) -> None:
         raise NotImplementedError

@@ -47,9 +47,15 @@ from usagemeter.store.base import (
 )
 from usagemeter.store.chappend import GROUP_EVENTS, Prepared, event_columns, pairs, sort_out
 from usagemeter.store.chplan import decode_columns, plan_aggregate
-from usagemeter.store.chschema import STATEMENTS, pack_small_parts
+from usagemeter.store.chschema import (
+    DISTINCT,
+    HOUR_SETS,
+    LATEST,
+    STATEMENTS,
+    pack_small_parts,
+)
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
-from usagemeter.store.chupgrade import DistinctHours, HourSets, LatestHours
+from usagemeter.store.chupgrade import Backfilled
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.pgcommit import GroupCommit
@@ -86,9 +92,9 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # Held by voids and account deletions, and by the hour table's backfill (appends go
         # on beside it): see chupgrade.py.
         self._corrections = threading.Lock()
-        self.hour_sets = HourSets(transport, self._corrections, fresh)
-        self.distinct_hours = DistinctHours(transport, self._corrections, fresh)
-        self.latest_hours = LatestHours(transport, self._corrections, fresh)
+        self.hour_sets = Backfilled(transport, self._corrections, fresh, HOUR_SETS)
+        self.distinct_hours = Backfilled(transport, self._corrections, fresh, DISTINCT)
+        self.latest_hours = Backfilled(transport, self._corrections, fresh, LATEST)
         self._last_seq = 0
         self._group_commit: GroupCommit[Prepared, AppendResult] = GroupCommit(
             self._write_group, GROUP_EVENTS
