@@ -367,6 +367,13 @@ def test_a_plain_latest_value_is_a_maximum_over_the_latest_table() -> None:
     ):
         (other,) = plan_aggregate(_spec(days, "latest", **narrowed), latest_hours=True)
         assert "latest_hour" not in other.sql and "argMaxMerge" in other.sql, narrowed
+    # Kathmandu's hours hold no whole UTC hour: the slots' states, not every raw event.
+    quarter = BASE_MS + 15 * 60_000
+    kathmandu = tuple(
+        Window(n, quarter + n * HOUR_MS, quarter + (n + 1) * HOUR_MS) for n in range(9)
+    )
+    (hourly,) = plan_aggregate(_spec(kathmandu, "latest"), latest_hours=True)
+    assert "latest_hour" not in hourly.sql and "argMaxMerge" in hourly.sql
 
 
 def test_the_latest_table_answers_as_the_argmax_states_do(

@@ -327,20 +327,23 @@ def _plain(spec: AggregateSpec) -> bool:
     )
 
 
-def _latest_tops(spec: AggregateSpec, group_columns: Sequence[str]) -> str:
+def _latest_tops(spec: AggregateSpec, group_columns: Sequence[str]) -> str | None:
     """The latest value as the maximum of (ts, seq, value): the latest table's whole UTC
     hours (straight from it when they are every piece) and the raw events of the rest,
-    which are a window's ragged quarter hours and milliseconds at most."""
+    which are a window's ragged quarter hours and milliseconds. None when no window holds
+    a whole UTC hour (Kathmandu's or Kolkata's hours): the slots' argMax states answer
+    those rather than every raw event of the range."""
     pieces, raw_pieces = _split(spec.windows, (LATEST_GRAIN,))
     hours = pieces[LATEST_GRAIN]
+    if not hours:
+        return None
     groups, latest = len(group_columns), ["max(top).3"]
-    if hours:
-        lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
-        where = _where(spec, LATEST_GRAIN, "slot", lo, hi)
-        if not raw_pieces:
-            flat = _flat(LATEST, where, "slot", hours, group_columns)
-            if flat is not None:
-                return _select(groups, latest, flat[1], spec.totals, flat[0])
+    lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
+    where = _where(spec, LATEST_GRAIN, "slot", lo, hi)
+    if not raw_pieces:
+        flat = _flat(LATEST, where, "slot", hours, group_columns)
+        if flat is not None:
+            return _select(groups, latest, flat[1], spec.totals, flat[0])
     refs = [f"g{n}" for n in range(groups)]
     parts = []
     for found, table, column, top in (
@@ -432,15 +435,16 @@ def plan_aggregate(
     group_columns = _group_columns(spec.group_by)
     plans: list[Plan] = []
 
-    tops = latest_hours and _plain(spec)
-    for i, measure in enumerate(spec.measures):
-        if tops and measure.aggregation == "latest":
-            sql = _latest_tops(spec, group_columns)
-            plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
+    tops = None  # the latest value's own statement, when the latest table answers it
+    latest = [i for i, m in enumerate(spec.measures) if m.aggregation == "latest"]
+    if latest_hours and latest and _plain(spec):
+        tops = _latest_tops(spec, group_columns)
+    if tops is not None:
+        plans.append(Plan(tops, (), (latest[0],), _decoder(spec, (latest[0],))))
     foldable = [
         i
         for i, m in enumerate(spec.measures)
-        if m.aggregation in _FOLDS and not (tops and m.aggregation == "latest")
+        if m.aggregation in _FOLDS and not (tops is not None and i in latest)
     ]
     if foldable:
         aggregations = list(dict.fromkeys(spec.measures[i].aggregation for i in foldable))
