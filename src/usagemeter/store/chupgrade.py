@@ -31,8 +31,8 @@ process refolds or deletes cells meanwhile. It is claimed by creating a table na
 B (a CREATE without ``IF NOT EXISTS`` succeeds once), which receives a row when the backfill
 is complete; other processes wait for that row. Closing the store lets a backfill it began
 finish. A process that dies in the middle leaves the claim without its row: the planner
-then keeps reading the slots (correct, slower) until the hour table is rebuilt (``DROP`` the
-table, its view and the claim; the next start creates them again).
+then keeps reading the tables it read before (correct, slower) until that table is rebuilt
+(``DROP`` the table, its view and the claim; the next start creates them again).
 """
 
 from __future__ import annotations
