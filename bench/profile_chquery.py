@@ -20,7 +20,9 @@ equal; ``--sqlite`` adds the two engines over a SQLite store of the same events.
 have (distinct-count states per hour and dimension; the latest value as a plain tuple maximum
 per day; the day table's argMax states in small granules), fills them from the store's events
 as views would, and asks the distinct and latest questions of them beside the store's own
-statements and the peer's, in turn, answers checked equal.
+statements and the peer's, in turn, answers checked equal. (Round 8 built the first two as
+the schema's ``distinct_hour`` and ``latest_hour``: "the store's" column is its plan without
+them, as before round 8.)
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def _split(
     assert isinstance(store.transport, ChdbTransport)
     transport = store.transport
     spec = asked(store, query)
-    plans = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
+    plans = store.plans(spec)
     settings = " SETTINGS output_format_json_quote_64bit_integers = 0"
     peer_sql = chdb_peer.sql(peer_question(label, query))
 
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 sqlite.close()
         breakdown(store, peer, args.runs)
         spec = asked(store, query)
-        (plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
+        (plan,) = store.plans(spec)
         (slots_plan,) = plan_aggregate(spec, hour_sets=False)
         regular = chplan._regular
         chplan._regular = lambda pieces: None  # type: ignore[assignment]

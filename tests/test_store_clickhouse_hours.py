@@ -1,5 +1,6 @@
-"""The ClickHouse store's hour table with dimension and tag sets: read for the whole hours of
-grouped and tagged questions, equal to a fold of the events after voids, amends and account
+"""The ClickHouse store's hour table with dimension and tag sets (read for the whole hours of
+grouped and tagged questions) and its distinct-count states per hour (read for distinct
+counts with no filter): each equal to a fold of the events after voids, amends and account
 deletion, and built on an older database while another process ingests, each event counted
 once (store/chupgrade.py)."""
 
@@ -22,7 +23,7 @@ from usagemeter.model import Account, Event, Query
 from usagemeter.store import chupgrade
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.chplan import plan_aggregate
-from usagemeter.store.chschema import HOUR_SETS
+from usagemeter.store.chschema import DISTINCT, HOUR_SETS, LATEST
 from usagemeter.store.chtransport import ChdbTransport, HttpTransport, Transport
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.timewindows import Granularity
@@ -63,6 +64,44 @@ def _folded_events(store: ClickHouseStore) -> list[list[Any]]:
         " tagset, count(), sum(value), min(value), max(value), argMax(value, (ts, seq))"
         f" FROM events GROUP BY {COLUMNS} ORDER BY {COLUMNS}"
     )
+
+
+def _distinct_table(store: ClickHouseStore) -> list[list[Any]]:
+    return store.transport.query(
+        f"SELECT account, metric, name, slot, billable, uniqExactMerge(u) FROM {DISTINCT}"
+        " GROUP BY account, metric, name, slot, billable ORDER BY ALL"
+    )
+
+
+def _distinct_events(store: ClickHouseStore) -> list[list[Any]]:
+    """Each hour's distinct values per dimension, and 0 under '' wherever events are."""
+    return store.transport.query(
+        f"SELECT account, metric, name, intDiv(ts, {HOUR_MS}) AS slot, billable,"
+        " uniqExactIf(v, name != '') FROM events ARRAY JOIN arrayConcat([''], mapKeys(dims))"
+        " AS name, arrayConcat([''], mapValues(dims)) AS v"
+        " GROUP BY account, metric, name, slot, billable ORDER BY ALL"
+    )
+
+
+def _latest_table(store: ClickHouseStore) -> list[list[Any]]:
+    return store.transport.query(
+        f"SELECT account, metric, slot, key, billable, max(top) FROM {LATEST}"
+        " GROUP BY account, metric, slot, key, billable ORDER BY ALL"
+    )
+
+
+def _latest_events(store: ClickHouseStore) -> list[list[Any]]:
+    return store.transport.query(
+        f"SELECT account, metric, intDiv(ts, {HOUR_MS}) AS slot, key, billable,"
+        " max((ts, seq, value)) FROM events GROUP BY account, metric, slot, key, billable"
+        " ORDER BY ALL"
+    )
+
+
+def _tables_equal_their_folds(store: ClickHouseStore) -> None:
+    assert _hour_table(store) == _folded_events(store)
+    assert _distinct_table(store) == _distinct_events(store)
+    assert _latest_table(store) == _latest_events(store)
 
 
 def _tagged_by_status(account: str = "a") -> AggregateSpec:
@@ -129,7 +168,9 @@ def test_the_hour_table_answers_as_the_slots_do(
     assert with_hours[0].total[0]  # something was counted
 
 
-def test_voids_amends_and_deletion_recompute_the_hour_table(chstore: ClickHouseStore) -> None:
+def test_voids_amends_and_deletion_recompute_the_hour_distinct_and_latest_tables(
+    chstore: ClickHouseStore,
+) -> None:
     chstore.create_account(Account("a", "A"))
     chstore.create_account(Account("b", "B"))
     chstore.append(_events(0, 400))
@@ -147,10 +188,13 @@ def test_voids_amends_and_deletion_recompute_the_hour_table(chstore: ClickHouseS
         BASE_MS + 9 * DAY_MS,
         amend=Amendment(value=40.0),
     )
-    assert _hour_table(chstore) == _folded_events(chstore)
+    _tables_equal_their_folds(chstore)
     chstore.delete_account("b")
-    assert _hour_table(chstore) == _folded_events(chstore)
+    _tables_equal_their_folds(chstore)
     assert {row[0] for row in _hour_table(chstore)} == {"a"}
+    assert {row[0] for row in _distinct_table(chstore)} == {"a"}
+    assert {row[2] for row in _distinct_table(chstore)} == {"", "status"}
+    assert {row[0] for row in _latest_table(chstore)} == {"a"}
 
 
 def _utc(ms: int) -> datetime:
@@ -163,13 +207,21 @@ def _transport(home: str, database: str) -> Transport:
     return HttpTransport(home.rsplit("/", 1)[0] + "/" + database)
 
 
+@pytest.mark.parametrize(
+    ("table", "backfilled"),
+    [(HOUR_SETS, "hour_sets"), (DISTINCT, "distinct_hours"), (LATEST, "latest_hours")],
+)
 def test_an_older_database_is_upgraded_while_another_process_ingests(
-    clickhouse_home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    clickhouse_home: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    table: str,
+    backfilled: str,
 ) -> None:
-    """A database from before the hour table, its ingest running on: the store that opens it
-    creates the table and its view, folds what came before once the boundary has settled, and
-    only then plans with it. A void in between refolds only what the view counted. Every
-    event is in the table once, none is lost."""
+    """A database from before the hour table (or the distinct or latest table, round 8), its
+    ingest running on: the store that opens it creates the table and its view, folds what came
+    before once the boundary has settled, and only then plans with it. A void in between
+    refolds only what the view counted. Every event is in the table once, none is lost."""
     monkeypatch.setattr(chupgrade, "SETTLE_NS", 1_000_000_000)  # 1 s instead of 30
     monkeypatch.setattr(chupgrade, "CHECK_EVERY", 0.05)
     database = f"older_{time.time_ns()}"
@@ -178,8 +230,8 @@ def test_an_older_database_is_upgraded_while_another_process_ingests(
     upgraded: ClickHouseStore | None = None
     try:
         # What an older version left: no hour table, no view, events already stored.
-        older.transport.command(f"DROP VIEW {HOUR_SETS}_mv")
-        older.transport.command(f"DROP TABLE {HOUR_SETS}")
+        older.transport.command(f"DROP VIEW {table}_mv")
+        older.transport.command(f"DROP TABLE {table}")
         older.create_account(Account("a", "A"))
         older.append(_events(0, 500))
 
@@ -196,12 +248,13 @@ def test_an_older_database_is_upgraded_while_another_process_ingests(
         try:
             time.sleep(0.05)
             upgraded = ClickHouseStore(_transport(clickhouse_home, database), side)
-            assert upgraded.hour_sets.boundary > 0 and not upgraded.hour_sets.ready()
+            upgrade = getattr(upgraded, backfilled)
+            assert upgrade.boundary > 0 and not upgrade.ready()
             # A void before the backfill: its refold of the hour table counts only what the
             # view counted, the backfill the rest.
             upgraded.void_events(VoidSelector("a", ids=("e3", "e400")), "t", None, BASE_MS)
             deadline = time.monotonic() + 30
-            while not upgraded.hour_sets.ready():
+            while not upgrade.ready():
                 assert time.monotonic() < deadline, "the backfill never ran"
                 time.sleep(0.05)
             time.sleep(0.1)  # ingest goes on after the backfill too
@@ -210,11 +263,11 @@ def test_an_older_database_is_upgraded_while_another_process_ingests(
             other.join()
         assert appended[0] > 500
         assert upgraded.count_events() == appended[0] - 2
-        assert _hour_table(upgraded) == _folded_events(upgraded)
+        _tables_equal_their_folds(upgraded)
         # A second store on it reads the same boundary and finds the backfill done.
         again = ClickHouseStore(_transport(clickhouse_home, database), side)
-        assert again.hour_sets.boundary == upgraded.hour_sets.boundary
-        assert again.hour_sets.ready()
+        assert getattr(again, backfilled).boundary == upgrade.boundary
+        assert getattr(again, backfilled).ready()
         again.close()
     finally:
         (upgraded or older).transport.command(f"DROP DATABASE {database}")
@@ -231,14 +284,15 @@ def test_a_store_closed_during_its_backfill_lets_it_finish(
     monkeypatch.setattr(chupgrade, "SETTLE_NS", 100_000_000)
     monkeypatch.setattr(chupgrade, "CHECK_EVERY", 0.05)
     first_month = threading.Event()
-    real = chupgrade.hour_sets_backfill
+    real = chupgrade.backfill
 
-    def slow_backfill(boundary: int, lo: int, hi: int) -> str:
-        first_month.set()
-        time.sleep(0.3)  # close() arrives while the first month is being folded
-        return real(boundary, lo, hi)
+    def slow_backfill(table: str, boundary: int, lo: int, hi: int) -> str:
+        if table == HOUR_SETS:
+            first_month.set()
+            time.sleep(0.3)  # close() arrives while the first month is being folded
+        return real(table, boundary, lo, hi)
 
-    monkeypatch.setattr(chupgrade, "hour_sets_backfill", slow_backfill)
+    monkeypatch.setattr(chupgrade, "backfill", slow_backfill)
     database = f"closed_{time.time_ns()}"
     side = str(tmp_path / "side.sqlite")
     older = ClickHouseStore(_transport(clickhouse_home, database), side)

@@ -14,9 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.questions import answers_to
+from usagemeter.auth import issue_key
 from usagemeter.engine import Engine, _made
 from usagemeter.meters import MeterRegistry
-from usagemeter.model import Account, Aggregation, Event, GroupValues, Meter, Query, ResultBucket
+from usagemeter.model import (
+    Account,
+    Aggregation,
+    Event,
+    GroupValues,
+    Meter,
+    Query,
+    ResultBucket,
+    Scope,
+)
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.clickhouse import ClickHouseStore
@@ -248,3 +258,170 @@ def test_cells_come_in_group_order_with_missing_values_last(chstore: ClickHouseS
         totals = [t.values[0] for t in result.totals]
         assert totals == ([3, 2, 2] if aggregation is Aggregation.COUNT else [2, 2, 2])
         assert result.total == ((7,) if aggregation is Aggregation.COUNT else (2,))
+
+
+# ------------------------------------------------- round 8: the distinct table's exact states
+
+
+def test_a_plain_distinct_count_merges_the_distinct_tables_states() -> None:
+    """A distinct count with no filter, tag or key merges the states of the distinct table's
+    whole hours (straight from it for whole UTC days), with states of the slots and raw
+    events of ragged ends; a filter, a tag, a key or a dimension group keeps the tables of
+    sets, which hold them."""
+    days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(3))
+    spec = _spec(days, "unique_count", totals=True, group_by=("subaccount",), billable=True)
+    (whole,) = plan_aggregate(spec, hour_sets=True, distinct_hours=True)
+    assert whole.sql.startswith("WITH intDiv(") and "FROM distinct_hour WHERE" in whole.sql
+    assert "name IN ('', 's')" in whole.sql and "billable = 1" in whole.sql
+    assert "uniqExactMerge(u)" in whole.sql and "UNION ALL" not in whole.sql
+    ragged = (Window(0, BASE_MS + 15 * 60_000 + 7, BASE_MS + DAY_MS), *days[1:])
+    (plan,) = plan_aggregate(_spec(ragged, "unique_count", totals=True), distinct_hours=True)
+    assert plan.sql.count("UNION ALL") == 2 and "uniqExactStateIf(v, has)" in plan.sql
+    assert all(f"FROM {t} " in plan.sql for t in ("distinct_hour", "rollup", "events"))
+    for narrowed in (
+        {"filters": (("agent", "x"),)},
+        {"tags": frozenset({"t"})},
+        {"key_id": "k"},
+        {"group_by": ("agent",)},
+    ):
+        (other,) = plan_aggregate(_spec(days, "unique_count", **narrowed), distinct_hours=True)
+        assert "distinct_hour" not in other.sql, narrowed
+    (before,) = plan_aggregate(_spec(days, "unique_count"), distinct_hours=False)
+    assert "distinct_hour" not in before.sql
+
+
+def test_the_distinct_table_answers_as_the_tables_of_sets_do(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows with events but none carrying the dimension answer 0 (the '' rows), not
+    nothing; billable filters and subaccount groups; ragged ends in every zone. Equal to
+    SQLite's answers and to the store's own without the table."""
+    chstore = sqlite_and_chstore[1]
+    meters = MeterRegistry({"m": Meter("m", Aggregation.UNIQUE_COUNT, "s")})
+    start = BASE + timedelta(minutes=15, milliseconds=3)
+    asked = [
+        Query(("d", "d2"), "m", start, start + timedelta(hours=50), granularity, tz, **extra)
+        for granularity, tz, extra in [
+            (Granularity.DAY, "UTC", {}),
+            (Granularity.HOUR, "America/New_York", {"group_by": ("subaccount",)}),
+            (Granularity.DAY, "Asia/Kathmandu", {"billable": False}),
+            (Granularity.TOTAL, "Asia/Kolkata", {"group_by": ("subaccount",)}),
+            (Granularity.MONTH, "UTC", {"billable": True}),
+        ]
+    ]
+    results = []
+    for store in sqlite_and_chstore:
+        store.create_account(Account("d", "D"))
+        store.create_account(Account("d2", "D2", "d"))
+        store.append(
+            [
+                Event(
+                    id=f"d{n}",
+                    account_id="d" if n % 3 else "d2",
+                    metric="m",
+                    ts_ms=BASE_MS + n * 11 * 60_000 + n % 7,
+                    billable=n % 4 != 0,
+                    # Hours 10 to 14 have events but no session: their buckets say 0.
+                    dimensions={"s": f"s{n % 9}", "agent": "x"}
+                    if not 55 <= n < 82
+                    else {"agent": "y"},
+                )
+                for n in range(300)
+            ]
+        )
+        results.append([Engine(store, meters).run(q) for q in asked])
+    monkeypatch.setattr(chstore.distinct_hours, "ready", lambda: False)
+    without = [Engine(chstore, meters).run(q) for q in asked]
+    for answers in (results[1], without):
+        assert [(r.buckets, r.totals, r.total) for r in answers] == [
+            (r.buckets, r.totals, r.total) for r in results[0]
+        ]
+    zero = [b for b in results[1][0].buckets if b.groups and b.groups[0].values == (0,)]
+    assert not zero  # days hold sessions; the hours without any:
+    hourly = results[1][1].buckets
+    assert any(cell.values == (0,) for b in hourly for cell in b.groups)
+
+
+# -------------------------------------------- round 8: the latest value as a tuple maximum
+
+
+def test_a_plain_latest_value_is_a_maximum_over_the_latest_table() -> None:
+    """A latest value with no filter, tag or dimension group is max((ts, seq, value)) over
+    the latest table's hours, in a statement of its own beside the other measures; ragged
+    ends from the raw events; a filter, a tag or a dimension group keeps the argMax states."""
+    days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(3))
+    spec = _spec(days, "latest", totals=True, group_by=("key",), key_id="k")
+    (whole,) = plan_aggregate(spec, latest_hours=True)
+    assert whole.sql.startswith("WITH intDiv(") and "FROM latest_hour WHERE" in whole.sql
+    assert "max(top).3" in whole.sql and "key = 'k'" in whole.sql and "argMax" not in whole.sql
+    ragged = (Window(0, BASE_MS + 15 * 60_000 + 7, BASE_MS + DAY_MS), *days[1:])
+    mixed = AggregateSpec(("a",), "m", ragged, (Measure("sum"), Measure("latest")))
+    latest, summed = plan_aggregate(mixed, hour_sets=True, latest_hours=True)
+    assert (latest.positions, summed.positions) == ((1,), (0,))
+    assert "FROM latest_hour " in latest.sql and "(ts, seq, value) AS top" in latest.sql
+    assert "top" not in summed.sql and "argMax" not in summed.sql
+    for narrowed in (
+        {"filters": (("agent", "x"),)},
+        {"tags": frozenset({"t"})},
+        {"group_by": ("agent",)},
+    ):
+        (other,) = plan_aggregate(_spec(days, "latest", **narrowed), latest_hours=True)
+        assert "latest_hour" not in other.sql and "argMaxMerge" in other.sql, narrowed
+    # Kathmandu's hours hold no whole UTC hour: the slots' states, not every raw event.
+    quarter = BASE_MS + 15 * 60_000
+    kathmandu = tuple(
+        Window(n, quarter + n * HOUR_MS, quarter + (n + 1) * HOUR_MS) for n in range(9)
+    )
+    (hourly,) = plan_aggregate(_spec(kathmandu, "latest"), latest_hours=True)
+    assert "latest_hour" not in hourly.sql and "argMaxMerge" in hourly.sql
+
+
+def test_the_latest_table_answers_as_the_argmax_states_do(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ties on the timestamp go to the later write; keys grouped and asked for; billable;
+    subaccounts; ragged ends in every zone; the latest beside a sum. Equal to SQLite's
+    answers and to the store's own without the table."""
+    chstore = sqlite_and_chstore[1]
+    start = BASE + timedelta(minutes=15, milliseconds=3)
+    asked = [
+        Query(("g", "g2"), "m", start, start + timedelta(hours=50), granularity, tz, **extra)
+        for granularity, tz, extra in [
+            (Granularity.DAY, "UTC", {}),
+            (Granularity.HOUR, "America/New_York", {"group_by": ("key",)}),
+            (Granularity.DAY, "Asia/Kathmandu", {"billable": False, "key_id": "kg"}),
+            (Granularity.TOTAL, "Asia/Kolkata", {"group_by": ("subaccount",)}),
+            (Granularity.DAY, "UTC", {"aggregations": (Aggregation.LATEST, Aggregation.SUM)}),
+        ]
+    ]
+    results = []
+    for store in sqlite_and_chstore:
+        store.create_account(Account("g", "G"))
+        store.create_account(Account("g2", "G2", "g"))
+        issue_key(store, "g", key_id="kg", scopes=[Scope.READ])
+        for first in (0, 200):  # two batches: the second's ties are later writes
+            store.append(
+                [
+                    Event(
+                        id=f"g{first}-{n}",
+                        account_id="g" if n % 3 else "g2",
+                        metric="m",
+                        # Every instant twice (once per batch): a tie on the timestamp.
+                        ts_ms=BASE_MS + n * 13 * 60_000 + n % 7,
+                        value=float((n * 37 + first) % 101),
+                        billable=n % 4 != 0,
+                        key_id="kg" if n % 3 and n % 2 else None,
+                    )
+                    for n in range(200)
+                ]
+            )
+        meters = MeterRegistry({"m": Meter("m", Aggregation.LATEST)})
+        results.append([Engine(store, meters).run(q) for q in asked])
+    monkeypatch.setattr(chstore.latest_hours, "ready", lambda: False)
+    meters = MeterRegistry({"m": Meter("m", Aggregation.LATEST)})
+    without = [Engine(chstore, meters).run(q) for q in asked]
+    for answers in (results[1], without):
+        assert [(r.buckets, r.totals, r.total) for r in answers] == [
+            (r.buckets, r.totals, r.total) for r in results[0]
+        ]
+    assert results[1][0].total == (float((199 * 37 + 200) % 101),)  # the second write

@@ -8,11 +8,15 @@ the way ClickHouse answers it fast.
   (window, group), carrying only the values the question asks for; the outer query folds the
   parts per window and group. (Carrying the dimension maps through the join and folding per
   dimension set first took 1.6 times as long for an hourly report grouped by status.) The
-  latest value travels as an argMax state, so it is exact over any range.
+  latest value travels as an argMax state, so it is exact over any range; a question with
+  no filter, tag or dimension group reads it as a plain maximum of (ts, seq, value) from
+  the latest table's hours instead (_latest_tops).
 - Distinct counts are never folded from buckets: each window's values are counted (uniqExact)
   over the rows of the tables of sets that cover it (a row per hour or slot and dimension
   set: each value of its events once) and the raw events of its ragged ends, so a range's
-  count is distinct over the range.
+  count is distinct over the range. A distinct count with no filter, tag or key merges the
+  exact states of the distinct table's whole hours instead (the sets of values themselves,
+  never their counts), with states of its ragged slots and milliseconds (_distinct_states).
 - A question one table answers is folded once, straight from that table (see _flat).
 """
 
@@ -30,7 +34,14 @@ from usagemeter.store.base import (
     AggregateSpec,
     Window,
 )
-from usagemeter.store.chschema import HOUR_SETS_GRAIN
+from usagemeter.store.chschema import (
+    DISTINCT,
+    DISTINCT_GRAIN,
+    HOUR_SETS_GRAIN,
+    LATEST,
+    LATEST_GRAIN,
+    PRESENT,
+)
 from usagemeter.store.chtransport import literal, literals
 from usagemeter.store.sqlplan import (
     SLOTS,
@@ -266,6 +277,91 @@ def _distinct_part(
     return f"SELECT {', '.join([f'{index} AS idx', *refs, 'v', 'has'])} {rows}"
 
 
+def _plain_distinct(spec: AggregateSpec) -> bool:
+    """Whether the distinct table answers a distinct count of ``spec``: it keeps no dimension
+    set, tag or key, only the account (a subaccount group) and billable."""
+    return _plain(spec) and spec.key_id is None and GROUP_KEY not in spec.group_by
+
+
+def _distinct_states(
+    spec: AggregateSpec, group_columns: Sequence[str], value: str, has: str, dimension: str
+) -> str:
+    """A distinct count merged from exact states: the distinct table's rows of the whole UTC
+    hours (the dimension's and the '' rows, which say where events are), and states made
+    from the slots and raw events of the ragged ends (uniqExactStateIf's state is the
+    table's). Folded once, straight from the table, when its hours are every piece."""
+    pieces, raw_pieces = _split(spec.windows, (DISTINCT_GRAIN, SLOTS))
+    names = f"name IN ({PRESENT}, {literal(dimension)})"
+    hours = pieces[DISTINCT_GRAIN]
+    groups, merged = len(group_columns), ["uniqExactMerge(u)"]
+    if hours:
+        lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
+        where = f"{_where(spec, DISTINCT_GRAIN, 'slot', lo, hi)} AND {names}"
+        if not pieces[SLOTS] and not raw_pieces:
+            flat = _flat(DISTINCT, where, "slot", hours, group_columns)
+            if flat is not None:
+                return _select(groups, merged, flat[1], spec.totals, flat[0])
+    refs = ["idx", *(f"g{n}" for n in range(groups))]
+    parts = []
+    if hours:
+        source = f"SELECT {', '.join([*_groups(group_columns), 'u', 'slot', '0 AS z'])}"
+        index, rows = _mapped(f"{source} FROM {DISTINCT} WHERE {where}", "slot", hours)
+        parts.append(f"SELECT {', '.join([f'{index} AS idx', *refs[1:], 'u'])} {rows}")
+    keys = ", ".join(refs)
+    for grain, found in ((SLOTS, pieces[SLOTS]), (None, raw_pieces)):
+        if found:
+            part = _distinct_part(spec, grain, found, group_columns, value, has)
+            parts.append(
+                f"SELECT {keys}, uniqExactStateIf(v, has) AS u FROM ({part}) GROUP BY {keys}"
+            )
+    return _select(groups, merged, "FROM (" + " UNION ALL ".join(parts) + ")", spec.totals)
+
+
+def _plain(spec: AggregateSpec) -> bool:
+    """Whether the tables without dimension or tag sets answer ``spec``: no filter, tag or
+    dimension group (the key and subaccount groups are columns of theirs)."""
+    return (
+        not spec.filters
+        and not spec.tags
+        and all(g in (GROUP_KEY, GROUP_SUBACCOUNT) for g in spec.group_by)
+    )
+
+
+def _latest_tops(spec: AggregateSpec, group_columns: Sequence[str]) -> str | None:
+    """The latest value as the maximum of (ts, seq, value): the latest table's whole UTC
+    hours (straight from it when they are every piece) and the raw events of the rest,
+    which are a window's ragged quarter hours and milliseconds. None when no window holds
+    a whole UTC hour (Kathmandu's or Kolkata's hours): the slots' argMax states answer
+    those rather than every raw event of the range."""
+    pieces, raw_pieces = _split(spec.windows, (LATEST_GRAIN,))
+    hours = pieces[LATEST_GRAIN]
+    if not hours:
+        return None
+    groups, latest = len(group_columns), ["max(top).3"]
+    lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
+    where = _where(spec, LATEST_GRAIN, "slot", lo, hi)
+    if not raw_pieces:
+        flat = _flat(LATEST, where, "slot", hours, group_columns)
+        if flat is not None:
+            return _select(groups, latest, flat[1], spec.totals, flat[0])
+    refs = [f"g{n}" for n in range(groups)]
+    parts = []
+    for found, table, column, top in (
+        (hours, LATEST, "slot", "CAST(top, 'Tuple(Int64, UInt64, Float64)')"),
+        (raw_pieces, "events", "ts", "(ts, seq, value)"),
+    ):
+        if found:
+            lo, hi = min(p[1] for p in found), max(p[2] for p in found)
+            grain = LATEST_GRAIN if table == LATEST else None
+            columns = [*_groups(group_columns), f"{top} AS top", column, "0 AS z"]
+            source = f"SELECT {', '.join(columns)} FROM {table}"
+            index, rows = _mapped(
+                f"{source} WHERE {_where(spec, grain, column, lo, hi)}", column, found
+            )
+            parts.append(f"SELECT {', '.join([f'{index} AS idx', *refs, 'top'])} {rows}")
+    return _select(groups, latest, "FROM (" + " UNION ALL ".join(parts) + ")", spec.totals)
+
+
 def _prefold(
     source: str, column: str, pieces: Sequence[Piece], groups: int, values: Sequence[str]
 ) -> str:
@@ -317,10 +413,19 @@ def _split(
     return split_windows(windows, grains)
 
 
-def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
+def plan_aggregate(
+    spec: AggregateSpec,
+    hour_sets: bool = False,
+    distinct_hours: bool = False,
+    latest_hours: bool = False,
+) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
-    question reads whole UTC hours there and slots only for its ragged quarter hours."""
+    question reads whole UTC hours there and slots only for its ragged quarter hours; with
+    ``distinct_hours`` (the distinct table is complete), a distinct count with no filter,
+    tag or key merges its whole hours' states there (_distinct_states); with
+    ``latest_hours``, a latest value with no filter, tag or dimension group is a maximum
+    over the latest table's hours, in a statement of its own (_latest_tops)."""
     grains = grains_for(spec)
     if hour_sets and grains == (SLOTS,):
         grains = (HOUR_SETS_GRAIN, SLOTS)
@@ -330,7 +435,17 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
     group_columns = _group_columns(spec.group_by)
     plans: list[Plan] = []
 
-    foldable = [i for i, m in enumerate(spec.measures) if m.aggregation in _FOLDS]
+    tops = None  # the latest value's own statement, when the latest table answers it
+    latest = [i for i, m in enumerate(spec.measures) if m.aggregation == "latest"]
+    if latest_hours and latest and _plain(spec):
+        tops = _latest_tops(spec, group_columns)
+    if tops is not None:
+        plans.append(Plan(tops, (), (latest[0],), _decoder(spec, (latest[0],))))
+    foldable = [
+        i
+        for i, m in enumerate(spec.measures)
+        if m.aggregation in _FOLDS and not (tops is not None and i in latest)
+    ]
     if foldable:
         aggregations = list(dict.fromkeys(spec.measures[i].aggregation for i in foldable))
         values = [_FOLDS[spec.measures[i].aggregation][2] for i in foldable]
@@ -359,6 +474,10 @@ def plan_aggregate(spec: AggregateSpec, hour_sets: bool = False) -> list[Plan]:
         # A session seen in many events of an hour is one row there, not many.
         name = literal(measure.dimension)
         value, has = f"dims[{name}]", f"mapContains(dims, {name})"
+        if distinct_hours and _plain_distinct(spec):
+            sql = _distinct_states(spec, group_columns, value, has, measure.dimension)
+            plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
+            continue
         flat = _one_table(spec, pieces, raw_pieces, group_columns, raw=True)
         if flat is not None:
             names, source = flat

@@ -1,6 +1,8 @@
-"""The hour table with dimension and tag sets (chschema.HOUR_SETS) on a database that held
-events before it existed: created beside the running ingest, backfilled once, and read by the
-planner only when complete.
+"""Tables folded from the events that a database may have had events before (the hour table
+with dimension and tag sets, chschema.HOUR_SETS; the distinct-count states per hour,
+chschema.DISTINCT; the latest value per hour, chschema.LATEST): each created beside the
+running ingest, backfilled once, and read by the planner only when complete. Each table goes
+through the same steps on its own boundary.
 
 ClickHouse has no transactions and no lock that processes could share, and a process of an
 older version (which knows nothing of this table) may be ingesting meanwhile. So the table's
@@ -29,8 +31,8 @@ process refolds or deletes cells meanwhile. It is claimed by creating a table na
 B (a CREATE without ``IF NOT EXISTS`` succeeds once), which receives a row when the backfill
 is complete; other processes wait for that row. Closing the store lets a backfill it began
 finish. A process that dies in the middle leaves the claim without its row: the planner
-then keeps reading the slots (correct, slower) until the hour table is rebuilt (``DROP`` the
-table, its view and the claim; the next start creates them again).
+then keeps reading the tables it read before (correct, slower) until that table is rebuilt
+(``DROP`` the table, its view and the claim; the next start creates them again).
 """
 
 from __future__ import annotations
@@ -40,29 +42,28 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from usagemeter.store.chschema import HOUR_SETS, hour_sets_backfill, hour_sets_view
+from usagemeter.store.chschema import backfill, backfilled_view
 from usagemeter.store.chtransport import Transport, literal
 
 SETTLE_NS = 30 * 1_000_000_000
 """The allowance for clock differences between processes and for a batch in flight."""
 CHECK_EVERY = 1.0  # seconds between looks at another process's unfinished backfill
 
-_VIEW = f"{HOUR_SETS}_mv"
 _BOUNDARY = re.compile(r"seq >= (\d+)")
 
 
-def _claim_table(boundary: int) -> str:
-    return f"{HOUR_SETS}_backfill_{boundary}"
+class Backfilled:
+    """Whether ``table`` (one chschema.fold_select folds) may be read, and its backfill.
+    ``corrections`` is the store's lock of voids and deletions: the backfill holds it
+    (module docstring)."""
 
-
-class HourSets:
-    """Whether the hour table may be read, and its backfill. ``corrections`` is the store's
-    lock of voids and deletions: the backfill holds it (module docstring)."""
-
-    def __init__(self, transport: Transport, corrections: threading.Lock, fresh: bool) -> None:
+    def __init__(
+        self, transport: Transport, corrections: threading.Lock, fresh: bool, table: str
+    ) -> None:
+        self.table = table
         self.transport = transport
         self._corrections = corrections
-        transport.command(hour_sets_view(0 if fresh else time.time_ns() + SETTLE_NS))
+        transport.command(backfilled_view(table, 0 if fresh else time.time_ns() + SETTLE_NS))
         self.boundary = self._read_boundary()
         self.complete = self.boundary == 0 or self._finished()
         self._stop = threading.Event()
@@ -74,12 +75,15 @@ class HourSets:
     def _read_boundary(self) -> int:
         rows = self.transport.query(
             "SELECT create_table_query FROM system.tables"
-            f" WHERE database = currentDatabase() AND name = {literal(_VIEW)}"
+            f" WHERE database = currentDatabase() AND name = {literal(self.table + '_mv')}"
         )
         found = _BOUNDARY.search(str(rows[0][0])) if rows else None
         if found is None:
-            raise RuntimeError(f"the view {_VIEW} names no boundary; drop it to rebuild it")
+            raise RuntimeError(f"the view {self.table}_mv names no boundary; drop it to rebuild it")
         return int(found.group(1))
+
+    def _claim_table(self) -> str:
+        return f"{self.table}_backfill_{self.boundary}"
 
     def ready(self) -> bool:
         """Whether the table holds every event, so that the planner may read it."""
@@ -106,20 +110,20 @@ class HourSets:
     def _claimed(self) -> bool:
         exists = self.transport.query(
             "SELECT count() FROM system.tables WHERE database = currentDatabase()"
-            f" AND name = {literal(_claim_table(self.boundary))}"
+            f" AND name = {literal(self._claim_table())}"
         )
         return bool(exists and exists[0][0])
 
     def _finished(self) -> bool:
         if not self._claimed():
             return False
-        rows = self.transport.query(f"SELECT count() FROM {_claim_table(self.boundary)}")
+        rows = self.transport.query(f"SELECT count() FROM {self._claim_table()}")
         return bool(rows and rows[0][0])
 
     def _claim(self) -> bool:
         try:
             self.transport.command(
-                f"CREATE TABLE {_claim_table(self.boundary)} (done UInt8)"
+                f"CREATE TABLE {self._claim_table()} (done UInt8)"
                 " ENGINE = MergeTree ORDER BY tuple()"
             )
         except Exception:  # each transport raises its own error
@@ -136,12 +140,12 @@ class HourSets:
             # Not stopped by close(): a claimed backfill left halfway could never be told
             # from one in progress, and the table would stay unread. A month takes seconds.
             for lo, hi in _months(int(rows[0][0]), int(rows[0][1])):
-                self.transport.command(hour_sets_backfill(self.boundary, lo, hi))
-        self.transport.command(f"INSERT INTO {_claim_table(self.boundary)} VALUES (1)")
+                self.transport.command(backfill(self.table, self.boundary, lo, hi))
+        self.transport.command(f"INSERT INTO {self._claim_table()} VALUES (1)")
         return True
 
     def refold_filter(self) -> str:
-        """What a void's refold of the hour table reads of the events: until the backfill is
+        """What a void's refold of the table reads of the events: until the backfill is
         complete, only what the view counts (the backfill brings the rest). Voids hold the
         corrections lock, so the backfill is not halfway meanwhile."""
         return "" if self.complete else f" AND seq >= {self.boundary}"

@@ -34,9 +34,9 @@ from usagemeter.corrections import (
 )
 from usagemeter.model import Event
 from usagemeter.store.base import Conflict, NotFound
-from usagemeter.store.chschema import HOUR_SETS_GRAIN, fold_select
+from usagemeter.store.chschema import DISTINCT_GRAIN, HOUR_SETS_GRAIN, LATEST_GRAIN, fold_select
 from usagemeter.store.chtransport import Transport, literal, literals
-from usagemeter.store.chupgrade import HourSets
+from usagemeter.store.chupgrade import Backfilled
 from usagemeter.store.postgres import _digest
 from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import DAY_MS
@@ -51,8 +51,9 @@ from usagemeter.store.voidsql import (
 # Our own inserts are never deduplicated by block hash: a refold may produce the same rows
 # as an earlier one, and both must land.
 _NO_DEDUPE = "SETTINGS insert_deduplicate = 0"
-# Every rollup of the SQL stores, and the hour table with dimension and tag sets.
-_GRAINS = (*ROLLUP_GRAINS, HOUR_SETS_GRAIN)
+# Every rollup of the SQL stores, the hour table with dimension and tag sets, the
+# distinct-count states and the latest values per hour.
+_GRAINS = (*ROLLUP_GRAINS, HOUR_SETS_GRAIN, DISTINCT_GRAIN, LATEST_GRAIN)
 _EVENT_TABLES = ("events", "event_ids", *(g.table for g in _GRAINS))
 
 
@@ -71,7 +72,9 @@ class ChCorrections(VoidLog):
     side: SideFile
     _lock: threading.Lock
     _corrections: threading.Lock
-    hour_sets: HourSets
+    hour_sets: Backfilled
+    distinct_hours: Backfilled
+    latest_hours: Backfilled
 
     def _require(self, table: str, noun: str, ids: Sequence[str]) -> None:
         raise NotImplementedError
@@ -197,9 +200,14 @@ class ChCorrections(VoidLog):
         )
         where = f"account = {account} AND ({events})"
         for grain in _GRAINS:
-            # The hour table's cells count only what its view counted until its backfill
-            # is complete (chupgrade.py): the backfill brings the rest, once.
-            narrowed = self.hour_sets.refold_filter() if grain is HOUR_SETS_GRAIN else ""
+            # The tables chupgrade.py backfills count only what their views counted until
+            # their backfills are complete: each backfill brings the rest, once.
+            backfilled = {
+                HOUR_SETS_GRAIN: self.hour_sets,
+                DISTINCT_GRAIN: self.distinct_hours,
+                LATEST_GRAIN: self.latest_hours,
+            }
+            narrowed = backfilled[grain].refold_filter() if grain in backfilled else ""
             source = f"(SELECT * FROM events WHERE {where}{narrowed})"
             cells = " OR ".join(
                 f"(metric = {literal(m)} AND slot >= {lo // grain.unit_ms}"

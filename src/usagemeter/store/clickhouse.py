@@ -21,8 +21,9 @@ The promises are the other stores', kept this way:
   two processes before either inserted (a few milliseconds), unless both INSERTs named the
   same new events (a batch written alone at both). Route each account's ingest to one
   process (docs/clickhouse.md) to close it.
-- Distinct counts and latest values are exact over any range: distinct counts are counted on
-  the raw events, latest values travel as argMax states.
+- Distinct counts and latest values are exact over any range: distinct counts merge exact
+  states (of an hour's values, or of the slots' and raw events' values), never counts,
+  and latest values are the maximum of (ts, seq, value) or travel as argMax states.
 """
 
 from __future__ import annotations
@@ -53,15 +54,21 @@ from usagemeter.store.chappend import (
     token,
 )
 from usagemeter.store.chplan import decode_columns, plan_aggregate
-from usagemeter.store.chschema import STATEMENTS, pack_small_parts
+from usagemeter.store.chschema import (
+    DISTINCT,
+    HOUR_SETS,
+    LATEST,
+    STATEMENTS,
+    pack_small_parts,
+)
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
-from usagemeter.store.chupgrade import HourSets
+from usagemeter.store.chupgrade import Backfilled
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.pgcommit import GroupCommit
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row, row_ids_stale
 from usagemeter.store.sidefile import SideFile
-from usagemeter.store.sqlplan import run_plans
+from usagemeter.store.sqlplan import Plan, run_plans
 from usagemeter.timewindows import SLOT_MS
 
 EXPORT_PAGE = 10_000  # events per query while exporting
@@ -92,7 +99,9 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # Held by voids and account deletions, and by the hour table's backfill (appends go
         # on beside it): see chupgrade.py.
         self._corrections = threading.Lock()
-        self.hour_sets = HourSets(transport, self._corrections, fresh)
+        self.hour_sets = Backfilled(transport, self._corrections, fresh, HOUR_SETS)
+        self.distinct_hours = Backfilled(transport, self._corrections, fresh, DISTINCT)
+        self.latest_hours = Backfilled(transport, self._corrections, fresh, LATEST)
         self._last_seq = 0
         self._group_commit: GroupCommit[Prepared, AppendResult] = GroupCommit(
             self._write_group, GROUP_EVENTS
@@ -104,6 +113,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
 
     def close(self) -> None:
         self.hour_sets.close()
+        self.distinct_hours.close()
+        self.latest_hours.close()
         self.transport.close()
         self.side.close()
 
@@ -390,10 +401,20 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
         return self.aggregate_columns(spec).rows()
 
+    def plans(self, spec: AggregateSpec) -> list[Plan]:
+        """The statements of a question, reading each table chupgrade.py backfills only once
+        it is complete."""
+        return plan_aggregate(
+            spec,
+            hour_sets=self.hour_sets.ready(),
+            distinct_hours=self.distinct_hours.ready(),
+            latest_hours=self.latest_hours.ready(),
+        )
+
     def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
         if not spec.windows:
             return AggregateColumns([], [], [])
-        plans = plan_aggregate(spec, hour_sets=self.hour_sets.ready())
+        plans = self.plans(spec)
         if len(plans) == 1:  # the usual question: its result read by columns
             (plan,) = plans
             return decode_columns(spec, plan, self.transport.query_columns(plan.sql))
