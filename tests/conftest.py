@@ -5,6 +5,7 @@ clock."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 import warnings
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psycopg_pool.base
 import pytest
 from fastapi.testclient import TestClient
 
@@ -28,6 +30,12 @@ from usagemeter.timewindows import BillingCycle
 
 if TYPE_CHECKING:
     from usagemeter.store.clickhouse import ClickHouseStore
+
+# psycopg_pool's workers draw their reconnection and expiry jitter from the global `random`,
+# in their own threads, at any moment; Hypothesis takes a change of that state during a draw
+# for a strategy using `random` (an error under this suite's warning filter), so a property
+# test on PostgreSQL failed now and then. A private generator keeps the jitter as random.
+psycopg_pool.base.random = random.Random().random
 
 
 @dataclass
