@@ -640,3 +640,15 @@ def test_a_batch_of_many_new_names_interns_each_once(db_path: Path) -> None:
         store.append([Event("k2", "ghost", "new_metric", BASE_MS)])
     assert conn.execute("SELECT count(*) FROM metrics WHERE name = 'new_metric'").fetchone()[0] == 0
     store.close()
+
+
+def test_the_command_line_starts_without_the_web_app() -> None:
+    """`usagemeter ingest` of a file pays for its start: the web app's modules (FastAPI,
+    pydantic: half a second) are imported only by the commands that print its answers."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, usagemeter.cli; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'fastapi'" not in loaded and "'pydantic'" not in loaded
