@@ -21,6 +21,7 @@ from usagemeter.auth import issue_key
 from usagemeter.corrections import VoidSelector
 from usagemeter.ingest import MAX_TS_MS, BatchRejected, Ingestor
 from usagemeter.model import Account, Event, Scope
+from usagemeter.records import count_lines
 from usagemeter.store import schema as schema_module
 from usagemeter.store import sqlite as sqlite_module
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
@@ -652,3 +653,22 @@ def test_the_command_line_starts_without_the_web_app() -> None:
         check=True,
     ).stdout
     assert "'fastapi'" not in loaded and "'pydantic'" not in loaded
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.binary(max_size=300)
+    | st.lists(st.sampled_from([b"\n", b"\r", b"x", b"{}"])).map(b"".join)
+)
+@example(text=b"")
+@example(text=b"x" * ((1 << 20) - 1) + b"\n")
+@example(text=b"x" * (1 << 20) + b"\nlast")
+def test_counting_a_files_lines_in_blocks_counts_as_iterating_it(
+    tmp_path: Path, text: bytes
+) -> None:
+    path = tmp_path / "lines.ndjson"
+    path.write_bytes(text)
+    with path.open("rb") as handle:
+        assert count_lines(path) == sum(1 for _ in handle)

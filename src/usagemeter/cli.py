@@ -38,7 +38,15 @@ from usagemeter.limitmodel import Limit
 from usagemeter.limits import InvalidLimit, build_limit, new_limit_id, wall_ms
 from usagemeter.meters import MeterRegistry, parse_aggregation
 from usagemeter.model import Account, AppendResult, Event, Query, Result, Scope
-from usagemeter.records import CsvRecords, Record, RecordError, ndjson_blocks, ndjson_record, where
+from usagemeter.records import (
+    CsvRecords,
+    Record,
+    RecordError,
+    count_lines,
+    ndjson_blocks,
+    ndjson_record,
+    where,
+)
 from usagemeter.serving import ServeLimits, collector_tuned
 from usagemeter.store import open_store, redact, sqlite_path
 from usagemeter.store.base import Conflict, NotFound, Store
@@ -613,8 +621,7 @@ def ingest(
         progress.advance(task, len(block))
         store_events(events)
 
-    with file.open("rb") as handle:
-        total = sum(1 for _ in handle) - (1 if kind == "csv" else 0)
+    total = count_lines(file) - (1 if kind == "csv" else 0)
     columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
     with (
         _Interrupt() as interrupt,
