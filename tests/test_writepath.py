@@ -635,6 +635,11 @@ def test_a_batch_of_many_new_names_interns_each_once(db_path: Path) -> None:
     assert conn.execute("SELECT count(*) FROM tagset_tags WHERE tag = 'all'").fetchone()[0] == 7
     stored = {e.id: e for e in store.iter_events()}
     assert all(stored[e.id] == e for e in events)
+    # A repeat beside new events: the new ones stored with their names, the repeat not.
+    repeat = Event("e1", "b", "m", BASE_MS, dimensions={"only": "in a repeat"})
+    fresh = Event("e501", "a", "m9", BASE_MS, dimensions={"new": "set"}, tags=frozenset("z"))
+    assert store.append([repeat, fresh]).duplicates == 1
+    assert {e.id: e for e in store.iter_events()}["e501"] == fresh
     with pytest.raises(NotFound):
         store.append([Event("k1", "a", "m", BASE_MS, key_id="no_such_key")])
     with pytest.raises(NotFound):

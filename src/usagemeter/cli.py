@@ -487,7 +487,7 @@ def ingest(
     db: DbOption = DEFAULT_DB,
     batch: Annotated[
         int, typer.Option(min=1, max=MAX_BATCH, help="Events per transaction.")
-    ] = 5000,
+    ] = MAX_BATCH,  # the fewer commits, the fewer times each index page goes to the WAL
     format: Annotated[str | None, typer.Option(help="ndjson or csv (default: by suffix).")] = None,
     meters: MetersOption = None,
 ) -> None:

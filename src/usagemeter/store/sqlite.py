@@ -1000,8 +1000,6 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     frozenset(json.loads(tags)),
                 )
 
-        self._intern_names(conn, events, names)
-        rows: list[_Row] = []
         duplicates = 0
         conflicts: list[int] = []
         earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
@@ -1014,8 +1012,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     conflicts.append(index)
                 continue
             earlier[ident] = event
-            rows.append(self._row(conn, event, names))
-
+        fresh = list(earlier.values())  # in the batch's order: a dict keeps its insertions'
+        self._intern_names(conn, fresh, names)
+        rows = [self._row(conn, event, names) for event in fresh]
         insert_events(conn, rows)
         return AppendResult(len(rows), duplicates, tuple(conflicts))
 
