@@ -190,8 +190,9 @@ def _insert_events_sql(rows: int) -> str:
 
 
 def insert_events(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
-    """Insert ``rows`` into ``events`` in a few statements (see ROWS_PER_INSERT); a row
-    that breaks a constraint fails its statement whole, as executemany's would."""
+    """Insert ``rows`` into ``events`` in a few statements (see ROWS_PER_INSERT). A row that
+    breaks a constraint fails its own statement whole; the caller's savepoint undoes the
+    statements before it."""
     start, left = 0, len(rows)
     size = ROWS_PER_INSERT
     while left:
