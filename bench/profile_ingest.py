@@ -44,7 +44,9 @@ class TimedConnection:
         started = time.perf_counter()
         result = self.conn.execute(sql, *args)
         kind = "COMMIT: WAL write + fsync" if sql.startswith("COMMIT") else "other statements"
-        if sql.startswith("INSERT INTO unfolded"):
+        if sql.startswith("INSERT INTO events"):  # rows go in by statements of many
+            kind = "write events"
+        elif sql.startswith("INSERT INTO unfolded"):
             kind = "copy into unfolded"
         elif sql.startswith("DELETE FROM unfolded"):
             kind = "fold: empty unfolded"

@@ -21,9 +21,10 @@ from usagemeter.auth import issue_key
 from usagemeter.corrections import VoidSelector
 from usagemeter.ingest import MAX_TS_MS, BatchRejected, Ingestor
 from usagemeter.model import Account, Event, Scope
+from usagemeter.records import count_lines
 from usagemeter.store import schema as schema_module
 from usagemeter.store import sqlite as sqlite_module
-from usagemeter.store.base import AggregateSpec, Measure, Window
+from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
 from usagemeter.store.sqlite import SQLiteStore
 
 BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
@@ -571,3 +572,108 @@ def test_a_batch_committed_just_after_its_account_was_deleted_is_refused(
     ).fetchone()[0]
     assert orphans == 0
     store.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(count=st.integers(0, 3000), repeat=st.booleans())
+@example(count=2048, repeat=False)
+@example(count=2049, repeat=True)
+@example(count=4095, repeat=False)
+def test_rows_inserted_by_statements_of_many_go_in_whole_and_in_order(
+    count: int, repeat: bool
+) -> None:
+    """``insert_events`` splits rows into statements of powers of two: every row goes in,
+    in the order given (seq is the order of arrival), or, when one repeats an id, none."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(schema_module.SCHEMA)
+    rows = [(1, f"e{i}", 1, BASE_MS + i, 0, 1, 1, 1, float(i)) for i in range(count)]
+    if repeat and rows:
+        rows.append(rows[count // 2])
+    conn.execute("BEGIN")
+    if repeat and rows:
+        with pytest.raises(sqlite3.IntegrityError):
+            sqlite_module.insert_events(conn, rows)
+    else:
+        sqlite_module.insert_events(conn, rows)
+    conn.execute("COMMIT")
+    stored = conn.execute("SELECT event_id, value FROM events ORDER BY seq").fetchall()
+    given_rows = [(row[1], row[8]) for row in rows]
+    if repeat and rows:
+        # The failing statement undid itself whole (the store's savepoint undoes those
+        # before it): what is stored is the rows of the statements before, in order.
+        assert len(stored) < len(rows) and stored == given_rows[: len(stored)]
+    else:
+        assert stored == given_rows
+    conn.close()
+
+
+def test_a_batch_of_many_new_names_interns_each_once(db_path: Path) -> None:
+    """New metrics, dimension sets and tag sets of a batch are interned in a few statements:
+    each once, the same id for the same set however its dimensions are ordered, its tags
+    findable, and a key or account that does not exist still refuses the batch."""
+    store = _open(db_path)
+    store.append([Event("e0", "a", "m", BASE_MS, 1.0)])  # a few names cached, most not
+    events = [
+        Event(
+            f"e{i}",
+            "ab"[i % 2],
+            f"m{i % 3}" if i % 4 else "m",
+            BASE_MS + i,
+            1.0,
+            dimensions={"session_id": f"s{i % 50}", "agent": "x"}
+            if i % 2
+            else {"agent": "x", "session_id": f"s{i % 50}"},
+            tags=frozenset({f"t{i % 7}", "all"}),
+        )
+        for i in range(1, 501)
+    ]
+    assert store.append(events).accepted == 500
+    conn = store._writer
+    assert conn.execute("SELECT count(*) FROM metrics").fetchone()[0] == 4
+    assert conn.execute("SELECT count(*) FROM dimsets").fetchone()[0] == 1 + 50
+    assert conn.execute("SELECT count(*) FROM tagsets").fetchone()[0] == 1 + 7
+    assert conn.execute("SELECT count(*) FROM tagset_tags WHERE tag = 'all'").fetchone()[0] == 7
+    stored = {e.id: e for e in store.iter_events()}
+    assert all(stored[e.id] == e for e in events)
+    # A repeat beside new events: the new ones stored with their names, the repeat not.
+    repeat = Event("e1", "b", "m", BASE_MS, dimensions={"only": "in a repeat"})
+    fresh = Event("e501", "a", "m9", BASE_MS, dimensions={"new": "set"}, tags=frozenset("z"))
+    assert store.append([repeat, fresh]).duplicates == 1
+    assert {e.id: e for e in store.iter_events()}["e501"] == fresh
+    with pytest.raises(NotFound):
+        store.append([Event("k1", "a", "m", BASE_MS, key_id="no_such_key")])
+    with pytest.raises(NotFound):
+        store.append([Event("k2", "ghost", "new_metric", BASE_MS)])
+    assert conn.execute("SELECT count(*) FROM metrics WHERE name = 'new_metric'").fetchone()[0] == 0
+    store.close()
+
+
+def test_the_command_line_starts_without_the_web_app() -> None:
+    """`usagemeter ingest` of a file pays for its start: the web app's modules (FastAPI,
+    pydantic: half a second) are imported only by the commands that print its answers."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, usagemeter.cli; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'fastapi'" not in loaded and "'pydantic'" not in loaded
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.binary(max_size=300)
+    | st.lists(st.sampled_from([b"\n", b"\r", b"x", b"{}"])).map(b"".join)
+)
+@example(text=b"")
+@example(text=b"x" * ((1 << 20) - 1) + b"\n")
+@example(text=b"x" * (1 << 20) + b"\nlast")
+def test_counting_a_files_lines_in_blocks_counts_as_iterating_it(
+    tmp_path: Path, text: bytes
+) -> None:
+    path = tmp_path / "lines.ndjson"
+    path.write_bytes(text)
+    with path.open("rb") as handle:
+        assert count_lines(path) == sum(1 for _ in handle)

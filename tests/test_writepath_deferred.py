@@ -118,6 +118,13 @@ steps = st.lists(
     ],
     fold_every=10**9,
 )
+# Two events at one timestamp read raw (the ragged window's start): the later one's value
+# is the latest, whether they wait or were folded (the first of them won before).
+@example(steps=[("append", [("a", 1234, 0, 1), ("a", 1234, 1, 0)])], fold_every=10**9)
+@example(
+    steps=[("append", [("a", 1234, 0, 1), ("a", 1234, 1, 0)]), ("fold", [])],
+    fold_every=10**9,
+)
 def test_interleaved_appends_folds_and_questions_equal_folding_event_by_event(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -29,17 +29,24 @@ from rich.table import Column, Table
 
 from usagemeter import config, jsonlogs, logs
 from usagemeter import demo as demo_data
-from usagemeter.api.limits import limit_json
-from usagemeter.api.native import query_json
 from usagemeter.auth import issue_key
 from usagemeter.backup import RestoreRefused, account_records, load_record, restore
 from usagemeter.corrections import RawDropped
 from usagemeter.engine import Engine
 from usagemeter.ingest import MAX_BATCH, MAX_FUTURE, BatchRejected, Ingestor
+from usagemeter.limitmodel import Limit
 from usagemeter.limits import InvalidLimit, build_limit, new_limit_id, wall_ms
 from usagemeter.meters import MeterRegistry, parse_aggregation
-from usagemeter.model import Account, AppendResult, Event, Query, Scope
-from usagemeter.records import CsvRecords, Record, RecordError, ndjson_blocks, ndjson_record, where
+from usagemeter.model import Account, AppendResult, Event, Query, Result, Scope
+from usagemeter.records import (
+    CsvRecords,
+    Record,
+    RecordError,
+    count_lines,
+    ndjson_blocks,
+    ndjson_record,
+    where,
+)
 from usagemeter.serving import ServeLimits, collector_tuned
 from usagemeter.store import open_store, redact, sqlite_path
 from usagemeter.store.base import Conflict, NotFound, Store
@@ -119,6 +126,21 @@ def _meters(path: str | None) -> MeterRegistry:
         return MeterRegistry.from_file(path) if path else MeterRegistry()
     except ValueError as exc:
         raise _fail(str(exc)) from None
+
+
+# The web app's modules (FastAPI, pydantic) take about half a second to import: the few
+# commands that print what an endpoint answers import them when they run, so that the
+# others (`ingest` of a file, say) start without them.
+def _query_json(result: Result) -> dict[str, Any]:
+    from usagemeter.api.native import query_json
+
+    return query_json(result)
+
+
+def _limit_json(limit: Limit) -> dict[str, Any]:
+    from usagemeter.api.limits import limit_json
+
+    return limit_json(limit)
 
 
 def _print_json(data: Any) -> None:
@@ -465,7 +487,7 @@ def ingest(
     db: DbOption = DEFAULT_DB,
     batch: Annotated[
         int, typer.Option(min=1, max=MAX_BATCH, help="Events per transaction.")
-    ] = 5000,
+    ] = MAX_BATCH,  # the fewer commits, the fewer times each index page goes to the WAL
     format: Annotated[str | None, typer.Option(help="ndjson or csv (default: by suffix).")] = None,
     meters: MetersOption = None,
 ) -> None:
@@ -599,8 +621,7 @@ def ingest(
         progress.advance(task, len(block))
         store_events(events)
 
-    with file.open("rb") as handle:
-        total = sum(1 for _ in handle) - (1 if kind == "csv" else 0)
+    total = count_lines(file) - (1 if kind == "csv" else 0)
     columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
     with (
         _Interrupt() as interrupt,
@@ -687,7 +708,7 @@ def query(
     except (ValueError, NotFound, RawDropped) as exc:
         raise _fail(str(exc)) from None
     if as_json:
-        _print_json(query_json(result))
+        _print_json(_query_json(result))
         return
     value_column = Column(result.aggregations[0].value, justify="right")
     table = Table("bucket start", *q.group_by, value_column, title=metric)
@@ -906,7 +927,7 @@ def limits_set(
         store.create_limit(limit)
     else:
         store.replace_limit(limit)
-    _print_json(limit_json(limit))
+    _print_json(_limit_json(limit))
 
 
 @limits_app.command("list")
@@ -915,7 +936,7 @@ def limits_list(
     account: Annotated[str | None, typer.Option(help="One account's; default: all.")] = None,
 ) -> None:
     """Print the limits as JSON."""
-    _print_json([limit_json(limit) for limit in _open(db).list_limits(account)])
+    _print_json([_limit_json(limit) for limit in _open(db).list_limits(account)])
 
 
 @limits_app.command("delete")

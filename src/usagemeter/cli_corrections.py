@@ -5,19 +5,25 @@ store/retention.py and the README's Operations section)."""
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from usagemeter.api.corrections import void_json
 from usagemeter.cli import DEFAULT_DB, DbOption, _fail, _open, _print_json, accounts_app, app
-from usagemeter.corrections import Amendment, RawDropped, VoidSelector
+from usagemeter.corrections import Amendment, RawDropped, VoidRecord, VoidSelector
 from usagemeter.store.base import Conflict, NotFound
 from usagemeter.store.retention import cutoff
 from usagemeter.timewindows import parse_instant, to_ms
 
 Reason = Annotated[str, typer.Option(help="Why (required; kept with the void).")]
 AccountOption = Annotated[str, typer.Option(help="The account whose events these are.")]
+
+
+def _void_json(record: VoidRecord) -> dict[str, Any]:
+    # The web app's module, imported when a command prints it (see cli._query_json).
+    from usagemeter.api.corrections import void_json
+
+    return void_json(record)
 
 
 def _now_ms() -> int:
@@ -40,7 +46,7 @@ def _run_void(db: str, selector: VoidSelector, reason: str, amend: Amendment | N
         record = _open(db).void_events(selector, reason, None, _now_ms(), amend)
     except (NotFound, Conflict, RawDropped, ValueError) as exc:
         raise _fail(str(exc)) from None
-    _print_json(void_json(record))
+    _print_json(_void_json(record))
 
 
 @app.command()
@@ -99,7 +105,7 @@ def voids(
     account: Annotated[str | None, typer.Option(help="Only this account's voids.")] = None,
 ) -> None:
     """List the voids, oldest first, as JSON."""
-    _print_json([void_json(r) for r in _open(db).list_voids(account)])
+    _print_json([_void_json(r) for r in _open(db).list_voids(account)])
 
 
 @accounts_app.command("delete")

@@ -18,12 +18,14 @@ per-thread connections beside it (WAL).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -120,6 +122,39 @@ def _cached_dimset(cache: dict[tuple[tuple[str, str], ...], int], event: Event) 
     return found if found is not None else cache.get(tuple(sorted(items)))
 
 
+def _dims_text(event: Event) -> str:
+    """How ``dimsets`` stores an event's dimension set: JSON, sorted by name."""
+    return json.dumps(dict(sorted(event.dimensions.items())), separators=(",", ":"))
+
+
+def _tags_text(event: Event) -> str:
+    """How ``tagsets`` stores an event's tag set: a sorted JSON list."""
+    return json.dumps(sorted(event.tags), separators=(",", ":"))
+
+
+# Names per statement that finds or makes their ids: under SQLite's limit of variables.
+NAME_CHUNK = 2000
+
+
+def _lookup(
+    conn: sqlite3.Connection, table: str, column: str, rid: str, values: Iterable[str]
+) -> dict[str, int]:
+    """The ``rid`` of each of ``values`` found in ``table``'s ``column``."""
+    todo = list(values)
+    found: dict[str, int] = {}
+    for i in range(0, len(todo), NAME_CHUNK):
+        chunk = todo[i : i + NAME_CHUNK]
+        found.update(
+            (value, int(row_id))
+            for value, row_id in conn.execute(
+                f"SELECT {column}, {rid} FROM {table} WHERE {column} IN"
+                f" ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+        )
+    return found
+
+
 def _payload(event: Event) -> _Payload:
     return (
         event.metric,
@@ -136,10 +171,36 @@ _Row = tuple[int, str, int, int, int, int, int, int, float]  # an events row, as
 # Names a batch interned (metrics, dimension sets, tag sets: text -> id), cached once its
 # transaction commits.
 _Names = tuple[dict[str, int], dict[str, int], dict[str, int]]
-INSERT_EVENTS = (
-    "INSERT INTO events (account, event_id, metric, ts, key, billable, dimset, tagset, value)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_EVENT_COLUMNS = "account, event_id, metric, ts, key, billable, dimset, tagset, value"
+# Rows go in by statements of many rows each, in sizes that are powers of two (so that a
+# few statements, each prepared once, serve every batch size), not by executemany. Why:
+# executemany gives the GIL up and takes it back around each row's step, and a thread that
+# asks for the GIL back while another runs Python waits for that one's switch interval
+# (5 ms): the committer stored a row per wait while callers decoded the next batches, so
+# the C that was meant to run beside their Python ran between it instead. One statement of
+# 2,048 rows gives the GIL up once and runs its inserts in C meanwhile. 2,048 rows of nine
+# columns bind 18,432 variables, under SQLite's limit of 32,766.
+ROWS_PER_INSERT = 2048
+
+
+@functools.cache
+def _insert_events_sql(rows: int) -> str:
+    values = ",".join(["(?,?,?,?,?,?,?,?,?)"] * rows)
+    return f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {values}"
+
+
+def insert_events(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
+    """Insert ``rows`` into ``events`` in a few statements (see ROWS_PER_INSERT). A row that
+    breaks a constraint fails its own statement whole; the caller's savepoint undoes the
+    statements before it."""
+    start, left = 0, len(rows)
+    size = ROWS_PER_INSERT
+    while left:
+        while size > left:
+            size //= 2
+        part = rows[start : start + size]
+        conn.execute(_insert_events_sql(size), list(itertools.chain.from_iterable(part)))
+        start, left = start + size, left - size
 
 
 class _PendingBatch:
@@ -307,6 +368,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
         # Checkpoint every 64 MB of WAL rather than 4 MB: a large batch dirties hundreds of
         # pages, and checkpointing after nearly every commit doubled its disk writes.
         conn.execute("PRAGMA wal_autocheckpoint=16384")
+        # Temporary files in memory: a statement of many rows keeps a statement journal (to
+        # undo itself alone should a row break a constraint), and a fold sorts its run;
+        # on disk, both wrote about as much again as the commits did.
+        conn.execute("PRAGMA temp_store=MEMORY")
         return conn
 
     def _reader(self) -> sqlite3.Connection:
@@ -516,6 +581,65 @@ class SQLiteStore(SqlCorrections, LimitTables):
             new_id = int(row[0])
         pending[value] = new_id
         return new_id
+
+    def _intern_names(
+        self, conn: sqlite3.Connection, events: Iterable[Event], names: _Names
+    ) -> None:
+        """Find or make, in a few statements, the row ids of every name of ``events`` not
+        cached yet (accounts, keys, metrics, dimension and tag sets), so that ``_row`` then
+        builds their rows from dictionaries. One by one, a batch of new session ids cost
+        the committer two statements an event, each taking the GIL back from callers."""
+        new_metrics, new_dimsets, new_tagsets = names
+        metrics: set[str] = set()
+        dimsets: set[str] = set()
+        tagsets: set[str] = set()
+        accounts: set[str] = set()
+        keys: set[str] = set()
+        for event in events:
+            if event.metric not in self._metric_ids:
+                metrics.add(event.metric)
+            if _cached_dimset(self._dimset_ids, event) is None:
+                dimsets.add(_dims_text(event))
+            if event.tags not in self._tagset_ids:
+                tagsets.add(_tags_text(event))
+            if event.account_id not in self._account_rids:
+                accounts.add(event.account_id)
+            if event.key_id is not None and event.key_id not in self._key_rids:
+                keys.add(event.key_id)
+        self._intern_many(conn, "metrics", "name", metrics, new_metrics)
+        self._intern_many(conn, "dimsets", "dims", dimsets, new_dimsets)
+        made = self._intern_many(conn, "tagsets", "tags", tagsets, new_tagsets)
+        if made:
+            conn.executemany(
+                "INSERT INTO tagset_tags (tag, tagset) VALUES (?, ?)",
+                [(tag, new_tagsets[text]) for text in made for tag in json.loads(text)],
+            )
+        # Those not found are left out: _row raises NotFound for them, as before.
+        self._account_rids.update(_lookup(conn, "accounts", "id", "rid", accounts))
+        self._key_rids.update(_lookup(conn, "keys", "id", "rid", keys))
+
+    def _intern_many(
+        self,
+        conn: sqlite3.Connection,
+        table: str,
+        column: str,
+        values: set[str],
+        pending: dict[str, int],
+    ) -> list[str]:
+        """Put the ids of ``values`` into ``pending``, making those ``table`` lacks; the
+        values made."""
+        todo = [value for value in values if value not in pending]
+        pending.update(_lookup(conn, table, column, "id", todo))
+        made = [value for value in todo if value not in pending]
+        for i in range(0, len(made), NAME_CHUNK):
+            chunk = made[i : i + NAME_CHUNK]
+            rows = conn.execute(
+                f"INSERT INTO {table} ({column}) VALUES {','.join(['(?)'] * len(chunk))}"
+                f" RETURNING {column}, id",
+                chunk,
+            ).fetchall()
+            pending.update((value, int(rid)) for value, rid in rows)
+        return made
 
     def append(self, events: Sequence[Event]) -> AppendResult:
         return self.submit(events).result()
@@ -744,12 +868,22 @@ class SQLiteStore(SqlCorrections, LimitTables):
         names: _Names = ({}, {}, {})
         conn.execute("SAVEPOINT together")
         try:
+            self._intern_names(
+                conn,
+                (
+                    event
+                    for batch, prepared in zip(batches, built, strict=True)
+                    for row, event in zip(prepared or (), batch.events, strict=True)
+                    if row is None
+                ),
+                names,
+            )
             rows = [
                 row if row is not None else self._row(conn, event, names)
                 for batch, prepared in zip(batches, built, strict=True)
                 for row, event in zip(prepared or (), batch.events, strict=True)
             ]
-            conn.executemany(INSERT_EVENTS, rows)
+            insert_events(conn, rows)
         except Exception:  # a repeat, an account gone: batch by batch sorts it out
             conn.execute("ROLLBACK TO together")
             conn.execute("RELEASE together")
@@ -772,6 +906,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
         stored nothing. Seen ids are found by the unique index itself as the rows go in,
         not looked up first: the lookup cost as much as the insert. Ids of voided or
         dropped events (tombstones) are looked up, when there are any."""
+        self._intern_names(
+            conn, (e for row, e in zip(prepared, events, strict=True) if row is None), names
+        )
         rows = [
             row if row is not None else self._row(conn, event, names)
             for row, event in zip(prepared, events, strict=True)
@@ -788,7 +925,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     return None
         conn.execute("SAVEPOINT fresh")
         try:
-            conn.executemany(INSERT_EVENTS, rows)
+            insert_events(conn, rows)
         except sqlite3.IntegrityError:  # an id seen before: the whole path sorts them out
             conn.execute("ROLLBACK TO fresh")
             conn.execute("RELEASE fresh")
@@ -806,12 +943,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
         key = NO_KEY if key_id is None else self._key_rid(conn, key_id)
         dimset = _cached_dimset(self._dimset_ids, event)
         if dimset is None:
-            dims_text = json.dumps(dict(sorted(event.dimensions.items())), separators=(",", ":"))
-            dimset = self._intern("dimsets", "dims", dims_text, new_dimsets)
+            dimset = self._intern("dimsets", "dims", _dims_text(event), new_dimsets)
         tagset = self._tagset_ids.get(event.tags)
         if tagset is None:
-            tags_text = json.dumps(sorted(event.tags), separators=(",", ":"))
-            tagset = self._intern("tagsets", "tags", tags_text, new_tagsets)
+            tagset = self._intern("tagsets", "tags", _tags_text(event), new_tagsets)
         return (
             self._account_rid(conn, event.account_id),
             event.id,
@@ -866,7 +1001,6 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     frozenset(json.loads(tags)),
                 )
 
-        rows: list[_Row] = []
         duplicates = 0
         conflicts: list[int] = []
         earlier: dict[tuple[str, str], Event] = {}  # this batch's first event of each id
@@ -879,9 +1013,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     conflicts.append(index)
                 continue
             earlier[ident] = event
-            rows.append(self._row(conn, event, names))
-
-        conn.executemany(INSERT_EVENTS, rows)
+        fresh = list(earlier.values())  # in the batch's order: a dict keeps its insertions'
+        self._intern_names(conn, fresh, names)
+        rows = [self._row(conn, event, names) for event in fresh]
+        insert_events(conn, rows)
         return AppendResult(len(rows), duplicates, tuple(conflicts))
 
     # ---------------------------------------------------------------- queries

@@ -268,7 +268,13 @@ def plan_aggregate(
     account_marks = ",".join("?" * len(accounts))
     extra = "".join(f" AND {clause}" for clause in source_where)
 
-    late = ", 0 AS late" if pending else ""  # see latest(); only with a pending table
+    # See latest(): of values at one timestamp the later event's is the latest. Events read
+    # raw or waiting rank by their seq, rollup rows (whose own ties the fold settled) below
+    # them: with a pending table, or raw events and a latest value to find; else the plain
+    # max() of before (raw events ranked as equals gave the earlier one's value).
+    has_latest = any(m.aggregation == "latest" for m in spec.measures)
+    ranked = bool(pending) or (bool(raw_pieces) and has_latest)
+    late = ", 0 AS late" if ranked else ""
     # An event's columns as a source row (the raw events, and those waiting to be folded).
     event_row = (
         " x.account AS account, x.key AS key, x.dimset AS dimset,"
@@ -304,7 +310,7 @@ def plan_aggregate(
         ctes.append(f"rw(idx, lo, hi) AS ({dialect.values(len(raw_pieces), 3)})")
         cte_params.extend(dialect.value_params(raw_pieces))
         parts.append(
-            f"SELECT rw.idx AS idx,{event_row}{late} "
+            f"SELECT rw.idx AS idx,{event_row}{', x.seq AS late' if ranked else ''} "
             + dialect.join(
                 "rw",
                 "events",
@@ -402,7 +408,7 @@ def plan_aggregate(
         plans.append(Plan(sql, tuple(params), positions, row_decoder(spec, positions)))
     for i, measure in enumerate(spec.measures):
         if measure.aggregation == "latest":
-            sql, params = statement(dialect.latest(late=bool(pending)), [])
+            sql, params = statement(dialect.latest(late=ranked), [])
             plans.append(Plan(sql, tuple(params), (i,), row_decoder(spec, (i,))))
         elif measure.aggregation == "unique_count":
             sql, params = statement(
