@@ -94,22 +94,23 @@ def compare(servers: dict[str, Service], requests: list[Request], runs: int) -> 
 
 
 @contextmanager
-def statements() -> Iterator[list[tuple[str, float]]]:
-    """Every statement psycopg sends in this process meanwhile, with its client time (the
-    whole text, with its values, where the cursor binds them itself)."""
-    seen: list[tuple[str, float]] = []
+def statements() -> Iterator[list[tuple[str, float, Any]]]:
+    """Every statement psycopg sends in this process meanwhile, with its client time and
+    parameters (the whole text, with its values, where the cursor binds them itself)."""
+    seen: list[tuple[str, float, Any]] = []
     originals = {cls: cls.execute for cls in (psycopg.Cursor, psycopg.ClientCursor)}
 
     def wrap(original: Any) -> Any:
         def execute(self: Any, query: Any, *args: Any, **kw: Any) -> Any:
             text = query if isinstance(query, str) else str(query)
+            params = args[0] if args else kw.get("params")
             if isinstance(self, psycopg.ClientCursor):
-                text = self.mogrify(query, *args[:1])
+                text, params = self.mogrify(query, *args[:1]), None
             t0 = time.perf_counter()
             try:
                 return original(self, query, *args, **kw)
             finally:
-                seen.append((" ".join(text.split()), time.perf_counter() - t0))
+                seen.append((" ".join(text.split()), time.perf_counter() - t0, params))
 
         return execute
 
@@ -142,12 +143,12 @@ def trace(url: str, secret: str, requests: list[Request], explain: bool) -> None
                 t0 = time.perf_counter()
                 call(fake)
                 took = time.perf_counter() - t0
-            sql = sum(t for _, t in seen)
+            sql = sum(t for _, t, _ in seen)
             print(f"\n{name}: {len(seen)} statements, {sql * 1000:.2f} of {took * 1000:.2f} ms")
-            for text, t in seen:
+            for text, t, params in seen:
                 print(f"  {t * 1000:7.2f} ms  {text[:90]}")
                 if explain and text.startswith("WITH w"):
-                    plan = side.execute("EXPLAIN (ANALYZE, BUFFERS) " + text).fetchall()
+                    plan = side.execute("EXPLAIN (ANALYZE, BUFFERS) " + text, params).fetchall()
                     print("\n".join("      " + row[0] for row in plan))
 
 
