@@ -178,8 +178,9 @@ def against_round_7(url: str, secret: str, requests: list[Request], runs: int) -
             for now in (False, True):
                 use(now)
                 answers[now] = call(fake).json()  # warm, and the answers compared
-            if answers[False] != answers[True]:
-                print(f"| {name} | the answers differ | | |")
+            # (A seed endpoint's default range ends now: its answers are not compared.)
+            if answers[False] != answers[True] and "GET" not in name:
+                raise RuntimeError(f"{name}: the answers differ")
             for _ in range(runs):
                 for now in (False, True):
                     use(now)
