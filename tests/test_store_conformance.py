@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import STORES, empty_postgres, make_database, open_test_store
+from tests.conftest import STORES, empty_postgres, make_database, open_at_once, open_test_store
 from usagemeter.auth import authenticate, issue_key
 from usagemeter.model import Account, AppendResult, Event, Scope
 from usagemeter.store.base import (
@@ -328,21 +328,8 @@ def test_processes_starting_at_once_migrate_once(
     """Several processes open a new PostgreSQL database together; the advisory lock queues
     them, and the schema is created exactly once."""
     url = make_database(request.getfixturevalue("postgres_server"), "usagemeter_race")
-    stores: list[Store] = []
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            stores.append(PostgresStore(url, pool_size=1))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and len(stores) == 4
+    stores = open_at_once(lambda: PostgresStore(url, pool_size=1), 4)
+    assert len(stores) == 4
     with psycopg.connect(url) as conn:
         versions = conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
     assert versions == [(v,) for v in range(1, PG_VERSION + 1)]

@@ -4,11 +4,9 @@ a database of version 6 is upgraded, once, however many processes start together
 
 from __future__ import annotations
 
-import threading
-
 import psycopg
 
-from tests.conftest import empty_postgres
+from tests.conftest import empty_postgres, open_at_once
 from usagemeter.corrections import VoidSelector
 from usagemeter.model import Account, Event
 from usagemeter.store.base import TOTAL, AggregateSpec, Measure, Window
@@ -115,22 +113,8 @@ def test_a_database_of_version_6_is_upgraded_once_from_its_slots(postgres_url: s
     store.append(_sessions(31, ["s5"]))  # waiting when the upgrade runs
     _age_to_version_6(store)
     store.close()
-    opened: list[PostgresStore] = []
-    failed: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            opened.append(_open(postgres_url))
-        except BaseException as exc:
-            failed.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    opened = open_at_once(lambda: _open(postgres_url), 3)
     try:
-        assert failed == [] and len(opened) == 3
         with psycopg.connect(postgres_url) as conn:
             versions = conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
         assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
