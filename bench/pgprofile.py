@@ -5,7 +5,7 @@ store in process, on the bench's durable cluster, then appends more batches of 1
 reports, per batch: the server backend's CPU (from /proc), the WAL it wrote, the store's own
 Python time, and the rollup rows updated in place (HOT) or not. Once for batches in the
 bench's order (a backfill), once for the same events sorted by time (live traffic). Then
-`EXPLAIN (ANALYZE, BUFFERS, WAL)` of one batch statement, rolled back.
+`EXPLAIN (ANALYZE, BUFFERS, WAL)` of one batch statement and of one fold, rolled back.
 
 Where batches leave their events waiting to be folded (store/pgfold.py), the bench folds
 them itself every ``--fold-every`` batches, on the same backend, and reports the folds' CPU
@@ -27,6 +27,7 @@ import statistics
 import time
 import zoneinfo
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -164,6 +165,25 @@ def explain(store: pg.PostgresStore, batch: list[Event]) -> None:
     print("\n".join(r[0] for r in plan))
 
 
+def explain_fold(store: pg.PostgresStore, batches: Sequence[list[Event]]) -> None:
+    """`EXPLAIN (ANALYZE, BUFFERS, WAL)` of one fold of ``batches``, rolled back: what each
+    rollup's upsert costs, node by node."""
+    if pgfold is None:
+        return
+    with store._pool.connection() as conn:
+        conn.execute("BEGIN")
+        try:
+            for batch in batches:
+                store._append(conn, [batch])
+            plan = conn.execute(
+                "EXPLAIN (ANALYZE, BUFFERS, WAL, COSTS OFF) " + pgfold.FOLD_SQL
+            ).fetchall()
+        finally:
+            conn.execute("ROLLBACK")
+    print(f"one fold of {sum(len(b) for b in batches):,} events:")
+    print("\n".join(r[0] for r in plan))
+
+
 def question(store: pg.PostgresStore, end_ms: int, rounds: int = 40) -> None:
     """The heavy report with and without the read of the waiting events, alternating."""
     ny = zoneinfo.ZoneInfo("America/New_York")
@@ -261,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.explain:
             explain(store, events[-1000:])
+            # Live traffic going on: the same events again under new ids, a fold's run.
+            again = [replace(e, id=f"again-{e.id}") for e in live[: every * 1000]]
+            explain_fold(store, [again[i : i + 1000] for i in range(0, len(again), 1000)])
         if args.question and pgfold:
             question(store, max(e.ts_ms for e in events))
         store.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import statistics
 import sys
 import time
@@ -93,22 +94,23 @@ def compare(servers: dict[str, Service], requests: list[Request], runs: int) -> 
 
 
 @contextmanager
-def statements() -> Iterator[list[tuple[str, float]]]:
-    """Every statement psycopg sends in this process meanwhile, with its client time (the
-    whole text, with its values, where the cursor binds them itself)."""
-    seen: list[tuple[str, float]] = []
+def statements() -> Iterator[list[tuple[str, float, Any]]]:
+    """Every statement psycopg sends in this process meanwhile, with its client time and
+    parameters (the whole text, with its values, where the cursor binds them itself)."""
+    seen: list[tuple[str, float, Any]] = []
     originals = {cls: cls.execute for cls in (psycopg.Cursor, psycopg.ClientCursor)}
 
     def wrap(original: Any) -> Any:
         def execute(self: Any, query: Any, *args: Any, **kw: Any) -> Any:
             text = query if isinstance(query, str) else str(query)
+            params = args[0] if args else kw.get("params")
             if isinstance(self, psycopg.ClientCursor):
-                text = self.mogrify(query, *args[:1])
+                text, params = self.mogrify(query, *args[:1]), None
             t0 = time.perf_counter()
             try:
                 return original(self, query, *args, **kw)
             finally:
-                seen.append((" ".join(text.split()), time.perf_counter() - t0))
+                seen.append((" ".join(text.split()), time.perf_counter() - t0, params))
 
         return execute
 
@@ -141,13 +143,53 @@ def trace(url: str, secret: str, requests: list[Request], explain: bool) -> None
                 t0 = time.perf_counter()
                 call(fake)
                 took = time.perf_counter() - t0
-            sql = sum(t for _, t in seen)
+            sql = sum(t for _, t, _ in seen)
             print(f"\n{name}: {len(seen)} statements, {sql * 1000:.2f} of {took * 1000:.2f} ms")
-            for text, t in seen:
+            for text, t, params in seen:
                 print(f"  {t * 1000:7.2f} ms  {text[:90]}")
                 if explain and text.startswith("WITH w"):
-                    plan = side.execute("EXPLAIN (ANALYZE, BUFFERS) " + text).fetchall()
+                    plan = side.execute("EXPLAIN (ANALYZE, BUFFERS) " + text, params).fetchall()
                     print("\n".join("      " + row[0] for row in plan))
+
+
+def against_round_7(url: str, secret: str, requests: list[Request], runs: int) -> None:
+    """Each request through the app in process, with this round's statements and with round
+    7's (no distinct values per hour, totals as a second pass), in turn on the same data."""
+    from starlette.testclient import TestClient
+
+    from usagemeter.api.app import create_app
+    from usagemeter.store import open_store
+    from usagemeter.store.sqlplan import POSTGRES
+
+    def use(now: bool) -> None:
+        POSTGRES.value_hours = POSTGRES.grouping_sets = now
+
+    store = open_store(url)
+    print("\n| request (in process) | round 7 ms | now ms | now / round 7 |")
+    print("|---|---|---|---|")
+    ratios = []
+    with TestClient(create_app(store, close_store=True)) as client:
+        client.headers["Authorization"] = f"Bearer {secret}"
+        fake = Service.__new__(Service)
+        fake.secret, fake.client = secret, client  # type: ignore[assignment]
+        for name, call in requests:
+            times: dict[bool, list[float]] = {False: [], True: []}
+            answers = {}
+            for now in (False, True):
+                use(now)
+                answers[now] = call(fake).json()  # warm, and the answers compared
+            # (A seed endpoint's default range ends now: its answers are not compared.)
+            if answers[False] != answers[True] and "GET" not in name:
+                raise RuntimeError(f"{name}: the answers differ")
+            for _ in range(runs):
+                for now in (False, True):
+                    use(now)
+                    times[now].append(timed(functools.partial(call, fake)))
+            before, after = (statistics.median(times[k]) * 1000 for k in (False, True))
+            ratios.append(after / before)
+            print(f"| {name} | {before:.2f} | {after:.2f} | {after / before:.2f}x |", flush=True)
+    use(True)
+    print(f"\nnow / round 7: median {statistics.median(ratios):.2f}x, best {min(ratios):.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", action="store_true", help="list each request's statements")
     p.add_argument("--explain", action="store_true", help="with --trace: each question's plan")
     p.add_argument("--only", help="requests whose name contains this")
+    p.add_argument(
+        "--against-round-7",
+        action="store_true",
+        help="then, in process: each request with round 7's PostgreSQL statements and now's",
+    )
     args = p.parse_args(argv)
     anchor = time.gmtime()
     day = dt.date(anchor.tm_year, anchor.tm_mon, anchor.tm_mday)
@@ -190,9 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             requests = [r for r in requests if args.only in r[0]]
         if args.runs:
             compare(servers, requests, args.runs)
-        if args.trace:
+        if args.trace or args.against_round_7:
             servers["postgresql"].stop()
+        if args.trace:
             trace(cluster.url, servers["postgresql"].secret, requests, args.explain)
+        if args.against_round_7:
+            against_round_7(cluster.url, servers["postgresql"].secret, requests, args.runs or 9)
     finally:
         for s in servers.values():
             s.close()

@@ -8,8 +8,9 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,6 +109,30 @@ def empty_postgres(store: PostgresStore) -> None:
             )
         ]
         conn.execute("TRUNCATE " + ", ".join(tables) + " RESTART IDENTITY")
+
+
+def open_at_once(open_one: Callable[[], PostgresStore], count: int) -> list[PostgresStore]:
+    """``count`` stores opened by as many threads at once, as processes starting together
+    would (their migrations race for the schema); the first failure is raised."""
+    opened: list[PostgresStore] = []
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            opened.append(open_one())
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        for store in opened:
+            store.close()
+        raise failed[0]
+    return opened
 
 
 def open_test_store(kind: str, request: pytest.FixtureRequest, path: Path) -> Store:

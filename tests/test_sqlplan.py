@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -144,3 +145,35 @@ def test_golden_postgres_sql_reads_dimension_sets_by_key_and_tag_sets_once() -> 
     ) in plan.sql
     assert "JOIN dimsets" not in plan.sql
     assert plan.params[:3] == ([0, 1], [0, 2], [2, 4])  # each window's slots, as arrays
+
+
+def test_a_distinct_count_alone_reads_the_values_per_hour_on_postgres_only() -> None:
+    # A New York day with a ragged start: whole hours from rollup_values (with rollup_hour
+    # beside them, so that hours of events without the dimension count 0), slots and raw
+    # events at the ends, the range's total in the same pass (GROUPING SETS).
+    spec = AggregateSpec(
+        ("a",),
+        "Sessions",
+        (Window(0, 5 * HOUR + 7 * MIN, DAY + 5 * HOUR),),
+        (Measure("unique_count", "session_id"),),
+        totals=True,
+    )
+    (plan,) = plan_aggregate(spec, 7, [1], None, POSTGRES, pending="unfolded")
+    assert "FROM rollup_values x WHERE x.metric = %b AND x.name = %b" in plan.sql
+    assert "FROM rollup_hour x" in plan.sql and "count(DISTINCT s.v)" in plan.sql
+    assert "GROUP BY GROUPING SETS ((s.idx), ())" in plan.sql
+    assert plan.params.count("session_id") == 4  # the values, slots, raw events, waiting
+    # SQLite keeps no such table: the same question reads its slots, both passes.
+    (lite,) = plan_aggregate(spec, 7, [1], None)
+    assert "rollup_values" not in lite.sql and "GROUPING" not in lite.sql
+    assert lite.sql.count("JOIN rollup x ON") == 2
+    # A distinct count with anything else to it reads the slots on PostgreSQL too.
+    for other in (
+        replace(spec, filters=(("status", "200"),)),
+        replace(spec, group_by=("agent",)),
+        replace(spec, measures=(Measure("count"), Measure("unique_count", "session_id"))),
+    ):
+        assert all(
+            "rollup_values" not in p.sql for p in plan_aggregate(other, 7, [1], None, POSTGRES)
+        )
+    assert all("rollup_values" not in p.sql for p in plan_aggregate(spec, 7, [1], 3, POSTGRES))

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import STORES, empty_postgres, make_database, open_test_store
+from tests.conftest import STORES, empty_postgres, make_database, open_at_once, open_test_store
 from usagemeter.auth import authenticate, issue_key
 from usagemeter.model import Account, AppendResult, Event, Scope
 from usagemeter.store.base import (
@@ -65,7 +65,8 @@ def _age_postgres(store: Store) -> None:
     store.fold(wait=True)
     with store._pool.connection() as conn:
         conn.execute(
-            "DROP TABLE rollup_hour_key, rollup_day_key, rollup_hour, rollup_day, unfolded"
+            "DROP TABLE rollup_hour_key, rollup_day_key, rollup_hour, rollup_day, unfolded,"
+            " rollup_values"
         )
         conn.execute("DELETE FROM schema_version WHERE version > %s", (1,))
 
@@ -327,21 +328,8 @@ def test_processes_starting_at_once_migrate_once(
     """Several processes open a new PostgreSQL database together; the advisory lock queues
     them, and the schema is created exactly once."""
     url = make_database(request.getfixturevalue("postgres_server"), "usagemeter_race")
-    stores: list[Store] = []
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            stores.append(PostgresStore(url, pool_size=1))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and len(stores) == 4
+    stores = open_at_once(lambda: PostgresStore(url, pool_size=1), 4)
+    assert len(stores) == 4
     with psycopg.connect(url) as conn:
         versions = conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
     assert versions == [(v,) for v in range(1, PG_VERSION + 1)]
@@ -560,3 +548,124 @@ def test_totals_asked_beside_the_windows_equal_a_naive_fold(
             assert r.values[0] in newest[(r.window, r.group)]
     finally:
         store.close()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    raw=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.integers(-DAY_MS, 2 * DAY_MS),  # offset
+            st.sampled_from(
+                [None, "s1", "s2", "s3", "s4", "s5"]
+            ),  # session (None: no such dimension)
+            st.sampled_from([None, "x"]),  # another dimension, never counted
+            st.booleans(),  # billable
+        ),
+        max_size=40,
+    ),
+    cuts=st.lists(st.integers(-DAY_MS, 2 * DAY_MS), min_size=2, max_size=5, unique=True),
+    folded=st.integers(0, 40),
+    billable=st.sampled_from([None, True, False]),
+    by_subaccount=st.booleans(),
+)
+def test_a_distinct_count_alone_equals_a_naive_fold(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    store_kind: str,
+    raw: list[tuple[str, int, str | None, str | None, bool]],
+    cuts: list[int],
+    folded: int,
+    billable: bool | None,
+    by_subaccount: bool,
+) -> None:
+    """One distinct count, alone, of the whole account or per subaccount: the question
+    PostgreSQL answers from its distinct values per hour (whole hours) with slots and raw
+    events at ragged ends, and events still waiting to be folded beside them. Windows whose
+    events all lack the dimension count 0, as a fold of the events says."""
+    store = open_test_store(store_kind, request, tmp_path_factory.mktemp("distinct") / "d.db")
+    try:
+        _accounts(store)
+        events = [
+            Event(
+                f"e{i}",
+                account,
+                "m",
+                BASE_MS + offset,
+                1.0,
+                flag,
+                None,
+                {
+                    **({"session_id": session} if session else {}),
+                    **({"agent": agent} if agent else {}),
+                },
+            )
+            for i, (account, offset, session, agent, flag) in enumerate(raw)
+        ]
+        # Some events folded into the rollups, the rest still waiting (where a store folds
+        # later, as PostgreSQL's does).
+        store.append(events[:folded])
+        if isinstance(store, PostgresStore):
+            store.fold(wait=True)
+        store.append(events[folded:])
+        edges = sorted(BASE_MS + c for c in cuts)
+        windows = tuple(Window(n, lo, hi) for n, (lo, hi) in enumerate(itertools.pairwise(edges)))
+        group_by = ("subaccount",) if by_subaccount else ()
+        spec = AggregateSpec(
+            ("a", "b"),
+            "m",
+            windows,
+            (Measure("unique_count", "session_id"),),
+            group_by,
+            billable=billable,
+            totals=True,
+        )
+        rows = store.aggregate(spec)
+
+        def group_of(e: Event) -> tuple[tuple[str, str], ...]:
+            return (("subaccount", e.account_id),) if by_subaccount else ()
+
+        inside = [
+            e
+            for e in events
+            if any(w.start_ms <= e.ts_ms < w.end_ms for w in windows)
+            and (billable is None or e.billable is billable)
+        ]
+        expected: dict[tuple[int, Any], tuple[float, ...]] = {}
+
+        def fold(cell: tuple[int, Any], members: list[Event]) -> None:
+            if members:
+                sessions = {e.dimensions.get("session_id") for e in members}
+                expected[cell] = (len(sessions - {None}),)
+
+        for group in {group_of(e) for e in inside}:
+            members = [e for e in inside if group_of(e) == group]
+            fold((TOTAL, group), members)
+            for w in windows:
+                fold((w.index, group), [e for e in members if w.start_ms <= e.ts_ms < w.end_ms])
+        if by_subaccount:
+            fold((OVERALL, ()), inside)
+        assert {(r.window, r.group): r.values for r in rows} == expected
+    finally:
+        store.close()
+
+
+def test_a_distinct_count_of_events_without_the_dimension_is_zero(store: Store) -> None:
+    """Whole hours of events that lack the counted dimension: the window counts 0 (it had
+    events), and a window without events has no row, on every store and grain."""
+    _accounts(store)
+    store.append([_event(i, ts=BASE_MS + i * HOUR_MS, dimensions={"agent": "x"}) for i in range(3)])
+    store.append([_event("s", ts=BASE_MS + 5 * HOUR_MS, dimensions={"session_id": "s1"})])
+    windows = tuple(
+        Window(n, BASE_MS + n * 3 * HOUR_MS, BASE_MS + (n + 1) * 3 * HOUR_MS) for n in range(3)
+    )
+    spec = AggregateSpec(
+        ("a",), "m", windows, (Measure("unique_count", "session_id"),), totals=True
+    )
+    for _ in range(2):  # waiting, then folded (where a store folds later)
+        rows = store.aggregate(spec)
+        assert {(r.window, r.values) for r in rows} == {(0, (0,)), (1, (1,)), (TOTAL, (1,))}
+        if isinstance(store, PostgresStore):
+            store.fold(wait=True)

@@ -23,7 +23,8 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from usagemeter.store.pgschema import FOLD_LOCK, ROLLUPS, fold_into
+from usagemeter.store.pgschema import FOLD_LOCK, ROLLUPS, floor_div, fold_into, fold_values
+from usagemeter.store.sqlplan import HOUR_MS
 
 log = logging.getLogger("usagemeter")
 
@@ -32,6 +33,7 @@ log = logging.getLogger("usagemeter")
 FOLD_SQL = (
     "WITH moved AS (DELETE FROM unfolded RETURNING *)"
     + "".join(f", {table} AS ({fold_into(table, 'moved', 'seq')})" for table in ROLLUPS)
+    + f", rollup_values AS ({fold_values('moved', floor_div('ts', HOUR_MS))})"
     + " SELECT count(*) FROM moved"
 )
 # A fold waits this long after the previous one, so that a run gathers many batches and

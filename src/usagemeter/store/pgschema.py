@@ -47,7 +47,7 @@ _VALUES = """
     last_val double precision NOT NULL"""
 
 
-def _floor_div(column: str, unit: int) -> str:
+def floor_div(column: str, unit: int) -> str:
     # PostgreSQL's integer division truncates toward zero; the store's units floor, as
     # Python's // does, so an instant before 1970 lands in the unit that holds it.
     # mod(), not %: the text also goes through psycopg's placeholders.
@@ -75,7 +75,7 @@ def fold_into(table: str, source: str, order: str) -> str:
     float8, exact for every ts and order below 2^53 (ts in ms: the year 287396)."""
     keys, unit = ROLLUPS[table]
     columns = ", ".join(keys)
-    select = ", ".join(_floor_div("ts", unit) if k == "slot" else k for k in keys)
+    select = ", ".join(floor_div("ts", unit) if k == "slot" else k for k in keys)
     positions = ", ".join(str(n + 1) for n in range(len(keys)))
     return f"""INSERT INTO {table} AS r ({columns}, cnt, total, vmin, vmax, last_ts, last_val)
 SELECT {select}, count(*), sum(value), min(value), max(value), max(ts),
@@ -252,7 +252,42 @@ CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON keys
     FOR EACH STATEMENT EXECUTE FUNCTION directory_changed();
 """
 
-MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6)  # version n is MIGRATIONS[n - 1]
+
+def fold_values(source: str, hour: str) -> str:
+    """Add the distinct dimension values of ``source``'s rows (with ``account``, ``metric``,
+    ``billable`` and ``dimset``; ``hour`` their UTC hour) to ``rollup_values``. A set, so a
+    value added twice is there once: what a fold adds may already be there.
+
+    A key probe per set (OFFSET 0 keeps it one): as a plain join, PostgreSQL hashed the
+    whole of ``dimsets`` on every fold, a table that grows with the sessions."""
+    return f"""INSERT INTO rollup_values (account, metric, name, slot, billable, value)
+SELECT DISTINCT m.account, m.metric, p.key, m.slot, m.billable, p.value
+FROM (SELECT DISTINCT account, metric, {hour} AS slot, billable, dimset FROM {source}) m
+CROSS JOIN LATERAL (SELECT y.dims FROM dimsets y WHERE y.id = m.dimset OFFSET 0) d
+CROSS JOIN LATERAL jsonb_each_text(d.dims) p
+ORDER BY 1, 2, 3, 4, 5, 6
+ON CONFLICT DO NOTHING"""
+
+
+# Version 7: the distinct values of each dimension per UTC hour (what a distinct count such
+# as Sessions reads for the whole hours of its windows), one row per value and hour instead
+# of one per 15-minute slot, key, tag set and dimension set, and no dimension set to look up
+# per row. Filled from the slots, which hold every folded event, also those whose raw events
+# retention dropped; what waits in ``unfolded`` is added by the fold that takes it.
+_V7 = f"""
+CREATE TABLE IF NOT EXISTS rollup_values (
+    account bigint NOT NULL,
+    metric integer NOT NULL,
+    name text NOT NULL,
+    slot bigint NOT NULL,
+    billable smallint NOT NULL,
+    value text NOT NULL,
+    PRIMARY KEY (account, metric, name, slot, billable, value)
+);
+{fold_values("rollup", floor_div("slot", HOUR_MS // SLOT_MS))};
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)  # version n: MIGRATIONS[n - 1]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -47,7 +47,9 @@ from usagemeter.store.pgschema import (
     ROLLUPS,
     ensure_partitions,
     events_partitions,
+    floor_div,
     fold_into,
+    fold_values,
     migrate,
     month_bounds,
 )
@@ -65,6 +67,7 @@ from usagemeter.store.rows import (
 from usagemeter.store.sqlite import NO_KEY
 from usagemeter.store.sqlplan import (
     DAY_MS,
+    HOUR_MS,
     POSTGRES,
     event_from_row,
     plan_aggregate,
@@ -854,6 +857,17 @@ class PostgresStore(SqlCorrections, LimitTables):
                 " AND ts >= ? AND ts < ?) " + fold_into(table, "src", "seq"),
                 (account, metric, start_ms, end_ms),
             )
+        # The distinct values of those hours (whole days: voidsql clears days), cleared and
+        # gathered again from the events: a set cannot take one event out.
+        run(
+            "DELETE FROM rollup_values WHERE account = ? AND metric = ? AND slot >= ? AND slot < ?",
+            (account, metric, start_ms // HOUR_MS, end_ms // HOUR_MS),
+        )
+        run(
+            "WITH src AS (SELECT * FROM events WHERE account = ? AND metric = ?"
+            " AND ts >= ? AND ts < ?) " + fold_values("src", floor_div("ts", HOUR_MS)),
+            (account, metric, start_ms, end_ms),
+        )
 
     def _forget_accounts(self, account_ids: Sequence[str]) -> None:
         self._forget_row_ids()
@@ -863,7 +877,7 @@ class PostgresStore(SqlCorrections, LimitTables):
         self._directory.changed()
 
     def _account_tables(self) -> tuple[str, ...]:
-        return ("event_ids",)
+        return ("event_ids", "rollup_values")
 
     def compact(self) -> None:
         """Drop the monthly partitions retention emptied, and VACUUM what remains."""

@@ -51,9 +51,13 @@ KEY_HOURS = Grain("rollup_hour_key", HOUR_MS, detailed=False, keyed=True)
 KEY_DAYS = Grain("rollup_day_key", DAY_MS, detailed=False, keyed=True)
 ACCOUNT_HOURS = Grain("rollup_hour", HOUR_MS, detailed=False, keyed=False)
 ACCOUNT_DAYS = Grain("rollup_day", DAY_MS, detailed=False, keyed=False)
+# The distinct values of each dimension per UTC hour, by account, metric and billable (the
+# PostgreSQL store's rollup_values): a distinct count's whole hours, one row per value.
+VALUE_HOURS = Grain("rollup_values", HOUR_MS, detailed=False, keyed=False)
 # Coarsest first. Slots close every chain: they answer everything, at the finest grain.
 KEY_GRAINS = (KEY_DAYS, KEY_HOURS, SLOTS)
 ACCOUNT_GRAINS = (ACCOUNT_DAYS, ACCOUNT_HOURS, SLOTS)
+VALUE_GRAINS = (VALUE_HOURS, SLOTS)
 
 # The fold of each additive aggregation over source rows (a rollup row or a raw event).
 ADDITIVE_SQL = {
@@ -69,6 +73,10 @@ class Dialect:
     writes ``?`` placeholders throughout; ``finish`` turns them into the dialect's own."""
 
     name = "sqlite"
+    # Whether the store keeps VALUE_HOURS, and folds totals with GROUPING SETS (reading the
+    # source rows once, not once for the windows and again for the range).
+    value_hours = False
+    grouping_sets = False
 
     def finish(self, sql: str) -> str:
         return sql
@@ -105,6 +113,10 @@ class Dialect:
             " GROUP BY tagset HAVING count(*) = ?)"
         )
 
+    def set_value(self, column: str) -> str:
+        """The value of one member (a parameter) of the dimension set ``column`` names."""
+        return f"(SELECT {self.json_field('y.dims')} FROM dimsets y WHERE y.id = {column})"
+
     def dimsets_join(self) -> str:
         """The join giving each source row ``s`` its dimension set as ``d.dims``."""
         return "JOIN dimsets d ON d.id = s.dimset"
@@ -124,6 +136,8 @@ class Dialect:
 
 class PostgresDialect(Dialect):
     name = "postgresql"
+    value_hours = True
+    grouping_sets = True
 
     def finish(self, sql: str) -> str:
         # The planner puts no "?" or "%" in its text other than placeholders (names and
@@ -231,6 +245,19 @@ def grains_for(spec: AggregateSpec) -> tuple[Grain, ...]:
     return KEY_GRAINS if spec.key_id is not None or GROUP_KEY in spec.group_by else ACCOUNT_GRAINS
 
 
+def counts_values(spec: AggregateSpec, key: int | None) -> bool:
+    """Whether VALUE_HOURS answers the question: one distinct count, of the whole account
+    (or per subaccount), billable or not, with no other filter."""
+    return (
+        len(spec.measures) == 1
+        and spec.measures[0].aggregation == "unique_count"
+        and key is None
+        and not spec.filters
+        and not spec.tags
+        and all(g == GROUP_SUBACCOUNT for g in spec.group_by)
+    )
+
+
 def plan_aggregate(
     spec: AggregateSpec,
     metric: int,
@@ -246,7 +273,10 @@ def plan_aggregate(
     wherever the rollups do, read in the same statement. On a tie of timestamps, the
     latest value is a waiting event's (it came after every folded one), the later of them
     by ``seq``."""
-    grains = grains_for(spec)
+    # A distinct count from VALUE_HOURS reads each source row's value (``s.v``) instead of
+    # its dimension set: the value hours hold it, the others look it up in their set.
+    values = dialect.value_hours and counts_values(spec, key)
+    grains = VALUE_GRAINS if values else grains_for(spec)
     pieces, raw_pieces = split_windows(spec.windows, grains)
     if not raw_pieces and not any(pieces.values()):
         return []
@@ -281,6 +311,11 @@ def plan_aggregate(
         " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax,"
         " x.ts AS last_ts, x.value AS last_val"
     )
+    if values:
+        # The counted value of a row with a dimension set; of the value hours, their own.
+        name = _dimension(spec.measures[0])
+        event_row = f" x.account AS account, {dialect.set_value('x.dimset')} AS v"
+        late = ""
     ctes: list[str] = []
     cte_params: list[Any] = []
     parts: list[str] = []
@@ -291,24 +326,47 @@ def plan_aggregate(
             continue
         ctes.append(f"w{n}(idx, lo, hi) AS ({dialect.values(len(found), 3)})")
         cte_params.extend(dialect.value_params(found))
-        dimset = "x.dimset" if grain.detailed else "0"
-        key_column = "x.key" if grain.keyed else "0"
+        named = ""
+        if not values:
+            dimset = "x.dimset" if grain.detailed else "0"
+            key_column = "x.key" if grain.keyed else "0"
+            columns = (
+                f" x.account AS account, {key_column} AS key, {dimset} AS dimset,"
+                " x.cnt AS cnt, x.total AS total, x.vmin AS vmin, x.vmax AS vmax,"
+                f" x.last_ts AS last_ts, x.last_val AS last_val{late}"
+            )
+        elif grain is VALUE_HOURS:
+            columns, named = " x.account AS account, x.value AS v", " AND x.name = ?"
+            # A row per hour with events, counting nothing: an hour whose events lack the
+            # dimension still has its (window, account) counted as 0, as the slots say.
+            parts.append(
+                f"SELECT w{n}.idx AS idx, x.account AS account, NULL AS v "
+                + dialect.join(
+                    f"w{n}",
+                    ACCOUNT_HOURS.table,
+                    f"x.metric = ? AND x.account IN ({account_marks})"
+                    f" AND x.slot >= w{n}.lo AND x.slot < w{n}.hi{extra}",
+                )
+            )
+            part_params.extend([metric, *accounts, *source_params])
+        else:
+            columns = event_row
+            part_params.append(name)
         parts.append(
-            f"SELECT w{n}.idx AS idx, x.account AS account, {key_column} AS key,"
-            f" {dimset} AS dimset,"
-            " x.cnt AS cnt, x.total AS total, x.vmin AS vmin, x.vmax AS vmax,"
-            f" x.last_ts AS last_ts, x.last_val AS last_val{late} "
+            f"SELECT w{n}.idx AS idx,{columns} "
             + dialect.join(
                 f"w{n}",
                 grain.table,
-                f"x.metric = ? AND x.account IN ({account_marks})"
+                f"x.metric = ?{named} AND x.account IN ({account_marks})"
                 f" AND x.slot >= w{n}.lo AND x.slot < w{n}.hi{extra}",
             )
         )
-        part_params.extend([metric, *accounts, *source_params])
+        part_params.extend([metric, *([name] if named else []), *accounts, *source_params])
     if raw_pieces:
         ctes.append(f"rw(idx, lo, hi) AS ({dialect.values(len(raw_pieces), 3)})")
         cte_params.extend(dialect.value_params(raw_pieces))
+        if values:
+            part_params.append(name)
         parts.append(
             f"SELECT rw.idx AS idx,{event_row}{', x.seq AS late' if ranked else ''} "
             + dialect.join(
@@ -327,8 +385,10 @@ def plan_aggregate(
         # As the raw events are read: by time, one index range per window; but only when
         # anything waits in the whole range (one probe, evaluated once), so that a question
         # with nothing waiting (the usual case) pays one probe, not one per window.
+        if values:
+            part_params.append(name)
         parts.append(
-            f"SELECT tw.idx AS idx,{event_row}, x.seq AS late "
+            f"SELECT tw.idx AS idx,{event_row}{'' if values else ', x.seq AS late'} "
             + dialect.join(
                 "tw",
                 pending,
@@ -351,6 +411,7 @@ def plan_aggregate(
         g not in (GROUP_KEY, GROUP_SUBACCOUNT) for g in spec.group_by
     )
     needs_dims = needs_dims or any(m.aggregation == "unique_count" for m in spec.measures)
+    needs_dims = needs_dims and not values
     if needs_dims:
         joins.append(dialect.dimsets_join())
     if GROUP_KEY in spec.group_by:
@@ -388,6 +449,12 @@ def plan_aggregate(
         body = [*group_params, *value_params, *part_params, *where_params]
         selects = [select("s.idx", group_cols, ["s.idx", *group_refs], select_values)]
         params = [*cte_params, *body]
+        if spec.totals and dialect.grouping_sets and not group_cols:
+            # The windows and the whole range in one pass over the source rows; HAVING
+            # drops the empty range's row, which a grouped fold would not return.
+            index = f"CASE WHEN GROUPING(s.idx) = 0 THEN s.idx ELSE {TOTAL} END"
+            sets = select(index, [], ["GROUPING SETS ((s.idx), ())"], select_values)
+            return dialect.finish(f"WITH {', '.join(ctes)} {sets} HAVING count(*) > 0"), params
         if spec.totals:
             # The whole range per group, then (grouped) over every group: one statement, as
             # UNION ALL, which SQLite and PostgreSQL both read (SQLite has no GROUPING SETS).
@@ -409,6 +476,9 @@ def plan_aggregate(
     for i, measure in enumerate(spec.measures):
         if measure.aggregation == "latest":
             sql, params = statement(dialect.latest(late=ranked), [])
+            plans.append(Plan(sql, tuple(params), (i,), row_decoder(spec, (i,))))
+        elif values:
+            sql, params = statement(["count(DISTINCT s.v)"], [])
             plans.append(Plan(sql, tuple(params), (i,), row_decoder(spec, (i,))))
         elif measure.aggregation == "unique_count":
             sql, params = statement(
