@@ -305,6 +305,7 @@ def plan_aggregate(
     has_latest = any(m.aggregation == "latest" for m in spec.measures)
     ranked = bool(pending) or (bool(raw_pieces) and has_latest)
     late = ", 0 AS late" if ranked else ""
+    raw_late = ", x.seq AS late" if ranked else ""  # the same column, of an event read raw
     # An event's columns as a source row (the raw events, and those waiting to be folded).
     event_row = (
         " x.account AS account, x.key AS key, x.dimset AS dimset,"
@@ -315,7 +316,7 @@ def plan_aggregate(
         # The counted value of a row with a dimension set; of the value hours, their own.
         name = _dimension(spec.measures[0])
         event_row = f" x.account AS account, {dialect.set_value('x.dimset')} AS v"
-        late = ""
+        late = raw_late = ""
     ctes: list[str] = []
     cte_params: list[Any] = []
     parts: list[str] = []
@@ -368,7 +369,7 @@ def plan_aggregate(
         if values:
             part_params.append(name)
         parts.append(
-            f"SELECT rw.idx AS idx,{event_row}{', x.seq AS late' if ranked else ''} "
+            f"SELECT rw.idx AS idx,{event_row}{raw_late} "
             + dialect.join(
                 "rw",
                 "events",
