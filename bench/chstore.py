@@ -29,7 +29,6 @@ import random
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -38,6 +37,7 @@ from typing import Any
 
 from bench.peers import chdb_peer
 from bench.questions import Question
+from bench.timing import in_threads
 from usagemeter.engine import Engine
 from usagemeter.model import Account, Event, Query, Result
 from usagemeter.store import open_store
@@ -131,28 +131,16 @@ def append_concurrently(store: Store, sent: Sequence[list[Event]], clients: int)
     """Seconds from the first of ``sent`` appended to the last acknowledged, from ``clients``
     threads at once, each taking the next batch when its last is acknowledged."""
     queue = list(sent)[::-1]
-    failures: list[BaseException] = []
 
     def client() -> None:
-        try:
-            while queue:
-                try:
-                    batch = queue.pop()
-                except IndexError:  # another client took the last one
-                    return
-                store.append(batch)
-        except BaseException as exc:  # raised in the caller's thread below
-            failures.append(exc)
+        while queue:
+            try:
+                batch = queue.pop()
+            except IndexError:  # another client took the last one
+                return
+            store.append(batch)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
-    return time.perf_counter() - began
+    return in_threads(client, clients)
 
 
 # The steps of ClickHouseStore.append, by the methods that do them; the rest is Python

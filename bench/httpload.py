@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from bench.timing import in_threads
+
 
 @dataclass
 class Response:
@@ -93,7 +95,6 @@ def _in_threads(
     connection, until done or a step returns False; the seconds taken."""
     items = iter(range(count))
     lock = threading.Lock()
-    failures: list[BaseException] = []
 
     def worker() -> None:
         conn = Connection(*target)
@@ -103,21 +104,10 @@ def _in_threads(
                     i = next(items, None)
                 if i is None or not step(conn, i):
                     return
-        except BaseException as exc:  # re-raised in the caller's thread below
-            failures.append(exc)
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
-    if failures:
-        raise failures[0]
-    return seconds
+    return in_threads(worker, clients)
 
 
 @dataclass

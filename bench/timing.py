@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,3 +30,26 @@ def measure(fn: Callable[[], Any], warm_runs: int) -> tuple[Timing, Any]:
         fn()
         timing.warm.append(time.perf_counter() - t0)
     return timing, first
+
+
+def in_threads(work: Callable[[], None], threads: int) -> float:
+    """Seconds for ``threads`` threads to run ``work`` at once, each until it returns; the
+    first exception any raised is raised again here, once all have stopped."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # raised in the caller's thread below
+            failures.append(exc)
+
+    started = [threading.Thread(target=run) for _ in range(threads)]
+    began = time.perf_counter()
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join()
+    seconds = time.perf_counter() - began
+    if failures:
+        raise failures[0]
+    return seconds
