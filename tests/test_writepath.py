@@ -22,6 +22,7 @@ from usagemeter.corrections import VoidSelector
 from usagemeter.ingest import BatchRejected, Ingestor
 from usagemeter.model import Account, Event, Scope
 from usagemeter.records import count_lines
+from usagemeter.store import rows as rows_module
 from usagemeter.store import schema as schema_module
 from usagemeter.store import sqlite as sqlite_module
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
@@ -493,6 +494,39 @@ def test_a_batch_built_before_its_account_was_deleted_and_made_again_goes_to_the
     assert orphans == 0
     assert _totals(store, "a", _day()) == {0: (1, 2.0, 2.0, 2.0)}
     store.close()
+
+
+def test_kept_row_ids_are_looked_up_again_and_kept_while_they_hold(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once kept row ids expire, the committer looks them up again: while they hold, the
+    rows callers built from them stand; when another process deleted an account and made
+    it again, batches built before go to its new row."""
+    store = _open(db_path)
+    other = SQLiteStore(db_path)
+    try:
+        issue_key(store, "a", key_id="ka")
+        store.append([Event("e0", "a", "m", BASE_MS, 1.0, key_id="ka")])  # ids kept
+        monkeypatch.setattr(rows_module, "ROW_IDS_KEPT_FOR", 0.0)
+        generation = store._row_ids_generation
+        store.append([Event("e1", "a", "m", BASE_MS, 2.0, key_id="ka")])
+        assert store._row_ids_generation == generation
+        assert set(store._account_rids) >= {"a"} and set(store._key_rids) == {"ka"}
+        events = [Event("e2", "a", "m", BASE_MS + 1, 4.0)]
+        built = store._prepare(events)
+        assert built is not None and built[0] is not None
+        other.delete_account("a")
+        other.create_account(Account("a", "A again"))
+        batch = sqlite_module._PendingBatch(events, None, built, generation)
+        with store._queue_ready:
+            store._queue.append(batch)
+            store._queue_ready.notify()
+        assert batch.future.result().accepted == 1
+        assert store._row_ids_generation != generation
+        assert _totals(other, "a", _day()) == {0: (1, 4.0, 4.0, 4.0)}
+    finally:
+        other.close()
+        store.close()
 
 
 def test_batches_of_one_group_keep_their_own_answers_when_one_repeats_or_fails(

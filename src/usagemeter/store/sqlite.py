@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from usagemeter.model import (
     Account,
@@ -89,6 +89,9 @@ PAIR_CHUNK = 2000  # (account, id) pairs per dedupe lookup: 4,000 variables, und
 # small enough that a question reading the waiting events of its range stays quick.
 FOLD_EVENTS = 200_000
 IDLE_FOLD_SECONDS = 0.5  # appends paused this long: fold what waits
+# Kept row ids looked up again once expired (a few statements, a few ms a second); above
+# this many, forgotten instead, as looking them all up would cost more than it saves.
+REFRESH_AT_MOST = 20_000
 
 
 def _disk_full(error: BaseException | None) -> bool:
@@ -110,11 +113,15 @@ def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
 
 
+_K = TypeVar("_K")  # how a name is known: its text, its items, its set of tags
 # What a repeated id is compared on: metric, ts, value, billable, key, dimensions, tags.
 _Payload = tuple[str, int, float, bool, str | None, dict[str, str], frozenset[str]]
 
 
-def _cached_dimset(cache: dict[tuple[tuple[str, str], ...], int], event: Event) -> int | None:
+_DimsKey = tuple[tuple[str, str], ...]  # a dimension set, as cached: its items by name
+
+
+def _cached_dimset(cache: dict[_DimsKey, int], event: Event) -> int | None:
     """The cached id of ``event``'s dimension set. Sets are cached by their sorted items; a
     set sent in sorted order (every set of one, and most others) is found without sorting."""
     items = tuple(event.dimensions.items())
@@ -122,14 +129,18 @@ def _cached_dimset(cache: dict[tuple[tuple[str, str], ...], int], event: Event) 
     return found if found is not None else cache.get(tuple(sorted(items)))
 
 
-def _dims_text(event: Event) -> str:
-    """How ``dimsets`` stores an event's dimension set: JSON, sorted by name."""
-    return json.dumps(dict(sorted(event.dimensions.items())), separators=(",", ":"))
+def _dims_key(event: Event) -> _DimsKey:
+    return tuple(sorted(event.dimensions.items()))
 
 
-def _tags_text(event: Event) -> str:
-    """How ``tagsets`` stores an event's tag set: a sorted JSON list."""
-    return json.dumps(sorted(event.tags), separators=(",", ":"))
+def _dims_text(key: _DimsKey) -> str:
+    """How ``dimsets`` stores a dimension set: JSON, sorted by name."""
+    return json.dumps(dict(key), separators=(",", ":"))
+
+
+def _tags_text(tags: frozenset[str]) -> str:
+    """How ``tagsets`` stores a tag set: a sorted JSON list."""
+    return json.dumps(sorted(tags), separators=(",", ":"))
 
 
 # Names per statement that finds or makes their ids: under SQLite's limit of variables.
@@ -168,9 +179,10 @@ def _payload(event: Event) -> _Payload:
 
 
 _Row = tuple[int, str, int, int, int, int, int, int, float]  # an events row, as inserted
-# Names a batch interned (metrics, dimension sets, tag sets: text -> id), cached once its
-# transaction commits.
-_Names = tuple[dict[str, int], dict[str, int], dict[str, int]]
+# Names a batch interned (metrics, dimension sets, tag sets -> id), keyed as the caches are
+# and cached once its transaction commits. (Keyed by their text, each event of a new set
+# cost the committer a json.dumps: 55,000 of them for the bench's 200,000-line file.)
+_Names = tuple[dict[str, int], dict[_DimsKey, int], dict[frozenset[str], int]]
 _EVENT_COLUMNS = "account, event_id, metric, ts, key, billable, dimset, tagset, value"
 # Rows go in by statements of many rows each, in sizes that are powers of two (so that a
 # few statements, each prepared once, serve every batch size), not by executemany. Why:
@@ -562,8 +574,11 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     # ------------------------------------------------------------------ events
 
-    def _intern(self, table: str, column: str, value: str, pending: dict[str, int]) -> int:
-        found = pending.get(value)
+    def _intern(
+        self, table: str, column: str, value: str, pending: dict[Any, int], key: Any
+    ) -> int:
+        """The id of ``value`` (``key`` as ``pending`` and the caches know it), made if new."""
+        found = pending.get(key)
         if found is not None:
             return found
         conn = self._writer
@@ -579,7 +594,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 )
         else:
             new_id = int(row[0])
-        pending[value] = new_id
+        pending[key] = new_id
         return new_id
 
     def _intern_names(
@@ -591,28 +606,30 @@ class SQLiteStore(SqlCorrections, LimitTables):
         the committer two statements an event, each taking the GIL back from callers."""
         new_metrics, new_dimsets, new_tagsets = names
         metrics: set[str] = set()
-        dimsets: set[str] = set()
-        tagsets: set[str] = set()
+        dimsets: set[_DimsKey] = set()
+        tagsets: set[frozenset[str]] = set()
         accounts: set[str] = set()
         keys: set[str] = set()
         for event in events:
             if event.metric not in self._metric_ids:
                 metrics.add(event.metric)
             if _cached_dimset(self._dimset_ids, event) is None:
-                dimsets.add(_dims_text(event))
+                dimsets.add(_dims_key(event))
             if event.tags not in self._tagset_ids:
-                tagsets.add(_tags_text(event))
+                tagsets.add(event.tags)
             if event.account_id not in self._account_rids:
                 accounts.add(event.account_id)
             if event.key_id is not None and event.key_id not in self._key_rids:
                 keys.add(event.key_id)
-        self._intern_many(conn, "metrics", "name", metrics, new_metrics)
-        self._intern_many(conn, "dimsets", "dims", dimsets, new_dimsets)
-        made = self._intern_many(conn, "tagsets", "tags", tagsets, new_tagsets)
+        self._intern_many(conn, "metrics", "name", {m: m for m in metrics}, new_metrics)
+        self._intern_many(conn, "dimsets", "dims", {k: _dims_text(k) for k in dimsets}, new_dimsets)
+        made = self._intern_many(
+            conn, "tagsets", "tags", {t: _tags_text(t) for t in tagsets}, new_tagsets
+        )
         if made:
             conn.executemany(
                 "INSERT INTO tagset_tags (tag, tagset) VALUES (?, ?)",
-                [(tag, new_tagsets[text]) for text in made for tag in json.loads(text)],
+                [(tag, new_tagsets[tags]) for tags in made for tag in sorted(tags)],
             )
         # Those not found are left out: _row raises NotFound for them, as before.
         self._account_rids.update(_lookup(conn, "accounts", "id", "rid", accounts))
@@ -623,22 +640,28 @@ class SQLiteStore(SqlCorrections, LimitTables):
         conn: sqlite3.Connection,
         table: str,
         column: str,
-        values: set[str],
-        pending: dict[str, int],
-    ) -> list[str]:
-        """Put the ids of ``values`` into ``pending``, making those ``table`` lacks; the
-        values made."""
-        todo = [value for value in values if value not in pending]
-        pending.update(_lookup(conn, table, column, "id", todo))
-        made = [value for value in todo if value not in pending]
+        texts: dict[_K, str],
+        pending: dict[_K, int],
+    ) -> list[_K]:
+        """Put the ids of the names ``texts`` holds (each key's text in ``column``) into
+        ``pending``, making those ``table`` lacks; the keys of those made."""
+        todo = {key: text for key, text in texts.items() if key not in pending}
+        found = _lookup(conn, table, column, "id", todo.values())
+        made = []
+        for key, text in todo.items():
+            if text in found:
+                pending[key] = found[text]
+            else:
+                made.append(key)
+        key_of = {todo[key]: key for key in made}  # a name's text says which name it is
         for i in range(0, len(made), NAME_CHUNK):
-            chunk = made[i : i + NAME_CHUNK]
+            chunk = [todo[key] for key in made[i : i + NAME_CHUNK]]
             rows = conn.execute(
                 f"INSERT INTO {table} ({column}) VALUES {','.join(['(?)'] * len(chunk))}"
                 f" RETURNING {column}, id",
                 chunk,
             ).fetchall()
-            pending.update((value, int(rid)) for value, rid in rows)
+            pending.update((key_of[text], int(rid)) for text, rid in rows)
         return made
 
     def append(self, events: Sequence[Event]) -> AppendResult:
@@ -772,10 +795,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
         conn = self._writer
         interned: list[_Names] = []
         failed: dict[int, BaseException] = {}  # a batch's place in the group -> its error
-        if row_ids_stale(self._row_ids_since):
-            self._forget_row_ids()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            if row_ids_stale(self._row_ids_since):
+                self._refresh_row_ids(conn)
             stored_before = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
             failed.update(self._revoked(conn, group))
             todo = [place for place in range(len(group)) if place not in failed]
@@ -815,10 +838,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
             group[place].future.set_exception(self._translate(error))
         for metrics, dimsets, tagsets in interned:
             self._metric_ids.update(metrics)
-            self._dimset_ids.update(
-                {tuple(sorted(json.loads(k).items())): v for k, v in dimsets.items()}
-            )
-            self._tagset_ids.update({frozenset(json.loads(k)): v for k, v in tagsets.items()})
+            self._dimset_ids.update(dimsets)
+            self._tagset_ids.update(tagsets)
         for place, batch in enumerate(group):
             if place not in failed and batch.result is not None:
                 self._unfolded += batch.result.accepted
@@ -937,16 +958,20 @@ class SQLiteStore(SqlCorrections, LimitTables):
         """``event`` as a row of ``events``; names not interned yet are, in ``names``."""
         new_metrics, new_dimsets, new_tagsets = names
         metric = self._metric_ids.get(event.metric) or self._intern(
-            "metrics", "name", event.metric, new_metrics
+            "metrics", "name", event.metric, new_metrics, event.metric
         )
         key_id = event.key_id
         key = NO_KEY if key_id is None else self._key_rid(conn, key_id)
         dimset = _cached_dimset(self._dimset_ids, event)
         if dimset is None:
-            dimset = self._intern("dimsets", "dims", _dims_text(event), new_dimsets)
-        tagset = self._tagset_ids.get(event.tags)
+            dims = _dims_key(event)
+            dimset = new_dimsets.get(dims)
+            if dimset is None:
+                dimset = self._intern("dimsets", "dims", _dims_text(dims), new_dimsets, dims)
+        tags = event.tags
+        tagset = self._tagset_ids.get(tags) or new_tagsets.get(tags)
         if tagset is None:
-            tagset = self._intern("tagsets", "tags", _tags_text(event), new_tagsets)
+            tagset = self._intern("tagsets", "tags", _tags_text(tags), new_tagsets, tags)
         return (
             self._account_rid(conn, event.account_id),
             event.id,
@@ -1195,8 +1220,28 @@ class SQLiteStore(SqlCorrections, LimitTables):
         self._forget_row_ids()
 
     def _forget_row_ids(self) -> None:
+        # The caches go before the generation moves: a caller reads the generation first,
+        # so rows it builds from a forgotten cache always carry an older generation.
         self._account_rids, self._key_rids = {}, {}
         self._row_ids_generation += 1
+        self._row_ids_since = time.monotonic()
+
+    def _refresh_row_ids(self, conn: sqlite3.Connection) -> None:
+        """Look the kept account and key row ids up again, together, in the transaction of
+        the group about to use them (another process may have deleted an account or key
+        since, or made it again under a new row id: rows.ROW_IDS_KEPT_FOR); only if one no
+        longer holds are rows built from them built again. Why not forget them all, as
+        before: callers then found few ids cached for a while after each second, so the
+        committer built the rows itself (65% of the rows of the bench's 200,000-line file,
+        whose events name 1,000 accounts and 4,899 keys), between its statements."""
+        if len(self._account_rids) + len(self._key_rids) > REFRESH_AT_MOST:
+            self._forget_row_ids()
+            return
+        accounts = _lookup(conn, "accounts", "id", "rid", self._account_rids)
+        keys = _lookup(conn, "keys", "id", "rid", self._key_rids)
+        if accounts != self._account_rids or keys != self._key_rids:
+            self._account_rids, self._key_rids = accounts, keys
+            self._row_ids_generation += 1
         self._row_ids_since = time.monotonic()
 
     def _account_tables(self) -> tuple[str, ...]:
