@@ -202,58 +202,80 @@ ROLLUP_TABLES = tuple(ROLLUP_KEYS)
 # its row in a B-tree whose pages a run touches again and again, all in the cache.
 RUN_ROWS = 1 << 20  # events one pass covers: the run's hours wait in memory meanwhile
 
-# A run's cells per hour, with and without the key, in temporary tables (in memory). The
-# coarser rollups fold from these, a few rows per hour, instead of from every event again;
-# a row of one hour never ties a row of another on its latest timestamp, so adding them in
-# any order keeps the latest value exact. (Hours folded across keys from the key hours
-# could tie: two keys' events at one ms.)
-_HOUR_GRAINS = {"fold_key_hours": "rollup_hour_key", "fold_hours": "rollup_hour"}
+# A run's cells per key and hour, then per hour, in temporary tables (in memory). The
+# coarser rollups fold from these, a few rows per hour, instead of from every event again.
+# Hours across keys can tie on their latest timestamp (two keys' events at one ms), so the
+# key hours keep the seq of their latest event, and the later one wins such a tie; a row of
+# one hour never ties a row of another, so days add hours up in any order.
+_HOURS = {"fold_key_hours": "rollup_hour_key", "fold_hours": "rollup_hour"}
 _FROM_HOURS = {"rollup_hour_key": "fold_key_hours", "rollup_day_key": "fold_key_hours",
                "rollup_hour": "fold_hours", "rollup_day": "fold_hours"}  # fmt: skip
 _VALUE_COLUMNS = "cnt, total, vmin, vmax, last_ts, last_val"
+_LATER = "(excluded.last_ts, excluded.last_seq) > (last_ts, last_seq)"
+_HOURS_UPSERT_SET = f"""ON CONFLICT DO UPDATE SET
+    cnt = cnt + excluded.cnt,
+    total = total + excluded.total,
+    vmin = min(vmin, excluded.vmin),
+    vmax = max(vmax, excluded.vmax),
+    last_val = CASE WHEN {_LATER} THEN excluded.last_val ELSE last_val END,
+    last_seq = CASE WHEN {_LATER} THEN excluded.last_seq ELSE last_seq END,
+    last_ts = max(last_ts, excluded.last_ts)
+"""
 
 
 def _hours_ddl(temp: str) -> str:
-    keys = ", ".join(ROLLUP_KEYS[_HOUR_GRAINS[temp]][0])
+    keys = ", ".join(ROLLUP_KEYS[_HOURS[temp]][0])
     return f"""CREATE TEMP TABLE IF NOT EXISTS {temp} (
-    {keys}, {_VALUE_COLUMNS}, PRIMARY KEY ({keys})
+    {keys}, {_VALUE_COLUMNS}, last_seq, PRIMARY KEY ({keys})
 ) WITHOUT ROWID"""
 
 
-def _from_events(table: str, keys: tuple[str, ...], unit: int, source: str) -> str:
+def _select(keys: tuple[str, ...], slot: str) -> str:
+    return ", ".join(slot if k == "slot" else k for k in keys)
+
+
+def _from_events(table: str, source: str) -> str:
     """Add each row of ``source`` with ``?1 < rowid <= ?2``, in rowid order (the order
-    they arrived), into ``table`` at grain (``keys``, ``unit``)."""
-    columns = ", ".join(keys)
+    they arrived), into ``table``: the slots, or the temporary key hours."""
+    temp = table.removeprefix("temp.")
+    keys = ROLLUP_KEYS[_HOURS.get(temp, temp)][0]
+    unit = SLOT_MS if table == "rollup" else HOUR_MS
     # Integer division truncates, as // floors, for the ts >= 0 that ingest admits.
-    select = ", ".join(f"ts / {unit}" if k == "slot" else k for k in keys)
-    return f"""INSERT INTO {table} ({columns}, {_VALUE_COLUMNS})
-SELECT {select}, 1, value, value, value, ts, value
-FROM {source} WHERE rowid > ?1 AND rowid <= ?2 ORDER BY rowid
-{UPSERT_SET}"""
+    head = f"INSERT INTO {table} ({', '.join(keys)}, {_VALUE_COLUMNS}"
+    values = f"SELECT {_select(keys, f'ts / {unit}')}, 1, value, value, value, ts, value"
+    where = f"FROM {source} WHERE rowid > ?1 AND rowid <= ?2 ORDER BY rowid"
+    if table == "rollup":
+        return f"{head}) {values} {where} {UPSERT_SET}"
+    return f"{head}, last_seq) {values}, rowid {where} {_HOURS_UPSERT_SET}"
 
 
 def _from_hours(table: str) -> str:
-    """Add the run's hour rows into ``table``, walking them in their key's order."""
+    """Add the run's rows of ``_FROM_HOURS[table]`` into ``table``, walking them in their
+    key's order."""
     keys, unit = ROLLUP_KEYS[table]
-    columns = ", ".join(keys)
-    slot = "slot" if unit == HOUR_MS else f"slot / {unit // HOUR_MS}"
-    select = ", ".join(slot if k == "slot" else k for k in keys)
-    return f"""INSERT INTO {table} ({columns}, {_VALUE_COLUMNS})
-SELECT {select}, {_VALUE_COLUMNS} FROM temp.{_FROM_HOURS[table]} WHERE true
+    source = _FROM_HOURS[table]
+    select = _select(keys, "slot" if unit == HOUR_MS else f"slot / {unit // HOUR_MS}")
+    return f"""INSERT INTO {table} ({", ".join(keys)}, {_VALUE_COLUMNS})
+SELECT {select}, {_VALUE_COLUMNS} FROM temp.{source} WHERE true
 {UPSERT_SET}"""
+
+
+# The hours across keys, from the key hours: a row per key hour instead of one per event.
+_HOURS_FROM_KEY_HOURS = f"""INSERT INTO temp.fold_hours
+    ({", ".join(ROLLUP_KEYS["rollup_hour"][0])}, {_VALUE_COLUMNS}, last_seq)
+SELECT {", ".join(ROLLUP_KEYS["rollup_hour"][0])}, {_VALUE_COLUMNS}, last_seq
+FROM temp.fold_key_hours WHERE true
+{_HOURS_UPSERT_SET}"""
 
 
 def _fold_statements(source: str) -> tuple[tuple[str, int], ...]:
     """A run's fold from ``source``: each statement, and how many of the run's bounds
     (start, end) it takes."""
-    slot_keys, _ = ROLLUP_KEYS["rollup"]
     return (
-        (_from_events("rollup", slot_keys, SLOT_MS, source), 2),
-        *((f"DELETE FROM temp.{temp}", 0) for temp in _HOUR_GRAINS),
-        *(
-            (_from_events(f"temp.{temp}", ROLLUP_KEYS[table][0], HOUR_MS, source), 2)
-            for temp, table in _HOUR_GRAINS.items()
-        ),
+        (_from_events("rollup", source), 2),
+        *((f"DELETE FROM temp.{temp}", 0) for temp in _HOURS),
+        (_from_events("temp.fold_key_hours", source), 2),
+        (_HOURS_FROM_KEY_HOURS, 0),
         *((_from_hours(table), 0) for table in _FROM_HOURS),
     )
 
@@ -273,7 +295,7 @@ COPY_UNFOLDED = (
 def _fold_run(
     conn: sqlite3.Connection, statements: tuple[tuple[str, int], ...], start: int, end: int
 ) -> None:
-    for temp in _HOUR_GRAINS:
+    for temp in _HOURS:
         conn.execute(_hours_ddl(temp))
     for low in range(start, end, RUN_ROWS):
         bounds = (low, min(low + RUN_ROWS, end))
