@@ -52,8 +52,10 @@ class TimedConnection:
             kind = "fold: empty unfolded"
         elif sql.startswith("INSERT INTO rollup"):
             kind = "fold: " + sql.split()[2]
-        elif sql.startswith("INSERT INTO temp.fold_hours"):
+        elif sql.startswith("INSERT INTO temp.fold_key_hours"):
             kind = "fold: the run's key hours"
+        elif sql.startswith("INSERT INTO temp.fold_hours"):
+            kind = "fold: the run's hours"
         self._add("dedupe lookup" if "JOIN events e" in sql else kind, started)
         return result
 
