@@ -13,9 +13,9 @@ built; one step runs unfrozen.
 
 ``--dir`` keeps the chDB files there and, when it already holds the events, reads them
 rather than loading them again. ``--against SRC`` (another version's ``src/usagemeter``, main's
-say) first asks every question of that version's engine and ClickHouse planner (its rows
-decoded one by one, as it did) and of this one, in turn with the peer, answers checked
-equal; ``--sqlite`` adds the two engines over a SQLite store of the same events.
+say) first asks every question of that version's engine and ClickHouse planner (with the
+tables it knows of, its answer read as it read it) and of this one, in turn with the peer,
+answers checked equal; ``--sqlite`` adds the two engines over a SQLite store of the same events.
 ``--prototype`` builds, in a scratch database of the same session, tables the schema does not
 have (distinct-count states per hour and dimension; the latest value as a plain tuple maximum
 per day; the day table's argMax states in small granules), fills them from the store's events
@@ -31,6 +31,7 @@ import argparse
 import cProfile
 import gc
 import importlib.util
+import inspect
 import pstats
 import shutil
 import statistics
@@ -39,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -49,7 +50,7 @@ from usagemeter.api.native import query_json
 from usagemeter.engine import Engine
 from usagemeter.model import Query, Result
 from usagemeter.store import chplan, open_store
-from usagemeter.store.base import AggregateRow, AggregateSpec, Store
+from usagemeter.store.base import AggregateColumns, AggregateRow, AggregateSpec, Store
 from usagemeter.store.chplan import decode_columns, plan_aggregate
 from usagemeter.store.chtransport import ChdbTransport, _columns
 from usagemeter.store.clickhouse import ClickHouseStore
@@ -143,18 +144,39 @@ def _module(name: str, path: Path) -> Any:
 
 
 class _Planned:
-    """The store's rows as another version's ClickHouse planner asks for them."""
+    """The store's answers as another version's ClickHouse planner asks for them: with the
+    tables that version knows of (the flags its plan_aggregate takes), read by columns when
+    it can (its decode_columns), else row by row, as that version's store did."""
 
     def __init__(self, store: ClickHouseStore, planner: Any) -> None:
         self.store, self.planner = store, planner
+        known = inspect.signature(planner.plan_aggregate).parameters
+        ready = {
+            "hour_sets": store.hour_sets.ready(),
+            "distinct_hours": store.distinct_hours.ready(),
+            "latest_hours": store.latest_hours.ready(),
+        }
+        self.flags = {name: value for name, value in ready.items() if name in known}
 
     def raw_horizon(self) -> int | None:
         return self.store.raw_horizon()
 
-    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
-        plans = self.planner.plan_aggregate(spec, hour_sets=self.store.hour_sets.ready())
+    def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
+        if not spec.windows:
+            return AggregateColumns([], [], [])
+        plans = self.planner.plan_aggregate(spec, **self.flags)
         transport = self.store.transport
-        return run_plans(plans, lambda plan: transport.query(plan.sql), len(spec.measures))
+        if len(plans) == 1 and hasattr(self.planner, "decode_columns"):
+            (plan,) = plans
+            return cast(
+                AggregateColumns,
+                self.planner.decode_columns(spec, plan, transport.query_columns(plan.sql)),
+            )
+        rows = run_plans(plans, lambda plan: transport.query(plan.sql), len(spec.measures))
+        return AggregateColumns.from_rows(rows)
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        return self.aggregate_columns(spec).rows()
 
 
 def against(
