@@ -22,7 +22,8 @@ per day; the day table's argMax states in small granules), fills them from the s
 as views would, and asks the distinct and latest questions of them beside the store's own
 statements and the peer's, in turn, answers checked equal. (Round 8 built the first two as
 the schema's ``distinct_hour`` and ``latest_hour``: "the store's" column is its plan without
-them, as before round 8.)
+them, as before round 8.) Round 9 adds distinct-count states per UTC day (``distinct_day``),
+asked beside the store's plan as it is; ``--prototype distinct_day`` builds only that one.
 """
 
 from __future__ import annotations
@@ -260,6 +261,18 @@ PROTO_TABLES = {
         " max((ts, seq, value)) AS last FROM {db}.events WHERE {rows}"
         " GROUP BY account, metric, slot, billable",
     ),
+    # Round 9: distinct-count states per UTC day, as distinct_hour keeps them per hour (its
+    # '' rows included): a daily report in UTC merges a state per day rather than 24.
+    "distinct_day": (
+        "account String, metric LowCardinality(String), name LowCardinality(String),"
+        " slot Int64, billable UInt8, u AggregateFunction(uniqExact, String)",
+        "(account, metric, name, slot, billable)",
+        "SELECT account, metric, name, intDiv(ts, 86400000) AS slot, billable,"
+        " uniqExactStateIf(v, name != '') AS u FROM {db}.events"
+        " ARRAY JOIN arrayConcat([''], mapKeys(dims)) AS name,"
+        " arrayConcat([''], mapValues(dims)) AS v WHERE {rows}"
+        " GROUP BY account, metric, name, slot, billable",
+    ),
     # rollup_day's argMax states as they are, in granules of 256 rows rather than 8,192.
     "rollup_day_g256": (
         "account String, metric LowCardinality(String), slot Int64, billable UInt8,"
@@ -272,14 +285,19 @@ PROTO_TABLES = {
 }
 
 
-def prototype(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
-    """The distinct and latest questions asked of PROTO_TABLES beside the store's statements
-    and the peer's (medians, in turn; each answer checked equal to the store's)."""
+def prototype(
+    store: ClickHouseStore, peer: ChdbTransport, runs: int, tables: list[str] | None = None
+) -> None:
+    """The distinct and latest questions asked of PROTO_TABLES (or those of ``tables``)
+    beside the store's statements and the peer's (medians, in turn; each answer checked
+    equal to the store's). The store's statement is its plan before round 8's tables, but
+    beside distinct_day, its plan now (distinct_hour's states)."""
     assert isinstance(store.transport, ChdbTransport)
     scratch = ChdbTransport(store.transport._shared.path, PROTO)
     db = store.transport.database
     first, top = store.transport.query("SELECT min(seq), max(seq) + 1 FROM events")[0]
-    for table, (columns, order, fill) in PROTO_TABLES.items():
+    built = {t: PROTO_TABLES[t] for t in tables or PROTO_TABLES}
+    for table, (columns, order, fill) in built.items():
         scratch.command(f"DROP TABLE IF EXISTS {table}")
         scratch.command(
             f"CREATE TABLE {table} ({columns}) ENGINE = AggregatingMergeTree ORDER BY {order}"
@@ -298,6 +316,7 @@ def prototype(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
     print("|---|---:|---:|---:|---:|")
     labels = {
         "90-day daily Sessions (distinct)": ("distinct_hour", "uniqExactMerge(u)", 24),
+        "90-day daily Sessions (distinct), day states": ("distinct_day", "uniqExactMerge(u)", 1),
         "90-day daily StorageBytes (latest)": ("latest_day", "max(last).3", 1),
         "90-day daily StorageBytes (latest), small granules": (
             "rollup_day_g256",
@@ -306,12 +325,21 @@ def prototype(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
         ),
     }
     for label, (table, value, per_day) in labels.items():
-        query = questions()[label.split(", small")[0]]
+        if table not in built:
+            continue
+        query = questions()[label.split(", ")[0]]
         spec = asked(store, query)
-        (plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
+        if table == "distinct_day":
+            (plan,) = store.plans(spec)
+        else:
+            (plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
         unit = 3_600_000 if per_day == 24 else 86_400_000
         lo, hi = spec.windows[0].start_ms // unit, spec.windows[-1].end_ms // unit
-        name = " AND name = 'session_id'" if table == "distinct_hour" else ""
+        name = ""
+        if table == "distinct_hour":
+            name = " AND name = 'session_id'"
+        elif table == "distinct_day":  # its '' rows say where events are, as the store's
+            name = " AND name IN ('', 'session_id')"
         sql = (
             f"WITH intDiv(slot - {lo}, {per_day}) AS idx SELECT if(grouping(idx) = 0, idx, -1),"
             f" {value} FROM {table} WHERE account = 'acct-0' AND metric = {spec.metric!r}{name}"
@@ -348,8 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sqlite", action="store_true", help="with --against: SQLite too")
     parser.add_argument(
         "--prototype",
-        action="store_true",
-        help="only the distinct and latest questions of tables the schema does not have",
+        nargs="*",
+        choices=sorted(PROTO_TABLES),
+        help="only the distinct and latest questions of tables the schema does not have"
+        " (these, or all)",
     )
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-profile-"))
@@ -371,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         gc.freeze()
         print(f"{store.count_events():,} events\n")
-        if args.prototype:
-            prototype(store, peer, args.runs)
+        if args.prototype is not None:
+            prototype(store, peer, args.runs, args.prototype)
             peer.close()
             store.close()
             return 0
