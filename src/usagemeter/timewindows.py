@@ -19,6 +19,7 @@ from datetime import UTC as _UTC
 from datetime import date, datetime, time, timedelta, tzinfo
 from enum import StrEnum
 from itertools import accumulate, pairwise, repeat
+from operator import add
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 #: Rollup grain. Every UTC offset in use since 1979 (when Kiritimati left -10:40) is a
@@ -230,7 +231,7 @@ def bucket_edges(
             # times by accumulate, their milliseconds by a range, no statement per hour.
             if not (w.fold or _into_hour(w)) and (u + _DAY).astimezone(zone) - w == _DAY:
                 n = min(24, -((u - e) // _HOUR))  # the hours that start before the end
-                cuts += accumulate(repeat(_HOUR, n - 1), initial=w)
+                cuts += accumulate(repeat(_HOUR, n - 1), add, initial=w)
                 ms = to_ms(u)
                 edges += range(ms, ms + n * _HOUR_MS, _HOUR_MS)
                 u += _HOUR * n
