@@ -10,12 +10,11 @@ a month is not the sum of its days).
 from __future__ import annotations
 
 import functools
-from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
-from itertools import chain, repeat
+from datetime import datetime
+from itertools import accumulate, chain, repeat
 from typing import TypeVar, cast
 
 from usagemeter.meters import MeterRegistry
@@ -29,6 +28,7 @@ from usagemeter.model import (
 )
 from usagemeter.portal import check_metric
 from usagemeter.store.base import (
+    OVERALL,
     TOTAL,
     AggregateColumns,
     AggregateSpec,
@@ -41,8 +41,6 @@ from usagemeter.store.retention import check_raw
 from usagemeter.timewindows import Bucket, Granularity, bucket_edges, parse_zone
 
 _T = TypeVar("_T")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
 
 
 def _sort_key(group: Group) -> tuple[tuple[bool, str], ...]:
@@ -194,11 +192,15 @@ class Engine:
             cell_values: Sequence[tuple[float, ...]] = values  # type: ignore[assignment]
         else:
             cell_values = list(map(plan.derive, values))
-        ordered_at = list(map(at.__getitem__, order))
         cells = _made(
             GroupValues, map(groups.__getitem__, order), map(cell_values.__getitem__, order)
         )
-        bounds = list(map(bisect_left, repeat(ordered_at), range(buckets + 1)))
+        # Where each bucket's cells begin: after the totals' rows, its windows' rows counted.
+        per_window = Counter(at)
+        before_buckets = per_window[TOTAL] + per_window[OVERALL]
+        bounds = list(
+            accumulate(map(per_window.__getitem__, range(buckets)), initial=before_buckets)
+        )
         slices = map(slice, bounds, bounds[1:])
         result_buckets = tuple(
             _made(ResultBucket, cuts[:-1], cuts[1:], map(tuple, map(cells.__getitem__, slices)))
