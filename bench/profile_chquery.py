@@ -15,7 +15,8 @@ built; one step runs unfrozen.
 rather than loading them again. ``--against SRC`` (another version's ``src/usagemeter``, main's
 say) first asks every question of that version's engine and ClickHouse planner (with the
 tables it knows of, its answer read as it read it) and of this one, in turn with the peer,
-answers checked equal; ``--sqlite`` adds the two engines over a SQLite store of the same events.
+answers checked equal, after the two engines alone over each question's stored answer (no
+database, in turn); ``--sqlite`` adds the two engines over a SQLite store of the same events.
 ``--cpu`` times the comparisons and the breakdown in the process's CPU time (chDB's threads
 included) rather than the wall clock: on a shared machine, the steadier measure of a change.
 ``--prototype`` builds, in a scratch database of the same session, tables the schema does not
@@ -225,6 +226,45 @@ def against(
     print()
 
 
+class _Stored:
+    """A store that hands back one answer it was given, as the store gave it (a fresh copy
+    of its columns each time): the engine alone, with no database."""
+
+    def __init__(self, answer: AggregateColumns) -> None:
+        self.answer = answer
+
+    def raw_horizon(self) -> int | None:
+        return None
+
+    def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
+        a = self.answer
+        return AggregateColumns(list(a.windows), list(a.groups), list(a.values))
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        return self.aggregate_columns(spec).rows()
+
+
+def engines(source: Path, store: ClickHouseStore, runs: int) -> None:
+    """Each question's answer from the store, kept, then ``source``'s engine and this one
+    over it in turn (answers checked equal): the Python every store's questions share."""
+    other = _module("against_engine_alone", source / "engine.py")
+    print("| the engine alone, heavy account, 90 days | cells | before | this version | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for label, query in questions().items():
+        stored = _Stored(store.aggregate_columns(asked(store, query)))
+        ms = _in_turn(
+            {
+                "before": lambda q=query, s=stored: other.Engine(s).run(q),
+                "after": lambda q=query, s=stored: Engine(s).run(q),
+            },
+            runs,
+        )
+        cells = f"{len(stored.answer.windows):,}"
+        ratio = ms["before"] / ms["after"]
+        print(f"| {label} | {cells} | {ms['before']:.2f} ms | {ms['after']:.2f} ms | {ratio:.2f} |")
+    print()
+
+
 def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
     """Median milliseconds of each step, each run starting with the next step; the answers
     of the steps that return a Result checked equal."""
@@ -428,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                     load(sqlite, store.count_events())
                 gc.collect()
                 gc.freeze()
+            engines(args.against, store, args.runs)
             against(args.against, store, peer, sqlite, args.runs)
             if sqlite is not None:
                 sqlite.close()
