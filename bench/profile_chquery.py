@@ -26,7 +26,8 @@ as views would, and asks the distinct and latest questions of them beside the st
 statements and the peer's, in turn, answers checked equal. (Round 8 built the first two as
 the schema's ``distinct_hour`` and ``latest_hour``: "the store's" column is its plan without
 them, as before round 8.) Round 9 adds distinct-count states per UTC day (``distinct_day``),
-asked beside the store's plan as it is; ``--prototype distinct_day`` builds only that one.
+and the hour's distinct values as arrays of their hashes (``distinct_hashes``), each asked
+beside the store's plan as it is; ``--prototype distinct_day`` builds only that one.
 """
 
 from __future__ import annotations
@@ -320,6 +321,20 @@ PROTO_TABLES = {
         " arrayConcat([''], mapValues(dims)) AS v WHERE {rows}"
         " GROUP BY account, metric, name, slot, billable",
     ),
+    # Round 9: the hour's distinct values as an array of their 128-bit hashes (the SipHash
+    # uniqExact keeps of a string), '' rows included: a count is uniqExact over the arrays
+    # joined out, so no state per hour is rebuilt as a hash set before it is merged.
+    "distinct_hashes": (
+        "account String, metric LowCardinality(String), name LowCardinality(String),"
+        " slot Int64, billable UInt8,"
+        " hs SimpleAggregateFunction(groupUniqArrayArray, Array(UInt128))",
+        "(account, metric, name, slot, billable)",
+        "SELECT account, metric, name, intDiv(ts, 3600000) AS slot, billable,"
+        " groupUniqArrayIf(reinterpretAsUInt128(sipHash128(v)), name != '') AS hs"
+        " FROM {db}.events ARRAY JOIN arrayConcat([''], mapKeys(dims)) AS name,"
+        " arrayConcat([''], mapValues(dims)) AS v WHERE {rows}"
+        " GROUP BY account, metric, name, slot, billable",
+    ),
     # rollup_day's argMax states as they are, in granules of 256 rows rather than 8,192.
     "rollup_day_g256": (
         "account String, metric LowCardinality(String), slot Int64, billable UInt8,"
@@ -364,6 +379,11 @@ def prototype(
     labels = {
         "90-day daily Sessions (distinct)": ("distinct_hour", "uniqExactMerge(u)", 24),
         "90-day daily Sessions (distinct), day states": ("distinct_day", "uniqExactMerge(u)", 1),
+        "90-day daily Sessions (distinct), hashes": (
+            "distinct_hashes",
+            "uniqExactIf(x, name != '')",
+            24,
+        ),
         "90-day daily StorageBytes (latest)": ("latest_day", "max(last).3", 1),
         "90-day daily StorageBytes (latest), small granules": (
             "rollup_day_g256",
@@ -376,7 +396,7 @@ def prototype(
             continue
         query = questions()[label.split(", ")[0]]
         spec = asked(store, query)
-        if table == "distinct_day":
+        if table in ("distinct_day", "distinct_hashes"):
             (plan,) = store.plans(spec)
         else:
             (plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
@@ -385,11 +405,14 @@ def prototype(
         name = ""
         if table == "distinct_hour":
             name = " AND name = 'session_id'"
-        elif table == "distinct_day":  # its '' rows say where events are, as the store's
+        elif table in ("distinct_day", "distinct_hashes"):  # '' rows: events here
             name = " AND name IN ('', 'session_id')"
+        # The '' rows' empty arrays still give their row (x 0, not counted): LEFT.
+        joined = " LEFT ARRAY JOIN hs AS x" if table == "distinct_hashes" else ""
         sql = (
             f"WITH intDiv(slot - {lo}, {per_day}) AS idx SELECT if(grouping(idx) = 0, idx, -1),"
-            f" {value} FROM {table} WHERE account = 'acct-0' AND metric = {spec.metric!r}{name}"
+            f" {value} FROM {table}{joined} WHERE account = 'acct-0'"
+            f" AND metric = {spec.metric!r}{name}"
             f" AND slot >= {lo} AND slot < {hi} GROUP BY GROUPING SETS ((idx), ())"
             " HAVING count() > 0 ORDER BY 1"
         )
