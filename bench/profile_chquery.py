@@ -13,16 +13,21 @@ built; one step runs unfrozen.
 
 ``--dir`` keeps the chDB files there and, when it already holds the events, reads them
 rather than loading them again. ``--against SRC`` (another version's ``src/usagemeter``, main's
-say) first asks every question of that version's engine and ClickHouse planner (its rows
-decoded one by one, as it did) and of this one, in turn with the peer, answers checked
-equal; ``--sqlite`` adds the two engines over a SQLite store of the same events.
+say) first asks every question of that version's engine and ClickHouse planner (with the
+tables it knows of, its answer read as it read it) and of this one, in turn with the peer,
+answers checked equal, after the two engines alone over each question's stored answer (no
+database, in turn); ``--sqlite`` adds the two engines over a SQLite store of the same events.
+``--cpu`` times the comparisons and the breakdown in the process's CPU time (chDB's threads
+included) rather than the wall clock: on a shared machine, the steadier measure of a change.
 ``--prototype`` builds, in a scratch database of the same session, tables the schema does not
 have (distinct-count states per hour and dimension; the latest value as a plain tuple maximum
 per day; the day table's argMax states in small granules), fills them from the store's events
 as views would, and asks the distinct and latest questions of them beside the store's own
 statements and the peer's, in turn, answers checked equal. (Round 8 built the first two as
 the schema's ``distinct_hour`` and ``latest_hour``: "the store's" column is its plan without
-them, as before round 8.)
+them, as before round 8.) Round 9 adds distinct-count states per UTC day (``distinct_day``),
+and the hour's distinct values as arrays of their hashes (``distinct_hashes``), each asked
+beside the store's plan as it is; ``--prototype distinct_day`` builds only that one.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import argparse
 import cProfile
 import gc
 import importlib.util
+import inspect
 import pstats
 import shutil
 import statistics
@@ -39,7 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -49,11 +55,16 @@ from usagemeter.api.native import query_json
 from usagemeter.engine import Engine
 from usagemeter.model import Query, Result
 from usagemeter.store import chplan, open_store
-from usagemeter.store.base import AggregateRow, AggregateSpec, Store
+from usagemeter.store.base import AggregateColumns, AggregateRow, AggregateSpec, Store
 from usagemeter.store.chplan import decode_columns, plan_aggregate
 from usagemeter.store.chtransport import ChdbTransport, _columns
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlplan import run_plans
+
+# What the in-turn comparisons and the breakdown time: the wall clock, or with --cpu the
+# process's CPU time (every thread's, chDB's included), which a shared machine's load moves
+# far less: other processes' work is not counted, only what it costs ours in caches.
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
 
 SHORT = {
     "daily": "90-day daily requests",
@@ -127,9 +138,9 @@ def _split(
     spent: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(runs):
         for name, step in steps.items():
-            began = time.perf_counter()
+            began = CLOCK[0]()
             step()
-            spent[name].append((time.perf_counter() - began) * 1000)
+            spent[name].append((CLOCK[0]() - began) * 1000)
     return {name: statistics.median(v) for name, v in spent.items()}
 
 
@@ -143,18 +154,39 @@ def _module(name: str, path: Path) -> Any:
 
 
 class _Planned:
-    """The store's rows as another version's ClickHouse planner asks for them."""
+    """The store's answers as another version's ClickHouse planner asks for them: with the
+    tables that version knows of (the flags its plan_aggregate takes), read by columns when
+    it can (its decode_columns), else row by row, as that version's store did."""
 
     def __init__(self, store: ClickHouseStore, planner: Any) -> None:
         self.store, self.planner = store, planner
+        known = inspect.signature(planner.plan_aggregate).parameters
+        ready = {
+            "hour_sets": store.hour_sets.ready(),
+            "distinct_hours": store.distinct_hours.ready(),
+            "latest_hours": store.latest_hours.ready(),
+        }
+        self.flags = {name: value for name, value in ready.items() if name in known}
 
     def raw_horizon(self) -> int | None:
         return self.store.raw_horizon()
 
-    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
-        plans = self.planner.plan_aggregate(spec, hour_sets=self.store.hour_sets.ready())
+    def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
+        if not spec.windows:
+            return AggregateColumns([], [], [])
+        plans = self.planner.plan_aggregate(spec, **self.flags)
         transport = self.store.transport
-        return run_plans(plans, lambda plan: transport.query(plan.sql), len(spec.measures))
+        if len(plans) == 1 and hasattr(self.planner, "decode_columns"):
+            (plan,) = plans
+            return cast(
+                AggregateColumns,
+                self.planner.decode_columns(spec, plan, transport.query_columns(plan.sql)),
+            )
+        rows = run_plans(plans, lambda plan: transport.query(plan.sql), len(spec.measures))
+        return AggregateColumns.from_rows(rows)
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        return self.aggregate_columns(spec).rows()
 
 
 def against(
@@ -195,6 +227,45 @@ def against(
     print()
 
 
+class _Stored:
+    """A store that hands back one answer it was given, as the store gave it (a fresh copy
+    of its columns each time): the engine alone, with no database."""
+
+    def __init__(self, answer: AggregateColumns) -> None:
+        self.answer = answer
+
+    def raw_horizon(self) -> int | None:
+        return None
+
+    def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
+        a = self.answer
+        return AggregateColumns(list(a.windows), list(a.groups), list(a.values))
+
+    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
+        return self.aggregate_columns(spec).rows()
+
+
+def engines(source: Path, store: ClickHouseStore, runs: int) -> None:
+    """Each question's answer from the store, kept, then ``source``'s engine and this one
+    over it in turn (answers checked equal): the Python every store's questions share."""
+    other = _module("against_engine_alone", source / "engine.py")
+    print("| the engine alone, heavy account, 90 days | cells | before | this version | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for label, query in questions().items():
+        stored = _Stored(store.aggregate_columns(asked(store, query)))
+        ms = _in_turn(
+            {
+                "before": lambda q=query, s=stored: other.Engine(s).run(q),
+                "after": lambda q=query, s=stored: Engine(s).run(q),
+            },
+            runs,
+        )
+        cells = f"{len(stored.answer.windows):,}"
+        ratio = ms["before"] / ms["after"]
+        print(f"| {label} | {cells} | {ms['before']:.2f} ms | {ms['after']:.2f} ms | {ratio:.2f} |")
+    print()
+
+
 def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
     """Median milliseconds of each step, each run starting with the next step; the answers
     of the steps that return a Result checked equal."""
@@ -208,9 +279,9 @@ def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, flo
     spent: dict[str, list[float]] = {name: [] for name in names}
     for n in range(runs):
         for name in names[n % len(names) :] + names[: n % len(names)]:
-            began = time.perf_counter()
+            began = CLOCK[0]()
             steps[name]()
-            spent[name].append((time.perf_counter() - began) * 1000)
+            spent[name].append((CLOCK[0]() - began) * 1000)
     return {name: statistics.median(v) for name, v in spent.items()}
 
 
@@ -238,6 +309,32 @@ PROTO_TABLES = {
         " max((ts, seq, value)) AS last FROM {db}.events WHERE {rows}"
         " GROUP BY account, metric, slot, billable",
     ),
+    # Round 9: distinct-count states per UTC day, as distinct_hour keeps them per hour (its
+    # '' rows included): a daily report in UTC merges a state per day rather than 24.
+    "distinct_day": (
+        "account String, metric LowCardinality(String), name LowCardinality(String),"
+        " slot Int64, billable UInt8, u AggregateFunction(uniqExact, String)",
+        "(account, metric, name, slot, billable)",
+        "SELECT account, metric, name, intDiv(ts, 86400000) AS slot, billable,"
+        " uniqExactStateIf(v, name != '') AS u FROM {db}.events"
+        " ARRAY JOIN arrayConcat([''], mapKeys(dims)) AS name,"
+        " arrayConcat([''], mapValues(dims)) AS v WHERE {rows}"
+        " GROUP BY account, metric, name, slot, billable",
+    ),
+    # Round 9: the hour's distinct values as an array of their 128-bit hashes (the SipHash
+    # uniqExact keeps of a string), '' rows included: a count is uniqExact over the arrays
+    # joined out, so no state per hour is rebuilt as a hash set before it is merged.
+    "distinct_hashes": (
+        "account String, metric LowCardinality(String), name LowCardinality(String),"
+        " slot Int64, billable UInt8,"
+        " hs SimpleAggregateFunction(groupUniqArrayArray, Array(UInt128))",
+        "(account, metric, name, slot, billable)",
+        "SELECT account, metric, name, intDiv(ts, 3600000) AS slot, billable,"
+        " groupUniqArrayIf(reinterpretAsUInt128(sipHash128(v)), name != '') AS hs"
+        " FROM {db}.events ARRAY JOIN arrayConcat([''], mapKeys(dims)) AS name,"
+        " arrayConcat([''], mapValues(dims)) AS v WHERE {rows}"
+        " GROUP BY account, metric, name, slot, billable",
+    ),
     # rollup_day's argMax states as they are, in granules of 256 rows rather than 8,192.
     "rollup_day_g256": (
         "account String, metric LowCardinality(String), slot Int64, billable UInt8,"
@@ -250,14 +347,19 @@ PROTO_TABLES = {
 }
 
 
-def prototype(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
-    """The distinct and latest questions asked of PROTO_TABLES beside the store's statements
-    and the peer's (medians, in turn; each answer checked equal to the store's)."""
+def prototype(
+    store: ClickHouseStore, peer: ChdbTransport, runs: int, tables: list[str] | None = None
+) -> None:
+    """The distinct and latest questions asked of PROTO_TABLES (or those of ``tables``)
+    beside the store's statements and the peer's (medians, in turn; each answer checked
+    equal to the store's). The store's statement is its plan before round 8's tables, but
+    beside distinct_day, its plan now (distinct_hour's states)."""
     assert isinstance(store.transport, ChdbTransport)
     scratch = ChdbTransport(store.transport._shared.path, PROTO)
     db = store.transport.database
     first, top = store.transport.query("SELECT min(seq), max(seq) + 1 FROM events")[0]
-    for table, (columns, order, fill) in PROTO_TABLES.items():
+    built = {t: PROTO_TABLES[t] for t in tables or PROTO_TABLES}
+    for table, (columns, order, fill) in built.items():
         scratch.command(f"DROP TABLE IF EXISTS {table}")
         scratch.command(
             f"CREATE TABLE {table} ({columns}) ENGINE = AggregatingMergeTree ORDER BY {order}"
@@ -276,6 +378,12 @@ def prototype(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
     print("|---|---:|---:|---:|---:|")
     labels = {
         "90-day daily Sessions (distinct)": ("distinct_hour", "uniqExactMerge(u)", 24),
+        "90-day daily Sessions (distinct), day states": ("distinct_day", "uniqExactMerge(u)", 1),
+        "90-day daily Sessions (distinct), hashes": (
+            "distinct_hashes",
+            "uniqExactIf(x, name != '')",
+            24,
+        ),
         "90-day daily StorageBytes (latest)": ("latest_day", "max(last).3", 1),
         "90-day daily StorageBytes (latest), small granules": (
             "rollup_day_g256",
@@ -284,15 +392,27 @@ def prototype(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
         ),
     }
     for label, (table, value, per_day) in labels.items():
-        query = questions()[label.split(", small")[0]]
+        if table not in built:
+            continue
+        query = questions()[label.split(", ")[0]]
         spec = asked(store, query)
-        (plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
+        if table in ("distinct_day", "distinct_hashes"):
+            (plan,) = store.plans(spec)
+        else:
+            (plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
         unit = 3_600_000 if per_day == 24 else 86_400_000
         lo, hi = spec.windows[0].start_ms // unit, spec.windows[-1].end_ms // unit
-        name = " AND name = 'session_id'" if table == "distinct_hour" else ""
+        name = ""
+        if table == "distinct_hour":
+            name = " AND name = 'session_id'"
+        elif table in ("distinct_day", "distinct_hashes"):  # '' rows: events here
+            name = " AND name IN ('', 'session_id')"
+        # The '' rows' empty arrays still give their row (x 0, not counted): LEFT.
+        joined = " LEFT ARRAY JOIN hs AS x" if table == "distinct_hashes" else ""
         sql = (
             f"WITH intDiv(slot - {lo}, {per_day}) AS idx SELECT if(grouping(idx) = 0, idx, -1),"
-            f" {value} FROM {table} WHERE account = 'acct-0' AND metric = {spec.metric!r}{name}"
+            f" {value} FROM {table}{joined} WHERE account = 'acct-0'"
+            f" AND metric = {spec.metric!r}{name}"
             f" AND slot >= {lo} AND slot < {hi} GROUP BY GROUPING SETS ((idx), ())"
             " HAVING count() > 0 ORDER BY 1"
         )
@@ -326,10 +446,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sqlite", action="store_true", help="with --against: SQLite too")
     parser.add_argument(
         "--prototype",
+        nargs="*",
+        choices=sorted(PROTO_TABLES),
+        help="only the distinct and latest questions of tables the schema does not have"
+        " (these, or all)",
+    )
+    parser.add_argument(
+        "--cpu",
         action="store_true",
-        help="only the distinct and latest questions of tables the schema does not have",
+        help="time the comparisons and the breakdown in CPU time rather than wall time",
     )
     args = parser.parse_args(argv)
+    if args.cpu:
+        CLOCK[0] = time.process_time
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-profile-"))
     try:
         store = open_store(f"chdb:///{args.dir or scratch}/chdb")
@@ -349,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         gc.freeze()
         print(f"{store.count_events():,} events\n")
-        if args.prototype:
-            prototype(store, peer, args.runs)
+        if args.prototype is not None:
+            prototype(store, peer, args.runs, args.prototype)
             peer.close()
             store.close()
             return 0
@@ -362,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                     load(sqlite, store.count_events())
                 gc.collect()
                 gc.freeze()
+            engines(args.against, store, args.runs)
             against(args.against, store, peer, sqlite, args.runs)
             if sqlite is not None:
                 sqlite.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +13,7 @@ from usagemeter.engine import Engine
 from usagemeter.model import Account, Aggregation, Event, Query
 from usagemeter.store.base import AggregateRow, AggregateSpec
 from usagemeter.store.sqlite import SQLiteStore
-from usagemeter.timewindows import Granularity, to_ms
+from usagemeter.timewindows import Granularity, buckets, isoformat, to_ms
 
 T0 = datetime(2024, 11, 1, tzinfo=UTC)
 ZONES = ["UTC", "America/New_York", "Asia/Kolkata", "Asia/Kathmandu", "Australia/Lord_Howe"]
@@ -172,6 +173,43 @@ def test_limit_keeps_the_earliest_buckets(tmp_path: object) -> None:
     result = Engine(store).run(_query(limit=3))
     assert [b.start.day for b in result.buckets] == [1, 2, 3]
     assert result.total == (3,)
+    store.close()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    zone=st.sampled_from([*ZONES, "America/Santiago", "Pacific/Chatham"]),
+    granularity=st.sampled_from([Granularity.HOUR, Granularity.DAY, Granularity.MONTH]),
+    start_ms=st.integers(0, 400 * 86_400_000),
+    span_ms=st.integers(1, 60 * 86_400_000),
+    limit=st.none() | st.integers(1, 50),
+)
+def test_the_buckets_answered_are_the_zones_buckets_as_far_as_the_limit(
+    tmp_path_factory: pytest.TempPathFactory,
+    zone: str,
+    granularity: Granularity,
+    start_ms: int,
+    span_ms: int,
+    limit: int | None,
+) -> None:
+    # The engine makes its buckets from their boundaries (timewindows.bucket_edges): the
+    # same instants, offsets and count as timewindows.buckets gives, cut at the limit, and
+    # each event counted in the bucket whose milliseconds hold it.
+    store = _store(tmp_path_factory.mktemp("b") / "b.db")
+    start = datetime(2023, 10, 1, tzinfo=UTC) + timedelta(milliseconds=start_ms)
+    end = start + timedelta(milliseconds=span_ms)
+    stamps = [to_ms(start) + span_ms * i // 7 for i in range(7)]
+    store.append([Event(f"e{i}", "a", "m", ms) for i, ms in enumerate(stamps)])
+    query = _query(start=start, end=end, granularity=granularity, tz=zone, limit=limit)
+    result = Engine(store).run(query)
+    expected = buckets(start, end, granularity, ZoneInfo(zone))[:limit]
+    assert [(isoformat(b.start), isoformat(b.end)) for b in result.buckets] == [
+        (isoformat(b.start), isoformat(b.end)) for b in expected
+    ]
+    counted = [sum(b.start_ms <= ms < b.end_ms for ms in stamps) for b in expected]
+    assert [b.groups[0].values[0] if b.groups else 0 for b in result.buckets] == counted
     store.close()
 
 

@@ -20,6 +20,7 @@ from usagemeter.timewindows import (
     Granularity,
     add_months,
     add_years,
+    bucket_edges,
     buckets,
     from_ms,
     isoformat,
@@ -571,3 +572,59 @@ def test_isoformat_parse_instant_round_trip(ms: int, zone: ZoneInfo) -> None:
     assert to_ms(t) == ms
     assert to_ms(parse_instant(isoformat(t))) == ms
     assert to_ms(parse_instant(str(ms))) == ms
+
+
+def stepped(start: datetime, end: datetime, g: Granularity, zone: ZoneInfo) -> list[datetime]:
+    """The boundaries of [start, end) found one bucket at a time by next_start: the
+    reference bucket_edges' day-at-a-time hours are checked against."""
+    cuts = [start.astimezone(zone)]
+    while True:
+        t = g.next_start(cuts[-1])
+        if utc(t) >= utc(end):
+            return [*cuts, end.astimezone(zone)]
+        cuts.append(t)
+
+
+def assert_edges_match(start: datetime, end: datetime, g: Granularity, zone: ZoneInfo) -> None:
+    cuts, edges = bucket_edges(start, end, g, zone)
+    expected = stepped(start, end, g, zone)
+    # isoformat shows the offset too: a repeated hour's second reading (fold) included.
+    assert [isoformat(t) for t in cuts] == [isoformat(t) for t in expected]
+    assert all(t.tzinfo is zone for t in cuts)
+    assert edges == [to_ms(t) for t in expected]
+    assert [(b.start, b.end) for b in buckets(start, end, g, zone)] == list(pairwise(cuts))
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.sampled_from([Granularity.HOUR, Granularity.DAY, Granularity.MONTH]), st.data())
+def test_bucket_edges_equal_stepping_one_bucket_at_a_time(
+    g: Granularity, data: st.DataObject
+) -> None:
+    start, end, zone = data.draw(ranges(g))
+    if utc(start) >= utc(end):
+        assert bucket_edges(start, end, g, zone) == ([], [])
+        return
+    assert_edges_match(start, end, g, zone)
+
+
+@pytest.mark.parametrize(
+    ("zone", "around"),
+    [
+        ("America/New_York", "2024-11-03T06:00:00Z"),  # fall back: 01:00 twice
+        ("America/New_York", "2024-03-10T07:00:00Z"),  # spring forward: no 02:00
+        ("Australia/Lord_Howe", "2024-04-06T15:00:00Z"),  # 30 minutes back
+        ("Australia/Lord_Howe", "2024-10-05T15:30:00Z"),  # 30 minutes forward
+        ("Asia/Kathmandu", "1985-12-31T18:30:00Z"),  # +05:30 to +05:45 at midnight
+        ("Pacific/Chatham", "2024-04-06T14:00:00Z"),  # +13:45 to +12:45
+        ("America/Santiago", "2024-09-08T04:00:00Z"),  # midnight skipped
+        ("Asia/Kolkata", "2024-06-01T00:00:00Z"),
+    ],
+)
+@pytest.mark.parametrize("minute", [0, 7, 15, 30, 45])
+def test_bucket_edges_of_hours_across_an_offset_change(zone: str, around: str, minute: int) -> None:
+    # Several days before and after, starting off the hour and ending off it: the days
+    # made at a stroke, the day of the change hour by hour, the clipped ends.
+    at = parse_instant(around)
+    start = at - timedelta(days=3, minutes=minute)
+    end = at + timedelta(days=2, hours=5, minutes=minute, milliseconds=3)
+    assert_edges_match(start, end, Granularity.HOUR, ZoneInfo(zone))

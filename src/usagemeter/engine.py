@@ -10,13 +10,11 @@ a month is not the sum of its days).
 from __future__ import annotations
 
 import functools
-from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
-from itertools import chain, repeat
-from operator import attrgetter, sub
+from datetime import datetime
+from itertools import accumulate, chain, repeat
 from typing import TypeVar, cast
 
 from usagemeter.meters import MeterRegistry
@@ -30,6 +28,7 @@ from usagemeter.model import (
 )
 from usagemeter.portal import check_metric
 from usagemeter.store.base import (
+    OVERALL,
     TOTAL,
     AggregateColumns,
     AggregateSpec,
@@ -39,11 +38,9 @@ from usagemeter.store.base import (
     Window,
 )
 from usagemeter.store.retention import check_raw
-from usagemeter.timewindows import Bucket, Granularity, buckets, parse_zone
+from usagemeter.timewindows import Bucket, Granularity, bucket_edges, parse_zone
 
 _T = TypeVar("_T")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
 
 
 def _sort_key(group: Group) -> tuple[tuple[bool, str], ...]:
@@ -141,6 +138,12 @@ class Engine:
         return MeasurePlan(tuple(aggregations), tuple(measures), tuple(sources))
 
     def buckets(self, query: Query) -> list[Bucket]:
+        cuts = self._edges(query)[0]
+        return list(map(Bucket, cuts, cuts[1:]))
+
+    def _edges(self, query: Query) -> tuple[list[datetime], list[int]]:
+        """The query's bucket boundaries in its zone and as epoch milliseconds
+        (timewindows.bucket_edges), as far as its limit reaches."""
         zone = parse_zone(query.tz)
         end = query.end
         if query.limit is not None and query.granularity is not Granularity.TOTAL:
@@ -152,19 +155,21 @@ class Engine:
                 if t >= end:
                     break
             end = min(end, t)
-        found = buckets(query.start, end, query.granularity, zone)
-        return found if query.limit is None else found[: query.limit]
+        cuts, edges = bucket_edges(query.start, end, query.granularity, zone)
+        if query.limit is None:
+            return cuts, edges
+        return cuts[: query.limit + 1], edges[: query.limit + 1]
 
     def run(self, query: Query) -> Result:
         check_metric(query.metric)  # a portal token limited to some metrics (portal.py)
         plan = self.plan(query)
-        bucket_list = self.buckets(query)
+        cuts, edges = self._edges(query)
         aggregations = plan.aggregations
-        if not bucket_list:
+        if not cuts:
             return Result(query, aggregations, (), (), plan.derive((None,) * len(plan.measures)))
-        # Each boundary converted once: a bucket's end is the next one's start.
-        edges = _edges_ms(bucket_list)
-        windows = tuple(map(Window, range(len(bucket_list)), edges, edges[1:]))
+        # A bucket's end is the next one's start: each boundary is made once.
+        buckets = len(cuts) - 1
+        windows = tuple(_made(Window, range(buckets), edges[:-1], edges[1:]))
         additive = all(m.is_additive for m in plan.measured)
         # A distinct count or a latest value over the range is not a fold of its buckets:
         # the store computes the range's totals beside the buckets, in the same call.
@@ -187,19 +192,18 @@ class Engine:
             cell_values: Sequence[tuple[float, ...]] = values  # type: ignore[assignment]
         else:
             cell_values = list(map(plan.derive, values))
-        ordered_at = list(map(at.__getitem__, order))
         cells = _made(
             GroupValues, map(groups.__getitem__, order), map(cell_values.__getitem__, order)
         )
-        bounds = [bisect_left(ordered_at, w) for w in range(len(bucket_list) + 1)]
+        # Where each bucket's cells begin: after the totals' rows, its windows' rows counted.
+        per_window = Counter(at)
+        before_buckets = per_window[TOTAL] + per_window[OVERALL]
+        bounds = list(
+            accumulate(map(per_window.__getitem__, range(buckets)), initial=before_buckets)
+        )
         slices = map(slice, bounds, bounds[1:])
         result_buckets = tuple(
-            _made(
-                ResultBucket,
-                map(attrgetter("start"), bucket_list),
-                map(attrgetter("end"), bucket_list),
-                map(tuple, map(cells.__getitem__, slices)),
-            )
+            _made(ResultBucket, cuts[:-1], cuts[1:], map(tuple, map(cells.__getitem__, slices)))
         )
 
         if additive:
@@ -266,13 +270,6 @@ def _by_columns(kind: type) -> bool:
     return issubclass(kind, ColumnarAggregates)
 
 
-def _edges_ms(bucket_list: Sequence[Bucket]) -> list[int]:
-    """Epoch milliseconds of the buckets' boundaries (the first start, then every end), as
-    timewindows.to_ms gives them, by C loops: a 2,160-hour report has 2,161."""
-    stamps = [*(b.start for b in bucket_list[:1]), *map(attrgetter("end"), bucket_list)]
-    return [d // _MS for d in map(sub, stamps, repeat(_EPOCH))]
-
-
 def _made(kind: type[_T], *columns: Iterable[object]) -> list[_T]:
     """Instances of the frozen slotted dataclass ``kind``, its fields' values taken from
     ``columns`` in field order, made without running its __init__ per instance: a frozen
@@ -280,7 +277,7 @@ def _made(kind: type[_T], *columns: Iterable[object]) -> list[_T]:
     10,800 cells. Each field is set through its slot's descriptor, by C loops (half the
     time). Nothing else is checked by those __init__s, so the instances are the same."""
     names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
-    values = [list(column) for column in columns]
+    values = [c if isinstance(c, list) else list(c) for c in columns]
     if len(values) != len(names) or len({len(v) for v in values}) != 1:
         raise ValueError(f"{kind.__name__}: one column of equal length per field")
     made = list(map(object.__new__, repeat(kind, len(values[0]))))

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC as _UTC
 from datetime import date, datetime, time, timedelta, tzinfo
 from enum import StrEnum
-from itertools import pairwise
+from itertools import accumulate, pairwise, repeat
+from operator import add
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 #: Rollup grain. Every UTC offset in use since 1979 (when Kiritimati left -10:40) is a
@@ -30,6 +31,7 @@ UTC = ZoneInfo("UTC")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
 _HOUR = timedelta(hours=1)
+_HOUR_MS = 3_600_000
 _MS = timedelta(milliseconds=1)
 _TICK = timedelta(microseconds=1)
 _DAY = timedelta(days=1)
@@ -198,12 +200,24 @@ def buckets(
     Consecutive buckets share their boundary; ``TOTAL`` gives one bucket and an empty or
     inverted range gives none. Datetimes are expressed in ``zone``.
     """
+    return [Bucket(a, b) for a, b in pairwise(bucket_edges(start, end, granularity, zone)[0])]
+
+
+def bucket_edges(
+    start: datetime, end: datetime, granularity: Granularity, zone: ZoneInfo
+) -> tuple[list[datetime], list[int]]:
+    """The boundaries of ``buckets(start, end, granularity, zone)``: the first bucket's start
+    and then every bucket's end, expressed in ``zone``, and the same instants as epoch
+    milliseconds (``to_ms``). Both empty when the range is. The engine reads a report's
+    buckets so, without a Bucket per bucket or a conversion per boundary: a 90-day hourly
+    report has 2,161 boundaries."""
     _aware(start, "start")
     _aware(end, "end")
     s, e = start.astimezone(_UTC), end.astimezone(_UTC)
     if s >= e:
-        return []
+        return [], []
     cuts = [s.astimezone(zone)]
+    edges = [to_ms(s)]
     if granularity is Granularity.HOUR:
         u = _hour_next(s, zone)
         w = u.astimezone(zone)
@@ -213,15 +227,18 @@ def buckets(
             # the next day of time, nothing changes inside it and its whole hours follow by
             # wall-clock addition, which is what ``+`` does within one tzinfo. Not from a
             # repeated reading (fold=1): after a 2-hour fall back the next one repeats too.
+            # The day's hours (up to the range's end) are then made by C loops: the wall
+            # times by accumulate, their milliseconds by a range, no statement per hour.
             if not (w.fold or _into_hour(w)) and (u + _DAY).astimezone(zone) - w == _DAY:
-                for _ in range(24):
-                    cuts.append(w)
-                    u += _HOUR
-                    w += _HOUR
-                    if u >= e:
-                        break
+                n = min(24, -((u - e) // _HOUR))  # the hours that start before the end
+                cuts += accumulate(repeat(_HOUR, n - 1), add, initial=w)
+                ms = to_ms(u)
+                edges += range(ms, ms + n * _HOUR_MS, _HOUR_MS)
+                u += _HOUR * n
+                w += _HOUR * n
             else:
                 cuts.append(w)
+                edges.append(to_ms(u))
                 u = _hour_next(u, zone)
                 w = u.astimezone(zone)
     elif granularity is not Granularity.TOTAL:
@@ -230,6 +247,7 @@ def buckets(
         w = u.astimezone(zone)
         while u < e:
             cuts.append(w)
+            edges.append(to_ms(u))
             # Derive the date from the start itself: Pacific/Apia skipped 2011-12-30, and
             # the jump that starts that "day" already reads 2011-12-31 00:00.
             d = w.date().replace(day=1) if months else w.date()
@@ -242,7 +260,8 @@ def buckets(
                 nw = nxt.astimezone(zone)
             u, w = nxt, nw
     cuts.append(e.astimezone(zone))
-    return [Bucket(a, b) for a, b in pairwise(cuts)]
+    edges.append(to_ms(e))
+    return cuts, edges
 
 
 _ZONE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(?:/[A-Za-z0-9_+-]+)*")
