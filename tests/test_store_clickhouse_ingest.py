@@ -337,3 +337,46 @@ def test_a_batch_naming_an_account_deleted_by_another_process_fails_alone_in_its
         assert sorted(e.id for e in chstore.iter_events(["a", "b"])) == ["e0", "e1"]
     finally:
         other.close()
+
+
+def test_a_writer_waits_for_a_batch_on_its_way_and_writes_it_in_its_group(
+    chstore: ClickHouseStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose names are being checked and columns made (Arrivals) when a writer takes
+    its group joins that group: one INSERT for both, each batch answered as if alone (an id
+    in both is new in the first, a duplicate in the second)."""
+    monkeypatch.setattr(chstore.arrivals, "wait_s", 60.0)  # only the batch's arrival ends it
+    chstore.create_account(Account("w", "W"))
+    inserts: list[int] = []
+    insert = chstore.transport.insert_columns
+
+    def counted(table: str, columns: dict[str, list[Any]], token: str | None = None) -> None:
+        inserts.append(len(columns["id"]))
+        insert(table, columns, token)
+
+    monkeypatch.setattr(chstore.transport, "insert_columns", counted)
+    first = [Event(f"f{i}", "w", "m", BASE_MS + i) for i in range(5)]
+    second = [Event(f"f{i}", "w", "m", BASE_MS + i) for i in range(3, 9)]
+    answers: dict[str, AppendResult] = {}
+
+    def append(name: str, batch: list[Event]) -> None:
+        answers[name] = chstore.append(batch)
+
+    def queued(count: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(chstore._group_commit._queue) < count:
+            assert time.monotonic() < deadline and writer.is_alive()
+            time.sleep(0.01)
+
+    with chstore.arrivals.coming():  # the second batch, on its way
+        writer = threading.Thread(target=append, args=("first", first))
+        writer.start()
+        queued(1)  # the first batch's writer, gathering
+        follower = threading.Thread(target=append, args=("second", second))
+        follower.start()
+        queued(2)
+    writer.join()
+    follower.join()
+    assert inserts == [9]  # the new events of both
+    assert answers == {"first": AppendResult(5, 0), "second": AppendResult(4, 2)}
+    assert chstore.count_events() == 9
