@@ -21,9 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -33,12 +31,6 @@ from usagemeter.model import AppendResult, Event
 # Events per INSERT at most (the batches of one group together): five batches of 10,000, so
 # that a group's batches do not all wait long for the last of them.
 GROUP_EVENTS = 50_000
-# How long a writer waits at most for the batches on their way (Arrivals) before it takes
-# its group: about what three batches of 10,000 take to be prepared at once on two busy
-# cores. 4 clients, in turn (docs/clickhouse.md, "Ingest, round 9"): no wait 20,800 to
-# 32,400 events/s in groups of 1 and 3; 20 ms 1.2 to 1.4 times that; 100 ms 1.3 to 1.7,
-# nearly every group of 4. A lone client never waits: nothing else is on its way.
-GATHER_S = 0.1
 
 Dims = tuple[tuple[str, str], ...]
 Tags = tuple[str, ...]
@@ -173,32 +165,3 @@ def token(columns: dict[str, list[Any]]) -> str:
     lookup (docs/clickhouse.md, "Ingest, round 8")."""
     named = (columns["account"], columns["id"], columns["digest"])
     return hashlib.blake2b(msgspec.json.encode(named), digest_size=16).hexdigest()
-
-
-class Arrivals:
-    """The batches on their way to the group commit (appended, not yet queued: their names
-    checked and their columns made in their callers' threads), so that a writer may wait a
-    moment for them before it takes its group (``gather``): with 4 clients, the batches
-    whose INSERT just returned are prepared again while the one batch queued behind it is
-    written alone, and groups alternated between one batch and three."""
-
-    def __init__(self, wait_s: float) -> None:
-        self.wait_s = wait_s
-        self._coming = 0
-        self._changed = threading.Condition()
-
-    @contextmanager
-    def coming(self) -> Iterator[None]:
-        with self._changed:
-            self._coming += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._coming -= 1
-                self._changed.notify_all()
-
-    def gather(self) -> None:
-        """Wait until no batch is on its way, for ``wait_s`` at most."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._coming == 0, self.wait_s)

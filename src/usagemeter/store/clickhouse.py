@@ -46,9 +46,7 @@ from usagemeter.store.base import (
     NotFound,
 )
 from usagemeter.store.chappend import (
-    GATHER_S,
     GROUP_EVENTS,
-    Arrivals,
     Group,
     Prepared,
     group_columns,
@@ -116,9 +114,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
         if any(g.table == LEGACY_LATEST for g in self.legacy):
             self.legacy_latest = Backfilled(transport, self._corrections, False, LEGACY_LATEST)
         self._last_seq = 0
-        self.arrivals = Arrivals(GATHER_S)
         self._group_commit: GroupCommit[Prepared, AppendResult] = GroupCommit(
-            self._write_group, GROUP_EVENTS, gather=self.arrivals.gather
+            self._write_group, GROUP_EVENTS
         )
         self._known: dict[str, set[str]] = {}
         self._known_since = 0.0
@@ -362,12 +359,10 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # once they are stale (_names_gone), not here: a lookup here waits for the INSERT under
         # way (a chDB session runs one statement at a time), 40 to 94 ms per batch with 4
         # clients, and the batch then misses the group that INSERT's end starts.
-        with self.arrivals.coming():
-            self._require("accounts", "account", [e.account_id for e in events], recheck=False)
-            keys = [e.key_id for e in events if e.key_id is not None]
-            self._require("keys", "key", keys, recheck=False)
-            prepared = Prepared(events)
-        return self._group_commit.submit(prepared, len(events))
+        self._require("accounts", "account", [e.account_id for e in events], recheck=False)
+        keys = [e.key_id for e in events if e.key_id is not None]
+        self._require("keys", "key", keys, recheck=False)
+        return self._group_commit.submit(Prepared(events), len(events))
 
     def _write_group(self, batches: Sequence[Prepared]) -> list[AppendResult | BaseException]:
         """The batches of one group commit (chappend.py): one dedupe lookup, one INSERT of

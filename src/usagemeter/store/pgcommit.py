@@ -50,11 +50,8 @@ class GroupCommit(Generic[Item, Result]):
         write: Callable[[Sequence[Item]], Sequence[Result | BaseException]],
         max_size: int,
         writers: int = 1,
-        gather: Callable[[], None] | None = None,
     ) -> None:
         self._write = write
-        # Called by a writer before it takes its group, to let batches on their way join it.
-        self._gather = gather
         self._max_size = max_size
         self._max_writers = writers
         self._lock = threading.Lock()
@@ -74,8 +71,6 @@ class GroupCommit(Generic[Item, Result]):
                 return self._outcome(job)
         # A writer writes its own batch and what waits behind it, but not a batch woken to
         # write (it takes its own group).
-        if self._gather is not None:
-            self._gather()
         with self._lock:
             self._queue.remove(job)
             group, rest, taken = [job], [], size
