@@ -135,7 +135,10 @@ class ClickHouseStore(ChCorrections, LimitTables):
         return tuple(g for g in LEGACY_GRAINS if g.table in found)
 
     def grains(self) -> tuple[Grain, ...]:
-        """Every rollup this database has: what a void refolds and a deletion empties."""
+        """Every rollup this database has: what a void refolds and a deletion empties. The
+        older tables are looked up again each time: once no process of an older version runs,
+        an operator drops them (docs/clickhouse.md, "Ingest, round 9") while this one runs."""
+        self.legacy = self._legacy_grains(self.transport)
         return (*GRAINS, *self.legacy)
 
     def close(self) -> None:
