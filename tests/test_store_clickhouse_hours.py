@@ -23,9 +23,19 @@ from usagemeter.model import Account, Event, Query
 from usagemeter.store import chupgrade
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.chplan import plan_aggregate
-from usagemeter.store.chschema import DISTINCT, HOUR_SETS, LATEST
+from usagemeter.store.chschema import (
+    DISTINCT,
+    HOUR_SETS,
+    HOUR_VALUES,
+    LATEST,
+    LEGACY_GRAINS,
+    LEGACY_LATEST,
+    LEGACY_STATEMENTS,
+    TABLES,
+)
 from usagemeter.store.chtransport import ChdbTransport, HttpTransport, Transport
 from usagemeter.store.clickhouse import ClickHouseStore
+from usagemeter.store.sqlplan import Grain
 from usagemeter.timewindows import Granularity
 
 BASE_MS = 1_741_392_000_000  # 2025-03-08T00:00:00Z
@@ -85,16 +95,45 @@ def _distinct_events(store: ClickHouseStore) -> list[list[Any]]:
 
 def _latest_table(store: ClickHouseStore) -> list[list[Any]]:
     return store.transport.query(
-        f"SELECT account, metric, slot, key, billable, max(top) FROM {LATEST}"
+        "SELECT account, metric, slot, key, billable, sum(cnt), sum(total), min(vmin),"
+        f" max(vmax), max(top) FROM {HOUR_VALUES}"
         " GROUP BY account, metric, slot, key, billable ORDER BY ALL"
     )
 
 
 def _latest_events(store: ClickHouseStore) -> list[list[Any]]:
     return store.transport.query(
-        f"SELECT account, metric, intDiv(ts, {HOUR_MS}) AS slot, key, billable,"
-        " max((ts, seq, value)) FROM events GROUP BY account, metric, slot, key, billable"
-        " ORDER BY ALL"
+        f"SELECT account, metric, intDiv(ts, {HOUR_MS}) AS slot, key, billable, count(),"
+        " sum(value), min(value), max(value), max((ts, seq, value)) FROM events"
+        " GROUP BY account, metric, slot, key, billable ORDER BY ALL"
+    )
+
+
+def _legacy_table(store: ClickHouseStore, grain: Grain) -> list[list[Any]]:
+    """A table of a database created before round 9, as its rows' folds."""
+    if grain.table == LEGACY_LATEST:
+        return store.transport.query(
+            f"SELECT account, metric, slot, key, billable, max(top) FROM {LEGACY_LATEST}"
+            " GROUP BY ALL ORDER BY ALL"
+        )
+    key = " key," if grain.keyed else ""
+    return store.transport.query(
+        f"SELECT account, metric,{key} slot, billable, sum(cnt), sum(total), min(vmin),"
+        f" max(vmax), argMaxMerge(last) FROM {grain.table} GROUP BY ALL ORDER BY ALL"
+    )
+
+
+def _legacy_events(store: ClickHouseStore, grain: Grain) -> list[list[Any]]:
+    slot = f"intDiv(ts, {grain.unit_ms}) AS slot"
+    if grain.table == LEGACY_LATEST:
+        return store.transport.query(
+            f"SELECT account, metric, {slot}, key, billable, max((ts, seq, value))"
+            " FROM events GROUP BY ALL ORDER BY ALL"
+        )
+    key = " key," if grain.keyed else ""
+    return store.transport.query(
+        f"SELECT account, metric,{key} {slot}, billable, count(), sum(value), min(value),"
+        " max(value), argMax(value, (ts, seq)) FROM events GROUP BY ALL ORDER BY ALL"
     )
 
 
@@ -329,3 +368,102 @@ def test_the_backfill_months_cover_the_events_without_gaps(first: int, span: int
         opened = datetime.fromtimestamp(start / 1000, UTC)
         assert (opened.day, opened.hour, opened.minute) == (1, 0, 0)
         assert 28 * DAY_MS <= end - start <= 31 * DAY_MS
+
+
+def test_a_new_database_feeds_only_the_tables_this_version_reads(
+    chstore: ClickHouseStore,
+) -> None:
+    """An INSERT writes a part into every table it feeds: a database created by this version
+    has none of the older tables (chschema.LEGACY_GRAINS), whose rows its hour table of
+    values holds, and its plain reports read that table."""
+    chstore.create_account(Account("a", "A"))
+    chstore.append(_events(0, 300))
+    fed = chstore.transport.query(
+        "SELECT DISTINCT table FROM system.parts WHERE database = currentDatabase() AND active"
+        " AND table NOT IN ('accounts', 'keys') ORDER BY table"
+    )
+    assert [row[0] for row in fed] == sorted(t for t in TABLES if t not in ("accounts", "keys"))
+    assert chstore.legacy == ()
+    daily = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(3))
+    plain = AggregateSpec(("a",), "requests", daily, (Measure("count"), Measure("max")))
+    (plan,) = chstore.plans(plain)
+    assert f"FROM {HOUR_VALUES} WHERE" in plan.sql
+    _tables_equal_their_folds(chstore)
+
+
+def test_an_older_databases_tables_stay_right_for_its_older_processes(
+    clickhouse_home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database created before round 9 keeps its hour and day tables and its latest table,
+    fed by their views as every insert lands (older processes read them): the store that
+    upgrades it backfills the hour table of values, reads the older tables until then, and
+    its voids, amends and account deletions refold and empty them too."""
+    monkeypatch.setattr(chupgrade, "SETTLE_NS", 200_000_000)
+    monkeypatch.setattr(chupgrade, "CHECK_EVERY", 0.05)
+    database = f"round8_{time.time_ns()}"
+    side = str(tmp_path / "side.sqlite")
+    older = ClickHouseStore(_transport(clickhouse_home, database), side)
+    upgraded: ClickHouseStore | None = None
+    try:
+        # What round 8 left: its six coarser tables, no hour table of values.
+        older.transport.command(f"DROP VIEW {HOUR_VALUES}_mv")
+        older.transport.command(f"DROP TABLE {HOUR_VALUES}")
+        for statement in LEGACY_STATEMENTS:
+            older.transport.command(statement)
+        older.create_account(Account("a", "A"))
+        older.create_account(Account("b", "B"))
+        older.append(_events(0, 400))
+        older.append(_events(0, 200, account="b"))
+
+        upgraded = ClickHouseStore(_transport(clickhouse_home, database), side)
+        assert upgraded.legacy == LEGACY_GRAINS and not upgraded.hour_values.ready()
+        daily = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(3))
+        plain = AggregateSpec(("a",), "requests", daily, (Measure("count"), Measure("sum")))
+        (before,) = upgraded.plans(plain)
+        assert "FROM rollup_day WHERE" in before.sql and HOUR_VALUES not in before.sql
+        answer = upgraded.aggregate(plain)
+        deadline = time.monotonic() + 30
+        while not upgraded.hour_values.ready():
+            assert time.monotonic() < deadline, "the backfill never ran"
+            time.sleep(0.05)
+        (after,) = upgraded.plans(plain)
+        assert f"FROM {HOUR_VALUES} WHERE" in after.sql
+        assert upgraded.aggregate(plain) == answer
+
+        upgraded.append(_events(400, 300))
+        older.append(_events(700, 100))
+        upgraded.void_events(
+            VoidSelector("a", metric="requests", start_ms=BASE_MS, end_ms=BASE_MS + 5 * HOUR_MS),
+            "test",
+            None,
+            BASE_MS + 9 * DAY_MS,
+        )
+        upgraded.void_events(
+            VoidSelector("a", ids=("e450",)),
+            "test",
+            None,
+            BASE_MS + 9 * DAY_MS,
+            amend=Amendment(value=40.0),
+        )
+        _tables_equal_their_folds(upgraded)
+        for grain in LEGACY_GRAINS:
+            assert _legacy_table(upgraded, grain) == _legacy_events(upgraded, grain), grain
+        upgraded.delete_account("b")
+        for grain in LEGACY_GRAINS:
+            rows = _legacy_table(upgraded, grain)
+            assert {row[0] for row in rows} == {"a"}, grain
+            assert rows == _legacy_events(upgraded, grain), grain
+        _tables_equal_their_folds(upgraded)
+        # Once no older process runs, the older tables are dropped beside the running store:
+        # its voids go on without them.
+        for grain in LEGACY_GRAINS:
+            upgraded.transport.command(f"DROP VIEW {grain.table}_mv")
+            upgraded.transport.command(f"DROP TABLE {grain.table}")
+        upgraded.void_events(VoidSelector("a", ids=("e500",)), "test", None, BASE_MS + 9 * DAY_MS)
+        assert upgraded.legacy == ()
+        _tables_equal_their_folds(upgraded)
+    finally:
+        older.transport.command(f"DROP DATABASE {database}")
+        if upgraded is not None:
+            upgraded.close()
+        older.close()

@@ -29,6 +29,7 @@ from usagemeter.model import (
 )
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.chschema import LATEST
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import Granularity
@@ -352,13 +353,13 @@ def test_a_plain_latest_value_is_a_maximum_over_the_latest_table() -> None:
     days = tuple(Window(n, BASE_MS + n * DAY_MS, BASE_MS + (n + 1) * DAY_MS) for n in range(3))
     spec = _spec(days, "latest", totals=True, group_by=("key",), key_id="k")
     (whole,) = plan_aggregate(spec, latest_hours=True)
-    assert whole.sql.startswith("WITH intDiv(") and "FROM latest_hour WHERE" in whole.sql
+    assert whole.sql.startswith("WITH intDiv(") and f"FROM {LATEST} WHERE" in whole.sql
     assert "max(top).3" in whole.sql and "key = 'k'" in whole.sql and "argMax" not in whole.sql
     ragged = (Window(0, BASE_MS + 15 * 60_000 + 7, BASE_MS + DAY_MS), *days[1:])
     mixed = AggregateSpec(("a",), "m", ragged, (Measure("sum"), Measure("latest")))
     latest, summed = plan_aggregate(mixed, hour_sets=True, latest_hours=True)
     assert (latest.positions, summed.positions) == ((1,), (0,))
-    assert "FROM latest_hour " in latest.sql and "(ts, seq, value) AS top" in latest.sql
+    assert f"FROM {LATEST} " in latest.sql and "(ts, seq, value) AS top" in latest.sql
     assert "top" not in summed.sql and "argMax" not in summed.sql
     for narrowed in (
         {"filters": (("agent", "x"),)},
@@ -366,14 +367,14 @@ def test_a_plain_latest_value_is_a_maximum_over_the_latest_table() -> None:
         {"group_by": ("agent",)},
     ):
         (other,) = plan_aggregate(_spec(days, "latest", **narrowed), latest_hours=True)
-        assert "latest_hour" not in other.sql and "argMaxMerge" in other.sql, narrowed
+        assert LATEST not in other.sql and "argMaxMerge" in other.sql, narrowed
     # Kathmandu's hours hold no whole UTC hour: the slots' states, not every raw event.
     quarter = BASE_MS + 15 * 60_000
     kathmandu = tuple(
         Window(n, quarter + n * HOUR_MS, quarter + (n + 1) * HOUR_MS) for n in range(9)
     )
     (hourly,) = plan_aggregate(_spec(kathmandu, "latest"), latest_hours=True)
-    assert "latest_hour" not in hourly.sql and "argMaxMerge" in hourly.sql
+    assert LATEST not in hourly.sql and "argMaxMerge" in hourly.sql
 
 
 def test_the_latest_table_answers_as_the_argmax_states_do(

@@ -418,6 +418,7 @@ def plan_aggregate(
     hour_sets: bool = False,
     distinct_hours: bool = False,
     latest_hours: bool = False,
+    coarse_tables: bool = True,
 ) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
@@ -425,10 +426,17 @@ def plan_aggregate(
     ``distinct_hours`` (the distinct table is complete), a distinct count with no filter,
     tag or key merges its whole hours' states there (_distinct_states); with
     ``latest_hours``, a latest value with no filter, tag or dimension group is a maximum
-    over the latest table's hours, in a statement of its own (_latest_tops)."""
+    over the latest table's hours, in a statement of its own (_latest_tops), and the other
+    measures of a plain report read its hours too; without it, the hour and day tables of a
+    database created before round 9 (``coarse_tables``), or else the slots."""
     grains = grains_for(spec)
     if hour_sets and grains == (SLOTS,):
         grains = (HOUR_SETS_GRAIN, SLOTS)
+    elif grains != (SLOTS,):  # a plain report: the hours of values, else the older tables
+        if latest_hours:
+            grains = (LATEST_GRAIN, SLOTS)
+        elif not coarse_tables:
+            grains = (SLOTS,)
     pieces, raw_pieces = _split(spec.windows, grains)
     if not spec.accounts or (not raw_pieces and not any(pieces.values())):
         return []

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from usagemeter.store.sqlplan import DAY_MS, HOUR_MS, Grain
+from usagemeter.store.sqlplan import (
+    ACCOUNT_DAYS,
+    ACCOUNT_HOURS,
+    DAY_MS,
+    HOUR_MS,
+    KEY_DAYS,
+    KEY_HOURS,
+    Grain,
+)
+from usagemeter.store.sqlplan import SLOTS as SLOTS_GRAIN
 from usagemeter.timewindows import SLOT_MS
 
 if TYPE_CHECKING:
@@ -193,17 +202,58 @@ GROUP BY account, metric, name, slot, billable
 """
 
 
-# The latest value per UTC hour, key and billable as a plain tuple maximum, max((ts, seq,
-# value)): read like a sum, where the rollups' argMax states are parsed row by row across
-# every granule read (round 8: a daily StorageBytes report 1.98 times as fast at 1M events,
-# level at 10M, where it took 13 ms either way, as the raw peer did). The
-# same order as argMax over (ts, seq): a tie on the timestamp goes to the later write. A
-# question without the key folds its keys (a maximum folds across anything). Backfilled on
-# an older database as the hour table is (chupgrade.py).
-LATEST = "latest_hour"
-LATEST_GRAIN = Grain(LATEST, HOUR_MS, detailed=False, keyed=True)
-LATEST_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {LATEST} (
+# Everything an hour holds per key and billable, without dimensions or tags: the count, sum,
+# minimum and maximum, and the latest value as a plain tuple maximum, max((ts, seq, value)).
+# It answers every report without a filter, tag or dimension group (folding the keys when
+# the question has none; a day is 24 of its hours), where databases before round 9 fed six
+# tables (the hour and day tables with and without the key, and the latest values per hour,
+# LEGACY_GRAINS): an INSERT writes a part per table fed, each fsynced, and that was most of
+# an INSERT's time (docs/clickhouse.md, "Ingest, round 9"). The latest value as a tuple
+# maximum is read like a sum, where argMax states are parsed row by row (round 8: a daily
+# StorageBytes report 1.98 times as fast at 1M events); the tuple orders as argMax over
+# (ts, seq) did: a tie on the timestamp goes to the later write. Backfilled on an older
+# database as the hour table of sets is (chupgrade.py).
+HOUR_VALUES = "hour_values"
+HOUR_VALUES_GRAIN = Grain(HOUR_VALUES, HOUR_MS, detailed=False, keyed=True)
+HOUR_VALUES_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {HOUR_VALUES} (
+    account String,
+    metric LowCardinality(String),
+    slot Int64,
+    key String,
+    billable UInt8,
+    cnt SimpleAggregateFunction(sum, UInt64),
+    total SimpleAggregateFunction(sum, Float64),
+    vmin SimpleAggregateFunction(min, Float64),
+    vmax SimpleAggregateFunction(max, Float64),
+    top SimpleAggregateFunction(max, Tuple(Int64, UInt64, Float64))  -- (ts, seq, value)
+) ENGINE = AggregatingMergeTree
+ORDER BY (account, metric, slot, key, billable)
+SETTINGS {_DURABLE}, {_TOKENS}
+"""
+# The planner reads the latest values' hours here (chplan._latest_tops).
+LATEST = HOUR_VALUES
+LATEST_GRAIN = HOUR_VALUES_GRAIN
+
+
+def _hour_values_select(source: str, where: str = "") -> str:
+    return f"""
+SELECT account, metric, {floor_div("ts", HOUR_MS)} AS slot, key, billable, count() AS cnt,
+       sum(value) AS total, min(value) AS vmin, max(value) AS vmax, max((ts, seq, value)) AS top
+FROM {source}{where} GROUP BY account, metric, slot, key, billable
+"""
+
+
+# Before round 9: the latest value per UTC hour, key and billable alone (round 8), and the
+# hour and day tables with and without the key (the SQL stores' coarse grains). A database
+# created before keeps them, fed by their views, for the processes of older versions that
+# read them (a rolling upgrade): this version never creates them, reads them only until
+# hour_values is complete, and refolds and deletes their cells with the others'.
+LEGACY_LATEST = "latest_hour"
+LEGACY_LATEST_GRAIN = Grain(LEGACY_LATEST, HOUR_MS, detailed=False, keyed=True)
+LEGACY_GRAINS = (LEGACY_LATEST_GRAIN, KEY_HOURS, KEY_DAYS, ACCOUNT_HOURS, ACCOUNT_DAYS)
+LEGACY_LATEST_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {LEGACY_LATEST} (
     account String,
     metric LowCardinality(String),
     slot Int64,
@@ -263,7 +313,9 @@ def fold_select(table: str, source: str, where: str = "") -> str:
         return _sets_select(HOUR_MS, source, where)
     if table == DISTINCT:
         return _distinct_select(source, where)
-    if table == LATEST:
+    if table == HOUR_VALUES:
+        return _hour_values_select(source, where)
+    if table == LEGACY_LATEST:
         return _latest_select(source, where)
     unit = HOUR_MS if "hour" in table else DAY_MS
     return _coarse_select(unit, table.endswith("_key"), source, where)
@@ -322,6 +374,7 @@ SETTINGS {_DURABLE}
 """
 
 # Tables before the views that write into them; the events table before the views on it.
+# The views of the tables chupgrade.py backfills are created by it (their boundary).
 STATEMENTS: tuple[str, ...] = (
     ACCOUNTS,
     KEYS,
@@ -332,25 +385,20 @@ STATEMENTS: tuple[str, ...] = (
     SLOTS_VIEW,
     HOUR_SETS_TABLE,
     DISTINCT_TABLE,
-    LATEST_TABLE,
+    HOUR_VALUES_TABLE,
+)
+TABLES = ("accounts", "keys", "events", "event_ids", "rollup", HOUR_SETS, DISTINCT, HOUR_VALUES)
+# The rollups of every database, each refolded by a void: ClickHouse's own grains, apart
+# from the SQL stores' (voidsql.ROLLUP_GRAINS); an older database adds the LEGACY_GRAINS it has.
+GRAINS = (SLOTS_GRAIN, HOUR_SETS_GRAIN, DISTINCT_GRAIN, HOUR_VALUES_GRAIN)
+# What a database created before round 9 held besides: tests build one with them.
+LEGACY_STATEMENTS: tuple[str, ...] = (
+    LEGACY_LATEST_TABLE,
+    backfilled_view(LEGACY_LATEST, 0),
     *_coarse("rollup_hour_key", HOUR_MS, keyed=True),
     *_coarse("rollup_day_key", DAY_MS, keyed=True),
     *_coarse("rollup_hour", HOUR_MS, keyed=False),
     *_coarse("rollup_day", DAY_MS, keyed=False),
-)
-TABLES = (
-    "accounts",
-    "keys",
-    "events",
-    "event_ids",
-    "rollup",
-    HOUR_SETS,
-    DISTINCT,
-    LATEST,
-    "rollup_hour_key",
-    "rollup_day_key",
-    "rollup_hour",
-    "rollup_day",
 )
 
 

@@ -34,14 +34,19 @@ from usagemeter.corrections import (
 )
 from usagemeter.model import Event
 from usagemeter.store.base import Conflict, NotFound
-from usagemeter.store.chschema import DISTINCT_GRAIN, HOUR_SETS_GRAIN, LATEST_GRAIN, fold_select
+from usagemeter.store.chschema import (
+    DISTINCT_GRAIN,
+    HOUR_SETS_GRAIN,
+    HOUR_VALUES_GRAIN,
+    LEGACY_LATEST_GRAIN,
+    fold_select,
+)
 from usagemeter.store.chtransport import Transport, literal, literals
 from usagemeter.store.chupgrade import Backfilled
 from usagemeter.store.postgres import _digest
 from usagemeter.store.sidefile import SideFile
-from usagemeter.store.sqlplan import DAY_MS
+from usagemeter.store.sqlplan import DAY_MS, Grain
 from usagemeter.store.voidsql import (
-    ROLLUP_GRAINS,
     VoidLog,
     delete_account_rows,
     record_void,
@@ -51,10 +56,6 @@ from usagemeter.store.voidsql import (
 # Our own inserts are never deduplicated by block hash: a refold may produce the same rows
 # as an earlier one, and both must land.
 _NO_DEDUPE = "SETTINGS insert_deduplicate = 0"
-# Every rollup of the SQL stores, the hour table with dimension and tag sets, the
-# distinct-count states and the latest values per hour.
-_GRAINS = (*ROLLUP_GRAINS, HOUR_SETS_GRAIN, DISTINCT_GRAIN, LATEST_GRAIN)
-_EVENT_TABLES = ("events", "event_ids", *(g.table for g in _GRAINS))
 
 
 def delete_rows(transport: Transport, table: str, where: str) -> None:
@@ -74,7 +75,16 @@ class ChCorrections(VoidLog):
     _corrections: threading.Lock
     hour_sets: Backfilled
     distinct_hours: Backfilled
-    latest_hours: Backfilled
+    hour_values: Backfilled
+    legacy_latest: Backfilled | None
+
+    def grains(self) -> tuple[Grain, ...]:
+        raise NotImplementedError
+
+    def _event_tables(self) -> tuple[str, ...]:
+        """The events, their ids and every rollup of this database (chschema.GRAINS, and
+        the older tables it kept: LEGACY_GRAINS)."""
+        return ("events", "event_ids", *(g.table for g in self.grains()))
 
     def _require(self, table: str, noun: str, ids: Sequence[str]) -> None:
         raise NotImplementedError
@@ -199,14 +209,16 @@ class ChCorrections(VoidLog):
             f"(metric = {literal(m)} AND ts >= {lo} AND ts < {hi})" for m, lo, hi in ranges
         )
         where = f"account = {account} AND ({events})"
-        for grain in _GRAINS:
-            # The tables chupgrade.py backfills count only what their views counted until
-            # their backfills are complete: each backfill brings the rest, once.
-            backfilled = {
-                HOUR_SETS_GRAIN: self.hour_sets,
-                DISTINCT_GRAIN: self.distinct_hours,
-                LATEST_GRAIN: self.latest_hours,
-            }
+        # The tables chupgrade.py backfills count only what their views counted until
+        # their backfills are complete: each backfill brings the rest, once.
+        backfilled = {
+            HOUR_SETS_GRAIN: self.hour_sets,
+            DISTINCT_GRAIN: self.distinct_hours,
+            HOUR_VALUES_GRAIN: self.hour_values,
+        }
+        if self.legacy_latest is not None:
+            backfilled[LEGACY_LATEST_GRAIN] = self.legacy_latest
+        for grain in self.grains():
             narrowed = backfilled[grain].refold_filter() if grain in backfilled else ""
             source = f"(SELECT * FROM events WHERE {where}{narrowed})"
             cells = " OR ".join(
@@ -226,7 +238,7 @@ class ChCorrections(VoidLog):
         accounts = literals(ids)
         counts: dict[str, int] = {}
         with self._corrections, self._lock:
-            for table in (*_EVENT_TABLES, "keys", "accounts"):
+            for table in (*self._event_tables(), "keys", "accounts"):
                 column = "id" if table == "accounts" else "account"
                 where = f"{column} IN ({accounts})"
                 found = self.transport.query(f"SELECT count() FROM {table} WHERE {where}")
@@ -252,5 +264,5 @@ class ChCorrections(VoidLog):
 
     def compact(self) -> None:
         """Merge away deleted rows (OPTIMIZE ... FINAL); months retention emptied go whole."""
-        for table in _EVENT_TABLES:
+        for table in self._event_tables():
             self.transport.command(f"OPTIMIZE TABLE {table} FINAL")

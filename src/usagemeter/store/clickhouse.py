@@ -56,8 +56,11 @@ from usagemeter.store.chappend import (
 from usagemeter.store.chplan import decode_columns, plan_aggregate
 from usagemeter.store.chschema import (
     DISTINCT,
+    GRAINS,
     HOUR_SETS,
-    LATEST,
+    HOUR_VALUES,
+    LEGACY_GRAINS,
+    LEGACY_LATEST,
     STATEMENTS,
     pack_small_parts,
 )
@@ -68,7 +71,7 @@ from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.pgcommit import GroupCommit
 from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row, row_ids_stale
 from usagemeter.store.sidefile import SideFile
-from usagemeter.store.sqlplan import Plan, run_plans
+from usagemeter.store.sqlplan import Grain, Plan, run_plans
 from usagemeter.timewindows import SLOT_MS
 
 EXPORT_PAGE = 10_000  # events per query while exporting
@@ -101,7 +104,15 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._corrections = threading.Lock()
         self.hour_sets = Backfilled(transport, self._corrections, fresh, HOUR_SETS)
         self.distinct_hours = Backfilled(transport, self._corrections, fresh, DISTINCT)
-        self.latest_hours = Backfilled(transport, self._corrections, fresh, LATEST)
+        self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES)
+        self.latest_hours = self.hour_values  # the latest values' hours are read there
+        # An older database's tables that this version no longer feeds itself (their views
+        # do, for older processes): refolded by voids, and the latest table's backfill, when
+        # an older process began it, carried on (chschema.LEGACY_GRAINS).
+        self.legacy = self._legacy_grains(transport)
+        self.legacy_latest: Backfilled | None = None
+        if any(g.table == LEGACY_LATEST for g in self.legacy):
+            self.legacy_latest = Backfilled(transport, self._corrections, False, LEGACY_LATEST)
         self._last_seq = 0
         self._group_commit: GroupCommit[Prepared, AppendResult] = GroupCommit(
             self._write_group, GROUP_EVENTS
@@ -111,10 +122,31 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._forget_known()
         self._create_void_tables()
 
+    @staticmethod
+    def _legacy_grains(transport: Transport) -> tuple[Grain, ...]:
+        names = literals([g.table for g in LEGACY_GRAINS])
+        found = {
+            row[0]
+            for row in transport.query(
+                "SELECT name FROM system.tables"
+                f" WHERE database = currentDatabase() AND name IN ({names})"
+            )
+        }
+        return tuple(g for g in LEGACY_GRAINS if g.table in found)
+
+    def grains(self) -> tuple[Grain, ...]:
+        """Every rollup this database has: what a void refolds and a deletion empties. The
+        older tables are looked up again each time: once no process of an older version runs,
+        an operator drops them (docs/clickhouse.md, "Ingest, round 9") while this one runs."""
+        self.legacy = self._legacy_grains(self.transport)
+        return (*GRAINS, *self.legacy)
+
     def close(self) -> None:
         self.hour_sets.close()
         self.distinct_hours.close()
-        self.latest_hours.close()
+        self.hour_values.close()
+        if self.legacy_latest is not None:
+            self.legacy_latest.close()
         self.transport.close()
         self.side.close()
 
@@ -409,6 +441,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
             hour_sets=self.hour_sets.ready(),
             distinct_hours=self.distinct_hours.ready(),
             latest_hours=self.latest_hours.ready(),
+            coarse_tables=any(g.table != LEGACY_LATEST for g in self.legacy),
         )
 
     def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
@@ -430,8 +463,9 @@ class ClickHouseStore(ChCorrections, LimitTables):
         where = f"account IN ({literals(accounts)})"
         if metric is not None:
             where += f" AND metric = {literal(metric)}"
-        if not dimensions:  # the day rollups: a few rows per account and metric
-            rows = self.transport.query(f"SELECT DISTINCT metric FROM rollup_day WHERE {where}")
+        if not dimensions:  # the hours of values: a few rows per account, metric and hour
+            table = HOUR_VALUES if self.hour_values.ready() else "rollup"
+            rows = self.transport.query(f"SELECT DISTINCT metric FROM {table} WHERE {where}")
             return {str(row[0]): [] for row in rows}
         rows = self.transport.query(
             "SELECT metric, groupUniqArrayArray(mapKeys(dims)) FROM rollup"
