@@ -98,7 +98,7 @@ def test_integer_and_float_values_go_in_one_batch(
 @given(
     metric=names,
     ts=st.integers(-(2**42), 2**42),
-    value=st.one_of(st.integers(-(10**15), 10**15), st.floats(-1e15, 1e15)),
+    value=st.one_of(st.integers(-(10**15), 10**15), st.floats(), st.booleans()),
     billable=st.booleans(),
     key=st.one_of(st.none(), names),
     dims=st.dictionaries(names, names, max_size=4),
@@ -114,7 +114,8 @@ def test_the_payload_digest_stays_the_one_stored_ids_were_given(
     tags: frozenset[str],
 ) -> None:
     # event_ids keeps each id's digest forever: a digest computed another way would report
-    # every retry of an event stored before as a conflict.
+    # every retry of an event stored before as a conflict. (Its text is json's, written by
+    # hand: NaN, infinities and a bool where a number was expected take json's own way.)
     event = Event("e", "a", metric, ts, value, billable, key, dims, tags)
     text = json.dumps(
         [metric, ts, value, billable, key, sorted(dims.items()), sorted(tags)],
