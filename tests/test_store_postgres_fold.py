@@ -4,6 +4,7 @@ whether it waits or was folded, on every handle, and through every correction.""
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 
@@ -363,3 +364,15 @@ def test_a_database_of_version_4_upgrades_with_its_usage(postgres_url: str) -> N
         assert _answer(store, BASE_MS, BASE_MS + 2 * DAY_MS) == expected
     finally:
         store.close()
+
+
+def test_a_fold_leaves_the_global_random_state_alone(
+    pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # A folder thread runs beside whatever the process does, property tests included, which
+    # Hypothesis fails when the global random state moves under them.
+    first, _ = pair
+    first.append([Event("e1", "a", "m", BASE_MS), Event("e2", "b", "m", BASE_MS)])
+    state = random.getstate()
+    assert first.fold() == 2
+    assert random.getstate() == state
