@@ -36,7 +36,8 @@ log = logging.getLogger("usagemeter")
 # pg_advisory_lock keys: any two distinct bigints this database uses for nothing else.
 MIGRATION_LOCK = 0x75_6D_5F_6D_69_67  # "um_mig"
 PARTITION_LOCK = 0x75_6D_5F_70_61_72  # "um_par"
-FOLD_LOCK = 0x75_6D_5F_66_6F_6C  # "um_fol": one fold (or correction) at a time
+FOLD_LOCK = 0x75_6D_5F_66_6F_6C  # "um_fol": shared by folds, held alone by a correction
+FOLD_SHARD_LOCK = 0x75_6D_5F_66_73_00  # "um_fs" and a shard's number: one fold of it at a time
 
 _VALUES = """
     cnt bigint NOT NULL,

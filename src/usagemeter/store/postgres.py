@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from psycopg.types.numeric import Int8BinaryDumper
 from psycopg_pool import ConnectionPool
 
 from usagemeter.model import Account, ApiKey, AppendResult, Event, PortalToken
-from usagemeter.store import portalrows, redact
+from usagemeter.store import pgarrays, portalrows, redact
 from usagemeter.store.base import AggregateRow, AggregateSpec, Conflict, NotFound, UnstorableText
 from usagemeter.store.limitstore import LIMIT_SCHEMA, LimitTables, Run
 from usagemeter.store.pgcommit import GroupCommit
@@ -94,11 +95,13 @@ GROUP_EVENTS = 2_000
 # against 18,597; two, 11,506 against 12,820; the machine's load moved between the pairs.)
 GROUP_WRITERS = 2
 CLOSE_FOLD_SECONDS = 2.0  # at most this long waiting for a connection to fold on close
+DIGEST_BYTES = 16  # an event's payload digest (_digest)
 Dims = tuple[tuple[str, str], ...]  # an event's dimensions as sorted pairs: a cache key
 Name = TypeVar("Name", str, Dims, frozenset[str])
 
-# A batch in one statement, its columns sent as binary arrays (text arrays cost the client
-# ten times more: each element is searched for characters to quote). `input` is the batch
+# A batch in one statement, its columns sent as binary arrays, each packed in one go
+# (pgarrays.py; text arrays cost the client ten times more: each element is searched for
+# characters to quote). `input` is the batch
 # less its in-batch repeats, in key order; `fresh` the ids never seen before (the unique key
 # makes a racing twin wait, then skip); their events follow, numbered (seq) in the batch's
 # order, and wait in `unfolded` for the folder (pgfold.py): a batch inserts only, so no
@@ -147,6 +150,7 @@ def _configure(conn: Conn) -> None:
     # A binary list of ints is bigint[] whatever its values, so the batch statement keeps
     # one set of parameter types and one prepared plan (else int2[] or int4[] by the batch).
     conn.adapters.register_dumper(int, Int8BinaryDumper)
+    pgarrays.register(conn)
 
 
 def _now_ms() -> int:
@@ -163,11 +167,36 @@ def _digest(event: Event, tail: str | None = None) -> bytes:
     """What identifies an event's payload, to tell a retry from a conflicting reuse of an id:
     the compact JSON of [metric, ts, value, billable, key, sorted dimension pairs, sorted
     tags]. ``tail`` is _digest_tail of its dimensions and tags, when known: many events
-    share them, and their text costs more than the rest's."""
+    share them, and their text costs more than the rest's.
+
+    The text is json's, written by hand where that is quicker and the same: the metric's and
+    the key's JSON are kept (a batch repeats them), a finite float or an int is its repr,
+    as json writes it (the encoder's own call cost as much as the rest of the digest)."""
     if tail is None:
         tail = _digest_tail(tuple(sorted(event.dimensions.items())), event.tags)
-    head = _ENCODE([event.metric, event.ts_ms, event.value, event.billable, event.key_id])
-    return hashlib.blake2b((head[:-1] + tail).encode(), digest_size=16).digest()
+    value = event.value
+    if (type(value) is float and math.isfinite(value)) or type(value) is int:
+        value_text = repr(value)
+    else:
+        value_text = _ENCODE(value)  # NaN, infinities, anything else: as json writes them
+    head = (
+        f"[{_json_text(event.metric)},{event.ts_ms},{value_text},"
+        f"{'true' if event.billable else 'false'},{_json_text(event.key_id)}"
+    )
+    return hashlib.blake2b((head + tail).encode(), digest_size=DIGEST_BYTES).digest()
+
+
+_JSON_TEXTS: dict[str | None, str] = {}
+_JSON_TEXTS_KEPT = 10_000  # metric names and key ids: few, but a client names them
+
+
+def _json_text(text: str | None) -> str:
+    found = _JSON_TEXTS.get(text)
+    if found is None:
+        if len(_JSON_TEXTS) >= _JSON_TEXTS_KEPT:
+            _JSON_TEXTS.clear()
+        found = _JSON_TEXTS[text] = _ENCODE(text)
+    return found
 
 
 def _digest_tail(dims: Dims, tags: frozenset[str]) -> str:
@@ -604,18 +633,20 @@ class PostgresStore(SqlCorrections, LimitTables):
             digests.append(digest)
         metric_ids, dimset_ids, tagset_ids = self._metric_ids, self._dimset_ids, self._tagset_ids
         chosen = [events[i] for i in candidates]
-        columns: list[list[Any]] = [
-            account_column,
-            [metric_ids[e.metric] for e in chosen],
-            [e.ts_ms for e in chosen],
-            [e.id for e in chosen],
-            [NO_KEY if e.key_id is None else keys[e.key_id] for e in chosen],
-            [1 if e.billable else 0 for e in chosen],
-            [dimset_ids[dims[i]] for i in candidates],
-            [tagset_ids[tags[i]] for i in candidates],
-            [float(e.value) for e in chosen],  # a binary float8[] takes no int among floats
-            digests,
-            candidates,
+        columns = [
+            pgarrays.numbers("int8", account_column),
+            pgarrays.numbers("int4", [metric_ids[e.metric] for e in chosen]),
+            pgarrays.numbers("int8", [e.ts_ms for e in chosen]),
+            pgarrays.texts([e.id for e in chosen]),
+            pgarrays.numbers(
+                "int8", [NO_KEY if e.key_id is None else keys[e.key_id] for e in chosen]
+            ),
+            pgarrays.numbers("int2", [1 if e.billable else 0 for e in chosen]),
+            pgarrays.numbers("int4", [dimset_ids[dims[i]] for i in candidates]),
+            pgarrays.numbers("int4", [tagset_ids[tags[i]] for i in candidates]),
+            pgarrays.numbers("float8", [e.value for e in chosen]),
+            pgarrays.fixed_bytes(digests, DIGEST_BYTES),
+            pgarrays.numbers("int4", candidates),
         ]
         # One statement, so one round trip and its own transaction: the new ids, their
         # events and every rollup. It answers, for each candidate already known, the digest
