@@ -27,10 +27,10 @@ import statistics
 import time
 import zoneinfo
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from msgspec.structs import replace
 
 from bench import generate as g
 from bench import render

@@ -3,12 +3,12 @@ events for any window, aligned or not."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from usagemeter.auth import issue_key
 from usagemeter.model import Account, Event, Scope

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+
+import msgspec
 
 from usagemeter.timewindows import BillingCycle, Granularity
 
@@ -103,8 +105,11 @@ class PortalToken:
     revoked_at: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+# A Struct, not a frozen dataclass: every event of a file or a request is built once, and
+# a frozen dataclass's __init__ sets each field through object.__setattr__ (about 3 us an
+# event, a third of reading a file's line); a Struct's is C (0.2 us). gc=False: it holds
+# only strings, numbers, a mapping and a frozenset of strings, so it is never in a cycle.
+class Event(msgspec.Struct, frozen=True, gc=False):
     """One validated usage record, ready to store."""
 
     id: str
@@ -114,7 +119,7 @@ class Event:
     value: float = 1.0
     billable: bool = True
     key_id: str | None = None
-    dimensions: Mapping[str, str] = field(default_factory=dict)
+    dimensions: Mapping[str, str] = {}
     tags: frozenset[str] = frozenset()
 
 
