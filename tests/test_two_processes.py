@@ -32,7 +32,7 @@ BASE_MS = 1_735_689_600_000
 class Server:
     """One `usagemeter serve` process on a free loopback port."""
 
-    def __init__(self, url: str, log: Path) -> None:
+    def __init__(self, url: str, log: Path, *options: str) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -41,7 +41,7 @@ class Server:
         env = {**os.environ, "USAGEMETER_STORE": url}
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "usagemeter", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "usagemeter", "serve", "--port", str(self.port), *options],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
