@@ -215,22 +215,36 @@ GROUP BY account, metric, name, slot, billable
 # database as the hour table of sets is (chupgrade.py).
 HOUR_VALUES = "hour_values"
 HOUR_VALUES_GRAIN = Grain(HOUR_VALUES, HOUR_MS, detailed=False, keyed=True)
-HOUR_VALUES_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {HOUR_VALUES} (
+
+
+def _per_hour_and_key(table: str, values: str) -> str:
+    """A table of values per UTC hour, key and billable, the one shape of hour_values and
+    of the latest values before it."""
+    return f"""
+CREATE TABLE IF NOT EXISTS {table} (
     account String,
     metric LowCardinality(String),
     slot Int64,
     key String,
     billable UInt8,
-    cnt SimpleAggregateFunction(sum, UInt64),
-    total SimpleAggregateFunction(sum, Float64),
-    vmin SimpleAggregateFunction(min, Float64),
-    vmax SimpleAggregateFunction(max, Float64),
-    top SimpleAggregateFunction(max, Tuple(Int64, UInt64, Float64))  -- (ts, seq, value)
+    {values}
 ) ENGINE = AggregatingMergeTree
 ORDER BY (account, metric, slot, key, billable)
 SETTINGS {_DURABLE}, {_TOKENS}
 """
+
+
+_TOP = "top SimpleAggregateFunction(max, Tuple(Int64, UInt64, Float64))  -- (ts, seq, value)"
+HOUR_VALUES_TABLE = _per_hour_and_key(
+    HOUR_VALUES,
+    """cnt SimpleAggregateFunction(sum, UInt64),
+    total SimpleAggregateFunction(sum, Float64),
+    vmin SimpleAggregateFunction(min, Float64),
+    vmax SimpleAggregateFunction(max, Float64),
+    """
+    + _TOP,
+)
+
 # The planner reads the latest values' hours here (chplan._latest_tops).
 LATEST = HOUR_VALUES
 LATEST_GRAIN = HOUR_VALUES_GRAIN
@@ -252,18 +266,7 @@ FROM {source}{where} GROUP BY account, metric, slot, key, billable
 LEGACY_LATEST = "latest_hour"
 LEGACY_LATEST_GRAIN = Grain(LEGACY_LATEST, HOUR_MS, detailed=False, keyed=True)
 LEGACY_GRAINS = (LEGACY_LATEST_GRAIN, KEY_HOURS, KEY_DAYS, ACCOUNT_HOURS, ACCOUNT_DAYS)
-LEGACY_LATEST_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {LEGACY_LATEST} (
-    account String,
-    metric LowCardinality(String),
-    slot Int64,
-    key String,
-    billable UInt8,
-    top SimpleAggregateFunction(max, Tuple(Int64, UInt64, Float64))  -- (ts, seq, value)
-) ENGINE = AggregatingMergeTree
-ORDER BY (account, metric, slot, key, billable)
-SETTINGS {_DURABLE}, {_TOKENS}
-"""
+LEGACY_LATEST_TABLE = _per_hour_and_key(LEGACY_LATEST, _TOP)
 
 
 def _latest_select(source: str, where: str = "") -> str:
