@@ -1,6 +1,7 @@
 """The ClickHouse store's write path: events travel as columns (JSONColumns), so any text is
 stored as sent and a retry of it is a duplicate, not a conflict; a database whose tables
-of sets were created partitioned by month (before round 6) takes batches as before; and
+of sets were created partitioned by month (before round 6), or its events table (before
+round 10), takes batches, retention and questions as before; and
 batches that queue together are written by one group commit, each answered and stored (or
 failed) as if it had been written alone."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,8 @@ from hypothesis import strategies as st
 from tests.test_store_clickhouse_hours import _transport
 from usagemeter.model import Account, AppendResult, Event
 from usagemeter.store import open_store, rows
-from usagemeter.store.base import NotFound
-from usagemeter.store.chschema import HOUR_SETS, SLOTS, STATEMENTS
+from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
+from usagemeter.store.chschema import EVENTS, HOUR_SETS, SLOTS, STATEMENTS
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlite import SQLiteStore
 
@@ -108,23 +110,156 @@ def test_tables_of_sets_partitioned_by_month_take_batches_as_before(
         store.close()
 
 
-def test_a_fresh_database_keeps_its_tables_of_sets_unpartitioned(chstore: ClickHouseStore) -> None:
-    """A batch over several months writes one part to each table of sets, not one a month."""
+def test_a_fresh_database_writes_one_part_per_table_for_a_batch_over_months(
+    chstore: ClickHouseStore,
+) -> None:
+    """A batch over several months writes one part to the events table (a UTC year per
+    partition) and to each table of sets, not one a month; a batch across New Year two into
+    the events table."""
     chstore.create_account(Account("a", "A"))
     events = [
         Event(id=f"e{i}", account_id="a", metric="m", ts_ms=BASE_MS + i * 9 * DAY_MS)
         for i in range(12)
     ]
     chstore.append(events)
-    parts = chstore.transport.query(
-        "SELECT table, count() FROM system.parts WHERE database = currentDatabase() AND active"
-        f" AND table IN ('events', 'rollup', '{HOUR_SETS}') GROUP BY table ORDER BY table"
-    )
-    assert [(row[0], int(row[1])) for row in parts] == [
-        ("events", 4),
+    watched = f"('events', 'rollup', '{HOUR_SETS}')"
+    parts = f"""SELECT table, count() FROM system.parts WHERE database = currentDatabase()
+        AND active AND table IN {watched} GROUP BY table ORDER BY table"""
+    found = chstore.transport.query(parts)
+    assert [(row[0], int(row[1])) for row in found] == [
+        ("events", 1),
         ("rollup", 1),
         (HOUR_SETS, 1),
     ]
+    for table in ("events", "rollup", HOUR_SETS):  # the next batch's parts stay apart
+        chstore.transport.command(f"SYSTEM STOP MERGES {table}")
+    try:
+        new_year = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+        across = [
+            Event(id=f"y{i}", account_id="a", metric="m", ts_ms=new_year + (i - 2) * DAY_MS)
+            for i in range(4)
+        ]
+        chstore.append(across)
+        found = chstore.transport.query(parts)
+        assert [(row[0], int(row[1])) for row in found] == [
+            ("events", 3),
+            ("rollup", 2),
+            (HOUR_SETS, 2),
+        ]
+    finally:
+        for table in ("events", "rollup", HOUR_SETS):
+            chstore.transport.command(f"SYSTEM START MERGES {table}")
+
+
+# The events table as databases before round 10 created it: a partition per UTC month.
+_MONTHLY_EVENTS = EVENTS.replace("PARTITION BY toYear(", "PARTITION BY toYYYYMM(", 1)
+_EXACT = (Measure("count"), Measure("sum"), Measure("min"), Measure("max"), Measure("latest"))
+_monthly_accounts = itertools.count()
+
+
+@pytest.fixture
+def monthly(clickhouse_home: str, tmp_path: Path) -> Iterator[ClickHouseStore]:
+    """A store on a database whose events table is partitioned by month (before round 10)."""
+    assert _MONTHLY_EVENTS != EVENTS
+    database = f"monthly_{time.time_ns()}"
+    transport = _transport(clickhouse_home, database)
+    transport.command(_MONTHLY_EVENTS)
+    store = ClickHouseStore(transport, str(tmp_path / "monthly-side.sqlite"))
+    try:
+        yield store
+    finally:
+        transport.command(f"DROP DATABASE {database}")
+        store.close()
+
+
+def _answers(store: ClickHouseStore, account: str, first: int, last: int) -> list[Any]:
+    """Every exact measure, and a distinct count, per UTC day and over ragged ends, from
+    ``first`` to ``last`` (ms)."""
+    lo = first - first % DAY_MS
+    days = tuple(Window(i, lo + i * DAY_MS, lo + (i + 1) * DAY_MS) for i in range(400))
+    ragged = (Window(0, first + 1, last), Window(1, lo + 7 * 60_000, last + 1))
+    out = []
+    for windows in (days[: (last - lo) // DAY_MS + 1], ragged):
+        for measures in (_EXACT, (Measure("unique_count", "s"),)):
+            rows = store.aggregate(AggregateSpec((account,), "m", windows, measures))
+            out.append(sorted((r.window, r.group, r.values) for r in rows))
+    return out
+
+
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    spans=st.lists(
+        st.lists(st.integers(0, 700 * DAY_MS), min_size=1, max_size=12), min_size=1, max_size=3
+    ),
+    values=st.lists(st.integers(-5, 5), min_size=36, max_size=36),
+)
+def test_an_events_table_partitioned_by_month_answers_as_one_by_year(
+    chstore: ClickHouseStore, monthly: ClickHouseStore, spans: list[list[int]], values: list[int]
+) -> None:
+    """Batches over any months and years, with repeated ids: both layouts store the same
+    events and answer every question alike, whatever parts each wrote."""
+    account = f"m{next(_monthly_accounts)}"
+    first = BASE_MS - 300 * DAY_MS
+    sent = [
+        [
+            Event(
+                id=f"e{offset % 7}-{b}" if b else f"e{offset % 7}",
+                account_id=account,
+                metric="m",
+                ts_ms=first + offset,
+                value=float(values[(b * 12 + i) % len(values)]),
+                dimensions={"s": str(offset % 5)},
+            )
+            for i, offset in enumerate(batch)
+        ]
+        for b, batch in enumerate(spans)
+    ]
+    results = []
+    for store in (chstore, monthly):
+        store.create_account(Account(account, account))
+        results.append([store.append(batch) for batch in sent])
+    assert results[0] == results[1]
+    assert chstore.count_events() == monthly.count_events()
+    stamps = [e.ts_ms for batch in sent for e in batch]
+    answers = [_answers(s, account, min(stamps), max(stamps)) for s in (chstore, monthly)]
+    assert answers[0] == answers[1]
+
+
+def test_retention_and_compaction_on_an_events_table_partitioned_by_month(
+    chstore: ClickHouseStore, monthly: ClickHouseStore
+) -> None:
+    """Retention deletes the same rows from either layout, and compaction merges them away
+    and leaves the same answers."""
+    events = [
+        Event(
+            id=f"e{i}",
+            account_id="a",
+            metric="m",
+            ts_ms=BASE_MS + i * 5 * DAY_MS + i,
+            value=float(i),
+            dimensions={"s": str(i % 3)},
+        )
+        for i in range(40)  # over about seven months
+    ]
+    horizon = BASE_MS + 61 * DAY_MS
+    for store in (chstore, monthly):
+        store.create_account(Account("a", "A"))
+        assert store.append(events).accepted == 40
+        assert store.retain(horizon) == 13
+        store.compact()
+        assert store.count_events() == 27
+    kept = [e.ts_ms for e in events if e.ts_ms >= horizon]
+    assert _answers(chstore, "a", min(kept), max(kept)) == _answers(
+        monthly, "a", min(kept), max(kept)
+    )
+    for store in (chstore, monthly):  # the deleted rows merged away, in either layout
+        held = store.transport.query(
+            "SELECT count(DISTINCT partition), sum(rows) FROM system.parts"
+            " WHERE database = currentDatabase() AND table = 'events' AND active AND rows > 0"
+        )
+        assert [int(v) for v in held[0]] == [1 if store is chstore else 5, 27]
 
 
 def _grouped(

@@ -51,8 +51,8 @@ def floor_div(column: str, unit: int) -> str:
     return f"intDiv({column} - positiveModulo({column}, {unit}), {unit})"
 
 
-def _month(ms: str) -> str:
-    return f"toYYYYMM(toDateTime(intDiv({ms}, 1000), 'UTC'))"
+def _year(ms: str) -> str:
+    return f"toYear(toDateTime(intDiv({ms}, 1000), 'UTC'))"
 
 
 # The values every rollup row holds. Plain sums, minimums and maximums are
@@ -69,11 +69,17 @@ _FOLD = (
     " argMaxState(value, (ts, seq)) AS last"
 )
 
+# A UTC year per partition (databases created before round 10 keep a month per partition,
+# and work the same): an INSERT writes a part per partition its rows span, each fsynced
+# before the INSERT returns, so a batch over four months wrote four parts here, now one
+# (one more for a batch across New Year). Retention deletes rows (chvoids.retain) and
+# compaction merges them away, whatever the partition; questions find their rows by the
+# ORDER BY key and each part's range of ts, not by partition (docs/clickhouse.md, "Ingest,
+# round 10").
 EVENTS = f"""
 -- Raw events: what every rollup is folded from, and what distinct counts, exports and
 -- millisecond-exact range ends read. ORDER BY (account, metric, ts) serves every question,
--- which names an account and a metric and a time range; a month per partition lets retention
--- drop a month whole.
+-- which names an account and a metric and a time range.
 CREATE TABLE IF NOT EXISTS events (
     account String,
     metric LowCardinality(String),
@@ -90,7 +96,7 @@ CREATE TABLE IF NOT EXISTS events (
     digest String                        -- the payload's hash: a reused id with another
                                          -- payload is reported as a conflict
 ) ENGINE = MergeTree
-PARTITION BY {_month("ts")}
+PARTITION BY {_year("ts")}
 ORDER BY (account, metric, ts)
 SETTINGS {_DURABLE}, {_TOKENS}
 """

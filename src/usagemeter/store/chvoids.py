@@ -263,6 +263,6 @@ class ChCorrections(VoidLog):
         return dropped
 
     def compact(self) -> None:
-        """Merge away deleted rows (OPTIMIZE ... FINAL); months retention emptied go whole."""
+        """Merge away deleted rows (OPTIMIZE ... FINAL), whatever the events table's partitions."""
         for table in self._event_tables():
             self.transport.command(f"OPTIMIZE TABLE {table} FINAL")
