@@ -19,6 +19,10 @@ in turn with the first, and prints both ingest rates: what the view costs an app
 append's time went, and asks no questions (a code change's before and after: run it on each,
 in turn). ``--clients N`` appends to the ClickHouse store from N threads at once, as a
 server's concurrent requests do: batches that queue together share an INSERT.
+``--ceiling`` (with ``--ingest-only``) drops the views that feed the rollups once the store is
+open, so that an INSERT writes the events and their ids only, fsynced as ever: what an
+append could reach were the rollups folded afterwards (a measurement, not a store: its
+questions would be wrong, so none is asked).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from usagemeter.engine import Engine
 from usagemeter.model import Account, Event, Query, Result
 from usagemeter.store import open_store
 from usagemeter.store.base import Store
-from usagemeter.store.chschema import HOUR_SETS, TABLES
+from usagemeter.store.chschema import GRAINS, HOUR_SETS, TABLES
 from usagemeter.store.chtransport import ChdbTransport
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.timewindows import Granularity
@@ -51,7 +55,12 @@ ANCHOR = datetime(2025, 6, 1, tzinfo=UTC)  # the window's end
 DAYS = 120
 ACCOUNTS = 100
 BATCH = 10_000
+GRAIN_TABLES = tuple(grain.table for grain in GRAINS)
 STATUSES = ("200", "200", "200", "201", "400", "404", "500")
+
+
+# The views of the rollups: what --ceiling drops (event_ids' view stays, dedupe reads it).
+CEILING_DROPS = tuple(f"{table}_mv" for table in GRAIN_TABLES)
 
 
 def generate(count: int, seed: int = 1) -> Iterator[Event]:
@@ -337,7 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="load the ClickHouse store and the peer only: their rates and an append's steps",
     )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="with --ingest-only: drop the rollups' views, so an INSERT writes the events and"
+        " their ids only (the ceiling of a store that folds its rollups afterwards)",
+    )
     args = parser.parse_args(argv)
+    if args.ceiling and not args.ingest_only:
+        parser.error("--ceiling drops the rollups' views: add --ingest-only")
     if args.ingest_only:
         args.no_sqlite = True
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-bench-"))
@@ -347,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
             stores["SQLite"] = open_store(f"sqlite:///{scratch}/usage.db")
         phases: dict[str, float] = {}
         ours = stores["ClickHouse"]
+        if args.ceiling and isinstance(ours, ClickHouseStore):
+            for view in CEILING_DROPS:
+                ours.transport.command(f"DROP VIEW IF EXISTS {view}")
         ab = None
         if args.hour_view_ab:
             ab = hour_view_ab(ours, args.events)
@@ -367,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
         names = [*stores, *(["ClickHouse, slots only"] if args.slots_only else []), "raw chDB peer"]
         clients = f", {args.clients} clients at once" if args.clients > 1 else ""
-        print(f"{args.events:,} events, batches of {BATCH:,}{clients}\n")
+        ceiling = ", the rollups' views dropped (--ceiling)" if args.ceiling else ""
+        print(f"{args.events:,} events, batches of {BATCH:,}{clients}{ceiling}\n")
         print("| | " + " | ".join(names) + " |")
         print("|---|" + "---:|" * len(names))
         slots_rate = [ab[1] if ab else float("nan")] if args.slots_only else []
