@@ -10,8 +10,9 @@ The promises are the other stores', kept this way:
   behind the INSERT before it (group commit, chappend.py). Accounts and keys are checked
   before a batch joins a group, so a batch naming an unknown one stores nothing and fails
   alone; an INSERT that fails fails every batch of its group, each whole. (ClickHouse has no
-  transactions: a server that dies in the middle of a multi-month INSERT may keep some
-  months' parts; a retry of the batch is then deduplicated per event and completes it.)
+  transactions: a server that dies in the middle of an INSERT spanning partitions (years;
+  months in an older database) may keep some of their parts; a retry of the batch is then
+  deduplicated per event and completes it.)
 - Dedupe per (account, id), forever: before inserting, the store looks the group's ids up in
   ``event_ids`` (kept by the engine from every insert, ordered by (account, id)) while
   holding a process lock, so within one process an id is stored once whatever the threads,
