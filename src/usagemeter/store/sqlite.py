@@ -184,34 +184,50 @@ _Row = tuple[int, str, int, int, int, int, int, int, float]  # an events row, as
 # cost the committer a json.dumps: 55,000 of them for the bench's 200,000-line file.)
 _Names = tuple[dict[str, int], dict[_DimsKey, int], dict[frozenset[str], int]]
 _EVENT_COLUMNS = "account, event_id, metric, ts, key, billable, dimset, tagset, value"
-# Rows go in by statements of many rows each, in sizes that are powers of two (so that a
-# few statements, each prepared once, serve every batch size), not by executemany. Why:
-# executemany gives the GIL up and takes it back around each row's step, and a thread that
-# asks for the GIL back while another runs Python waits for that one's switch interval
-# (5 ms): the committer stored a row per wait while callers decoded the next batches, so
-# the C that was meant to run beside their Python ran between it instead. One statement of
-# 2,048 rows gives the GIL up once and runs its inserts in C meanwhile. 2,048 rows of nine
-# columns bind 18,432 variables, under SQLite's limit of 32,766.
+# Rows go in by statements of many rows each, not by executemany. Why: executemany gives
+# the GIL up and takes it back around each row's step, and a thread that asks for the GIL
+# back while another runs Python waits for that one's switch interval (5 ms): the committer
+# stored a row per wait while callers decoded the next batches, so the C that was meant to
+# run beside their Python ran between it instead. One statement of 2,048 rows gives the GIL
+# up once and runs its inserts in C meanwhile. 2,048 rows of nine columns bind 18,432
+# variables, under SQLite's limit of 32,766.
 ROWS_PER_INSERT = 2048
+# A statement is prepared once for each number of rows it takes, so rows go in by
+# statements of a few sizes: powers of two. Up to PADDED_FROM rows, exactly (100 rows by
+# three statements: 64 + 32 + 4); above, by one statement of the next power of two, whose
+# spare rows its LIMIT leaves unread, so that a group of 1,000 or 2,000 rows is one
+# statement, not six. Why: each statement's return waits for the GIL while the event loop
+# and the request threads decode the next batches, and under live traffic those waits were
+# most of the committer's wall time. The spare rows are zeros: binding None costs the
+# sqlite3 module an adapter lookup, about 0.3 µs a value, more than the row it pads.
+PADDED_FROM = 128
+_SPARE_ROW = (0,) * 9
 
 
 @functools.cache
-def _insert_events_sql(rows: int) -> str:
+def _insert_events_sql(rows: int, limited: bool = False) -> str:
     values = ",".join(["(?,?,?,?,?,?,?,?,?)"] * rows)
-    return f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {values}"
+    if not limited:
+        return f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {values}"
+    return f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT * FROM (VALUES {values}) LIMIT ?"
 
 
 def insert_events(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
-    """Insert ``rows`` into ``events`` in a few statements (see ROWS_PER_INSERT). A row that
-    breaks a constraint fails its own statement whole; the caller's savepoint undoes the
-    statements before it."""
+    """Insert ``rows`` into ``events``, in order, in a few statements (see ROWS_PER_INSERT
+    and PADDED_FROM). A row that breaks a constraint fails its own statement whole; the
+    caller's savepoint undoes the statements before it."""
     start, left = 0, len(rows)
-    size = ROWS_PER_INSERT
     while left:
-        while size > left:
-            size //= 2
-        part = rows[start : start + size]
-        conn.execute(_insert_events_sql(size), list(itertools.chain.from_iterable(part)))
+        if left > PADDED_FROM:
+            size = min(left, ROWS_PER_INSERT)
+            padded = 1 << (size - 1).bit_length()  # the next power of two, or size itself
+        else:
+            size = padded = 1 << (left.bit_length() - 1)  # the greatest power of two <= left
+        params: list[object] = list(itertools.chain.from_iterable(rows[start : start + size]))
+        if padded > size:
+            params.extend(_SPARE_ROW * (padded - size))
+            params.append(size)
+        conn.execute(_insert_events_sql(padded, padded > size), params)
         start, left = start + size, left - size
 
 
@@ -697,23 +713,31 @@ class SQLiteStore(SqlCorrections, LimitTables):
         id. Runs in the caller's thread, so that the committer's own Python stays out from
         between its SQL statements: its inserts and folds run in SQLite's C, without the
         GIL, while callers build the next batches."""
-        if len({(e.account_id, e.id) for e in events}) < len(events):
+        count = len(events)
+        # Ids distinct across the batch say the pairs are, without a tuple an event.
+        if len({e.id for e in events}) < count and (
+            len({(e.account_id, e.id) for e in events}) < count
+        ):
             return None  # the committer's whole path tells the repeats apart
         accounts, keys, metrics = self._account_rids, self._key_rids, self._metric_ids
-        dimsets, tagsets = self._dimset_ids, self._tagset_ids
+        cached_dimset, tagsets = self._dimset_ids.get, self._tagset_ids
         rows: list[_Row | None] = []
+        append = rows.append
         for e in events:
+            # As _cached_dimset: a set sent in sorted order is found without sorting.
+            items = tuple(e.dimensions.items())
+            dimset = cached_dimset(items) or cached_dimset(tuple(sorted(items)))
             try:
-                dimset = _cached_dimset(dimsets, e)
-                if dimset is None:
-                    raise KeyError(e.dimensions)
-                rows.append(
+                if not dimset:  # ids start at 1
+                    raise KeyError(items)
+                key_id = e.key_id
+                append(
                     (
                         accounts[e.account_id],
                         e.id,
                         metrics[e.metric],
                         e.ts_ms,
-                        NO_KEY if e.key_id is None else keys[e.key_id],
+                        NO_KEY if key_id is None else keys[key_id],
                         1 if e.billable else 0,
                         dimset,
                         tagsets[e.tags],
@@ -721,7 +745,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     )
                 )
             except KeyError:
-                rows.append(None)
+                append(None)
         return rows
 
     def _commit_loop(self) -> None:
