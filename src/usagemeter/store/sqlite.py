@@ -823,10 +823,15 @@ class SQLiteStore(SqlCorrections, LimitTables):
             conn.execute("BEGIN IMMEDIATE")
             if row_ids_stale(self._row_ids_since):
                 self._refresh_row_ids(conn)
-            stored_before = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            # Two questions in one statement: each statement's return waits for the GIL.
+            stored_before, tombstones = conn.execute(
+                "SELECT (SELECT coalesce(max(seq), 0) FROM events),"
+                " EXISTS (SELECT 1 FROM tombstones)"
+            ).fetchone()
             failed.update(self._revoked(conn, group))
             todo = [place for place in range(len(group)) if place not in failed]
-            if not self._append_together(conn, [group[place] for place in todo], interned):
+            batches = [group[place] for place in todo]
+            if tombstones or not self._append_together(conn, batches, interned):
                 for place in todo:
                     batch = group[place]
                     conn.execute("SAVEPOINT batch")
@@ -835,7 +840,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
                         rows = self._rows_of(batch)
                         fresh = None
                         if rows is not None:
-                            fresh = self._append_fresh(conn, batch.events, rows, names)
+                            fresh = self._append_fresh(
+                                conn, batch.events, rows, names, bool(tombstones)
+                            )
                         batch.result = fresh or self._append_locked(conn, batch.events, names)
                         interned.append(names)
                     except Exception as exc:
@@ -896,22 +903,29 @@ class SQLiteStore(SqlCorrections, LimitTables):
             return [None] * len(batch.rows)  # row ids forgotten since: built here
         return batch.rows
 
-    def _tombstones(self, conn: sqlite3.Connection) -> bool:
-        return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM tombstones)").fetchone()[0])
-
     def _append_together(
         self, conn: sqlite3.Connection, batches: list[_PendingBatch], interned: list[_Names]
     ) -> bool:
         """Store ``batches`` in one insert, the common case of a group: no id repeated or
-        seen before (the unique index tells) and no tombstone to look at. Else store
-        nothing and return False: the batches then go one by one, each in a savepoint of
-        its own, so that one batch's error or repeat is its own. One-event requests come in
-        groups of a few: three statements a batch were a large part of their commit."""
+        seen before (the unique index tells; the caller checked that no tombstone is there
+        to look at). Else store no event and return False: the batches then go one by one,
+        each in a savepoint of its own, so that one batch's error or repeat is its own.
+        One-event requests come in groups of a few: three statements a batch were a large
+        part of their commit.
+
+        Rows all built by their callers, up to ROWS_PER_INSERT of them, go in by one
+        statement, which undoes itself whole if it fails: no savepoint then, whose two
+        statements each waited for the GIL. A name to intern takes one, so that a batch
+        refused leaves none behind."""
         built = [self._rows_of(batch) for batch in batches]
-        if not batches or any(rows is None for rows in built) or self._tombstones(conn):
+        if not batches or any(rows is None for rows in built):
             return False
         names: _Names = ({}, {}, {})
-        conn.execute("SAVEPOINT together")
+        guarded = sum(len(batch.events) for batch in batches) > ROWS_PER_INSERT or any(
+            row is None for rows in built for row in rows or ()
+        )
+        if guarded:
+            conn.execute("SAVEPOINT together")
         try:
             self._intern_names(
                 conn,
@@ -930,10 +944,12 @@ class SQLiteStore(SqlCorrections, LimitTables):
             ]
             insert_events(conn, rows)
         except Exception:  # a repeat, an account gone: batch by batch sorts it out
-            conn.execute("ROLLBACK TO together")
-            conn.execute("RELEASE together")
+            if guarded:
+                conn.execute("ROLLBACK TO together")
+                conn.execute("RELEASE together")
             return False
-        conn.execute("RELEASE together")
+        if guarded:
+            conn.execute("RELEASE together")
         interned.append(names)
         for batch in batches:
             batch.result = AppendResult(len(batch.events), 0)
@@ -945,6 +961,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
         events: Sequence[Event],
         prepared: list[_Row | None],
         names: _Names,
+        tombstones: bool,
     ) -> AppendResult | None:
         """Insert the rows a caller ``prepared`` (their ids distinct; the missing ones built
         here) if none of their ids was seen before, the common case; else None, having
@@ -958,7 +975,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             row if row is not None else self._row(conn, event, names)
             for row, event in zip(prepared, events, strict=True)
         ]
-        if self._tombstones(conn):
+        if tombstones:
             for i in range(0, len(rows), PAIR_CHUNK):
                 chunk = rows[i : i + PAIR_CHUNK]
                 values = ",".join(["(?,?)"] * len(chunk))
