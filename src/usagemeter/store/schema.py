@@ -285,10 +285,12 @@ RUN_TABLE = "temp.fold_run"
 _RUN_FOLDS = _fold_statements(RUN_TABLE)
 ROLLUP_COLUMNS = "metric, account, key, billable, dimset, tagset, ts, value"
 # A group's events, from the first seq it stored, into ``unfolded`` (one statement in C),
-# in the table's key order: events spread over months go in 15% faster sorted than not.
+# in the order they arrived. Sorted first into the table's key order, as until round 9,
+# live traffic (in time order already) paid the sort, 0.25 of the copy's 1.1 µs an event,
+# and events spread over months went in no faster (2.2 against 2.1 µs).
 COPY_UNFOLDED = (
     f"INSERT INTO unfolded ({ROLLUP_COLUMNS}, seq) SELECT {ROLLUP_COLUMNS}, seq FROM events"
-    " WHERE seq > ? ORDER BY metric, ts, account, seq"
+    " WHERE seq > ?"
 )
 
 

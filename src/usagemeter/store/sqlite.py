@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -92,6 +93,12 @@ IDLE_FOLD_SECONDS = 0.5  # appends paused this long: fold what waits
 # Kept row ids looked up again once expired (a few statements, a few ms a second); above
 # this many, forgotten instead, as looking them all up would cost more than it saves.
 REFRESH_AT_MOST = 20_000
+# How long a thread holding the GIL runs before one that waits for it may ask for it. The
+# committer gives the GIL up for each statement and takes it back after; when request
+# threads run Python meanwhile (decoding and checking the next batches), taking it back
+# waits this long, unless the holder blocks first: at CPython's 5 ms, the few statements of
+# a group waited longer than they ran. A process-wide setting, only ever lowered here.
+SWITCH_INTERVAL = 0.0005
 
 
 def _disk_full(error: BaseException | None) -> bool:
@@ -184,34 +191,50 @@ _Row = tuple[int, str, int, int, int, int, int, int, float]  # an events row, as
 # cost the committer a json.dumps: 55,000 of them for the bench's 200,000-line file.)
 _Names = tuple[dict[str, int], dict[_DimsKey, int], dict[frozenset[str], int]]
 _EVENT_COLUMNS = "account, event_id, metric, ts, key, billable, dimset, tagset, value"
-# Rows go in by statements of many rows each, in sizes that are powers of two (so that a
-# few statements, each prepared once, serve every batch size), not by executemany. Why:
-# executemany gives the GIL up and takes it back around each row's step, and a thread that
-# asks for the GIL back while another runs Python waits for that one's switch interval
-# (5 ms): the committer stored a row per wait while callers decoded the next batches, so
-# the C that was meant to run beside their Python ran between it instead. One statement of
-# 2,048 rows gives the GIL up once and runs its inserts in C meanwhile. 2,048 rows of nine
-# columns bind 18,432 variables, under SQLite's limit of 32,766.
+# Rows go in by statements of many rows each, not by executemany. Why: executemany gives
+# the GIL up and takes it back around each row's step, and a thread that asks for the GIL
+# back while another runs Python waits for that one's switch interval (5 ms): the committer
+# stored a row per wait while callers decoded the next batches, so the C that was meant to
+# run beside their Python ran between it instead. One statement of 2,048 rows gives the GIL
+# up once and runs its inserts in C meanwhile. 2,048 rows of nine columns bind 18,432
+# variables, under SQLite's limit of 32,766.
 ROWS_PER_INSERT = 2048
+# A statement is prepared once for each number of rows it takes, so rows go in by
+# statements of a few sizes: powers of two. Up to PADDED_FROM rows, exactly (100 rows by
+# three statements: 64 + 32 + 4); above, by one statement of the next power of two, whose
+# spare rows its LIMIT leaves unread, so that a group of 1,000 or 2,000 rows is one
+# statement, not six. Why: each statement's return waits for the GIL while the event loop
+# and the request threads decode the next batches, and under live traffic those waits were
+# most of the committer's wall time. The spare rows are zeros: binding None costs the
+# sqlite3 module an adapter lookup, about 0.3 µs a value, more than the row it pads.
+PADDED_FROM = 128
+_SPARE_ROW = (0,) * 9
 
 
 @functools.cache
-def _insert_events_sql(rows: int) -> str:
+def _insert_events_sql(rows: int, limited: bool = False) -> str:
     values = ",".join(["(?,?,?,?,?,?,?,?,?)"] * rows)
-    return f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {values}"
+    if not limited:
+        return f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {values}"
+    return f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT * FROM (VALUES {values}) LIMIT ?"
 
 
 def insert_events(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
-    """Insert ``rows`` into ``events`` in a few statements (see ROWS_PER_INSERT). A row that
-    breaks a constraint fails its own statement whole; the caller's savepoint undoes the
-    statements before it."""
+    """Insert ``rows`` into ``events``, in order, in a few statements (see ROWS_PER_INSERT
+    and PADDED_FROM). A row that breaks a constraint fails its own statement whole; the
+    caller's savepoint undoes the statements before it."""
     start, left = 0, len(rows)
-    size = ROWS_PER_INSERT
     while left:
-        while size > left:
-            size //= 2
-        part = rows[start : start + size]
-        conn.execute(_insert_events_sql(size), list(itertools.chain.from_iterable(part)))
+        if left > PADDED_FROM:
+            size = min(left, ROWS_PER_INSERT)
+            padded = 1 << (size - 1).bit_length()  # the next power of two, or size itself
+        else:
+            size = padded = 1 << (left.bit_length() - 1)  # the greatest power of two <= left
+        params: list[object] = list(itertools.chain.from_iterable(rows[start : start + size]))
+        if padded > size:
+            params.extend(_SPARE_ROW * (padded - size))
+            params.append(size)
+        conn.execute(_insert_events_sql(padded, padded > size), params)
         start, left = start + size, left - size
 
 
@@ -289,6 +312,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
         self._create_limit_tables()
         self._create_void_tables()
         self.fold()  # what a crash or another process left unfolded
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)
         self._committer = threading.Thread(target=self._commit_loop, daemon=True)
         self._committer.start()
 
@@ -710,23 +735,31 @@ class SQLiteStore(SqlCorrections, LimitTables):
         id. Runs in the caller's thread, so that the committer's own Python stays out from
         between its SQL statements: its inserts and folds run in SQLite's C, without the
         GIL, while callers build the next batches."""
-        if len({(e.account_id, e.id) for e in events}) < len(events):
+        count = len(events)
+        # Ids distinct across the batch say the pairs are, without a tuple an event.
+        if len({e.id for e in events}) < count and (
+            len({(e.account_id, e.id) for e in events}) < count
+        ):
             return None  # the committer's whole path tells the repeats apart
         accounts, keys, metrics = self._account_rids, self._key_rids, self._metric_ids
-        dimsets, tagsets = self._dimset_ids, self._tagset_ids
+        cached_dimset, tagsets = self._dimset_ids.get, self._tagset_ids
         rows: list[_Row | None] = []
+        append = rows.append
         for e in events:
+            # As _cached_dimset: a set sent in sorted order is found without sorting.
+            items = tuple(e.dimensions.items())
+            dimset = cached_dimset(items) or cached_dimset(tuple(sorted(items)))
             try:
-                dimset = _cached_dimset(dimsets, e)
-                if dimset is None:
-                    raise KeyError(e.dimensions)
-                rows.append(
+                if not dimset:  # ids start at 1
+                    raise KeyError(items)
+                key_id = e.key_id
+                append(
                     (
                         accounts[e.account_id],
                         e.id,
                         metrics[e.metric],
                         e.ts_ms,
-                        NO_KEY if e.key_id is None else keys[e.key_id],
+                        NO_KEY if key_id is None else keys[key_id],
                         1 if e.billable else 0,
                         dimset,
                         tagsets[e.tags],
@@ -734,7 +767,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
                     )
                 )
             except KeyError:
-                rows.append(None)
+                append(None)
         return rows
 
     def _commit_loop(self) -> None:
@@ -812,10 +845,15 @@ class SQLiteStore(SqlCorrections, LimitTables):
             conn.execute("BEGIN IMMEDIATE")
             if row_ids_stale(self._row_ids_since):
                 self._refresh_row_ids(conn)
-            stored_before = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            # Two questions in one statement: each statement's return waits for the GIL.
+            stored_before, tombstones = conn.execute(
+                "SELECT (SELECT coalesce(max(seq), 0) FROM events),"
+                " EXISTS (SELECT 1 FROM tombstones)"
+            ).fetchone()
             failed.update(self._revoked(conn, group))
             todo = [place for place in range(len(group)) if place not in failed]
-            if not self._append_together(conn, [group[place] for place in todo], interned):
+            batches = [group[place] for place in todo]
+            if tombstones or not self._append_together(conn, batches, interned):
                 for place in todo:
                     batch = group[place]
                     conn.execute("SAVEPOINT batch")
@@ -824,7 +862,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
                         rows = self._rows_of(batch)
                         fresh = None
                         if rows is not None:
-                            fresh = self._append_fresh(conn, batch.events, rows, names)
+                            fresh = self._append_fresh(
+                                conn, batch.events, rows, names, bool(tombstones)
+                            )
                         batch.result = fresh or self._append_locked(conn, batch.events, names)
                         interned.append(names)
                     except Exception as exc:
@@ -885,22 +925,29 @@ class SQLiteStore(SqlCorrections, LimitTables):
             return [None] * len(batch.rows)  # row ids forgotten since: built here
         return batch.rows
 
-    def _tombstones(self, conn: sqlite3.Connection) -> bool:
-        return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM tombstones)").fetchone()[0])
-
     def _append_together(
         self, conn: sqlite3.Connection, batches: list[_PendingBatch], interned: list[_Names]
     ) -> bool:
         """Store ``batches`` in one insert, the common case of a group: no id repeated or
-        seen before (the unique index tells) and no tombstone to look at. Else store
-        nothing and return False: the batches then go one by one, each in a savepoint of
-        its own, so that one batch's error or repeat is its own. One-event requests come in
-        groups of a few: three statements a batch were a large part of their commit."""
+        seen before (the unique index tells; the caller checked that no tombstone is there
+        to look at). Else store no event and return False: the batches then go one by one,
+        each in a savepoint of its own, so that one batch's error or repeat is its own.
+        One-event requests come in groups of a few: three statements a batch were a large
+        part of their commit.
+
+        Rows all built by their callers, up to ROWS_PER_INSERT of them, go in by one
+        statement, which undoes itself whole if it fails: no savepoint then, whose two
+        statements each waited for the GIL. A name to intern takes one, so that a batch
+        refused leaves none behind."""
         built = [self._rows_of(batch) for batch in batches]
-        if not batches or any(rows is None for rows in built) or self._tombstones(conn):
+        if not batches or any(rows is None for rows in built):
             return False
         names: _Names = ({}, {}, {})
-        conn.execute("SAVEPOINT together")
+        guarded = sum(len(batch.events) for batch in batches) > ROWS_PER_INSERT or any(
+            row is None for rows in built for row in rows or ()
+        )
+        if guarded:
+            conn.execute("SAVEPOINT together")
         try:
             self._intern_names(
                 conn,
@@ -919,10 +966,12 @@ class SQLiteStore(SqlCorrections, LimitTables):
             ]
             insert_events(conn, rows)
         except Exception:  # a repeat, an account gone: batch by batch sorts it out
-            conn.execute("ROLLBACK TO together")
-            conn.execute("RELEASE together")
+            if guarded:
+                conn.execute("ROLLBACK TO together")
+                conn.execute("RELEASE together")
             return False
-        conn.execute("RELEASE together")
+        if guarded:
+            conn.execute("RELEASE together")
         interned.append(names)
         for batch in batches:
             batch.result = AppendResult(len(batch.events), 0)
@@ -934,6 +983,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
         events: Sequence[Event],
         prepared: list[_Row | None],
         names: _Names,
+        tombstones: bool,
     ) -> AppendResult | None:
         """Insert the rows a caller ``prepared`` (their ids distinct; the missing ones built
         here) if none of their ids was seen before, the common case; else None, having
@@ -947,7 +997,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             row if row is not None else self._row(conn, event, names)
             for row, event in zip(prepared, events, strict=True)
         ]
-        if self._tombstones(conn):
+        if tombstones:
             for i in range(0, len(rows), PAIR_CHUNK):
                 chunk = rows[i : i + PAIR_CHUNK]
                 values = ",".join(["(?,?)"] * len(chunk))
