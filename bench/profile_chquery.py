@@ -547,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(f"chdb:///{args.dir or scratch}/chdb")
         assert isinstance(store, ClickHouseStore)
         assert isinstance(store.transport, ChdbTransport)
+        if args.merged is not None:  # the store as loaded: not settled meanwhile (chsettle)
+            for table in ROLLUPS:
+                store.transport.command(f"SYSTEM STOP MERGES {table}")
         if store.count_events():  # loaded by an earlier run, the peer's table too
             peer = ChdbTransport(store.transport._shared.path, "bench")
         else:
@@ -586,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         breakdown(store, peer, args.runs)
         spec = asked(store, query)
         (plan,) = store.plans(spec)
-        (slots_plan,) = plan_aggregate(spec, hour_sets=False)
+        (slots_plan,) = plan_aggregate(spec, hour_sets=False, coarse_tables=False)
         regular = chplan._regular
         chplan._regular = lambda pieces: None  # type: ignore[assignment]
         (joined_plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
