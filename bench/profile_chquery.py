@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         (slots_plan,) = plan_aggregate(spec, hour_sets=False, coarse_tables=False)
         regular = chplan._regular
         chplan._regular = lambda pieces: None  # type: ignore[assignment]
-        (joined_plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
+        (joined_plan,) = store.plans(spec)
         chplan._regular = regular  # type: ignore[assignment]
 
         def without_collector() -> object:

@@ -40,7 +40,8 @@ _WHOLE = "min_age_to_force_merge_on_partition_only"
 
 def settle_rollups(transport: Transport, after_s: int = SETTLE_AFTER_S) -> None:
     """Give every table of SETTLED that exists the settling merge, after ``after_s`` quiet
-    seconds; a table already set so is left alone (an ALTER per start would be wasted)."""
+    seconds. A table that has an age already keeps it: an operator who set another (0
+    turns the settling off, see docs/clickhouse.md) is not overruled at the next start."""
     known = transport.query(
         f"SELECT count() FROM system.merge_tree_settings WHERE name IN ({literals([_AGE, _WHOLE])})"
     )
@@ -52,7 +53,7 @@ def settle_rollups(transport: Transport, after_s: int = SETTLE_AFTER_S) -> None:
         f" WHERE database = currentDatabase() AND name IN ({literals(SETTLED)})"
     )
     for name, engine in rows:
-        if any(table_settings(engine).get(k) != v for k, v in wanted.items()):
+        if _AGE not in table_settings(engine):
             values = ", ".join(f"{k} = {v}" for k, v in wanted.items())
             transport.command(f"ALTER TABLE {name} MODIFY SETTING {values}")
 
