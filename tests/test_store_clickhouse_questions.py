@@ -362,6 +362,10 @@ def test_a_plain_latest_value_is_a_maximum_over_the_latest_table() -> None:
     latest, summed = plan_aggregate(mixed, hour_sets=True, latest_hours=True)
     assert (latest.positions, summed.positions) == ((1,), (0,))
     assert not isinstance(latest, TopsPlan) and "max(top).3" in latest.sql
+    # Alone with ragged ends: the hours' and the raw events' maxima, totals by fold_tops.
+    (alone,) = plan_aggregate(_spec(ragged, "latest", totals=True), latest_hours=True)
+    assert isinstance(alone, TopsPlan) and "UNION ALL" in alone.sql
+    assert "GROUPING SETS" not in alone.sql and "(ts, seq, value) AS top" in alone.sql
     assert f"FROM {LATEST} " in latest.sql and "(ts, seq, value) AS top" in latest.sql
     assert "top" not in summed.sql and "argMax" not in summed.sql
     for narrowed in (
