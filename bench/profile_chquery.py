@@ -547,9 +547,6 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(f"chdb:///{args.dir or scratch}/chdb")
         assert isinstance(store, ClickHouseStore)
         assert isinstance(store.transport, ChdbTransport)
-        if args.merged is not None:  # the store as loaded: not settled meanwhile (chsettle)
-            for table in ROLLUPS:
-                store.transport.command(f"SYSTEM STOP MERGES {table}")
         if store.count_events():  # loaded by an earlier run, the peer's table too
             peer = ChdbTransport(store.transport._shared.path, "bench")
         else:
@@ -557,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
             loader = Peer(store)
             loader.load(args.events)
             peer = loader.transport
+        if args.merged is not None:  # the store as loaded: not settled meanwhile (chsettle)
+            for table in ROLLUPS:
+                store.transport.command(f"SYSTEM STOP MERGES {table}")
         query = questions()[SHORT[args.question]]
         engine = Engine(store)
         engine.run(query)  # warm
