@@ -28,6 +28,11 @@ the schema's ``distinct_hour`` and ``latest_hour``: "the store's" column is its 
 them, as before round 8.) Round 9 adds distinct-count states per UTC day (``distinct_day``),
 and the hour's distinct values as arrays of their hashes (``distinct_hashes``), each asked
 beside the store's plan as it is; ``--prototype distinct_day`` builds only that one.
+``--merged [TABLE ...]`` (round 10) copies the store, part for part, into a second database
+of the same session, merges the named rollups there (every one when none is named) into one
+part per partition, as ``OPTIMIZE ... FINAL`` or a table's settling leaves them, and asks
+every question of both stores in turn with the peer, answers checked equal: what a table's
+parts cost its questions, the rows of each as many as the load left.
 """
 
 from __future__ import annotations
@@ -435,6 +440,78 @@ def prototype(
     scratch.close()
 
 
+MERGED = "merged_r10"
+ROLLUPS = ("rollup", "rollup_hour_sets", "distinct_hour", "hour_values")
+
+
+def merged_copy(store: ClickHouseStore, tables: list[str]) -> ClickHouseStore:
+    """A store on a copy of ``store``'s database (MERGED, in the same session): each table
+    copied part for part (one INSERT per active part, with no merge on insert, so that its
+    rows per key are as many as the store's), merges stopped, then ``tables`` merged with
+    OPTIMIZE ... FINAL. Opened fresh first, so that every table it backfills is complete
+    from the start; its views dropped before the copy, so that nothing is folded twice."""
+    assert isinstance(store.transport, ChdbTransport)
+    db, path = store.transport.database, store.transport._shared.path
+    ChdbTransport(path, MERGED).command(f"DROP DATABASE IF EXISTS {MERGED}")
+    copy = ClickHouseStore(ChdbTransport(path, MERGED), str(Path(store.side.path).parent / "m"))
+    transport = copy.transport
+    for (view,) in transport.query(
+        "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        " AND engine = 'MaterializedView'"
+    ):
+        transport.command(f"DROP VIEW {view}")
+    for table in ("events", *ROLLUPS):
+        transport.command(f"SYSTEM STOP MERGES {table}")
+        parts = transport.query(
+            f"SELECT name FROM system.parts WHERE database = {db!r} AND table = {table!r}"
+            " AND active ORDER BY name"
+        )
+        for (part,) in parts:
+            transport.command(
+                f"INSERT INTO {table} SELECT * FROM {db}.{table} WHERE _part = {part!r}"
+                " SETTINGS optimize_on_insert = 0, max_insert_block_size = 100000000,"
+                " min_insert_block_size_rows = 100000000, max_partitions_per_insert_block = 0"
+            )
+    for table in tables:
+        transport.command(f"SYSTEM START MERGES {table}")
+        transport.command(f"OPTIMIZE TABLE {table} FINAL")
+    for database in (db, MERGED):
+        counts = transport.query(
+            "SELECT table, count(), sum(rows) FROM system.parts WHERE active"
+            f" AND database = {database!r} AND table IN ({', '.join(map(repr, ROLLUPS))})"
+            " GROUP BY table ORDER BY table"
+        )
+        print(f"{database}: " + ", ".join(f"{t} {n} parts ({r:,} rows)" for t, n, r in counts))
+    print()
+    return copy
+
+
+def merged(store: ClickHouseStore, peer: ChdbTransport, runs: int, tables: list[str]) -> None:
+    """Every question asked of the store as loaded and of its copy with ``tables`` merged
+    (merged_copy), in turn with the peer; medians (CLOCK), answers checked equal."""
+    copy = merged_copy(store, tables)
+    gc.collect()
+    gc.freeze()
+    print("| heavy account, 90 days | as loaded | merged | raw chDB peer | ratio | merged / peer |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, query in questions().items():
+        peer_sql = chdb_peer.sql(peer_question(label, query))
+        ms = _in_turn(
+            {
+                "loaded": lambda q=query: Engine(store).run(q),
+                "merged": lambda q=query: Engine(copy).run(q),
+                "peer": lambda s=peer_sql: peer.query(s),
+            },
+            runs,
+        )
+        cells = [f"{ms[k]:.1f} ms" for k in ("loaded", "merged", "peer")]
+        cells += [f"{ms['loaded'] / ms['merged']:.2f}", f"{ms['merged'] / ms['peer']:.2f}"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+    copy.transport.command(f"DROP DATABASE {MERGED}")
+    copy.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_chquery", description=__doc__)
     parser.add_argument("--events", type=int, default=300_000)
@@ -450,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(PROTO_TABLES),
         help="only the distinct and latest questions of tables the schema does not have"
         " (these, or all)",
+    )
+    parser.add_argument(
+        "--merged",
+        nargs="*",
+        choices=ROLLUPS,
+        help="every question of the store and of a copy with these rollups merged (or all)",
     )
     parser.add_argument(
         "--cpu",
@@ -471,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
             loader = Peer(store)
             loader.load(args.events)
             peer = loader.transport
+        if args.merged is not None:  # the store as loaded: not settled meanwhile (chsettle)
+            for table in ROLLUPS:
+                store.transport.command(f"SYSTEM STOP MERGES {table}")
         query = questions()[SHORT[args.question]]
         engine = Engine(store)
         engine.run(query)  # warm
@@ -478,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         gc.freeze()
         print(f"{store.count_events():,} events\n")
+        if args.merged is not None:
+            merged(store, peer, args.runs, args.merged or list(ROLLUPS))
+            peer.close()
+            store.close()
+            return 0
         if args.prototype is not None:
             prototype(store, peer, args.runs, args.prototype)
             peer.close()
@@ -498,10 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         breakdown(store, peer, args.runs)
         spec = asked(store, query)
         (plan,) = store.plans(spec)
-        (slots_plan,) = plan_aggregate(spec, hour_sets=False)
+        (slots_plan,) = plan_aggregate(spec, hour_sets=False, coarse_tables=False)
         regular = chplan._regular
         chplan._regular = lambda pieces: None  # type: ignore[assignment]
-        (joined_plan,) = plan_aggregate(spec, hour_sets=store.hour_sets.ready())
+        (joined_plan,) = store.plans(spec)
         chplan._regular = regular  # type: ignore[assignment]
 
         def without_collector() -> object:

@@ -27,8 +27,8 @@ from usagemeter.model import (
     ResultBucket,
     Scope,
 )
-from usagemeter.store.base import AggregateSpec, Measure, Window
-from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.base import OVERALL, TOTAL, AggregateSpec, Measure, Window
+from usagemeter.store.chplan import TopsPlan, fold_tops, plan_aggregate
 from usagemeter.store.chschema import LATEST
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlite import SQLiteStore
@@ -354,11 +354,18 @@ def test_a_plain_latest_value_is_a_maximum_over_the_latest_table() -> None:
     spec = _spec(days, "latest", totals=True, group_by=("key",), key_id="k")
     (whole,) = plan_aggregate(spec, latest_hours=True)
     assert whole.sql.startswith("WITH intDiv(") and f"FROM {LATEST} WHERE" in whole.sql
-    assert "max(top).3" in whole.sql and "key = 'k'" in whole.sql and "argMax" not in whole.sql
+    assert "max(top)" in whole.sql and "key = 'k'" in whole.sql and "argMax" not in whole.sql
+    # Alone in its question, its totals are folded from its windows' maxima (fold_tops).
+    assert isinstance(whole, TopsPlan) and "GROUPING SETS" not in whole.sql
     ragged = (Window(0, BASE_MS + 15 * 60_000 + 7, BASE_MS + DAY_MS), *days[1:])
     mixed = AggregateSpec(("a",), "m", ragged, (Measure("sum"), Measure("latest")))
     latest, summed = plan_aggregate(mixed, hour_sets=True, latest_hours=True)
     assert (latest.positions, summed.positions) == ((1,), (0,))
+    assert not isinstance(latest, TopsPlan) and "max(top).3" in latest.sql
+    # Alone with ragged ends: the hours' and the raw events' maxima, totals by fold_tops.
+    (alone,) = plan_aggregate(_spec(ragged, "latest", totals=True), latest_hours=True)
+    assert isinstance(alone, TopsPlan) and "UNION ALL" in alone.sql
+    assert "GROUPING SETS" not in alone.sql and "(ts, seq, value) AS top" in alone.sql
     assert f"FROM {LATEST} " in latest.sql and "(ts, seq, value) AS top" in latest.sql
     assert "top" not in summed.sql and "argMax" not in summed.sql
     for narrowed in (
@@ -426,3 +433,46 @@ def test_the_latest_table_answers_as_the_argmax_states_do(
             (r.buckets, r.totals, r.total) for r in results[0]
         ]
     assert results[1][0].total == (float((199 * 37 + 200) % 101),)  # the second write
+
+
+# --------------------------------- round 10: a latest value's totals from its windows' maxima
+
+
+tops_strategy = st.lists(
+    st.tuples(
+        st.integers(0, 5),  # the window
+        st.sampled_from(["k1", "k2", None]),  # the group
+        st.integers(0, 3),  # ts: ties on the instant are common
+        st.integers(0, 3),  # seq
+        st.floats(-1e6, 1e6, allow_nan=False),
+    ),
+    unique_by=lambda r: (r[0], r[1]),  # a window's maximum per group, as the statement gives
+    max_size=20,
+)
+
+
+@given(rows=tops_strategy, grouped=st.booleans())
+def test_a_latest_values_totals_are_the_greatest_of_its_windows(
+    rows: list[tuple[int, str | None, int, int, float]], grouped: bool
+) -> None:
+    """Each group's total is the value of its greatest (ts, seq, value), the later write
+    on a tie of the instant; the overall total the greatest of all; none without rows."""
+    if not grouped:
+        rows = list({r[0]: r for r in rows}.values())
+    columns: list[list[object]] = [[r[0] for r in rows]]
+    if grouped:
+        columns.append([r[1] for r in rows])
+    columns.append([[r[2], r[3], r[4]] for r in rows])
+    out = fold_tops(columns, 1 if grouped else 0)
+    assert [c[: len(rows)] for c in out[:-1]] == columns[:-1]
+    assert out[-1][: len(rows)] == [r[4] for r in rows]
+    found = list(zip(*out, strict=True))[len(rows) :]
+    expected = []
+    keys = list(dict.fromkeys(r[1] if grouped else None for r in rows))
+    for key in keys:
+        mine = [r for r in rows if not grouped or r[1] == key]
+        top = max((r[2], r[3], r[4]) for r in mine)
+        expected.append((TOTAL, key, top[2]) if grouped else (TOTAL, top[2]))
+    if grouped and rows:
+        expected.append((OVERALL, None, max((r[2], r[3], r[4]) for r in rows)[2]))
+    assert found == expected

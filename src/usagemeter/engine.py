@@ -10,8 +10,10 @@ a month is not the sum of its days).
 from __future__ import annotations
 
 import functools
+import gc
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
 from itertools import accumulate, chain, repeat
@@ -177,61 +179,65 @@ class Engine:
         answer = self._aggregate(spec)
         at, groups, values = answer.windows, answer.groups, answer.values
 
-        # Rows ordered by window, and by group within a window: each bucket's cells are then
-        # one slice, already sorted (an hourly report by status has thousands of buckets and
-        # about 10,800 cells). The totals' rows (negative windows) come first. Ranks, orders,
-        # cells and slices are all made by C loops; no Python statement runs per cell.
-        counts = Counter(groups)
-        ranked = sorted(counts, key=_sort_key)
-        by_group: Sequence[int] = range(len(at))
-        if len(ranked) > 1:
-            rank = {group: r for r, group in enumerate(ranked)}
-            by_group = sorted(by_group, key=list(map(rank.__getitem__, groups)).__getitem__)
-        order = sorted(by_group, key=at.__getitem__)  # stable: groups stay in order
-        if plan.direct and None not in chain.from_iterable(values):
-            cell_values: Sequence[tuple[float, ...]] = values  # type: ignore[assignment]
-        else:
-            cell_values = list(map(plan.derive, values))
-        cells = _made(
-            GroupValues, map(groups.__getitem__, order), map(cell_values.__getitem__, order)
-        )
-        # Where each bucket's cells begin: after the totals' rows, its windows' rows counted.
-        per_window = Counter(at)
-        before_buckets = per_window[TOTAL] + per_window[OVERALL]
-        bounds = list(
-            accumulate(map(per_window.__getitem__, range(buckets)), initial=before_buckets)
-        )
-        slices = map(slice, bounds, bounds[1:])
-        result_buckets = tuple(
-            _made(ResultBucket, cuts[:-1], cuts[1:], map(tuple, map(cells.__getitem__, slices)))
-        )
+        # The cells are made with the cyclic collector paused (_collector_paused): none of
+        # them can form a cycle, and an hourly report's 10,800 cells set off a dozen passes.
+        with _collector_paused():
+            # Rows ordered by window, and by group within a window: each bucket's cells are then
+            # one slice, already sorted (an hourly report by status has thousands of buckets and
+            # about 10,800 cells). The totals' rows (negative windows) come first. Ranks, orders,
+            # cells and slices are all made by C loops; no Python statement runs per cell.
+            counts = Counter(groups)
+            ranked = sorted(counts, key=_sort_key)
+            by_group: Sequence[int] = range(len(at))
+            if len(ranked) > 1:
+                rank = {group: r for r, group in enumerate(ranked)}
+                by_group = sorted(by_group, key=list(map(rank.__getitem__, groups)).__getitem__)
+            order = sorted(by_group, key=at.__getitem__)  # stable: groups stay in order
+            if plan.direct and None not in chain.from_iterable(values):
+                cell_values: Sequence[tuple[float, ...]] = values  # type: ignore[assignment]
+            else:
+                cell_values = list(map(plan.derive, values))
+            cells = _made(
+                GroupValues, map(groups.__getitem__, order), map(cell_values.__getitem__, order)
+            )
+            # Where each bucket's cells begin: after the totals' rows, its windows' rows counted.
+            per_window = Counter(at)
+            before_buckets = per_window[TOTAL] + per_window[OVERALL]
+            bounds = list(
+                accumulate(map(per_window.__getitem__, range(buckets)), initial=before_buckets)
+            )
+            slices = map(slice, bounds, bounds[1:])
+            result_buckets = tuple(
+                _made(ResultBucket, cuts[:-1], cuts[1:], map(tuple, map(cells.__getitem__, slices)))
+            )
 
-        if additive:
-            # Fold the stored measures, then derive: an average over a range is the range's
-            # sum over its count, never an average of the buckets' averages.
-            folded = []
-            start = 0
-            for group in ranked:
-                stop = start + counts[group]
-                columns = zip(*map(values.__getitem__, by_group[start:stop]), strict=True)
-                measured = tuple(_fold(m, c) for m, c in zip(plan.measured, columns, strict=True))
-                folded.append(GroupValues(group, measured))
-                start = stop
-            totals = [GroupValues(g.group, plan.derive(g.values)) for g in folded]
-            total = plan.derive(
-                [_fold(m, (g.values[i] for g in folded)) for i, m in enumerate(plan.measured)]
-            )
-        else:
-            # The totals' rows, first in ``order``: each group's (TOTAL, in group order) and,
-            # when grouped, the one over every group (OVERALL).
-            first = order[: bounds[0]]
-            range_rows = [i for i in first if at[i] == TOTAL]
-            overall = next((i for i in first if at[i] != TOTAL), None)
-            totals = [GroupValues(groups[i], plan.derive(values[i])) for i in range_rows]
-            whole = overall if query.group_by else (range_rows[0] if range_rows else None)
-            total = plan.derive(
-                values[whole] if whole is not None else (None,) * len(plan.measures)
-            )
+            if additive:
+                # Fold the stored measures, then derive: an average over a range is the range's
+                # sum over its count, never an average of the buckets' averages.
+                folded = []
+                start = 0
+                for group in ranked:
+                    stop = start + counts[group]
+                    columns = zip(*map(values.__getitem__, by_group[start:stop]), strict=True)
+                    pairs = zip(plan.measured, columns, strict=True)
+                    measured = tuple(_fold(m, c) for m, c in pairs)
+                    folded.append(GroupValues(group, measured))
+                    start = stop
+                totals = [GroupValues(g.group, plan.derive(g.values)) for g in folded]
+                total = plan.derive(
+                    [_fold(m, (g.values[i] for g in folded)) for i, m in enumerate(plan.measured)]
+                )
+            else:
+                # The totals' rows, first in ``order``: each group's (TOTAL, in group order) and,
+                # when grouped, the one over every group (OVERALL).
+                first = order[: bounds[0]]
+                range_rows = [i for i in first if at[i] == TOTAL]
+                overall = next((i for i in first if at[i] != TOTAL), None)
+                totals = [GroupValues(groups[i], plan.derive(values[i])) for i in range_rows]
+                whole = overall if query.group_by else (range_rows[0] if range_rows else None)
+                total = plan.derive(
+                    values[whole] if whole is not None else (None,) * len(plan.measures)
+                )
         return Result(query, aggregations, result_buckets, tuple(totals), total)
 
     def _aggregate(self, spec: AggregateSpec) -> AggregateColumns:
@@ -284,6 +290,24 @@ def _made(kind: type[_T], *columns: Iterable[object]) -> list[_T]:
     for name, column in zip(names, values, strict=True):
         deque(map(vars(kind)[name].__set__, made, column), maxlen=0)
     return made
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a stretch of pure CPU work that makes many objects
+    and no cycle (an answer's cells and buckets): each 700 allocations would otherwise start
+    a pass over the young objects, and now and then over every object not frozen. Objects
+    are still freed by their counts meanwhile. Left alone when it is off already (another
+    thread's stretch, or an application that runs without it); should two threads' stretches
+    overlap, the first to end turns it on again, which only means passes resume early."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _zeros(values: Sequence[float | None]) -> tuple[float, ...]:

@@ -23,6 +23,7 @@ the way ClickHouse answers it fast.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Group
@@ -327,23 +328,27 @@ def _plain(spec: AggregateSpec) -> bool:
     )
 
 
-def _latest_tops(spec: AggregateSpec, group_columns: Sequence[str]) -> str | None:
+def _latest_tops(
+    spec: AggregateSpec, group_columns: Sequence[str], alone: bool = False
+) -> str | None:
     """The latest value as the maximum of (ts, seq, value): the latest table's whole UTC
     hours (straight from it when they are every piece) and the raw events of the rest,
     which are a window's ragged quarter hours and milliseconds. None when no window holds
     a whole UTC hour (Kathmandu's or Kolkata's hours): the slots' argMax states answer
-    those rather than every raw event of the range."""
+    those rather than every raw event of the range. ``alone`` (the question's only
+    statement): each window's whole maximum, no totals; fold_tops adds them (TopsPlan)."""
     pieces, raw_pieces = _split(spec.windows, (LATEST_GRAIN,))
     hours = pieces[LATEST_GRAIN]
     if not hours:
         return None
-    groups, latest = len(group_columns), ["max(top).3"]
+    groups, latest = len(group_columns), ["max(top)" if alone else "max(top).3"]
+    totals = spec.totals and not alone
     lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
     where = _where(spec, LATEST_GRAIN, "slot", lo, hi)
     if not raw_pieces:
         flat = _flat(LATEST, where, "slot", hours, group_columns)
         if flat is not None:
-            return _select(groups, latest, flat[1], spec.totals, flat[0])
+            return _select(groups, latest, flat[1], totals, flat[0])
     refs = [f"g{n}" for n in range(groups)]
     parts = []
     for found, table, column, top in (
@@ -359,7 +364,40 @@ def _latest_tops(spec: AggregateSpec, group_columns: Sequence[str]) -> str | Non
                 f"{source} WHERE {_where(spec, grain, column, lo, hi)}", column, found
             )
             parts.append(f"SELECT {', '.join([f'{index} AS idx', *refs, 'top'])} {rows}")
-    return _select(groups, latest, "FROM (" + " UNION ALL ".join(parts) + ")", spec.totals)
+    return _select(groups, latest, "FROM (" + " UNION ALL ".join(parts) + ")", totals)
+
+
+@dataclass(frozen=True, slots=True)
+class TopsPlan(Plan):
+    """A latest value's only statement, whose rows carry each window's whole maximum
+    (ts, seq, value) and no totals: decode_columns adds them (fold_tops)."""
+
+
+def fold_tops(columns: list[list[Any]], groups: int) -> list[list[Any]]:
+    """The rows of a TopsPlan with the totals its statement left out, each the greatest
+    (ts, seq, value) of its rows: a range's latest value is the latest of its windows',
+    a tie on the instant to the later write, as the maximum over the range would give.
+    Each group's (TOTAL) and, when grouped, every group's (OVERALL, its group values
+    None); the tuples then read as their values. GROUPING SETS made ClickHouse fold the
+    same rows twice more (a daily StorageBytes report: 1.08 to 1.2 times the CPU, round 9)."""
+    if not columns or not columns[0]:
+        return columns
+    windows, keys, tops = columns[0], columns[1 : 1 + groups], columns[-1]
+    rows = list(zip(*keys, strict=True)) if groups else [()] * len(windows)
+    best: dict[tuple[Any, ...], list[Any]] = {}
+    for key, top in zip(rows, tops, strict=True):
+        if key not in best or top > best[key]:
+            best[key] = top
+    totals = [(TOTAL, key, top) for key, top in best.items()]
+    if groups:
+        totals.append((OVERALL, (None,) * groups, max(best.values())))
+    out: list[list[Any]] = [list(windows), *map(list, keys), [t[2] for t in tops]]
+    for window, key, top in totals:
+        out[0].append(window)
+        for n in range(groups):
+            out[1 + n].append(key[n])
+        out[-1].append(top[2])
+    return out
 
 
 def _prefold(
@@ -445,10 +483,13 @@ def plan_aggregate(
 
     tops = None  # the latest value's own statement, when the latest table answers it
     latest = [i for i, m in enumerate(spec.measures) if m.aggregation == "latest"]
+    # With no other measure, its one statement leaves the totals to fold_tops.
+    alone = spec.totals and latest == list(range(len(spec.measures)))
     if latest_hours and latest and _plain(spec):
-        tops = _latest_tops(spec, group_columns)
+        tops = _latest_tops(spec, group_columns, alone)
     if tops is not None:
-        plans.append(Plan(tops, (), (latest[0],), _decoder(spec, (latest[0],))))
+        kind = TopsPlan if alone else Plan
+        plans.append(kind(tops, (), (latest[0],), _decoder(spec, (latest[0],))))
     foldable = [
         i
         for i, m in enumerate(spec.measures)
@@ -524,6 +565,8 @@ def decode_columns(spec: AggregateSpec, plan: Plan, columns: list[list[Any]]) ->
     its rows, and the values' tuples come out of one zip."""
     if plan.positions != tuple(range(len(spec.measures))):
         raise ValueError("one of several statements: merge their rows (sqlplan.run_plans)")
+    if isinstance(plan, TopsPlan):
+        columns = fold_tops(columns, len(spec.group_by))
     if not columns:
         return AggregateColumns([], [], [])
     windows: list[int] = columns[0]

@@ -65,6 +65,7 @@ from usagemeter.store.chschema import (
     STATEMENTS,
     pack_small_parts,
 )
+from usagemeter.store.chsettle import settle_rollups
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
 from usagemeter.store.chupgrade import Backfilled
 from usagemeter.store.chvoids import ChCorrections
@@ -97,6 +98,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         for statement in STATEMENTS:
             transport.command(statement)
         pack_small_parts(transport)
+        settle_rollups(transport)  # merged once quiet: the questions read a row per hour
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
         # the insert of an account or key: ClickHouse enforces no unique keys itself.
         self._lock = threading.Lock()

@@ -1,0 +1,67 @@
+"""The rollups settle: once a table has taken no insert for a while, its parts are merged into
+one per partition, so that each hour (or slot) and set is one row again.
+
+A question reads every part's row of each hour it covers and folds them: a distinct count
+merges each part's state of the hour (its hash set rebuilt and merged again), a report sums
+each part's row. ClickHouse's own merges pick parts of like sizes and leave a table of a few
+large parts; when events arrive in time order (a live service), each hour's rows sit in one
+of them. A backfill's batches, a migration's or the bench's, each span the whole range, so
+every part holds a row of nearly every hour: after 10M such events ``distinct_hour`` held
+24,022 rows of the heavy account's 90 days where 4,320 merged would do, and each question
+cost 1.3 to 2.8 times the CPU it costs merged (docs/clickhouse.md, "Questions, round 10").
+
+``min_age_to_force_merge_seconds`` with ``min_age_to_force_merge_on_partition_only``: once
+every part of a partition is older than SETTLE_AFTER_S, the partition is merged whole. A
+store written steadily never meets that (a new part is always younger), and its merges go
+on as before; a store whose writes stop (a backfill's end, a night) has its rollups merged
+once, SETTLE_AFTER_S later. The cost is that merge: each table's partition rewritten once
+per quiet spell (the sets tables and the distinct table are not partitioned on a database
+created since round 6, so the whole table: at 10M events the four took 72 s side by side,
+467 MB before, 291 MB after). A store written in bursts far apart, at billions of events,
+sets the age to 0 (never) or to hours; settle_rollups keeps an age a table has.
+Answers do not change: a merge folds the rows of one key as a question would.
+
+Set by ALTER, as chschema.pack_small_parts sets its own: on a database of any age, and only
+where the server knows the settings (an older server's tables keep merging as they did).
+"""
+
+from __future__ import annotations
+
+from usagemeter.store.chschema import DISTINCT, HOUR_SETS, HOUR_VALUES
+from usagemeter.store.chtransport import Transport, literals
+
+SETTLE_AFTER_S = 600
+"""Seconds every part of a partition must have stood before it is merged whole: longer than
+any pause between a live service's batches, so that only a quiet store settles."""
+
+# The tables the questions read their whole hours and slots from.
+SETTLED = ("rollup", HOUR_SETS, DISTINCT, HOUR_VALUES)
+_AGE = "min_age_to_force_merge_seconds"
+_WHOLE = "min_age_to_force_merge_on_partition_only"
+
+
+def settle_rollups(transport: Transport, after_s: int = SETTLE_AFTER_S) -> None:
+    """Give every table of SETTLED that exists the settling merge, after ``after_s`` quiet
+    seconds. A table that has an age already keeps it: an operator who set another (0
+    turns the settling off, see docs/clickhouse.md) is not overruled at the next start."""
+    known = transport.query(
+        f"SELECT count() FROM system.merge_tree_settings WHERE name IN ({literals([_AGE, _WHOLE])})"
+    )
+    if not known or int(known[0][0]) != 2:
+        return
+    wanted = {_AGE: str(int(after_s)), _WHOLE: "1"}
+    rows = transport.query(
+        "SELECT name, engine_full FROM system.tables"
+        f" WHERE database = currentDatabase() AND name IN ({literals(SETTLED)})"
+    )
+    for name, engine in rows:
+        if _AGE not in table_settings(engine):
+            values = ", ".join(f"{k} = {v}" for k, v in wanted.items())
+            transport.command(f"ALTER TABLE {name} MODIFY SETTING {values}")
+
+
+def table_settings(engine_full: str) -> dict[str, str]:
+    """The SETTINGS of a table's ``engine_full`` (system.tables), by name."""
+    _, _, settings = engine_full.partition(" SETTINGS ")
+    pairs = (item.split(" = ", 1) for item in settings.split(", ") if " = " in item)
+    return {k.strip(): v.strip() for k, v in pairs}

@@ -1,0 +1,104 @@
+"""The engine makes an answer's cells with the cyclic collector paused (engine._collector_paused):
+it is on again afterwards, whatever happened meanwhile, and left off when it was off."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from usagemeter import engine as engine_module
+from usagemeter.engine import Engine
+from usagemeter.model import Account, Event, GroupValues, Query
+from usagemeter.store.sqlite import SQLiteStore
+from usagemeter.timewindows import Granularity, to_ms
+
+T0 = datetime(2024, 11, 3, tzinfo=UTC)  # New York falls back this day
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(str(tmp_path / "c.db"))
+    store.create_account(Account("a", "A"))
+    store.append(
+        [
+            Event(
+                f"e{i}",
+                "a",
+                "m",
+                to_ms(T0 + timedelta(minutes=7 * i)),
+                dimensions={"s": str(i % 3)},
+            )
+            for i in range(200)
+        ]
+    )
+    yield store
+    store.close()
+
+
+def _hourly() -> Query:
+    return Query(
+        ("a",),
+        "m",
+        T0,
+        T0 + timedelta(days=1),
+        Granularity.HOUR,
+        "America/New_York",
+        group_by=("s",),
+    )
+
+
+@pytest.fixture
+def seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Whether the collector was on as each kind of object was made."""
+    made = engine_module._made
+    found: list[tuple[str, bool]] = []
+
+    def watched(kind: type, *columns: object) -> list[object]:
+        found.append((kind.__name__, gc.isenabled()))
+        return made(kind, *columns)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "_made", watched)
+    return found
+
+
+def test_the_cells_are_made_with_the_collector_off_and_it_is_on_after(
+    store: SQLiteStore, seen: list[tuple[str, bool]]
+) -> None:
+    assert gc.isenabled()
+    result = Engine(store).run(_hourly())
+    assert gc.isenabled()
+    assert len(result.buckets) == 24  # 24 hours across New York's fall back
+    assert result.total == (200,) and sum(c.values[0] for c in result.totals) == 200
+    assert ("GroupValues", False) in seen and ("ResultBucket", False) in seen
+    assert ("Window", True) in seen  # before the store's call: on, as the store works
+
+
+def test_the_collector_is_on_again_when_making_the_cells_fails(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(kind: type, *columns: object) -> list[object]:
+        if kind is GroupValues:
+            raise MemoryError("no room")
+        return made(kind, *columns)  # type: ignore[arg-type]
+
+    made = engine_module._made
+    monkeypatch.setattr(engine_module, "_made", failing)
+    with pytest.raises(MemoryError):
+        Engine(store).run(_hourly())
+    assert gc.isenabled()
+
+
+def test_a_collector_that_was_off_stays_off(
+    store: SQLiteStore, seen: list[tuple[str, bool]]
+) -> None:
+    gc.disable()
+    try:
+        Engine(store).run(_hourly())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert ("GroupValues", False) in seen
