@@ -718,3 +718,44 @@ def test_counting_a_files_lines_in_blocks_counts_as_iterating_it(
     path.write_bytes(text)
     with path.open("rb") as handle:
         assert count_lines(path) == sum(1 for _ in handle)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_a_stored_id_in_any_place_of_a_batch_is_its_only_repeat(
+    tmp_path: Path, data: st.DataObject
+) -> None:
+    """A batch of fewer than PADDED_FROM rows goes in by statements of powers of two (3 as
+    2 + 1): a repeat in a later statement must not leave the earlier rows stored and then
+    counted as repeats, nor as stored by a batch that is answered otherwise."""
+    size = data.draw(st.integers(1, 40), label="size")
+    place = data.draw(st.integers(0, size - 1), label="place")
+    store = _open(tmp_path / f"fresh-{os.urandom(4).hex()}.db")
+    store.append([Event("old", "a", "m", BASE_MS, 1.0)])  # names and row ids cached
+    events = [Event(f"n{i}", "a", "m", BASE_MS + 1 + i, 1.0) for i in range(size - 1)]
+    events.insert(place, Event("old", "a", "m", BASE_MS, 1.0))
+    result = store.append(events)
+    assert (result.accepted, result.duplicates, result.conflicts) == (size - 1, 1, ())
+    assert store.count_events() == size
+    assert _totals(store, "a", _day()) == {0: (size, float(size), 1.0, 1.0)}
+    store.close()
+
+
+def test_batches_of_one_group_whose_repeat_is_in_a_later_statement_answer_each_their_own(
+    db_path: Path,
+) -> None:
+    store = _open(db_path)
+    store.append([Event("e0", "a", "m", BASE_MS, 1.0)])  # names and row ids cached
+    group = [  # three rows: a statement of two, then one, which meets the stored e0
+        [Event("e1", "a", "m", BASE_MS + 1, 1.0)],
+        [Event("e2", "a", "m", BASE_MS + 2, 2.0)],
+        [Event("e0", "a", "m", BASE_MS, 1.0)],
+    ]
+    with store._queue_ready:  # the committer takes the whole queue as one group
+        futures = [store.submit(events) for events in group]
+    answers = [(f.result().accepted, f.result().duplicates) for f in futures]
+    assert answers == [(1, 0), (1, 0), (0, 1)]
+    assert sorted(e.id for e in store.iter_events()) == ["e0", "e1", "e2"]
+    store.close()

@@ -219,6 +219,15 @@ def _insert_events_sql(rows: int, limited: bool = False) -> str:
     return f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT * FROM (VALUES {values}) LIMIT ?"
 
 
+def inserted_by_one_statement(rows: int) -> bool:
+    """Whether `insert_events` puts ``rows`` rows in by a single statement, which undoes itself
+    whole if a row breaks a constraint. Up to PADDED_FROM rows only a power of two does: 3
+    rows go in as 2 + 1, and a repeat in the second leaves the first two stored."""
+    if rows > PADDED_FROM:
+        return rows <= ROWS_PER_INSERT
+    return rows > 0 and rows & (rows - 1) == 0
+
+
 def insert_events(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
     """Insert ``rows`` into ``events``, in order, in a few statements (see ROWS_PER_INSERT
     and PADDED_FROM). A row that breaks a constraint fails its own statement whole; the
@@ -935,15 +944,16 @@ class SQLiteStore(SqlCorrections, LimitTables):
         One-event requests come in groups of a few: three statements a batch were a large
         part of their commit.
 
-        Rows all built by their callers, up to ROWS_PER_INSERT of them, go in by one
-        statement, which undoes itself whole if it fails: no savepoint then, whose two
-        statements each waited for the GIL. A name to intern takes one, so that a batch
-        refused leaves none behind."""
+        Rows all built by their callers that go in by one statement, which undoes itself
+        whole if it fails, take no savepoint, whose two statements each waited for the GIL.
+        Rows of several statements take one (the first could stand while a later one fails),
+        and so does a name to intern, so that a batch refused leaves none behind."""
         built = [self._rows_of(batch) for batch in batches]
         if not batches or any(rows is None for rows in built):
             return False
         names: _Names = ({}, {}, {})
-        guarded = sum(len(batch.events) for batch in batches) > ROWS_PER_INSERT or any(
+        total = sum(len(batch.events) for batch in batches)
+        guarded = not inserted_by_one_statement(total) or any(
             row is None for rows in built for row in rows or ()
         )
         if guarded:
