@@ -622,9 +622,10 @@ def test_a_batch_committed_just_after_its_account_was_deleted_is_refused(
 def test_rows_inserted_by_statements_of_many_go_in_whole_and_in_order(
     count: int, repeat: bool
 ) -> None:
-    """``insert_events`` splits rows into statements of powers of two (above 128 rows, one
-    whose spare rows its LIMIT leaves unread): every row goes in, in the order given (seq is
-    the order of arrival), no spare row with them, or, when one repeats an id, none."""
+    """``insert_events`` puts rows in by statements of up to 2,048 rows, each of the next
+    power of two, whose spare rows its LIMIT leaves unread: every row goes in, in the order
+    given (seq is the order of arrival), no spare row with them, or, when one repeats an id,
+    none."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
     conn.executescript(schema_module.SCHEMA)
     rows = [(1, f"e{i}", 1, BASE_MS + i, 0, 1, 1, 1, float(i)) for i in range(count)]
@@ -727,9 +728,9 @@ def test_counting_a_files_lines_in_blocks_counts_as_iterating_it(
 def test_a_stored_id_in_any_place_of_a_batch_is_its_only_repeat(
     tmp_path: Path, data: st.DataObject
 ) -> None:
-    """A batch of fewer than PADDED_FROM rows goes in by statements of powers of two (3 as
-    2 + 1): a repeat in a later statement must not leave the earlier rows stored and then
-    counted as repeats, nor as stored by a batch that is answered otherwise."""
+    """Whatever the statements a batch's rows go in by (3 rows went in as 2 + 1): a repeat
+    in a later statement must not leave the earlier rows stored and then counted as
+    repeats."""
     size = data.draw(st.integers(1, 40), label="size")
     place = data.draw(st.integers(0, size - 1), label="place")
     store = _open(tmp_path / f"fresh-{os.urandom(4).hex()}.db")

@@ -200,14 +200,14 @@ _EVENT_COLUMNS = "account, event_id, metric, ts, key, billable, dimset, tagset, 
 # variables, under SQLite's limit of 32,766.
 ROWS_PER_INSERT = 2048
 # A statement is prepared once for each number of rows it takes, so rows go in by
-# statements of a few sizes: powers of two. Up to PADDED_FROM rows, exactly (100 rows by
-# three statements: 64 + 32 + 4); above, by one statement of the next power of two, whose
-# spare rows its LIMIT leaves unread, so that a group of 1,000 or 2,000 rows is one
-# statement, not six. Why: each statement's return waits for the GIL while the event loop
-# and the request threads decode the next batches, and under live traffic those waits were
-# most of the committer's wall time. The spare rows are zeros: binding None costs the
-# sqlite3 module an adapter lookup, about 0.3 µs a value, more than the row it pads.
-PADDED_FROM = 128
+# statements of a few sizes: the next power of two, whose spare rows its LIMIT leaves
+# unread, so that a group of 3 or of 1,000 rows is one statement, not two or six. Why: each
+# statement's return waits for the GIL while the event loop and the request threads decode
+# the next batches, and under live traffic those waits were most of the committer's wall
+# time; and one statement undoes itself whole, so a group needs no savepoint (which cost
+# single events 0.9x their rate when groups of 3 went in as 2 + 1). The spare rows are
+# zeros: binding None costs the sqlite3 module an adapter lookup, about 0.3 µs a value,
+# more than the row it pads.
 _SPARE_ROW = (0,) * 9
 
 
@@ -221,24 +221,18 @@ def _insert_events_sql(rows: int, limited: bool = False) -> str:
 
 def inserted_by_one_statement(rows: int) -> bool:
     """Whether `insert_events` puts ``rows`` rows in by a single statement, which undoes itself
-    whole if a row breaks a constraint. Up to PADDED_FROM rows only a power of two does: 3
-    rows go in as 2 + 1, and a repeat in the second leaves the first two stored."""
-    if rows > PADDED_FROM:
-        return rows <= ROWS_PER_INSERT
-    return rows > 0 and rows & (rows - 1) == 0
+    whole if a row breaks a constraint: up to ROWS_PER_INSERT rows."""
+    return 0 < rows <= ROWS_PER_INSERT
 
 
 def insert_events(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
-    """Insert ``rows`` into ``events``, in order, in a few statements (see ROWS_PER_INSERT
-    and PADDED_FROM). A row that breaks a constraint fails its own statement whole; the
-    caller's savepoint undoes the statements before it."""
+    """Insert ``rows`` into ``events``, in order, by a statement of up to ROWS_PER_INSERT
+    rows each (see its comment). A row that breaks a constraint fails its own statement
+    whole; the caller's savepoint undoes the statements before it."""
     start, left = 0, len(rows)
     while left:
-        if left > PADDED_FROM:
-            size = min(left, ROWS_PER_INSERT)
-            padded = 1 << (size - 1).bit_length()  # the next power of two, or size itself
-        else:
-            size = padded = 1 << (left.bit_length() - 1)  # the greatest power of two <= left
+        size = min(left, ROWS_PER_INSERT)
+        padded = 1 << (size - 1).bit_length()  # the next power of two, or size itself
         params: list[object] = list(itertools.chain.from_iterable(rows[start : start + size]))
         if padded > size:
             params.extend(_SPARE_ROW * (padded - size))
