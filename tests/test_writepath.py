@@ -622,9 +622,10 @@ def test_a_batch_committed_just_after_its_account_was_deleted_is_refused(
 def test_rows_inserted_by_statements_of_many_go_in_whole_and_in_order(
     count: int, repeat: bool
 ) -> None:
-    """``insert_events`` splits rows into statements of powers of two (above 128 rows, one
-    whose spare rows its LIMIT leaves unread): every row goes in, in the order given (seq is
-    the order of arrival), no spare row with them, or, when one repeats an id, none."""
+    """``insert_events`` puts rows in by statements of up to 2,048 rows, each of the next
+    power of two, whose spare rows its LIMIT leaves unread: every row goes in, in the order
+    given (seq is the order of arrival), no spare row with them, or, when one repeats an id,
+    none."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
     conn.executescript(schema_module.SCHEMA)
     rows = [(1, f"e{i}", 1, BASE_MS + i, 0, 1, 1, 1, float(i)) for i in range(count)]
@@ -718,3 +719,44 @@ def test_counting_a_files_lines_in_blocks_counts_as_iterating_it(
     path.write_bytes(text)
     with path.open("rb") as handle:
         assert count_lines(path) == sum(1 for _ in handle)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_a_stored_id_in_any_place_of_a_batch_is_its_only_repeat(
+    tmp_path: Path, data: st.DataObject
+) -> None:
+    """Whatever the statements a batch's rows go in by (3 rows went in as 2 + 1): a repeat
+    in a later statement must not leave the earlier rows stored and then counted as
+    repeats."""
+    size = data.draw(st.integers(1, 40), label="size")
+    place = data.draw(st.integers(0, size - 1), label="place")
+    store = _open(tmp_path / f"fresh-{os.urandom(4).hex()}.db")
+    store.append([Event("old", "a", "m", BASE_MS, 1.0)])  # names and row ids cached
+    events = [Event(f"n{i}", "a", "m", BASE_MS + 1 + i, 1.0) for i in range(size - 1)]
+    events.insert(place, Event("old", "a", "m", BASE_MS, 1.0))
+    result = store.append(events)
+    assert (result.accepted, result.duplicates, result.conflicts) == (size - 1, 1, ())
+    assert store.count_events() == size
+    assert _totals(store, "a", _day()) == {0: (size, float(size), 1.0, 1.0)}
+    store.close()
+
+
+def test_batches_of_one_group_whose_repeat_is_in_a_later_statement_answer_each_their_own(
+    db_path: Path,
+) -> None:
+    store = _open(db_path)
+    store.append([Event("e0", "a", "m", BASE_MS, 1.0)])  # names and row ids cached
+    group = [  # three rows: a statement of two, then one, which meets the stored e0
+        [Event("e1", "a", "m", BASE_MS + 1, 1.0)],
+        [Event("e2", "a", "m", BASE_MS + 2, 2.0)],
+        [Event("e0", "a", "m", BASE_MS, 1.0)],
+    ]
+    with store._queue_ready:  # the committer takes the whole queue as one group
+        futures = [store.submit(events) for events in group]
+    answers = [(f.result().accepted, f.result().duplicates) for f in futures]
+    assert answers == [(1, 0), (1, 0), (0, 1)]
+    assert sorted(e.id for e in store.iter_events()) == ["e0", "e1", "e2"]
+    store.close()

@@ -200,14 +200,14 @@ _EVENT_COLUMNS = "account, event_id, metric, ts, key, billable, dimset, tagset, 
 # variables, under SQLite's limit of 32,766.
 ROWS_PER_INSERT = 2048
 # A statement is prepared once for each number of rows it takes, so rows go in by
-# statements of a few sizes: powers of two. Up to PADDED_FROM rows, exactly (100 rows by
-# three statements: 64 + 32 + 4); above, by one statement of the next power of two, whose
-# spare rows its LIMIT leaves unread, so that a group of 1,000 or 2,000 rows is one
-# statement, not six. Why: each statement's return waits for the GIL while the event loop
-# and the request threads decode the next batches, and under live traffic those waits were
-# most of the committer's wall time. The spare rows are zeros: binding None costs the
-# sqlite3 module an adapter lookup, about 0.3 µs a value, more than the row it pads.
-PADDED_FROM = 128
+# statements of a few sizes: the next power of two, whose spare rows its LIMIT leaves
+# unread, so that a group of 3 or of 1,000 rows is one statement, not two or six. Why: each
+# statement's return waits for the GIL while the event loop and the request threads decode
+# the next batches, and under live traffic those waits were most of the committer's wall
+# time; and one statement undoes itself whole, so a group needs no savepoint (which cost
+# single events 0.9x their rate when groups of 3 went in as 2 + 1). The spare rows are
+# zeros: binding None costs the sqlite3 module an adapter lookup, about 0.3 µs a value,
+# more than the row it pads.
 _SPARE_ROW = (0,) * 9
 
 
@@ -219,17 +219,20 @@ def _insert_events_sql(rows: int, limited: bool = False) -> str:
     return f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT * FROM (VALUES {values}) LIMIT ?"
 
 
+def inserted_by_one_statement(rows: int) -> bool:
+    """Whether `insert_events` puts ``rows`` rows in by a single statement, which undoes itself
+    whole if a row breaks a constraint: up to ROWS_PER_INSERT rows."""
+    return 0 < rows <= ROWS_PER_INSERT
+
+
 def insert_events(conn: sqlite3.Connection, rows: Sequence[_Row]) -> None:
-    """Insert ``rows`` into ``events``, in order, in a few statements (see ROWS_PER_INSERT
-    and PADDED_FROM). A row that breaks a constraint fails its own statement whole; the
-    caller's savepoint undoes the statements before it."""
+    """Insert ``rows`` into ``events``, in order, by a statement of up to ROWS_PER_INSERT
+    rows each (see its comment). A row that breaks a constraint fails its own statement
+    whole; the caller's savepoint undoes the statements before it."""
     start, left = 0, len(rows)
     while left:
-        if left > PADDED_FROM:
-            size = min(left, ROWS_PER_INSERT)
-            padded = 1 << (size - 1).bit_length()  # the next power of two, or size itself
-        else:
-            size = padded = 1 << (left.bit_length() - 1)  # the greatest power of two <= left
+        size = min(left, ROWS_PER_INSERT)
+        padded = 1 << (size - 1).bit_length()  # the next power of two, or size itself
         params: list[object] = list(itertools.chain.from_iterable(rows[start : start + size]))
         if padded > size:
             params.extend(_SPARE_ROW * (padded - size))
@@ -935,15 +938,16 @@ class SQLiteStore(SqlCorrections, LimitTables):
         One-event requests come in groups of a few: three statements a batch were a large
         part of their commit.
 
-        Rows all built by their callers, up to ROWS_PER_INSERT of them, go in by one
-        statement, which undoes itself whole if it fails: no savepoint then, whose two
-        statements each waited for the GIL. A name to intern takes one, so that a batch
-        refused leaves none behind."""
+        Rows all built by their callers that go in by one statement, which undoes itself
+        whole if it fails, take no savepoint, whose two statements each waited for the GIL.
+        Rows of several statements take one (the first could stand while a later one fails),
+        and so does a name to intern, so that a batch refused leaves none behind."""
         built = [self._rows_of(batch) for batch in batches]
         if not batches or any(rows is None for rows in built):
             return False
         names: _Names = ({}, {}, {})
-        guarded = sum(len(batch.events) for batch in batches) > ROWS_PER_INSERT or any(
+        total = sum(len(batch.events) for batch in batches)
+        guarded = not inserted_by_one_statement(total) or any(
             row is None for rows in built for row in rows or ()
         )
         if guarded:
