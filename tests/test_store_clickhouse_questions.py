@@ -261,6 +261,39 @@ def test_cells_come_in_group_order_with_missing_values_last(chstore: ClickHouseS
         assert result.total == ((7,) if aggregation is Aggregation.COUNT else (2,))
 
 
+def test_a_grouped_reports_rows_come_by_group_then_window(chstore: ClickHouseStore) -> None:
+    """Round 11: a grouped statement without totals orders its rows by group (missing values
+    last, as the engine ranks them) and by window within each, so that the engine's two sorts
+    only merge runs; the answer is the same in any order (tests/test_engine_row_order.py)."""
+    chstore.create_account(Account("r", "R"))
+    agents = ["y", None, "x", "y", None, "x", "x", "z", "y"]
+    chstore.append(
+        [
+            Event(
+                id=f"r{n}",
+                account_id="r",
+                metric="m",
+                ts_ms=BASE_MS + ((5 * n) % 9) * HOUR_MS,
+                dimensions={"agent": agent} if agent else {},
+            )
+            for n, agent in enumerate(agents)
+        ]
+    )
+    hours = tuple(Window(n, BASE_MS + n * HOUR_MS, BASE_MS + (n + 1) * HOUR_MS) for n in range(9))
+    spec = AggregateSpec(("r",), "m", hours, (Measure("count"),), group_by=("agent",))
+    (plan,) = chstore.plans(spec)
+    assert plan.sql.endswith(" ORDER BY g0, idx")
+    answer = chstore.aggregate_columns(spec)
+    ranked = [(("agent", v),) for v in ("x", "y", "z", None)]
+    expected = sorted(
+        zip(answer.groups, answer.windows, strict=True), key=lambda r: (ranked.index(r[0]), r[1])
+    )
+    assert list(zip(answer.groups, answer.windows, strict=True)) == expected
+    assert len(expected) == len(agents)  # each event in an hour of its own
+    ungrouped = AggregateSpec(("r",), "m", hours, (Measure("count"),))
+    assert "ORDER BY" not in chstore.plans(ungrouped)[0].sql
+
+
 # ------------------------------------------------- round 8: the distinct table's exact states
 
 

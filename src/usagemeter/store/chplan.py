@@ -419,7 +419,13 @@ def _select(
     with_ = f"{names} " if names else ""
     if not totals:
         keys = ", ".join(["idx", *refs])
-        return f"{with_}SELECT {', '.join([keys, *values])} {source} GROUP BY {keys}"
+        select = f"{with_}SELECT {', '.join([keys, *values])} {source} GROUP BY {keys}"
+        if not refs:
+            return select
+        # Each group's rows together, in window order, the groups in the engine's order
+        # (missing values last): its two sorts of an hourly report's 10,800 cells then only
+        # merge runs. The answer is the same in any order; this one is cheaper to shape.
+        return f"{select} ORDER BY {', '.join(refs)}, idx"
     # grouping(x) is 1 in the rows of a set that leaves x out.
     if refs:
         window = f"if(grouping(idx) = 0, idx, if(grouping(g0) = 0, {TOTAL}, {OVERALL}))"
