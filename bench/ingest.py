@@ -22,7 +22,11 @@ Workloads (every event acknowledged only once durable):
 
 ``--backfill-into PATH`` measures only the backfill, into a copy of a store already made (the
 10M store of `bench.run --full`, say; PATH itself is only read): how the write path does once
-its B-trees outgrow the writer's cache, which a store of 400,000 never shows.
+its B-trees outgrow the writer's cache, which a store of 400,000 never shows. With ``--against
+SRC`` (another checkout's ``src/usagemeter``) it serves this code and SRC in turn, ``--pairs``
+times, each on a fresh copy: on a shared machine only figures taken side by side compare. Each
+run also says the server's peak RSS apart: anonymous memory (the caches, Python) and pages of
+files it maps (a store read through ``mmap`` would show there, not in the former).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import dataclasses
 import datetime as dt
 import os
 import resource
+import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +50,7 @@ import numpy as np
 
 from bench import generate as g
 from bench import render, report
-from bench.ours import Service, _executable
+from bench.ours import Service, _executable, process_tree
 
 SINGLE_ACCOUNT = "acct_single"
 LIVE_FIRST = 900_000_000  # event ids of the live and file workloads: apart from the backfill's
@@ -75,6 +81,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="only a backfill of --backfill events into a copy of this SQLite store",
     )
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="SRC",
+        help="with --backfill-into: also serve this usagemeter package, in turn with ours",
+    )
+    p.add_argument("--pairs", type=int, default=1, help="with --against: runs of each, in turn")
     return p.parse_args(argv)
 
 
@@ -105,6 +118,38 @@ def floor_rows(events: g.Events, start_ms: int) -> list[tuple[object, ...]]:
         (accounts[a], f"e{i}", g.METRICS[m], ts, g.key_id(a, k), v, b, dims(m, a, d, d2), tags(t))
         for i, ts, a, k, m, v, b, d, d2, t in render.rows(events, start_ms)
     ]
+
+
+class RssApart:
+    """The peak, over a process tree, of its anonymous pages and of the file pages it maps
+    (``RssAnon`` and ``RssFile``, in bytes), sampled until stopped."""
+
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        self.pid, self.every = pid, every
+        self.anon = self.file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every):
+            self.sample()
+
+    def sample(self) -> None:
+        for pid in process_tree(self.pid):
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            fields = {line.split(":")[0]: line.split()[1:2] for line in lines}
+            self.anon = max(self.anon, int((fields.get("RssAnon") or ["0"])[0]) * 1024)
+            self.file = max(self.file, int((fields.get("RssFile") or ["0"])[0]) * 1024)
+
+    def stop(self) -> tuple[int, int]:
+        self.sample()
+        self._stop.set()
+        self._thread.join()
+        return self.anon, self.file
 
 
 def cpu_seconds(pid: int) -> float:
@@ -162,6 +207,9 @@ class Figure:
     # Until the rollups held them too: the fold that follows the last acknowledgement.
     folded_seconds: float = 0.0
     folded_cpu: float = 0.0
+    # The server's peak RSS apart (RssApart), where measured: anonymous and mapped files.
+    rss_anon: int = 0
+    rss_file: int = 0
 
     @property
     def rate(self) -> float:
@@ -265,8 +313,19 @@ class IngestBench:
         return self.figures
 
     def backfill_into(self, store: Path) -> list[Figure]:
-        """Only the backfill, into a copy of ``store``: the bench's events with ids past those
-        the store holds (its own events and a few of other workloads')."""
+        """Only the backfill, into a copy of ``store``; with ``--against``, this code's and
+        the other's in turn, ``--pairs`` times."""
+        a = self.args
+        codes: list[Path | None] = [None, a.against] if a.against else [None]
+        for _ in range(a.pairs if a.against else 1):
+            for code in codes:
+                self.backfill_into_once(store, code)
+        return self.figures
+
+    def backfill_into_once(self, store: Path, code: Path | None) -> None:
+        """One backfill into a fresh copy of ``store``, served by this code or by the package
+        ``code``: the bench's events with ids past those the store holds (its own events and
+        a few of other workloads')."""
         a = self.args
         root = Path(tempfile.mkdtemp(prefix="usagemeter-bench-"))
         source = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
@@ -281,14 +340,25 @@ class IngestBench:
         first = held + a.prefill  # past the bench's ids in the store and its own extra events
         backfill = g.concat(list(g.iter_events(a.seed, first, first + a.backfill)))
         service = Service(root)
+        if code is not None:  # the server runs the package Service copied: that one instead
+            served = root / "code" / "usagemeter"
+            shutil.rmtree(served)
+            shutil.copytree(code, served, ignore=shutil.ignore_patterns("__pycache__"))
         try:
             service.start()
+            assert service.proc is not None
+            memory = RssApart(service.proc.pid)
             label = f"backfill: 120 days, into {held:,} stored (a copy), {a.clients} x {a.batch}"
+            if a.against:
+                label += f", {code if code is not None else 'this code'}"
             self.measure(service, label, backfill, 0.0, 0.0)
-            self.peak_rss = service.stop()
+            anon, mapped = memory.stop()
+            self.peak_rss = max(self.peak_rss, service.stop())
+            log(f"peak RSS {anon / 2**20:.0f} MB anonymous, {mapped / 2**20:.0f} MB of files")
+            figure = self.figures[-1]
+            self.figures[-1] = dataclasses.replace(figure, rss_anon=anon, rss_file=mapped)
         finally:
             service.close()
-        return self.figures
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
@@ -378,6 +448,11 @@ def render_table(figures: Sequence[Figure], peak_rss: int, machine: dict[str, st
         )
     lines.append("")
     lines.append(f"Server peak RSS (live, single, backfill): {peak_rss / 1024**2:.0f} MB")
+    for n, f in enumerate(x for x in figures if x.rss_anon or x.rss_file):
+        lines.append(
+            f"Run {n + 1}, peak RSS apart: {f.rss_anon / 2**20:.0f} MB anonymous,"
+            f" {f.rss_file / 2**20:.0f} MB of files ({f.workload})"
+        )
     return "\n".join(lines) + "\n"
 
 
