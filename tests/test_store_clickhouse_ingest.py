@@ -472,3 +472,77 @@ def test_a_batch_naming_an_account_deleted_by_another_process_fails_alone_in_its
         assert sorted(e.id for e in chstore.iter_events(["a", "b"])) == ["e0", "e1"]
     finally:
         other.close()
+
+
+# An event of one cell: its quarter hour, its two dimensions' values, the order its
+# dimensions are sent in, its tags and its value.
+cell_event = st.tuples(
+    st.integers(0, 5),
+    st.sampled_from(["x", "y"]),
+    st.sampled_from(["1", "2"]),
+    st.booleans(),
+    st.sampled_from([(), ("prod",), ("prod", "eu")]),
+    st.integers(-3, 3),
+)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(sent=st.lists(cell_event, min_size=1, max_size=24), cut=st.integers(0, 24))
+def test_a_dimension_set_sent_in_any_key_order_answers_as_on_sqlite(
+    chstore: ClickHouseStore,
+    tmp_path_factory: pytest.TempPathFactory,
+    sent: list[tuple[int, str, str, bool, tuple[str, ...], int]],
+    cut: int,
+) -> None:
+    """The tables of sets group an insert's rows by the dimensions and tags as they come
+    (chschema._sets_select), so one set sent in two key orders in one insert makes two rows
+    of one cell: every question, grouped or filtered by a dimension or a tag, answers as
+    SQLite does for the same events, in one batch or two."""
+    account = f"order-{next(_accounts)}"
+    events = [
+        Event(
+            id=f"e{i}",
+            account_id=account,
+            metric="m",
+            ts_ms=BASE_MS + quarter * 900_000 + i,
+            value=float(value),
+            dimensions={"a": a, "b": b} if a_first else {"b": b, "a": a},
+            tags=frozenset(tags),
+        )
+        for i, (quarter, a, b, a_first, tags, value) in enumerate(sent)
+    ]
+    sqlite = SQLiteStore(str(tmp_path_factory.mktemp("sqlite") / "db.sqlite"))
+    try:
+        for store in (chstore, sqlite):
+            store.create_account(Account(account, account))
+            for batch in (events[:cut], events[cut:]):
+                if batch:
+                    store.append(batch)
+        hours = tuple(
+            Window(h, BASE_MS + h * 3_600_000, BASE_MS + (h + 1) * 3_600_000) for h in (0, 1)
+        )
+        quarters = tuple(
+            Window(q, BASE_MS + q * 900_000, BASE_MS + (q + 1) * 900_000) for q in range(6)
+        )
+        exact = (*_EXACT, Measure("unique_count", "b"))
+        asked = [
+            AggregateSpec(
+                (account,), "m", windows, exact, group_by=group, filters=filters, tags=tags
+            )
+            for windows in (hours, quarters)
+            for group, filters, tags in (
+                (("a",), (), frozenset()),
+                (("a", "b"), (), frozenset({"prod"})),
+                ((), (("b", "2"),), frozenset({"eu"})),
+            )
+        ]
+        for spec in asked:
+            answers = [
+                sorted((r.window, r.group, r.values) for r in s.aggregate(spec))
+                for s in (chstore, sqlite)
+            ]
+            assert answers[0] == answers[1], spec
+    finally:
+        sqlite.close()
