@@ -18,6 +18,14 @@ writes the batches that queue together in one INSERT; the other, one INSERT per 
 before group commit). Prints both rates and the INSERTs each made.
 
     python -m bench.chturns --grouped 4 [--events 200000] [--batch 10000]
+
+``--sets-views N`` measures the tables of sets' views (round 12) the same way, in one
+process: two stores on one chDB session, one whose slots' and hour sets' views fold the
+dimensions and tags by ``any()`` (as before round 12), one as this checkout makes them, the
+same bursts of 2N batches from N clients to each, in turn. Prints both rates, the INSERT's
+median per append, and the median ratio per burst.
+
+    python -m bench.chturns --sets-views 4 [--events 300000]
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from bench.chstore import (
 )
 from usagemeter.model import Account, Event
 from usagemeter.store import open_store
+from usagemeter.store.chschema import HOUR_SETS
 from usagemeter.store.chtransport import ChdbTransport
 from usagemeter.store.clickhouse import ClickHouseStore
 
@@ -154,12 +163,89 @@ def grouped(count: int, clients: int, size: int = BATCH) -> None:
     )
 
 
+# The tables of sets' views before round 12: the dimensions and tags folded by any().
+_ANY_SETS = """
+SELECT account, metric, intDiv(ts - positiveModulo(ts, {unit}), {unit}) AS slot, key, billable,
+       dimset, tagset, any(dims) AS dims, any(tags) AS tags, count() AS cnt,
+       sum(value) AS total, min(value) AS vmin, max(value) AS vmax,
+       argMaxState(value, (ts, seq)) AS last
+FROM events{where} GROUP BY account, metric, slot, key, billable, dimset, tagset
+"""
+
+
+def _views_before_round_12(store: ClickHouseStore) -> None:
+    """Give a fresh store the tables of sets' views as before round 12 (its hour sets'
+    boundary kept: 0 on a fresh database)."""
+    boundary = store.hour_sets.boundary
+    for table, unit, where in (
+        ("rollup", 900_000, ""),
+        (HOUR_SETS, 3_600_000, f" WHERE seq >= {boundary}"),
+    ):
+        store.transport.command(f"DROP VIEW {table}_mv")
+        store.transport.command(
+            f"CREATE MATERIALIZED VIEW {table}_mv TO {table} AS"
+            + _ANY_SETS.format(unit=unit, where=where)
+        )
+
+
+def sets_views(count: int, clients: int) -> None:
+    """The tables of sets' views before round 12 against this checkout's, in turn by bursts
+    (see the docstring)."""
+    scratch = Path(tempfile.mkdtemp(prefix="usagemeter-setsviews-"))
+    stores = [
+        ClickHouseStore(ChdbTransport(f"{scratch}/chdb", database), str(scratch / database))
+        for database in ("now", "before")
+    ]
+    _views_before_round_12(stores[1])
+    inserts: list[list[float]] = [[], []]
+    for i, store in enumerate(stores):
+        for n in range(ACCOUNTS):
+            store.create_account(Account(f"acct-{n}", f"Account {n}"))
+        insert = store.transport.insert_columns
+
+        def timed(table: str, *args: Any, _i: int = i, _insert: Any = insert) -> None:
+            began = time.perf_counter()
+            _insert(table, *args)
+            inserts[_i].append(time.perf_counter() - began)
+
+        store.transport.insert_columns = timed  # type: ignore[method-assign]
+    spent = [0.0, 0.0]
+    ratios = []  # per burst: the store before round 12's seconds over this checkout's
+    bursts = _bursts(count, clients)
+    try:
+        for burst in bursts:
+            took = [0.0, 0.0]
+            for i in (0, 1) if len(ratios) % 2 == 0 else (1, 0):
+                took[i] = _append_burst(stores[i], burst, clients)
+                spent[i] += took[i]
+            ratios.append(took[1] / took[0])
+    finally:
+        for store in stores:
+            store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"{count:,} events, batches of {BATCH:,}, {clients} clients at once, in turn\n")
+    print("| | views now | views before round 12 (any()) | ratio |")
+    print("|---|---:|---:|---:|")
+    rates = [count / spent[0], count / spent[1]]
+    print(f"| ingest, events/s | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.2f} |")
+    ms = [statistics.median(took) * 1000 for took in inserts]
+    print(f"| INSERT, median ms | {ms[0]:.1f} | {ms[1]:.1f} | {ms[1] / ms[0]:.2f} |")
+    print(f"| INSERTs | {len(inserts[0])} | {len(inserts[1])} | |")
+    print(
+        f"\nper burst, before round 12 / now: median {statistics.median(ratios):.2f}"
+        f" ({len(ratios)} bursts)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chturns", description=__doc__)
     parser.add_argument("--against", help="a directory holding the other usagemeter package")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--grouped", type=int, metavar="N", help="group commit, N clients")
     parser.add_argument("--batch", type=int, default=BATCH, help="events per batch (--grouped)")
+    parser.add_argument(
+        "--sets-views", type=int, metavar="N", help="the tables of sets' views, N clients"
+    )
     parser.add_argument(
         "--clients", type=int, default=1, help="--against: bursts of 2N batches from N threads"
     )
@@ -170,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.grouped:
         grouped(args.events, args.grouped, args.batch)
+        return 0
+    if args.sets_views:
+        sets_views(args.events, args.sets_views)
         return 0
     if not args.against or not (Path(args.against) / "usagemeter").is_dir():
         raise SystemExit("--against DIR: DIR must hold a usagemeter package (a checkout's src)")

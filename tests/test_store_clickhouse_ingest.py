@@ -23,6 +23,7 @@ from usagemeter.model import Account, AppendResult, Event
 from usagemeter.store import open_store, rows
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
 from usagemeter.store.chschema import EVENTS, HOUR_SETS, SLOTS, STATEMENTS
+from usagemeter.store.chtransport import Transport
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlite import SQLiteStore
 
@@ -472,3 +473,168 @@ def test_a_batch_naming_an_account_deleted_by_another_process_fails_alone_in_its
         assert sorted(e.id for e in chstore.iter_events(["a", "b"])) == ["e0", "e1"]
     finally:
         other.close()
+
+
+# An event of one cell: its quarter hour, its two dimensions' values, the order its
+# dimensions are sent in, its tags and its value.
+cell_event = st.tuples(
+    st.integers(0, 5),
+    st.sampled_from(["x", "y"]),
+    st.sampled_from(["1", "2"]),
+    st.booleans(),
+    st.sampled_from([(), ("prod",), ("prod", "eu")]),
+    st.integers(-3, 3),
+)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(sent=st.lists(cell_event, min_size=1, max_size=24), cut=st.integers(0, 24))
+def test_a_dimension_set_sent_in_any_key_order_answers_as_on_sqlite(
+    chstore: ClickHouseStore,
+    tmp_path_factory: pytest.TempPathFactory,
+    sent: list[tuple[int, str, str, bool, tuple[str, ...], int]],
+    cut: int,
+) -> None:
+    """The tables of sets group an insert's rows by the dimensions and tags as they come
+    (chschema._sets_select), so one set sent in two key orders in one insert makes two rows
+    of one cell: every question, grouped or filtered by a dimension or a tag, answers as
+    SQLite does for the same events, in one batch or two."""
+    account = f"order-{next(_accounts)}"
+    events = [
+        Event(
+            id=f"e{i}",
+            account_id=account,
+            metric="m",
+            ts_ms=BASE_MS + quarter * 900_000 + i,
+            value=float(value),
+            dimensions={"a": a, "b": b} if a_first else {"b": b, "a": a},
+            tags=frozenset(tags),
+        )
+        for i, (quarter, a, b, a_first, tags, value) in enumerate(sent)
+    ]
+    sqlite = SQLiteStore(str(tmp_path_factory.mktemp("sqlite") / "db.sqlite"))
+    try:
+        for store in (chstore, sqlite):
+            store.create_account(Account(account, account))
+            for batch in (events[:cut], events[cut:]):
+                if batch:
+                    store.append(batch)
+        hours = tuple(
+            Window(h, BASE_MS + h * 3_600_000, BASE_MS + (h + 1) * 3_600_000) for h in (0, 1)
+        )
+        quarters = tuple(
+            Window(q, BASE_MS + q * 900_000, BASE_MS + (q + 1) * 900_000) for q in range(6)
+        )
+        exact = (*_EXACT, Measure("unique_count", "b"))
+        asked = [
+            AggregateSpec(
+                (account,), "m", windows, exact, group_by=group, filters=filters, tags=tags
+            )
+            for windows in (hours, quarters)
+            for group, filters, tags in (
+                (("a",), (), frozenset()),
+                (("a", "b"), (), frozenset({"prod"})),
+                ((), (("b", "2"),), frozenset({"eu"})),
+            )
+        ]
+        for spec in asked:
+            answers = [
+                sorted((r.window, r.group, r.values) for r in s.aggregate(spec))
+                for s in (chstore, sqlite)
+            ]
+            assert answers[0] == answers[1], spec
+    finally:
+        sqlite.close()
+
+
+# The tables of sets' views as databases before round 12 made them: dimensions and tags
+# folded by any(). The hour sets' boundary is 1 here, so that it shows whether it is kept.
+_ANY_SETS = """
+SELECT account, metric, intDiv(ts - positiveModulo(ts, {unit}), {unit}) AS slot, key, billable,
+       dimset, tagset, any(dims) AS dims, any(tags) AS tags, count() AS cnt,
+       sum(value) AS total, min(value) AS vmin, max(value) AS vmax,
+       argMaxState(value, (ts, seq)) AS last
+FROM events{where} GROUP BY account, metric, slot, key, billable, dimset, tagset
+"""
+
+
+def _views(transport: Transport) -> dict[str, str]:
+    rows = transport.query(
+        "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase()"
+        f" AND name IN ('rollup_mv', '{HOUR_SETS}_mv')"
+    )
+    return {str(name): str(query) for name, query in rows}
+
+
+def test_a_database_before_round_12_gets_the_grouping_views_in_place(
+    clickhouse_home: str, tmp_path: Path
+) -> None:
+    """A database whose tables of sets' views fold by any() (before round 12) has them
+    swapped in place when this version opens it, the hour sets' boundary kept; the events
+    an older process and this one insert, before and after, answer as on SQLite."""
+    database = f"anyviews_{time.time_ns()}"
+    older = ClickHouseStore(_transport(clickhouse_home, database), str(tmp_path / "a.sqlite"))
+    sqlite = SQLiteStore(str(tmp_path / "db.sqlite"))
+    try:
+        for table, unit, where in (
+            ("rollup", 900_000, ""),
+            (HOUR_SETS, 3_600_000, " WHERE seq >= 1"),
+        ):
+            older.transport.command(f"DROP VIEW {table}_mv")
+            older.transport.command(
+                f"CREATE MATERIALIZED VIEW {table}_mv TO {table} AS"
+                + _ANY_SETS.format(unit=unit, where=where)
+            )
+        assert all("any(dims)" in q for q in _views(older.transport).values())
+
+        def sent(batch: int) -> list[Event]:
+            return [
+                Event(
+                    id=f"e{batch}-{i}",
+                    account_id="a",
+                    metric="m",
+                    ts_ms=BASE_MS + (i % 3) * 900_000 + i,
+                    value=float(i - batch),
+                    dimensions={"a": "x", "b": str(i % 2)} if i % 2 else {"b": "0", "a": "x"},
+                    tags=frozenset({"prod"} if i % 3 else ()),
+                )
+                for i in range(12)
+            ]
+
+        for store in (older, sqlite):
+            store.create_account(Account("a", "A"))
+            store.append(sent(0))
+        upgraded = ClickHouseStore(
+            _transport(clickhouse_home, database), str(tmp_path / "b.sqlite")
+        )
+        try:
+            assert upgraded.hour_sets.boundary == 1
+            views = _views(upgraded.transport)
+            assert not any("any(dims)" in q for q in views.values()), views
+            assert "seq >= 1" in views[f"{HOUR_SETS}_mv"] and "WHERE" not in views["rollup_mv"]
+            for store in (older, upgraded):  # both processes insert on
+                batch = sent(1 if store is older else 2)
+                assert store.append(batch).accepted == len(batch)
+                sqlite.append(batch)
+            hours = tuple(
+                Window(h, BASE_MS + h * 3_600_000, BASE_MS + (h + 1) * 3_600_000) for h in (0, 1)
+            )
+            for group, tags in ((("a", "b"), frozenset()), (("b",), frozenset({"prod"}))):
+                spec = AggregateSpec(("a",), "m", hours, _EXACT, group_by=group, tags=tags)
+                answers = [
+                    sorted((r.window, r.group, r.values) for r in s.aggregate(spec))
+                    for s in (upgraded, sqlite)
+                ]
+                assert answers[0] == answers[1]
+            cells = upgraded.transport.query(
+                f"SELECT sum(cnt) FROM rollup UNION ALL SELECT sum(cnt) FROM {HOUR_SETS}"
+            )
+            assert [int(row[0]) for row in cells] == [36, 36]
+        finally:
+            upgraded.transport.command(f"DROP DATABASE {database}")
+            upgraded.close()
+    finally:
+        older.close()
+        sqlite.close()

@@ -147,7 +147,8 @@ SETTINGS {_DURABLE}, {_TOKENS}
 # 15-minute slots with everything (key, billable, dimension and tag sets): any zone's hour,
 # day or month is a whole number of slots, and any filter or group can be answered here.
 # ORDER BY leads with (account, metric, slot): a question reads one contiguous range.
-# The dimension and tag values ride along as any(): they are fixed by dimset and tagset.
+# The dimension and tag values ride along (any() on merge): they are fixed by dimset and
+# tagset.
 SLOTS = _sets_table("rollup")
 # The same at whole UTC hours: a grouped or tagged question reads a quarter of the rows
 # (fewer where an hour repeats a set), and slots only for its ragged quarter hours. Its view
@@ -159,10 +160,16 @@ HOUR_SETS_GRAIN = Grain(HOUR_SETS, HOUR_MS, detailed=True, keyed=True)
 
 
 def _sets_select(unit: int, source: str, where: str = "") -> str:
+    # The dimensions and tags are grouped by, not folded by any(): they are fixed by dimset
+    # and tagset, and any() of a Map or an Array keeps each value as a generic field, row by
+    # row, which cost the slots' view half its time (docs/clickhouse.md, "Ingest, round
+    # 12"). A set sent in two key orders within one insert makes two rows of one cell, as
+    # two inserts do: the table's key is (..., dimset, tagset), so merges fold them, and
+    # every question folds the rows it reads.
     return f"""
 SELECT account, metric, {floor_div("ts", unit)} AS slot, key, billable, dimset, tagset,
-       any(dims) AS dims, any(tags) AS tags, {_FOLD}
-FROM {source}{where} GROUP BY account, metric, slot, key, billable, dimset, tagset
+       dims, tags, {_FOLD}
+FROM {source}{where} GROUP BY account, metric, slot, key, billable, dimset, tagset, dims, tags
 """
 
 

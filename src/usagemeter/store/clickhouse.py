@@ -67,7 +67,7 @@ from usagemeter.store.chschema import (
 )
 from usagemeter.store.chsettle import settle_rollups
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
-from usagemeter.store.chupgrade import Backfilled
+from usagemeter.store.chupgrade import Backfilled, regroup_sets_views
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
 from usagemeter.store.pgcommit import GroupCommit
@@ -109,6 +109,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.distinct_hours = Backfilled(transport, self._corrections, fresh, DISTINCT)
         self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES)
         self.latest_hours = self.hour_values  # the latest values' hours are read there
+        regroup_sets_views(transport, self.hour_sets.boundary)  # a database before round 12
         # An older database's tables that this version no longer feeds itself (their views
         # do, for older processes): refolded by voids, and the latest table's backfill, when
         # an older process began it, carried on (chschema.LEGACY_GRAINS).
