@@ -162,13 +162,16 @@ def _module(name: str, path: Path) -> Any:
 
 def _theirs(source: Path, name: str, path: str) -> Any:
     """``source``'s module at ``path`` (engine.py, api/native.py), made with ``source``'s own
-    ``Result`` (round 12 keeps an answer's cells as columns, an older Result holds its
-    buckets) and this version's every other type, so that both versions' answers compare:
-    their buckets, cells and totals are this version's classes."""
+    ``Result`` and the columns it holds (round 12 keeps an answer's cells as columns, an
+    older Result holds its buckets) and this version's every other type (its queries, its
+    stores' answers); the answers compare as plain tuples (``_plain``)."""
     ours = sys.modules["usagemeter.model"]
+    theirs = _module("against_model", source / "model.py")
     shim = types.ModuleType("usagemeter.model")
     shim.__dict__.update(ours.__dict__)
-    shim.Result = _module("against_model", source / "model.py").Result  # type: ignore[attr-defined]
+    for name in ("Result", "BucketCells", "NO_CELLS"):  # an answer's types as it made them
+        if hasattr(theirs, name):
+            setattr(shim, name, getattr(theirs, name))
     sys.modules["usagemeter.model"] = shim
     try:
         return _module(name, source / path)
@@ -226,15 +229,15 @@ def against(
     rows = []
     for label, query in questions().items():
         peer_sql = chdb_peer.sql(peer_question(label, query))
-        before = msgspec.json.encode(rendering.query_json(other.Engine(planned).run(query)))
+        before = _response(rendering, other.Engine(planned).run(query))
         if before != encode(Engine(store).run(query)):
             raise SystemExit(f"{label}: the versions' responses differ")
         ms = _in_turn(
             {
                 "before": lambda q=query: other.Engine(planned).run(q),
                 "after": lambda q=query: Engine(store).run(q),
-                "before, answered": lambda q=query: msgspec.json.encode(
-                    rendering.query_json(other.Engine(planned).run(q))
+                "before, answered": lambda q=query: _response(
+                    rendering, other.Engine(planned).run(q)
                 ),
                 "after, answered": lambda q=query: encode(Engine(store).run(q)),
                 "peer": lambda s=peer_sql: peer.query(s),
@@ -306,8 +309,8 @@ def engines(source: Path, store: ClickHouseStore, runs: int) -> None:
             {
                 "before": lambda q=query, s=stored: other.Engine(s).run(q),
                 "after": lambda q=query, s=stored: Engine(s).run(q),
-                "before, answered": lambda q=query, s=stored: msgspec.json.encode(
-                    rendering.query_json(other.Engine(s).run(q))
+                "before, answered": lambda q=query, s=stored: _response(
+                    rendering, other.Engine(s).run(q)
                 ),
                 "after, answered": lambda q=query, s=stored: encode(Engine(s).run(q)),
             },
@@ -321,12 +324,27 @@ def engines(source: Path, store: ClickHouseStore, runs: int) -> None:
     print()
 
 
+def _response(rendering: Any, result: Any) -> bytes:
+    """``result``'s response as the version of ``rendering`` (its api/native.py) writes it:
+    query_answer where it has one (round 12), else query_json's dicts."""
+    if hasattr(rendering, "query_answer"):
+        return msgspec.json.encode(rendering.query_answer(result))
+    return msgspec.json.encode(rendering.query_json(result))
+
+
+def _plain(result: Any) -> tuple[object, ...]:
+    """An answer's buckets, groups' values and totals as plain tuples: two versions' answers
+    compare whatever classes each version's model made them of."""
+    buckets = [(b.start, b.end, [(g.group, g.values) for g in b.groups]) for b in result.buckets]
+    return buckets, [(g.group, g.values) for g in result.totals], result.total
+
+
 def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
     """Median milliseconds of each step, each run starting with the next step; the answers
     of the steps that return a Result (either version's) checked equal, and those that
     return a response's bytes."""
     made = [step() for step in steps.values()]
-    answers = [(a.buckets, a.totals, a.total) for a in made if hasattr(a, "totals")]
+    answers = [_plain(a) for a in made if hasattr(a, "totals")]
     written = [a for a in made if isinstance(a, bytes)]
     if any(a != answers[0] for a in answers) or any(w != written[0] for w in written):
         raise SystemExit("the versions' answers differ")

@@ -190,11 +190,14 @@ def test_the_cells_as_objects_are_the_columns_bucket_by_bucket(store: SQLiteStor
     result = Engine(store).run(query)
     cells = result.cells
     assert len(cells) == len(result.buckets) == 48  # New York's 01:00 twice, 48 hours all the same
-    assert cells.bounds[0] == 0 and cells.bounds[-1] == len(cells.groups) == len(cells.values)
+    assert cells.bounds[0] == 0 and cells.bounds[-1] == len(cells.group_of) == len(cells.values)
     assert [(b.start, b.end) for b in result.buckets] == list(
         zip(cells.cuts[:-1], cells.cuts[1:], strict=True)
     )
     flat = [(g.group, g.values) for b in result.buckets for g in b.groups]
-    assert flat == list(zip(cells.groups, cells.values, strict=True))
+    assert flat == list(
+        zip(map(cells.groups.__getitem__, cells.group_of), cells.values, strict=True)
+    )
+    assert cells.groups == [(("agent", v),) for v in ("x", "y", "z", None)]  # None last
     assert sum(v[0] for v in cells.values) == result.total[0] == 71  # e0..e70 in two days
     assert sum(1 for b in result.buckets if b.groups) >= 40  # an event every 41 minutes

@@ -188,9 +188,11 @@ class Engine:
         counts = Counter(groups)
         ranked = sorted(counts, key=_sort_key)
         by_group: Sequence[int] = range(len(at))
+        ranks: list[int] = []
         if len(ranked) > 1:
             rank = {group: r for r, group in enumerate(ranked)}
-            by_group = sorted(by_group, key=list(map(rank.__getitem__, groups)).__getitem__)
+            ranks = list(map(rank.__getitem__, groups))
+            by_group = sorted(by_group, key=ranks.__getitem__)
         order = sorted(by_group, key=at.__getitem__)  # stable: groups stay in order
         if plan.direct and None not in chain.from_iterable(values):
             cell_values: Sequence[tuple[float, ...]] = values  # type: ignore[assignment]
@@ -203,7 +205,10 @@ class Engine:
         cells = BucketCells(
             cuts,
             list(accumulate(map(per_window.__getitem__, range(buckets)), initial=0)),
-            list(map(groups.__getitem__, in_buckets)),
+            ranked,
+            # Each cell's group by its rank: the response looks a group's text up by position
+            # rather than hashing each cell's nested tuple again.
+            [0] * len(in_buckets) if len(ranked) < 2 else list(map(ranks.__getitem__, in_buckets)),
             list(map(cell_values.__getitem__, in_buckets)),
         )
 

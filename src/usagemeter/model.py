@@ -190,8 +190,10 @@ class BucketCells:
     for the readers that walk them (the CLI's table, the contract endpoints)."""
 
     cuts: Sequence[datetime]  # the boundaries in the query zone: bucket i is cuts[i]..cuts[i+1]
-    bounds: Sequence[int]  # bucket i's cells are groups[bounds[i]:bounds[i + 1]], values alike
-    groups: Sequence[Group]  # each cell's group: bucket by bucket, groups in order within one
+    bounds: Sequence[int]  # bucket i's cells: group_of[bounds[i]:bounds[i + 1]], values alike
+    groups: Sequence[Group]  # the answer's groups, in order
+    group_of: Sequence[int]  # each cell's group, its position in groups: bucket by bucket,
+    # groups in order within one
     values: Sequence[tuple[float, ...]]  # each cell's values, one per aggregation
 
     def __len__(self) -> int:
@@ -200,13 +202,13 @@ class BucketCells:
     def buckets(self) -> tuple[ResultBucket, ...]:
         # Made by C loops with the collector paused (bulk.py): thousands of objects, no cycle.
         with collector_paused():
-            cells = made(GroupValues, self.groups, self.values)
+            cells = made(GroupValues, map(self.groups.__getitem__, self.group_of), self.values)
             slices = map(slice, self.bounds, self.bounds[1:])
             groups = map(tuple, map(cells.__getitem__, slices))
             return tuple(made(ResultBucket, self.cuts[:-1], self.cuts[1:], groups))
 
 
-NO_CELLS = BucketCells((), (0,), (), ())
+NO_CELLS = BucketCells((), (0,), (), (), ())
 
 
 @dataclass(frozen=True, slots=True)

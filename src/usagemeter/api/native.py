@@ -281,10 +281,10 @@ def _bucket_dicts(result: Result) -> list[dict[str, Any]]:
     cells = result.cells
     # Each group's dict made once and shared by its cells (an hourly report by status has
     # thousands of cells and a handful of groups); the encoder writes it out each time.
-    shown = {group: dict(group) for group in dict.fromkeys(cells.groups)}
+    shown = [dict(group) for group in cells.groups]
     rendered = [
         _cell(result, shown[group], values)
-        for group, values in zip(cells.groups, cells.values, strict=True)
+        for group, values in zip(cells.group_of, cells.values, strict=True)
     ]
     stamps = list(map(isoformat, cells.cuts))  # a bucket's end is the next one's start
     return [
@@ -297,7 +297,7 @@ def _bucket_dicts(result: Result) -> list[dict[str, Any]]:
 
 def buckets_json(result: Result) -> bytes:
     """The answer's buckets written as JSON from its columns, the bytes msgspec writes for
-    ``_bucket_dicts``: each distinct group's opening and each distinct value encoded once, a
+    ``_bucket_dicts``: each group's opening and each distinct value encoded once, a
     cell's text their concatenation, a bucket's the join of its run of cells, all by C loops
     (an hourly report by status has about 10,800 cells, 2,160 buckets, a few groups and a few
     hundred distinct counts)."""
@@ -306,17 +306,18 @@ def buckets_json(result: Result) -> bytes:
         return msgspec.json.encode(_bucket_dicts(result))
     cells = result.cells
     encode = msgspec.json.encode
-    opening = {
-        group: b'{"group":' + encode(dict(group)) + b',"value":'
-        for group in dict.fromkeys(cells.groups)
-    }
+    opening = [b'{"group":' + encode(dict(group)) + b',"value":' for group in cells.groups]
     firsts = list(map(itemgetter(0), cells.values))
     distinct = list(dict.fromkeys(firsts))  # 3 and 3.0 are one key: number() writes both 3
     # One array of the distinct values, split at its commas (a number has none).
     written = encode(list(map(number, distinct)))[1:-1].split(b",")
     closing = dict(zip(distinct, [text + b"}" for text in written], strict=False))
     texts = list(
-        map(bytes.__add__, map(opening.__getitem__, cells.groups), map(closing.__getitem__, firsts))
+        map(
+            bytes.__add__,
+            map(opening.__getitem__, cells.group_of),
+            map(closing.__getitem__, firsts),
+        )
     )
     runs = map(b",".join, map(texts.__getitem__, map(slice, cells.bounds, cells.bounds[1:])))
     stamps = _stamps(cells.cuts)
@@ -556,7 +557,7 @@ async def query_usage(
         raise ApiError(400, "invalid_query", str(exc)) from None
     answer = query_answer(result)
     # An answer of zeros for a metric never recorded is most often a misspelled metric.
-    seen = bool(result.cells.groups) or bool(
+    seen = bool(result.cells.group_of) or bool(
         svc.store.metrics_seen(query.accounts, query.metric, dimensions=False)
     )
     answer["metric_seen"] = seen
