@@ -48,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -56,7 +57,7 @@ import msgspec
 
 from bench.chstore import Peer, load, peer_question, questions
 from bench.peers import chdb_peer
-from usagemeter.api.native import query_json
+from usagemeter.api.native import query_answer
 from usagemeter.engine import Engine
 from usagemeter.model import Query, Result
 from usagemeter.store import chplan, open_store
@@ -81,7 +82,8 @@ SHORT = {
 
 
 def encode(result: Result) -> bytes:
-    return msgspec.json.encode(query_json(result))
+    """The native response's bytes for ``result``, as the API writes them."""
+    return msgspec.json.encode(query_answer(result))
 
 
 def asked(store: ClickHouseStore, query: Query) -> AggregateSpec:
@@ -158,6 +160,25 @@ def _module(name: str, path: Path) -> Any:
     return module
 
 
+def _theirs(source: Path, name: str, path: str) -> Any:
+    """``source``'s module at ``path`` (engine.py, api/native.py), made with ``source``'s own
+    ``Result`` and the columns it holds (round 12 keeps an answer's cells as columns, an
+    older Result holds its buckets) and this version's every other type (its queries, its
+    stores' answers); the answers compare as plain tuples (``_plain``)."""
+    ours = sys.modules["usagemeter.model"]
+    theirs = _module("against_model", source / "model.py")
+    shim = types.ModuleType("usagemeter.model")
+    shim.__dict__.update(ours.__dict__)
+    for name in ("Result", "BucketCells", "NO_CELLS"):  # an answer's types as it made them
+        if hasattr(theirs, name):
+            setattr(shim, name, getattr(theirs, name))
+    sys.modules["usagemeter.model"] = shim
+    try:
+        return _module(name, source / path)
+    finally:
+        sys.modules["usagemeter.model"] = ours
+
+
 class _Planned:
     """The store's answers as another version's ClickHouse planner asks for them: with the
     tables that version knows of (the flags its plan_aggregate takes), read by columns when
@@ -198,24 +219,45 @@ def against(
     source: Path, store: ClickHouseStore, peer: ChdbTransport, sqlite: Store | None, runs: int
 ) -> None:
     """Every question asked of ``source``'s engine and planner and of this version's, in
-    turn (each run starting with the next of them), beside the peer; medians."""
-    other = _module("against_engine", source / "engine.py")
+    turn (each run starting with the next of them), beside the peer; medians. Each is timed
+    twice: Engine.run alone, and answered (Engine.run and the native response's bytes, as
+    each version's API writes them: ``source``'s query_json encoded, this one's
+    query_answer), the bytes checked equal."""
+    other = _theirs(source, "against_engine", "engine.py")
+    rendering = _theirs(source, "against_native", "api/native.py")
     planned = _Planned(store, _module("against_chplan", source / "store" / "chplan.py"))
-    print("| heavy account, 90 days | before | this version | raw chDB peer | ratio | to peer |")
-    print("|---|---:|---:|---:|---:|---:|")
+    rows = []
     for label, query in questions().items():
         peer_sql = chdb_peer.sql(peer_question(label, query))
+        before = _response(rendering, other.Engine(planned).run(query))
+        if before != encode(Engine(store).run(query)):
+            raise SystemExit(f"{label}: the versions' responses differ")
         ms = _in_turn(
             {
                 "before": lambda q=query: other.Engine(planned).run(q),
                 "after": lambda q=query: Engine(store).run(q),
+                "before, answered": lambda q=query: _response(
+                    rendering, other.Engine(planned).run(q)
+                ),
+                "after, answered": lambda q=query: encode(Engine(store).run(q)),
                 "peer": lambda s=peer_sql: peer.query(s),
             },
             runs,
         )
-        cells = [f"{ms[k]:.1f} ms" for k in ("before", "after", "peer")]
-        cells += [f"{ms['before'] / ms['after']:.2f}", f"{ms['after'] / ms['peer']:.2f}"]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append((label, ms))
+    for answered in ("", ", answered"):
+        what = "Engine.run and the response" if answered else "Engine.run"
+        print(
+            f"| {what}, heavy account, 90 days | before | this version | raw chDB peer |"
+            " ratio | to peer |"
+        )
+        print("|---|---:|---:|---:|---:|---:|")
+        for label, ms in rows:
+            b, a = ms["before" + answered], ms["after" + answered]
+            cells = [f"{b:.1f} ms", f"{a:.1f} ms", f"{ms['peer']:.1f} ms"]
+            cells += [f"{b / a:.2f}", f"{a / ms['peer']:.2f}"]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        print()
     if sqlite is not None:
         print("\n| SQLite, heavy account, 90 days | before | this version | ratio |")
         print("|---|---:|---:|---:|")
@@ -252,33 +294,59 @@ class _Stored:
 
 def engines(source: Path, store: ClickHouseStore, runs: int) -> None:
     """Each question's answer from the store, kept, then ``source``'s engine and this one
-    over it in turn (answers checked equal): the Python every store's questions share."""
-    other = _module("against_engine_alone", source / "engine.py")
-    print("| the engine alone, heavy account, 90 days | cells | before | this version | ratio |")
-    print("|---|---:|---:|---:|---:|")
+    over it in turn (answers checked equal): the Python every store's questions share; then
+    the same with the native response's bytes written, as each version's API writes them."""
+    other = _theirs(source, "against_engine_alone", "engine.py")
+    rendering = _theirs(source, "against_native_alone", "api/native.py")
+    print(
+        "| the engine alone, heavy account, 90 days | cells | before | this version | ratio |"
+        " answered, before | this version | ratio |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, query in questions().items():
         stored = _Stored(store.aggregate_columns(asked(store, query)))
         ms = _in_turn(
             {
                 "before": lambda q=query, s=stored: other.Engine(s).run(q),
                 "after": lambda q=query, s=stored: Engine(s).run(q),
+                "before, answered": lambda q=query, s=stored: _response(
+                    rendering, other.Engine(s).run(q)
+                ),
+                "after, answered": lambda q=query, s=stored: encode(Engine(s).run(q)),
             },
             runs,
         )
-        cells = f"{len(stored.answer.windows):,}"
-        ratio = ms["before"] / ms["after"]
-        print(f"| {label} | {cells} | {ms['before']:.2f} ms | {ms['after']:.2f} ms | {ratio:.2f} |")
+        cells = [f"{len(stored.answer.windows):,}"]
+        for answered in ("", ", answered"):
+            b, a = ms["before" + answered], ms["after" + answered]
+            cells += [f"{b:.2f} ms", f"{a:.2f} ms", f"{b / a:.2f}"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     print()
+
+
+def _response(rendering: Any, result: Any) -> bytes:
+    """``result``'s response as the version of ``rendering`` (its api/native.py) writes it:
+    query_answer where it has one (round 12), else query_json's dicts."""
+    if hasattr(rendering, "query_answer"):
+        return msgspec.json.encode(rendering.query_answer(result))
+    return msgspec.json.encode(rendering.query_json(result))
+
+
+def _plain(result: Any) -> tuple[object, ...]:
+    """An answer's buckets, groups' values and totals as plain tuples: two versions' answers
+    compare whatever classes each version's model made them of."""
+    buckets = [(b.start, b.end, [(g.group, g.values) for g in b.groups]) for b in result.buckets]
+    return buckets, [(g.group, g.values) for g in result.totals], result.total
 
 
 def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
     """Median milliseconds of each step, each run starting with the next step; the answers
-    of the steps that return a Result checked equal."""
-    answers = [a for a in (step() for step in steps.values()) if isinstance(a, Result)]
-    if any(
-        (a.buckets, a.totals, a.total) != (answers[0].buckets, answers[0].totals, answers[0].total)
-        for a in answers
-    ):
+    of the steps that return a Result (either version's) checked equal, and those that
+    return a response's bytes."""
+    made = [step() for step in steps.values()]
+    answers = [_plain(a) for a in made if hasattr(a, "totals")]
+    written = [a for a in made if isinstance(a, bytes)]
+    if any(a != answers[0] for a in answers) or any(w != written[0] for w in written):
         raise SystemExit("the versions' answers differ")
     names = list(steps)
     spent: dict[str, list[float]] = {name: [] for name in names}

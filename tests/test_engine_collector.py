@@ -1,5 +1,6 @@
-"""The engine makes an answer's cells with the cyclic collector paused (engine._collector_paused):
-it is on again afterwards, whatever happened meanwhile, and left off when it was off."""
+"""An answer's buckets and cells, made as objects from its columns (model.BucketCells.buckets),
+are made with the cyclic collector paused (bulk.collector_paused): it is on again afterwards,
+whatever happened meanwhile, and left off when it was off. The engine itself makes none."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from usagemeter import engine as engine_module
+from usagemeter import model as model_module
 from usagemeter.engine import Engine
 from usagemeter.model import Account, Event, GroupValues, Query
 from usagemeter.store.sqlite import SQLiteStore
@@ -53,15 +55,17 @@ def _hourly() -> Query:
 
 @pytest.fixture
 def seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """Whether the collector was on as each kind of object was made."""
-    made = engine_module._made
+    """Whether the collector was on as each kind of object was made, by the engine or from
+    the answer's columns."""
+    made = model_module.made
     found: list[tuple[str, bool]] = []
 
     def watched(kind: type, *columns: object) -> list[object]:
         found.append((kind.__name__, gc.isenabled()))
         return made(kind, *columns)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine_module, "_made", watched)
+    monkeypatch.setattr(engine_module, "made", watched)
+    monkeypatch.setattr(model_module, "made", watched)
     return found
 
 
@@ -71,10 +75,14 @@ def test_the_cells_are_made_with_the_collector_off_and_it_is_on_after(
     assert gc.isenabled()
     result = Engine(store).run(_hourly())
     assert gc.isenabled()
+    assert seen == [("Window", True)]  # the store then works with it on; no cell made yet
     assert len(result.buckets) == 24  # 24 hours across New York's fall back
+    assert gc.isenabled()
+    assert seen[1:] == [("GroupValues", False), ("ResultBucket", False)]
+    assert result.buckets is result.buckets  # made once
+    assert len(seen) == 3
     assert result.total == (200,) and sum(c.values[0] for c in result.totals) == 200
-    assert ("GroupValues", False) in seen and ("ResultBucket", False) in seen
-    assert ("Window", True) in seen  # before the store's call: on, as the store works
+    assert sum(g.values[0] for b in result.buckets for g in b.groups) == 200
 
 
 def test_the_collector_is_on_again_when_making_the_cells_fails(
@@ -85,10 +93,11 @@ def test_the_collector_is_on_again_when_making_the_cells_fails(
             raise MemoryError("no room")
         return made(kind, *columns)  # type: ignore[arg-type]
 
-    made = engine_module._made
-    monkeypatch.setattr(engine_module, "_made", failing)
+    made = model_module.made
+    monkeypatch.setattr(model_module, "made", failing)
+    result = Engine(store).run(_hourly())
     with pytest.raises(MemoryError):
-        Engine(store).run(_hourly())
+        result.buckets  # noqa: B018
     assert gc.isenabled()
 
 
@@ -97,7 +106,7 @@ def test_a_collector_that_was_off_stays_off(
 ) -> None:
     gc.disable()
     try:
-        Engine(store).run(_hourly())
+        assert Engine(store).run(_hourly()).buckets
         assert not gc.isenabled()
     finally:
         gc.enable()

@@ -1,6 +1,6 @@
 """The ClickHouse store's questions, round 7: a question one table answers is folded once,
 straight from that table (chplan._flat), and the engine lays its cells out by C loops
-(engine._made). Both must leave every answer as SQLite gives it, in any zone.
+(bulk.made). Both must leave every answer as SQLite gives it, in any zone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from tests.questions import answers_to
 from usagemeter.auth import issue_key
-from usagemeter.engine import Engine, _made
+from usagemeter.bulk import made as _made
+from usagemeter.engine import Engine
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import (
     Account,

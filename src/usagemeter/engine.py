@@ -10,23 +10,23 @@ a month is not the sum of its days).
 from __future__ import annotations
 
 import functools
-import gc
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from itertools import accumulate, chain, repeat
-from typing import TypeVar, cast
+from itertools import accumulate, chain
+from typing import cast
 
+from usagemeter.bulk import made
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import (
+    NO_CELLS,
     Aggregation,
+    BucketCells,
     Group,
     GroupValues,
     Query,
     Result,
-    ResultBucket,
 )
 from usagemeter.portal import check_metric
 from usagemeter.store.base import (
@@ -41,8 +41,6 @@ from usagemeter.store.base import (
 )
 from usagemeter.store.retention import check_raw
 from usagemeter.timewindows import Bucket, Granularity, bucket_edges, parse_zone
-
-_T = TypeVar("_T")
 
 
 def _sort_key(group: Group) -> tuple[tuple[bool, str], ...]:
@@ -168,10 +166,12 @@ class Engine:
         cuts, edges = self._edges(query)
         aggregations = plan.aggregations
         if not cuts:
-            return Result(query, aggregations, (), (), plan.derive((None,) * len(plan.measures)))
+            return Result(
+                query, aggregations, NO_CELLS, (), plan.derive((None,) * len(plan.measures))
+            )
         # A bucket's end is the next one's start: each boundary is made once.
         buckets = len(cuts) - 1
-        windows = tuple(_made(Window, range(buckets), edges[:-1], edges[1:]))
+        windows = tuple(made(Window, range(buckets), edges[:-1], edges[1:]))
         additive = all(m.is_additive for m in plan.measured)
         # A distinct count or a latest value over the range is not a fold of its buckets:
         # the store computes the range's totals beside the buckets, in the same call.
@@ -179,66 +179,67 @@ class Engine:
         answer = self._aggregate(spec)
         at, groups, values = answer.windows, answer.groups, answer.values
 
-        # The cells are made with the cyclic collector paused (_collector_paused): none of
-        # them can form a cycle, and an hourly report's 10,800 cells set off a dozen passes.
-        with _collector_paused():
-            # Rows ordered by window, and by group within a window: each bucket's cells are then
-            # one slice, already sorted (an hourly report by status has thousands of buckets and
-            # about 10,800 cells). The totals' rows (negative windows) come first. Ranks, orders,
-            # cells and slices are all made by C loops; no Python statement runs per cell.
-            counts = Counter(groups)
-            ranked = sorted(counts, key=_sort_key)
-            by_group: Sequence[int] = range(len(at))
-            if len(ranked) > 1:
-                rank = {group: r for r, group in enumerate(ranked)}
-                by_group = sorted(by_group, key=list(map(rank.__getitem__, groups)).__getitem__)
-            order = sorted(by_group, key=at.__getitem__)  # stable: groups stay in order
-            if plan.direct and None not in chain.from_iterable(values):
-                cell_values: Sequence[tuple[float, ...]] = values  # type: ignore[assignment]
-            else:
-                cell_values = list(map(plan.derive, values))
-            cells = _made(
-                GroupValues, map(groups.__getitem__, order), map(cell_values.__getitem__, order)
-            )
-            # Where each bucket's cells begin: after the totals' rows, its windows' rows counted.
-            per_window = Counter(at)
-            before_buckets = per_window[TOTAL] + per_window[OVERALL]
-            bounds = list(
-                accumulate(map(per_window.__getitem__, range(buckets)), initial=before_buckets)
-            )
-            slices = map(slice, bounds, bounds[1:])
-            result_buckets = tuple(
-                _made(ResultBucket, cuts[:-1], cuts[1:], map(tuple, map(cells.__getitem__, slices)))
-            )
+        # Rows ordered by window, and by group within a window: each bucket's cells are then one
+        # run of the columns, already sorted (an hourly report by status has thousands of
+        # buckets and about 10,800 cells). The totals' rows (negative windows) come first. Ranks,
+        # orders and columns are all made by C loops; no Python statement runs per cell, and no
+        # object is made per cell or bucket: the answer keeps its cells as columns
+        # (model.BucketCells), which the native API writes out as they are.
+        counts = Counter(groups)
+        ranked = sorted(counts, key=_sort_key)
+        by_group: Sequence[int] = range(len(at))
+        ranks: list[int] = []
+        if len(ranked) > 1:
+            rank = {group: r for r, group in enumerate(ranked)}
+            ranks = list(map(rank.__getitem__, groups))
+            by_group = sorted(by_group, key=ranks.__getitem__)
+        order = sorted(by_group, key=at.__getitem__)  # stable: groups stay in order
+        if plan.direct and None not in chain.from_iterable(values):
+            cell_values: Sequence[tuple[float, ...]] = values  # type: ignore[assignment]
+        else:
+            cell_values = list(map(plan.derive, values))
+        # Where each bucket's cells begin: its windows' rows counted, after the totals' rows.
+        per_window = Counter(at)
+        before_buckets = per_window[TOTAL] + per_window[OVERALL]
+        in_buckets = order[before_buckets:]
+        cells = BucketCells(
+            cuts,
+            list(accumulate(map(per_window.__getitem__, range(buckets)), initial=0)),
+            ranked,
+            # Each cell's group by its rank: the response looks a group's text up by position
+            # rather than hashing each cell's nested tuple again.
+            [0] * len(in_buckets) if len(ranked) < 2 else list(map(ranks.__getitem__, in_buckets)),
+            list(map(cell_values.__getitem__, in_buckets)),
+        )
 
-            if additive:
-                # Fold the stored measures, then derive: an average over a range is the range's
-                # sum over its count, never an average of the buckets' averages.
-                folded = []
-                start = 0
-                for group in ranked:
-                    stop = start + counts[group]
-                    columns = zip(*map(values.__getitem__, by_group[start:stop]), strict=True)
-                    pairs = zip(plan.measured, columns, strict=True)
-                    measured = tuple(_fold(m, c) for m, c in pairs)
-                    folded.append(GroupValues(group, measured))
-                    start = stop
-                totals = [GroupValues(g.group, plan.derive(g.values)) for g in folded]
-                total = plan.derive(
-                    [_fold(m, (g.values[i] for g in folded)) for i, m in enumerate(plan.measured)]
-                )
-            else:
-                # The totals' rows, first in ``order``: each group's (TOTAL, in group order) and,
-                # when grouped, the one over every group (OVERALL).
-                first = order[: bounds[0]]
-                range_rows = [i for i in first if at[i] == TOTAL]
-                overall = next((i for i in first if at[i] != TOTAL), None)
-                totals = [GroupValues(groups[i], plan.derive(values[i])) for i in range_rows]
-                whole = overall if query.group_by else (range_rows[0] if range_rows else None)
-                total = plan.derive(
-                    values[whole] if whole is not None else (None,) * len(plan.measures)
-                )
-        return Result(query, aggregations, result_buckets, tuple(totals), total)
+        if additive:
+            # Fold the stored measures, then derive: an average over a range is the range's
+            # sum over its count, never an average of the buckets' averages.
+            folded = []
+            start = 0
+            for group in ranked:
+                stop = start + counts[group]
+                columns = zip(*map(values.__getitem__, by_group[start:stop]), strict=True)
+                pairs = zip(plan.measured, columns, strict=True)
+                measured = tuple(_fold(m, c) for m, c in pairs)
+                folded.append(GroupValues(group, measured))
+                start = stop
+            totals = [GroupValues(g.group, plan.derive(g.values)) for g in folded]
+            total = plan.derive(
+                [_fold(m, (g.values[i] for g in folded)) for i, m in enumerate(plan.measured)]
+            )
+        else:
+            # The totals' rows, first in ``order``: each group's (TOTAL, in group order) and,
+            # when grouped, the one over every group (OVERALL).
+            first = order[:before_buckets]
+            range_rows = [i for i in first if at[i] == TOTAL]
+            overall = next((i for i in first if at[i] != TOTAL), None)
+            totals = [GroupValues(groups[i], plan.derive(values[i])) for i in range_rows]
+            whole = overall if query.group_by else (range_rows[0] if range_rows else None)
+            total = plan.derive(
+                values[whole] if whole is not None else (None,) * len(plan.measures)
+            )
+        return Result(query, aggregations, cells, tuple(totals), total)
 
     def _aggregate(self, spec: AggregateSpec) -> AggregateColumns:
         check_raw(spec, self.store.raw_horizon())
@@ -274,40 +275,6 @@ def _by_columns(kind: type) -> bool:
     instance against a runtime protocol costs tens of microseconds, as much as a small
     answer on SQLite."""
     return issubclass(kind, ColumnarAggregates)
-
-
-def _made(kind: type[_T], *columns: Iterable[object]) -> list[_T]:
-    """Instances of the frozen slotted dataclass ``kind``, its fields' values taken from
-    ``columns`` in field order, made without running its __init__ per instance: a frozen
-    dataclass sets each field through object.__setattr__, and an hourly report makes about
-    10,800 cells. Each field is set through its slot's descriptor, by C loops (half the
-    time). Nothing else is checked by those __init__s, so the instances are the same."""
-    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
-    values = [c if isinstance(c, list) else list(c) for c in columns]
-    if len(values) != len(names) or len({len(v) for v in values}) != 1:
-        raise ValueError(f"{kind.__name__}: one column of equal length per field")
-    made = list(map(object.__new__, repeat(kind, len(values[0]))))
-    for name, column in zip(names, values, strict=True):
-        deque(map(vars(kind)[name].__set__, made, column), maxlen=0)
-    return made
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for a stretch of pure CPU work that makes many objects
-    and no cycle (an answer's cells and buckets): each 700 allocations would otherwise start
-    a pass over the young objects, and now and then over every object not frozen. Objects
-    are still freed by their counts meanwhile. Left alone when it is off already (another
-    thread's stretch, or an application that runs without it); should two threads' stretches
-    overlap, the first to end turns it on again, which only means passes resume early."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _zeros(values: Sequence[float | None]) -> tuple[float, ...]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
 import msgspec
 
+from usagemeter.bulk import collector_paused, made
 from usagemeter.timewindows import BillingCycle, Granularity
 
 
@@ -182,9 +183,47 @@ class ResultBucket:
 
 
 @dataclass(frozen=True, slots=True)
+class BucketCells:
+    """An answer's buckets as columns, as the engine ordered the store's rows: no object per
+    cell or bucket (an hourly report by status has about 10,800 cells and 2,160 buckets).
+    The native API writes its response from these columns; ``buckets()`` makes the objects
+    for the readers that walk them (the CLI's table, the contract endpoints)."""
+
+    cuts: Sequence[datetime]  # the boundaries in the query zone: bucket i is cuts[i]..cuts[i+1]
+    bounds: Sequence[int]  # bucket i's cells: group_of[bounds[i]:bounds[i + 1]], values alike
+    groups: Sequence[Group]  # the answer's groups, in order
+    group_of: Sequence[int]  # each cell's group, its position in groups: bucket by bucket,
+    # groups in order within one
+    values: Sequence[tuple[float, ...]]  # each cell's values, one per aggregation
+
+    def __len__(self) -> int:
+        return max(len(self.cuts) - 1, 0)
+
+    def buckets(self) -> tuple[ResultBucket, ...]:
+        # Made by C loops with the collector paused (bulk.py): thousands of objects, no cycle.
+        with collector_paused():
+            cells = made(GroupValues, map(self.groups.__getitem__, self.group_of), self.values)
+            slices = map(slice, self.bounds, self.bounds[1:])
+            groups = map(tuple, map(cells.__getitem__, slices))
+            return tuple(made(ResultBucket, self.cuts[:-1], self.cuts[1:], groups))
+
+
+NO_CELLS = BucketCells((), (0,), (), (), ())
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
     query: Query
     aggregations: tuple[Aggregation, ...]
-    buckets: tuple[ResultBucket, ...]
+    cells: BucketCells  # the buckets, as columns
     totals: tuple[GroupValues, ...]  # per group over the whole range
     total: tuple[float, ...]  # over the whole range and every group
+    # The buckets as objects once asked for (``buckets``): a frozen class keeps them in a list.
+    _made: list[tuple[ResultBucket, ...]] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def buckets(self) -> tuple[ResultBucket, ...]:
+        """Each bucket with its groups' values, made on first use from ``cells``."""
+        if not self._made:
+            self._made.append(self.cells.buckets())
+        return self._made[0]
