@@ -54,8 +54,8 @@ from bench.chstore import (
 )
 from usagemeter.model import Account, Event
 from usagemeter.store import open_store
-from usagemeter.store.chschema import HOUR_SETS
 from usagemeter.store.chtransport import ChdbTransport
+from usagemeter.store.chupgrade import make_sets_views_before_round_12
 from usagemeter.store.clickhouse import ClickHouseStore
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout that holds bench/
@@ -163,31 +163,6 @@ def grouped(count: int, clients: int, size: int = BATCH) -> None:
     )
 
 
-# The tables of sets' views before round 12: the dimensions and tags folded by any().
-_ANY_SETS = """
-SELECT account, metric, intDiv(ts - positiveModulo(ts, {unit}), {unit}) AS slot, key, billable,
-       dimset, tagset, any(dims) AS dims, any(tags) AS tags, count() AS cnt,
-       sum(value) AS total, min(value) AS vmin, max(value) AS vmax,
-       argMaxState(value, (ts, seq)) AS last
-FROM events{where} GROUP BY account, metric, slot, key, billable, dimset, tagset
-"""
-
-
-def _views_before_round_12(store: ClickHouseStore) -> None:
-    """Give a fresh store the tables of sets' views as before round 12 (its hour sets'
-    boundary kept: 0 on a fresh database)."""
-    boundary = store.hour_sets.boundary
-    for table, unit, where in (
-        ("rollup", 900_000, ""),
-        (HOUR_SETS, 3_600_000, f" WHERE seq >= {boundary}"),
-    ):
-        store.transport.command(f"DROP VIEW {table}_mv")
-        store.transport.command(
-            f"CREATE MATERIALIZED VIEW {table}_mv TO {table} AS"
-            + _ANY_SETS.format(unit=unit, where=where)
-        )
-
-
 def sets_views(count: int, clients: int) -> None:
     """The tables of sets' views before round 12 against this checkout's, in turn by bursts
     (see the docstring)."""
@@ -196,7 +171,7 @@ def sets_views(count: int, clients: int) -> None:
         ClickHouseStore(ChdbTransport(f"{scratch}/chdb", database), str(scratch / database))
         for database in ("now", "before")
     ]
-    _views_before_round_12(stores[1])
+    make_sets_views_before_round_12(stores[1].transport, stores[1].hour_sets.boundary)
     inserts: list[list[float]] = [[], []]
     for i, store in enumerate(stores):
         for n in range(ACCOUNTS):

@@ -24,6 +24,7 @@ from usagemeter.store import open_store, rows
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
 from usagemeter.store.chschema import EVENTS, HOUR_SETS, SLOTS, STATEMENTS
 from usagemeter.store.chtransport import Transport
+from usagemeter.store.chupgrade import make_sets_views_before_round_12
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlite import SQLiteStore
 
@@ -549,17 +550,6 @@ def test_a_dimension_set_sent_in_any_key_order_answers_as_on_sqlite(
         sqlite.close()
 
 
-# The tables of sets' views as databases before round 12 made them: dimensions and tags
-# folded by any(). The hour sets' boundary is 1 here, so that it shows whether it is kept.
-_ANY_SETS = """
-SELECT account, metric, intDiv(ts - positiveModulo(ts, {unit}), {unit}) AS slot, key, billable,
-       dimset, tagset, any(dims) AS dims, any(tags) AS tags, count() AS cnt,
-       sum(value) AS total, min(value) AS vmin, max(value) AS vmax,
-       argMaxState(value, (ts, seq)) AS last
-FROM events{where} GROUP BY account, metric, slot, key, billable, dimset, tagset
-"""
-
-
 def _views(transport: Transport) -> dict[str, str]:
     rows = transport.query(
         "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase()"
@@ -578,15 +568,8 @@ def test_a_database_before_round_12_gets_the_grouping_views_in_place(
     older = ClickHouseStore(_transport(clickhouse_home, database), str(tmp_path / "a.sqlite"))
     sqlite = SQLiteStore(str(tmp_path / "db.sqlite"))
     try:
-        for table, unit, where in (
-            ("rollup", 900_000, ""),
-            (HOUR_SETS, 3_600_000, " WHERE seq >= 1"),
-        ):
-            older.transport.command(f"DROP VIEW {table}_mv")
-            older.transport.command(
-                f"CREATE MATERIALIZED VIEW {table}_mv TO {table} AS"
-                + _ANY_SETS.format(unit=unit, where=where)
-            )
+        # The hour sets' boundary 1, so that it shows whether it is kept.
+        make_sets_views_before_round_12(older.transport, 1)
         assert all("any(dims)" in q for q in _views(older.transport).values())
 
         def sent(batch: int) -> list[Event]:

@@ -165,8 +165,32 @@ def _months(first_ms: int, last_ms: int) -> list[tuple[int, int]]:
     return months
 
 
-# What the tables of sets' views folded by any() before round 12.
+# The tables of sets' views as databases before round 12 made them: the dimensions and tags
+# folded by any() (chschema._sets_select now groups by them). Kept to recognise such a
+# database, and to make one where the upgrade is checked (its test, bench.chturns
+# --sets-views).
+SETS_SELECT_BEFORE_ROUND_12 = """
+SELECT account, metric, intDiv(ts - positiveModulo(ts, {unit}), {unit}) AS slot, key, billable,
+       dimset, tagset, any(dims) AS dims, any(tags) AS tags, count() AS cnt,
+       sum(value) AS total, min(value) AS vmin, max(value) AS vmax,
+       argMaxState(value, (ts, seq)) AS last
+FROM events{where} GROUP BY account, metric, slot, key, billable, dimset, tagset
+"""
 _FOLDED_BY_ANY = "any(dims)"
+
+
+def make_sets_views_before_round_12(transport: Transport, hour_sets_boundary: int) -> None:
+    """Give a database the tables of sets' views as before round 12, the hour sets' view
+    from ``hour_sets_boundary``: what ``regroup_sets_views`` finds in an older database."""
+    for table, unit, where in (
+        ("rollup", 900_000, ""),
+        (HOUR_SETS, 3_600_000, f" WHERE seq >= {int(hour_sets_boundary)}"),
+    ):
+        transport.command(f"DROP VIEW {table}_mv")
+        transport.command(
+            f"CREATE MATERIALIZED VIEW {table}_mv TO {table} AS"
+            + SETS_SELECT_BEFORE_ROUND_12.format(unit=unit, where=where)
+        )
 
 
 def regroup_sets_views(transport: Transport, hour_sets_boundary: int) -> list[str]:
