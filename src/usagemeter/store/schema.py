@@ -11,6 +11,8 @@ Layout:
 - ``folded`` holds the last event ``seq`` folded into the rollups. A batch only appends its
   events, and a copy of each in ``unfolded``; the rollups catch up in long runs (see
   sqlite.py), and meanwhile queries read the rollups and ``unfolded`` together.
+- ``event_times`` finds the folded events by time (a ragged end, a void's or retention's
+  range); the fold writes it, so a commit dirties no page of it.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ up in long runs (``fold``: when appends pause, or once many events wait), so a r
 is written once per run instead of once per batch; meanwhile every question reads the
 rollups and the waiting events together (sqlplan's ``pending``), so an acknowledged event
 is in the next answer of every endpoint without a question waiting for a fold. The fold is
-one transaction that moves the ``folded`` mark with the rollups it wrote and empties
-``unfolded``: a crash loses no event and counts none twice. Readers use their own
+one transaction that moves the ``folded`` mark with the rollups it wrote, writes the run's
+entries in ``event_times`` (the folded events by time) and empties ``unfolded``: a crash
+loses no event and counts none twice. Readers use their own
 per-thread connections beside it (WAL).
 """
 
