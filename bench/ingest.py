@@ -94,6 +94,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------- the events
 
 
+class ServedBy(Service):
+    """The bench's server, run from the package ``code`` (another checkout's) if given. Its
+    operator key is made by that code too: this code's would open the store first, and a
+    store this code has upgraded is not one the other code knows (round 13's event_times,
+    built once on opening, made the code before rebuild every rollup of the 10M store)."""
+
+    def __init__(self, code: Path | None, root: Path) -> None:
+        self.code = code
+        super().__init__(root)
+
+    def _snapshot(self) -> dict[str, str]:
+        env = super()._snapshot()
+        if self.code is not None:  # the package Service copied: this one instead
+            served = self.root / "code" / "usagemeter"
+            shutil.rmtree(served)
+            shutil.copytree(self.code, served, ignore=shutil.ignore_patterns("__pycache__"))
+        return env
+
+
 def live_events(seed: int, n: int) -> g.Events:
     """The bench's accounts, metrics and dimensions, stamped over the last LIVE_HOURS hours
     of the window in time order: what a running service sends."""
@@ -339,11 +358,7 @@ class IngestBench:
             source.close()
         first = held + a.prefill  # past the bench's ids in the store and its own extra events
         backfill = g.concat(list(g.iter_events(a.seed, first, first + a.backfill)))
-        service = Service(root)
-        if code is not None:  # the server runs the package Service copied: that one instead
-            served = root / "code" / "usagemeter"
-            shutil.rmtree(served)
-            shutil.copytree(code, served, ignore=shutil.ignore_patterns("__pycache__"))
+        service = ServedBy(code, root)
         try:
             service.start()
             assert service.proc is not None

@@ -50,6 +50,8 @@ class TimedConnection:
             kind = "copy into unfolded"
         elif sql.startswith("DELETE FROM unfolded"):
             kind = "fold: empty unfolded"
+        elif sql.startswith("INSERT INTO event_times"):
+            kind = "fold: event_times"
         elif sql.startswith("INSERT INTO rollup"):
             kind = "fold: " + sql.split()[2]
         elif sql.startswith("INSERT INTO temp.fold_key_hours"):

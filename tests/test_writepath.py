@@ -106,7 +106,7 @@ def test_a_file_of_the_version_that_folded_every_batch_is_not_folded_twice(
     reopened.close()
 
 
-def test_a_file_indexed_by_metric_first_is_indexed_by_time_and_answers_ragged_ends(
+def test_a_file_indexed_by_metric_first_finds_its_events_by_time_and_answers_ragged_ends(
     db_path: Path,
 ) -> None:
     store = _open(db_path)
@@ -114,16 +114,19 @@ def test_a_file_indexed_by_metric_first_is_indexed_by_time_and_answers_ragged_en
     store.append([Event(f"e{i}", "a", "m", BASE_MS + i * 60_000) for i in range(120)])
     store.append([Event(f"e{i}", "b", "m", BASE_MS + i * 60_000) for i in range(120)])
     store.close()
-    # As the version before left a file: events indexed by (metric, account, ts).
+    # As the version two before left a file: events indexed by (metric, account, ts).
     _rewrite(
-        db_path, "DROP INDEX events_ts", "CREATE INDEX events_time ON events(metric, account, ts)"
+        db_path,
+        "DROP TABLE event_times",
+        "CREATE INDEX events_time ON events(metric, account, ts)",
+        "PRAGMA user_version = 3",
     )
     reopened = _open(db_path)
-    indexes = {
-        row[0]
-        for row in reopened._writer.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+    names = {
+        row[0]: row[1] for row in reopened._writer.execute("SELECT name, type FROM sqlite_master")
     }
-    assert "events_ts" in indexes and "events_time" not in indexes
+    assert names.get("event_times") == "table"
+    assert "events_time" not in names and "events_ts" not in names
     # Ragged ends read raw events: from 00:07:30 to 01:52:00.5, minutes 8 to 112 of "a" only.
     ragged = (Window(0, BASE_MS + 450_000, BASE_MS + 112 * 60_000 + 500),)
     assert _totals(reopened, "a", ragged) == {0: (105, 105.0, 1.0, 1.0)}

@@ -11,6 +11,8 @@ Layout:
 - ``folded`` holds the last event ``seq`` folded into the rollups. A batch only appends its
   events, and a copy of each in ``unfolded``; the rollups catch up in long runs (see
   sqlite.py), and meanwhile queries read the rollups and ``unfolded`` together.
+- ``event_times`` finds the folded events by time (a ragged end, a void's or retention's
+  range); the fold writes it, so a commit dirties no page of it.
 """
 
 from __future__ import annotations
@@ -82,13 +84,10 @@ CREATE TABLE IF NOT EXISTS events (
     value REAL NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(account, event_id);
--- Raw events are read only for the ragged millisecond ends of a range, each shorter than a
--- 15-minute slot: time first, so that live traffic, which arrives in time order, appends to
--- this index's last pages. Led by (metric, account) as it was (events_time), each batch
--- dirtied a page per (metric, account) it touched: most of its commit's WAL, and half the
--- rate of the table with its dedupe index alone. A ragged end now scans the events of all
--- accounts in less than a slot, checking metric and account in the index.
-CREATE INDEX IF NOT EXISTS events_ts ON events(ts, metric, account);
+-- No index by time on events itself: the folded events are found by time in event_times
+-- (below), the waiting ones in unfolded. The indexes of versions before: by (metric,
+-- account, ts), dropped here; by (ts, metric, account), dropped once event_times is built
+-- from it (sqlite.py).
 DROP INDEX IF EXISTS events_time;
 -- One row: events up to this seq are in the rollups, later ones are not yet. A file that
 -- has none yet (new, or written when every batch folded its own) has folded them all.
@@ -177,10 +176,49 @@ UPSERT_SET = """ON CONFLICT DO UPDATE SET
     last_ts = max(last_ts, excluded.last_ts)
 """
 
-SCHEMA_VERSION = 3  # PRAGMA user_version; a file of another version has its rollups rebuilt
+SCHEMA_VERSION = 4  # PRAGMA user_version; a file of another version has its rollups rebuilt
 # Version 2 folded every batch into the rollups as it stored it: a file it wrote has folded
 # all its events, and needs no rebuild, only the mark that says so.
 FOLDED_EVERY_BATCH = 2
+# Version 3 kept today's rollups and indexed every event by time as it stored it
+# (events_ts); a file it wrote needs only its event_times built, from that index.
+INDEXED_EVERY_BATCH = 3
+
+# The folded events by time, for the ragged millisecond ends of a range (each shorter than
+# a 15-minute slot), the voids' and retention's time filters. The fold writes it, not each
+# commit. Why: a backfill's times are random, so an index by time kept by each commit
+# dirtied a page of its own per event once the index outgrew the cache (at 10M events,
+# about 30 of the 85 µs of the server's CPU an event, round 12); the fold writes a run's
+# entries sorted by key, so each page once per run. The events waiting for their fold are
+# in ``unfolded``, read beside it (sqlplan's raw read), and the fold moves them from one to
+# the other in one transaction. Time first, as the index it replaces: a ragged end scans
+# less than a slot of every account's entries, checking metric and account here before it
+# reads an event, retention drops a prefix, and a file of version 3 copies its index in
+# order, without a sort.
+EVENT_TIMES = """CREATE TABLE event_times (
+    ts INTEGER NOT NULL,
+    metric INTEGER NOT NULL,
+    account INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (ts, metric, account, seq)
+) WITHOUT ROWID"""
+_TIME_COLUMNS = "ts, metric, account, seq"
+# The events of ``where`` into event_times, in its key's order (a run's entries then fill
+# each page they touch at once, and a sorted copy of the old index needs no sort).
+TIME_EVENTS = (
+    f"INSERT INTO event_times ({_TIME_COLUMNS}) SELECT {_TIME_COLUMNS} FROM events"
+    " WHERE {where} ORDER BY ts, metric, account, seq"
+)
+# Events about to be deleted: the keys of their entries, kept in ``temp.gone_times`` so
+# that the entries go after them, each found by its key (UNTIME_GONE).
+GONE_TIMES = f"SELECT {_TIME_COLUMNS} FROM events WHERE {{where}}"
+UNTIME_GONE = (
+    f"DELETE FROM event_times WHERE ({_TIME_COLUMNS}) IN"
+    f" (SELECT {_TIME_COLUMNS} FROM temp.gone_times)"
+)
+# The events with a time in [?, ?) (or before ?), by event_times: a condition on events.
+TIMED_BETWEEN = "seq IN (SELECT seq FROM event_times WHERE ts >= ? AND ts < ?)"
+TIMED_BEFORE = "seq IN (SELECT seq FROM event_times WHERE ts < ?)"
 
 
 # Each rollup table: its key columns in primary-key order, and the unit its slot counts.

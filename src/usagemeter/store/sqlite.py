@@ -11,8 +11,9 @@ up in long runs (``fold``: when appends pause, or once many events wait), so a r
 is written once per run instead of once per batch; meanwhile every question reads the
 rollups and the waiting events together (sqlplan's ``pending``), so an acknowledged event
 is in the next answer of every endpoint without a question waiting for a fold. The fold is
-one transaction that moves the ``folded`` mark with the rollups it wrote and empties
-``unfolded``: a crash loses no event and counts none twice. Readers use their own
+one transaction that moves the ``folded`` mark with the rollups it wrote, writes the run's
+entries in ``event_times`` (the folded events by time) and empties ``unfolded``: a crash
+loses no event and counts none twice. Readers use their own
 per-thread connections beside it (WAL).
 """
 
@@ -63,11 +64,18 @@ from usagemeter.store.rows import (
 )
 from usagemeter.store.schema import (
     COPY_UNFOLDED,
+    EVENT_TIMES,
     FOLDED_EVERY_BATCH,
+    GONE_TIMES,
+    INDEXED_EVERY_BATCH,
     ROLLUP_COLUMNS,
     ROLLUP_TABLES,
     SCHEMA,
     SCHEMA_VERSION,
+    TIME_EVENTS,
+    TIMED_BEFORE,
+    TIMED_BETWEEN,
+    UNTIME_GONE,
     fold_events,
     fold_selected,
 )
@@ -327,14 +335,19 @@ class SQLiteStore(SqlCorrections, LimitTables):
         existed = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
         ).fetchone()
-        if conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'events_time'"
-        ).fetchone():
-            log.warning("indexing the events of %s by time first (once)", self.path)
         conn.executescript(SCHEMA)
         if existed and version == FOLDED_EVERY_BATCH:
             conn.execute("UPDATE folded SET seq = (SELECT coalesce(max(seq), 0) FROM events)")
-        elif existed and version != SCHEMA_VERSION:
+        timed = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event_times'"
+        ).fetchone()
+        if version != SCHEMA_VERSION or not timed:
+            # Built anew whenever another version wrote the file last: it may have folded
+            # events without their entries.
+            if existed:
+                log.warning("indexing the folded events of %s by time (once)", self.path)
+            self._with_temporary_files(lambda: self._in_transaction(self._time_folded_events))
+        if existed and version not in (SCHEMA_VERSION, INDEXED_EVERY_BATCH, FOLDED_EVERY_BATCH):
             # Rollup tables came and changed shape between versions; the raw events are
             # the truth, so the rollups are folded again from them.
             log.warning(
@@ -342,6 +355,23 @@ class SQLiteStore(SqlCorrections, LimitTables):
             )
             self.rebuild_rollups()
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _time_folded_events(conn: sqlite3.Connection) -> None:
+        """Build ``event_times`` from the folded events, in one transaction: a crash midway
+        leaves the file as it was (with its old index, if any), and the next open builds it
+        again. The index of version 3 holds the events in the table's key order, so the
+        copy walks it and sorts nothing (a store of 10M: no sorter, no temporary file)."""
+        indexed = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'events_ts'"
+        ).fetchone()
+        insert = TIME_EVENTS.format(where="seq <= (SELECT seq FROM folded)")
+        if indexed:
+            insert = insert.replace("FROM events", "FROM events INDEXED BY events_ts")
+        conn.execute("DROP TABLE IF EXISTS event_times")
+        conn.execute(EVENT_TIMES)
+        conn.execute(insert)
+        conn.execute("DROP INDEX IF EXISTS events_ts")
 
     def _add_tombstone_seq(self) -> None:
         """Tombstones keep their event's seq since it decides a tie of latest values when
@@ -367,11 +397,16 @@ class SQLiteStore(SqlCorrections, LimitTables):
             # deleted after the statement. Only then: a temporary file costs every small
             # group's statements a little (single events 10-20% more CPU), and changing the
             # setting drops the temporary tables, which a fold makes afresh anyway.
-            self._writer.execute("PRAGMA temp_store=FILE")
-            try:
-                self._in_transaction(self._fold_locked)
-            finally:
-                self._writer.execute("PRAGMA temp_store=MEMORY")
+            self._with_temporary_files(lambda: self._in_transaction(self._fold_locked))
+
+    def _with_temporary_files(self, work: Callable[[], None]) -> None:
+        """Run ``work`` with the writer's temporary files (statement journals, sorters) in
+        files, the kernel's cache: see ``fold``."""
+        self._writer.execute("PRAGMA temp_store=FILE")
+        try:
+            work()
+        finally:
+            self._writer.execute("PRAGMA temp_store=MEMORY")
 
     def _in_transaction(self, work: Callable[[sqlite3.Connection], None]) -> None:
         conn = self._writer
@@ -388,6 +423,11 @@ class SQLiteStore(SqlCorrections, LimitTables):
         # Every event after the mark is folded here, so none waits any more. Emptied even
         # when the mark says nothing waits: a version before may have moved it since.
         conn.execute("DELETE FROM unfolded")
+        start, end = conn.execute(
+            "SELECT seq, (SELECT coalesce(max(seq), 0) FROM events) FROM folded"
+        ).fetchone()
+        if end > start:  # the events of this run, found by time from now on
+            conn.execute(TIME_EVENTS.format(where="seq > ? AND seq <= ?"), (start, end))
         if rebuild:
             for table in ROLLUP_TABLES:
                 conn.execute(f"DELETE FROM {table}")
@@ -399,11 +439,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 f" WHERE void IS NULL UNION ALL SELECT {ROLLUP_COLUMNS}, seq FROM events)"
                 " ORDER BY seq NULLS FIRST, ts",
             )
-            conn.execute("UPDATE folded SET seq = (SELECT coalesce(max(seq), 0) FROM events)")
+            conn.execute("UPDATE folded SET seq = ?", (end,))
             return
-        start, end = conn.execute(
-            "SELECT seq, (SELECT coalesce(max(seq), 0) FROM events) FROM folded"
-        ).fetchone()
         if end <= start:
             return
         fold_events(conn, start, end)
@@ -1236,6 +1273,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
     # ------------------------------------------------------------ corrections
 
     _dialect = SQLITE
+    _ts_between = TIMED_BETWEEN
+    _ts_before = TIMED_BEFORE
 
     def _begin_correction(self, run: Run, hold_ingest: bool) -> None:
         # The write lock is held: fold what waits, so that rollups and events agree.
@@ -1248,6 +1287,19 @@ class SQLiteStore(SqlCorrections, LimitTables):
             f" dimset, tagset, value, ?, seq FROM events WHERE {where}",
             [void_id, *params],
         )
+
+    def _delete_events(self, run: Run, where: str, params: Sequence[Any]) -> int:
+        # Their keys first: ``where`` may find them by their entries (TIMED_BETWEEN).
+        run("DROP TABLE IF EXISTS temp.gone_times", ())
+        run(f"CREATE TEMP TABLE gone_times AS {GONE_TIMES.format(where=where)}", params)
+        run("DELETE FROM events WHERE seq IN (SELECT seq FROM temp.gone_times)", ())
+        run(UNTIME_GONE, ())
+        gone = run("SELECT count(*) FROM temp.gone_times", ())
+        run("DROP TABLE temp.gone_times", ())
+        return int(gone[0][0])
+
+    def _time_added(self, run: Run, account: int, event_id: str) -> None:
+        run(TIME_EVENTS.format(where="account = ? AND event_id = ?"), (account, event_id))
 
     def _gone(self, run: Run, account: int, ids: Sequence[str]) -> set[str]:
         rows = run(
@@ -1268,8 +1320,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
         fold_selected(
             self._writer,
             f"SELECT {ROLLUP_COLUMNS} FROM events"
-            " WHERE metric = ? AND account = ? AND ts >= ? AND ts < ? ORDER BY seq",
-            (metric, account, start_ms, end_ms),
+            f" WHERE {TIMED_BETWEEN} AND metric = ? AND account = ? ORDER BY seq",
+            (start_ms, end_ms, metric, account),
         )
 
     def _end_correction(self, run: Run) -> None:

@@ -77,6 +77,10 @@ class Dialect:
     # source rows once, not once for the windows and again for the range).
     value_hours = False
     grouping_sets = False
+    # Whether the raw events read by ``raw_join`` include those waiting for their fold (the
+    # ``pending`` table's). SQLite's do not: it finds only folded events by time (its
+    # ``event_times``), and reads the waiting ones of a ragged end from ``pending``.
+    raw_includes_pending = False
 
     def finish(self, sql: str) -> str:
         return sql
@@ -100,10 +104,17 @@ class Dialect:
 
     def join(self, windows: str, table: str, on: str) -> str:
         """The FROM clause pairing each window with the rows of ``table`` (as ``x``) in it."""
-        # Raw events by their time index (schema.py): left to itself SQLite takes the dedupe
-        # index for "account = ?" and reads every event of the account for a ragged end.
-        hint = " INDEXED BY events_ts" if table == "events" else ""
-        return f"FROM {windows} JOIN {table} x{hint} ON {on}"
+        return f"FROM {windows} JOIN {table} x ON {on}"
+
+    def raw_join(self, windows: str, on: Callable[[str], str], extra: str) -> str:
+        """The FROM clause pairing each window with the raw events (as ``x``) in it: ``on``
+        says, of a table's alias, which are in a window (metric, accounts, time); ``extra``
+        (" AND ..." or nothing) what else an event must be."""
+        # The folded events by time (schema.py's event_times), checked for metric and
+        # account there, then each read by its seq.
+        return (
+            f"FROM {windows} JOIN event_times t ON {on('t')} JOIN events x ON x.seq = t.seq{extra}"
+        )
 
     def tagsets_with_all(self, marks: str) -> str:
         """The condition on ``x.tagset``: a set holding every one of the tags (``marks``
@@ -138,6 +149,7 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     value_hours = True
     grouping_sets = True
+    raw_includes_pending = True  # its events keep their index by time
 
     def finish(self, sql: str) -> str:
         # The planner puts no "?" or "%" in its text other than placeholders (names and
@@ -166,6 +178,9 @@ class PostgresDialect(Dialect):
         # every window against every row (a join filter): a 90-day report in New York days
         # cost 90 passes over the account's hours.
         return f"FROM {windows} CROSS JOIN LATERAL (SELECT * FROM {table} x WHERE {on} OFFSET 0) x"
+
+    def raw_join(self, windows: str, on: Callable[[str], str], extra: str) -> str:
+        return self.join(windows, "events", on("x") + extra)
 
     def tagsets_with_all(self, marks: str) -> str:
         # An array computed once (an InitPlan), tested in each index scan. As IN (...), the
@@ -370,18 +385,25 @@ def plan_aggregate(
             part_params.append(name)
         parts.append(
             f"SELECT rw.idx AS idx,{event_row}{raw_late} "
-            + dialect.join(
+            + dialect.raw_join(
                 "rw",
-                "events",
-                f"x.metric = ? AND x.account IN ({account_marks})"
-                f" AND x.ts >= rw.lo AND x.ts < rw.hi{extra}",
+                lambda t: (
+                    f"{t}.metric = ? AND {t}.account IN ({account_marks})"
+                    f" AND {t}.ts >= rw.lo AND {t}.ts < rw.hi"
+                ),
+                extra,
             )
         )
         part_params.extend([metric, *accounts, *source_params])
-    if pending and any(pieces.values()):
-        # Where the rollups answer, in ms: the grains' own windows, scaled (no parameters).
+    # The waiting events of the ragged ends too, where the raw read finds only folded ones.
+    waiting_raw = bool(raw_pieces) and not dialect.raw_includes_pending
+    if pending and (any(pieces.values()) or waiting_raw):
+        # Where the rollups answer, in ms: the grains' own windows, scaled (no parameters);
+        # and the ragged ends, in ms already.
         used = [(n, g) for n, g in enumerate(grains) if pieces[g]]
         spans = [f"SELECT idx, lo * {g.unit_ms}, hi * {g.unit_ms} FROM w{n}" for n, g in used]
+        if waiting_raw:
+            spans.append("SELECT idx, lo, hi FROM rw")
         ctes.append(f"tw(idx, lo, hi) AS ({' UNION ALL '.join(spans)})")
         # As the raw events are read: by time, one index range per window; but only when
         # anything waits in the whole range (one probe, evaluated once), so that a question
@@ -399,8 +421,9 @@ def plan_aggregate(
             + f" WHERE EXISTS (SELECT 1 FROM {pending} y WHERE y.metric = ?"
             f" AND y.account IN ({account_marks}) AND y.ts >= ? AND y.ts < ?)"
         )
-        low = min(lo * g.unit_ms for _, g in used for _, lo, _ in pieces[g])
-        high = max(hi * g.unit_ms for _, g in used for _, _, hi in pieces[g])
+        ranges = [(lo * g.unit_ms, hi * g.unit_ms) for _, g in used for _, lo, hi in pieces[g]]
+        ranges.extend((lo, hi) for _, lo, hi in raw_pieces if waiting_raw)
+        low, high = min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
         part_params.extend([metric, *accounts, *source_params, metric, *accounts, low, high])
     source = "(" + " UNION ALL ".join(parts) + ") AS s"
 

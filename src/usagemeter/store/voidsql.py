@@ -174,6 +174,10 @@ class SqlCorrections(VoidLog):
     """Voids, retention and account deletion in the SQL stores' shared tables."""
 
     _dialect: Dialect
+    # The events with a time in [?, ?), or before ?, as a condition on ``events``: by its
+    # own index, or (SQLite) by the table of folded events by time, all folded by then.
+    _ts_between = "ts >= ? AND ts < ?"
+    _ts_before = "ts < ?"
 
     # ------------------------------------------------------------------ hooks
 
@@ -183,6 +187,14 @@ class SqlCorrections(VoidLog):
 
     def _keep_gone(self, run: Run, where: str, params: Sequence[Any], void_id: str | None) -> None:
         """Before events matching ``where`` are deleted: keep their ids taken."""
+
+    def _delete_events(self, run: Run, where: str, params: Sequence[Any]) -> int:
+        """Delete the events matching ``where`` (and, in a store that keeps them apart,
+        their entries by time); how many there were."""
+        return delete_counted(run, "events", where, params)
+
+    def _time_added(self, run: Run, account: int, event_id: str) -> None:
+        """A correction stored this event, folded by it: make it found by time."""
 
     def _gone(self, run: Run, account: int, ids: Sequence[str]) -> set[str]:
         """Those of ``ids`` that were stored once and are no longer raw events."""
@@ -244,7 +256,7 @@ class SqlCorrections(VoidLog):
             if amend is not None:
                 replacement = self._amend(run, account, selector, amend, void_id).id
             self._keep_gone(run, where, params, void_id)
-            run(f"DELETE FROM events WHERE {where}", params)
+            self._delete_events(run, where, params)
             self._recompute(run, account, days_touched(rows))
             record = VoidRecord(void_id, selector, reason, by, now_ms, len(rows), replacement)
             record_void(run, record)
@@ -261,7 +273,7 @@ class SqlCorrections(VoidLog):
             return " AND ".join(where), params
         where.append("metric IN (SELECT id FROM metrics WHERE name = ?)")
         params.append(selector.metric)
-        where.append("ts >= ? AND ts < ?")
+        where.append(self._ts_between)
         params.extend([selector.start_ms, selector.end_ms])
         if selector.key_id is not None:
             key = run(
@@ -311,6 +323,7 @@ class SqlCorrections(VoidLog):
             " FROM events WHERE account = ? AND event_id = ?",
             (new.id, new.value, account, old.id),
         )
+        self._time_added(run, account, new.id)
         return new
 
     def _recompute(self, run: Run, account: int, days: dict[int, set[int]]) -> None:
@@ -338,9 +351,9 @@ class SqlCorrections(VoidLog):
             rids = [r[0] for r in run(f"SELECT rid FROM accounts WHERE id IN ({marks})", ids)]
             rid_marks = _marks(len(rids))
             counts = delete_account_rows(run, ids)
+            counts["events"] = self._delete_events(run, f"account IN ({rid_marks})", rids)
             # Keys before their accounts, which they reference.
             for table in (
-                "events",
                 *self._account_tables(),
                 *(g.table for g in ROLLUP_GRAINS),
                 "keys",
@@ -364,8 +377,8 @@ class SqlCorrections(VoidLog):
         with self._limit_write() as run:
             # Old events do not change the rollups: ingest goes on meanwhile.
             self._begin_correction(run, hold_ingest=False)
-            self._keep_gone(run, "ts < ?", (before_ms,), None)
-            dropped = delete_counted(run, "events", "ts < ?", (before_ms,))
+            self._keep_gone(run, self._ts_before, (before_ms,), None)
+            dropped = self._delete_events(run, self._ts_before, (before_ms,))
             set_horizon(run, before_ms)
             self._end_correction(run)
         self._horizon_read = None
