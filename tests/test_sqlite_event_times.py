@@ -1,7 +1,8 @@
 """The embedded store's folded events by time (``event_times``), kept by the fold instead of
 by each commit: a ragged end of a range reads the folded events through it and the waiting
-ones from ``unfolded``; voids, amends, retention and deletions keep it exact; a file of the
-version before gets it built once, in one transaction that a SIGKILL leaves undone."""
+ones from ``unfolded``, as does an export of a range; voids, amends, retention and deletions
+keep it exact; a file of the version before gets it built once, in one transaction that a
+SIGKILL leaves undone."""
 
 from __future__ import annotations
 
@@ -177,6 +178,18 @@ def test_ragged_ends_read_folded_and_waiting_events_as_the_reference(
                 for metric in METRICS:
                     expected = _expected(stored, account, metric, windows)
                     assert _answer(store, account, metric, windows) == expected
+            # An export of a range finds its events by time the same way, folded and waiting.
+            if windows:
+                lo, hi = windows[0].start_ms, windows[-1].end_ms
+                for accounts, start, end in ((None, lo, hi), (("a",), lo, None), (None, None, hi)):
+                    exported = store.iter_events(accounts, start, end)
+                    assert sorted((e.account_id, e.id) for e in exported) == sorted(
+                        (e.account_id, e.id)
+                        for e in stored
+                        if (accounts is None or e.account_id in accounts)
+                        and (start is None or e.ts_ms >= start)
+                        and (end is None or e.ts_ms < end)
+                    )
         elif action == "void ids":
             mine = [e for e in stored if e.account_id == "a"]
             ids = tuple(dict.fromkeys(mine[i % len(mine)].id for i in arg)) if mine else ()  # type: ignore[attr-defined]
