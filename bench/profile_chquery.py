@@ -62,7 +62,7 @@ from usagemeter.engine import Engine
 from usagemeter.model import Query, Result
 from usagemeter.store import chplan, open_store
 from usagemeter.store.base import AggregateColumns, AggregateRow, AggregateSpec, Store
-from usagemeter.store.chplan import decode_columns, plan_aggregate
+from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
 from usagemeter.store.chtransport import ChdbTransport, _columns
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlplan import run_plans
@@ -134,6 +134,8 @@ def _split(
     def reading() -> object:
         if len(plans) > 1:  # several statements: merged by rows, counted as Python
             return [_columns(a) for a in answers]
+        if isinstance(plans[0], SetsPlan):  # by set, each set's dimensions kept (round 13)
+            return decode_sets(spec, plans[0], _columns(answers[0]), store._sets)
         return decode_columns(spec, plans[0], _columns(answers[0]))
 
     steps: dict[str, Callable[[], object]] = {

@@ -1,6 +1,7 @@
-"""An answer's buckets and cells, made as objects from its columns (model.BucketCells.buckets),
-are made with the cyclic collector paused (bulk.collector_paused): it is on again afterwards,
-whatever happened meanwhile, and left off when it was off. The engine itself makes none."""
+"""A question (Engine.run: the store's answer read and shaped) and an answer's buckets and
+cells made as objects from its columns (model.BucketCells.buckets) run with the cyclic
+collector paused (bulk.collector_paused): it is on again afterwards, whatever happened
+meanwhile, a store's failure included, and left off when it was off."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def test_the_cells_are_made_with_the_collector_off_and_it_is_on_after(
     assert gc.isenabled()
     result = Engine(store).run(_hourly())
     assert gc.isenabled()
-    assert seen == [("Window", True)]  # the store then works with it on; no cell made yet
+    assert seen == [("Window", False)]  # made inside the question; no cell made yet
     assert len(result.buckets) == 24  # 24 hours across New York's fall back
     assert gc.isenabled()
     assert seen[1:] == [("GroupValues", False), ("ResultBucket", False)]
@@ -111,3 +112,26 @@ def test_a_collector_that_was_off_stays_off(
     finally:
         gc.enable()
     assert ("GroupValues", False) in seen
+
+
+def test_the_store_answers_with_the_collector_off_and_it_is_on_after_a_failure(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    aggregate = store.aggregate
+    during: list[bool] = []
+
+    def watched(spec: object) -> object:
+        during.append(gc.isenabled())
+        return aggregate(spec)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "aggregate", watched)
+    assert Engine(store).run(_hourly()).total == (200,)
+    assert during == [False] and gc.isenabled()
+
+    def failing(spec: object) -> object:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(store, "aggregate", failing)
+    with pytest.raises(OSError):
+        Engine(store).run(_hourly())
+    assert gc.isenabled()

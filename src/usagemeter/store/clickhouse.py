@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -54,7 +54,7 @@ from usagemeter.store.chappend import (
     sort_out,
     token,
 )
-from usagemeter.store.chplan import decode_columns, plan_aggregate
+from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
 from usagemeter.store.chschema import (
     DISTINCT,
     GRAINS,
@@ -79,6 +79,12 @@ from usagemeter.timewindows import SLOT_MS
 EXPORT_PAGE = 10_000  # events per query while exporting
 _ACCOUNT_COLUMNS = "id, name, parent, cycle_anchor, cycle_period, created_at"
 _KEY_COLUMNS = "id, account, name, prefix, scopes, created_at, revoked_at, secret_hash"
+
+
+# At most this many sets' dimensions looked up for one answer (more: it is answered by the
+# values), and kept between answers (then forgotten at once, and looked up again).
+SETS_LOOKED_UP = 1_000
+SETS_KEPT = 100_000
 
 
 def _now_ms() -> int:
@@ -122,6 +128,10 @@ class ClickHouseStore(ChCorrections, LimitTables):
             self._write_group, GROUP_EVENTS
         )
         self._known: dict[str, set[str]] = {}
+        # Each dimension set's dimensions by its id, as grouped reports have looked them up
+        # (chplan.SetsPlan), and the questions whose sets could not answer (_by_sets).
+        self._sets: dict[int, dict[str, str]] = {}
+        self._by_value: set[tuple[tuple[str, ...], str, tuple[str, ...]]] = set()
         self._known_since = 0.0
         self._forget_known()
         self._create_void_tables()
@@ -454,10 +464,51 @@ class ClickHouseStore(ChCorrections, LimitTables):
         plans = self.plans(spec)
         if len(plans) == 1:  # the usual question: its result read by columns
             (plan,) = plans
+            if isinstance(plan, SetsPlan):
+                return self._by_sets(spec, plan)
             return decode_columns(spec, plan, self.transport.query_columns(plan.sql))
         # Distinct counts beside other measures fill the same cells from several statements.
         rows = run_plans(plans, lambda plan: self.transport.query(plan.sql), len(spec.measures))
         return AggregateColumns.from_rows(rows)
+
+    def _by_sets(self, spec: AggregateSpec, plan: SetsPlan) -> AggregateColumns:
+        """A grouped report read by dimension set (chplan.SetsPlan): each set's dimensions
+        looked up the first time one of its ids is seen, and kept (an id is the hash of its
+        sorted dimensions, so they never change); by the values where the sets cannot
+        answer (too many rows or sets, two sets of one group), and from then on for the same
+        accounts, metric and groups."""
+        asked = (spec.accounts, spec.metric, spec.group_by)
+        if asked not in self._by_value:
+            columns = self.transport.query_columns(plan.sql)
+            # This answer's sets, taken from the kept ones once: another thread may forget
+            # them meanwhile (SETS_KEPT).
+            sets = {s: self._sets.get(s) for s in (columns[1] if columns else ())}
+            unseen = [s for s, dims in sets.items() if dims is None]
+            if len(unseen) > SETS_LOOKED_UP:
+                answer = None
+            else:
+                if unseen:
+                    head, tail = plan.lookup
+                    found = self.transport.query(head + ", ".join(map(str, unseen)) + tail)
+                    looked_up = {int(s): dict(dims) for s, dims in found}
+                    sets.update(looked_up)
+                    if len(self._sets) + len(looked_up) > SETS_KEPT:
+                        self._sets.clear()  # a bound on memory: looked up again when seen
+                    self._sets.update(looked_up)
+                if any(dims is None for dims in sets.values()):
+                    # A set gone between the two statements (a void, an account deleted):
+                    # this answer by the values, the next by sets again.
+                    return self._by_values(spec, plan)
+                answer = decode_sets(spec, plan, columns, cast(dict[int, Any], sets))
+            if answer is not None:
+                return answer
+            if len(self._by_value) >= SETS_KEPT:
+                self._by_value.clear()
+            self._by_value.add(asked)
+        return self._by_values(spec, plan)
+
+    def _by_values(self, spec: AggregateSpec, plan: SetsPlan) -> AggregateColumns:
+        return decode_columns(spec, plan, self.transport.query_columns(plan.by_value))
 
     def metrics_seen(
         self, accounts: Sequence[str], metric: str | None = None, *, dimensions: bool = True
