@@ -136,7 +136,7 @@ def _split(
         if len(plans) > 1:  # several statements: merged by rows, counted as Python
             return [_columns(a) for a in answers]
         if isinstance(plans[0], SetsPlan):  # by set, each set's dimensions kept (round 13)
-            return decode_sets(spec, plans[0], _columns(answers[0]), store._sets)
+            return decode_sets(spec, plans[0], _columns(answers[0]), store._sets, store._tagsets)
         return decode_columns(spec, plans[0], _columns(answers[0]))
 
     steps: dict[str, Callable[[], object]] = {
