@@ -43,6 +43,7 @@ import gc
 import importlib.util
 import inspect
 import pstats
+import random
 import shutil
 import statistics
 import sys
@@ -135,7 +136,7 @@ def _split(
         if len(plans) > 1:  # several statements: merged by rows, counted as Python
             return [_columns(a) for a in answers]
         if isinstance(plans[0], SetsPlan):  # by set, each set's dimensions kept (round 13)
-            return decode_sets(spec, plans[0], _columns(answers[0]), store._sets)
+            return decode_sets(spec, plans[0], _columns(answers[0]), store._sets, store._tagsets)
         return decode_columns(spec, plans[0], _columns(answers[0]))
 
     steps: dict[str, Callable[[], object]] = {
@@ -184,9 +185,10 @@ def _theirs(source: Path, name: str, path: str) -> Any:
 class _Planned:
     """The store's answers as another version's ClickHouse planner asks for them: with the
     tables that version knows of (the flags its plan_aggregate takes), read by columns when
-    it can (its decode_columns), else row by row, as that version's store did."""
+    it can (its decode_columns), else row by row, as that version's store did; a plan by
+    set (round 13) read by that version's store's own _by_sets, with sets of its own kept."""
 
-    def __init__(self, store: ClickHouseStore, planner: Any) -> None:
+    def __init__(self, store: ClickHouseStore, planner: Any, reader: Any = None) -> None:
         self.store, self.planner = store, planner
         known = inspect.signature(planner.plan_aggregate).parameters
         ready = {
@@ -195,6 +197,12 @@ class _Planned:
             "latest_hours": store.latest_hours.ready(),
         }
         self.flags = {name: value for name, value in ready.items() if name in known}
+        # What that version's _by_sets reads of its store: the transport, the sets it kept.
+        self.transport = store.transport
+        self._sets: dict[int, Any] = {}
+        self._tagsets: dict[int, Any] = {}
+        self._by_value: set[Any] = set()
+        self.reader = reader
 
     def raw_horizon(self) -> int | None:
         return self.store.raw_horizon()
@@ -206,6 +214,8 @@ class _Planned:
         transport = self.store.transport
         if len(plans) == 1 and hasattr(self.planner, "decode_columns"):
             (plan,) = plans
+            if hasattr(plan, "lookup"):  # by set: as that version's store reads it
+                return cast(AggregateColumns, self.reader._by_sets(self, spec, plan))
             return cast(
                 AggregateColumns,
                 self.planner.decode_columns(spec, plan, transport.query_columns(plan.sql)),
@@ -213,8 +223,27 @@ class _Planned:
         rows = run_plans(plans, lambda plan: transport.query(plan.sql), len(spec.measures))
         return AggregateColumns.from_rows(rows)
 
-    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
-        return self.aggregate_columns(spec).rows()
+    def _by_values(self, spec: AggregateSpec, plan: Any) -> AggregateColumns:
+        answer = self.planner.decode_columns(
+            spec, plan, self.transport.query_columns(plan.by_value)
+        )
+        return cast(AggregateColumns, answer)
+
+    def _members(self, *args: Any) -> Any:
+        return self.reader._members(self, *args)
+
+
+def _their_store(source: Path, planner: Any) -> Any:
+    """``source``'s ClickHouseStore class, its module made with ``source``'s planner (its
+    chplan.py) in place of this one's, for its _by_sets; None before round 13 (no sets)."""
+    if not hasattr(planner, "SetsPlan"):
+        return None
+    ours = sys.modules["usagemeter.store.chplan"]
+    sys.modules["usagemeter.store.chplan"] = planner
+    try:
+        return _module("against_clickhouse", source / "store" / "clickhouse.py").ClickHouseStore
+    finally:
+        sys.modules["usagemeter.store.chplan"] = ours
 
 
 def against(
@@ -227,7 +256,8 @@ def against(
     query_answer), the bytes checked equal."""
     other = _theirs(source, "against_engine", "engine.py")
     rendering = _theirs(source, "against_native", "api/native.py")
-    planned = _Planned(store, _module("against_chplan", source / "store" / "chplan.py"))
+    planner = _module("against_chplan", source / "store" / "chplan.py")
+    planned = _Planned(store, planner, _their_store(source, planner))
     rows = []
     for label, query in questions().items():
         peer_sql = chdb_peer.sql(peer_question(label, query))
@@ -342,9 +372,12 @@ def _plain(result: Any) -> tuple[object, ...]:
 
 
 def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    """Median milliseconds of each step, each run starting with the next step; the answers
-    of the steps that return a Result (either version's) checked equal, and those that
-    return a response's bytes."""
+    """Median milliseconds of each step, each run in an order of its own (shuffled, seeded by
+    the run); the answers of the steps that return a Result (either version's) checked
+    equal, and those that return a response's bytes. A rotation (each run starting with the
+    next step) kept each step behind the same one: the first always behind the peer's
+    statement, which made the same code's Engine.run 1.05 to 1.35 times as slow there
+    (round 13)."""
     made = [step() for step in steps.values()]
     answers = [_plain(a) for a in made if hasattr(a, "totals")]
     written = [a for a in made if isinstance(a, bytes)]
@@ -353,7 +386,9 @@ def _in_turn(steps: dict[str, Callable[[], object]], runs: int) -> dict[str, flo
     names = list(steps)
     spent: dict[str, list[float]] = {name: [] for name in names}
     for n in range(runs):
-        for name in names[n % len(names) :] + names[: n % len(names)]:
+        order = names[:]
+        random.Random(n).shuffle(order)
+        for name in order:
             began = CLOCK[0]()
             steps[name]()
             spent[name].append((CLOCK[0]() - began) * 1000)

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
@@ -128,10 +128,12 @@ class ClickHouseStore(ChCorrections, LimitTables):
             self._write_group, GROUP_EVENTS
         )
         self._known: dict[str, set[str]] = {}
-        # Each dimension set's dimensions by its id, as grouped reports have looked them up
-        # (chplan.SetsPlan), and the questions whose sets could not answer (_by_sets).
+        # Each dimension set's dimensions and each tag set's tags by its id, as grouped and
+        # tagged reports have looked them up (chplan.SetsPlan), and the questions whose sets
+        # could not answer (_by_sets).
         self._sets: dict[int, dict[str, str]] = {}
-        self._by_value: set[tuple[tuple[str, ...], str, tuple[str, ...]]] = set()
+        self._tagsets: dict[int, frozenset[str]] = {}
+        self._by_value: set[tuple[tuple[str, ...], str, tuple[str, ...], frozenset[str]]] = set()
         self._known_since = 0.0
         self._forget_known()
         self._create_void_tables()
@@ -472,40 +474,63 @@ class ClickHouseStore(ChCorrections, LimitTables):
         return AggregateColumns.from_rows(rows)
 
     def _by_sets(self, spec: AggregateSpec, plan: SetsPlan) -> AggregateColumns:
-        """A grouped report read by dimension set (chplan.SetsPlan): each set's dimensions
-        looked up the first time one of its ids is seen, and kept (an id is the hash of its
-        sorted dimensions, so they never change); by the values where the sets cannot
-        answer (too many rows or sets, two sets of one group), and from then on for the same
-        accounts, metric and groups."""
-        asked = (spec.accounts, spec.metric, spec.group_by)
+        """A grouped or tagged report read by set (chplan.SetsPlan): each dimension and tag
+        set's members looked up the first time one of its ids is seen, and kept (an id is
+        the hash of its sorted members, so they never change); by the values where the sets
+        cannot answer (too many rows or sets, two sets of one cell), and from then on for
+        the same accounts, metric, groups and tags."""
+        asked = (spec.accounts, spec.metric, spec.group_by, spec.tags)
         if asked not in self._by_value:
             columns = self.transport.query_columns(plan.sql)
-            # This answer's sets, taken from the kept ones once: another thread may forget
-            # them meanwhile (SETS_KEPT).
-            sets = {s: self._sets.get(s) for s in (columns[1] if columns else ())}
-            unseen = [s for s, dims in sets.items() if dims is None]
-            if len(unseen) > SETS_LOOKED_UP:
+            grouped = bool(spec.group_by)
+            dims: dict[int, Any] | None = {}
+            tags: dict[int, Any] | None = {}
+            if grouped:
+                dims = self._members(self._sets, columns, 1, plan.lookup, dict)
+            if spec.tags and dims is not None:
+                tags = self._members(
+                    self._tagsets, columns, 1 + grouped, plan.tag_lookup, frozenset
+                )
+            if dims is None or tags is None:  # too many sets not seen yet
                 answer = None
+            elif None in dims.values() or None in tags.values():
+                # A set gone between the two statements (a void, an account deleted):
+                # this answer by the values, the next by sets again.
+                return self._by_values(spec, plan)
             else:
-                if unseen:
-                    head, tail = plan.lookup
-                    found = self.transport.query(head + ", ".join(map(str, unseen)) + tail)
-                    looked_up = {int(s): dict(dims) for s, dims in found}
-                    sets.update(looked_up)
-                    if len(self._sets) + len(looked_up) > SETS_KEPT:
-                        self._sets.clear()  # a bound on memory: looked up again when seen
-                    self._sets.update(looked_up)
-                if any(dims is None for dims in sets.values()):
-                    # A set gone between the two statements (a void, an account deleted):
-                    # this answer by the values, the next by sets again.
-                    return self._by_values(spec, plan)
-                answer = decode_sets(spec, plan, columns, cast(dict[int, Any], sets))
+                answer = decode_sets(spec, plan, columns, dims, tags)
             if answer is not None:
                 return answer
             if len(self._by_value) >= SETS_KEPT:
                 self._by_value.clear()
             self._by_value.add(asked)
         return self._by_values(spec, plan)
+
+    def _members(
+        self,
+        kept: dict[int, Any],
+        columns: list[list[Any]],
+        position: int,
+        lookup: tuple[str, str],
+        members: Callable[[Any], Any],
+    ) -> dict[int, Any] | None:
+        """The members of each set whose id is in the answer's column at ``position`` (None
+        for a set no longer found), from those ``kept`` or looked up once and kept; None
+        when more than SETS_LOOKED_UP are not kept yet. This answer's sets are taken from
+        the kept ones once: another thread may forget them meanwhile (SETS_KEPT)."""
+        sets = {s: kept.get(s) for s in (columns[position] if columns else ())}
+        unseen = [s for s, found in sets.items() if found is None]
+        if len(unseen) > SETS_LOOKED_UP:
+            return None
+        if unseen:
+            head, tail = lookup
+            rows = self.transport.query(head + ", ".join(map(str, unseen)) + tail)
+            looked_up = {int(s): members(found) for s, found in rows}
+            sets.update(looked_up)
+            if len(kept) + len(looked_up) > SETS_KEPT:
+                kept.clear()  # a bound on memory: looked up again when seen
+            kept.update(looked_up)
+        return sets
 
     def _by_values(self, spec: AggregateSpec, plan: SetsPlan) -> AggregateColumns:
         return decode_columns(spec, plan, self.transport.query_columns(plan.by_value))
