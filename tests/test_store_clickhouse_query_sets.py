@@ -1,8 +1,11 @@
-"""Round 13: a report grouped by dimensions over one table of sets is read by the dimension
-set's id (chplan.SetsPlan), each set's dimensions looked up once and kept by the store, and
-by the values where the sets cannot answer (two sets of one group, too many rows or sets).
-Every answer must be SQLite's, in any zone, also when a set first appears between two
-questions (read-your-writes with dimensions already kept)."""
+"""Round 13: a report grouped by dimensions or tagged, over one table of sets, is read by the
+dimension set's id and the tag set's (chplan.SetsPlan: grouped by ``dimset`` and
+``tagset`` rather than reading each row's map or filtering by each row's tags), each set's
+dimensions and tags looked up once and kept by the store, the rows of the tag sets holding
+every tag asked kept; and by the values where the sets cannot answer (two sets of one group,
+two tag sets holding the tags in one cell, too many rows or sets). Every answer must be
+SQLite's, in any zone, also when a set first appears between two questions
+(read-your-writes with sets already kept)."""
 
 from __future__ import annotations
 
@@ -27,46 +30,62 @@ from usagemeter.timewindows import Granularity
 BASE = datetime(2025, 11, 1, tzinfo=UTC)  # New York falls back on the 2nd
 BASE_MS = int(BASE.timestamp() * 1000)
 HOUR_MS = 3_600_000
+TAG_SETS = [frozenset(), frozenset({"prod"}), frozenset({"staging"}), frozenset({"prod", "eu"})]
+# An event: its offset from BASE, value, dimensions and tags.
+Raw = tuple[int, int, dict[str, str], frozenset[str]]
 
 _runs = itertools.count()
+_offsets = st.integers(0, 3 * 24 * HOUR_MS - 1)  # within three days
+_values = st.integers(-3, 9)
+
+
+def _dims(status: str | None, region: str | None = None) -> dict[str, str]:
+    return {**({"status": status} if status else {}), **({"region": region} if region else {})}
+
 
 events_strategy = st.lists(
-    st.tuples(
-        st.integers(0, 3 * 24 * HOUR_MS - 1),  # within three days
-        st.integers(-3, 9),
-        st.sampled_from([None, "200", "404", "500"]),  # status
-        st.sampled_from([None, "eu", "us"]),  # region
+    st.builds(
+        lambda at, v, status, region: (at, v, _dims(status, region), frozenset()),
+        _offsets,
+        _values,
+        st.sampled_from([None, "200", "404", "500"]),
+        st.sampled_from([None, "eu", "us"]),
     ),
     max_size=40,
 )
+tagged_events_strategy = st.lists(
+    st.builds(
+        lambda at, v, status, tags: (at, v, _dims(status), tags),
+        _offsets,
+        _values,
+        st.sampled_from([None, "200", "404"]),
+        st.sampled_from(TAG_SETS),
+    ),
+    max_size=40,
+)
+_common = {
+    "aggregation": st.sampled_from(
+        [Aggregation.COUNT, Aggregation.SUM, Aggregation.MIN, Aggregation.MAX]
+    ),
+    "granularity": st.sampled_from([Granularity.HOUR, Granularity.DAY]),
+    "tz": st.sampled_from(["UTC", "America/New_York", "Asia/Kathmandu", "Australia/Lord_Howe"]),
+}
 questions_strategy = st.fixed_dictionaries(
+    {"group_by": st.sampled_from([("status",), ("region",), ("status", "region")]), **_common}
+)
+tagged_questions_strategy = st.fixed_dictionaries(
     {
-        "group_by": st.sampled_from([("status",), ("region",), ("status", "region")]),
-        "aggregation": st.sampled_from(
-            [Aggregation.COUNT, Aggregation.SUM, Aggregation.MIN, Aggregation.MAX]
-        ),
-        "granularity": st.sampled_from([Granularity.HOUR, Granularity.DAY]),
-        "tz": st.sampled_from(["UTC", "America/New_York", "Asia/Kathmandu", "Australia/Lord_Howe"]),
+        "tags": st.sampled_from([{"prod"}, {"eu"}, {"prod", "eu"}, {"staging"}]),
+        "group_by": st.sampled_from([(), ("status",)]),
+        **_common,
     }
 )
 
 
-def _events(
-    account: str, raw: list[tuple[int, int, str | None, str | None]], first: int
-) -> list[Event]:
+def _events(account: str, raw: list[Raw], first: int) -> list[Event]:
     return [
-        Event(
-            id=f"e{first + n}",
-            account_id=account,
-            metric="m",
-            ts_ms=BASE_MS + offset,
-            value=float(value),
-            dimensions={
-                **({"status": status} if status else {}),
-                **({"region": region} if region else {}),
-            },
-        )
-        for n, (offset, value, status, region) in enumerate(raw)
+        Event(f"e{first + n}", account, "m", BASE_MS + at, float(v), dimensions=d, tags=t)
+        for n, (at, v, d, t) in enumerate(raw)
     ]
 
 
@@ -81,14 +100,37 @@ def _answer(store: Any, account: str, q: dict[str, Any]) -> tuple[Any, ...]:
             q["tz"],
             aggregations=(q["aggregation"],),
             group_by=q["group_by"],
+            tags=frozenset(q.get("tags", ())),
         )
     )
     return result.buckets, result.totals, result.total
 
 
-@settings(
+def _equal_after_each_batch(
+    stores: tuple[SQLiteStore, ClickHouseStore],
+    first: list[Raw],
+    later: list[Raw],
+    asked: list[dict[str, Any]],
+) -> None:
+    """Each question asked after a first batch and again after a second, whose events may
+    bring sets the store has not kept yet: equal to SQLite's answers each time."""
+    account = f"s{next(_runs)}"
+    for store in stores:
+        store.create_account(Account(account, "S"))
+    for batch, offset in ((first, 0), (later, len(first))):
+        answers = []
+        for store in stores:
+            store.append(_events(account, batch, offset))
+            answers.append([_answer(store, account, q) for q in asked])
+        assert answers[0] == answers[1]
+
+
+_examples = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+
+
+@_examples
 @given(
     first=events_strategy,
     later=events_strategy,
@@ -96,22 +138,28 @@ def _answer(store: Any, account: str, q: dict[str, Any]) -> tuple[Any, ...]:
 )
 def test_reports_by_set_equal_sqlites_before_and_after_new_sets(
     sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
-    first: list[tuple[int, int, str | None, str | None]],
-    later: list[tuple[int, int, str | None, str | None]],
+    first: list[Raw],
+    later: list[Raw],
     asked: list[dict[str, Any]],
 ) -> None:
-    """Each question asked after a first batch and again after a second, whose events may
-    bring sets the store has not kept yet: equal to SQLite's answers each time."""
-    account = f"s{next(_runs)}"
-    sqlite, chstore = sqlite_and_chstore
-    for store in (sqlite, chstore):
-        store.create_account(Account(account, "S"))
-    for batch, offset in ((first, 0), (later, len(first))):
-        answers = []
-        for store in (sqlite, chstore):
-            store.append(_events(account, batch, offset))
-            answers.append([_answer(store, account, q) for q in asked])
-        assert answers[0] == answers[1]
+    _equal_after_each_batch(sqlite_and_chstore, first, later, asked)
+
+
+@_examples
+@given(
+    first=tagged_events_strategy,
+    later=tagged_events_strategy,
+    asked=st.lists(tagged_questions_strategy, min_size=1, max_size=3),
+)
+def test_tagged_reports_by_set_equal_sqlites_before_and_after_new_tag_sets(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
+    first: list[Raw],
+    later: list[Raw],
+    asked: list[dict[str, Any]],
+) -> None:
+    """Tagged questions, grouped or not; the tag sets asked of may be new in either batch
+    (one holding the tags asked among them)."""
+    _equal_after_each_batch(sqlite_and_chstore, first, later, asked)
 
 
 def _rows(rows: Any) -> list[tuple[Any, ...]]:
@@ -123,14 +171,29 @@ def _hours(n: int) -> tuple[Window, ...]:
     return tuple(Window(i, BASE_MS + i * HOUR_MS, BASE_MS + (i + 1) * HOUR_MS) for i in range(n))
 
 
-def _fill(store: Any, account: str, dims: list[dict[str, str]]) -> None:
+def _fill(store: Any, account: str, sets: list[tuple[dict[str, str], frozenset[str]]]) -> None:
+    """A new account's events, one per (dimensions, tags), over its first five hours."""
     store.create_account(Account(account, "S"))
     store.append(
         [
-            Event(f"f{n}", account, "m", BASE_MS + (n % 5) * HOUR_MS, float(n), dimensions=d)
-            for n, d in enumerate(dims)
+            Event(
+                f"f{n}", account, "m", BASE_MS + (n % 5) * HOUR_MS, float(n), dimensions=d, tags=t
+            )
+            for n, (d, t) in enumerate(sets)
         ]
     )
+
+
+def _asked_again(sqlite: SQLiteStore, chstore: ClickHouseStore, spec: AggregateSpec) -> list[str]:
+    """The statements the store ran to answer ``spec`` again (SQLite's answer checked)."""
+    looked_up: list[str] = []
+    query = chstore.transport.query
+    chstore.transport.query = lambda sql: looked_up.append(sql) or query(sql)  # type: ignore[method-assign]
+    try:
+        assert _rows(chstore.aggregate_columns(spec).rows()) == _rows(sqlite.aggregate(spec))
+    finally:
+        chstore.transport.query = query  # type: ignore[method-assign]
+    return looked_up
 
 
 def test_a_set_per_group_is_read_by_set_and_its_dimensions_kept(
@@ -139,7 +202,7 @@ def test_a_set_per_group_is_read_by_set_and_its_dimensions_kept(
     sqlite, chstore = sqlite_and_chstore
     dims = [{"status": s} for s in ("200", "404", "200", "500", "404")] + [{}]
     for store in (sqlite, chstore):
-        _fill(store, "one", dims)
+        _fill(store, "one", [(d, frozenset()) for d in dims])
     spec = AggregateSpec(("one",), "m", _hours(5), (Measure("sum"),), group_by=("status",))
     (plan,) = chstore.plans(spec)
     assert isinstance(plan, SetsPlan) and "GROUP BY idx, dimset" in plan.sql
@@ -149,14 +212,7 @@ def test_a_set_per_group_is_read_by_set_and_its_dimensions_kept(
         [{"status": "200"}, {"status": "404"}, {"status": "500"}, {}], key=str
     )
     assert not chstore._by_value
-    looked_up: list[str] = []
-    query = chstore.transport.query
-    chstore.transport.query = lambda sql: looked_up.append(sql) or query(sql)  # type: ignore[method-assign]
-    try:
-        assert _rows(chstore.aggregate_columns(spec).rows()) == _rows(sqlite.aggregate(spec))
-    finally:
-        chstore.transport.query = query  # type: ignore[method-assign]
-    assert looked_up == []  # every set kept: no lookup
+    assert _asked_again(sqlite, chstore, spec) == []  # every set kept: no lookup
 
 
 @pytest.mark.parametrize("cause", ["two sets of one group", "too many rows", "too many sets"])
@@ -174,7 +230,7 @@ def test_where_sets_cannot_answer_the_values_do_and_go_on_doing_so(
     else:
         monkeypatch.setattr(clickhouse_module, "SETS_LOOKED_UP", 1)
     for store in (sqlite, chstore):
-        _fill(store, "two", dims)
+        _fill(store, "two", [(d, frozenset()) for d in dims])
     spec = AggregateSpec(("two",), "m", _hours(5), (Measure("count"),), group_by=("status",))
     assert isinstance(chstore.plans(spec)[0], SetsPlan)
     expected = sqlite.aggregate(spec)
@@ -198,6 +254,65 @@ def test_only_reports_grouped_by_dimensions_with_folding_measures_read_by_set() 
             ("a",), "m", hours, (Measure("unique_count", "s"),), group_by=("status",), totals=True
         ),
         AggregateSpec(("a",), "m", hours, (Measure("sum"),), group_by=("status",), totals=True),
+    ]
+    for spec in others:
+        assert not any(isinstance(p, SetsPlan) for p in chplan.plan_aggregate(spec, hour_sets=True))
+
+
+def test_a_tagged_report_is_read_by_tag_set_and_its_tags_kept(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
+) -> None:
+    sqlite, chstore = sqlite_and_chstore
+    tags = [frozenset({"prod"}), frozenset({"staging"}), frozenset(), frozenset({"prod"})] * 3
+    for store in (sqlite, chstore):
+        _fill(store, "one", [({}, t) for t in tags])
+    spec = AggregateSpec(("one",), "m", _hours(5), (Measure("sum"),), tags=frozenset({"prod"}))
+    (plan,) = chstore.plans(spec)
+    assert isinstance(plan, SetsPlan) and "GROUP BY idx, tagset" in plan.sql
+    assert "hasAll" not in plan.sql and "hasAll" in plan.by_value
+    assert _rows(chstore.aggregate_columns(spec).rows()) == _rows(sqlite.aggregate(spec))
+    assert sorted(map(sorted, chstore._tagsets.values())) == [[], ["prod"], ["staging"]]
+    assert not chstore._by_value
+    assert _asked_again(sqlite, chstore, spec) == []  # every tag set kept: no lookup
+
+
+def test_two_tag_sets_holding_the_tags_in_one_cell_answer_by_the_values(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
+) -> None:
+    """prod and (prod, eu) in the same hours: both hold prod, their rows would be folded in
+    Python (a float sum in another order than ClickHouse's), so the values answer, from
+    then on; a question whose tag only one of them holds is still read by set."""
+    sqlite, chstore = sqlite_and_chstore
+    tags = [frozenset({"prod"}), frozenset({"prod", "eu"}), frozenset({"eu"})] * 5
+    for store in (sqlite, chstore):
+        _fill(store, "two", [({}, t) for t in tags])
+    both = AggregateSpec(("two",), "m", _hours(5), (Measure("sum"),), tags=frozenset({"prod"}))
+    expected = sqlite.aggregate(both)
+    assert _rows(chstore.aggregate_columns(both).rows()) == _rows(expected)
+    assert (("two",), "m", (), frozenset({"prod"})) in chstore._by_value
+    assert _rows(chstore.aggregate_columns(both).rows()) == _rows(expected)
+    one = AggregateSpec(
+        ("two",), "m", _hours(5), (Measure("count"),), tags=frozenset({"prod", "eu"})
+    )
+    assert _rows(chstore.aggregate_columns(one).rows()) == _rows(sqlite.aggregate(one))
+    assert (("two",), "m", (), frozenset({"prod", "eu"})) not in chstore._by_value
+
+
+def test_which_tagged_reports_read_by_set() -> None:
+    hours = _hours(24)
+    prod = frozenset({"prod"})
+    tagged = AggregateSpec(("a",), "m", hours, (Measure("count"),), tags=prod)
+    (plan,) = chplan.plan_aggregate(tagged, hour_sets=True)
+    assert isinstance(plan, SetsPlan) and plan.lookup == ("", "") and plan.tag_lookup[0]
+    grouped = AggregateSpec(("a",), "m", hours, (Measure("min"),), group_by=("s",), tags=prod)
+    (plan,) = chplan.plan_aggregate(grouped, hour_sets=True)
+    assert isinstance(plan, SetsPlan) and "GROUP BY idx, dimset, tagset" in plan.sql
+    assert plan.lookup[0] and plan.tag_lookup[0]
+    others = [
+        AggregateSpec(("a",), "m", hours, (Measure("latest"),), tags=prod, totals=True),
+        AggregateSpec(("a",), "m", hours, (Measure("sum"),), tags=prod, totals=True),
+        AggregateSpec(("a",), "m", hours, (Measure("count"),), group_by=("key",), tags=prod),
+        AggregateSpec(("a",), "m", hours, (Measure("unique_count", "s"),), tags=prod, totals=True),
     ]
     for spec in others:
         assert not any(isinstance(p, SetsPlan) for p in chplan.plan_aggregate(spec, hour_sets=True))
