@@ -99,16 +99,27 @@ def postgres_url(postgres_server: str) -> str:
 
 
 def empty_postgres(store: PostgresStore) -> None:
-    """Every table emptied, faster than a new database; the schema stays."""
-    with store._pool.connection() as conn:
-        tables = [
-            row[0]
-            for row in conn.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
-                " AND tablename NOT IN ('schema_version')"
-            )
-        ]
-        conn.execute("TRUNCATE " + ", ".join(tables) + " RESTART IDENTITY")
+    """Every table emptied, faster than a new database; the schema stays. The TRUNCATE
+    locks its tables one by one while the store's folder may still be folding the previous
+    example's events, holding some of them: PostgreSQL then aborts one side as a deadlock,
+    and the TRUNCATE goes again (the fold retries its own)."""
+    from psycopg import errors
+
+    for attempt in range(5):
+        try:
+            with store._pool.connection() as conn:
+                tables = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                        " AND tablename NOT IN ('schema_version')"
+                    )
+                ]
+                conn.execute("TRUNCATE " + ", ".join(tables) + " RESTART IDENTITY")
+            return
+        except errors.DeadlockDetected:
+            if attempt == 4:
+                raise
 
 
 def open_at_once(open_one: Callable[[], PostgresStore], count: int) -> list[PostgresStore]:

@@ -113,11 +113,22 @@ def test_tables_of_sets_partitioned_by_month_take_batches_as_before(
 
 
 def test_a_fresh_database_writes_one_part_per_table_for_a_batch_over_months(
-    chstore: ClickHouseStore,
+    clickhouse_home: str, tmp_path: Path
 ) -> None:
     """A batch over several months writes one part to the events table (a UTC year per
     partition) and to each table of sets, not one a month; a batch across New Year two into
-    the events table."""
+    the events table. A database of its own: the shared one's tables are emptied between
+    tests, but not its background merges."""
+    database = f"fresh_{time.time_ns()}"
+    chstore = ClickHouseStore(_transport(clickhouse_home, database), str(tmp_path / "side.sqlite"))
+    try:
+        _one_part_per_table(chstore)
+    finally:
+        chstore.transport.command(f"DROP DATABASE {database}")
+        chstore.close()
+
+
+def _one_part_per_table(chstore: ClickHouseStore) -> None:
     chstore.create_account(Account("a", "A"))
     events = [
         Event(id=f"e{i}", account_id="a", metric="m", ts_ms=BASE_MS + i * 9 * DAY_MS)
