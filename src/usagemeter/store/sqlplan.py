@@ -116,22 +116,20 @@ class Dialect:
             f"FROM {windows} JOIN event_times t ON {on('t')} JOIN events x ON x.seq = t.seq{extra}"
         )
 
-    def timed(self, alias: str, bounds: str) -> str:
-        """The condition on the events ``alias`` whose time meets ``bounds`` (a condition
-        with placeholders, naming the time ``{ts}``), for a read of events by time that is
-        not a question (an export); its parameters in ``timed_params``'s order."""
+    def timed(self, alias: str, start_ms: int | None, end_ms: int | None) -> tuple[str, list[int]]:
+        """The condition on the events ``alias`` in [start_ms, end_ms) (either None: open),
+        for a read of events by time that is not a question (an export), and its parameters."""
+        bounds, params = _time_bounds(start_ms, end_ms)
         # By the folded events' table by time and the waiting events, both keyed by time:
         # events itself has no index by time, and a day's export of a store of 10M scanned
         # it whole. The condition on ``alias`` itself stays: the lookup only narrows.
-        return (
-            f"{alias}.seq IN (SELECT seq FROM event_times WHERE {bounds.format(ts='ts')}"
-            f" UNION ALL SELECT seq FROM unfolded WHERE {bounds.format(ts='ts')})"
+        lookup = bounds.format(ts="ts")
+        sql = (
+            f"{alias}.seq IN (SELECT seq FROM event_times WHERE {lookup}"
+            f" UNION ALL SELECT seq FROM unfolded WHERE {lookup})"
             f" AND {bounds.format(ts=f'{alias}.ts')}"
         )
-
-    def timed_params(self, params: Sequence[Any]) -> list[Any]:
-        """The parameters of ``timed``, in its placeholders' order."""
-        return [*params, *params, *params]
+        return sql, params * 3
 
     def tagsets_with_all(self, marks: str) -> str:
         """The condition on ``x.tagset``: a set holding every one of the tags (``marks``
@@ -199,11 +197,9 @@ class PostgresDialect(Dialect):
     def raw_join(self, windows: str, on: Callable[[str], str], extra: str) -> str:
         return self.join(windows, "events", on("x") + extra)
 
-    def timed(self, alias: str, bounds: str) -> str:
-        return bounds.format(ts=f"{alias}.ts")  # its events keep their index by time
-
-    def timed_params(self, params: Sequence[Any]) -> list[Any]:
-        return list(params)
+    def timed(self, alias: str, start_ms: int | None, end_ms: int | None) -> tuple[str, list[int]]:
+        bounds, params = _time_bounds(start_ms, end_ms)
+        return bounds.format(ts=f"{alias}.ts"), params  # its events keep their index by time
 
     def tagsets_with_all(self, marks: str) -> str:
         # An array computed once (an InitPlan), tested in each index scan. As IN (...), the
@@ -628,6 +624,13 @@ EXPORT_SELECT = (
 )
 
 
+def _time_bounds(start_ms: int | None, end_ms: int | None) -> tuple[str, list[int]]:
+    """``{ts} >= ? AND {ts} < ?`` for the bounds given (the time's name left to fill in),
+    and their parameters."""
+    named = [(b, op) for b, op in ((start_ms, ">="), (end_ms, "<")) if b is not None]
+    return " AND ".join(f"{{ts}} {op} ?" for _, op in named), [b for b, _ in named]
+
+
 def plan_export(
     accounts: Sequence[str] | None,
     start_ms: int | None,
@@ -641,17 +644,10 @@ def plan_export(
     if accounts is not None:
         where.append(f"a.id IN ({','.join('?' * len(accounts))})")
         params.extend(accounts)
-    bounds: list[str] = []
-    bound_params: list[int] = []
-    if start_ms is not None:
-        bounds.append("{ts} >= ?")
-        bound_params.append(start_ms)
-    if end_ms is not None:
-        bounds.append("{ts} < ?")
-        bound_params.append(end_ms)
-    if bounds:
-        where.append(dialect.timed("e", " AND ".join(bounds)))
-        params.extend(dialect.timed_params(bound_params))
+    if start_ms is not None or end_ms is not None:
+        timed, timed_params = dialect.timed("e", start_ms, end_ms)
+        where.append(timed)
+        params.extend(timed_params)
     sql = f"{EXPORT_SELECT} WHERE {' AND '.join(where)} ORDER BY e.seq"
     return dialect.finish(sql), params
 
