@@ -682,10 +682,12 @@ def decode_sets(
     keys = {s: tuple(dims[s].get(name) for name in names) for s in dict.fromkeys(sets)}
     if len(set(keys.values())) < len(keys):  # two sets, one group: folded by the values
         return None
-    by_name = [
-        list(map({s: k[n] for s, k in keys.items()}.__getitem__, sets)) for n in range(len(names))
-    ]
-    return decode_columns(spec, plan, [windows, *by_name, *values])
+    # Each set's group made once and shared by its rows, straight from the set's id: its
+    # values by name, then each row's tuple of them hashed again (decode_columns) took 1.35
+    # ms of an hourly report's 10,800 rows (round 14).
+    made = {s: tuple(zip(names, k, strict=True)) for s, k in keys.items()}
+    _every_measure(spec, plan)
+    return AggregateColumns(windows, list(map(made.__getitem__, sets)), _values(spec, plan, values))
 
 
 def decode_columns(spec: AggregateSpec, plan: Plan, columns: list[list[Any]]) -> AggregateColumns:
@@ -694,8 +696,7 @@ def decode_columns(spec: AggregateSpec, plan: Plan, columns: list[list[Any]]) ->
     Transport.query_columns), as the spec's rows.
     Per row only C loops run: a group tuple is made once per distinct group and shared by
     its rows, and the values' tuples come out of one zip."""
-    if plan.positions != tuple(range(len(spec.measures))):
-        raise ValueError("one of several statements: merge their rows (sqlplan.run_plans)")
+    _every_measure(spec, plan)
     if isinstance(plan, TopsPlan):
         columns = fold_tops(columns, len(spec.group_by))
     if not columns:
@@ -715,13 +716,27 @@ def decode_columns(spec: AggregateSpec, plan: Plan, columns: list[list[Any]]) ->
         groups = list(map(made.__getitem__, keys))
         if spec.totals and OVERALL in windows:  # the one row over every group
             groups[windows.index(OVERALL)] = ()
+    return AggregateColumns(windows, groups, _values(spec, plan, columns[end:]))
+
+
+def _every_measure(spec: AggregateSpec, plan: Plan) -> None:
+    """Refuses a plan that is one of several statements: its rows are not every measure."""
+    if plan.positions != tuple(range(len(spec.measures))):
+        raise ValueError("one of several statements: merge their rows (sqlplan.run_plans)")
+
+
+def _values(
+    spec: AggregateSpec, plan: Plan, columns: Sequence[list[Any]]
+) -> list[tuple[float | None, ...]]:
+    """Each row's measure values as one tuple, from the measures' columns: counts whole,
+    the rest floats (ClickHouse's JSON says 5 for 5.0), as the SQL stores return them."""
     measured = []
-    for column, whole in zip(columns[end:], _whole(spec, plan.positions), strict=True):
-        if not whole:  # ClickHouse's JSON says 5 for 5.0
+    for column, whole in zip(columns, _whole(spec, plan.positions), strict=True):
+        if not whole:
             column = (
                 list(map(float, column))
                 if None not in column
                 else [None if v is None else float(v) for v in column]
             )
         measured.append(column)
-    return AggregateColumns(windows, groups, list(zip(*measured, strict=True)))
+    return list(zip(*measured, strict=True))

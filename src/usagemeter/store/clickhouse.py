@@ -518,7 +518,11 @@ class ClickHouseStore(ChCorrections, LimitTables):
         for a set no longer found), from those ``kept`` or looked up once and kept; None
         when more than SETS_LOOKED_UP are not kept yet. This answer's sets are taken from
         the kept ones once: another thread may forget them meanwhile (SETS_KEPT)."""
-        sets = {s: kept.get(s) for s in (columns[position] if columns else ())}
+        # Each id once by a C loop, then only the few sets looked up: a statement per row
+        # took 0.5 ms of an hourly report's 10,800 rows (round 14).
+        sets: dict[int, Any] = dict.fromkeys(columns[position]) if columns else {}
+        for found in sets:
+            sets[found] = kept.get(found)
         unseen = [s for s, found in sets.items() if found is None]
         if len(unseen) > SETS_LOOKED_UP:
             return None
