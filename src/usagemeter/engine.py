@@ -13,7 +13,7 @@ import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import accumulate, chain
 from operator import itemgetter
 from typing import cast
@@ -142,24 +142,19 @@ class Engine:
         cuts = self._edges(query)[0]
         return list(map(Bucket, cuts, cuts[1:]))
 
-    def _edges(self, query: Query) -> tuple[list[datetime], list[int]]:
+    @staticmethod
+    def _edges(query: Query) -> Cuts:
         """The query's bucket boundaries in its zone and as epoch milliseconds
-        (timewindows.bucket_edges), as far as its limit reaches."""
-        zone = parse_zone(query.tz)
-        end = query.end
-        if query.limit is not None and query.granularity is not Granularity.TOTAL:
-            # Step only as far as the limit reaches: 500 hours of a 200-year range cost 500
-            # steps, not the 1.75 million buckets of the whole range.
-            t = query.start.astimezone(zone)
-            for _ in range(query.limit):
-                t = query.granularity.next_start(t)
-                if t >= end:
-                    break
-            end = min(end, t)
-        cuts, edges = bucket_edges(query.start, end, query.granularity, zone)
-        if query.limit is None:
-            return cuts, edges
-        return cuts[: query.limit + 1], edges[: query.limit + 1]
+        (timewindows.bucket_edges), as far as its limit reaches, and its buckets' windows:
+        kept for the ranges asked lately (_kept_cuts)."""
+        start, end = query.start, query.end
+        if start.tzinfo is None or end.tzinfo is None:  # refused by bucket_edges, not kept
+            return _cuts(start, end, query.granularity, query.tz, query.limit)
+        # Keyed by the instants in UTC: two readings of one wall time in a zone (a fall
+        # back's) compare equal within that zone, and the cuts depend on the instants only.
+        return _kept_cuts(
+            start.astimezone(UTC), end.astimezone(UTC), query.granularity, query.tz, query.limit
+        )
 
     def run(self, query: Query) -> Result:
         check_metric(query.metric)  # a portal token limited to some metrics (portal.py)
@@ -172,15 +167,13 @@ class Engine:
 
     def _run(self, query: Query) -> Result:
         plan = self.plan(query)
-        cuts, edges = self._edges(query)
+        cuts, _, windows = self._edges(query)
         aggregations = plan.aggregations
         if not cuts:
             return Result(
                 query, aggregations, NO_CELLS, (), plan.derive((None,) * len(plan.measures))
             )
-        # A bucket's end is the next one's start: each boundary is made once.
-        buckets = len(cuts) - 1
-        windows = tuple(made(Window, range(buckets), edges[:-1], edges[1:]))
+        buckets = len(windows)
         additive = all(m.is_additive for m in plan.measured)
         # A distinct count or a latest value over the range is not a fold of its buckets:
         # the store computes the range's totals beside the buckets, in the same call.
@@ -293,3 +286,36 @@ def _zeros(values: Sequence[float | None]) -> tuple[float, ...]:
     if None not in values and isinstance(values, tuple):
         return values  # the usual row: no None, no copy
     return tuple([0.0 if v is None else v for v in values])
+
+
+# A range's boundaries in its zone, as epoch milliseconds, and its buckets' windows.
+Cuts = tuple[tuple[datetime, ...], tuple[int, ...], tuple[Window, ...]]
+
+
+def _cuts(
+    start: datetime, end: datetime, granularity: Granularity, tz: str, limit: int | None
+) -> Cuts:
+    zone = parse_zone(tz)
+    if limit is not None and granularity is not Granularity.TOTAL:
+        # Step only as far as the limit reaches: 500 hours of a 200-year range cost 500
+        # steps, not the 1.75 million buckets of the whole range.
+        t = start.astimezone(zone)
+        for _ in range(limit):
+            t = granularity.next_start(t)
+            if t >= end:
+                break
+        end = min(end, t)
+    cuts, edges = bucket_edges(start, end, granularity, zone)
+    if limit is not None:
+        cuts, edges = cuts[: limit + 1], edges[: limit + 1]
+    # A bucket's end is the next one's start: each boundary is made once.
+    windows = made(Window, range(max(len(edges) - 1, 0)), edges[:-1], edges[1:])
+    return tuple(cuts), tuple(edges), tuple(windows)
+
+
+# The cuts of the ranges asked lately, kept: a dashboard or a client polling a report asks
+# the same range again, and its 2,160 hours' boundaries, milliseconds and windows took 1.1
+# ms of a 90-day hourly report's 21 (round 14). Each is fixed by its key, immutable (tuples
+# of immutable values) and shared; a year of hours is about 1.3 MB, so only a few are kept.
+RANGES_KEPT = 16
+_kept_cuts = functools.lru_cache(maxsize=RANGES_KEPT)(_cuts)
