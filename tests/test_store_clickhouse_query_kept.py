@@ -1,6 +1,7 @@
 """Round 14: a range's boundaries and windows are kept by the engine for the ranges asked
-lately (engine._kept_cuts, keyed by the instants in UTC), and a question's statements by the
-ClickHouse store for the very windows tuple they were planned for (ClickHouseStore.plans).
+lately (engine._kept_cuts, keyed by the instants in UTC), a question's statements by the
+ClickHouse store for the very windows tuple they were planned for (ClickHouseStore.plans),
+and the response's texts of the boundaries for the very cuts (api/native._kept_stamps).
 Every answer asked again must be what a fresh planning gives: SQLite's, in any zone (New
 York's changes, Kathmandu's +05:45, Lord Howe's half hour, Chatham's +12:45, Kolkata's
 +05:30), hourly and daily, grouped and not; the boundaries those of timewindows.bucket_edges,
@@ -13,10 +14,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from usagemeter.api.native import _bucket_dicts, buckets_json
 from usagemeter.engine import Engine
 from usagemeter.model import Account, Aggregation, Event, Query
 from usagemeter.store import chplan
@@ -107,7 +110,7 @@ def test_reports_asked_again_equal_sqlites_in_every_zone(
 ) -> None:
     """Each question asked of SQLite, then twice of ClickHouse with the others between (the
     second time from the kept cuts and statements): every answer SQLite's, every boundary
-    the zone's."""
+    the zone's, every response's boundaries written as the dicts' rendering writes them."""
     sqlite, chstore = sqlite_and_chstore
     account = f"k{next(_runs)}"
     base = base.replace(tzinfo=UTC)
@@ -130,8 +133,10 @@ def test_reports_asked_again_equal_sqlites_in_every_zone(
     for _ in range(2):
         for query, answer in zip(queries, expected, strict=True):
             assert _answer(chstore, query) == answer
-            cuts = Engine(chstore).run(query).cells.cuts
-            assert list(cuts) == _fresh_cuts(query)
+            result = Engine(chstore).run(query)
+            assert list(result.cells.cuts) == _fresh_cuts(query)
+            # The boundaries' texts kept with the cuts: the bytes of the dicts' rendering.
+            assert buckets_json(result) == msgspec.json.encode(_bucket_dicts(result))
 
 
 def test_the_two_readings_of_a_repeated_wall_time_are_two_ranges() -> None:

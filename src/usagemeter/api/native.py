@@ -320,7 +320,7 @@ def buckets_json(result: Result) -> bytes:
         )
     )
     runs = map(b",".join, map(texts.__getitem__, map(slice, cells.bounds, cells.bounds[1:])))
-    stamps = _stamps(cells.cuts)
+    stamps = _kept_stamps(cells.cuts)
     parts = zip(
         repeat(b'{"start":'),
         stamps,
@@ -349,6 +349,25 @@ def _stamps(cuts: Sequence[datetime]) -> list[bytes]:
 
 
 _utcoffset = cast("Callable[[datetime], timedelta]", datetime.utcoffset)
+
+# The boundaries' texts of the last answers' cuts, by the very tuple: the engine keeps a
+# recent range's cuts (engine._kept_cuts), and an hourly report's 2,161 took 0.5 ms of its
+# response's 3 (round 14). Each entry holds its tuple, so no other tuple can take its id.
+STAMPS_KEPT = 16
+_stamps_kept: dict[int, tuple[Sequence[datetime], list[bytes]]] = {}
+
+
+def _kept_stamps(cuts: Sequence[datetime]) -> list[bytes]:
+    if not isinstance(cuts, tuple):  # a list may change: written each time
+        return _stamps(cuts)
+    kept = _stamps_kept.get(id(cuts))
+    if kept is not None and kept[0] is cuts:
+        return kept[1]
+    stamps = _stamps(cuts)
+    if len(_stamps_kept) >= STAMPS_KEPT:
+        _stamps_kept.clear()  # a bound on memory: written again when asked
+    _stamps_kept[id(cuts)] = (cuts, stamps)
+    return stamps
 
 
 def build_query(request: Request, key: ApiKey, params: dict[str, Any], svc: Services) -> UsageQuery:
