@@ -195,6 +195,7 @@ class _Planned:
             "hour_sets": store.hour_sets.ready(),
             "distinct_hours": store.distinct_hours.ready(),
             "latest_hours": store.latest_hours.ready(),
+            "distinct_values": store.distinct_values.ready(),
         }
         self.flags = {name: value for name, value in ready.items() if name in known}
         # What that version's _by_sets reads of its store: the transport, the sets it kept.

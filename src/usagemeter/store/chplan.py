@@ -39,6 +39,7 @@ from usagemeter.store.base import (
 from usagemeter.store.chschema import (
     DISTINCT,
     DISTINCT_GRAIN,
+    DISTINCT_VALUES,
     HOUR_SETS_GRAIN,
     LATEST,
     LATEST_GRAIN,
@@ -319,6 +320,67 @@ def _distinct_states(
     return _select(groups, merged, "FROM (" + " UNION ALL ".join(parts) + ")", spec.totals)
 
 
+# Up to this many hours between a distinct count's first and last whole hour, its windows
+# are found by a lookup of each hour when they are not regular (a daily report across a
+# change of offset): an array literal of an entry per hour (five years of hours at most).
+LOOKUP_HOURS = 5 * 366 * 24
+
+
+def _hour_windows(pieces: Sequence[Piece]) -> str | None:
+    """Each hour's window (x, an hour of distinct_values' arrays, known to lie in the pieces'
+    span) by arithmetic on regular pieces, else by a lookup of an entry per hour (-1 for an
+    hour between pieces); None for a span too long to look up."""
+    regular = _regular(pieces)
+    if regular is not None:
+        lo, width, idx = regular
+        return f"intDiv(x - {lo}, {width}) + {idx}"
+    lo, hi = min(p[1] for p in pieces), max(p[2] for p in pieces)
+    if hi - lo > LOOKUP_HOURS:
+        return None
+    found = [-1] * (hi - lo)
+    for idx, start, end in pieces:
+        found[start - lo : end - lo] = [idx] * (end - start)
+    return f"[{','.join(map(str, found))}][x - {lo} + 1]"
+
+
+def _distinct_values(spec: AggregateSpec, dimension: str) -> str | None:
+    """A distinct count over whole UTC hours from distinct_values (chschema): each value's
+    row names the hours it was seen in, so a window's count is the number of values with an
+    hour in it and the range's the number with an hour in any: counts, where merging the
+    distinct table's states inserted every value of every hour into its window's hash set
+    and the range's. The PRESENT row's hours (those with events) give each window with
+    events its row, 0 when none of them has the dimension. FINAL: the rows of a value not
+    yet merged are one (once settled, one part, it costs nothing). None when the table
+    cannot answer: several accounts (a value in two is one), a group, a billable filter
+    (the table keeps neither), a window's ragged quarter hours or milliseconds (Kathmandu's
+    days, a range off the hour), or a span too long to look up."""
+    if spec.group_by or len(spec.accounts) != 1 or spec.billable is not None:
+        return None
+    if not _plain_distinct(spec):
+        return None
+    pieces, raw_pieces = _split(spec.windows, (DISTINCT_GRAIN, SLOTS))
+    hours = pieces[DISTINCT_GRAIN]
+    if not hours or pieces[SLOTS] or raw_pieces:
+        return None
+    window = _hour_windows(hours)
+    if window is None:
+        return None
+    lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
+    inside = f"arrayFilter(x -> x >= {lo} AND x < {hi}, hours)"
+    found = f"arrayDistinct(arrayFilter(i -> i >= 0, arrayMap(x -> {window}, {inside})))"
+    # With totals, a value seen in any window is also counted once in the range's (TOTAL).
+    windows = f"if(empty(d), d, arrayPushFront(d, {TOTAL}))" if spec.totals else "d"
+    where = (
+        f"account = {literal(spec.accounts[0])} AND metric = {literal(spec.metric)}"
+        f" AND name IN ({PRESENT}, {literal(dimension)})"
+    )
+    return (
+        f"WITH {found} AS d SELECT idx AS window_index, countIf(name != {PRESENT})"
+        f" FROM {DISTINCT_VALUES} FINAL ARRAY JOIN {windows} AS idx WHERE {where}"
+        " GROUP BY idx"
+    )
+
+
 def _plain(spec: AggregateSpec) -> bool:
     """Whether the tables without dimension or tag sets answer ``spec``: no filter, tag or
     dimension group (the key and subaccount groups are columns of theirs)."""
@@ -535,12 +597,15 @@ def plan_aggregate(
     distinct_hours: bool = False,
     latest_hours: bool = False,
     coarse_tables: bool = True,
+    distinct_values: bool = False,
 ) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
     question reads whole UTC hours there and slots only for its ragged quarter hours; with
     ``distinct_hours`` (the distinct table is complete), a distinct count with no filter,
-    tag or key merges its whole hours' states there (_distinct_states); with
+    tag or key merges its whole hours' states there (_distinct_states), or with
+    ``distinct_values`` (that table is complete too) counts one account's values in
+    distinct_values where its windows are whole UTC hours (_distinct_values); with
     ``latest_hours``, a latest value with no filter, tag or dimension group is a maximum
     over the latest table's hours, in a statement of its own (_latest_tops), and the other
     measures of a plain report read its hours too; without it, the hour and day tables of a
@@ -610,7 +675,8 @@ def plan_aggregate(
         name = literal(measure.dimension)
         value, has = f"dims[{name}]", f"mapContains(dims, {name})"
         if distinct_hours and _plain_distinct(spec):
-            sql = _distinct_states(spec, group_columns, value, has, measure.dimension)
+            counted = _distinct_values(spec, measure.dimension) if distinct_values else None
+            sql = counted or _distinct_states(spec, group_columns, value, has, measure.dimension)
             plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
             continue
         flat = _one_table(spec, pieces, raw_pieces, group_columns, raw=True)

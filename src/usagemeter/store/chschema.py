@@ -215,6 +215,41 @@ GROUP BY account, metric, name, slot, billable
 """
 
 
+# Each dimension's values, a row per value, with the UTC hours it was seen in (round 13). A
+# distinct count over whole hours, with no filter, tag, key, billable or group, of one
+# account, counts the values whose hours fall in its range, and each window's values by the
+# windows their hours fall in: plain counts over arrays, no hash set. Merging the
+# distinct table's states per hour inserted each of the heavy account's 750,000 hourly
+# values into its day's hash set and again into the range's (docs/clickhouse.md,
+# "Questions, round 13"). The value is stored itself, not a hash of it: the count is exact.
+# The rows of a value merge (the union of their hours); until they have, a question reads
+# with FINAL. Every (account, metric) with events also has the row named PRESENT (value ''),
+# whose hours are those with events, so that a window whose events lack the dimension still
+# answers 0. A void refolds an (account, metric)'s rows whole (chvoids.py): a value's row
+# spans all its time. Backfilled on an older database as the others (chupgrade.py).
+DISTINCT_VALUES = "distinct_values"
+DISTINCT_VALUES_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {DISTINCT_VALUES} (
+    account String,
+    metric LowCardinality(String),
+    name LowCardinality(String),         -- the dimension; {PRESENT}: see above
+    v String,                            -- the value ('' in the {PRESENT} rows)
+    hours SimpleAggregateFunction(groupUniqArrayArray, Array(Int32))  -- UTC hours since 1970
+) ENGINE = AggregatingMergeTree
+ORDER BY (account, metric, name, v)
+SETTINGS {_DURABLE}, {_TOKENS}
+"""
+
+
+def _distinct_values_select(source: str, where: str = "") -> str:
+    return f"""
+SELECT account, metric, name, v, groupUniqArray(toInt32({floor_div("ts", HOUR_MS)})) AS hours
+FROM {source} ARRAY JOIN arrayConcat([{PRESENT}], mapKeys(dims)) AS name,
+     arrayConcat([''], mapValues(dims)) AS v{where}
+GROUP BY account, metric, name, v
+"""
+
+
 # Everything an hour holds per key and billable, without dimensions or tags: the count, sum,
 # minimum and maximum, and the latest value as a plain tuple maximum, max((ts, seq, value)).
 # It answers every report without a filter, tag or dimension group (folding the keys when
@@ -331,6 +366,8 @@ def fold_select(table: str, source: str, where: str = "") -> str:
         return _distinct_select(source, where)
     if table == HOUR_VALUES:
         return _hour_values_select(source, where)
+    if table == DISTINCT_VALUES:
+        return _distinct_values_select(source, where)
     if table == LEGACY_LATEST:
         return _latest_select(source, where)
     unit = HOUR_MS if "hour" in table else DAY_MS
@@ -402,8 +439,19 @@ STATEMENTS: tuple[str, ...] = (
     HOUR_SETS_TABLE,
     DISTINCT_TABLE,
     HOUR_VALUES_TABLE,
+    DISTINCT_VALUES_TABLE,
 )
-TABLES = ("accounts", "keys", "events", "event_ids", "rollup", HOUR_SETS, DISTINCT, HOUR_VALUES)
+TABLES = (
+    "accounts",
+    "keys",
+    "events",
+    "event_ids",
+    "rollup",
+    HOUR_SETS,
+    DISTINCT,
+    HOUR_VALUES,
+    DISTINCT_VALUES,
+)
 # The rollups of every database, each refolded by a void: ClickHouse's own grains, apart
 # from the SQL stores' (voidsql.ROLLUP_GRAINS); an older database adds the LEGACY_GRAINS it has.
 GRAINS = (SLOTS_GRAIN, HOUR_SETS_GRAIN, DISTINCT_GRAIN, HOUR_VALUES_GRAIN)

@@ -57,6 +57,7 @@ from usagemeter.store.chappend import (
 from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
 from usagemeter.store.chschema import (
     DISTINCT,
+    DISTINCT_VALUES,
     GRAINS,
     HOUR_SETS,
     HOUR_VALUES,
@@ -114,6 +115,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.hour_sets = Backfilled(transport, self._corrections, fresh, HOUR_SETS)
         self.distinct_hours = Backfilled(transport, self._corrections, fresh, DISTINCT)
         self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES)
+        self.distinct_values = Backfilled(transport, self._corrections, fresh, DISTINCT_VALUES)
         self.latest_hours = self.hour_values  # the latest values' hours are read there
         regroup_sets_views(transport, self.hour_sets.boundary)  # a database before round 12
         # An older database's tables that this version no longer feeds itself (their views
@@ -161,6 +163,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.hour_sets.close()
         self.distinct_hours.close()
         self.hour_values.close()
+        self.distinct_values.close()
         if self.legacy_latest is not None:
             self.legacy_latest.close()
         self.transport.close()
@@ -458,6 +461,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
             distinct_hours=self.distinct_hours.ready(),
             latest_hours=self.latest_hours.ready(),
             coarse_tables=any(g.table != LEGACY_LATEST for g in self.legacy),
+            distinct_values=self.distinct_values.ready(),
         )
 
     def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
