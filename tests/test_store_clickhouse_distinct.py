@@ -165,6 +165,10 @@ queries = st.fixed_dictionaries(
 _runs = itertools.count()
 
 
+def _asks_distinct(spec: AggregateSpec) -> bool:
+    return any(m.aggregation == "unique_count" for m in spec.measures)
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -215,8 +219,11 @@ def test_distinct_counts_equal_sqlites(
                 event = events[n]
                 selector = VoidSelector(event.account_id, ids=(event.id,))
                 store.void_events(selector, "test", None, BASE_MS + 9 * DAY_MS)
-        if merged and isinstance(store, ClickHouseStore):
-            store.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
+        if isinstance(store, ClickHouseStore):
+            if merged:
+                store.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
+            # Read in any number of parts (FINAL), not only once settled (OnePart).
+            store.values_settled = _asks_distinct  # type: ignore[assignment]
         engine = Engine(store, METERS)
         # b alone is one account (the values' table answers); a, its parent, is two.
         results.append(
@@ -255,9 +262,12 @@ def test_a_day_with_events_but_no_value_answers_zero(
             ]
         )
         query = Query(("z",), "m", BASE, BASE + timedelta(days=4), Granularity.DAY)
-        assert isinstance(store, SQLiteStore) or _reads_values(
-            AggregateSpec(("z",), "m", _days(4), (Measure("unique_count", "s"),), totals=True)
-        )
+        if isinstance(store, ClickHouseStore):
+            store.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
+            store.values_settled.every_s = 0.0
+            spec = AggregateSpec(("z",), "m", _days(4), (Measure("unique_count", "s"),))
+            (plan,) = store.plans(spec)
+            assert f"FROM {DISTINCT_VALUES} FINAL" in plan.sql
         result = Engine(store, METERS).run(query)
         results.append((result.buckets, result.totals, result.total))
     assert results[0] == results[1]
@@ -268,6 +278,36 @@ def test_a_day_with_events_but_no_value_answers_zero(
 
 def _by_window(rows: list[AggregateRow]) -> list[AggregateRow]:
     return sorted(rows, key=lambda row: row.window)
+
+
+def test_the_values_are_read_while_they_are_one_part(chstore: ClickHouseStore) -> None:
+    """FINAL over one part reads it as it is; over several it merges them as it reads, more
+    slowly than the distinct table's states: the store reads the values only as one part,
+    looked up at most every OnePart.every_s, and only for a distinct count."""
+    chstore.values_settled.every_s = 0.0
+    chstore.create_account(Account("a", "A"))
+    spec = _spec(_days(3), totals=True)
+    chstore.append(_events(0, 100))
+    chstore.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
+    (one,) = chstore.plans(spec)
+    assert f"FROM {DISTINCT_VALUES} FINAL" in one.sql
+    answer = _by_window(chstore.aggregate(spec))
+    chstore.append(_events(100, 50))  # a second part
+    (two,) = chstore.plans(spec)
+    assert DISTINCT_VALUES not in two.sql
+    answer_two = _by_window(chstore.aggregate(spec))
+    assert answer_two != answer
+    chstore.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
+    assert _by_window(chstore.aggregate(spec)) == answer_two
+    (plain,) = chstore.plans(AggregateSpec(("a",), "m", _days(3), (Measure("count"),)))
+    assert DISTINCT_VALUES not in plain.sql
+    chstore.values_settled.every_s = 3600.0  # looked up an hour ago: not again
+    chstore.append(_events(150, 50))
+    (cached,) = chstore.plans(spec)
+    assert f"FROM {DISTINCT_VALUES} FINAL" in cached.sql  # still exact: FINAL merges
+    cached_answer = _by_window(chstore.aggregate(spec))
+    chstore.values_settled = lambda spec: False  # type: ignore[assignment,method-assign]
+    assert cached_answer == _by_window(chstore.aggregate(spec))  # the states' answer
 
 
 def test_an_older_database_gets_the_values_on_open(

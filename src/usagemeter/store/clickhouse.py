@@ -66,7 +66,7 @@ from usagemeter.store.chschema import (
     STATEMENTS,
     pack_small_parts,
 )
-from usagemeter.store.chsettle import settle_rollups
+from usagemeter.store.chsettle import OnePart, settle_rollups
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
 from usagemeter.store.chupgrade import Backfilled, regroup_sets_views
 from usagemeter.store.chvoids import ChCorrections
@@ -116,6 +116,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.distinct_hours = Backfilled(transport, self._corrections, fresh, DISTINCT)
         self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES)
         self.distinct_values = Backfilled(transport, self._corrections, fresh, DISTINCT_VALUES)
+        self.values_settled = OnePart(transport, DISTINCT_VALUES)  # read only as one part
         self.latest_hours = self.hour_values  # the latest values' hours are read there
         regroup_sets_views(transport, self.hour_sets.boundary)  # a database before round 12
         # An older database's tables that this version no longer feeds itself (their views
@@ -461,7 +462,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
             distinct_hours=self.distinct_hours.ready(),
             latest_hours=self.latest_hours.ready(),
             coarse_tables=any(g.table != LEGACY_LATEST for g in self.legacy),
-            distinct_values=self.distinct_values.ready(),
+            distinct_values=self.distinct_values.ready() and self.values_settled(spec),
         )
 
     def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
