@@ -1,7 +1,10 @@
-"""The ClickHouse store's distinct values (round 13): a row per dimension value with the UTC
-hours it was seen in, read for a distinct count of one account over whole hours. Its answers
-must be SQLite's, in any zone, whatever the inserts, repeats, voids and merges; the table a
-fold of the events after each correction; and a database made before it upgraded on open.
+"""The ClickHouse store's distinct values (rounds 13 and 14): a row per dimension value with
+the UTC hours it was seen in (2 * hour + billable), read for every distinct count with no
+filter, tag or key: counted as rows for one account while the table is one part, else each
+value once per window, beside the ragged ends' values. Its answers must be SQLite's, in any
+zone, whatever the inserts, repeats, voids and merges; the table a fold of the events after
+each correction; a new database without the distinct states per hour; and a database made
+before (with them, without the values) upgraded on open, its states still fed and refolded.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from usagemeter.model import Account, Aggregation, Event, Meter, Query
 from usagemeter.store import chupgrade
 from usagemeter.store.base import TOTAL, AggregateRow, AggregateSpec, Measure, Window
 from usagemeter.store.chplan import plan_aggregate
-from usagemeter.store.chschema import DISTINCT_VALUES
+from usagemeter.store.chschema import (
+    DISTINCT,
+    DISTINCT_GRAIN,
+    DISTINCT_TABLE,
+    DISTINCT_VALUES,
+    backfilled_view,
+)
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import Granularity
@@ -46,17 +55,23 @@ def _days(count: int, first: int = BASE_MS) -> tuple[Window, ...]:
     return tuple(Window(n, first + n * DAY_MS, first + (n + 1) * DAY_MS) for n in range(count))
 
 
-def _reads_values(spec: AggregateSpec) -> bool:
-    (plan,) = plan_aggregate(spec, distinct_hours=True, distinct_values=True)
-    return f"FROM {DISTINCT_VALUES} FINAL" in plan.sql
+def _plan(spec: AggregateSpec, merged: bool = True) -> str:
+    (plan,) = plan_aggregate(spec, distinct_hours=True, distinct_values=True, values_merged=merged)
+    return plan.sql
 
 
-def test_a_distinct_count_of_one_account_over_whole_hours_counts_its_values() -> None:
-    """Daily in UTC (arithmetic), days of 23 and 25 hours (each hour looked up), a range's
-    total alone: read from the values' hours. Anything the table keeps no column for, or a
-    window's ragged quarter hours, merges the distinct table's states as before."""
-    assert _reads_values(_spec(_days(9), totals=True))
-    assert _reads_values(_spec(_days(9)))
+def test_every_distinct_count_without_filter_tag_or_key_reads_the_values() -> None:
+    """One account over whole UTC hours, the table one part: its rows counted (FINAL), a
+    billable filter within the hours' entries, days of 23 and 25 hours looked up hour by
+    hour. Several accounts, a subaccount group, the table in parts, or ragged quarter hours
+    and milliseconds (their values from the slots and the raw events): each value counted
+    once (no FINAL). A key, a tag or a filter: the tables of sets, as before."""
+    counted = f"FROM {DISTINCT_VALUES} FINAL"
+    assert counted in _plan(_spec(_days(9), totals=True))
+    assert counted in _plan(_spec(_days(9)))
+    assert counted in _plan(_spec(_days(3), billable=True)) and "bitAnd(x, 1) = 1" in _plan(
+        _spec(_days(3), billable=True)
+    )
     uneven = (
         Window(0, BASE_MS, BASE_MS + 23 * HOUR_MS),
         *(
@@ -64,24 +79,43 @@ def test_a_distinct_count_of_one_account_over_whole_hours_counts_its_values() ->
             for n in range(1, 12)
         ),
     )
-    assert _reads_values(_spec(uneven, totals=True))
-    (plan,) = plan_aggregate(_spec(uneven), distinct_hours=True, distinct_values=True)
-    assert "[x - " in plan.sql  # looked up: not regular, more than a few pieces
+    assert counted in _plan(_spec(uneven, totals=True))
+    assert "][intDiv(x - " in _plan(_spec(uneven))  # looked up: not regular
+    once = f"FROM {DISTINCT_VALUES} ARRAY JOIN"
     ragged = _days(3, BASE_MS + 45 * 60_000)  # Kathmandu's days start at :15 UTC
+    for spec, merged in (
+        (_spec(_days(3)), False),
+        (_spec(_days(3), accounts=("a", "b")), True),
+        (_spec(_days(3), group_by=("subaccount",), totals=True), True),
+        (_spec(_days(3), billable=False, accounts=("a", "b")), False),
+        (_spec(ragged), True),
+    ):
+        sql = _plan(spec, merged)
+        assert once in sql and counted not in sql and "uniqExactIf(v, has)" in sql, spec
+    assert "FROM rollup " in _plan(_spec(ragged)) and "FROM events " not in _plan(_spec(ragged))
+    off_the_slot = _plan(_spec(_days(3, BASE_MS + 45 * 60_000 + 3)))
+    assert all(f"FROM {t} " in off_the_slot for t in ("rollup", "events"))
     for spec in (
-        _spec(ragged),
-        _spec(_days(3), accounts=("a", "b")),
-        _spec(_days(3), group_by=("subaccount",)),
-        _spec(_days(3), billable=True),
         _spec(_days(3), key_id="k"),
         _spec(_days(3), tags=frozenset({"t"})),
+        _spec(_days(3), filters=(("agent", "x"),)),
+        _spec(
+            tuple(Window(n, BASE_MS + n * 900_000, BASE_MS + (n + 1) * 900_000) for n in range(3))
+        ),
     ):
-        assert not _reads_values(spec), spec
-        (plan,) = plan_aggregate(spec, distinct_hours=True, distinct_values=True)
-        (before,) = plan_aggregate(spec, distinct_hours=True)
-        assert plan.sql == before.sql
+        assert DISTINCT_VALUES not in _plan(spec), spec
     (without,) = plan_aggregate(_spec(_days(3)), distinct_hours=True, distinct_values=False)
-    assert DISTINCT_VALUES not in without.sql
+    assert DISTINCT_VALUES not in without.sql and "FROM distinct_hour" in without.sql
+
+
+def test_a_new_database_has_no_distinct_states_per_hour(chstore: ClickHouseStore) -> None:
+    """The values answer what the states did: a new database neither makes nor feeds them."""
+    tables = chstore.transport.query(
+        "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        f" AND name IN ('{DISTINCT}', '{DISTINCT}_mv')"
+    )
+    assert tables == [] and chstore.distinct_hours is None
+    assert DISTINCT_GRAIN not in chstore.grains()
 
 
 def _values_table(store: ClickHouseStore) -> list[list[Any]]:
@@ -94,7 +128,7 @@ def _values_table(store: ClickHouseStore) -> list[list[Any]]:
 def _values_of_events(store: ClickHouseStore) -> list[list[Any]]:
     return store.transport.query(
         "SELECT account, metric, name, v,"
-        f" arraySort(groupUniqArray(toInt32(intDiv(ts, {HOUR_MS}))))"
+        f" arraySort(groupUniqArray(toInt32(2 * intDiv(ts, {HOUR_MS}) + billable)))"
         " FROM events ARRAY JOIN arrayConcat([''], mapKeys(dims)) AS name,"
         " arrayConcat([''], mapValues(dims)) AS v GROUP BY account, metric, name, v ORDER BY ALL"
     )
@@ -150,23 +184,21 @@ events_strategy = st.lists(
 _WHOLE_HOURS = st.integers(-8, 30).map(lambda h: h * HOUR_MS)
 queries = st.fixed_dictionaries(
     {
-        # Mostly whole hours in zones of whole-hour offsets (the values' table answers);
-        # Kathmandu's and Lord Howe's days and a start off the hour read the states.
+        # Mostly whole hours in zones of whole-hour offsets (only the values' hours);
+        # Kathmandu's and Lord Howe's days and a start off the hour add ragged ends.
         "tz": st.sampled_from([*_ZONES[:2], *_ZONES]),
         "granularity": st.sampled_from(list(Granularity)),
         "start": st.one_of(_WHOLE_HOURS, _WHOLE_HOURS, st.integers(-8 * HOUR_MS, DAY_MS)),
         "length": st.integers(1, 80).map(lambda h: h * HOUR_MS),
         "aggregation": st.just(Aggregation.UNIQUE_COUNT),
-        "group_by": st.sampled_from([(), (), (), ("subaccount",)]),
+        # Grouped by a dimension or filtered: the tables of sets, beside the values' answers.
+        "group_by": st.sampled_from([(), (), (), ("subaccount",), ("agent",)]),
+        "filters": st.sampled_from([(), (), (), (("agent", "x"),)]),
         "tags": st.just(frozenset()),
-        "billable": st.sampled_from([None, None, None, True]),
+        "billable": st.sampled_from([None, None, True, False]),
     }
 )
 _runs = itertools.count()
-
-
-def _asks_distinct(spec: AggregateSpec) -> bool:
-    return any(m.aggregation == "unique_count" for m in spec.measures)
 
 
 @settings(
@@ -177,7 +209,9 @@ def _asks_distinct(spec: AggregateSpec) -> bool:
     inserts=st.integers(1, 4),
     resent=st.integers(0, 10),
     voided=st.sets(st.integers(0, 59), max_size=5),
+    amended=st.sets(st.integers(0, 59), max_size=3),
     merged=st.booleans(),
+    as_rows=st.booleans(),
     asked=st.lists(queries, min_size=1, max_size=4),
 )
 def test_distinct_counts_equal_sqlites(
@@ -186,13 +220,16 @@ def test_distinct_counts_equal_sqlites(
     inserts: int,
     resent: int,
     voided: set[int],
+    amended: set[int],
     merged: bool,
+    as_rows: bool,
     asked: list[dict[str, Any]],
 ) -> None:
-    """Events in several inserts (a part each), some sent again (counted once), some voided,
-    the values' table merged or not: every distinct count of one account or of its parent
-    (the two), in UTC, New York across its fall back, Kathmandu (+05:45) and Lord Howe
-    (+10:30), as SQLite answers."""
+    """Events in several inserts (a part each), some sent again (counted once), some voided
+    or amended, the values' table merged or not, its rows counted (FINAL) or each value
+    once: every distinct count of one account, of its parent (the two) and grouped by
+    subaccount, billable or not, in UTC, New York across its fall back, Kathmandu (+05:45)
+    and Lord Howe (+10:30), as SQLite answers."""
     run = next(_runs)  # each example in accounts of its own: the stores are shared
     a, b = f"da{run}", f"db{run}"
     results = []
@@ -206,7 +243,9 @@ def test_distinct_counts_equal_sqlites(
                 metric="m",
                 ts_ms=BASE_MS + offset,
                 billable=billable,
-                dimensions={"s": session} if session else {"agent": "x"},
+                dimensions={"s": session, **({"agent": "x"} if n % 3 else {})}
+                if session
+                else {"agent": "x" if n % 2 else "y"},
             )
             for n, (offset, session, billable) in enumerate(raw)
         ]
@@ -214,18 +253,19 @@ def test_distinct_counts_equal_sqlites(
         for first in range(0, len(events), step):
             store.append(events[first : first + step])
         store.append(events[:resent])  # the same ids again: stored once
-        for n in sorted(voided):
+        for n in sorted(voided | amended):
             if n < len(events):
                 event = events[n]
                 selector = VoidSelector(event.account_id, ids=(event.id,))
-                store.void_events(selector, "test", None, BASE_MS + 9 * DAY_MS)
+                amend = Amendment(2.0) if n in amended and n not in voided else None
+                store.void_events(selector, "test", None, BASE_MS + 9 * DAY_MS, amend=amend)
         if isinstance(store, ClickHouseStore):
             if merged:
                 store.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
-            # Read in any number of parts (FINAL), not only once settled (OnePart).
-            store.values_settled = _asks_distinct  # type: ignore[assignment]
+            # Counted as rows in any number of parts (FINAL), or each value once.
+            store.values_settled = lambda spec: as_rows  # type: ignore[method-assign]
         engine = Engine(store, METERS)
-        # b alone is one account (the values' table answers); a, its parent, is two.
+        # b alone is one account (its rows may be counted); a, its parent, is two.
         results.append(
             answers_to(engine, (b,), BASE, asked) + answers_to(engine, (a,), BASE, asked)
         )
@@ -276,13 +316,66 @@ def test_a_day_with_events_but_no_value_answers_zero(
     assert results[1][2] == (1,)
 
 
+@pytest.mark.parametrize("as_rows", [True, False])
+def test_billable_filters_accounts_and_subaccounts_as_sqlite(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore], as_rows: bool
+) -> None:
+    """Values billable in some hours and not in others, one seen in both accounts: each
+    billable filter, the parent with its subaccount (a value in both counted once) and
+    grouped by subaccount, hourly and daily in New York and in Kathmandu, as SQLite."""
+    results = []
+    for store in sqlite_and_chstore:
+        store.create_account(Account("p", "P"))
+        store.create_account(Account("c", "C", "p"))
+        store.append(
+            [
+                Event(
+                    id=f"e{i}",
+                    account_id="c" if i % 5 == 0 else "p",
+                    metric="m",
+                    ts_ms=BASE_MS + i * 10 * 60_000 + i % 3,
+                    billable=i % 7 < 3 if i < 150 else i % 7 >= 3,
+                    dimensions={"s": f"s{i % 7}"},
+                )
+                for i in range(300)
+            ]
+        )
+        if isinstance(store, ClickHouseStore):
+            store.values_settled = lambda spec: as_rows  # type: ignore[method-assign]
+        engine = Engine(store, METERS)
+        answers = []
+        for accounts, group_by, billable, tz, granularity in itertools.product(
+            [("p",), ("c",)],
+            [(), ("subaccount",)],
+            [None, True, False],
+            ["America/New_York", "Asia/Kathmandu"],
+            [Granularity.HOUR, Granularity.DAY],
+        ):
+            query = Query(
+                accounts,
+                "m",
+                BASE,
+                BASE + timedelta(days=3),
+                granularity,
+                tz,
+                group_by=group_by,
+                billable=billable,
+            )
+            result = engine.run(query)
+            answers.append((result.buckets, result.totals, result.total))
+        results.append(answers)
+    assert results[0] == results[1]
+
+
 def _by_window(rows: list[AggregateRow]) -> list[AggregateRow]:
     return sorted(rows, key=lambda row: row.window)
 
 
-def test_the_values_are_read_while_they_are_one_part(chstore: ClickHouseStore) -> None:
+def test_the_values_are_counted_as_rows_while_they_are_one_part(
+    chstore: ClickHouseStore,
+) -> None:
     """FINAL over one part reads it as it is; over several it merges them as it reads, more
-    slowly than the distinct table's states: the store reads the values only as one part,
+    slowly than counting each value once: the store counts the rows only as one part,
     looked up at most every OnePart.every_s, and only for a distinct count."""
     chstore.values_settled.every_s = 0.0
     chstore.create_account(Account("a", "A"))
@@ -294,7 +387,7 @@ def test_the_values_are_read_while_they_are_one_part(chstore: ClickHouseStore) -
     answer = _by_window(chstore.aggregate(spec))
     chstore.append(_events(100, 50))  # a second part
     (two,) = chstore.plans(spec)
-    assert DISTINCT_VALUES not in two.sql
+    assert f"FROM {DISTINCT_VALUES} ARRAY JOIN" in two.sql
     answer_two = _by_window(chstore.aggregate(spec))
     assert answer_two != answer
     chstore.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
@@ -306,48 +399,79 @@ def test_the_values_are_read_while_they_are_one_part(chstore: ClickHouseStore) -
     (cached,) = chstore.plans(spec)
     assert f"FROM {DISTINCT_VALUES} FINAL" in cached.sql  # still exact: FINAL merges
     cached_answer = _by_window(chstore.aggregate(spec))
-    chstore.values_settled = lambda spec: False  # type: ignore[assignment,method-assign]
-    assert cached_answer == _by_window(chstore.aggregate(spec))  # the states' answer
+    chstore.values_settled = lambda spec: False  # type: ignore[method-assign]
+    assert cached_answer == _by_window(chstore.aggregate(spec))  # each value once
+    chstore.distinct_values.complete = False
+    assert cached_answer == _by_window(chstore.aggregate(spec))  # the tables of sets'
 
 
 def test_an_older_database_gets_the_values_on_open(
     clickhouse_home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A database made before round 13 (no values' table): the store that opens it creates
-    the table and its view, backfills what came before once its boundary settles, and
-    until then merges the distinct table's states: the same answers all along."""
+    """A database made before round 14 (the distinct states per hour and their view, no
+    values' table), another process of that version ingesting: the store that opens it
+    creates the values' table and its view, backfills what came before once its boundary
+    settles, and until then merges the distinct table's states: the same answers all
+    along. The states stay fed (the older process reads them) and are refolded by voids."""
     monkeypatch.setattr(chupgrade, "SETTLE_NS", 200_000_000)
     monkeypatch.setattr(chupgrade, "CHECK_EVERY", 0.05)
-    database = f"round12_{time.time_ns()}"
+    database = f"round13_{time.time_ns()}"
     side = str(tmp_path / "side.sqlite")
     older = ClickHouseStore(_transport(clickhouse_home, database), side)
     upgraded: ClickHouseStore | None = None
     try:
         older.transport.command(f"DROP VIEW {DISTINCT_VALUES}_mv")
         older.transport.command(f"DROP TABLE {DISTINCT_VALUES}")
+        older.transport.command(DISTINCT_TABLE)
+        older.transport.command(backfilled_view(DISTINCT, 0))
         older.create_account(Account("a", "A"))
         older.append(_events(0, 300))
         spec = _spec(_days(3), totals=True)
         upgraded = ClickHouseStore(_transport(clickhouse_home, database), side)
+        assert upgraded.distinct_hours is not None and upgraded.distinct_hours.ready()
+        assert DISTINCT_GRAIN in upgraded.grains()
         assert upgraded.distinct_values.boundary > 0 and not upgraded.distinct_values.ready()
         (before,) = upgraded.plans(spec)
-        assert DISTINCT_VALUES not in before.sql
+        assert DISTINCT_VALUES not in before.sql and f"FROM {DISTINCT} " in before.sql
         answer = upgraded.aggregate(spec)
         older.append(_events(300, 100))  # the other process goes on
         deadline = time.monotonic() + 30
         while not upgraded.distinct_values.ready():
             assert time.monotonic() < deadline, "the backfill never ran"
             time.sleep(0.05)
+        upgraded.values_settled.every_s = 0.0
         (after,) = upgraded.plans(spec)
-        assert f"FROM {DISTINCT_VALUES} FINAL" in after.sql
+        assert DISTINCT_VALUES in after.sql and DISTINCT not in after.sql.replace(
+            DISTINCT_VALUES, ""
+        )
         assert _values_table(upgraded) == _values_of_events(upgraded)
         with_values = _by_window(upgraded.aggregate(spec))
-        monkeypatch.setattr(upgraded.distinct_values, "ready", lambda: False)
+        upgraded.distinct_values.complete = False
         assert _by_window(upgraded.aggregate(spec)) == with_values  # the states' answer
+        upgraded.distinct_values.complete = True
         assert _by_window(answer) == with_values  # s0 to s16 every day: none added later
         assert with_values[0] == AggregateRow(TOTAL, (), (17,))
+        upgraded.void_events(VoidSelector("a", ids=("e3", "e350")), "t", None, BASE_MS)
+        assert _values_table(upgraded) == _values_of_events(upgraded)
+        assert _states_table(upgraded) == _states_of_events(upgraded)
     finally:
         (upgraded or older).transport.command(f"DROP DATABASE {database}")
         if upgraded is not None:
             upgraded.close()
         older.close()
+
+
+def _states_table(store: ClickHouseStore) -> list[list[Any]]:
+    return store.transport.query(
+        f"SELECT account, metric, name, slot, billable, uniqExactMerge(u) FROM {DISTINCT}"
+        " GROUP BY account, metric, name, slot, billable ORDER BY ALL"
+    )
+
+
+def _states_of_events(store: ClickHouseStore) -> list[list[Any]]:
+    return store.transport.query(
+        f"SELECT account, metric, name, intDiv(ts, {HOUR_MS}) AS slot, billable,"
+        " uniqExactIf(v, name != '') FROM events ARRAY JOIN arrayConcat([''], mapKeys(dims))"
+        " AS name, arrayConcat([''], mapValues(dims)) AS v"
+        " GROUP BY account, metric, name, slot, billable ORDER BY ALL"
+    )

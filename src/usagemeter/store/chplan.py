@@ -324,61 +324,85 @@ def _distinct_states(
 # are found by a lookup of each hour when they are not regular (a daily report across a
 # change of offset): an array literal of an entry per hour (five years of hours at most).
 LOOKUP_HOURS = 5 * 366 * 24
+# distinct_values' whole UTC hours, as the window splitter cuts them (chschema.DISTINCT_VALUES).
+VALUE_HOURS = Grain(DISTINCT_VALUES, DISTINCT_GRAIN.unit_ms, detailed=False, keyed=False)
 
 
 def _hour_windows(pieces: Sequence[Piece]) -> str | None:
-    """Each hour's window (x, an hour of distinct_values' arrays, known to lie in the pieces'
-    span) by arithmetic on regular pieces, else by a lookup of an entry per hour (-1 for an
-    hour between pieces); None for a span too long to look up."""
+    """Each entry's window (x, an entry of distinct_values' arrays, 2 * hour + billable,
+    known to lie in the pieces' span) by arithmetic on regular pieces, else by a lookup of
+    an entry per hour (-1 for an hour between pieces); None for a span too long to look
+    up, or pieces that overlap. x - 2 * lo is not negative, so intDiv's truncation is the
+    floor."""
     regular = _regular(pieces)
     if regular is not None:
         lo, width, idx = regular
-        return f"intDiv(x - {lo}, {width}) + {idx}"
+        return f"intDiv(x - {2 * lo}, {2 * width}) + {idx}"
     lo, hi = min(p[1] for p in pieces), max(p[2] for p in pieces)
     if hi - lo > LOOKUP_HOURS:
         return None
     found = [-1] * (hi - lo)
     for idx, start, end in pieces:
+        if found[start - lo : end - lo].count(-1) != end - start:
+            return None  # windows that overlap (AggregateSpec forbids it): not one per hour
         found[start - lo : end - lo] = [idx] * (end - start)
-    return f"[{','.join(map(str, found))}][x - {lo} + 1]"
+    return f"[{','.join(map(str, found))}][intDiv(x - {2 * lo}, 2) + 1]"
 
 
-def _distinct_values(spec: AggregateSpec, dimension: str) -> str | None:
-    """A distinct count over whole UTC hours from distinct_values (chschema): each value's
-    row names the hours it was seen in, so a window's count is the number of values with an
-    hour in it and the range's the number with an hour in any: counts, where merging the
-    distinct table's states inserted every value of every hour into its window's hash set
-    and the range's. The PRESENT row's hours (those with events) give each window with
-    events its row, 0 when none of them has the dimension. FINAL: the rows of a value not
-    yet merged are one (once settled, one part, it costs nothing). None when the table
-    cannot answer: several accounts (a value in two is one), a group, a billable filter
-    (the table keeps neither), a window's ragged quarter hours or milliseconds (Kathmandu's
-    days, a range off the hour), or a span too long to look up."""
-    if spec.group_by or len(spec.accounts) != 1 or spec.billable is not None:
-        return None
-    if not _plain_distinct(spec):
-        return None
-    pieces, raw_pieces = _split(spec.windows, (DISTINCT_GRAIN, SLOTS))
-    hours = pieces[DISTINCT_GRAIN]
-    if not hours or pieces[SLOTS] or raw_pieces:
+def _distinct_values(
+    spec: AggregateSpec,
+    group_columns: Sequence[str],
+    value: str,
+    has: str,
+    dimension: str,
+    merged: bool,
+) -> str | None:
+    """A distinct count whose whole UTC hours are read from distinct_values (chschema): each
+    value's row names the hours it was seen in (and whether billable), so each row gives
+    the windows it was seen in, once each (d). ``merged`` (the table is one part), one
+    account and no group: a window's count is the number of rows with it, and the range's
+    the number with any (FINAL, which costs nothing over one part and keeps the count
+    exact should a part have arrived since): counts, no hash set. Otherwise each value is
+    counted once per window and group and over the range (uniqExact, GROUPING SETS), with
+    the values of the ragged quarter hours (slots) and milliseconds (raw events) beside
+    it: a value in two accounts, two parts or two billable rows is one. The PRESENT rows
+    give each window with events its row, 0 when none of them has the dimension. None
+    when no window holds a whole UTC hour, or the span is too long to look up: the tables
+    of sets answer."""
+    pieces, raw_pieces = _split(spec.windows, (VALUE_HOURS, SLOTS))
+    hours = pieces[VALUE_HOURS]
+    if not hours:
         return None
     window = _hour_windows(hours)
     if window is None:
         return None
     lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
-    inside = f"arrayFilter(x -> x >= {lo} AND x < {hi}, hours)"
+    billable = "" if spec.billable is None else f" AND bitAnd(x, 1) = {int(spec.billable)}"
+    inside = f"arrayFilter(x -> x >= {2 * lo} AND x < {2 * hi}{billable}, hours)"
     found = f"arrayDistinct(arrayFilter(i -> i >= 0, arrayMap(x -> {window}, {inside})))"
-    # With totals, a value seen in any window is also counted once in the range's (TOTAL).
-    windows = f"if(empty(d), d, arrayPushFront(d, {TOTAL}))" if spec.totals else "d"
     where = (
-        f"account = {literal(spec.accounts[0])} AND metric = {literal(spec.metric)}"
+        f"account IN ({literals(spec.accounts)}) AND metric = {literal(spec.metric)}"
         f" AND name IN ({PRESENT}, {literal(dimension)})"
     )
-    return (
-        f"WITH {found} AS d SELECT idx AS window_index, countIf(name != {PRESENT})"
-        f" FROM {DISTINCT_VALUES} FINAL ARRAY JOIN {windows} AS idx WHERE {where}"
-        " GROUP BY idx"
-    )
+    one = len(spec.accounts) == 1 and not group_columns
+    if merged and one and not pieces[SLOTS] and not raw_pieces:
+        # With totals, a value seen in any window is also counted once in the range's.
+        windows = f"if(empty(d), d, arrayPushFront(d, {TOTAL}))" if spec.totals else "d"
+        return (
+            f"WITH {found} AS d SELECT idx AS window_index, countIf(name != {PRESENT})"
+            f" FROM {DISTINCT_VALUES} FINAL ARRAY JOIN {windows} AS idx WHERE {where}"
+            " GROUP BY idx"
+        )
+    columns = ", ".join(["idx", *_groups(group_columns), "v", f"name != {PRESENT} AS has"])
+    parts = [
+        f"SELECT * FROM (WITH {found} AS d SELECT {columns} FROM {DISTINCT_VALUES}"
+        f" ARRAY JOIN d AS idx WHERE {where})"
+    ]
+    for grain, ragged in ((SLOTS, pieces[SLOTS]), (None, raw_pieces)):
+        if ragged:
+            parts.append(_distinct_part(spec, grain, ragged, group_columns, value, has))
+    source = "FROM (" + " UNION ALL ".join(parts) + ")"
+    return _select(len(group_columns), ["uniqExactIf(v, has)"], source, spec.totals)
 
 
 def _plain(spec: AggregateSpec) -> bool:
@@ -598,14 +622,16 @@ def plan_aggregate(
     latest_hours: bool = False,
     coarse_tables: bool = True,
     distinct_values: bool = False,
+    values_merged: bool = False,
 ) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
     question reads whole UTC hours there and slots only for its ragged quarter hours; with
-    ``distinct_hours`` (the distinct table is complete), a distinct count with no filter,
-    tag or key merges its whole hours' states there (_distinct_states), or with
-    ``distinct_values`` (that table is complete too) counts one account's values in
-    distinct_values where its windows are whole UTC hours (_distinct_values); with
+    ``distinct_values`` (the distinct values are complete), a distinct count with no
+    filter, tag or key reads its whole hours' values there (_distinct_values; counted as
+    the rows are when ``values_merged``, the table one part), or else with
+    ``distinct_hours`` (a database made before round 14, its distinct table complete)
+    merges its whole hours' states (_distinct_states); with
     ``latest_hours``, a latest value with no filter, tag or dimension group is a maximum
     over the latest table's hours, in a statement of its own (_latest_tops), and the other
     measures of a plain report read its hours too; without it, the hour and day tables of a
@@ -674,10 +700,15 @@ def plan_aggregate(
         # A session seen in many events of an hour is one row there, not many.
         name = literal(measure.dimension)
         value, has = f"dims[{name}]", f"mapContains(dims, {name})"
-        if distinct_hours and _plain_distinct(spec):
-            counted = _distinct_values(spec, measure.dimension) if distinct_values else None
-            sql = counted or _distinct_states(spec, group_columns, value, has, measure.dimension)
-            plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
+        counted = None
+        if distinct_values and _plain_distinct(spec):
+            counted = _distinct_values(
+                spec, group_columns, value, has, measure.dimension, values_merged
+            )
+        elif distinct_hours and _plain_distinct(spec):
+            counted = _distinct_states(spec, group_columns, value, has, measure.dimension)
+        if counted is not None:
+            plans.append(Plan(counted, (), (i,), _decoder(spec, (i,))))
             continue
         flat = _one_table(spec, pieces, raw_pieces, group_columns, raw=True)
         if flat is not None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 
 from usagemeter.store.base import AggregateSpec
-from usagemeter.store.chschema import DISTINCT, DISTINCT_VALUES, HOUR_SETS, HOUR_VALUES
+from usagemeter.store.chschema import DISTINCT_VALUES, HOUR_SETS, HOUR_VALUES
 from usagemeter.store.chtransport import Transport, literal, literals
 
 SETTLE_AFTER_S = 600
@@ -38,8 +38,9 @@ SETTLE_AFTER_S = 600
 any pause between a live service's batches, so that only a quiet store settles."""
 
 # The tables the questions read their whole hours and slots from, and the distinct values,
-# whose rows a question reads with FINAL: merged, it reads one row per value.
-SETTLED = ("rollup", HOUR_SETS, DISTINCT, HOUR_VALUES, DISTINCT_VALUES)
+# whose rows are counted as they are while one part (OnePart). An older database's
+# distinct_hour got its setting from the version that made it (chschema.DISTINCT).
+SETTLED = ("rollup", HOUR_SETS, HOUR_VALUES, DISTINCT_VALUES)
 _AGE = "min_age_to_force_merge_seconds"
 _WHOLE = "min_age_to_force_merge_on_partition_only"
 
@@ -75,12 +76,13 @@ class OnePart:
     """Whether ``table`` is one part, as it is once settled, looked up at most every
     ``every_s`` seconds (a look at system.parts costs a question some 4 ms in chDB).
 
-    A distinct count reads chschema.DISTINCT_VALUES with FINAL, which merges a value's rows
-    of every part as it reads: one part (settled, or never split) it reads as it is, 2.75
-    times as fast in CPU as merging the distinct table's states at 10M, but over the four
-    parts a backfill left, 1.7 times as slow (docs/clickhouse.md, "Questions, round 13").
-    So the planner reads it only while it is one part. What the look finds may be a second
-    old: the answer is exact either way (FINAL), only its cost differs."""
+    A distinct count of one account counts chschema.DISTINCT_VALUES' rows with FINAL, which
+    merges a value's rows of every part as it reads: one part (settled, or never split) it
+    reads as it is, 2.75 times as fast in CPU as merging the distinct table's states at
+    10M, but over the four parts a backfill left, 1.7 times as slow (docs/clickhouse.md,
+    "Questions, round 13"). So the planner counts the rows only while the table is one
+    part, and else counts each value once (chplan._distinct_values). What the look finds
+    may be a second old: the answer is exact either way (FINAL), only its cost differs."""
 
     def __init__(self, transport: Transport, table: str, every_s: float = 1.0) -> None:
         self.transport, self.table, self.every_s = transport, table, every_s
@@ -88,8 +90,8 @@ class OnePart:
         self._looked = -float("inf")
 
     def __call__(self, spec: AggregateSpec) -> bool:
-        """Whether a question of ``spec`` reads the table: one that counts distinct values,
-        while the table is one part."""
+        """Whether a question of ``spec`` may count the table's rows as they are: one that
+        counts distinct values, while the table is one part."""
         if not any(m.aggregation == "unique_count" for m in spec.measures):
             return False
         now = time.monotonic()

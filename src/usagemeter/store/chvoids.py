@@ -75,7 +75,7 @@ class ChCorrections(VoidLog):
     _lock: threading.Lock
     _corrections: threading.Lock
     hour_sets: Backfilled
-    distinct_hours: Backfilled
+    distinct_hours: Backfilled | None
     hour_values: Backfilled
     distinct_values: Backfilled
     legacy_latest: Backfilled | None
@@ -213,11 +213,9 @@ class ChCorrections(VoidLog):
         where = f"account = {account} AND ({events})"
         # The tables chupgrade.py backfills count only what their views counted until
         # their backfills are complete: each backfill brings the rest, once.
-        backfilled = {
-            HOUR_SETS_GRAIN: self.hour_sets,
-            DISTINCT_GRAIN: self.distinct_hours,
-            HOUR_VALUES_GRAIN: self.hour_values,
-        }
+        backfilled = {HOUR_SETS_GRAIN: self.hour_sets, HOUR_VALUES_GRAIN: self.hour_values}
+        if self.distinct_hours is not None:
+            backfilled[DISTINCT_GRAIN] = self.distinct_hours
         if self.legacy_latest is not None:
             backfilled[LEGACY_LATEST_GRAIN] = self.legacy_latest
         for grain in self.grains():

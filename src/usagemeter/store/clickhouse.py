@@ -57,6 +57,7 @@ from usagemeter.store.chappend import (
 from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
 from usagemeter.store.chschema import (
     DISTINCT,
+    DISTINCT_GRAIN,
     DISTINCT_VALUES,
     GRAINS,
     HOUR_SETS,
@@ -113,10 +114,16 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # on beside it): see chupgrade.py.
         self._corrections = threading.Lock()
         self.hour_sets = Backfilled(transport, self._corrections, fresh, HOUR_SETS)
-        self.distinct_hours = Backfilled(transport, self._corrections, fresh, DISTINCT)
         self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES)
         self.distinct_values = Backfilled(transport, self._corrections, fresh, DISTINCT_VALUES)
-        self.values_settled = OnePart(transport, DISTINCT_VALUES)  # read only as one part
+        # Counted from its rows as they are only while one part; else each value once.
+        self.values_settled = OnePart(transport, DISTINCT_VALUES)
+        # The distinct states per hour of a database made before round 14: still fed (older
+        # processes read them) and read until the distinct values are complete; a new
+        # database has none (chschema.DISTINCT).
+        self.distinct_hours: Backfilled | None = None
+        if self._has_table(transport, DISTINCT):
+            self.distinct_hours = Backfilled(transport, self._corrections, False, DISTINCT)
         self.latest_hours = self.hour_values  # the latest values' hours are read there
         regroup_sets_views(transport, self.hour_sets.boundary)  # a database before round 12
         # An older database's tables that this version no longer feeds itself (their views
@@ -153,16 +160,27 @@ class ClickHouseStore(ChCorrections, LimitTables):
         }
         return tuple(g for g in LEGACY_GRAINS if g.table in found)
 
+    @staticmethod
+    def _has_table(transport: Transport, name: str) -> bool:
+        return bool(
+            transport.query(
+                "SELECT 1 FROM system.tables"
+                f" WHERE database = currentDatabase() AND name = {literal(name)}"
+            )
+        )
+
     def grains(self) -> tuple[Grain, ...]:
         """Every rollup this database has: what a void refolds and a deletion empties. The
         older tables are looked up again each time: once no process of an older version runs,
         an operator drops them (docs/clickhouse.md, "Ingest, round 9") while this one runs."""
         self.legacy = self._legacy_grains(self.transport)
-        return (*GRAINS, *self.legacy)
+        older_distinct = (DISTINCT_GRAIN,) if self.distinct_hours is not None else ()
+        return (*GRAINS, *older_distinct, *self.legacy)
 
     def close(self) -> None:
         self.hour_sets.close()
-        self.distinct_hours.close()
+        if self.distinct_hours is not None:
+            self.distinct_hours.close()
         self.hour_values.close()
         self.distinct_values.close()
         if self.legacy_latest is not None:
@@ -459,10 +477,11 @@ class ClickHouseStore(ChCorrections, LimitTables):
         return plan_aggregate(
             spec,
             hour_sets=self.hour_sets.ready(),
-            distinct_hours=self.distinct_hours.ready(),
+            distinct_hours=self.distinct_hours is not None and self.distinct_hours.ready(),
             latest_hours=self.latest_hours.ready(),
             coarse_tables=any(g.table != LEGACY_LATEST for g in self.legacy),
-            distinct_values=self.distinct_values.ready() and self.values_settled(spec),
+            distinct_values=self.distinct_values.ready(),
+            values_merged=self.values_settled(spec),
         )
 
     def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
