@@ -193,7 +193,8 @@ class _Planned:
         known = inspect.signature(planner.plan_aggregate).parameters
         ready = {
             "hour_sets": store.hour_sets.ready(),
-            "distinct_hours": store.distinct_hours.ready(),
+            # A database made before round 14 has the distinct states per hour: a new one not.
+            "distinct_hours": store.distinct_hours is not None and store.distinct_hours.ready(),
             "latest_hours": store.latest_hours.ready(),
             "distinct_values": store.distinct_values.ready(),
         }
@@ -547,7 +548,8 @@ def prototype(
 
 
 MERGED = "merged_r10"
-ROLLUPS = ("rollup", "rollup_hour_sets", "distinct_hour", "hour_values")
+# distinct_values rather than distinct_hour since round 14: a new database has no distinct states.
+ROLLUPS = ("rollup", "rollup_hour_sets", "hour_values", "distinct_values")
 
 
 def merged_copy(store: ClickHouseStore, tables: list[str]) -> ClickHouseStore:

@@ -56,7 +56,7 @@ def _days(count: int, first: int = BASE_MS) -> tuple[Window, ...]:
 
 
 def _plan(spec: AggregateSpec, merged: bool = True) -> str:
-    (plan,) = plan_aggregate(spec, distinct_hours=True, distinct_values=True, values_merged=merged)
+    (plan,) = plan_aggregate(spec, distinct_hours=True, distinct_values=True, count_rows=merged)
     return plan.sql
 
 
@@ -263,7 +263,7 @@ def test_distinct_counts_equal_sqlites(
             if merged:
                 store.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
             # Counted as rows in any number of parts (FINAL), or each value once.
-            store.values_settled = lambda spec: as_rows  # type: ignore[method-assign]
+            store.count_value_rows = as_rows
         engine = Engine(store, METERS)
         # b alone is one account (its rows may be counted); a, its parent, is two.
         results.append(
@@ -304,7 +304,6 @@ def test_a_day_with_events_but_no_value_answers_zero(
         query = Query(("z",), "m", BASE, BASE + timedelta(days=4), Granularity.DAY)
         if isinstance(store, ClickHouseStore):
             store.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
-            store.values_settled.every_s = 0.0
             spec = AggregateSpec(("z",), "m", _days(4), (Measure("unique_count", "s"),))
             (plan,) = store.plans(spec)
             assert f"FROM {DISTINCT_VALUES} FINAL" in plan.sql
@@ -341,7 +340,7 @@ def test_billable_filters_accounts_and_subaccounts_as_sqlite(
             ]
         )
         if isinstance(store, ClickHouseStore):
-            store.values_settled = lambda spec: as_rows  # type: ignore[method-assign]
+            store.count_value_rows = as_rows
         engine = Engine(store, METERS)
         answers = []
         for accounts, group_by, billable, tz, granularity in itertools.product(
@@ -371,13 +370,11 @@ def _by_window(rows: list[AggregateRow]) -> list[AggregateRow]:
     return sorted(rows, key=lambda row: row.window)
 
 
-def test_the_values_are_counted_as_rows_while_they_are_one_part(
+def test_the_values_are_counted_as_rows_in_any_number_of_parts(
     chstore: ClickHouseStore,
 ) -> None:
-    """FINAL over one part reads it as it is; over several it merges them as it reads, more
-    slowly than counting each value once: the store counts the rows only as one part,
-    looked up at most every OnePart.every_s, and only for a distinct count."""
-    chstore.values_settled.every_s = 0.0
+    """FINAL makes a value's rows in several parts one: counted as rows, one part or three,
+    the answer is each value counted once, and the tables of sets' answer."""
     chstore.create_account(Account("a", "A"))
     spec = _spec(_days(3), totals=True)
     chstore.append(_events(0, 100))
@@ -385,24 +382,29 @@ def test_the_values_are_counted_as_rows_while_they_are_one_part(
     (one,) = chstore.plans(spec)
     assert f"FROM {DISTINCT_VALUES} FINAL" in one.sql
     answer = _by_window(chstore.aggregate(spec))
-    chstore.append(_events(100, 50))  # a second part
-    (two,) = chstore.plans(spec)
-    assert f"FROM {DISTINCT_VALUES} ARRAY JOIN" in two.sql
-    answer_two = _by_window(chstore.aggregate(spec))
-    assert answer_two != answer
+    chstore.append(_events(100, 50))
+    chstore.append(_events(150, 50))  # three parts, values in each
+    parts = chstore.transport.query(
+        "SELECT count() FROM system.parts WHERE database = currentDatabase()"
+        f" AND table = '{DISTINCT_VALUES}' AND active"
+    )
+    assert int(parts[0][0]) >= 2
+    (three,) = chstore.plans(spec)
+    assert f"FROM {DISTINCT_VALUES} FINAL" in three.sql
+    as_rows = _by_window(chstore.aggregate(spec))
+    assert as_rows != answer
+    chstore.count_value_rows = False
+    (once,) = chstore.plans(spec)
+    assert f"FROM {DISTINCT_VALUES} ARRAY JOIN" in once.sql
+    assert as_rows == _by_window(chstore.aggregate(spec))  # each value once
+    chstore.distinct_values.complete = False
+    assert as_rows == _by_window(chstore.aggregate(spec))  # the tables of sets'
+    chstore.distinct_values.complete = True
+    chstore.count_value_rows = True
     chstore.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
-    assert _by_window(chstore.aggregate(spec)) == answer_two
+    assert _by_window(chstore.aggregate(spec)) == as_rows
     (plain,) = chstore.plans(AggregateSpec(("a",), "m", _days(3), (Measure("count"),)))
     assert DISTINCT_VALUES not in plain.sql
-    chstore.values_settled.every_s = 3600.0  # looked up an hour ago: not again
-    chstore.append(_events(150, 50))
-    (cached,) = chstore.plans(spec)
-    assert f"FROM {DISTINCT_VALUES} FINAL" in cached.sql  # still exact: FINAL merges
-    cached_answer = _by_window(chstore.aggregate(spec))
-    chstore.values_settled = lambda spec: False  # type: ignore[method-assign]
-    assert cached_answer == _by_window(chstore.aggregate(spec))  # each value once
-    chstore.distinct_values.complete = False
-    assert cached_answer == _by_window(chstore.aggregate(spec))  # the tables of sets'
 
 
 def test_an_older_database_gets_the_values_on_open(
@@ -439,7 +441,6 @@ def test_an_older_database_gets_the_values_on_open(
         while not upgraded.distinct_values.ready():
             assert time.monotonic() < deadline, "the backfill never ran"
             time.sleep(0.05)
-        upgraded.values_settled.every_s = 0.0
         (after,) = upgraded.plans(spec)
         assert DISTINCT_VALUES in after.sql and DISTINCT not in after.sql.replace(
             DISTINCT_VALUES, ""

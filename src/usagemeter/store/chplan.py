@@ -355,14 +355,16 @@ def _distinct_values(
     value: str,
     has: str,
     dimension: str,
-    merged: bool,
+    count_rows: bool,
 ) -> str | None:
     """A distinct count whose whole UTC hours are read from distinct_values (chschema): each
     value's row names the hours it was seen in (and whether billable), so each row gives
-    the windows it was seen in, once each (d). ``merged`` (the table is one part), one
-    account and no group: a window's count is the number of rows with it, and the range's
-    the number with any (FINAL, which costs nothing over one part and keeps the count
-    exact should a part have arrived since): counts, no hash set. Otherwise each value is
+    the windows it was seen in, once each (d). One account, no group, no ragged end (and
+    ``count_rows``): a window's count is the number of rows with it, and the range's the
+    number with any, read with FINAL so that a value's rows in several parts are one:
+    counts, no hash set (at 10M, 2.75 times the CPU of the distinct states merged, settled;
+    over the four parts a backfill leaves, FINAL costs 1.5 times that, still below counting
+    each value once: docs/clickhouse.md, "Questions, round 14"). Otherwise each value is
     counted once per window and group and over the range (uniqExact, GROUPING SETS), with
     the values of the ragged quarter hours (slots) and milliseconds (raw events) beside
     it: a value in two accounts, two parts or two billable rows is one. The PRESENT rows
@@ -385,7 +387,7 @@ def _distinct_values(
         f" AND name IN ({PRESENT}, {literal(dimension)})"
     )
     one = len(spec.accounts) == 1 and not group_columns
-    if merged and one and not pieces[SLOTS] and not raw_pieces:
+    if count_rows and one and not pieces[SLOTS] and not raw_pieces:
         # With totals, a value seen in any window is also counted once in the range's.
         windows = f"if(empty(d), d, arrayPushFront(d, {TOTAL}))" if spec.totals else "d"
         return (
@@ -622,14 +624,14 @@ def plan_aggregate(
     latest_hours: bool = False,
     coarse_tables: bool = True,
     distinct_values: bool = False,
-    values_merged: bool = False,
+    count_rows: bool = True,
 ) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
     question reads whole UTC hours there and slots only for its ragged quarter hours; with
     ``distinct_values`` (the distinct values are complete), a distinct count with no
-    filter, tag or key reads its whole hours' values there (_distinct_values; counted as
-    the rows are when ``values_merged``, the table one part), or else with
+    filter, tag or key reads its whole hours' values there (_distinct_values; one
+    account's rows counted with FINAL unless not ``count_rows``), or else with
     ``distinct_hours`` (a database made before round 14, its distinct table complete)
     merges its whole hours' states (_distinct_states); with
     ``latest_hours``, a latest value with no filter, tag or dimension group is a maximum
@@ -703,7 +705,7 @@ def plan_aggregate(
         counted = None
         if distinct_values and _plain_distinct(spec):
             counted = _distinct_values(
-                spec, group_columns, value, has, measure.dimension, values_merged
+                spec, group_columns, value, has, measure.dimension, count_rows
             )
         elif distinct_hours and _plain_distinct(spec):
             counted = _distinct_states(spec, group_columns, value, has, measure.dimension)

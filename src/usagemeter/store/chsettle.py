@@ -27,19 +27,16 @@ where the server knows the settings (an older server's tables keep merging as th
 
 from __future__ import annotations
 
-import time
-
-from usagemeter.store.base import AggregateSpec
 from usagemeter.store.chschema import DISTINCT_VALUES, HOUR_SETS, HOUR_VALUES
-from usagemeter.store.chtransport import Transport, literal, literals
+from usagemeter.store.chtransport import Transport, literals
 
 SETTLE_AFTER_S = 600
 """Seconds every part of a partition must have stood before it is merged whole: longer than
 any pause between a live service's batches, so that only a quiet store settles."""
 
 # The tables the questions read their whole hours and slots from, and the distinct values,
-# whose rows are counted as they are while one part (OnePart). An older database's
-# distinct_hour got its setting from the version that made it (chschema.DISTINCT).
+# whose rows a question reads with FINAL: merged, it reads one row per value. An older
+# database's distinct_hour got its setting from the version that made it (chschema.DISTINCT).
 SETTLED = ("rollup", HOUR_SETS, HOUR_VALUES, DISTINCT_VALUES)
 _AGE = "min_age_to_force_merge_seconds"
 _WHOLE = "min_age_to_force_merge_on_partition_only"
@@ -70,36 +67,3 @@ def table_settings(engine_full: str) -> dict[str, str]:
     _, _, settings = engine_full.partition(" SETTINGS ")
     pairs = (item.split(" = ", 1) for item in settings.split(", ") if " = " in item)
     return {k.strip(): v.strip() for k, v in pairs}
-
-
-class OnePart:
-    """Whether ``table`` is one part, as it is once settled, looked up at most every
-    ``every_s`` seconds (a look at system.parts costs a question some 4 ms in chDB).
-
-    A distinct count of one account counts chschema.DISTINCT_VALUES' rows with FINAL, which
-    merges a value's rows of every part as it reads: one part (settled, or never split) it
-    reads as it is, 2.75 times as fast in CPU as merging the distinct table's states at
-    10M, but over the four parts a backfill left, 1.7 times as slow (docs/clickhouse.md,
-    "Questions, round 13"). So the planner counts the rows only while the table is one
-    part, and else counts each value once (chplan._distinct_values). What the look finds
-    may be a second old: the answer is exact either way (FINAL), only its cost differs."""
-
-    def __init__(self, transport: Transport, table: str, every_s: float = 1.0) -> None:
-        self.transport, self.table, self.every_s = transport, table, every_s
-        self._one = False
-        self._looked = -float("inf")
-
-    def __call__(self, spec: AggregateSpec) -> bool:
-        """Whether a question of ``spec`` may count the table's rows as they are: one that
-        counts distinct values, while the table is one part."""
-        if not any(m.aggregation == "unique_count" for m in spec.measures):
-            return False
-        now = time.monotonic()
-        if now - self._looked >= self.every_s:
-            rows = self.transport.query(
-                "SELECT count() FROM system.parts WHERE database = currentDatabase()"
-                f" AND table = {literal(self.table)} AND active"
-            )
-            self._one = bool(rows) and int(rows[0][0]) <= 1
-            self._looked = now
-        return self._one

@@ -67,7 +67,7 @@ from usagemeter.store.chschema import (
     STATEMENTS,
     pack_small_parts,
 )
-from usagemeter.store.chsettle import OnePart, settle_rollups
+from usagemeter.store.chsettle import settle_rollups
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
 from usagemeter.store.chupgrade import Backfilled, regroup_sets_views
 from usagemeter.store.chvoids import ChCorrections
@@ -116,8 +116,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.hour_sets = Backfilled(transport, self._corrections, fresh, HOUR_SETS)
         self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES)
         self.distinct_values = Backfilled(transport, self._corrections, fresh, DISTINCT_VALUES)
-        # Counted from its rows as they are only while one part; else each value once.
-        self.values_settled = OnePart(transport, DISTINCT_VALUES)
+        # One account's distinct values counted as rows (FINAL), else each value once.
+        self.count_value_rows = True
         # The distinct states per hour of a database made before round 14: still fed (older
         # processes read them) and read until the distinct values are complete; a new
         # database has none (chschema.DISTINCT).
@@ -481,7 +481,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
             latest_hours=self.latest_hours.ready(),
             coarse_tables=any(g.table != LEGACY_LATEST for g in self.legacy),
             distinct_values=self.distinct_values.ready(),
-            values_merged=self.values_settled(spec),
+            count_rows=self.count_value_rows,
         )
 
     def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
