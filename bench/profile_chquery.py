@@ -194,8 +194,10 @@ class _Planned:
         known = inspect.signature(planner.plan_aggregate).parameters
         ready = {
             "hour_sets": store.hour_sets.ready(),
-            "distinct_hours": store.distinct_hours.ready(),
+            # A database made before round 14 has the distinct states per hour: a new one not.
+            "distinct_hours": store.distinct_hours is not None and store.distinct_hours.ready(),
             "latest_hours": store.latest_hours.ready(),
+            "distinct_values": store.distinct_values.ready(),
         }
         self.flags = {name: value for name, value in ready.items() if name in known}
         # What that version's _by_sets reads of its store: the transport, the sets it kept.
@@ -563,7 +565,8 @@ def prototype(
 
 
 MERGED = "merged_r10"
-ROLLUPS = ("rollup", "rollup_hour_sets", "distinct_hour", "hour_values")
+# distinct_values rather than distinct_hour since round 14: a new database has no distinct states.
+ROLLUPS = ("rollup", "rollup_hour_sets", "hour_values", "distinct_values")
 
 
 def merged_copy(store: ClickHouseStore, tables: list[str]) -> ClickHouseStore:

@@ -24,7 +24,7 @@ from usagemeter.store import chupgrade
 from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.chplan import plan_aggregate
 from usagemeter.store.chschema import (
-    DISTINCT,
+    DISTINCT_VALUES,
     HOUR_SETS,
     HOUR_VALUES,
     LATEST,
@@ -78,18 +78,19 @@ def _folded_events(store: ClickHouseStore) -> list[list[Any]]:
 
 def _distinct_table(store: ClickHouseStore) -> list[list[Any]]:
     return store.transport.query(
-        f"SELECT account, metric, name, slot, billable, uniqExactMerge(u) FROM {DISTINCT}"
-        " GROUP BY account, metric, name, slot, billable ORDER BY ALL"
+        "SELECT account, metric, name, v, arraySort(groupUniqArrayArray(hours))"
+        f" FROM {DISTINCT_VALUES} GROUP BY account, metric, name, v ORDER BY ALL"
     )
 
 
 def _distinct_events(store: ClickHouseStore) -> list[list[Any]]:
-    """Each hour's distinct values per dimension, and 0 under '' wherever events are."""
+    """Each dimension's values with their hours (2 * hour + billable), and '' wherever
+    events are."""
     return store.transport.query(
-        f"SELECT account, metric, name, intDiv(ts, {HOUR_MS}) AS slot, billable,"
-        " uniqExactIf(v, name != '') FROM events ARRAY JOIN arrayConcat([''], mapKeys(dims))"
-        " AS name, arrayConcat([''], mapValues(dims)) AS v"
-        " GROUP BY account, metric, name, slot, billable ORDER BY ALL"
+        "SELECT account, metric, name, v,"
+        f" arraySort(groupUniqArray(toInt32(2 * intDiv(ts, {HOUR_MS}) + billable)))"
+        " FROM events ARRAY JOIN arrayConcat([''], mapKeys(dims)) AS name,"
+        " arrayConcat([''], mapValues(dims)) AS v GROUP BY account, metric, name, v ORDER BY ALL"
     )
 
 
@@ -248,7 +249,7 @@ def _transport(home: str, database: str) -> Transport:
 
 @pytest.mark.parametrize(
     ("table", "backfilled"),
-    [(HOUR_SETS, "hour_sets"), (DISTINCT, "distinct_hours"), (LATEST, "latest_hours")],
+    [(HOUR_SETS, "hour_sets"), (DISTINCT_VALUES, "distinct_values"), (LATEST, "latest_hours")],
 )
 def test_an_older_database_is_upgraded_while_another_process_ingests(
     clickhouse_home: str,

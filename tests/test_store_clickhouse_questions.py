@@ -366,7 +366,7 @@ def test_the_distinct_table_answers_as_the_tables_of_sets_do(
             ]
         )
         results.append([Engine(store, meters).run(q) for q in asked])
-    monkeypatch.setattr(chstore.distinct_hours, "ready", lambda: False)
+    monkeypatch.setattr(chstore.distinct_values, "ready", lambda: False)
     without = [Engine(chstore, meters).run(q) for q in asked]
     for answers in (results[1], without):
         assert [(r.buckets, r.totals, r.total) for r in answers] == [

@@ -39,6 +39,7 @@ from usagemeter.store.base import (
 from usagemeter.store.chschema import (
     DISTINCT,
     DISTINCT_GRAIN,
+    DISTINCT_VALUES,
     HOUR_SETS_GRAIN,
     LATEST,
     LATEST_GRAIN,
@@ -319,6 +320,93 @@ def _distinct_states(
     return _select(groups, merged, "FROM (" + " UNION ALL ".join(parts) + ")", spec.totals)
 
 
+# Up to this many hours between a distinct count's first and last whole hour, its windows
+# are found by a lookup of each hour when they are not regular (a daily report across a
+# change of offset): an array literal of an entry per hour (five years of hours at most).
+LOOKUP_HOURS = 5 * 366 * 24
+# distinct_values' whole UTC hours, as the window splitter cuts them (chschema.DISTINCT_VALUES).
+VALUE_HOURS = Grain(DISTINCT_VALUES, DISTINCT_GRAIN.unit_ms, detailed=False, keyed=False)
+
+
+def _hour_windows(pieces: Sequence[Piece]) -> str | None:
+    """Each entry's window (x, an entry of distinct_values' arrays, 2 * hour + billable,
+    known to lie in the pieces' span) by arithmetic on regular pieces, else by a lookup of
+    an entry per hour (-1 for an hour between pieces); None for a span too long to look
+    up, or pieces that overlap. x - 2 * lo is not negative, so intDiv's truncation is the
+    floor."""
+    regular = _regular(pieces)
+    if regular is not None:
+        lo, width, idx = regular
+        return f"intDiv(x - {2 * lo}, {2 * width}) + {idx}"
+    lo, hi = min(p[1] for p in pieces), max(p[2] for p in pieces)
+    if hi - lo > LOOKUP_HOURS:
+        return None
+    found = [-1] * (hi - lo)
+    for idx, start, end in pieces:
+        if found[start - lo : end - lo].count(-1) != end - start:
+            return None  # windows that overlap (AggregateSpec forbids it): not one per hour
+        found[start - lo : end - lo] = [idx] * (end - start)
+    return f"[{','.join(map(str, found))}][intDiv(x - {2 * lo}, 2) + 1]"
+
+
+def _distinct_values(
+    spec: AggregateSpec,
+    group_columns: Sequence[str],
+    value: str,
+    has: str,
+    dimension: str,
+    count_rows: bool,
+) -> str | None:
+    """A distinct count whose whole UTC hours are read from distinct_values (chschema): each
+    value's row names the hours it was seen in (and whether billable), so each row gives
+    the windows it was seen in, once each (d). One account, no group, no ragged end (and
+    ``count_rows``): a window's count is the number of rows with it, and the range's the
+    number with any, read with FINAL so that a value's rows in several parts are one:
+    counts, no hash set (at 10M, 2.75 times the CPU of the distinct states merged, settled;
+    over the four parts a backfill leaves, FINAL costs 1.5 times that, still below counting
+    each value once: docs/clickhouse.md, "Questions, round 14"). Otherwise each value is
+    counted once per window and group and over the range (uniqExact, GROUPING SETS), with
+    the values of the ragged quarter hours (slots) and milliseconds (raw events) beside
+    it: a value in two accounts, two parts or two billable rows is one. The PRESENT rows
+    give each window with events its row, 0 when none of them has the dimension. None
+    when no window holds a whole UTC hour, or the span is too long to look up: the tables
+    of sets answer."""
+    pieces, raw_pieces = _split(spec.windows, (VALUE_HOURS, SLOTS))
+    hours = pieces[VALUE_HOURS]
+    if not hours:
+        return None
+    window = _hour_windows(hours)
+    if window is None:
+        return None
+    lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
+    billable = "" if spec.billable is None else f" AND bitAnd(x, 1) = {int(spec.billable)}"
+    inside = f"arrayFilter(x -> x >= {2 * lo} AND x < {2 * hi}{billable}, hours)"
+    found = f"arrayDistinct(arrayFilter(i -> i >= 0, arrayMap(x -> {window}, {inside})))"
+    where = (
+        f"account IN ({literals(spec.accounts)}) AND metric = {literal(spec.metric)}"
+        f" AND name IN ({PRESENT}, {literal(dimension)})"
+    )
+    one = len(spec.accounts) == 1 and not group_columns
+    if count_rows and one and not pieces[SLOTS] and not raw_pieces:
+        # With totals, a value seen in any window is also counted once in the range's.
+        windows = f"if(empty(d), d, arrayPushFront(d, {TOTAL}))" if spec.totals else "d"
+        return (
+            f"WITH {found} AS d SELECT idx AS window_index, countIf(name != {PRESENT})"
+            f" FROM {DISTINCT_VALUES} FINAL ARRAY JOIN {windows} AS idx WHERE {where}"
+            " GROUP BY idx"
+        )
+    columns = ", ".join(["idx", *_groups(group_columns), "v", f"name != {PRESENT} AS has"])
+    parts = [
+        f"SELECT * FROM (WITH {found} AS d SELECT {columns} FROM {DISTINCT_VALUES}"
+        f" ARRAY JOIN d AS idx WHERE {where})"
+    ]
+    for grain, ragged in ((SLOTS, pieces[SLOTS]), (None, raw_pieces)):
+        if ragged:
+            parts.append(_distinct_part(spec, grain, ragged, group_columns, value, has))
+    source = "FROM (" + " UNION ALL ".join(parts) + ")"
+    return _select(len(group_columns), ["uniqExactIf(v, has)"], source, spec.totals)
+
+
 def _plain(spec: AggregateSpec) -> bool:
     """Whether the tables without dimension or tag sets answer ``spec``: no filter, tag or
     dimension group (the key and subaccount groups are columns of theirs)."""
@@ -535,12 +623,17 @@ def plan_aggregate(
     distinct_hours: bool = False,
     latest_hours: bool = False,
     coarse_tables: bool = True,
+    distinct_values: bool = False,
+    count_rows: bool = True,
 ) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
     question reads whole UTC hours there and slots only for its ragged quarter hours; with
-    ``distinct_hours`` (the distinct table is complete), a distinct count with no filter,
-    tag or key merges its whole hours' states there (_distinct_states); with
+    ``distinct_values`` (the distinct values are complete), a distinct count with no
+    filter, tag or key reads its whole hours' values there (_distinct_values; one
+    account's rows counted with FINAL unless not ``count_rows``), or else with
+    ``distinct_hours`` (a database made before round 14, its distinct table complete)
+    merges its whole hours' states (_distinct_states); with
     ``latest_hours``, a latest value with no filter, tag or dimension group is a maximum
     over the latest table's hours, in a statement of its own (_latest_tops), and the other
     measures of a plain report read its hours too; without it, the hour and day tables of a
@@ -609,9 +702,15 @@ def plan_aggregate(
         # A session seen in many events of an hour is one row there, not many.
         name = literal(measure.dimension)
         value, has = f"dims[{name}]", f"mapContains(dims, {name})"
-        if distinct_hours and _plain_distinct(spec):
-            sql = _distinct_states(spec, group_columns, value, has, measure.dimension)
-            plans.append(Plan(sql, (), (i,), _decoder(spec, (i,))))
+        counted = None
+        if distinct_values and _plain_distinct(spec):
+            counted = _distinct_values(
+                spec, group_columns, value, has, measure.dimension, count_rows
+            )
+        elif distinct_hours and _plain_distinct(spec):
+            counted = _distinct_states(spec, group_columns, value, has, measure.dimension)
+        if counted is not None:
+            plans.append(Plan(counted, (), (i,), _decoder(spec, (i,))))
             continue
         flat = _one_table(spec, pieces, raw_pieces, group_columns, raw=True)
         if flat is not None:

@@ -187,6 +187,9 @@ SLOTS_VIEW = "CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_mv TO rollup AS" + _
 # empty, so that a window whose events lack the dimension still answers 0, as a fold of
 # the events does, rather than nothing. Its view counts the events from a boundary on and
 # an older database is backfilled up to it once (chupgrade.py), as for the hour table.
+# Since round 14 a new database has no such table (DISTINCT_VALUES answers every question it
+# did): one made before keeps it, fed by its view for older processes that read it,
+# refolded by voids, and read by this version only until its distinct values are complete.
 DISTINCT = "distinct_hour"
 DISTINCT_GRAIN = Grain(DISTINCT, HOUR_MS, detailed=False, keyed=False)
 PRESENT = "''"  # the name of the rows that say "events here", with an empty state
@@ -212,6 +215,48 @@ SELECT account, metric, name, {floor_div("ts", HOUR_MS)} AS slot, billable,
 FROM {source} ARRAY JOIN arrayConcat([{PRESENT}], mapKeys(dims)) AS name,
      arrayConcat([{PRESENT}], mapValues(dims)) AS v{where}
 GROUP BY account, metric, name, slot, billable
+"""
+
+
+# Each dimension's values, a row per value, with the UTC hours it was seen in (round 13), and
+# since round 14 whether billable events were, so that the table answers every distinct
+# count the distinct table did (a billable filter, several accounts, a subaccount group) and
+# a new database no longer feeds that table's view: one view of distinct values per INSERT
+# where round 13 had two (docs/clickhouse.md, "Questions, round 14"). Each entry of
+# ``hours`` is 2 * hour + billable (hours since 1970 in UTC): a value seen in an hour in
+# billable and other events has both entries; a question without a billable filter reads
+# the hour of either. A distinct count over whole hours of one account, its rows merged,
+# counts the values with an hour in each window, plain counts over arrays where merging the
+# distinct table's states inserted each of the heavy account's 750,000 hourly values into
+# its day's hash set and again into the range's ("Questions, round 13"); any other counts
+# each value once per window and over the range (uniqExact of the values themselves, not
+# of counts). The value is stored itself, not a hash of it: the count is exact. The rows of
+# a value merge (the union of their entries). Every (account, metric) with events also has
+# the row named PRESENT (value ''), whose entries are those with events, so that a window
+# whose events lack the dimension still answers 0. A void refolds an (account, metric)'s
+# rows whole (chvoids.py): a value's row spans all its time. Backfilled on an older
+# database as the others (chupgrade.py).
+DISTINCT_VALUES = "distinct_values"
+DISTINCT_VALUES_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {DISTINCT_VALUES} (
+    account String,
+    metric LowCardinality(String),
+    name LowCardinality(String),         -- the dimension; {PRESENT}: see above
+    v String,                            -- the value ('' in the {PRESENT} rows)
+    hours SimpleAggregateFunction(groupUniqArrayArray, Array(Int32))  -- 2 * UTC hour + billable
+) ENGINE = AggregatingMergeTree
+ORDER BY (account, metric, name, v)
+SETTINGS {_DURABLE}, {_TOKENS}
+"""
+
+
+def _distinct_values_select(source: str, where: str = "") -> str:
+    hour = floor_div("ts", HOUR_MS)
+    return f"""
+SELECT account, metric, name, v, groupUniqArray(toInt32(2 * {hour} + billable)) AS hours
+FROM {source} ARRAY JOIN arrayConcat([{PRESENT}], mapKeys(dims)) AS name,
+     arrayConcat([''], mapValues(dims)) AS v{where}
+GROUP BY account, metric, name, v
 """
 
 
@@ -331,6 +376,8 @@ def fold_select(table: str, source: str, where: str = "") -> str:
         return _distinct_select(source, where)
     if table == HOUR_VALUES:
         return _hour_values_select(source, where)
+    if table == DISTINCT_VALUES:
+        return _distinct_values_select(source, where)
     if table == LEGACY_LATEST:
         return _latest_select(source, where)
     unit = HOUR_MS if "hour" in table else DAY_MS
@@ -400,13 +447,22 @@ STATEMENTS: tuple[str, ...] = (
     SLOTS,
     SLOTS_VIEW,
     HOUR_SETS_TABLE,
-    DISTINCT_TABLE,
     HOUR_VALUES_TABLE,
+    DISTINCT_VALUES_TABLE,
 )
-TABLES = ("accounts", "keys", "events", "event_ids", "rollup", HOUR_SETS, DISTINCT, HOUR_VALUES)
+TABLES = (
+    "accounts",
+    "keys",
+    "events",
+    "event_ids",
+    "rollup",
+    HOUR_SETS,
+    HOUR_VALUES,
+    DISTINCT_VALUES,
+)
 # The rollups of every database, each refolded by a void: ClickHouse's own grains, apart
 # from the SQL stores' (voidsql.ROLLUP_GRAINS); an older database adds the LEGACY_GRAINS it has.
-GRAINS = (SLOTS_GRAIN, HOUR_SETS_GRAIN, DISTINCT_GRAIN, HOUR_VALUES_GRAIN)
+GRAINS = (SLOTS_GRAIN, HOUR_SETS_GRAIN, HOUR_VALUES_GRAIN)
 # What a database created before round 9 held besides: tests build one with them.
 LEGACY_STATEMENTS: tuple[str, ...] = (
     LEGACY_LATEST_TABLE,

@@ -27,15 +27,17 @@ where the server knows the settings (an older server's tables keep merging as th
 
 from __future__ import annotations
 
-from usagemeter.store.chschema import DISTINCT, HOUR_SETS, HOUR_VALUES
+from usagemeter.store.chschema import DISTINCT_VALUES, HOUR_SETS, HOUR_VALUES
 from usagemeter.store.chtransport import Transport, literals
 
 SETTLE_AFTER_S = 600
 """Seconds every part of a partition must have stood before it is merged whole: longer than
 any pause between a live service's batches, so that only a quiet store settles."""
 
-# The tables the questions read their whole hours and slots from.
-SETTLED = ("rollup", HOUR_SETS, DISTINCT, HOUR_VALUES)
+# The tables the questions read their whole hours and slots from, and the distinct values,
+# whose rows a question reads with FINAL: merged, it reads one row per value. An older
+# database's distinct_hour got its setting from the version that made it (chschema.DISTINCT).
+SETTLED = ("rollup", HOUR_SETS, HOUR_VALUES, DISTINCT_VALUES)
 _AGE = "min_age_to_force_merge_seconds"
 _WHOLE = "min_age_to_force_merge_on_partition_only"
 

@@ -1,9 +1,11 @@
 """Tables folded from the events that a database may have had events before (the hour table
-with dimension and tag sets, chschema.HOUR_SETS; the distinct-count states per hour,
-chschema.DISTINCT; the hour table of values, chschema.HOUR_VALUES; and on a database of round
-8, its latest values per hour, chschema.LEGACY_LATEST, should a process of round 8 have begun
-its backfill): each created beside the running ingest, backfilled once, and read by the
-planner only when complete. Each table goes through the same steps on its own boundary.
+with dimension and tag sets, chschema.HOUR_SETS; the hour table of values,
+chschema.HOUR_VALUES; each dimension's values with their hours, chschema.DISTINCT_VALUES; on
+a database made before round 14, its distinct-count states per hour, chschema.DISTINCT,
+should its backfill be unfinished; and on a database of round 8, its latest values per hour,
+chschema.LEGACY_LATEST, should a process of round 8 have begun its backfill): each created
+beside the running ingest, backfilled once, and read by the planner only when complete.
+Each table goes through the same steps on its own boundary.
 
 ClickHouse has no transactions and no lock that processes could share, and a process of an
 older version (which knows nothing of this table) may be ingesting meanwhile. So the table's

@@ -59,6 +59,8 @@ from usagemeter.store.chappend import (
 from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
 from usagemeter.store.chschema import (
     DISTINCT,
+    DISTINCT_GRAIN,
+    DISTINCT_VALUES,
     GRAINS,
     HOUR_SETS,
     HOUR_VALUES,
@@ -118,8 +120,16 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # on beside it): see chupgrade.py.
         self._corrections = threading.Lock()
         self.hour_sets = Backfilled(transport, self._corrections, fresh, HOUR_SETS)
-        self.distinct_hours = Backfilled(transport, self._corrections, fresh, DISTINCT)
         self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES)
+        self.distinct_values = Backfilled(transport, self._corrections, fresh, DISTINCT_VALUES)
+        # One account's distinct values counted as rows (FINAL), else each value once.
+        self.count_value_rows = True
+        # The distinct states per hour of a database made before round 14: still fed (older
+        # processes read them) and read until the distinct values are complete; a new
+        # database has none (chschema.DISTINCT).
+        self.distinct_hours: Backfilled | None = None
+        if self._has_table(transport, DISTINCT):
+            self.distinct_hours = Backfilled(transport, self._corrections, False, DISTINCT)
         self.latest_hours = self.hour_values  # the latest values' hours are read there
         regroup_sets_views(transport, self.hour_sets.boundary)  # a database before round 12
         # An older database's tables that this version no longer feeds itself (their views
@@ -161,17 +171,29 @@ class ClickHouseStore(ChCorrections, LimitTables):
         }
         return tuple(g for g in LEGACY_GRAINS if g.table in found)
 
+    @staticmethod
+    def _has_table(transport: Transport, name: str) -> bool:
+        return bool(
+            transport.query(
+                "SELECT 1 FROM system.tables"
+                f" WHERE database = currentDatabase() AND name = {literal(name)}"
+            )
+        )
+
     def grains(self) -> tuple[Grain, ...]:
         """Every rollup this database has: what a void refolds and a deletion empties. The
         older tables are looked up again each time: once no process of an older version runs,
         an operator drops them (docs/clickhouse.md, "Ingest, round 9") while this one runs."""
         self.legacy = self._legacy_grains(self.transport)
-        return (*GRAINS, *self.legacy)
+        older_distinct = (DISTINCT_GRAIN,) if self.distinct_hours is not None else ()
+        return (*GRAINS, *older_distinct, *self.legacy)
 
     def close(self) -> None:
         self.hour_sets.close()
-        self.distinct_hours.close()
+        if self.distinct_hours is not None:
+            self.distinct_hours.close()
         self.hour_values.close()
+        self.distinct_values.close()
         if self.legacy_latest is not None:
             self.legacy_latest.close()
         self.transport.close()
@@ -467,22 +489,26 @@ class ClickHouseStore(ChCorrections, LimitTables):
         2,160-hour report looks at every window three times, 1 ms of its 21 (round 14)."""
         tables = (
             self.hour_sets.ready(),
-            self.distinct_hours.ready(),
+            self.distinct_hours is not None and self.distinct_hours.ready(),
             self.latest_hours.ready(),
             any(g.table != LEGACY_LATEST for g in self.legacy),
+            self.distinct_values.ready(),
+            self.count_value_rows,
         )
         asked = (replace(spec, windows=()), tables)
         kept = self._plans.get(asked)
         # The windows are held by the kept entry, so no other tuple can take their id.
         if kept is not None and kept[0] is spec.windows:
             return list(kept[1])
-        hour_sets, distinct_hours, latest_hours, coarse_tables = tables
+        hour_sets, distinct_hours, latest_hours, coarse_tables, distinct_values, count_rows = tables
         plans = plan_aggregate(
             spec,
             hour_sets=hour_sets,
             distinct_hours=distinct_hours,
             latest_hours=latest_hours,
             coarse_tables=coarse_tables,
+            distinct_values=distinct_values,
+            count_rows=count_rows,
         )
         if len(self._plans) >= PLANS_KEPT:
             self._plans.clear()  # a bound on memory: planned again when asked
