@@ -12,6 +12,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -282,6 +283,24 @@ def test_the_committer_merges_once_the_recent_level_is_full(
     assert _cells(reopened, "") > 0 and _cells(reopened, "_recent") == 0
     assert reopened._writer.execute("SELECT sum(cnt) FROM rollup").fetchone()[0] == 1000
     reopened.close()
+
+
+def test_a_quiet_store_merges_its_recent_level_and_answers_from_the_big_tables(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 0.02)
+    monkeypatch.setattr(sqlite_module, "QUIET_MERGE_SECONDS", 0.1)
+    store = _open(db_path)
+    events = [Event(f"e{i}", "a", "m", BASES[0] + i * 900_007, float(i % 4)) for i in range(300)]
+    windows = _windows("Asia/Kathmandu", Granularity.DAY, BASES[0], BASES[0] + SPAN_MS)
+    store.append(events)
+    assert _answer(store, "a", windows) == _expected(events, "a", windows)
+    deadline = time.monotonic() + 20
+    while (_cells(store, "_recent") or not _cells(store, "")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _cells(store, "_recent") == 0 and _cells(store, "") > 0
+    assert _answer(store, "a", windows) == _expected(events, "a", windows)
+    store.close()
 
 
 def test_deleting_an_account_and_retention_see_both_levels(db_path: Path) -> None:
