@@ -1276,15 +1276,19 @@ class SQLiteStore(SqlCorrections, LimitTables):
             key_rid = int(row[0])
         if not account_rids:
             return []
-        pending = "unfolded" if self._waiting(conn) else None
-        # The recent level too, unless it is empty: reading it costs a question about a
-        # fifth more even then (twice the parts). Asked after ``unfolded``, as events move
-        # only onwards (waiting, recent, big): an event waiting at the first check is read
-        # in both later places; one found in neither the waiting nor the recent events was
-        # in the big tables already, and stays there.
-        dialect = SQLITE if pending or self._recent(conn) else SQLITE_MERGED
-        plans = plan_aggregate(spec, metric, account_rids, key_rid, dialect, pending)
-        return run_plans(plans, lambda p: conn.execute(p.sql, p.params), len(spec.measures))
+        # What waits and what the recent level holds, and the question, in one snapshot: a
+        # fold, a merge's step or a void (which folds its days again into the recent level)
+        # committed between the checks and the question would hide cells from it.
+        conn.execute("BEGIN")
+        try:
+            pending = "unfolded" if self._waiting(conn) else None
+            # The recent level too, unless it is empty: reading it costs a question about a
+            # fifth more even then (twice the parts).
+            dialect = SQLITE if pending or self._recent(conn) else SQLITE_MERGED
+            plans = plan_aggregate(spec, metric, account_rids, key_rid, dialect, pending)
+            return run_plans(plans, lambda p: conn.execute(p.sql, p.params), len(spec.measures))
+        finally:
+            conn.execute("COMMIT")
 
     @staticmethod
     def _recent(conn: sqlite3.Connection) -> bool:
