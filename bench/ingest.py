@@ -51,6 +51,7 @@ import numpy as np
 from bench import generate as g
 from bench import render, report
 from bench.ours import Service, _executable, process_tree
+from usagemeter.store import sqlite as sqlite_store
 
 SINGLE_ACCOUNT = "acct_single"
 LIVE_FIRST = 900_000_000  # event ids of the live and file workloads: apart from the backfill's
@@ -261,14 +262,20 @@ class IngestBench:
 
     def settle(self, service: Service) -> tuple[float, float]:
         """Wait until the store's rollups hold every stored event (the server folds what
-        waits once appends pause): the seconds waited and the server's CPU seconds."""
+        waits once appends pause) and any merge of their recent level that the run made due
+        is done (a store of two levels moves work from the fold to the merge, so the figure
+        folded too includes it): the seconds waited and the server's CPU seconds."""
         assert service.proc is not None
         cpu, started = cpu_seconds(service.proc.pid), time.perf_counter()
         conn = sqlite3.connect(f"file:{service.store}?mode=ro", uri=True)
+        folding = "(SELECT seq FROM folded) < (SELECT coalesce(max(seq), 0) FROM events)"
+        leveled = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'recent_events'"
+        ).fetchone()
+        if leveled:
+            folding += f" OR (SELECT events FROM recent_events) >= {sqlite_store.MERGE_EVENTS}"
         try:
-            while conn.execute(
-                "SELECT (SELECT seq FROM folded) < (SELECT coalesce(max(seq), 0) FROM events)"
-            ).fetchone()[0]:
+            while conn.execute(f"SELECT {folding}").fetchone()[0]:
                 time.sleep(0.02)
         finally:
             conn.close()

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.test_sqlite_levels import to_one_level
 from usagemeter.corrections import Amendment, VoidSelector
 from usagemeter.model import Account, Event
 from usagemeter.store import sqlite as sqlite_module
@@ -227,6 +228,7 @@ def _rewrite_as_version_3(path: Path) -> None:
     """Change a closed file as version 3 left it: every event indexed by time as it was
     stored (events_ts), no event_times."""
     conn = sqlite3.connect(path)
+    to_one_level(conn)
     conn.execute("DROP TABLE event_times")
     conn.execute("CREATE INDEX events_ts ON events(ts, metric, account)")
     conn.execute(f"PRAGMA user_version = {INDEXED_EVERY_BATCH}")

@@ -87,8 +87,16 @@ def test_golden_sql() -> None:
         f"SELECT w1.idx AS idx, {columns.format(dimset='0')} FROM w1 JOIN rollup_hour_key x"
         " ON x.metric = ? AND x.account IN (?) AND x.slot >= w1.lo AND x.slot < w1.hi"
         " AND x.billable = ?"
+        f" UNION ALL SELECT w1.idx AS idx, {columns.format(dimset='0')}"
+        " FROM w1 JOIN rollup_hour_key_recent x"
+        " ON x.metric = ? AND x.account IN (?) AND x.slot >= w1.lo AND x.slot < w1.hi"
+        " AND x.billable = ?"
         " UNION ALL SELECT w2.idx AS idx,"
         f" {columns.format(dimset='x.dimset')} FROM w2 JOIN rollup x"
+        " ON x.metric = ? AND x.account IN (?) AND x.slot >= w2.lo AND x.slot < w2.hi"
+        " AND x.billable = ?"
+        " UNION ALL SELECT w2.idx AS idx,"
+        f" {columns.format(dimset='x.dimset')} FROM w2 JOIN rollup_recent x"
         " ON x.metric = ? AND x.account IN (?) AND x.slot >= w2.lo AND x.slot < w2.hi"
         " AND x.billable = ?"
         " UNION ALL SELECT rw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
@@ -108,15 +116,7 @@ def test_golden_sql() -> None:
         0,
         18_420_000,
         18_900_000,
-        7,
-        1,
-        1,
-        7,
-        1,
-        1,
-        7,
-        1,
-        1,
+        *(7, 1, 1) * 5,  # two levels of key hours, two of slots, the raw events
     )
 
 

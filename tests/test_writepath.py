@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.test_sqlite_levels import to_one_level
 from usagemeter.auth import issue_key
 from usagemeter.corrections import VoidSelector
 from usagemeter.ingest import BatchRejected, Ingestor
@@ -51,8 +52,10 @@ def _day() -> tuple[Window, ...]:
 
 
 def _rewrite(path: Path, *statements: str) -> None:
-    """Change a closed file as an older version would have left it."""
+    """Change a closed file as an older version would have left it (one level of rollups
+    first, as every version before 5 kept them)."""
     conn = sqlite3.connect(path)
+    to_one_level(conn)
     for statement in statements:
         conn.execute(statement)
     conn.commit()
@@ -60,7 +63,11 @@ def _rewrite(path: Path, *statements: str) -> None:
 
 
 def _stored_rollup_rows(store: SQLiteStore) -> int:
-    return int(store._writer.execute("SELECT count(*) FROM rollup").fetchone()[0])
+    """The slots' rows, in both levels."""
+    return sum(
+        int(store._writer.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        for table in ("rollup", "rollup_recent")
+    )
 
 
 def test_appends_wait_for_a_run_then_fold_together(
@@ -344,6 +351,10 @@ fold_cases = st.lists(
 
 
 def _rollup_tables(store: SQLiteStore) -> dict[str, set[tuple]]:
+    """Every rollup table, once merged: the recent level empty, the big tables whole."""
+    store.merge()
+    for table in schema_module.ROLLUP_TABLES:
+        assert not store._writer.execute(f"SELECT 1 FROM {table}_recent").fetchall()
     return {
         table: set(store._writer.execute(f"SELECT * FROM {table}"))
         for table in schema_module.ROLLUP_TABLES
@@ -389,8 +400,9 @@ def _folded_in_python(rows: list[tuple]) -> dict[str, set[tuple]]:
 def test_the_sql_fold_equals_folding_event_by_event_and_survives_rebuild_and_retention(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cases: list[tuple]
 ) -> None:
-    """Folded in runs at any points, rebuilt from the raw events, and rebuilt again after
-    retention dropped some (whose payloads the tombstones keep), the rollups are those of
+    """Folded in runs at any points, merged into the big tables at others, rebuilt from the
+    raw events, and rebuilt again after retention dropped some (whose payloads the
+    tombstones keep), the rollups are those of
     folding every event in arrival order, ties of the latest value included; a run longer
     than one pass (RUN_ROWS, made small here) is folded in passes."""
     monkeypatch.setattr(schema_module, "RUN_ROWS", 3)
@@ -410,6 +422,8 @@ def test_the_sql_fold_equals_folding_event_by_event_and_survives_rebuild_and_ret
             batch = []
             if n % 2:
                 store.fold()
+            if n % 3 == 1:  # the cells so far into the big tables, later ones beside them
+                store.merge()
     store.fold()
     arrived = store._writer.execute(
         f"SELECT {schema_module.ROLLUP_COLUMNS} FROM events ORDER BY seq"

@@ -13,6 +13,10 @@ Layout:
   sqlite.py), and meanwhile queries read the rollups and ``unfolded`` together.
 - ``event_times`` finds the folded events by time (a ragged end, a void's or retention's
   range); the fold writes it, so a commit dirties no page of it.
+- Each rollup has a level of recent cells beside it (``rollup_recent``, ...: same keys and
+  columns): the fold writes there, and a merge moves those cells into the big tables in
+  key order, many runs at once (see ``_EVENT_FOLDS``); ``recent_events`` counts what the
+  recent level holds.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from usagemeter.store.sqlplan import DAY_MS, HOUR_MS
+from usagemeter.store.sqlplan import DAY_MS, HOUR_MS, RECENT, SQLITE
 from usagemeter.timewindows import SLOT_MS
 
 PORTAL_TOKENS = """
@@ -113,7 +117,13 @@ CREATE TABLE IF NOT EXISTS unfolded (
     value REAL NOT NULL,
     PRIMARY KEY (metric, ts, account, seq)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rollup (
+"""
+)
+# Each rollup at two levels (see _EVENT_FOLDS below): the big table, and the same table of
+# recent cells.
+for _table in SQLITE.levels("rollup"):
+    SCHEMA += f"""
+CREATE TABLE IF NOT EXISTS {_table} (
     metric INTEGER NOT NULL,
     account INTEGER NOT NULL,
     slot INTEGER NOT NULL,
@@ -130,7 +140,6 @@ CREATE TABLE IF NOT EXISTS rollup (
     PRIMARY KEY (metric, account, slot, key, billable, dimset, tagset)
 ) WITHOUT ROWID;
 """
-)
 # Coarse rollups: whole UTC hours and days, without dimension or tag sets. Most reports ask
 # for a metric per day or hour with no dimension in sight; these answer them from a few rows
 # per unit whatever the dimensions' cardinality (a session id per event, say). The keyed
@@ -142,7 +151,7 @@ _VALUES = """
     vmax REAL NOT NULL,
     last_ts INTEGER NOT NULL,
     last_val REAL NOT NULL,"""
-for _table in ("rollup_hour_key", "rollup_day_key"):
+for _table in (t for base in ("rollup_hour_key", "rollup_day_key") for t in SQLITE.levels(base)):
     SCHEMA += f"""
 CREATE TABLE IF NOT EXISTS {_table} (
     metric INTEGER NOT NULL,
@@ -153,7 +162,7 @@ CREATE TABLE IF NOT EXISTS {_table} (
     PRIMARY KEY (metric, account, key, slot, billable)
 ) WITHOUT ROWID;
 """
-for _table in ("rollup_hour", "rollup_day"):
+for _table in (t for base in ("rollup_hour", "rollup_day") for t in SQLITE.levels(base)):
     SCHEMA += f"""
 CREATE TABLE IF NOT EXISTS {_table} (
     metric INTEGER NOT NULL,
@@ -162,6 +171,16 @@ CREATE TABLE IF NOT EXISTS {_table} (
     billable INTEGER NOT NULL,{_VALUES}
     PRIMARY KEY (metric, account, slot, billable)
 ) WITHOUT ROWID;
+"""
+
+# The events folded into the recent level since it was last empty: a merge is due past
+# MERGE_EVENTS of them (sqlite.py). One row; a fold adds its run in its own transaction.
+SCHEMA += """
+CREATE TABLE IF NOT EXISTS recent_events (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    events INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO recent_events (one, events) VALUES (1, 0);
 """
 
 # A rollup row absorbs a run's partial row. The latest value is the one with the greatest
@@ -176,13 +195,17 @@ UPSERT_SET = """ON CONFLICT DO UPDATE SET
     last_ts = max(last_ts, excluded.last_ts)
 """
 
-SCHEMA_VERSION = 4  # PRAGMA user_version; a file of another version has its rollups rebuilt
+SCHEMA_VERSION = 5  # PRAGMA user_version; a file of another version has its rollups rebuilt
 # Version 2 folded every batch into the rollups as it stored it: a file it wrote has folded
 # all its events, and needs no rebuild, only the mark that says so.
 FOLDED_EVERY_BATCH = 2
 # Version 3 kept today's rollups and indexed every event by time as it stored it
 # (events_ts); a file it wrote needs only its event_times built, from that index.
 INDEXED_EVERY_BATCH = 3
+# Version 4 folded into the big rollups themselves: a file it wrote gets an empty recent
+# level (and one it opened last, after this version, has its recent level emptied: it
+# rebuilt the big rollups from the events, recent cells included).
+ONE_LEVEL = 4
 
 # The folded events by time, for the ragged millisecond ends of a range (each shorter than
 # a 15-minute slot), the voids' and retention's time filters. The fold writes it, not each
@@ -272,14 +295,15 @@ def _select(keys: tuple[str, ...], slot: str) -> str:
     return ", ".join(slot if k == "slot" else k for k in keys)
 
 
-def _from_events(table: str, source: str) -> str:
+def _from_events(table: str, source: str, level: str = "") -> str:
     """Add each row of ``source`` with ``?1 < rowid <= ?2``, in rowid order (the order
-    they arrived), into ``table``: the slots, or the temporary key hours."""
+    they arrived), into ``table``: the slots (at ``level``), or the temporary key hours."""
     temp = table.removeprefix("temp.")
     keys = ROLLUP_KEYS[_HOURS.get(temp, temp)][0]
     unit = SLOT_MS if table == "rollup" else HOUR_MS
     # Integer division truncates, as // floors, for the ts >= 0 that ingest admits.
-    head = f"INSERT INTO {table} ({', '.join(keys)}, {_VALUE_COLUMNS}"
+    target = table + level if table == "rollup" else table
+    head = f"INSERT INTO {target} ({', '.join(keys)}, {_VALUE_COLUMNS}"
     values = f"SELECT {_select(keys, f'ts / {unit}')}, 1, value, value, value, ts, value"
     where = f"FROM {source} WHERE rowid > ?1 AND rowid <= ?2 ORDER BY rowid"
     if table == "rollup":
@@ -287,13 +311,13 @@ def _from_events(table: str, source: str) -> str:
     return f"{head}, last_seq) {values}, rowid {where} {_HOURS_UPSERT_SET}"
 
 
-def _from_hours(table: str) -> str:
-    """Add the run's rows of ``_FROM_HOURS[table]`` into ``table``, walking them in their
-    key's order."""
+def _from_hours(table: str, level: str) -> str:
+    """Add the run's rows of ``_FROM_HOURS[table]`` into ``table`` at ``level``, walking
+    them in their key's order."""
     keys, unit = ROLLUP_KEYS[table]
     source = _FROM_HOURS[table]
     select = _select(keys, "slot" if unit == HOUR_MS else f"slot / {unit // HOUR_MS}")
-    return f"""INSERT INTO {table} ({", ".join(keys)}, {_VALUE_COLUMNS})
+    return f"""INSERT INTO {table}{level} ({", ".join(keys)}, {_VALUE_COLUMNS})
 SELECT {select}, {_VALUE_COLUMNS} FROM temp.{source} WHERE true
 {UPSERT_SET}"""
 
@@ -306,21 +330,33 @@ FROM temp.fold_key_hours WHERE true
 {_HOURS_UPSERT_SET}"""
 
 
-def _fold_statements(source: str) -> tuple[tuple[str, int], ...]:
-    """A run's fold from ``source``: each statement, and how many of the run's bounds
-    (start, end) it takes."""
+def _fold_statements(source: str, level: str) -> tuple[tuple[str, int], ...]:
+    """A run's fold from ``source`` into the rollups' ``level`` (RECENT, or "": the big
+    tables): each statement, and how many of the run's bounds (start, end) it takes."""
     return (
-        (_from_events("rollup", source), 2),
+        (_from_events("rollup", source, level), 2),
         *((f"DELETE FROM temp.{temp}", 0) for temp in _HOURS),
         (_from_events("temp.fold_key_hours", source), 2),
         (_HOURS_FROM_KEY_HOURS, 0),
-        *((_from_hours(table), 0) for table in _FROM_HOURS),
+        *((_from_hours(table, level), 0) for table in _FROM_HOURS),
     )
 
 
-_EVENT_FOLDS = _fold_statements("events")
+# The rollups at two levels, as a log-structured store keeps its data. A fold writes its
+# run's cells into a level of recent cells (each rollup's table named with RECENT, same keys
+# and columns), small enough to stay in the cache; a merge moves them into the big tables in
+# key order now and then, many runs at once (``MERGE_STEP``). Why: a backfill's times are
+# random, so once the big rollups outgrew the cache each event of a run dirtied a page of
+# its own in each (a run of 100,000 spread events into a store of 10M: 66,000 pages of
+# ``rollup``), and the fold was most of what such an event cost. A merge rewrites each page
+# of the big tables once for the many runs it gathers. A question reads both levels in one
+# statement (sqlplan's ``levels``); a cell's events are in one level or split between them
+# (the recent one holding the later events), never counted in both: a merge's step moves
+# its rows and deletes them from the recent level in one transaction.
+_EVENT_FOLDS = _fold_statements("events", RECENT)
 RUN_TABLE = "temp.fold_run"
-_RUN_FOLDS = _fold_statements(RUN_TABLE)
+_RUN_FOLDS = _fold_statements(RUN_TABLE, RECENT)
+_REBUILD_FOLDS = _fold_statements(RUN_TABLE, "")  # all of it, straight into the big tables
 ROLLUP_COLUMNS = "metric, account, key, billable, dimset, tagset, ts, value"
 # A group's events, from the first seq it stored, into ``unfolded`` (one statement in C),
 # in the order they arrived. Sorted first into the table's key order, as until round 9,
@@ -348,12 +384,39 @@ def fold_events(conn: sqlite3.Connection, start: int, end: int) -> None:
     _fold_run(conn, _EVENT_FOLDS, start, end)
 
 
-def fold_selected(conn: sqlite3.Connection, select: str, params: Sequence[Any] = ()) -> None:
-    """Fold the rows ``select`` returns (ROLLUP_COLUMNS, earliest first) into every rollup:
-    numbered in a temporary table, then folded as a run of events is."""
+def fold_selected(
+    conn: sqlite3.Connection, select: str, params: Sequence[Any] = (), big: bool = False
+) -> None:
+    """Fold the rows ``select`` returns (ROLLUP_COLUMNS, earliest first) into every rollup
+    (the recent level; the big tables with ``big``, for a rebuild): numbered in a temporary
+    table, then folded as a run of events is."""
     conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS fold_run ({ROLLUP_COLUMNS})")
     conn.execute(f"DELETE FROM {RUN_TABLE}")
     conn.execute(f"INSERT INTO {RUN_TABLE} ({ROLLUP_COLUMNS}) {select}", params)
     end = conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {RUN_TABLE}").fetchone()[0]
-    _fold_run(conn, _RUN_FOLDS, 0, end)
+    _fold_run(conn, _REBUILD_FOLDS if big else _RUN_FOLDS, 0, end)
     conn.execute(f"DELETE FROM {RUN_TABLE}")
+
+
+def merge_statements(bounded: bool) -> tuple[str, ...]:
+    """One step of a merge: the recent cells of every rollup with (metric, account) up to
+    (?1, ?2) (every cell without ``bounded``) added into the big tables, walked in their key
+    order (so each big page is read and written once), then deleted from the recent level.
+    Every rollup's key begins with (metric, account), so a step moves the same accounts'
+    cells in all five, and a question finds each of them once, in one level or the other."""
+    where = "(metric, account) <= (?1, ?2)" if bounded else "true"
+    statements: list[str] = []
+    for table, (keys, _) in ROLLUP_KEYS.items():
+        columns = f"{', '.join(keys)}, {_VALUE_COLUMNS}"
+        # The recent cell's events came after the big one's: on a tie of timestamps its
+        # latest value wins, as UPSERT_SET says.
+        statements.append(
+            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}{RECENT}"
+            f" WHERE {where} ORDER BY {', '.join(keys)} {UPSERT_SET}"
+        )
+        statements.append(f"DELETE FROM {table}{RECENT} WHERE {where}")
+    return tuple(statements)
+
+
+MERGE_ALL = merge_statements(bounded=False)
+MERGE_UP_TO = merge_statements(bounded=True)

@@ -36,6 +36,9 @@ from usagemeter.timewindows import SLOT_MS
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
+# The name of a rollup's level of recent cells, after the table's own (SQLite: schema.py's
+# "levels").
+RECENT = "_recent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,13 @@ class Dialect:
 
     def finish(self, sql: str) -> str:
         return sql
+
+    def levels(self, table: str) -> tuple[str, ...]:
+        """The tables that together hold the rows of the rollup ``table``, the older level
+        first. SQLite's fold writes a level of recent cells, merged into the big table in
+        key order now and then (schema.py): a question reads both, in one statement, and
+        each cell's events are in one or split between them, never in both."""
+        return (table, table + RECENT)
 
     def values(self, count: int, width: int) -> str:
         """A query body yielding ``count`` rows of ``width`` integer placeholders."""
@@ -147,13 +157,18 @@ class Dialect:
         """The join giving each source row ``s`` its dimension set as ``d.dims``."""
         return "JOIN dimsets d ON d.id = s.dimset"
 
-    def latest(self, late: bool = False) -> list[str]:
+    def latest(self, late: bool = False, levels_only: bool = False) -> list[str]:
         """Select-list items whose first is the value at the greatest ``last_ts``; with
-        ``late``, of those at that ``last_ts`` the one with the greatest ``late``."""
+        ``late``, of those at that ``last_ts`` the one with the greatest ``late``, which
+        with ``levels_only`` is a rollup's level, 0 or 1 (no event is read raw)."""
         # SQLite returns the bare column last_val from the row that holds max(last_ts), as
         # long as max() is the statement's only aggregate.
         if not late:
             return ["s.last_val", "max(s.last_ts)"]
+        if levels_only:
+            # The pair as one integer (last_ts < 2^43): format() below cost a 90-day report
+            # of the heavy account at 10M twice its time.
+            return ["s.last_val", "max(s.last_ts * 2 + s.late)"]
         # Of tied rows SQLite keeps whichever came first: the tie goes to the greatest
         # ``late`` only if it is in the compared value, and (last_ts, late), up to 2^43 and
         # 2^63, fit no integer: as text of fixed widths, which compares as the pair does.
@@ -165,6 +180,9 @@ class PostgresDialect(Dialect):
     value_hours = True
     grouping_sets = True
     raw_includes_pending = True  # its events keep their index by time
+
+    def levels(self, table: str) -> tuple[str, ...]:
+        return (table,)  # its fold writes the rollups themselves
 
     def finish(self, sql: str) -> str:
         # The planner puts no "?" or "%" in its text other than placeholders (names and
@@ -217,12 +235,21 @@ class PostgresDialect(Dialect):
         # 3 ms of a 90-day report at 200,000 events, twice when totals are asked too.
         return "CROSS JOIN LATERAL (SELECT y.dims FROM dimsets y WHERE y.id = s.dimset OFFSET 0) d"
 
-    def latest(self, late: bool = False) -> list[str]:
+    def latest(self, late: bool = False, levels_only: bool = False) -> list[str]:
         tie = ", s.late DESC" if late else ""
         return [f"(array_agg(s.last_val ORDER BY s.last_ts DESC{tie}))[1]"]
 
 
+class MergedDialect(Dialect):
+    """SQLite's, for a question asked while the rollups' recent level is empty: the big
+    tables alone, as before they had levels (SQLite's store checks, sqlite.py)."""
+
+    def levels(self, table: str) -> tuple[str, ...]:
+        return (table,)
+
+
 SQLITE = Dialect()
+SQLITE_MERGED = MergedDialect()
 POSTGRES = PostgresDialect()
 
 
@@ -336,9 +363,13 @@ def plan_aggregate(
     # raw or waiting rank by their seq, rollup rows (whose own ties the fold settled) below
     # them: with a pending table, or raw events and a latest value to find; else the plain
     # max() of before (raw events ranked as equals gave the earlier one's value).
+    # A cell split between two levels of a rollup ties too: its recent level's events came
+    # later, so it ranks above the older level (1 against 0) and below any event (seq >= 1
+    # is no rank a waiting event can have then: the recent level holds a folded one).
     has_latest = any(m.aggregation == "latest" for m in spec.measures)
-    ranked = bool(pending) or (bool(raw_pieces) and has_latest)
-    late = ", 0 AS late" if ranked else ""
+    leveled = len(dialect.levels(SLOTS.table)) > 1
+    ranked = bool(pending) or ((bool(raw_pieces) or leveled) and has_latest)
+    late = ", {level} AS late" if ranked else ""
     raw_late = ", x.seq AS late" if ranked else ""  # the same column, of an event read raw
     # An event's columns as a source row (the raw events, and those waiting to be folded).
     event_row = (
@@ -368,7 +399,7 @@ def plan_aggregate(
             columns = (
                 f" x.account AS account, {key_column} AS key, {dimset} AS dimset,"
                 " x.cnt AS cnt, x.total AS total, x.vmin AS vmin, x.vmax AS vmax,"
-                f" x.last_ts AS last_ts, x.last_val AS last_val{late}"
+                " x.last_ts AS last_ts, x.last_val AS last_val"
             )
         elif grain is VALUE_HOURS:
             columns, named = " x.account AS account, x.value AS v", " AND x.name = ?"
@@ -386,17 +417,20 @@ def plan_aggregate(
             part_params.extend([metric, *accounts, *source_params])
         else:
             columns = event_row
-            part_params.append(name)
-        parts.append(
-            f"SELECT w{n}.idx AS idx,{columns} "
-            + dialect.join(
-                f"w{n}",
-                grain.table,
-                f"x.metric = ?{named} AND x.account IN ({account_marks})"
-                f" AND x.slot >= w{n}.lo AND x.slot < w{n}.hi{extra}",
+        tables = (grain.table,) if grain is VALUE_HOURS else dialect.levels(grain.table)
+        for level, table in enumerate(tables):
+            if values and grain is not VALUE_HOURS:
+                part_params.append(name)  # the set_value's member, in the select list
+            parts.append(
+                f"SELECT w{n}.idx AS idx,{columns}{late.format(level=level)} "
+                + dialect.join(
+                    f"w{n}",
+                    table,
+                    f"x.metric = ?{named} AND x.account IN ({account_marks})"
+                    f" AND x.slot >= w{n}.lo AND x.slot < w{n}.hi{extra}",
+                )
             )
-        )
-        part_params.extend([metric, *([name] if named else []), *accounts, *source_params])
+            part_params.extend([metric, *([name] if named else []), *accounts, *source_params])
     if raw_pieces:
         ctes.append(f"rw(idx, lo, hi) AS ({dialect.values(len(raw_pieces), 3)})")
         cte_params.extend(dialect.value_params(raw_pieces))
@@ -518,7 +552,8 @@ def plan_aggregate(
         plans.append(Plan(sql, tuple(params), positions, row_decoder(spec, positions)))
     for i, measure in enumerate(spec.measures):
         if measure.aggregation == "latest":
-            sql, params = statement(dialect.latest(late=ranked), [])
+            levels_only = ranked and not pending and not raw_pieces
+            sql, params = statement(dialect.latest(late=ranked, levels_only=levels_only), [])
             plans.append(Plan(sql, tuple(params), (i,), row_decoder(spec, (i,))))
         elif values:
             sql, params = statement(["count(DISTINCT s.v)"], [])

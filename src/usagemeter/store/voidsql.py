@@ -332,11 +332,12 @@ class SqlCorrections(VoidLog):
             for first, last in merge_days(metric_days):
                 start_ms, end_ms = first * DAY_MS, last * DAY_MS
                 for grain in ROLLUP_GRAINS:
-                    run(
-                        f"DELETE FROM {grain.table} WHERE account = ? AND metric = ?"
-                        " AND slot >= ? AND slot < ?",
-                        (account, metric, start_ms // grain.unit_ms, end_ms // grain.unit_ms),
-                    )
+                    for table in self._dialect.levels(grain.table):  # every level's cells
+                        run(
+                            f"DELETE FROM {table} WHERE account = ? AND metric = ?"
+                            " AND slot >= ? AND slot < ?",
+                            (account, metric, start_ms // grain.unit_ms, end_ms // grain.unit_ms),
+                        )
                 self._refold(run, account, metric, start_ms, end_ms)
 
     # -------------------------------------------------------------- deletion
@@ -355,7 +356,7 @@ class SqlCorrections(VoidLog):
             # Keys before their accounts, which they reference.
             for table in (
                 *self._account_tables(),
-                *(g.table for g in ROLLUP_GRAINS),
+                *(t for g in ROLLUP_GRAINS for t in self._dialect.levels(g.table)),
                 "keys",
             ):
                 counts[table] = delete_counted(run, table, f"account IN ({rid_marks})", rids)

@@ -1,0 +1,444 @@
+"""The embedded store's rollups at two levels: the fold writes a level of recent cells, a
+merge moves them into the big tables a step at a time. Every question reads both levels and
+the waiting events in one statement, so each event counts once whatever level it is in, the
+latest value across levels is the later event's; voids, amends, retention and deletions see
+and correct both; a SIGKILL during a merge loses nothing and counts nothing twice; a file of
+the version before opens with an empty recent level."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from usagemeter.corrections import Amendment, VoidSelector
+from usagemeter.model import Account, Event
+from usagemeter.store import sqlite as sqlite_module
+from usagemeter.store.base import TOTAL, AggregateSpec, Measure, Window
+from usagemeter.store.schema import MERGE_ALL, ONE_LEVEL, ROLLUP_TABLES, SCHEMA_VERSION
+from usagemeter.store.sqlite import SQLiteStore
+from usagemeter.timewindows import Granularity, bucket_edges, parse_zone
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+# Two stretches of three days: New York springs forward on 2025-03-09 (07:00 UTC), Lord
+# Howe falls back half an hour on 2025-04-06 (15:00 UTC the day before); Kathmandu is +05:45.
+BASES = (1_741_392_000_000, 1_743_724_800_000)  # 2025-03-08 and 2025-04-04, 00:00 UTC
+SPAN_MS = 3 * DAY_MS
+ZONES = ("America/New_York", "Asia/Kathmandu", "Australia/Lord_Howe", "UTC")
+MEASURES = tuple(Measure(a) for a in ("count", "sum", "min", "max", "latest"))
+ACCOUNTS = ("a", "b")
+# Few distinct times, so that latest values tie within a cell split between the levels;
+# on slot, hour and day edges, a millisecond off them, and anywhere.
+EDGES = (0, 1, 15 * 60_000 - 1, 15 * 60_000, HOUR_MS, 31 * HOUR_MS + 45 * 60_000, DAY_MS - 1)
+TIMES = st.tuples(
+    st.sampled_from(BASES), st.one_of(st.sampled_from(EDGES), st.integers(0, SPAN_MS - 1))
+).map(sum)
+
+
+def to_one_level(conn: sqlite3.Connection) -> None:
+    """Change a file as the version before (4) left it: every cell in the big rollups, no
+    recent level."""
+    for statement in MERGE_ALL:
+        conn.execute(statement)
+    for table in ROLLUP_TABLES:
+        conn.execute(f"DROP TABLE {table}_recent")
+    conn.execute("DROP TABLE recent_events")
+    conn.execute(f"PRAGMA user_version = {ONE_LEVEL}")
+    conn.commit()
+
+
+def _open(path: Path) -> SQLiteStore:
+    store = SQLiteStore(path)
+    known = {a.id for a in store.list_accounts()}
+    for account in ACCOUNTS:
+        if account not in known:
+            store.create_account(Account(account, account.upper()))
+    return store
+
+
+def _cells(store: SQLiteStore, level: str) -> int:
+    return int(store._writer.execute(f"SELECT count(*) FROM rollup{level}").fetchone()[0])
+
+
+def _windows(zone: str, granularity: Granularity, start: int, end: int) -> tuple[Window, ...]:
+    _, edges = bucket_edges(
+        datetime.fromtimestamp(start / 1000, UTC),
+        datetime.fromtimestamp(end / 1000, UTC),
+        granularity,
+        parse_zone(zone),
+    )
+    return tuple(Window(i, lo, hi) for i, (lo, hi) in enumerate(itertools.pairwise(edges)))
+
+
+def _answer(store: SQLiteStore, account: str, windows: tuple[Window, ...]) -> dict:
+    spec = AggregateSpec((account,), "m", windows, MEASURES, totals=True)
+    return {row.window: row.values for row in store.aggregate(spec)}
+
+
+def _expected(events: list[Event], account: str, windows: tuple[Window, ...]) -> dict:
+    """Folding the stored events one by one in the order they were stored: the latest value
+    is that of the greatest timestamp, and on a tie the later event's."""
+    cells: dict[int, list] = {}
+    for event in events:
+        if event.account_id != account:
+            continue
+        for w in windows:
+            if w.start_ms <= event.ts_ms < w.end_ms:
+                for index in (w.index, TOTAL):
+                    v = event.value
+                    cell = cells.setdefault(index, [0, 0.0, v, v, event.ts_ms, v])
+                    cell[0] += 1
+                    cell[1] += v
+                    cell[2], cell[3] = min(cell[2], v), max(cell[3], v)
+                    if event.ts_ms >= cell[4]:
+                        cell[4], cell[5] = event.ts_ms, v
+    return {i: (c[0], c[1], c[2], c[3], c[5]) for i, c in cells.items()}
+
+
+_event = st.tuples(
+    st.sampled_from(ACCOUNTS),
+    TIMES,
+    st.integers(-3, 9),
+    st.integers(0, 40),  # value, id
+)
+_question = st.tuples(
+    st.sampled_from(ZONES),
+    st.sampled_from([Granularity.HOUR, Granularity.DAY, Granularity.TOTAL]),
+    TIMES,
+    st.integers(1, SPAN_MS),
+)
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.lists(_event, min_size=1, max_size=10)),
+        st.tuples(st.just("fold"), st.just(())),
+        st.tuples(st.just("merge step"), st.just(())),
+        st.tuples(st.just("merge"), st.just(())),
+        st.tuples(st.just("ask"), _question),
+        st.tuples(st.just("void ids"), st.lists(st.integers(0, 100), min_size=1, max_size=3)),
+        st.tuples(st.just("void range"), st.tuples(TIMES, st.integers(1, DAY_MS))),
+        st.tuples(st.just("amend"), st.tuples(st.integers(0, 100), st.integers(-3, 9))),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=steps, step_cells=st.sampled_from([1, 3, 10**9]))
+# One cell split between the levels, its two events at one millisecond, and a third waiting
+# at it too: the later event's value is the latest, each counted once.
+@example(
+    steps=[
+        ("append", [("a", BASES[0] + 7, 5, 1)]),
+        ("fold", ()),
+        ("merge", ()),
+        ("append", [("a", BASES[0] + 7, 2, 2)]),
+        ("fold", ()),
+        ("append", [("a", BASES[0] + 7, 4, 3)]),
+        ("ask", ("UTC", Granularity.HOUR, BASES[0], HOUR_MS)),
+        ("fold", ()),
+        ("ask", ("UTC", Granularity.HOUR, BASES[0], HOUR_MS)),
+    ],
+    step_cells=10**9,
+)
+# A merge cut after its first accounts: b's cells wait in the recent level, a's are big.
+@example(
+    steps=[
+        ("append", [("a", BASES[1], 1, 1), ("b", BASES[1] + 1, 2, 2)]),
+        ("fold", ()),
+        ("append", [("a", BASES[1] + 1, 3, 3), ("b", BASES[1], 4, 4)]),
+        ("fold", ()),
+        ("merge step", ()),
+        ("ask", ("Australia/Lord_Howe", Granularity.DAY, BASES[1], SPAN_MS)),
+    ],
+    step_cells=1,
+)
+def test_questions_read_both_levels_and_the_waiting_events_as_the_reference(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    steps: list[tuple[str, object]],
+    step_cells: int,
+) -> None:
+    monkeypatch.setattr(sqlite_module, "FOLD_EVENTS", 10**9)
+    monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 3600.0)
+    monkeypatch.setattr(sqlite_module, "MERGE_STEP", step_cells)
+    store = _open(tmp_path / f"levels-{os.urandom(4).hex()}.db")
+    stored: list[Event] = []  # in the order stored: a replacement after every other
+    taken: set[tuple[str, str]] = set()
+    amends = 0
+    final = ("ask", ("America/New_York", Granularity.DAY, BASES[0], BASES[1] + SPAN_MS - BASES[0]))
+    for action, arg in [*steps, final, ("fold", ()), final, ("merge", ()), final]:
+        if action == "append":
+            batch = {
+                (account, f"e{n}"): Event(f"e{n}", account, "m", at, float(v))
+                for account, at, v, n in arg  # type: ignore[attr-defined]
+            }
+            store.append(list(batch.values()))
+            stored.extend(e for ident, e in batch.items() if ident not in taken)
+            taken.update(batch)
+        elif action == "fold":
+            store.fold()
+        elif action == "merge step":
+            store.merge_step()
+        elif action == "merge":
+            store.merge()
+            assert _cells(store, "_recent") == 0
+        elif action == "ask":
+            zone, granularity, start, length = arg  # type: ignore[misc]
+            windows = _windows(zone, granularity, start, start + length)
+            for account in ACCOUNTS:
+                assert _answer(store, account, windows) == _expected(stored, account, windows)
+        elif action == "void ids":
+            mine = [e for e in stored if e.account_id == "a"]
+            ids = tuple(dict.fromkeys(mine[i % len(mine)].id for i in arg)) if mine else ()  # type: ignore[attr-defined]
+            if ids:
+                store.void_events(VoidSelector("a", ids=ids), "wrong", None, 0)
+                stored = [e for e in stored if not (e.account_id == "a" and e.id in ids)]
+        elif action == "void range":
+            lo, length = arg  # type: ignore[misc]
+            selector = VoidSelector("a", metric="m", start_ms=lo, end_ms=lo + length)
+            if any(e.account_id == "a" and lo <= e.ts_ms < lo + length for e in stored):
+                store.void_events(selector, "wrong", None, 0)
+                stored = [
+                    e for e in stored if not (e.account_id == "a" and lo <= e.ts_ms < lo + length)
+                ]
+        elif action == "amend":
+            index, value = arg  # type: ignore[misc]
+            mine = [e for e in stored if e.account_id == "a"]
+            if mine:
+                old = mine[index % len(mine)]
+                new_id = f"r{amends}"
+                amends += 1
+                amend = Amendment(float(value), new_id=new_id)
+                store.void_events(VoidSelector("a", ids=(old.id,)), "fix", None, 0, amend)
+                stored.remove(old)
+                stored.append(Event(new_id, "a", "m", old.ts_ms, float(value)))  # stored last
+                taken.add(("a", new_id))
+    store.close()
+
+
+def test_a_merge_moves_every_cell_once_and_the_answers_stay(db_path: Path) -> None:
+    """Folded runs gather in the recent level; a merge in steps empties it into the big
+    tables, each cell counted once (the cells of both levels add up to the same answers)."""
+    store = _open(db_path)
+    events = [
+        Event(f"e{i}", ACCOUNTS[i % 2], "m", BASES[0] + (i * 7_919_993) % SPAN_MS, float(i % 5))
+        for i in range(600)
+    ]
+    windows = _windows("Asia/Kathmandu", Granularity.HOUR, BASES[0], BASES[0] + SPAN_MS)
+    store.append(events[:300])
+    store.fold()
+    store.merge()
+    store.append(events[300:])
+    store.fold()
+    assert _cells(store, "") > 0 and _cells(store, "_recent") > 0
+    before = {a: _answer(store, a, windows) for a in ACCOUNTS}
+    assert before == {a: _expected(events, a, windows) for a in ACCOUNTS}
+    assert store._writer.execute("SELECT events FROM recent_events").fetchone()[0] == 300
+    steps = 1
+    while not store.merge_step():
+        steps += 1
+    assert _cells(store, "_recent") == 0
+    assert store._writer.execute("SELECT events FROM recent_events").fetchone()[0] == 0
+    assert {a: _answer(store, a, windows) for a in ACCOUNTS} == before
+    for table in ROLLUP_TABLES:
+        count = store._writer.execute(f"SELECT sum(cnt) FROM {table}").fetchone()[0]
+        assert count == 600, table
+    store.close()
+
+
+def test_the_committer_merges_once_the_recent_level_is_full(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "FOLD_EVENTS", 100)
+    monkeypatch.setattr(sqlite_module, "MERGE_EVENTS", 250)
+    monkeypatch.setattr(sqlite_module, "MERGE_STEP", 20)
+    store = _open(db_path)
+    events = [
+        Event(f"e{i}", ACCOUNTS[i % 2], "m", BASES[1] + (i * 7_919_993) % SPAN_MS, 1.0)
+        for i in range(1000)
+    ]
+    windows = _windows("UTC", Granularity.DAY, BASES[1], BASES[1] + SPAN_MS)
+    for n in range(0, 1000, 50):
+        store.append(events[n : n + 50])
+        for account in ACCOUNTS:  # read-your-writes, whatever the committer is doing
+            expected = _expected(events[: n + 50], account, windows)
+            assert _answer(store, account, windows) == expected
+    store.close()  # a merge under way goes on when the file is opened again
+    reopened = _open(db_path)
+    reopened.fold()
+    reopened.merge()
+    assert _cells(reopened, "") > 0 and _cells(reopened, "_recent") == 0
+    assert reopened._writer.execute("SELECT sum(cnt) FROM rollup").fetchone()[0] == 1000
+    reopened.close()
+
+
+def test_a_quiet_store_merges_its_recent_level_and_answers_from_the_big_tables(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 0.02)
+    monkeypatch.setattr(sqlite_module, "QUIET_MERGE_SECONDS", 0.1)
+    store = _open(db_path)
+    events = [Event(f"e{i}", "a", "m", BASES[0] + i * 900_007, float(i % 4)) for i in range(300)]
+    windows = _windows("Asia/Kathmandu", Granularity.DAY, BASES[0], BASES[0] + SPAN_MS)
+    store.append(events)
+    assert _answer(store, "a", windows) == _expected(events, "a", windows)
+    deadline = time.monotonic() + 20
+    while (_cells(store, "_recent") or not _cells(store, "")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _cells(store, "_recent") == 0 and _cells(store, "") > 0
+    assert _answer(store, "a", windows) == _expected(events, "a", windows)
+    store.close()
+
+
+def test_deleting_an_account_and_retention_see_both_levels(db_path: Path) -> None:
+    store = _open(db_path)
+    events = [
+        Event(f"e{i}", ACCOUNTS[i % 2], "m", BASES[0] + (i * 7_919_993) % SPAN_MS, 2.0)
+        for i in range(200)
+    ]
+    store.append(events[:100])
+    store.fold()
+    store.merge()
+    store.append(events[100:])
+    store.fold()
+    # Retention drops raw events, folded in either level, and keeps their rollups.
+    horizon = BASES[0] + DAY_MS
+    windows = _windows("UTC", Granularity.HOUR, BASES[0], BASES[0] + SPAN_MS)
+    before = _answer(store, "a", windows)
+    dropped = store.retain(horizon)
+    assert dropped == sum(1 for e in events if e.ts_ms < horizon)
+    assert store.count_events() == 200 - dropped
+    assert _answer(store, "a", windows) == before
+    counts = store.delete_account("b")
+    assert counts["rollup"] > 0 and counts["rollup_recent"] > 0
+    for table in ROLLUP_TABLES:
+        for level in ("", "_recent"):
+            left = store._writer.execute(
+                f"SELECT count(*) FROM {table}{level} WHERE account NOT IN"
+                " (SELECT rid FROM accounts)"
+            ).fetchone()[0]
+            assert left == 0, table + level
+    assert _answer(store, "a", windows) == before
+    store.close()
+
+
+# Fills both levels, then dies in the middle of a merge: its first step committed, the
+# second killed inside its transaction.
+_MERGE_AND_DIE = """
+import os, signal, sys
+from usagemeter.model import Account, Event
+from usagemeter.store import schema, sqlite as sqlite_module
+from usagemeter.store.sqlite import SQLiteStore
+sqlite_module.MERGE_STEP = 5
+store = SQLiteStore(sys.argv[1])
+for account in ("a", "b"):
+    store.create_account(Account(account, account.upper()))
+base, span = int(sys.argv[2]), 3 * 86_400_000
+store.append([Event(f"e{i}", "ab"[i % 2], "m", base + (i * 7_919_993) % span, 1.5)
+              for i in range(400)])
+store.fold()
+store.merge()
+store.append([Event(f"f{i}", "ab"[i % 2], "m", base + (i * 3_999_971) % span, 2.5)
+              for i in range(400)])
+store.fold()
+assert not store.merge_step()
+kill = schema.MERGE_UP_TO[3]  # after the slots and key hours moved, inside the transaction
+real = store._writer
+class Dying:
+    def __getattr__(self, name):
+        return getattr(real, name)
+    def execute(self, sql, *args):
+        if sql == kill:
+            print("killed", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real.execute(sql, *args)
+store._writer = Dying()
+store.merge_step()
+"""
+
+
+def test_a_sigkill_mid_merge_loses_nothing_and_counts_nothing_twice(db_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _MERGE_AND_DIE, str(db_path), str(BASES[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == -9 and done.stdout.strip() == "killed", done.stderr
+    store = _open(db_path)
+    assert _cells(store, "_recent") > 0  # the merge was cut short; opening resumes it
+    windows = _windows("America/New_York", Granularity.DAY, BASES[0], BASES[0] + SPAN_MS)
+    for account in ACCOUNTS:
+        totals = _answer(store, account, windows)[TOTAL]
+        assert totals[:2] == (400, 400 * 2.0)  # 200 of 1.5 and 200 of 2.5 each
+    for table in ROLLUP_TABLES:
+        both = sum(
+            store._writer.execute(f"SELECT coalesce(sum(cnt), 0) FROM {table}{lv}").fetchone()[0]
+            for lv in ("", "_recent")
+        )
+        assert both == 800, table
+    store.merge()
+    assert _cells(store, "_recent") == 0
+    for account in ACCOUNTS:
+        assert _answer(store, account, windows)[TOTAL][:2] == (400, 800.0)
+    store.close()
+
+
+def test_a_file_of_the_version_before_opens_with_an_empty_recent_level(db_path: Path) -> None:
+    store = _open(db_path)
+    events = [
+        Event(f"e{i}", ACCOUNTS[i % 2], "m", BASES[1] + (i * 7_919_993) % SPAN_MS, float(i % 3))
+        for i in range(300)
+    ]
+    store.append(events)
+    store.fold()
+    store.close()
+    conn = sqlite3.connect(db_path)
+    to_one_level(conn)
+    conn.close()
+    reopened = _open(db_path)
+    version = reopened._writer.execute("PRAGMA user_version").fetchone()[0]
+    assert version == SCHEMA_VERSION
+    assert _cells(reopened, "_recent") == 0 and _cells(reopened, "") > 0
+    windows = _windows("Australia/Lord_Howe", Granularity.HOUR, BASES[1], BASES[1] + SPAN_MS)
+    for account in ACCOUNTS:
+        assert _answer(reopened, account, windows) == _expected(events, account, windows)
+    more = [Event(f"f{i}", "a", "m", BASES[1] + i * 61_001, 1.0) for i in range(50)]
+    reopened.append(more)
+    reopened.fold()
+    assert _cells(reopened, "_recent") > 0
+    assert _answer(reopened, "a", windows) == _expected([*events, *more], "a", windows)
+    reopened.close()
+
+
+def test_a_file_an_older_version_rebuilt_drops_its_recent_cells(db_path: Path) -> None:
+    """An older version opening a file of this one rebuilds the big rollups from the events,
+    the recent cells' included (it knows no recent level): opened here again, the recent
+    level is emptied rather than counted a second time."""
+    store = _open(db_path)
+    events = [Event(f"e{i}", "a", "m", BASES[0] + i * 600_001, 1.0) for i in range(100)]
+    store.append(events)
+    store.fold()
+    assert _cells(store, "_recent") > 0
+    store.rebuild_rollups()  # what the older version did: the big tables from the events
+    store._writer.execute("INSERT INTO rollup_recent SELECT * FROM rollup")  # left behind
+    store._writer.execute(f"PRAGMA user_version = {ONE_LEVEL}")
+    store.close()
+    reopened = _open(db_path)
+    assert _cells(reopened, "_recent") == 0
+    windows = _windows("UTC", Granularity.TOTAL, BASES[0], BASES[0] + SPAN_MS)
+    assert _answer(reopened, "a", windows)[TOTAL][0] == 100
+    reopened.close()
