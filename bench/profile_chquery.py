@@ -44,6 +44,7 @@ import importlib.util
 import inspect
 import pstats
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -637,6 +638,138 @@ def merged(store: ClickHouseStore, peer: ChdbTransport, runs: int, tables: list[
     copy.close()
 
 
+FINAL_PROTO = "final_r14"
+
+
+def stop_merges(store: ClickHouseStore) -> None:
+    """No merge in any table of the store from now on in this process: its parts stay as
+    found, and no merge's CPU (chDB's threads are the process's) is timed."""
+    for (name,) in store.transport.query(
+        "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        " AND engine LIKE '%MergeTree'"
+    ):
+        store.transport.command(f"SYSTEM STOP MERGES {name}")
+
+
+def final_variants(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
+    """Round 14's second step: what FINAL costs the Sessions statement (one account's
+    distinct values counted as rows) on the store as it is (a live tail's parts, a
+    backfill's), and variants of it, in turn (CLOCK, medians), answers checked equal: the
+    statement as round 14 planned it (FINAL's threads the server's, the reference) and as
+    planned now (``max_final_threads = 1``, chplan.FINAL_SETTINGS); with the rows of no entry in the
+    range dropped before the merge (PREWHERE: a row with no entry in the range adds nothing
+    to its value's union, so dropping it is exact), by the entries or by their minimum and
+    maximum; and asked of a copy of the table, part for part, whose ``hours`` merge by
+    concatenation (groupArrayArray) rather than as a set. Then the merge's parts: the
+    account's rows read plainly, merged by key alone (FINAL without ``hours``), and with
+    ``hours``. Merges are stopped (main, stop_merges): the parts stay as they are found."""
+    assert isinstance(store.transport, ChdbTransport)
+    transport, table = store.transport, "distinct_values"
+    (plan,) = store.plans(asked(store, questions()[SHORT["sessions"]]))
+    planned = plan.sql
+    # The statement as round 14 planned it, FINAL's threads the server's: the reference.
+    wrapped = ("SELECT * FROM (", f" SETTINGS {chplan.FINAL_SETTINGS})")
+    if not (planned.startswith(wrapped[0]) and planned.endswith(wrapped[1])):
+        raise SystemExit("the Sessions statement does not count the values as rows")
+    sql = planned[len(wrapped[0]) : -len(wrapped[1])]
+    head, _, tail = sql.partition(" WHERE ")
+    where, _, grouped = tail.partition(" GROUP BY ")
+    if f"FROM {table} FINAL " not in head or not grouped:
+        raise SystemExit("the Sessions statement does not count the values as rows")
+    bounds = re.search(r"x >= (\d+) AND x < (\d+)", head)  # the range's entries
+    if bounds is None:
+        raise SystemExit("the Sessions statement has no range of entries")
+    lo, hi = bounds.groups()
+
+    def pre(condition: str, settings: str = "") -> str:
+        statement = f"{head} PREWHERE {where} AND {condition} GROUP BY {grouped}"
+        return f"SELECT * FROM ({statement} SETTINGS {settings})" if settings else statement
+
+    scratch = ChdbTransport(transport._shared.path, FINAL_PROTO)
+    scratch.command(f"DROP TABLE IF EXISTS {table}")
+    scratch.command(
+        f"CREATE TABLE {table} (account String, metric LowCardinality(String),"
+        " name LowCardinality(String), v String,"
+        " hours SimpleAggregateFunction(groupArrayArray, Array(Int32)))"
+        " ENGINE = AggregatingMergeTree ORDER BY (account, metric, name, v)"
+    )
+    scratch.command(f"SYSTEM STOP MERGES {table}")  # as many parts as the store's
+    db = transport.database
+    parts = transport.query(
+        f"SELECT name, rows FROM system.parts WHERE database = {db!r} AND table = {table!r}"
+        " AND active ORDER BY name"
+    )
+    for part, _rows in parts:
+        scratch.command(
+            f"INSERT INTO {table} SELECT * FROM {db}.{table} WHERE _part = {part!r}"
+            " SETTINGS optimize_on_insert = 0, max_insert_block_size = 100000000,"
+            " min_insert_block_size_rows = 100000000"
+        )
+    print(f"{table}: {len(parts)} parts, rows " + ", ".join(f"{int(r):,}" for _, r in parts))
+    print()
+    entries = f"arrayFilter(x -> x >= {lo} AND x < {hi}, hours)"
+    steps: dict[str, Callable[[], object]] = {}
+    for label, statement, on in (
+        ("FINAL, the server's threads (round 14)", sql, transport),
+        ("as planned (FINAL, max_final_threads = 1)", planned, transport),
+        ("PREWHERE an entry in the range", pre(f"notEmpty({entries})"), transport),
+        (
+            "PREWHERE the entries' minimum and maximum",
+            pre(f"arrayMax(hours) >= {lo} AND arrayMin(hours) < {hi}"),
+            transport,
+        ),
+        (
+            "the same, max_final_threads = 1",
+            pre(
+                f"arrayMax(hours) >= {lo} AND arrayMin(hours) < {hi}",
+                "max_final_threads = 1",
+            ),
+            transport,
+        ),
+        ("hours by concatenation (groupArrayArray)", sql, scratch),
+        (
+            "the account's rows, plainly: count()",
+            f"SELECT count() FROM {table} WHERE {where}",
+            transport,
+        ),
+        (
+            "merged by key alone: count() FINAL",
+            f"SELECT count() FROM {table} FINAL WHERE {where}",
+            transport,
+        ),
+        (
+            "merged with hours: sum(length(hours)) FINAL",
+            f"SELECT sum(length(hours)) FROM {table} FINAL WHERE {where}",
+            transport,
+        ),
+        (
+            "the same, hours by concatenation",
+            f"SELECT sum(length(arrayDistinct(hours))) FROM {table} FINAL WHERE {where}",
+            scratch,
+        ),
+    ):
+        steps[label] = lambda s=statement, t=on: t.query(s)
+    answers = {label: sorted(map(tuple, step())) for label, step in steps.items()}
+    planned = answers["FINAL, the server's threads (round 14)"]
+    for label in list(answers)[:6]:
+        if answers[label] != planned:
+            raise SystemExit(f"{label}: the answer differs from round 14's statement")
+    if (
+        answers["merged with hours: sum(length(hours)) FINAL"]
+        != answers["the same, hours by concatenation"]
+    ):
+        raise SystemExit("the concatenated hours' union differs")
+    ms = _in_turn(steps, runs)
+    first = ms["FINAL, the server's threads (round 14)"]
+    print("| Sessions' statement, heavy account, 90 days | median | round 14 / this |")
+    print("|---|---:|---:|")
+    for label, median in ms.items():
+        print(f"| {label} | {median:.1f} ms | {first / median:.2f} |")
+    print()
+    scratch.command(f"DROP DATABASE {FINAL_PROTO}")
+    scratch.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_chquery", description=__doc__)
     parser.add_argument("--events", type=int, default=300_000)
@@ -660,6 +793,11 @@ def main(argv: list[str] | None = None) -> int:
         help="every question of the store and of a copy with these rollups merged (or all)",
     )
     parser.add_argument(
+        "--final",
+        action="store_true",
+        help="only the Sessions statement's FINAL and variants of it, on the store as it is",
+    )
+    parser.add_argument(
         "--cpu",
         action="store_true",
         help="time the comparisons and the breakdown in CPU time rather than wall time",
@@ -679,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
             loader = Peer(store)
             loader.load(args.events)
             peer = loader.transport
+        if args.final:
+            stop_merges(store)
         if args.merged is not None:  # the store as loaded: not settled meanwhile (chsettle)
             for table in ROLLUPS:
                 store.transport.command(f"SYSTEM STOP MERGES {table}")
@@ -691,6 +831,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{store.count_events():,} events\n")
         if args.merged is not None:
             merged(store, peer, args.runs, args.merged or list(ROLLUPS))
+            peer.close()
+            store.close()
+            return 0
+        if args.final:
+            final_variants(store, peer, args.runs)
             peer.close()
             store.close()
             return 0

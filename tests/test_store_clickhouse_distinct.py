@@ -27,7 +27,7 @@ from usagemeter.meters import MeterRegistry
 from usagemeter.model import Account, Aggregation, Event, Meter, Query
 from usagemeter.store import chupgrade
 from usagemeter.store.base import TOTAL, AggregateRow, AggregateSpec, Measure, Window
-from usagemeter.store.chplan import plan_aggregate
+from usagemeter.store.chplan import FINAL_SETTINGS, plan_aggregate
 from usagemeter.store.chschema import (
     DISTINCT,
     DISTINCT_GRAIN,
@@ -391,6 +391,7 @@ def test_the_values_are_counted_as_rows_in_any_number_of_parts(
     assert int(parts[0][0]) >= 2
     (three,) = chstore.plans(spec)
     assert f"FROM {DISTINCT_VALUES} FINAL" in three.sql
+    assert f"SETTINGS {FINAL_SETTINGS})" in three.sql  # merged by one thread, its own setting
     as_rows = _by_window(chstore.aggregate(spec))
     assert as_rows != answer
     chstore.count_value_rows = False

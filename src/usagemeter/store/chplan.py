@@ -324,6 +324,13 @@ def _distinct_states(
 # are found by a lookup of each hour when they are not regular (a daily report across a
 # change of offset): an array literal of an entry per hour (five years of hours at most).
 LOOKUP_HOURS = 5 * 366 * 24
+# How the rows of a value in several parts are merged when counted (FINAL): by one thread.
+# Over a live tail (a small part beside the settled one) the statement took 0.85 to 0.88 of
+# the CPU of the server's threads, settled 0.93 (one merged part, read without merging),
+# over a backfill's four parts 0.93 to 0.95, though 1.04 to 1.13 times as long by the wall
+# clock there (docs/clickhouse.md, "Questions, round 14 (second step)"): splitting the
+# merge of ordered streams costs more than it gives but over many large parts.
+FINAL_SETTINGS = "max_final_threads = 1"
 # distinct_values' whole UTC hours, as the window splitter cuts them (chschema.DISTINCT_VALUES).
 VALUE_HOURS = Grain(DISTINCT_VALUES, DISTINCT_GRAIN.unit_ms, detailed=False, keyed=False)
 
@@ -390,10 +397,12 @@ def _distinct_values(
     if count_rows and one and not pieces[SLOTS] and not raw_pieces:
         # With totals, a value seen in any window is also counted once in the range's.
         windows = f"if(empty(d), d, arrayPushFront(d, {TOTAL}))" if spec.totals else "d"
+        # One thread merges the parts' rows (FINAL_SETTINGS): the settings of a subquery
+        # are its own, and the transport adds its own to the statement.
         return (
-            f"WITH {found} AS d SELECT idx AS window_index, countIf(name != {PRESENT})"
-            f" FROM {DISTINCT_VALUES} FINAL ARRAY JOIN {windows} AS idx WHERE {where}"
-            " GROUP BY idx"
+            f"SELECT * FROM (WITH {found} AS d SELECT idx AS window_index,"
+            f" countIf(name != {PRESENT}) FROM {DISTINCT_VALUES} FINAL ARRAY JOIN {windows}"
+            f" AS idx WHERE {where} GROUP BY idx SETTINGS {FINAL_SETTINGS})"
         )
     columns = ", ".join(["idx", *_groups(group_columns), "v", f"name != {PRESENT} AS has"])
     parts = [
