@@ -31,7 +31,8 @@ GRAIN_SETS = [(HOUR_SETS_GRAIN, SLOTS), (SLOTS,), (ACCOUNT_DAYS, HOUR_SETS_GRAIN
 def windows_strategy(draw: st.DrawFn) -> tuple[Window, ...]:
     """A run of windows one unit wide (an hour, a quarter hour or a day), from a unit's
     start or not, numbered from any index, then perhaps spoilt: one window moved, widened,
-    renumbered, or two swapped, so the short road must tell a run from what is not one."""
+    renumbered, or two swapped, so the short road must tell a run from what is not one;
+    and perhaps its first or last window ragged."""
     width = draw(st.sampled_from([HOUR_MS, HOUR_MS // 4, 24 * HOUR_MS]))
     start = 1_760_000_000_000 // width * width + draw(st.sampled_from([0, 0, 0, HOUR_MS // 4, 1]))
     count = draw(st.integers(1, 60))
@@ -43,13 +44,23 @@ def windows_strategy(draw: st.DrawFn) -> tuple[Window, ...]:
     w = windows[at]
     if spoil == "shift":  # a gap before it (and the windows after it follow on)
         windows[at:] = [Window(v.index, v.start_ms + width, v.end_ms + width) for v in windows[at:]]
-    elif spoil == "widen" and at == count - 1:  # the last one a unit longer
-        windows[at] = Window(w.index, w.start_ms, w.end_ms + width)
+    elif spoil == "widen":  # the last one a unit longer
+        last = windows[-1]
+        windows[-1] = Window(last.index, last.start_ms, last.end_ms + width)
     elif spoil == "index":
         windows[at] = Window(w.index + 1000, w.start_ms, w.end_ms)
     elif spoil == "swap" and count > 1:
         other = (at + 1) % count
         windows[at], windows[other] = windows[other], windows[at]
+    # A range that starts or ends inside a unit (a dashboard's, ending now): its first or
+    # last window ragged, cut by a slot, a minute or a millisecond.
+    cut = draw(st.sampled_from([width // 4, 60_000, 1]))
+    if draw(st.booleans()):
+        w = windows[0]
+        windows[0] = Window(w.index, min(w.start_ms + cut, w.end_ms - 1), w.end_ms)
+    if draw(st.booleans()):
+        w = windows[-1]
+        windows[-1] = Window(w.index, w.start_ms, max(w.end_ms - cut, w.start_ms + 1))
     return tuple(windows)
 
 
@@ -84,6 +95,20 @@ def test_a_run_of_hours_across_a_dst_change_is_one_unit_run() -> None:
     assert isinstance(run, chplan.UnitRun) and not raw and not pieces[SLOTS]
     assert len(run) == len(windows) == 90 * 24
     assert chplan._regular(run) == (windows[0].start_ms // HOUR_MS, 1, 0)
+
+
+def test_a_range_starting_and_ending_inside_an_hour_is_a_run_between_its_ends() -> None:
+    """A dashboard's 90 days ending now (seven minutes past an hour): the 2,159 whole hours
+    between its ragged ends one UnitRun, the ends' slots and milliseconds beside it."""
+    start = datetime(2025, 9, 3, 4, 7, tzinfo=UTC)
+    query = Query(
+        ("a",), "m", start, start + timedelta(days=90), Granularity.HOUR, "America/New_York"
+    )
+    windows = Engine._edges(query)[2]
+    pieces, raw = chplan._split(windows, (HOUR_SETS_GRAIN, SLOTS))
+    run = pieces[HOUR_SETS_GRAIN]
+    assert isinstance(run, chplan.UnitRun) and len(run) == len(windows) - 2
+    assert (pieces, raw) == split_windows(windows, (HOUR_SETS_GRAIN, SLOTS))
 
 
 def test_one_account_and_several_answer_as_sqlite(

@@ -640,30 +640,45 @@ def _select(
 _START, _END, _INDEX = attrgetter("start_ms"), attrgetter("end_ms"), attrgetter("index")
 
 
+def _one_unit(window: Window, width: int) -> bool:
+    return window.end_ms - window.start_ms == width and window.start_ms % width == 0
+
+
 def _split(
     windows: Sequence[Window], grains: Sequence[Grain]
 ) -> tuple[dict[Grain, list[Piece]], list[Piece]]:
     """sqlplan.split_windows, with a short road for the usual report: every window one unit
     of a grain, aligned to it (an hourly report in a zone of whole-hour offsets, a daily one
-    in UTC), is that one piece. split_windows finds the same piece recursing three times per
-    window: two thirds of planning a 2,160-hour report."""
-    width = windows[0].end_ms - windows[0].start_ms
+    in UTC), is that one piece, but for a ragged first and last window. split_windows finds
+    the same pieces recursing three times per window: two thirds of planning a 2,160-hour
+    report, 2.4 ms when its range starts inside an hour."""
+    # The width of a unit: the second window's, as the first may be ragged.
+    second = windows[1] if len(windows) > 2 else windows[0]
+    width = second.end_ms - second.start_ms
     grain = next((g for g in grains if g.unit_ms == width), None)  # none coarser fits in
     if grain is None:
         return split_windows(windows, grains)
     # The usual report's windows follow each other, in order, one unit each: their columns
-    # compared whole with the runs they would be, by C loops, one list of each.
-    first, n = windows[0], len(windows)
-    lo = first.start_ms
-    if (
-        n > 1  # one piece is found by a comparison (_regular)
-        and lo % width == 0
-        and list(map(_START, windows)) == list(range(lo, lo + n * width, width))
-        and list(map(_END, windows)) == list(range(lo + width, lo + (n + 1) * width, width))
-        and list(map(_INDEX, windows)) == list(range(first.index, first.index + n))
-    ):
-        run = UnitRun(first.index, first.start_ms // width, n)
-        return {g: run if g is grain else [] for g in grains}, []
+    # compared whole with the runs they would be, by C loops, one list of each. A range
+    # that starts or ends inside a unit (a dashboard's, ending now) has a ragged first or
+    # last window: those two are cut by split_windows, the run between them is the same.
+    a = 0 if _one_unit(windows[0], width) else 1
+    b = len(windows) - (0 if _one_unit(windows[-1], width) else 1)
+    run = windows[a:b]
+    n = len(run)
+    if n > 1:  # one piece is found by a comparison (_regular)
+        first = run[0]
+        lo = first.start_ms
+        if (
+            lo % width == 0
+            and list(map(_START, run)) == list(range(lo, lo + n * width, width))
+            and list(map(_END, run)) == list(range(lo + width, lo + (n + 1) * width, width))
+            and list(map(_INDEX, run)) == list(range(first.index, first.index + n))
+        ):
+            pieces, raw = split_windows([*windows[:a], *windows[b:]], grains)
+            if not pieces[grain]:  # else the ends' units would come before the run's
+                unit_run = UnitRun(first.index, lo // width, n)
+                return {g: unit_run if g is grain else pieces[g] for g in grains}, raw
     if all(w.end_ms - w.start_ms == width and w.start_ms % width == 0 for w in windows):
         units = [(w.index, w.start_ms // width, w.start_ms // width + 1) for w in windows]
         return {g: units if g is grain else [] for g in grains}, []
