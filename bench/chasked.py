@@ -3,6 +3,7 @@ and asked again (round 14): run it with each version's sources first on the path
 (A, B, A, B), for a comparison where each version keeps what it keeps, its plans included.
 
     PYTHONPATH=<checkout>/src:<this checkout> python -m bench.chasked --dir DIR [--cpu]
+        [--minutes 7]
 
 DIR is a settled chDB store loaded by bench.profile_chquery (a copy: opening it with newer
 code may alter its views). Steps, each run in an order of its own, medians in ms: the
@@ -18,6 +19,8 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 from bench.chstore import questions
@@ -50,11 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=31)
     parser.add_argument("--cpu", action="store_true", help="CPU time rather than wall time")
+    parser.add_argument(
+        "--minutes",
+        type=int,
+        default=0,
+        help="the range moved by this many minutes: a dashboard's, starting and ending inside"
+        " an hour",
+    )
     args = parser.parse_args(argv)
     clock = time.process_time if args.cpu else time.perf_counter
     store = open_store(f"chdb:///{args.dir}/chdb")
     assert isinstance(store, ClickHouseStore)
     query = questions()[HOURLY]
+    moved = timedelta(minutes=args.minutes)
+    query = replace(query, start=query.start + moved, end=query.end + moved)
     engine = Engine(store)
     engine.run(query)  # warm
     windows = Engine._edges(query)[2]
