@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import compress
+from operator import attrgetter
 from typing import Any
 
 from usagemeter.model import GROUP_KEY, GROUP_SUBACCOUNT, Group
@@ -94,6 +95,8 @@ def _regular(pieces: Sequence[Piece]) -> tuple[int, int, int] | None:
     days in whole hours (in any zone, but for a day that DST makes 23 or 25 hours long). A
     row's window is then arithmetic on its unit, with no join or comparison per piece
     (the source's WHERE keeps only the rows of [first low, last high)). None otherwise."""
+    if isinstance(pieces, UnitRun):
+        return pieces.regular
     if len(pieces) <= 1:
         return None
     ordered = sorted(pieces, key=lambda p: p[1])
@@ -103,6 +106,31 @@ def _regular(pieces: Sequence[Piece]) -> tuple[int, int, int] | None:
         if lo != first_lo + n * width or hi != lo + width or idx != first_idx + n:
             return None
     return first_lo, width, first_idx
+
+
+class UnitRun(list[Piece]):
+    """The pieces of windows that follow each other in order, one unit of a grain each (an
+    hourly report's hours in a zone of whole-hour offsets, DST changes included), as
+    _split's short road finds them by comparing whole columns: known regular, so neither
+    _regular nor the span (_span) looks at each piece again. Every statement over one
+    table asks both, the report by set and by values each: 0.8 ms of planning a
+    2,160-hour report, each time a range is asked the first time (round 14)."""
+
+    __slots__ = ("regular",)
+
+    def __init__(self, first_window: int, first_unit: int, units: int) -> None:
+        lows = range(first_unit, first_unit + units)
+        highs = range(first_unit + 1, first_unit + units + 1)
+        super().__init__(zip(range(first_window, first_window + units), lows, highs, strict=True))
+        self.regular = (first_unit, 1, first_window)
+
+
+def _span(pieces: Sequence[Piece]) -> tuple[int, int]:
+    """The lowest low and highest high of ``pieces``, in their unit."""
+    if isinstance(pieces, UnitRun):
+        first = pieces.regular[0]
+        return first, first + len(pieces)
+    return min(p[1] for p in pieces), max(p[2] for p in pieces)
 
 
 def _index(column: str, pieces: Sequence[Piece]) -> tuple[str, str] | None:
@@ -173,10 +201,19 @@ def _group_columns(group_by: Sequence[str]) -> list[str]:
     return columns
 
 
+def accounts_condition(accounts: Sequence[str]) -> str:
+    """The accounts' condition of a statement: one account (nearly every question) as an
+    equality, which ClickHouse checks against the primary key's first column more cheaply
+    than a set of one (an hourly report's statement 2 to 5% faster, round 14)."""
+    if len(accounts) == 1:
+        return f"account = {literal(accounts[0])}"
+    return f"account IN ({literals(accounts)})"
+
+
 def _where(spec: AggregateSpec, grain: Grain | None, time_column: str, lo: int, hi: int) -> str:
     """The filters of a source table; ``grain`` None for the raw events."""
     clauses = [
-        f"account IN ({literals(spec.accounts)})",
+        accounts_condition(spec.accounts),
         f"metric = {literal(spec.metric)}",
         f"{time_column} >= {lo}",
         f"{time_column} < {hi}",
@@ -210,7 +247,7 @@ def _part(
 ) -> str:
     """One grain's rows pre-folded per window and group. The group values are computed in the
     source, so only they and the asked values travel through the join, not the dimensions."""
-    lo, hi = min(p[1] for p in pieces), max(p[2] for p in pieces)
+    lo, hi = _span(pieces)
     columns = [*_groups(group_columns), *dict.fromkeys(_ROLLUP_COLUMNS[a] for a in aggregations)]
     source = (
         f"SELECT {', '.join([*columns, 'slot', '0 AS z'])} FROM {grain.table}"
@@ -227,7 +264,7 @@ def _raw_part(
     group_columns: Sequence[str],
     aggregations: Sequence[str],
 ) -> str:
-    lo, hi = min(p[1] for p in pieces), max(p[2] for p in pieces)
+    lo, hi = _span(pieces)
     raw = [c for a in aggregations for c in _RAW_COLUMNS[a].split(", ") if c]
     columns = [*_groups(group_columns), *dict.fromkeys(raw)]
     source = (
@@ -256,7 +293,7 @@ def _one_table(
         grain, table, column, found = None, "events", "ts", list(raw_pieces)
     else:
         return None
-    lo, hi = min(p[1] for p in found), max(p[2] for p in found)
+    lo, hi = _span(found)
     return _flat(table, _where(spec, grain, column, lo, hi), column, found, group_columns)
 
 
@@ -609,18 +646,49 @@ def _select(
     )
 
 
+_START, _END, _INDEX = attrgetter("start_ms"), attrgetter("end_ms"), attrgetter("index")
+
+
+def _one_unit(window: Window, width: int) -> bool:
+    return window.end_ms - window.start_ms == width and window.start_ms % width == 0
+
+
 def _split(
     windows: Sequence[Window], grains: Sequence[Grain]
 ) -> tuple[dict[Grain, list[Piece]], list[Piece]]:
     """sqlplan.split_windows, with a short road for the usual report: every window one unit
     of a grain, aligned to it (an hourly report in a zone of whole-hour offsets, a daily one
-    in UTC), is that one piece. split_windows finds the same piece recursing three times per
-    window: two thirds of planning a 2,160-hour report."""
-    width = windows[0].end_ms - windows[0].start_ms
+    in UTC), is that one piece, but for a ragged first and last window. split_windows finds
+    the same pieces recursing three times per window: two thirds of planning a 2,160-hour
+    report, 2.4 ms when its range starts inside an hour."""
+    # The width of a unit: the second window's, as the first may be ragged.
+    second = windows[1] if len(windows) > 2 else windows[0]
+    width = second.end_ms - second.start_ms
     grain = next((g for g in grains if g.unit_ms == width), None)  # none coarser fits in
-    if grain is not None and all(
-        w.end_ms - w.start_ms == width and w.start_ms % width == 0 for w in windows
-    ):
+    if grain is None:
+        return split_windows(windows, grains)
+    # The usual report's windows follow each other, in order, one unit each: their columns
+    # compared whole with the runs they would be, by C loops, one list of each. A range
+    # that starts or ends inside a unit (a dashboard's, ending now) has a ragged first or
+    # last window: those two are cut by split_windows, the run between them is the same.
+    a = 0 if _one_unit(windows[0], width) else 1
+    b = len(windows) - (0 if _one_unit(windows[-1], width) else 1)
+    run = windows[a:b]
+    n = len(run)
+    if n > 1:  # one piece is found by a comparison (_regular)
+        first = run[0]
+        lo = first.start_ms
+        if (
+            lo % width == 0
+            and list(map(_START, run)) == list(range(lo, lo + n * width, width))
+            and list(map(_END, run)) == list(range(lo + width, lo + (n + 1) * width, width))
+            and list(map(_INDEX, run)) == list(range(first.index, first.index + n))
+        ):
+            pieces, raw = split_windows([*windows[:a], *windows[b:]], grains)
+            if not pieces[grain]:  # else the ends' units would come before the run's
+                unit_run = UnitRun(first.index, lo // width, n)
+                return {g: unit_run if g is grain else pieces[g] for g in grains}, raw
+    if all(w.end_ms - w.start_ms == width and w.start_ms % width == 0 for w in windows):
         units = [(w.index, w.start_ms // width, w.start_ms // width + 1) for w in windows]
         return {g: units if g is grain else [] for g in grains}, []
     return split_windows(windows, grains)

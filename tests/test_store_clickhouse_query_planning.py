@@ -1,0 +1,161 @@
+"""Round 14 (second step): planning a range asked the first time. The ClickHouse planner's
+short road (chplan._split) finds an hourly report's windows that follow each other, one unit
+each, by comparing whole columns, and hands them on as a UnitRun that knows its own
+regularity and span; a question of one account says ``account = ...``. The pieces, their
+regularity and span must be those the long road finds for any windows, and the answers
+SQLite's for one account and for several."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from usagemeter.engine import Engine
+from usagemeter.model import Account, Aggregation, Event, Query
+from usagemeter.store import chplan
+from usagemeter.store.base import Measure, Window
+from usagemeter.store.chschema import HOUR_SETS_GRAIN
+from usagemeter.store.clickhouse import ClickHouseStore
+from usagemeter.store.sqlite import SQLiteStore
+from usagemeter.store.sqlplan import ACCOUNT_DAYS, SLOTS, Grain, split_windows
+from usagemeter.timewindows import Granularity
+
+HOUR_MS = 3_600_000
+GRAIN_SETS = [(HOUR_SETS_GRAIN, SLOTS), (SLOTS,), (ACCOUNT_DAYS, HOUR_SETS_GRAIN, SLOTS)]
+
+
+@st.composite
+def windows_strategy(draw: st.DrawFn) -> tuple[Window, ...]:
+    """A run of windows one unit wide (an hour, a quarter hour or a day), from a unit's
+    start or not, numbered from any index, then perhaps spoilt: one window moved, widened,
+    renumbered, or two swapped, so the short road must tell a run from what is not one;
+    and perhaps its first or last window ragged."""
+    width = draw(st.sampled_from([HOUR_MS, HOUR_MS // 4, 24 * HOUR_MS]))
+    start = 1_760_000_000_000 // width * width + draw(st.sampled_from([0, 0, 0, HOUR_MS // 4, 1]))
+    count = draw(st.integers(1, 60))
+    first = draw(st.sampled_from([0, 0, 3]))
+    edges = [start + n * width for n in range(count + 1)]
+    windows = [Window(first + n, lo, hi) for n, (lo, hi) in enumerate(pairwise(edges))]
+    spoil = draw(st.sampled_from(["none", "none", "shift", "widen", "index", "swap"]))
+    at = draw(st.integers(0, count - 1))
+    w = windows[at]
+    if spoil == "shift":  # a gap before it (and the windows after it follow on)
+        windows[at:] = [Window(v.index, v.start_ms + width, v.end_ms + width) for v in windows[at:]]
+    elif spoil == "widen":  # the last one a unit longer
+        last = windows[-1]
+        windows[-1] = Window(last.index, last.start_ms, last.end_ms + width)
+    elif spoil == "index":
+        windows[at] = Window(w.index + 1000, w.start_ms, w.end_ms)
+    elif spoil == "swap" and count > 1:
+        other = (at + 1) % count
+        windows[at], windows[other] = windows[other], windows[at]
+    # A range that starts or ends inside a unit (a dashboard's, ending now): its first or
+    # last window ragged, cut by a slot, a minute or a millisecond.
+    cut = draw(st.sampled_from([width // 4, 60_000, 1]))
+    if draw(st.booleans()):
+        w = windows[0]
+        windows[0] = Window(w.index, min(w.start_ms + cut, w.end_ms - 1), w.end_ms)
+    if draw(st.booleans()):
+        w = windows[-1]
+        windows[-1] = Window(w.index, w.start_ms, max(w.end_ms - cut, w.start_ms + 1))
+    return tuple(windows)
+
+
+@given(windows=windows_strategy(), grains=st.sampled_from(GRAIN_SETS))
+def test_the_short_road_finds_the_long_roads_pieces(
+    windows: tuple[Window, ...], grains: tuple[Grain, ...]
+) -> None:
+    """Whatever the windows, _split's pieces are split_windows', and a UnitRun's regularity
+    and span are those found by looking at each of its pieces (a plain list of them)."""
+    pieces, raw = chplan._split(windows, grains)
+    long_pieces, long_raw = split_windows(windows, grains)
+    assert {g: list(p) for g, p in pieces.items()} == long_pieces
+    assert raw == long_raw
+    for found in pieces.values():
+        if not found:
+            continue
+        plain = list(found)
+        assert chplan._regular(found) == chplan._regular(plain)
+        assert chplan._span(found) == (min(p[1] for p in plain), max(p[2] for p in plain))
+        assert chplan._index("slot", found) == chplan._index("slot", plain)
+
+
+def test_a_run_of_hours_across_a_dst_change_is_one_unit_run() -> None:
+    """New York's 90 days across its fall back: 2,161 hours in UTC, each one unit, found by
+    the short road as one run (no piece looked at again), its statement arithmetic."""
+    zone = "America/New_York"
+    start = datetime(2025, 9, 3, 4, tzinfo=UTC)
+    query = Query(("a",), "m", start, start + timedelta(days=90), Granularity.HOUR, zone)
+    windows = Engine._edges(query)[2]
+    pieces, raw = chplan._split(windows, (HOUR_SETS_GRAIN, SLOTS))
+    run = pieces[HOUR_SETS_GRAIN]
+    assert isinstance(run, chplan.UnitRun) and not raw and not pieces[SLOTS]
+    assert len(run) == len(windows) == 90 * 24
+    assert chplan._regular(run) == (windows[0].start_ms // HOUR_MS, 1, 0)
+
+
+def test_a_range_starting_and_ending_inside_an_hour_is_a_run_between_its_ends() -> None:
+    """A dashboard's 90 days ending now (seven minutes past an hour): the 2,159 whole hours
+    between its ragged ends one UnitRun, the ends' slots and milliseconds beside it."""
+    start = datetime(2025, 9, 3, 4, 7, tzinfo=UTC)
+    query = Query(
+        ("a",), "m", start, start + timedelta(days=90), Granularity.HOUR, "America/New_York"
+    )
+    windows = Engine._edges(query)[2]
+    pieces, raw = chplan._split(windows, (HOUR_SETS_GRAIN, SLOTS))
+    run = pieces[HOUR_SETS_GRAIN]
+    assert isinstance(run, chplan.UnitRun) and len(run) == len(windows) - 2
+    assert (pieces, raw) == split_windows(windows, (HOUR_SETS_GRAIN, SLOTS))
+
+
+def test_one_account_and_several_answer_as_sqlite(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
+) -> None:
+    """A question of one account (``account = ...``) and of several (``IN``), hourly by
+    status and daily, each SQLite's answer; another account's events never counted."""
+    sqlite, chstore = sqlite_and_chstore
+    base = datetime(2025, 11, 1, tzinfo=UTC)
+    base_ms = int(base.timestamp() * 1000)
+    events = [
+        Event(
+            f"e{n}",
+            account,
+            "m",
+            base_ms + n * 1_234_567,
+            float(n % 7),
+            dimensions={"status": ("200", "500")[n % 2]},
+        )
+        for n in range(60)
+        for account in ("one", "two", "three")[: 1 + n % 3]
+    ]
+    for store in (sqlite, chstore):
+        for account in ("one", "two", "three"):
+            store.create_account(Account(account, account))
+        store.append(events)
+    end = base + timedelta(days=2)
+    for accounts in (("one",), ("two",), ("one", "three"), ("one", "two", "three")):
+        for granularity, group_by in ((Granularity.HOUR, ("status",)), (Granularity.DAY, ())):
+            query = Query(
+                accounts,
+                "m",
+                base,
+                end,
+                granularity,
+                "America/New_York",
+                aggregations=(Aggregation.COUNT, Aggregation.SUM),
+                group_by=group_by,
+            )
+            ours, theirs = Engine(chstore).run(query), Engine(sqlite).run(query)
+            assert ours.buckets == theirs.buckets
+            assert (ours.totals, ours.total) == (theirs.totals, theirs.total)
+    spec = Engine._spec(query, Engine._edges(query)[2], (Measure("count"),), ())
+    (plan,) = chplan.plan_aggregate(spec)
+    assert "account IN ('one', 'two', 'three')" in plan.sql
+    one = Engine._spec(
+        Query(("one",), "m", base, end), Engine._edges(query)[2], (Measure("count"),), ()
+    )
+    (plan,) = chplan.plan_aggregate(one)
+    assert "account = 'one'" in plan.sql and "account IN" not in plan.sql
