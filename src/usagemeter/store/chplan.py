@@ -427,7 +427,7 @@ def _distinct_values(
     inside = f"arrayFilter(x -> x >= {2 * lo} AND x < {2 * hi}{billable}, hours)"
     found = f"arrayDistinct(arrayFilter(i -> i >= 0, arrayMap(x -> {window}, {inside})))"
     where = (
-        f"account IN ({literals(spec.accounts)}) AND metric = {literal(spec.metric)}"
+        f"{accounts_condition(spec.accounts)} AND metric = {literal(spec.metric)}"
         f" AND name IN ({PRESENT}, {literal(dimension)})"
     )
     one = len(spec.accounts) == 1 and not group_columns
