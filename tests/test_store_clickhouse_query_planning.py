@@ -279,6 +279,9 @@ def test_a_ragged_range_is_its_whole_hours_and_its_ends_from_the_raw_events() ->
     assert isinstance(plan.whole, chplan.SetsPlan) and "UNION" not in plan.whole.sql
     first, last = spec.windows[0], spec.windows[-1]
     assert "FROM events" in plan.ends.sql and "rollup" not in plan.ends.sql
+    # By set, as the whole hours: the events' set ids, not their dimensions' map.
+    assert isinstance(plan.ends, chplan.SetsPlan) and "dims.keys" not in plan.ends.sql
+    assert "FROM events" in plan.ends.by_value and "status" in plan.ends.by_value
     assert f"ts >= {first.start_ms} AND ts < {first.end_ms} OR" in plan.ends.sql
     assert f"ts >= {last.start_ms} AND ts < {last.end_ms})" in plan.ends.sql
     assert "UNION ALL" in plan.sql  # the same answer in one statement, beside a distinct
