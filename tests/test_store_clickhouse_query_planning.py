@@ -307,6 +307,19 @@ def test_a_ragged_range_answers_as_its_one_statement_and_sqlite(
         Event(f"e{n}", "a", "m", at, 1.0, dimensions={"status": ("200", "500")[n % 2]})
         for n, at in enumerate(instants)
     ]
+    # A set seen only in the last end (a status new in the last minutes), tagged: its
+    # members looked up among the ends' events, not the hour table's.
+    events.append(
+        Event(
+            "new",
+            "a",
+            "m",
+            last.end_ms - 2,
+            1.0,
+            dimensions={"status": "503"},
+            tags=frozenset({"x"}),
+        )
+    )
     for store in (sqlite, chstore):
         store.create_account(Account("a", "A"))
         store.append(events)
@@ -317,6 +330,10 @@ def test_a_ragged_range_answers_as_its_one_statement_and_sqlite(
     assert ours == sorted(one.rows(), key=lambda r: (r.window, r.group))
     assert ours == sorted(sqlite.aggregate(spec), key=lambda r: (r.window, r.group))
     assert {r.window for r in ours} >= {first.index, last.index}
+    new = [r for r in ours if r.group == (("status", "503"),)]
+    assert [(r.window, r.values) for r in new] == [(last.index, (1,))]
+    # Read by set, not by the values after a lookup that missed it.
+    assert {"status": "503"} in chstore._sets.values() and not chstore._by_value
     both = replace(spec, measures=(Measure("count"), Measure("unique_count", "status")))
     rows = sorted(chstore.aggregate(both), key=lambda r: (r.window, r.group))
     assert rows == sorted(sqlite.aggregate(both), key=lambda r: (r.window, r.group))
