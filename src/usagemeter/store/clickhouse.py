@@ -56,7 +56,13 @@ from usagemeter.store.chappend import (
     sort_out,
     token,
 )
-from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
+from usagemeter.store.chplan import (
+    RaggedPlan,
+    SetsPlan,
+    decode_columns,
+    decode_sets,
+    plan_aggregate,
+)
 from usagemeter.store.chschema import (
     DISTINCT,
     DISTINCT_GRAIN,
@@ -521,12 +527,31 @@ class ClickHouseStore(ChCorrections, LimitTables):
         plans = self.plans(spec)
         if len(plans) == 1:  # the usual question: its result read by columns
             (plan,) = plans
-            if isinstance(plan, SetsPlan):
-                return self._by_sets(spec, plan)
-            return decode_columns(spec, plan, self.transport.query_columns(plan.sql))
+            if isinstance(plan, RaggedPlan):
+                return self._ragged(spec, plan)
+            return self._answer(spec, plan)
         # Distinct counts beside other measures fill the same cells from several statements.
         rows = run_plans(plans, lambda plan: self.transport.query(plan.sql), len(spec.measures))
         return AggregateColumns.from_rows(rows)
+
+    def _answer(self, spec: AggregateSpec, plan: Plan) -> AggregateColumns:
+        """The answer of a question's only statement, by set where it is a SetsPlan."""
+        if isinstance(plan, SetsPlan):
+            return self._by_sets(spec, plan)
+        return decode_columns(spec, plan, self.transport.query_columns(plan.sql))
+
+    def _ragged(self, spec: AggregateSpec, plan: RaggedPlan) -> AggregateColumns:
+        """A range starting or ending inside an hour (chplan.RaggedPlan): its whole hours by
+        the statement a whole range takes, then its ragged ends from the raw events, one
+        after the other (each transport serialises its statements). Each window is in one
+        answer only, so an event written between the two is in one of them or neither, as
+        between two askings; one acknowledged before the question is in both's tables."""
+        assert plan.whole is not None and plan.ends is not None
+        whole = self._answer(spec, plan.whole)
+        ends = self._answer(spec, plan.ends)
+        return AggregateColumns(
+            whole.windows + ends.windows, whole.groups + ends.groups, whole.values + ends.values
+        )
 
     def _by_sets(self, spec: AggregateSpec, plan: SetsPlan) -> AggregateColumns:
         """A grouped or tagged report read by set (chplan.SetsPlan): each dimension and tag
