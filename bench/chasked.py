@@ -24,28 +24,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from bench.chstore import questions
+from bench.stored_answer import StoredAnswer
 from usagemeter import engine as engine_module
 from usagemeter.bulk import collector_paused
 from usagemeter.engine import Engine
 from usagemeter.store import open_store
-from usagemeter.store.base import AggregateColumns, AggregateSpec
 from usagemeter.store.clickhouse import ClickHouseStore
 
 HOURLY = "90-day hourly requests by status, New York"
-
-
-class _Kept:
-    """Hands back one answer (a fresh copy of its columns each time): the engine alone."""
-
-    def __init__(self, answer: AggregateColumns) -> None:
-        self.answer = answer
-
-    def raw_horizon(self) -> int | None:
-        return None
-
-    def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
-        a = self.answer
-        return AggregateColumns(list(a.windows), list(a.groups), list(a.values))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.run(query)  # warm
     windows = Engine._edges(query)[2]
     spec = Engine._spec(query, windows, engine.plan(query).measures, query.group_by)
-    kept = _Kept(store.aggregate_columns(spec))
+    kept = StoredAnswer(store.aggregate_columns(spec))
 
     def cuts() -> object:
         engine_module._kept_cuts.cache_clear()

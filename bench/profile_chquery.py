@@ -59,12 +59,13 @@ import msgspec
 
 from bench.chstore import Peer, load, peer_question, questions
 from bench.peers import chdb_peer
+from bench.stored_answer import StoredAnswer
 from usagemeter import engine as engine_module
 from usagemeter.api.native import query_answer
 from usagemeter.engine import Engine
 from usagemeter.model import Query, Result
 from usagemeter.store import chplan, open_store
-from usagemeter.store.base import AggregateColumns, AggregateRow, AggregateSpec, Store
+from usagemeter.store.base import AggregateColumns, AggregateSpec, Store
 from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
 from usagemeter.store.chtransport import ChdbTransport, _columns
 from usagemeter.store.clickhouse import ClickHouseStore
@@ -341,24 +342,6 @@ def _their_afresh(other: Any, planned: _Planned, query: Query) -> Any:
     return other.Engine(planned).run(query)
 
 
-class _Stored:
-    """A store that hands back one answer it was given, as the store gave it (a fresh copy
-    of its columns each time): the engine alone, with no database."""
-
-    def __init__(self, answer: AggregateColumns) -> None:
-        self.answer = answer
-
-    def raw_horizon(self) -> int | None:
-        return None
-
-    def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
-        a = self.answer
-        return AggregateColumns(list(a.windows), list(a.groups), list(a.values))
-
-    def aggregate(self, spec: AggregateSpec) -> list[AggregateRow]:
-        return self.aggregate_columns(spec).rows()
-
-
 def engines(source: Path, store: ClickHouseStore, runs: int) -> None:
     """Each question's answer from the store, kept, then ``source``'s engine and this one
     over it in turn (answers checked equal): the Python every store's questions share; then
@@ -371,7 +354,7 @@ def engines(source: Path, store: ClickHouseStore, runs: int) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, query in questions().items():
-        stored = _Stored(store.aggregate_columns(asked(store, query)))
+        stored = StoredAnswer(store.aggregate_columns(asked(store, query)))
         ms = _in_turn(
             {
                 "before": lambda q=query, s=stored: other.Engine(s).run(q),
