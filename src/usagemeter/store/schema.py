@@ -421,7 +421,7 @@ def merge_statements(bounded: bool) -> tuple[str, ...]:
 MERGE_ALL = merge_statements(bounded=False)
 MERGE_UP_TO = merge_statements(bounded=True)
 
-# A dense account's cells, merged alone after each fold (sqlite.py's ``merge_dense``). Why: a
+# A dense account's cells, merged alone once appends pause (sqlite.py's ``merge_dense``). Why: a
 # backfill fills the heavy account's hours and slots in both levels, and a question that
 # reads two levels costs a fifth to a half more than one reading the big tables alone, even
 # when it finds few rows in the recent one (twice the parts). A dense account's cells lie

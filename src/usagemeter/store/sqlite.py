@@ -15,8 +15,9 @@ one transaction that moves the ``folded`` mark with the rollups it wrote, writes
 entries in ``event_times`` (the folded events by time) and empties ``unfolded``: a crash
 loses no event and counts none twice. The fold writes the rollups' level of recent cells;
 once it holds MERGE_EVENTS events, the committer merges it into the big rollups a step at
-a time between groups (``merge_step``), each step one transaction. Readers use their own
-per-thread connections beside it (WAL).
+a time between groups (``merge_step``), each step one transaction; once appends pause, it
+merges a dense account's cells alone (``merge_dense``). Readers use their own per-thread
+connections beside it (WAL).
 """
 
 from __future__ import annotations
@@ -117,10 +118,11 @@ MERGE_EVENTS = 1_000_000
 # batches waiting meanwhile commit between steps.
 MERGE_STEP = 100_000
 # Appends paused this long: merge the recent level, whatever it holds. A question reads the
-# recent level only while it holds cells, and then costs more (a 90-day report of the heavy
-# account of a store of 10M, with 900,000 events in the recent level: 2 to 2.5 times the
-# store's time); a quiet store answers as one without levels. Long enough that a backfill
-# sent in bursts is not merged after each (a merge rewrites most pages of the big tables).
+# recent level only while it holds cells of its metric and accounts, and then costs more (a
+# 90-day report of the heavy account of a store of 10M, with 900,000 events in the recent
+# level: 2 to 2.5 times the store's time, until ``merge_dense``); a quiet store answers as
+# one without levels. Long enough that a backfill sent in bursts is not merged after each
+# (a merge rewrites most pages of the big tables).
 QUIET_MERGE_SECONDS = 30.0
 # Once appends pause, the cells of each dense (metric, account) are merged alone
 # (``merge_dense``): one with at least an hour in the recent level for every DENSE_SHARE
@@ -549,8 +551,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     def merge_dense(self) -> int:
         """Merge the recent cells of each dense (metric, account) (see DENSE_SHARE) into the
-        big tables, in one transaction; how many pairs. The count
-        of events in the recent level stays: the big merge comes as soon, and finds less."""
+        big tables, in one transaction; how many pairs. The count of events in the recent
+        level stays: the big merge comes as soon, and finds less to move."""
         with self._write_lock:
             conn = self._writer
             events = int(conn.execute("SELECT events FROM recent_events").fetchone()[0])
@@ -1321,7 +1323,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             pending = "unfolded" if self._waiting(conn) else None
             # The recent level too, unless it holds no cell of the question's metric and
             # accounts: reading it costs a question a fifth to a half more even when it finds
-            # few rows there (twice the parts); a dense account's are merged after each fold.
+            # few rows there (twice the parts); a dense account's leave it once appends pause.
             held = self._recent_of(conn, metric, account_rids)
             dialect = SQLITE if pending or held else SQLITE_MERGED
             plans = plan_aggregate(spec, metric, account_rids, key_rid, dialect, pending)
