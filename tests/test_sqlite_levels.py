@@ -123,6 +123,7 @@ steps = st.lists(
         st.tuples(st.just("fold"), st.just(())),
         st.tuples(st.just("merge step"), st.just(())),
         st.tuples(st.just("merge"), st.just(())),
+        st.tuples(st.just("merge dense"), st.just(())),
         st.tuples(st.just("ask"), _question),
         st.tuples(st.just("void ids"), st.lists(st.integers(0, 100), min_size=1, max_size=3)),
         st.tuples(st.just("void range"), st.tuples(TIMES, st.integers(1, DAY_MS))),
@@ -136,7 +137,11 @@ steps = st.lists(
 @settings(
     max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(steps=steps, step_cells=st.sampled_from([1, 3, 10**9]))
+@given(
+    steps=steps,
+    step_cells=st.sampled_from([1, 3, 10**9]),
+    dense_hours=st.sampled_from([1, 2, 10**9]),
+)
 # One cell split between the levels, its two events at one millisecond, and a third waiting
 # at it too: the later event's value is the latest, each counted once.
 @example(
@@ -152,6 +157,25 @@ steps = st.lists(
         ("ask", ("UTC", Granularity.HOUR, BASES[0], HOUR_MS)),
     ],
     step_cells=10**9,
+    dense_hours=10**9,
+)
+# A dense account's cells merged alone while another's wait, a cell of it then split between
+# the levels at one millisecond, and a merge step after: each counted once, the later latest.
+@example(
+    steps=[
+        ("append", [("a", BASES[0] + 7, 5, 1), ("b", BASES[0] + 7, 1, 5)]),
+        ("fold", ()),
+        ("merge", ()),
+        ("append", [("a", BASES[0] + 7, 2, 2), ("a", BASES[0] + HOUR_MS, 3, 4)]),
+        ("fold", ()),
+        ("merge dense", ()),
+        ("ask", ("Asia/Kathmandu", Granularity.HOUR, BASES[0], DAY_MS)),
+        ("append", [("a", BASES[0] + 7, 4, 3)]),
+        ("merge step", ()),
+        ("ask", ("UTC", Granularity.DAY, BASES[0], DAY_MS)),
+    ],
+    step_cells=1,
+    dense_hours=2,
 )
 # A merge cut after its first accounts: b's cells wait in the recent level, a's are big.
 @example(
@@ -164,14 +188,17 @@ steps = st.lists(
         ("ask", ("Australia/Lord_Howe", Granularity.DAY, BASES[1], SPAN_MS)),
     ],
     step_cells=1,
+    dense_hours=10**9,
 )
 def test_questions_read_both_levels_and_the_waiting_events_as_the_reference(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     steps: list[tuple[str, object]],
     step_cells: int,
+    dense_hours: int,
 ) -> None:
     monkeypatch.setattr(sqlite_module, "FOLD_EVENTS", 10**9)
+    monkeypatch.setattr(sqlite_module, "DENSE_HOURS", dense_hours)
     monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 3600.0)
     monkeypatch.setattr(sqlite_module, "MERGE_STEP", step_cells)
     store = _open(tmp_path / f"levels-{os.urandom(4).hex()}.db")
@@ -195,6 +222,13 @@ def test_questions_read_both_levels_and_the_waiting_events_as_the_reference(
         elif action == "merge":
             store.merge()
             assert _cells(store, "_recent") == 0
+        elif action == "merge dense":
+            slots = _cells(store, "_recent")
+            store.merge_dense()
+            if dense_hours == 1:  # every account with a recent hour is dense
+                assert not store._recent(store._writer)
+            elif dense_hours == 10**9:
+                assert _cells(store, "_recent") == slots
         elif action == "ask":
             zone, granularity, start, length = arg  # type: ignore[misc]
             windows = _windows(zone, granularity, start, start + length)
@@ -283,6 +317,44 @@ def test_the_committer_merges_once_the_recent_level_is_full(
     assert _cells(reopened, "") > 0 and _cells(reopened, "_recent") == 0
     assert reopened._writer.execute("SELECT sum(cnt) FROM rollup").fetchone()[0] == 1000
     reopened.close()
+
+
+def test_the_committer_merges_a_dense_accounts_cells_once_appends_pause(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Account a's hours pass DENSE_HOURS, b's do not: after the fold of a pause, a's cells
+    are in the big tables alone, b's still in the recent level; a question about a reads the
+    big tables alone, one about b both levels, and both answer as the reference."""
+    monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 0.02)
+    monkeypatch.setattr(sqlite_module, "DENSE_HOURS", 20)
+    store = _open(db_path)
+    events = [Event(f"a{i}", "a", "m", BASES[0] + i * HOUR_MS + i, 1.0) for i in range(60)]
+    events += [Event(f"b{i}", "b", "m", BASES[0] + i * HOUR_MS, 2.0) for i in range(5)]
+    events += [Event(f"c{i}", "a", "m", BASES[0] + i * HOUR_MS + i, 3.0) for i in range(60)]
+    store.append(events)
+    recent: dict[str, int] = {}
+    deadline = time.monotonic() + 30
+    while recent != {"b": 5}:  # folded, then a's cells merged: two steps of the committer
+        assert time.monotonic() < deadline, f"never merged a's cells alone: {recent}"
+        time.sleep(0.01)
+        with store._write_lock:
+            recent = dict(
+                store._writer.execute(
+                    "SELECT a.id, count(*) FROM rollup_hour_recent r"
+                    " JOIN accounts a ON a.rid = r.account GROUP BY a.id"
+                ).fetchall()
+            )
+    with store._write_lock:
+        metric = store._writer.execute("SELECT id FROM metrics WHERE name = 'm'").fetchone()[0]
+        rids = dict(store._writer.execute("SELECT id, rid FROM accounts").fetchall())
+        of = {a: store._recent_of(store._writer, metric, [rids[a]]) for a in ACCOUNTS}
+    assert recent == {"b": 5}
+    assert _cells(store, "_recent") == 5
+    assert of == {"a": False, "b": True}
+    windows = _windows("Asia/Kathmandu", Granularity.DAY, BASES[0], BASES[0] + SPAN_MS)
+    for account in ACCOUNTS:
+        assert _answer(store, account, windows) == _expected(events, account, windows)
+    store.close()
 
 
 def test_a_quiet_store_merges_its_recent_level_and_answers_from_the_big_tables(

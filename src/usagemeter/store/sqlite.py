@@ -15,8 +15,9 @@ one transaction that moves the ``folded`` mark with the rollups it wrote, writes
 entries in ``event_times`` (the folded events by time) and empties ``unfolded``: a crash
 loses no event and counts none twice. The fold writes the rollups' level of recent cells;
 once it holds MERGE_EVENTS events, the committer merges it into the big rollups a step at
-a time between groups (``merge_step``), each step one transaction. Readers use their own
-per-thread connections beside it (WAL).
+a time between groups (``merge_step``), each step one transaction; once appends pause, it
+merges a dense account's cells alone (``merge_dense``). Readers use their own per-thread
+connections beside it (WAL).
 """
 
 from __future__ import annotations
@@ -66,11 +67,13 @@ from usagemeter.store.rows import (
 )
 from usagemeter.store.schema import (
     COPY_UNFOLDED,
+    DENSE_ACCOUNTS,
     EVENT_TIMES,
     FOLDED_EVERY_BATCH,
     GONE_TIMES,
     INDEXED_EVERY_BATCH,
     MERGE_ALL,
+    MERGE_DENSE,
     MERGE_UP_TO,
     ONE_LEVEL,
     ROLLUP_COLUMNS,
@@ -115,11 +118,23 @@ MERGE_EVENTS = 1_000_000
 # batches waiting meanwhile commit between steps.
 MERGE_STEP = 100_000
 # Appends paused this long: merge the recent level, whatever it holds. A question reads the
-# recent level only while it holds cells, and then costs more (a 90-day report of the heavy
-# account of a store of 10M, with 900,000 events in the recent level: 2 to 2.5 times the
-# store's time); a quiet store answers as one without levels. Long enough that a backfill
-# sent in bursts is not merged after each (a merge rewrites most pages of the big tables).
+# recent level only while it holds cells of its metric and accounts, and then costs more (a
+# 90-day report of the heavy account of a store of 10M, with 900,000 events in the recent
+# level: 2 to 2.5 times the store's time, until ``merge_dense``); a quiet store answers as
+# one without levels. Long enough that a backfill sent in bursts is not merged after each
+# (a merge rewrites most pages of the big tables).
 QUIET_MERGE_SECONDS = 30.0
+# Once appends pause, the cells of each dense (metric, account) are merged alone
+# (``merge_dense``): one with at least an hour in the recent level for every DENSE_SHARE
+# events the level holds, and at least DENSE_HOURS. Why: while nothing waits, a question
+# reads the big tables alone unless the recent level holds cells of its metric and accounts,
+# and reading two levels cost the heavy account's reports 1.2 to 1.5 times as much; the
+# heavy accounts' cells of a backfill of 900,000 into 10M (a third of the level) lie on few
+# big pages each (the heaviest's hours of 120 days on about 45), so they merge cheaply. Not
+# after each full run: while events wait a question reads both levels anyway, and merging
+# then slowed a backfill's acknowledgements by a fifth.
+DENSE_SHARE = 1_000
+DENSE_HOURS = 200
 # Kept row ids looked up again once expired (a few statements, a few ms a second); above
 # this many, forgotten instead, as looking them all up would cost more than it saves.
 REFRESH_AT_MOST = 20_000
@@ -534,6 +549,28 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 self._recent_held = False
         return bound is None
 
+    def merge_dense(self) -> int:
+        """Merge the recent cells of each dense (metric, account) (see DENSE_SHARE) into the
+        big tables, in one transaction; how many pairs. The count of events in the recent
+        level stays: the big merge comes as soon, and finds less to move."""
+        with self._write_lock:
+            conn = self._writer
+            events = int(conn.execute("SELECT events FROM recent_events").fetchone()[0])
+            least = max(DENSE_HOURS, events // DENSE_SHARE)
+            dense = conn.execute(DENSE_ACCOUNTS, (least,)).fetchall()
+            if not dense:
+                return 0
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for pair in dense:
+                    for statement in MERGE_DENSE:
+                        conn.execute(statement, tuple(pair))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return len(dense)
+
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -918,6 +955,8 @@ class SQLiteStore(SqlCorrections, LimitTables):
             if self._unfolded >= FOLD_EVENTS or (not group and self._anything_waits()):
                 try:
                     self.fold()
+                    if not group:  # appends paused: see DENSE_SHARE
+                        self.merge_dense()
                     self._recent_held = True
                     self._merging = self._merging or self.merge_due()
                 except Exception:  # tried again at the next pause; questions read them
@@ -1282,13 +1321,30 @@ class SQLiteStore(SqlCorrections, LimitTables):
         conn.execute("BEGIN")
         try:
             pending = "unfolded" if self._waiting(conn) else None
-            # The recent level too, unless it is empty: reading it costs a question about a
-            # fifth more even then (twice the parts).
-            dialect = SQLITE if pending or self._recent(conn) else SQLITE_MERGED
+            # The recent level too, unless it holds no cell of the question's metric and
+            # accounts: reading it costs a question a fifth to a half more even when it finds
+            # few rows there (twice the parts); a dense account's leave it once appends pause.
+            held = self._recent_of(conn, metric, account_rids)
+            dialect = SQLITE if pending or held else SQLITE_MERGED
             plans = plan_aggregate(spec, metric, account_rids, key_rid, dialect, pending)
             return run_plans(plans, lambda p: conn.execute(p.sql, p.params), len(spec.measures))
         finally:
             conn.execute("COMMIT")
+
+    @staticmethod
+    def _recent_of(conn: sqlite3.Connection, metric: int, account_rids: list[int]) -> bool:
+        """Whether the rollups' recent level holds a cell of ``metric`` and these accounts
+        (every rollup's key begins with them: a few index probes)."""
+        marks = ",".join(f"?{n}" for n in range(2, len(account_rids) + 2))
+        where = f"metric = ?1 AND account IN ({marks})"  # numbered: each table's the same
+        found = conn.execute(
+            "SELECT "
+            + " OR ".join(
+                f"EXISTS (SELECT 1 FROM {table}{RECENT} WHERE {where})" for table in ROLLUP_TABLES
+            ),
+            [metric, *account_rids],
+        ).fetchone()
+        return bool(found[0])
 
     @staticmethod
     def _recent(conn: sqlite3.Connection) -> bool:
