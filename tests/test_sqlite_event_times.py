@@ -17,11 +17,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.reference import fold_cells
 from tests.test_sqlite_levels import to_one_level
 from usagemeter.corrections import Amendment, VoidSelector
 from usagemeter.model import Account, Event
 from usagemeter.store import sqlite as sqlite_module
-from usagemeter.store.base import TOTAL, AggregateSpec, Measure, Window
+from usagemeter.store.base import AggregateSpec, Measure, Window
 from usagemeter.store.schema import INDEXED_EVERY_BATCH, SCHEMA_VERSION
 from usagemeter.store.sqlite import SQLiteStore
 
@@ -53,23 +54,8 @@ def _answer(store: SQLiteStore, account: str, metric: str, windows: tuple[Window
 
 
 def _expected(events: list[Event], account: str, metric: str, windows: tuple[Window, ...]) -> dict:
-    """Folding the stored events one by one in the order they were stored: the latest value
-    is that of the greatest timestamp, and on a tie the later event's."""
-    cells: dict[int, list] = {}
-    for event in events:
-        if event.account_id != account or event.metric != metric:
-            continue
-        for w in windows:
-            if w.start_ms <= event.ts_ms < w.end_ms:
-                for index in (w.index, TOTAL):
-                    v = event.value
-                    cell = cells.setdefault(index, [0, 0.0, v, v, event.ts_ms, v])
-                    cell[0] += 1
-                    cell[1] += v
-                    cell[2], cell[3] = min(cell[2], v), max(cell[3], v)
-                    if event.ts_ms >= cell[4]:
-                        cell[4], cell[5] = event.ts_ms, v
-    return {i: (c[0], c[1], c[2], c[3], c[5]) for i, c in cells.items()}
+    """Folding the stored events one by one in the order they were stored."""
+    return fold_cells(events, windows, lambda e: e.account_id == account and e.metric == metric)
 
 
 def _times(conn: sqlite3.Connection) -> tuple[list[tuple], list[tuple]]:
