@@ -398,13 +398,12 @@ def fold_selected(
     conn.execute(f"DELETE FROM {RUN_TABLE}")
 
 
-def merge_statements(bounded: bool) -> tuple[str, ...]:
-    """One step of a merge: the recent cells of every rollup with (metric, account) up to
-    (?1, ?2) (every cell without ``bounded``) added into the big tables, walked in their key
-    order (so each big page is read and written once), then deleted from the recent level.
-    Every rollup's key begins with (metric, account), so a step moves the same accounts'
-    cells in all five, and a question finds each of them once, in one level or the other."""
-    where = "(metric, account) <= (?1, ?2)" if bounded else "true"
+def merge_statements(where: str) -> tuple[str, ...]:
+    """One step of a merge: the recent cells of every rollup that ``where`` selects (by metric
+    and account) added into the big tables, walked in their key order (so each big page is
+    read and written once), then deleted from the recent level. Every rollup's key begins
+    with (metric, account), so a step moves the same accounts' cells in all five, and a
+    question finds each of them once, in one level or the other."""
     statements: list[str] = []
     for table, (keys, _) in ROLLUP_KEYS.items():
         columns = f"{', '.join(keys)}, {_VALUE_COLUMNS}"
@@ -418,8 +417,9 @@ def merge_statements(bounded: bool) -> tuple[str, ...]:
     return tuple(statements)
 
 
-MERGE_ALL = merge_statements(bounded=False)
-MERGE_UP_TO = merge_statements(bounded=True)
+MERGE_ALL = merge_statements("true")
+# The cells with (metric, account) up to (?1, ?2).
+MERGE_UP_TO = merge_statements("(metric, account) <= (?1, ?2)")
 
 # A dense account's cells, merged alone once appends pause (sqlite.py's ``merge_dense``). Why: a
 # backfill fills the heavy account's hours and slots in both levels, and a question that
@@ -433,22 +433,5 @@ DENSE_ACCOUNTS = (
     f"SELECT metric, account FROM rollup_hour{RECENT}"
     " GROUP BY metric, account HAVING count(*) >= ? ORDER BY metric, account"
 )
-
-
-def merge_dense_statements() -> tuple[str, ...]:
-    """One (metric, account)'s recent cells of every rollup, (?1, ?2), added into the big
-    tables in key order, then deleted from the recent level, as a merge's step moves them
-    (``merge_statements``): its cells are then in the big tables alone."""
-    where = "metric = ?1 AND account = ?2"
-    statements: list[str] = []
-    for table, (keys, _) in ROLLUP_KEYS.items():
-        columns = f"{', '.join(keys)}, {_VALUE_COLUMNS}"
-        statements.append(
-            f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}{RECENT}"
-            f" WHERE {where} ORDER BY {', '.join(keys)} {UPSERT_SET}"
-        )
-        statements.append(f"DELETE FROM {table}{RECENT} WHERE {where}")
-    return tuple(statements)
-
-
-MERGE_DENSE = merge_dense_statements()
+# One (metric, account)'s recent cells, (?1, ?2): they are then in the big tables alone.
+MERGE_DENSE = merge_statements("metric = ?1 AND account = ?2")
