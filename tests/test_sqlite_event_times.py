@@ -69,7 +69,8 @@ def _times(conn: sqlite3.Connection) -> tuple[list[tuple], list[tuple]]:
 
 
 def _waiting(store: SQLiteStore) -> int:
-    return int(store._writer.execute("SELECT count(*) FROM unfolded").fetchone()[0])
+    with store._write_lock:  # the committer may be folding on this connection meanwhile
+        return int(store._writer.execute("SELECT count(*) FROM unfolded").fetchone()[0])
 
 
 def _windows(cuts: list[int]) -> tuple[Window, ...]:

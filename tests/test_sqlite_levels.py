@@ -15,6 +15,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -67,8 +68,15 @@ def _open(path: Path) -> SQLiteStore:
     return store
 
 
+def _scalar(store: SQLiteStore, sql: str) -> Any:
+    """One value read on the writer's connection under its lock, as the store reads it: the
+    committer's thread may be folding or merging on that connection meanwhile."""
+    with store._write_lock:
+        return store._writer.execute(sql).fetchone()[0]
+
+
 def _cells(store: SQLiteStore, level: str) -> int:
-    return int(store._writer.execute(f"SELECT count(*) FROM rollup{level}").fetchone()[0])
+    return int(_scalar(store, f"SELECT count(*) FROM rollup{level}"))
 
 
 def _windows(zone: str, granularity: Granularity, start: int, end: int) -> tuple[Window, ...]:
@@ -212,7 +220,8 @@ def test_questions_read_both_levels_and_the_waiting_events_as_the_reference(
             slots = _cells(store, "_recent")
             store.merge_dense()
             if dense_hours == 1:  # every account with a recent hour is dense
-                assert not store._recent(store._writer)
+                with store._write_lock:
+                    assert not store._recent(store._writer)
             elif dense_hours == 10**9:
                 assert _cells(store, "_recent") == slots
         elif action == "ask":
@@ -266,15 +275,15 @@ def test_a_merge_moves_every_cell_once_and_the_answers_stay(db_path: Path) -> No
     assert _cells(store, "") > 0 and _cells(store, "_recent") > 0
     before = {a: _answer(store, a, windows) for a in ACCOUNTS}
     assert before == {a: _expected(events, a, windows) for a in ACCOUNTS}
-    assert store._writer.execute("SELECT events FROM recent_events").fetchone()[0] == 300
+    assert _scalar(store, "SELECT events FROM recent_events") == 300
     steps = 1
     while not store.merge_step():
         steps += 1
     assert _cells(store, "_recent") == 0
-    assert store._writer.execute("SELECT events FROM recent_events").fetchone()[0] == 0
+    assert _scalar(store, "SELECT events FROM recent_events") == 0
     assert {a: _answer(store, a, windows) for a in ACCOUNTS} == before
     for table in ROLLUP_TABLES:
-        count = store._writer.execute(f"SELECT sum(cnt) FROM {table}").fetchone()[0]
+        count = _scalar(store, f"SELECT sum(cnt) FROM {table}")
         assert count == 600, table
     store.close()
 
@@ -301,7 +310,7 @@ def test_the_committer_merges_once_the_recent_level_is_full(
     reopened.fold()
     reopened.merge()
     assert _cells(reopened, "") > 0 and _cells(reopened, "_recent") == 0
-    assert reopened._writer.execute("SELECT sum(cnt) FROM rollup").fetchone()[0] == 1000
+    assert _scalar(reopened, "SELECT sum(cnt) FROM rollup") == 1000
     reopened.close()
 
 
@@ -384,10 +393,11 @@ def test_deleting_an_account_and_retention_see_both_levels(db_path: Path) -> Non
     assert counts["rollup"] > 0 and counts["rollup_recent"] > 0
     for table in ROLLUP_TABLES:
         for level in ("", "_recent"):
-            left = store._writer.execute(
+            left = _scalar(
+                store,
                 f"SELECT count(*) FROM {table}{level} WHERE account NOT IN"
-                " (SELECT rid FROM accounts)"
-            ).fetchone()[0]
+                " (SELECT rid FROM accounts)",
+            )
             assert left == 0, table + level
     assert _answer(store, "a", windows) == before
     store.close()
@@ -444,7 +454,7 @@ def test_a_sigkill_mid_merge_loses_nothing_and_counts_nothing_twice(db_path: Pat
         assert totals[:2] == (400, 400 * 2.0)  # 200 of 1.5 and 200 of 2.5 each
     for table in ROLLUP_TABLES:
         both = sum(
-            store._writer.execute(f"SELECT coalesce(sum(cnt), 0) FROM {table}{lv}").fetchone()[0]
+            _scalar(store, f"SELECT coalesce(sum(cnt), 0) FROM {table}{lv}")
             for lv in ("", "_recent")
         )
         assert both == 800, table
@@ -468,7 +478,7 @@ def test_a_file_of_the_version_before_opens_with_an_empty_recent_level(db_path: 
     to_one_level(conn)
     conn.close()
     reopened = _open(db_path)
-    version = reopened._writer.execute("PRAGMA user_version").fetchone()[0]
+    version = _scalar(reopened, "PRAGMA user_version")
     assert version == SCHEMA_VERSION
     assert _cells(reopened, "_recent") == 0 and _cells(reopened, "") > 0
     windows = _windows("Australia/Lord_Howe", Granularity.HOUR, BASES[1], BASES[1] + SPAN_MS)
@@ -492,8 +502,9 @@ def test_a_file_an_older_version_rebuilt_drops_its_recent_cells(db_path: Path) -
     store.fold()
     assert _cells(store, "_recent") > 0
     store.rebuild_rollups()  # what the older version did: the big tables from the events
-    store._writer.execute("INSERT INTO rollup_recent SELECT * FROM rollup")  # left behind
-    store._writer.execute(f"PRAGMA user_version = {ONE_LEVEL}")
+    with store._write_lock:
+        store._writer.execute("INSERT INTO rollup_recent SELECT * FROM rollup")  # left behind
+        store._writer.execute(f"PRAGMA user_version = {ONE_LEVEL}")
     store.close()
     reopened = _open(db_path)
     assert _cells(reopened, "_recent") == 0

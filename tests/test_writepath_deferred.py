@@ -61,7 +61,8 @@ def _expected(arrived: list[Event], account: str) -> list[dict[int, tuple]]:
 
 
 def _waiting(store: SQLiteStore) -> int:
-    return int(store._writer.execute("SELECT count(*) FROM unfolded").fetchone()[0])
+    with store._write_lock:  # the committer may be folding on this connection meanwhile
+        return int(store._writer.execute("SELECT count(*) FROM unfolded").fetchone()[0])
 
 
 steps = st.lists(
