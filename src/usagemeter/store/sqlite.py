@@ -437,6 +437,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
         """Fold every stored event into empty rollups again, in one transaction."""
         with self._write_lock:
             self._in_transaction(lambda conn: self._fold_locked(conn, rebuild=True))
+            self._unfolded = 0
 
     def fold(self) -> None:
         """Fold the events the rollups lack (appended by any process), in one transaction."""
@@ -451,6 +452,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             # group's statements a little (single events 10-20% more CPU), and changing the
             # setting drops the temporary tables, which a fold makes afresh anyway.
             self._with_temporary_files(lambda: self._in_transaction(self._fold_locked))
+            self._unfolded = 0
 
     def _with_temporary_files(self, work: Callable[[], None]) -> None:
         """Run ``work`` with the writer's temporary files (statement journals, sorters) in
@@ -462,6 +464,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             self._writer.execute("PRAGMA temp_store=MEMORY")
 
     def _in_transaction(self, work: Callable[[sqlite3.Connection], None]) -> None:
+        """Run ``work`` on the writer in one write transaction, undone whole if it fails."""
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -470,7 +473,6 @@ class SQLiteStore(SqlCorrections, LimitTables):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self._unfolded = 0
 
     def _fold_locked(self, conn: sqlite3.Connection, rebuild: bool = False) -> None:
         # Every event after the mark is folded here, so none waits any more. Emptied even
@@ -534,17 +536,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
             # Its statements change many pages of the big tables: their statement journals
             # in temporary files, as a fold's (see ``fold``).
-            self._writer.execute("PRAGMA temp_store=FILE")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    step(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            finally:
-                self._writer.execute("PRAGMA temp_store=MEMORY")
+            self._with_temporary_files(lambda: self._in_transaction(step))
             if bound is None:
                 self._recent_held = False
         return bound is None
@@ -560,15 +552,13 @@ class SQLiteStore(SqlCorrections, LimitTables):
             dense = conn.execute(DENSE_ACCOUNTS, (least,)).fetchall()
             if not dense:
                 return 0
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+
+            def move(conn: sqlite3.Connection) -> None:
                 for pair in dense:
                     for statement in MERGE_DENSE:
                         conn.execute(statement, tuple(pair))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+
+            self._in_transaction(move)
         return len(dense)
 
     def _connect(self) -> sqlite3.Connection:
