@@ -32,7 +32,11 @@ beside the store's plan as it is; ``--prototype distinct_day`` builds only that 
 of the same session, merges the named rollups there (every one when none is named) into one
 part per partition, as ``OPTIMIZE ... FINAL`` or a table's settling leaves them, and asks
 every question of both stores in turn with the peer, answers checked equal: what a table's
-parts cost its questions, the rows of each as many as the load left.
+parts cost its questions, the rows of each as many as the load left. ``--final`` (round 14,
+its variants round 15's since) asks only the Sessions statement, its merges stopped, beside
+variants of its count and its parts (``--against`` adds that version's statement);
+``--tail N`` first appends a live tail of N of the heavy account's Sessions in one insert,
+merges stopped, so that the distinct values hold a small part beside the settled one.
 """
 
 from __future__ import annotations
@@ -57,13 +61,13 @@ from typing import Any, cast
 
 import msgspec
 
-from bench.chstore import Peer, load, peer_question, questions
+from bench.chstore import ANCHOR, Peer, load, peer_question, questions
 from bench.peers import chdb_peer
 from bench.stored_answer import StoredAnswer
 from usagemeter import engine as engine_module
 from usagemeter.api.native import query_answer
 from usagemeter.engine import Engine
-from usagemeter.model import Query, Result
+from usagemeter.model import Event, Query, Result
 from usagemeter.store import chplan, open_store
 from usagemeter.store.base import AggregateColumns, AggregateSpec, Store
 from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
@@ -636,9 +640,6 @@ def merged(store: ClickHouseStore, peer: ChdbTransport, runs: int, tables: list[
     copy.close()
 
 
-FINAL_PROTO = "final_r14"
-
-
 def stop_merges(store: ClickHouseStore) -> None:
     """No merge in any table of the store from now on in this process: its parts stay as
     found, and no merge's CPU (chDB's threads are the process's) is timed."""
@@ -649,123 +650,101 @@ def stop_merges(store: ClickHouseStore) -> None:
         store.transport.command(f"SYSTEM STOP MERGES {name}")
 
 
-def final_variants(store: ClickHouseStore, peer: ChdbTransport, runs: int) -> None:
-    """Round 14's second step: what FINAL costs the Sessions statement (one account's
-    distinct values counted as rows) on the store as it is (a live tail's parts, a
-    backfill's), and variants of it, in turn (CLOCK, medians), answers checked equal: the
-    statement as round 14 planned it (FINAL's threads the server's, the reference) and as
-    planned now (``max_final_threads = 1``, chplan.FINAL_SETTINGS); with the rows of no entry in the
-    range dropped before the merge (PREWHERE: a row with no entry in the range adds nothing
-    to its value's union, so dropping it is exact), by the entries or by their minimum and
-    maximum; and asked of a copy of the table, part for part, whose ``hours`` merge by
-    concatenation (groupArrayArray) rather than as a set. Then the merge's parts: the
-    account's rows read plainly, merged by key alone (FINAL without ``hours``), and with
-    ``hours``. Merges are stopped (main, stop_merges): the parts stay as they are found."""
+def live_tail(store: ClickHouseStore, events: int) -> None:
+    """A live tail (round 14's state, made in this process): ``events`` of the heavy
+    account's Sessions in the last 6 hours before the bench's window ends, in one append,
+    merges stopped first (stop_merges), so that the values' table holds a small part beside
+    the others, each value's in every granule of the big one. Ids of their own each run."""
+    stop_merges(store)
+    rng, run = random.Random(), time.time_ns()
+    end = int(ANCHOR.timestamp() * 1000)
+    store.append(
+        [
+            Event(
+                id=f"tail-{run}-{n}",
+                account_id="acct-0",
+                metric="Sessions",
+                ts_ms=end - rng.randrange(6 * 3_600_000),
+                dimensions={"session_id": f"sess-{rng.randrange(200_000)}"},
+            )
+            for n in range(events)
+        ]
+    )
+
+
+def final_variants(store: ClickHouseStore, runs: int, source: Path | None = None) -> None:
+    """The Sessions statement (one account's distinct values counted as rows, FINAL) on the
+    store as it is (a live tail's parts, a backfill's, one part), in turn (CLOCK, medians),
+    answers checked equal: as ``source``'s planner (main's, say) plans it and as this one
+    does; round 15's variants of its windows' count (each row's windows with TOTAL pushed in
+    front, round 14's; the total by each row's position among its windows; without the
+    total, a floor); and the statement's parts: the account's rows read plainly, merged by
+    key alone (FINAL), with ``hours``, each row's windows (d) made. Merges are stopped
+    (main, stop_merges): the parts stay as they are found. Round 14's variants of FINAL
+    (its threads, a PREWHERE, hours by concatenation) are in its version of this file."""
     assert isinstance(store.transport, ChdbTransport)
     transport, table = store.transport, "distinct_values"
-    (plan,) = store.plans(asked(store, questions()[SHORT["sessions"]]))
+    spec = asked(store, questions()[SHORT["sessions"]])
+    (plan,) = store.plans(spec)
     planned = plan.sql
-    # The statement as round 14 planned it, FINAL's threads the server's: the reference.
-    wrapped = ("SELECT * FROM (", f" SETTINGS {chplan.FINAL_SETTINGS})")
-    if not (planned.startswith(wrapped[0]) and planned.endswith(wrapped[1])):
+    made = re.search(r"WITH (.*) AS d SELECT d, .* WHERE (.*) SETTINGS ", planned)
+    if made is None or f"FROM {table} FINAL " not in planned:
         raise SystemExit("the Sessions statement does not count the values as rows")
-    sql = planned[len(wrapped[0]) : -len(wrapped[1])]
-    head, _, tail = sql.partition(" WHERE ")
-    where, _, grouped = tail.partition(" GROUP BY ")
-    if f"FROM {table} FINAL " not in head or not grouped:
-        raise SystemExit("the Sessions statement does not count the values as rows")
-    bounds = re.search(r"x >= (\d+) AND x < (\d+)", head)  # the range's entries
-    if bounds is None:
-        raise SystemExit("the Sessions statement has no range of entries")
-    lo, hi = bounds.groups()
-
-    def pre(condition: str, settings: str = "") -> str:
-        statement = f"{head} PREWHERE {where} AND {condition} GROUP BY {grouped}"
-        return f"SELECT * FROM ({statement} SETTINGS {settings})" if settings else statement
-
-    scratch = ChdbTransport(transport._shared.path, FINAL_PROTO)
-    scratch.command(f"DROP TABLE IF EXISTS {table}")
-    scratch.command(
-        f"CREATE TABLE {table} (account String, metric LowCardinality(String),"
-        " name LowCardinality(String), v String,"
-        " hours SimpleAggregateFunction(groupArrayArray, Array(Int32)))"
-        " ENGINE = AggregatingMergeTree ORDER BY (account, metric, name, v)"
-    )
-    scratch.command(f"SYSTEM STOP MERGES {table}")  # as many parts as the store's
-    db = transport.database
+    found, where = made.groups()
+    rows = f"FROM {table} FINAL WHERE {where} SETTINGS {chplan.FINAL_SETTINGS}"
     parts = transport.query(
-        f"SELECT name, rows FROM system.parts WHERE database = {db!r} AND table = {table!r}"
-        " AND active ORDER BY name"
+        "SELECT rows FROM system.parts WHERE database = currentDatabase()"
+        f" AND table = {table!r} AND active ORDER BY name"
     )
-    for part, _rows in parts:
-        scratch.command(
-            f"INSERT INTO {table} SELECT * FROM {db}.{table} WHERE _part = {part!r}"
-            " SETTINGS optimize_on_insert = 0, max_insert_block_size = 100000000,"
-            " min_insert_block_size_rows = 100000000"
-        )
-    print(f"{table}: {len(parts)} parts, rows " + ", ".join(f"{int(r):,}" for _, r in parts))
+    print(f"{table}: {len(parts)} parts, rows " + ", ".join(f"{int(r):,}" for (r,) in parts))
     print()
-    entries = f"arrayFilter(x -> x >= {lo} AND x < {hi}, hours)"
+    zipped = (
+        "SELECT t.1, t.2 FROM (SELECT arrayJoin(if(count() = 0, [], arrayPushFront(arrayZip("
+        "groupArray(toInt64(idx)), groupArray(toInt64(c))), (-1, toInt64(sum(f)))))) AS t"
+        " FROM ({}))"
+    )
     steps: dict[str, Callable[[], object]] = {}
-    for label, statement, on in (
-        ("FINAL, the server's threads (round 14)", sql, transport),
-        ("as planned (FINAL, max_final_threads = 1)", planned, transport),
-        ("PREWHERE an entry in the range", pre(f"notEmpty({entries})"), transport),
-        (
-            "PREWHERE the entries' minimum and maximum",
-            pre(f"arrayMax(hours) >= {lo} AND arrayMin(hours) < {hi}"),
-            transport,
+    if source is not None:
+        theirs = _Planned(store, _module("against_chplan", source / "store" / "chplan.py"))
+        (before,) = theirs.planner.plan_aggregate(spec, **theirs.flags)
+        steps["before (the --against version's plan)"] = lambda: transport.query(before.sql)
+    variants = {
+        "as planned": planned,
+        "TOTAL pushed in front of each row's windows (round 14's count)": (
+            f"SELECT * FROM (WITH {found} AS d SELECT idx, countIf(name != '') FROM {table}"
+            f" FINAL ARRAY JOIN if(empty(d), d, arrayPushFront(d, -1)) AS idx WHERE {where}"
+            f" GROUP BY idx SETTINGS {chplan.FINAL_SETTINGS})"
         ),
-        (
-            "the same, max_final_threads = 1",
-            pre(
-                f"arrayMax(hours) >= {lo} AND arrayMin(hours) < {hi}",
-                "max_final_threads = 1",
-            ),
-            transport,
+        "the total by position (arrayEnumerate joined beside the windows)": zipped.format(
+            f"SELECT idx, countIf(name != '') AS c, countIf(name != '' AND pos = 1) AS f"
+            f" FROM (SELECT * FROM (WITH {found} AS d SELECT d, name {rows}))"
+            " ARRAY JOIN d AS idx, arrayEnumerate(d) AS pos GROUP BY idx"
         ),
-        ("hours by concatenation (groupArrayArray)", sql, scratch),
-        (
-            "the account's rows, plainly: count()",
-            f"SELECT count() FROM {table} WHERE {where}",
-            transport,
-        ),
-        (
-            "merged by key alone: count() FINAL",
-            f"SELECT count() FROM {table} FINAL WHERE {where}",
-            transport,
-        ),
-        (
-            "merged with hours: sum(length(hours)) FINAL",
-            f"SELECT sum(length(hours)) FROM {table} FINAL WHERE {where}",
-            transport,
-        ),
-        (
-            "the same, hours by concatenation",
-            f"SELECT sum(length(arrayDistinct(hours))) FROM {table} FINAL WHERE {where}",
-            scratch,
-        ),
-    ):
-        steps[label] = lambda s=statement, t=on: t.query(s)
+    }
+    for label, statement in variants.items():
+        steps[label] = lambda s=statement: transport.query(s)
     answers = {label: sorted(map(tuple, step())) for label, step in steps.items()}
-    planned = answers["FINAL, the server's threads (round 14)"]
-    for label in list(answers)[:6]:
-        if answers[label] != planned:
-            raise SystemExit(f"{label}: the answer differs from round 14's statement")
-    if (
-        answers["merged with hours: sum(length(hours)) FINAL"]
-        != answers["the same, hours by concatenation"]
-    ):
-        raise SystemExit("the concatenated hours' union differs")
+    if any(answer != answers["as planned"] for answer in answers.values()):
+        raise SystemExit("a variant's answer differs from the planned statement's")
+    floors = {
+        "without the total (a floor, not the answer)": (
+            f"SELECT idx, sum(h) FROM (SELECT * FROM (WITH {found} AS d SELECT d,"
+            f" toUInt8(name != '') AS h {rows})) ARRAY JOIN d AS idx GROUP BY idx"
+        ),
+        "the account's rows, plainly: count()": f"SELECT count() FROM {table} WHERE {where}",
+        "merged by key alone: count() FINAL": f"SELECT count() {rows}",
+        "merged with hours: sum(length(hours)) FINAL": f"SELECT sum(length(hours)) {rows}",
+        "each row's windows made: sum(length(d)) FINAL": (f"SELECT sum(length({found})) {rows}"),
+    }
+    for label, statement in floors.items():
+        steps[label] = lambda s=statement: transport.query(s)
     ms = _in_turn(steps, runs)
-    first = ms["FINAL, the server's threads (round 14)"]
-    print("| Sessions' statement, heavy account, 90 days | median | round 14 / this |")
+    first = ms["as planned"]
+    print("| Sessions' statement, heavy account, 90 days | median | this / planned |")
     print("|---|---:|---:|")
     for label, median in ms.items():
-        print(f"| {label} | {median:.1f} ms | {first / median:.2f} |")
+        print(f"| {label} | {median:.1f} ms | {median / first:.2f} |")
     print()
-    scratch.command(f"DROP DATABASE {FINAL_PROTO}")
-    scratch.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -796,6 +775,13 @@ def main(argv: list[str] | None = None) -> int:
         help="only the Sessions statement's FINAL and variants of it, on the store as it is",
     )
     parser.add_argument(
+        "--tail",
+        type=int,
+        default=0,
+        help="first append a live tail of this many of the heavy account's Sessions, merges"
+        " stopped (a small part beside the others)",
+    )
+    parser.add_argument(
         "--cpu",
         action="store_true",
         help="time the comparisons and the breakdown in CPU time rather than wall time",
@@ -817,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
             peer = loader.transport
         if args.final:
             stop_merges(store)
+        if args.tail:
+            live_tail(store, args.tail)
         if args.merged is not None:  # the store as loaded: not settled meanwhile (chsettle)
             for table in ROLLUPS:
                 store.transport.command(f"SYSTEM STOP MERGES {table}")
@@ -833,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             store.close()
             return 0
         if args.final:
-            final_variants(store, peer, args.runs)
+            final_variants(store, args.runs, args.against)
             peer.close()
             store.close()
             return 0
