@@ -74,6 +74,8 @@ from usagemeter.store.schema import (
     INDEXED_EVERY_BATCH,
     MERGE_ALL,
     MERGE_DENSE,
+    MERGE_TIMES_ALL,
+    MERGE_TIMES_UP_TO,
     MERGE_UP_TO,
     ONE_LEVEL,
     ROLLUP_COLUMNS,
@@ -83,6 +85,8 @@ from usagemeter.store.schema import (
     TIME_EVENTS,
     TIMED_BEFORE,
     TIMED_BETWEEN,
+    TIMES_AT_ONE_LEVEL,
+    TIMES_BOUND,
     UNTIME_GONE,
     fold_events,
     fold_selected,
@@ -117,6 +121,10 @@ MERGE_EVENTS = 1_000_000
 # the other rollups), in one transaction: a merge holds the writer a step at a time, and
 # batches waiting meanwhile commit between steps.
 MERGE_STEP = 100_000
+# Entries of the recent ``event_times_recent`` one step of a merge moves (those of the
+# earliest times), in one transaction, once the rollups' steps are done: spread over 120
+# days, 100,000 of them rewrite about a tenth of the big table's pages.
+MERGE_TIMES_STEP = 100_000
 # Appends paused this long: merge the recent level, whatever it holds. A question reads the
 # recent level only while it holds cells of its metric and accounts, and then costs more (a
 # 90-day report of the heavy account of a store of 10M, with 900,000 events in the recent
@@ -382,19 +390,23 @@ class SQLiteStore(SqlCorrections, LimitTables):
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
         ).fetchone()
         conn.executescript(SCHEMA)
-        if existed and version != SCHEMA_VERSION:
+        if existed and version not in (SCHEMA_VERSION, TIMES_AT_ONE_LEVEL):
             # A version before this one folded into the big rollups alone; one that opened
             # this file after this version had rebuilt them from the events, the recent
             # cells' included: what the recent level holds is counted there already.
             for table in ROLLUP_TABLES:
                 conn.execute(f"DELETE FROM {table}{RECENT}")
             conn.execute("UPDATE recent_events SET events = 0")
+        if existed and version != SCHEMA_VERSION:
+            # Only this version writes recent entries by time; one before that opened this
+            # file after it built event_times again from every folded event, theirs too.
+            conn.execute("DELETE FROM event_times_recent")
         if existed and version == FOLDED_EVERY_BATCH:
             conn.execute("UPDATE folded SET seq = (SELECT coalesce(max(seq), 0) FROM events)")
         timed = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event_times'"
         ).fetchone()
-        if version not in (SCHEMA_VERSION, ONE_LEVEL) or not timed:
+        if version not in (SCHEMA_VERSION, TIMES_AT_ONE_LEVEL, ONE_LEVEL) or not timed:
             # Built anew whenever a version before 4 wrote the file last: it may have folded
             # events without their entries (4 kept them as this one does).
             if existed:
@@ -402,6 +414,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             self._with_temporary_files(lambda: self._in_transaction(self._time_folded_events))
         if existed and version not in (
             SCHEMA_VERSION,
+            TIMES_AT_ONE_LEVEL,
             ONE_LEVEL,
             INDEXED_EVERY_BATCH,
             FOLDED_EVERY_BATCH,
@@ -423,11 +436,12 @@ class SQLiteStore(SqlCorrections, LimitTables):
         indexed = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'events_ts'"
         ).fetchone()
-        insert = TIME_EVENTS.format(where="seq <= (SELECT seq FROM folded)")
+        insert = TIME_EVENTS.format(table="event_times", where="seq <= (SELECT seq FROM folded)")
         if indexed:
             insert = insert.replace("FROM events", "FROM events INDEXED BY events_ts")
         conn.execute("DROP TABLE IF EXISTS event_times")
         conn.execute(EVENT_TIMES)
+        conn.execute("DELETE FROM event_times_recent")  # every folded event is in the big one
         conn.execute(insert)
         conn.execute("DROP INDEX IF EXISTS events_ts")
 
@@ -486,8 +500,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
         start, end = conn.execute(
             "SELECT seq, (SELECT coalesce(max(seq), 0) FROM events) FROM folded"
         ).fetchone()
-        if end > start:  # the events of this run, found by time from now on
-            conn.execute(TIME_EVENTS.format(where="seq > ? AND seq <= ?"), (start, end))
+        if end > start:  # the events of this run, found by time from now on (recent level)
+            run = TIME_EVENTS.format(table="event_times_recent", where="seq > ? AND seq <= ?")
+            conn.execute(run, (start, end))
         if rebuild:
             for table in ROLLUP_TABLES:
                 conn.execute(f"DELETE FROM {table}")
@@ -524,27 +539,39 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     def merge_step(self) -> bool:
         """One step of a merge, in one transaction: the recent cells of the first accounts
-        (about MERGE_STEP cells of ``rollup``) into the big tables, in key order; whether it
-        was the last (the recent level is empty, its count of events back to 0). A SIGKILL
-        leaves each step done or undone: every cell is in one level or the other."""
+        (about MERGE_STEP cells of ``rollup``) into the big tables, in key order; once fewer
+        are left, the recent entries by time of the earliest times (MERGE_TIMES_STEP); then
+        all that is left of both; whether it was the last (the recent level is empty, its
+        count of events back to 0). A SIGKILL leaves each step done or undone: every cell
+        and every entry is in one level or the other."""
         with self._write_lock:
             conn = self._writer
             bound = conn.execute(
                 f"SELECT metric, account FROM rollup{RECENT} LIMIT 1 OFFSET ?", (MERGE_STEP,)
             ).fetchone()
+            times = None
+            if bound is None:
+                times = conn.execute(TIMES_BOUND, (MERGE_TIMES_STEP,)).fetchone()
+            last = bound is None and times is None
 
             def step(conn: sqlite3.Connection) -> None:
-                for statement in MERGE_ALL if bound is None else MERGE_UP_TO:
-                    conn.execute(statement, () if bound is None else tuple(bound))
-                if bound is None:
+                if bound is not None:
+                    for statement in MERGE_UP_TO:
+                        conn.execute(statement, tuple(bound))
+                elif times is not None:
+                    for statement in MERGE_TIMES_UP_TO:
+                        conn.execute(statement, tuple(times))
+                else:
+                    for statement in (*MERGE_ALL, *MERGE_TIMES_ALL):
+                        conn.execute(statement)
                     conn.execute("UPDATE recent_events SET events = 0")
 
             # Its statements change many pages of the big tables: their statement journals
             # in temporary files, as a fold's (see ``fold``).
             self._with_temporary_files(lambda: self._in_transaction(step))
-            if bound is None:
+            if last:
                 self._recent_held = False
-        return bound is None
+        return last
 
     def merge_dense(self) -> int:
         """Merge the recent cells of each dense (metric, account) (see DENSE_SHARE) into the
@@ -1366,10 +1393,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     @staticmethod
     def _recent(conn: sqlite3.Connection) -> bool:
-        """Whether the rollups' recent level holds any cell."""
+        """Whether the recent level holds any cell, or any entry by time."""
+        tables = (*(f"{table}{RECENT}" for table in ROLLUP_TABLES), "event_times_recent")
         found = conn.execute(
-            "SELECT "
-            + " OR ".join(f"EXISTS (SELECT 1 FROM {table}{RECENT})" for table in ROLLUP_TABLES)
+            "SELECT " + " OR ".join(f"EXISTS (SELECT 1 FROM {table})" for table in tables)
         ).fetchone()
         return bool(found[0])
 
@@ -1497,13 +1524,15 @@ class SQLiteStore(SqlCorrections, LimitTables):
         run("DROP TABLE IF EXISTS temp.gone_times", ())
         run(f"CREATE TEMP TABLE gone_times AS {GONE_TIMES.format(where=where)}", params)
         run("DELETE FROM events WHERE seq IN (SELECT seq FROM temp.gone_times)", ())
-        run(UNTIME_GONE, ())
+        for untime in UNTIME_GONE:
+            run(untime, ())
         gone = run("SELECT count(*) FROM temp.gone_times", ())
         run("DROP TABLE temp.gone_times", ())
         return int(gone[0][0])
 
     def _time_added(self, run: Run, account: int, event_id: str) -> None:
-        run(TIME_EVENTS.format(where="account = ? AND event_id = ?"), (account, event_id))
+        where = "account = ? AND event_id = ?"
+        run(TIME_EVENTS.format(table="event_times_recent", where=where), (account, event_id))
 
     def _gone(self, run: Run, account: int, ids: Sequence[str]) -> set[str]:
         rows = run(
