@@ -12,7 +12,9 @@ Layout:
   events, and a copy of each in ``unfolded``; the rollups catch up in long runs (see
   sqlite.py), and meanwhile queries read the rollups and ``unfolded`` together.
 - ``event_times`` finds the folded events by time (a ragged end, a void's or retention's
-  range); the fold writes it, so a commit dirties no page of it.
+  range); the fold writes it, so a commit dirties no page of it. It has a level of recent
+  entries too (``event_times_recent``, merged with the rollups' recent level), and the two
+  are read as one through the view ``event_times_all``.
 - Each rollup has a level of recent cells beside it (``rollup_recent``, ...: same keys and
   columns): the fold writes there, and a merge moves those cells into the big tables in
   key order, many runs at once (see ``_EVENT_FOLDS``); ``recent_events`` counts what the

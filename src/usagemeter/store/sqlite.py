@@ -12,7 +12,7 @@ is written once per run instead of once per batch; meanwhile every question read
 rollups and the waiting events together (sqlplan's ``pending``), so an acknowledged event
 is in the next answer of every endpoint without a question waiting for a fold. The fold is
 one transaction that moves the ``folded`` mark with the rollups it wrote, writes the run's
-entries in ``event_times`` (the folded events by time) and empties ``unfolded``: a crash
+entries by time (the recent level of ``event_times``) and empties ``unfolded``: a crash
 loses no event and counts none twice. The fold writes the rollups' level of recent cells;
 once it holds MERGE_EVENTS events, the committer merges it into the big rollups a step at
 a time between groups (``merge_step``), each step one transaction; once appends pause, it
@@ -146,7 +146,8 @@ DENSE_HOURS = 200
 # Dense pairs one step of that merge moves, in one transaction; the committer takes the
 # batches waiting meanwhile between steps. Why: in one transaction, the 102 pairs of a
 # backfill of 900,000 into 10M held the writer 4.5 s, and a batch that arrived then waited
-# all of it; a step of 8 such pairs takes 0.1 to 0.6 s (the heavy account's first).
+# all of it; a step of 8 such pairs takes 0.1 to 0.6 s (the heavy account's first), its
+# commit sometimes carrying a checkpoint, as any commit may.
 DENSE_STEP = 8
 # Kept row ids looked up again once expired (a few statements, a few ms a second); above
 # this many, forgotten instead, as looking them all up would cost more than it saves.
