@@ -23,7 +23,7 @@ from usagemeter.corrections import Amendment, VoidSelector
 from usagemeter.model import Account, Event
 from usagemeter.store import sqlite as sqlite_module
 from usagemeter.store.base import AggregateSpec, Measure, Window
-from usagemeter.store.schema import INDEXED_EVERY_BATCH, SCHEMA_VERSION
+from usagemeter.store.schema import INDEXED_EVERY_BATCH, SCHEMA_VERSION, TIMES_AT_ONE_LEVEL
 from usagemeter.store.sqlite import SQLiteStore
 
 BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
@@ -59,8 +59,9 @@ def _expected(events: list[Event], account: str, metric: str, windows: tuple[Win
 
 
 def _times(conn: sqlite3.Connection) -> tuple[list[tuple], list[tuple]]:
-    """The entries of event_times, and what they should be: every folded event's."""
-    entries = conn.execute("SELECT ts, metric, account, seq FROM event_times ORDER BY seq")
+    """The entries of event_times at both levels, and what they should be: every folded
+    event's, once (in one level)."""
+    entries = conn.execute("SELECT ts, metric, account, seq FROM event_times_all ORDER BY seq")
     folded = conn.execute(
         "SELECT ts, metric, account, seq FROM events"
         " WHERE seq <= (SELECT seq FROM folded) ORDER BY seq"
@@ -91,6 +92,7 @@ steps = st.lists(
     st.one_of(
         st.tuples(st.just("append"), st.lists(_event, min_size=1, max_size=12)),
         st.tuples(st.just("fold"), st.just(())),
+        st.tuples(st.just("merge step"), st.just(())),
         st.tuples(st.just("ask"), st.lists(OFFSETS, min_size=2, max_size=4)),
         st.tuples(st.just("void ids"), st.lists(st.integers(0, 100), min_size=1, max_size=3)),
         st.tuples(st.just("void range"), st.lists(OFFSETS, min_size=2, max_size=2)),
@@ -129,6 +131,19 @@ steps = st.lists(
     ],
     fold_every=10**9,
 )
+# Entries split between the levels by a merge cut short: a ragged end reads both, a void of
+# one in each finds and removes each where it is.
+@example(
+    steps=[
+        ("append", [("a", "m", 7, 5, 1), ("a", "m", 9, 4, 2), ("a", "m", 11, 3, 3)]),
+        ("fold", ()),
+        ("merge step", ()),  # two entries into the big table, the third left
+        ("ask", [5, 10]),
+        ("void ids", [0, 2]),
+        ("ask", [5, 12]),
+    ],
+    fold_every=10**9,
+)
 # An amend's replacement, stored and folded by the correction itself, is read in a ragged end.
 @example(
     steps=[("append", [("a", "m", 7, 5, 1)]), ("amend", (0, 3)), ("ask", [5, 9])],
@@ -142,6 +157,10 @@ def test_ragged_ends_read_folded_and_waiting_events_as_the_reference(
 ) -> None:
     monkeypatch.setattr(sqlite_module, "FOLD_EVENTS", fold_every)
     monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 3600.0)
+    # A merge's steps move a cell, then an entry by time, at a time: entries split between
+    # the levels in any way.
+    monkeypatch.setattr(sqlite_module, "MERGE_STEP", 1)
+    monkeypatch.setattr(sqlite_module, "MERGE_TIMES_STEP", 1)
     store = _open(tmp_path / f"times-{os.urandom(4).hex()}.db")
     stored: list[Event] = []  # in the order stored: a replacement after every other
     taken: set[tuple[str, str]] = set()
@@ -155,9 +174,9 @@ def test_ragged_ends_read_folded_and_waiting_events_as_the_reference(
             store.append(list(batch.values()))
             stored.extend(e for ident, e in batch.items() if ident not in taken)
             taken.update(batch)
-        elif action == "fold":
-            store.fold()
-            assert _waiting(store) == 0
+        elif action in ("fold", "merge step"):
+            store.fold() if action == "fold" else store.merge_step()
+            assert _waiting(store) == 0 or action == "merge step"
             entries, folded = _times(store._reader())
             assert entries == folded
         elif action == "ask":
@@ -350,3 +369,79 @@ def test_retention_and_deletion_drop_their_events_entries_and_keep_the_others(
     for account in ACCOUNTS:
         assert _answer(store, account, "m", late) == _expected(kept, account, "m", late)
     store.close()
+
+
+def _spread(count: int, prefix: str = "e") -> list[Event]:
+    return [
+        Event(f"{prefix}{i}", ACCOUNTS[i % 2], METRICS[i % 3 % 2], BASE_MS + i * 997_003, 1.0)
+        for i in range(count)
+    ]
+
+
+def _ragged(store: SQLiteStore, events: list[Event]) -> None:
+    """Every account's and metric's answer over windows with ragged ends, as the reference."""
+    windows = _windows([7, SLOT_MS + 5, HOUR_MS * 9 + 11, DAY_MS + 1, 2 * DAY_MS - 3])
+    for account in ACCOUNTS:
+        for metric in METRICS:
+            expected = _expected(events, account, metric, windows)
+            assert _answer(store, account, metric, windows) == expected
+
+
+def test_a_file_of_version_5_opens_with_its_recent_cells_and_its_entries_at_one_level(
+    db_path: Path,
+) -> None:
+    """Version 5 kept every entry by time in event_times: such a file opens as it is (its
+    recent rollup cells kept, nothing rebuilt), and its folds then write recent entries."""
+    store = _open(db_path)
+    events = _spread(200)
+    store.append(events)
+    store.fold()
+    store.close()
+    conn = sqlite3.connect(db_path)
+    cells = conn.execute("SELECT count(*) FROM rollup_recent").fetchone()[0]
+    conn.execute("INSERT INTO event_times SELECT * FROM event_times_recent")
+    conn.execute("DROP VIEW event_times_all")
+    conn.execute("DROP TABLE event_times_recent")
+    conn.execute(f"PRAGMA user_version = {TIMES_AT_ONE_LEVEL}")
+    conn.commit()
+    conn.close()
+    reopened = _open(db_path)
+    assert reopened._writer.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert reopened._writer.execute("SELECT count(*) FROM rollup_recent").fetchone()[0] == cells
+    assert reopened._writer.execute("SELECT count(*) FROM event_times").fetchone()[0] == 200
+    _ragged(reopened, events)
+    more = _spread(100, "f")
+    reopened.append(more)
+    reopened.fold()
+    recent = reopened._writer.execute("SELECT count(*) FROM event_times_recent").fetchone()[0]
+    assert recent == 100
+    _ragged(reopened, [*events, *more])
+    reopened.merge()
+    assert reopened._writer.execute("SELECT count(*) FROM event_times").fetchone()[0] == 300
+    _ragged(reopened, [*events, *more])
+    reopened.close()
+
+
+def test_a_file_version_5_opened_after_this_one_drops_its_recent_entries(db_path: Path) -> None:
+    """Version 5, opening a file of this one, builds event_times again from every folded
+    event (it knows no recent entries) and leaves the recent ones behind: opened here
+    again, they are dropped rather than found twice."""
+    store = _open(db_path)
+    events = _spread(150)
+    store.append(events)
+    store.fold()
+    store.close()
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT count(*) FROM event_times_recent").fetchone()[0] == 150
+    conn.execute("DELETE FROM event_times")  # what version 5 did: every folded event's entry
+    conn.execute(
+        "INSERT INTO event_times SELECT ts, metric, account, seq FROM events"
+        " WHERE seq <= (SELECT seq FROM folded)"
+    )
+    conn.execute(f"PRAGMA user_version = {TIMES_AT_ONE_LEVEL}")
+    conn.commit()
+    conn.close()
+    reopened = _open(db_path)
+    assert reopened._writer.execute("SELECT count(*) FROM event_times_recent").fetchone()[0] == 0
+    _ragged(reopened, events)
+    reopened.close()

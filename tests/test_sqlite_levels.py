@@ -55,6 +55,9 @@ def to_one_level(conn: sqlite3.Connection) -> None:
     for table in ROLLUP_TABLES:
         conn.execute(f"DROP TABLE {table}_recent")
     conn.execute("DROP TABLE recent_events")
+    conn.execute("INSERT INTO event_times SELECT * FROM event_times_recent")
+    conn.execute("DROP VIEW event_times_all")
+    conn.execute("DROP TABLE event_times_recent")
     conn.execute(f"PRAGMA user_version = {ONE_LEVEL}")
     conn.commit()
 
@@ -89,14 +92,18 @@ def _windows(zone: str, granularity: Granularity, start: int, end: int) -> tuple
     return tuple(Window(i, lo, hi) for i, (lo, hi) in enumerate(itertools.pairwise(edges)))
 
 
-def _answer(store: SQLiteStore, account: str, windows: tuple[Window, ...]) -> dict:
-    spec = AggregateSpec((account,), "m", windows, MEASURES, totals=True)
+def _answer(
+    store: SQLiteStore, account: str, windows: tuple[Window, ...], metric: str = "m"
+) -> dict:
+    spec = AggregateSpec((account,), metric, windows, MEASURES, totals=True)
     return {row.window: row.values for row in store.aggregate(spec)}
 
 
-def _expected(events: list[Event], account: str, windows: tuple[Window, ...]) -> dict:
+def _expected(
+    events: list[Event], account: str, windows: tuple[Window, ...], metric: str = "m"
+) -> dict:
     """Folding the stored events one by one in the order they were stored."""
-    return fold_cells(events, windows, lambda e: e.account_id == account)
+    return fold_cells(events, windows, lambda e: e.account_id == account and e.metric == metric)
 
 
 _event = st.tuples(
@@ -195,6 +202,8 @@ def test_questions_read_both_levels_and_the_waiting_events_as_the_reference(
     monkeypatch.setattr(sqlite_module, "DENSE_HOURS", dense_hours)
     monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 3600.0)
     monkeypatch.setattr(sqlite_module, "MERGE_STEP", step_cells)
+    monkeypatch.setattr(sqlite_module, "MERGE_TIMES_STEP", step_cells)
+    monkeypatch.setattr(sqlite_module, "DENSE_STEP", 1)  # each dense pair its own step
     store = _open(tmp_path / f"levels-{os.urandom(4).hex()}.db")
     stored: list[Event] = []  # in the order stored: a replacement after every other
     taken: set[tuple[str, str]] = set()
@@ -220,8 +229,8 @@ def test_questions_read_both_levels_and_the_waiting_events_as_the_reference(
             slots = _cells(store, "_recent")
             store.merge_dense()
             if dense_hours == 1:  # every account with a recent hour is dense
-                with store._write_lock:
-                    assert not store._recent(store._writer)
+                for table in ROLLUP_TABLES:
+                    assert _scalar(store, f"SELECT count(*) FROM {table}_recent") == 0
             elif dense_hours == 10**9:
                 assert _cells(store, "_recent") == slots
         elif action == "ask":
@@ -349,6 +358,57 @@ def test_the_committer_merges_a_dense_accounts_cells_once_appends_pause(
     windows = _windows("Asia/Kathmandu", Granularity.DAY, BASES[0], BASES[0] + SPAN_MS)
     for account in ACCOUNTS:
         assert _answer(store, account, windows) == _expected(events, account, windows)
+    store.close()
+
+
+def test_a_batch_arriving_during_the_dense_merge_commits_between_its_steps(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Account a is dense in four metrics: the merge at the pause moves them a pair a step
+    (DENSE_STEP), and a batch sent during its first step is committed, acknowledged, before
+    its last; the merge still moves every dense cell, and the answers stay the reference's."""
+    monkeypatch.setattr(sqlite_module, "IDLE_FOLD_SECONDS", 0.02)
+    monkeypatch.setattr(sqlite_module, "DENSE_HOURS", 20)
+    monkeypatch.setattr(sqlite_module, "DENSE_STEP", 1)
+    store = _open(db_path)
+    metrics = ("m", "n", "o", "p")
+    events = [
+        Event(f"{metric}{i}", "a", metric, BASES[0] + i * HOUR_MS + i, 1.0)
+        for metric in metrics
+        for i in range(30)
+    ]
+    late = [Event("late", "b", "m", BASES[0] + 5, 7.0)]
+    done: list[str] = []
+    sent: list[Any] = []
+    merge_pairs, commit_group = store.merge_pairs, store._commit_group
+
+    def step(pairs: Any) -> None:
+        if not sent:  # a batch arriving while the first step holds the writer
+            sent.append(store.submit(late))
+        merge_pairs(pairs)
+        done.append("step")
+
+    def group(batches: Any) -> None:
+        commit_group(batches)
+        if sent:  # the late batch's group, not the first
+            done.append("group")
+
+    monkeypatch.setattr(store, "merge_pairs", step)
+    monkeypatch.setattr(store, "_commit_group", group)
+    store.append(events)
+    deadline = time.monotonic() + 30
+    while done.count("step") < len(metrics):
+        assert time.monotonic() < deadline, f"the dense merge never ended: {done}"
+        time.sleep(0.01)
+    assert done.index("group") < len(done) - 1, done  # between two steps, not after all
+    assert sent[0].result(timeout=10).accepted == 1
+    a_left = "SELECT count(*) FROM rollup_hour_recent r JOIN accounts a ON a.rid = r.account"
+    assert _scalar(store, f"{a_left} WHERE a.id = 'a'") == 0
+    windows = _windows("America/New_York", Granularity.DAY, BASES[0], BASES[0] + SPAN_MS)
+    for account in ACCOUNTS:
+        for metric in metrics:
+            expected = _expected([*events, *late], account, windows, metric)
+            assert _answer(store, account, windows, metric) == expected
     store.close()
 
 

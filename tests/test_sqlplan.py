@@ -101,9 +101,10 @@ def test_golden_sql() -> None:
         " AND x.billable = ?"
         " UNION ALL SELECT rw.idx AS idx, x.account AS account, x.key AS key, x.dimset AS dimset,"
         " 1 AS cnt, x.value AS total, x.value AS vmin, x.value AS vmax, x.ts AS last_ts,"
-        " x.value AS last_val FROM rw JOIN event_times t"
-        " ON t.metric = ? AND t.account IN (?) AND t.ts >= rw.lo AND t.ts < rw.hi"
-        " JOIN events x ON x.seq = t.seq AND x.billable = ?"
+        " x.value AS last_val FROM rw JOIN events x ON x.seq IN (SELECT t.seq"
+        " FROM event_times_all t"
+        " WHERE t.metric = ? AND t.account IN (?) AND t.ts >= rw.lo AND t.ts < rw.hi)"
+        " AND x.billable = ?"
         ") AS s LEFT JOIN keys k ON k.rid = s.key GROUP BY s.idx, g0"
     )
     assert plan.params == (

@@ -12,7 +12,9 @@ Layout:
   events, and a copy of each in ``unfolded``; the rollups catch up in long runs (see
   sqlite.py), and meanwhile queries read the rollups and ``unfolded`` together.
 - ``event_times`` finds the folded events by time (a ragged end, a void's or retention's
-  range); the fold writes it, so a commit dirties no page of it.
+  range); the fold writes it, so a commit dirties no page of it. It has a level of recent
+  entries too (``event_times_recent``, merged with the rollups' recent level), and the two
+  are read as one through the view ``event_times_all``.
 - Each rollup has a level of recent cells beside it (``rollup_recent``, ...: same keys and
   columns): the fold writes there, and a merge moves those cells into the big tables in
   key order, many runs at once (see ``_EVENT_FOLDS``); ``recent_events`` counts what the
@@ -25,7 +27,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from usagemeter.store.sqlplan import DAY_MS, HOUR_MS, RECENT, SQLITE
+from usagemeter.store.sqlplan import DAY_MS, HOUR_MS, RECENT, SQLITE, TIMES
 from usagemeter.timewindows import SLOT_MS
 
 PORTAL_TOKENS = """
@@ -195,7 +197,7 @@ UPSERT_SET = """ON CONFLICT DO UPDATE SET
     last_ts = max(last_ts, excluded.last_ts)
 """
 
-SCHEMA_VERSION = 5  # PRAGMA user_version; a file of another version has its rollups rebuilt
+SCHEMA_VERSION = 6  # PRAGMA user_version; a file of another version has its rollups rebuilt
 # Version 2 folded every batch into the rollups as it stored it: a file it wrote has folded
 # all its events, and needs no rebuild, only the mark that says so.
 FOLDED_EVERY_BATCH = 2
@@ -206,6 +208,11 @@ INDEXED_EVERY_BATCH = 3
 # level (and one it opened last, after this version, has its recent level emptied: it
 # rebuilt the big rollups from the events, recent cells included).
 ONE_LEVEL = 4
+# Version 5 kept the rollups at two levels, and the folded events by time at one: a file it
+# wrote opens as it is, its recent cells kept (and one it opened last, after this version,
+# has its recent entries by time dropped: it built ``event_times`` again from every folded
+# event, those entries' events included).
+TIMES_AT_ONE_LEVEL = 5
 
 # The folded events by time, for the ragged millisecond ends of a range (each shorter than
 # a 15-minute slot), the voids' and retention's time filters. The fold writes it, not each
@@ -226,22 +233,56 @@ EVENT_TIMES = """CREATE TABLE event_times (
     PRIMARY KEY (ts, metric, account, seq)
 ) WITHOUT ROWID"""
 _TIME_COLUMNS = "ts, metric, account, seq"
-# The events of ``where`` into event_times, in its key's order (a run's entries then fill
-# each page they touch at once, and a sorted copy of the old index needs no sort).
+# The folded events by time at two levels, as the rollups (below): a fold writes its run's
+# entries into ``event_times_recent``, small enough to stay in the writer's cache, and a
+# merge moves them into ``event_times`` in its key order, a range of times a step. Why: a
+# backfill's times are random, so a run of 200,000 spread events into a store of 10M wrote
+# 50,000 of the big table's pages (a quarter of all the WAL a backfill wrote, round 15); a
+# merge writes each of them once for the many runs it gathers. Each entry is in one level.
+EVENT_TIMES_RECENT = EVENT_TIMES.replace("event_times", "event_times_recent", 1)
+SCHEMA += f"""
+{EVENT_TIMES_RECENT.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1)};
+"""
+# Both levels, read as one (sqlplan's TIMES): a condition on it, a window's bounds
+# included, is pushed into each level and found there by its key. A view: nothing is stored
+# twice.
+SCHEMA += f"""
+CREATE VIEW IF NOT EXISTS {TIMES} AS SELECT {_TIME_COLUMNS} FROM event_times
+UNION ALL SELECT {_TIME_COLUMNS} FROM event_times_recent;
+"""
+# The events of ``where`` into event_times (or ``table``), in its key's order (a run's
+# entries then fill each page they touch at once, and a sorted copy of the old index needs
+# no sort).
 TIME_EVENTS = (
-    f"INSERT INTO event_times ({_TIME_COLUMNS}) SELECT {_TIME_COLUMNS} FROM events"
+    f"INSERT INTO {{table}} ({_TIME_COLUMNS}) SELECT {_TIME_COLUMNS} FROM events"
     " WHERE {where} ORDER BY ts, metric, account, seq"
 )
 # Events about to be deleted: the keys of their entries, kept in ``temp.gone_times`` so
-# that the entries go after them, each found by its key (UNTIME_GONE).
+# that the entries go after them, each found by its key (UNTIME_GONE: one per level).
 GONE_TIMES = f"SELECT {_TIME_COLUMNS} FROM events WHERE {{where}}"
-UNTIME_GONE = (
-    f"DELETE FROM event_times WHERE ({_TIME_COLUMNS}) IN"
-    f" (SELECT {_TIME_COLUMNS} FROM temp.gone_times)"
+UNTIME_GONE = tuple(
+    f"DELETE FROM {table} WHERE ({_TIME_COLUMNS}) IN (SELECT {_TIME_COLUMNS} FROM temp.gone_times)"
+    for table in ("event_times", "event_times_recent")
 )
-# The events with a time in [?, ?) (or before ?), by event_times: a condition on events.
-TIMED_BETWEEN = "seq IN (SELECT seq FROM event_times WHERE ts >= ? AND ts < ?)"
-TIMED_BEFORE = "seq IN (SELECT seq FROM event_times WHERE ts < ?)"
+# The events with a time in [?, ?) (or before ?), by their entries: a condition on events.
+TIMED_BETWEEN = f"seq IN (SELECT seq FROM {TIMES} WHERE ts >= ? AND ts < ?)"
+TIMED_BEFORE = f"seq IN (SELECT seq FROM {TIMES} WHERE ts < ?)"
+# One step of a merge of the recent entries: those up to the key (?, ?, ?, ?), or all.
+_TIMES_KEY = f"({_TIME_COLUMNS})"
+MERGE_TIMES_UP_TO = (
+    f"INSERT INTO event_times ({_TIME_COLUMNS}) SELECT {_TIME_COLUMNS} FROM event_times_recent"
+    f" WHERE {_TIMES_KEY} <= (?, ?, ?, ?) ORDER BY {_TIME_COLUMNS}",
+    f"DELETE FROM event_times_recent WHERE {_TIMES_KEY} <= (?, ?, ?, ?)",
+)
+MERGE_TIMES_ALL = (
+    f"INSERT INTO event_times ({_TIME_COLUMNS}) SELECT {_TIME_COLUMNS} FROM event_times_recent"
+    f" ORDER BY {_TIME_COLUMNS}",
+    "DELETE FROM event_times_recent",
+)
+# The key of the entry ? places into the recent level, in key order: a step's bound.
+TIMES_BOUND = (
+    f"SELECT {_TIME_COLUMNS} FROM event_times_recent ORDER BY {_TIME_COLUMNS} LIMIT 1 OFFSET ?"
+)
 
 
 # Each rollup table: its key columns in primary-key order, and the unit its slot counts.

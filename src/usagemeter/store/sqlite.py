@@ -12,12 +12,12 @@ is written once per run instead of once per batch; meanwhile every question read
 rollups and the waiting events together (sqlplan's ``pending``), so an acknowledged event
 is in the next answer of every endpoint without a question waiting for a fold. The fold is
 one transaction that moves the ``folded`` mark with the rollups it wrote, writes the run's
-entries in ``event_times`` (the folded events by time) and empties ``unfolded``: a crash
+entries by time (the recent level of ``event_times``) and empties ``unfolded``: a crash
 loses no event and counts none twice. The fold writes the rollups' level of recent cells;
 once it holds MERGE_EVENTS events, the committer merges it into the big rollups a step at
 a time between groups (``merge_step``), each step one transaction; once appends pause, it
-merges a dense account's cells alone (``merge_dense``). Readers use their own per-thread
-connections beside it (WAL).
+merges a dense account's cells alone, a few pairs a step between groups (``merge_pairs``).
+Readers use their own per-thread connections beside it (WAL).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ from usagemeter.store.schema import (
     INDEXED_EVERY_BATCH,
     MERGE_ALL,
     MERGE_DENSE,
+    MERGE_TIMES_ALL,
+    MERGE_TIMES_UP_TO,
     MERGE_UP_TO,
     ONE_LEVEL,
     ROLLUP_COLUMNS,
@@ -83,6 +85,8 @@ from usagemeter.store.schema import (
     TIME_EVENTS,
     TIMED_BEFORE,
     TIMED_BETWEEN,
+    TIMES_AT_ONE_LEVEL,
+    TIMES_BOUND,
     UNTIME_GONE,
     fold_events,
     fold_selected,
@@ -117,6 +121,10 @@ MERGE_EVENTS = 1_000_000
 # the other rollups), in one transaction: a merge holds the writer a step at a time, and
 # batches waiting meanwhile commit between steps.
 MERGE_STEP = 100_000
+# Entries of the recent ``event_times_recent`` one step of a merge moves (those of the
+# earliest times), in one transaction, once the rollups' steps are done: spread over 120
+# days, 100,000 of them rewrite about a tenth of the big table's pages.
+MERGE_TIMES_STEP = 100_000
 # Appends paused this long: merge the recent level, whatever it holds. A question reads the
 # recent level only while it holds cells of its metric and accounts, and then costs more (a
 # 90-day report of the heavy account of a store of 10M, with 900,000 events in the recent
@@ -135,6 +143,12 @@ QUIET_MERGE_SECONDS = 30.0
 # then slowed a backfill's acknowledgements by a fifth.
 DENSE_SHARE = 1_000
 DENSE_HOURS = 200
+# Dense pairs one step of that merge moves, in one transaction; the committer takes the
+# batches waiting meanwhile between steps. Why: in one transaction, the 102 pairs of a
+# backfill of 900,000 into 10M held the writer 4.5 s, and a batch that arrived then waited
+# all of it; a step of 8 such pairs takes 0.1 to 0.6 s (the heavy account's first), its
+# commit sometimes carrying a checkpoint, as any commit may.
+DENSE_STEP = 8
 # Kept row ids looked up again once expired (a few statements, a few ms a second); above
 # this many, forgotten instead, as looking them all up would cost more than it saves.
 REFRESH_AT_MOST = 20_000
@@ -377,19 +391,23 @@ class SQLiteStore(SqlCorrections, LimitTables):
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
         ).fetchone()
         conn.executescript(SCHEMA)
-        if existed and version != SCHEMA_VERSION:
+        if existed and version not in (SCHEMA_VERSION, TIMES_AT_ONE_LEVEL):
             # A version before this one folded into the big rollups alone; one that opened
             # this file after this version had rebuilt them from the events, the recent
             # cells' included: what the recent level holds is counted there already.
             for table in ROLLUP_TABLES:
                 conn.execute(f"DELETE FROM {table}{RECENT}")
             conn.execute("UPDATE recent_events SET events = 0")
+        if existed and version != SCHEMA_VERSION:
+            # Only this version writes recent entries by time; one before that opened this
+            # file after it built event_times again from every folded event, theirs too.
+            conn.execute("DELETE FROM event_times_recent")
         if existed and version == FOLDED_EVERY_BATCH:
             conn.execute("UPDATE folded SET seq = (SELECT coalesce(max(seq), 0) FROM events)")
         timed = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event_times'"
         ).fetchone()
-        if version not in (SCHEMA_VERSION, ONE_LEVEL) or not timed:
+        if version not in (SCHEMA_VERSION, TIMES_AT_ONE_LEVEL, ONE_LEVEL) or not timed:
             # Built anew whenever a version before 4 wrote the file last: it may have folded
             # events without their entries (4 kept them as this one does).
             if existed:
@@ -397,6 +415,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             self._with_temporary_files(lambda: self._in_transaction(self._time_folded_events))
         if existed and version not in (
             SCHEMA_VERSION,
+            TIMES_AT_ONE_LEVEL,
             ONE_LEVEL,
             INDEXED_EVERY_BATCH,
             FOLDED_EVERY_BATCH,
@@ -418,11 +437,12 @@ class SQLiteStore(SqlCorrections, LimitTables):
         indexed = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'events_ts'"
         ).fetchone()
-        insert = TIME_EVENTS.format(where="seq <= (SELECT seq FROM folded)")
+        insert = TIME_EVENTS.format(table="event_times", where="seq <= (SELECT seq FROM folded)")
         if indexed:
             insert = insert.replace("FROM events", "FROM events INDEXED BY events_ts")
         conn.execute("DROP TABLE IF EXISTS event_times")
         conn.execute(EVENT_TIMES)
+        conn.execute("DELETE FROM event_times_recent")  # every folded event is in the big one
         conn.execute(insert)
         conn.execute("DROP INDEX IF EXISTS events_ts")
 
@@ -481,8 +501,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
         start, end = conn.execute(
             "SELECT seq, (SELECT coalesce(max(seq), 0) FROM events) FROM folded"
         ).fetchone()
-        if end > start:  # the events of this run, found by time from now on
-            conn.execute(TIME_EVENTS.format(where="seq > ? AND seq <= ?"), (start, end))
+        if end > start:  # the events of this run, found by time from now on (recent level)
+            run = TIME_EVENTS.format(table="event_times_recent", where="seq > ? AND seq <= ?")
+            conn.execute(run, (start, end))
         if rebuild:
             for table in ROLLUP_TABLES:
                 conn.execute(f"DELETE FROM {table}")
@@ -519,47 +540,73 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     def merge_step(self) -> bool:
         """One step of a merge, in one transaction: the recent cells of the first accounts
-        (about MERGE_STEP cells of ``rollup``) into the big tables, in key order; whether it
-        was the last (the recent level is empty, its count of events back to 0). A SIGKILL
-        leaves each step done or undone: every cell is in one level or the other."""
+        (about MERGE_STEP cells of ``rollup``) into the big tables, in key order; once fewer
+        are left, the recent entries by time of the earliest times (MERGE_TIMES_STEP); then
+        all that is left of both; whether it was the last (the recent level is empty, its
+        count of events back to 0). A SIGKILL leaves each step done or undone: every cell
+        and every entry is in one level or the other."""
         with self._write_lock:
             conn = self._writer
             bound = conn.execute(
                 f"SELECT metric, account FROM rollup{RECENT} LIMIT 1 OFFSET ?", (MERGE_STEP,)
             ).fetchone()
+            times = None
+            if bound is None:
+                times = conn.execute(TIMES_BOUND, (MERGE_TIMES_STEP,)).fetchone()
+            last = bound is None and times is None
 
             def step(conn: sqlite3.Connection) -> None:
-                for statement in MERGE_ALL if bound is None else MERGE_UP_TO:
-                    conn.execute(statement, () if bound is None else tuple(bound))
-                if bound is None:
+                if bound is not None:
+                    for statement in MERGE_UP_TO:
+                        conn.execute(statement, tuple(bound))
+                elif times is not None:
+                    for statement in MERGE_TIMES_UP_TO:
+                        conn.execute(statement, tuple(times))
+                else:
+                    for statement in (*MERGE_ALL, *MERGE_TIMES_ALL):
+                        conn.execute(statement)
                     conn.execute("UPDATE recent_events SET events = 0")
 
             # Its statements change many pages of the big tables: their statement journals
             # in temporary files, as a fold's (see ``fold``).
             self._with_temporary_files(lambda: self._in_transaction(step))
-            if bound is None:
+            if last:
                 self._recent_held = False
-        return bound is None
+        return last
 
     def merge_dense(self) -> int:
         """Merge the recent cells of each dense (metric, account) (see DENSE_SHARE) into the
-        big tables, in one transaction; how many pairs. The count of events in the recent
-        level stays: the big merge comes as soon, and finds less to move."""
+        big tables, DENSE_STEP pairs a transaction (``merge_pairs``); how many pairs."""
+        dense = self.dense_pairs()
+        for start in range(0, len(dense), DENSE_STEP):
+            self.merge_pairs(dense[start : start + DENSE_STEP])
+        return len(dense)
+
+    def dense_pairs(self) -> list[tuple[int, int]]:
+        """The (metric, account) pairs whose recent cells are dense (see DENSE_SHARE), in key
+        order."""
         with self._write_lock:
             conn = self._writer
             events = int(conn.execute("SELECT events FROM recent_events").fetchone()[0])
             least = max(DENSE_HOURS, events // DENSE_SHARE)
-            dense = conn.execute(DENSE_ACCOUNTS, (least,)).fetchall()
-            if not dense:
-                return 0
+            return [(int(m), int(a)) for m, a in conn.execute(DENSE_ACCOUNTS, (least,))]
 
-            def move(conn: sqlite3.Connection) -> None:
-                for pair in dense:
-                    for statement in MERGE_DENSE:
-                        conn.execute(statement, tuple(pair))
+    def merge_pairs(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Move every recent cell of these (metric, account) pairs into the big tables, in one
+        transaction. A pair's cells are moved whole whenever they were counted dense: a fold
+        since only added to them, and a merge step since may have moved them already. The
+        count of events in the recent level stays: the big merge comes as soon, and finds
+        less to move."""
+        if not pairs:
+            return
 
+        def move(conn: sqlite3.Connection) -> None:
+            for pair in pairs:
+                for statement in MERGE_DENSE:
+                    conn.execute(statement, pair)
+
+        with self._write_lock:
             self._in_transaction(move)
-        return len(dense)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -930,9 +977,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
         last group go in one transaction, so one fsync acknowledges them all; each keeps its
         own savepoint, so a failing batch rolls back alone and each caller gets its own
         result or error. Between groups it folds full runs, and a tail once appends pause."""
+        dense: list[tuple[int, int]] = []  # dense pairs still to merge, a step at a time
         while True:
             with self._queue_ready:
-                if not self._queue and not self._closing and not self._merging:
+                if not self._queue and not self._closing and not self._merging and not dense:
                     self._queue_ready.wait(IDLE_FOLD_SECONDS)
                 group, self._queue = self._queue, []
                 closing = self._closing
@@ -946,11 +994,19 @@ class SQLiteStore(SqlCorrections, LimitTables):
                 try:
                     self.fold()
                     if not group:  # appends paused: see DENSE_SHARE
-                        self.merge_dense()
+                        dense = self.dense_pairs()
                     self._recent_held = True
                     self._merging = self._merging or self.merge_due()
                 except Exception:  # tried again at the next pause; questions read them
                     log.exception("folding the rollups of %s failed", self.path)
+            elif dense:
+                # A step between groups (DENSE_STEP): batches that arrived meanwhile first.
+                step, dense = dense[:DENSE_STEP], dense[DENSE_STEP:]
+                try:
+                    self.merge_pairs(step)
+                except Exception:  # tried again at the next pause
+                    dense = []
+                    log.exception("merging the dense cells of %s failed", self.path)
             elif self._merging:
                 # A step between groups: the batches that arrived meanwhile commit first.
                 try:
@@ -1338,10 +1394,10 @@ class SQLiteStore(SqlCorrections, LimitTables):
 
     @staticmethod
     def _recent(conn: sqlite3.Connection) -> bool:
-        """Whether the rollups' recent level holds any cell."""
+        """Whether the recent level holds any cell, or any entry by time."""
+        tables = (*(f"{table}{RECENT}" for table in ROLLUP_TABLES), "event_times_recent")
         found = conn.execute(
-            "SELECT "
-            + " OR ".join(f"EXISTS (SELECT 1 FROM {table}{RECENT})" for table in ROLLUP_TABLES)
+            "SELECT " + " OR ".join(f"EXISTS (SELECT 1 FROM {table})" for table in tables)
         ).fetchone()
         return bool(found[0])
 
@@ -1469,13 +1525,15 @@ class SQLiteStore(SqlCorrections, LimitTables):
         run("DROP TABLE IF EXISTS temp.gone_times", ())
         run(f"CREATE TEMP TABLE gone_times AS {GONE_TIMES.format(where=where)}", params)
         run("DELETE FROM events WHERE seq IN (SELECT seq FROM temp.gone_times)", ())
-        run(UNTIME_GONE, ())
+        for untime in UNTIME_GONE:
+            run(untime, ())
         gone = run("SELECT count(*) FROM temp.gone_times", ())
         run("DROP TABLE temp.gone_times", ())
         return int(gone[0][0])
 
     def _time_added(self, run: Run, account: int, event_id: str) -> None:
-        run(TIME_EVENTS.format(where="account = ? AND event_id = ?"), (account, event_id))
+        where = "account = ? AND event_id = ?"
+        run(TIME_EVENTS.format(table="event_times_recent", where=where), (account, event_id))
 
     def _gone(self, run: Run, account: int, ids: Sequence[str]) -> set[str]:
         rows = run(

@@ -39,6 +39,8 @@ DAY_MS = 86_400_000
 # The name of a rollup's level of recent cells, after the table's own (SQLite: schema.py's
 # "levels").
 RECENT = "_recent"
+# The folded events by time, both levels read as one (a view: schema.py's event_times).
+TIMES = "event_times_all"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +122,13 @@ class Dialect:
         """The FROM clause pairing each window with the raw events (as ``x``) in it: ``on``
         says, of a table's alias, which are in a window (metric, accounts, time); ``extra``
         (" AND ..." or nothing) what else an event must be."""
-        # The folded events by time (schema.py's event_times), checked for metric and
-        # account there, then each read by its seq.
+        # The folded events by time (schema.py's event_times, at two levels), checked for
+        # metric and account there, then each read by its seq. As a lookup per window, not
+        # a join: SQLite pushes a window's bounds into each level of the view then, where a
+        # join in this statement made it copy both levels whole.
         return (
-            f"FROM {windows} JOIN event_times t ON {on('t')} JOIN events x ON x.seq = t.seq{extra}"
+            f"FROM {windows} JOIN events x ON x.seq IN"
+            f" (SELECT t.seq FROM {TIMES} t WHERE {on('t')}){extra}"
         )
 
     def timed(self, alias: str, start_ms: int | None, end_ms: int | None) -> tuple[str, list[int]]:
@@ -135,7 +140,7 @@ class Dialect:
         # it whole. The condition on ``alias`` itself stays: the lookup only narrows.
         lookup = bounds.format(ts="ts")
         sql = (
-            f"{alias}.seq IN (SELECT seq FROM event_times WHERE {lookup}"
+            f"{alias}.seq IN (SELECT seq FROM {TIMES} WHERE {lookup}"
             f" UNION ALL SELECT seq FROM unfolded WHERE {lookup})"
             f" AND {bounds.format(ts=f'{alias}.ts')}"
         )
