@@ -61,7 +61,6 @@ from bench.chstore import (
 )
 from usagemeter.model import Account, Event
 from usagemeter.store import open_store
-from usagemeter.store.chschema import TUPLE_TABLES_OF_SETS
 from usagemeter.store.chtransport import ChdbTransport
 from usagemeter.store.chupgrade import make_sets_views_before_round_12
 from usagemeter.store.clickhouse import ClickHouseStore
@@ -193,6 +192,9 @@ def layouts_in_turn(count: int, clients: int, before: str) -> None:
     as ``before`` names (made here: a database before round 15 keeps its tuple key, and
     one before round 12 had that too), the same bursts of 2N batches from N clients to
     each, in turn. The CPU of each burst is the process's (the chDB threads' included)."""
+    # Imported here: --serve runs this module on another checkout's package (--against).
+    from usagemeter.store.chschema import TUPLE_TABLES_OF_SETS
+
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-layouts-"))
     transports = [ChdbTransport(f"{scratch}/chdb", database) for database in ("now", "before")]
     for statement in TUPLE_TABLES_OF_SETS:  # before round 15
