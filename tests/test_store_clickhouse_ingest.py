@@ -713,9 +713,11 @@ def test_a_database_keeps_its_latest_values_layout(
         again.close()
 
 
-# An event of two hours: its quarter hour, its millisecond in it (few, so that events tie on
-# the instant), its value (zeros of both signs, equal values, the extremes ingest takes, the
-# smallest subnormals), its status and whether tagged.
+# An event of two hours: its quarter hour, its millisecond in it (few, so that events of one
+# cell tie on the instant), its value (zeros of both signs, equal values, the extremes ingest
+# takes, the smallest subnormals), its status and whether tagged. Events of two cells (sets)
+# never tie here: SQLite's answer to such a tie is not always the later write (docs/
+# clickhouse.md, "Ingest, round 15"); the test after this one asks it of both layouts.
 latest_event = st.tuples(
     st.integers(0, 7),
     st.integers(0, 2),
@@ -726,7 +728,7 @@ latest_event = st.tuples(
 
 
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(sent=st.lists(latest_event, min_size=1, max_size=24), cut=st.integers(0, 24))
 def test_latest_values_answer_alike_in_both_layouts_as_on_sqlite(
@@ -736,8 +738,9 @@ def test_latest_values_answer_alike_in_both_layouts_as_on_sqlite(
     sent: list[tuple[int, int, float, str, bool]],
     cut: int,
 ) -> None:
-    """The latest value, read from the tables of sets (grouped, filtered, tagged), from the
-    slots and raw events (ragged windows) and from the hour values (plain), is SQLite's in
+    """The latest value (beside a count), read from the tables of sets (grouped, filtered,
+    tagged), from the slots and raw events (ragged windows) and from the hour values
+    (plain), is SQLite's in
     a database keyed by one number and in one keyed by the tuple: tied on the millisecond
     (the later write wins), across two inserts, after the rollups are merged, and after a
     void refolds them (SQLite's answer then is that of the events left, sent afresh)."""
@@ -747,7 +750,7 @@ def test_latest_values_answer_alike_in_both_layouts_as_on_sqlite(
             id=f"e{i}",
             account_id=account,
             metric="m",
-            ts_ms=BASE_MS + quarter * 900_000 + ms,
+            ts_ms=BASE_MS + quarter * 900_000 + 3 * (2 * (status == "500") + tagged) + ms,
             value=value,
             dimensions={"status": status},
             tags=frozenset({"prod"} if tagged else ()),
@@ -781,14 +784,13 @@ def test_latest_values_answer_alike_in_both_layouts_as_on_sqlite(
                 (account,),
                 "m",
                 windows,
-                measures,
+                (Measure("latest"), Measure("count")),
                 group_by=group,
                 filters=filters,
                 tags=tags,
                 totals=totals,
             )
             for windows in (hours, quarters, ragged)
-            for measures in ((Measure("latest"),), (Measure("count"), Measure("latest")))
             for group, filters, tags, totals in (
                 (("status",), (), frozenset(), True),
                 ((), (("status", "500"),), frozenset(), False),
@@ -823,3 +825,47 @@ def test_latest_values_answer_alike_in_both_layouts_as_on_sqlite(
     finally:
         sqlite.close()
         left.close()
+
+
+def test_a_tie_across_dimension_sets_goes_to_the_later_write_in_both_layouts(
+    chstore: ClickHouseStore, tuple_keyed: ClickHouseStore
+) -> None:
+    """Two events of two dimension sets at one millisecond: the latest value over both (a
+    total across groups, a question without the group) is the later write's, in either
+    layout, before and after the rollups are merged. (An example on which SQLite answered
+    the earlier write's.)"""
+    sent = [(6, 1e15, "200"), *[(0, 0.0, "200")] * 8, (2, 1.0, "500"), (6, 0.0, "500")]
+    events = [
+        Event(
+            id=f"e{i}",
+            account_id="tie",
+            metric="m",
+            ts_ms=BASE_MS + quarter * 900_000 + 2,
+            value=value,
+            dimensions={"status": status},
+        )
+        for i, (quarter, value, status) in enumerate(sent)
+    ]
+    hours = tuple(Window(h, BASE_MS + h * 3_600_000, BASE_MS + (h + 1) * 3_600_000) for h in (0, 1))
+    ragged = (Window(0, BASE_MS + 1, BASE_MS + 3_600_001),)
+    latest = (Measure("latest"), Measure("count"))
+
+    def later(chosen: list[Event]) -> float:  # the rule: the greatest (ts, order sent)
+        return max(enumerate(chosen), key=lambda pair: (pair[1].ts_ms, pair[0]))[1].value
+
+    for store in (chstore, tuple_keyed):
+        store.create_account(Account("tie", "tie"))
+        store.append(events[:5])
+        store.append(events[5:])
+        for merged in (False, True):
+            if merged:
+                for table in ("rollup", HOUR_SETS):
+                    store.transport.command(f"OPTIMIZE TABLE {table} FINAL")
+            for windows in (hours, ragged):
+                spec = AggregateSpec(("tie",), "m", windows, latest, ("status",), totals=True)
+                rows = {(r.window, r.group): r.values for r in store.aggregate(spec)}
+                inside = [e for e in events if windows[0].start_ms <= e.ts_ms < windows[-1].end_ms]
+                assert rows[(-2, ())] == (later(inside), len(inside)), (store.keyed_latest, merged)
+                for status in ("200", "500"):
+                    of = [e for e in inside if e.dimensions["status"] == status]
+                    assert rows[(-1, (("status", status),))] == (later(of), len(of))
