@@ -26,6 +26,13 @@ same bursts of 2N batches from N clients to each, in turn. Prints both rates, th
 median per append, and the median ratio per burst.
 
     python -m bench.chturns --sets-views 4 [--events 300000]
+
+``--latest-key N`` measures the tables of sets' latest value (round 15) the same way: one
+store whose tables key it by the tuple (ts, seq), as a database made before round 15 keeps
+them, one as this checkout makes them (one number, chschema.LATEST_KEY). Prints the rates,
+the INSERT's median, the process's CPU per 10,000 events of each, and the median per burst.
+
+    python -m bench.chturns --latest-key 4 [--events 300000]
 """
 
 from __future__ import annotations
@@ -166,12 +173,37 @@ def grouped(count: int, clients: int, size: int = BATCH) -> None:
 def sets_views(count: int, clients: int) -> None:
     """The tables of sets' views before round 12 against this checkout's, in turn by bursts
     (see the docstring)."""
-    scratch = Path(tempfile.mkdtemp(prefix="usagemeter-setsviews-"))
+    layouts_in_turn(count, clients, "views before round 12 (any())")
+
+
+def latest_key(count: int, clients: int) -> None:
+    """The tables of sets' latest value keyed by the tuple (ts, seq), as before round 15,
+    against this checkout's (one number), in turn by bursts (see the docstring)."""
+    layouts_in_turn(count, clients, "latest keyed by (ts, seq)")
+
+
+def _make_before(store: ClickHouseStore, before: str) -> None:
+    if before.startswith("views before round 12"):
+        make_sets_views_before_round_12(store.transport, store.hour_sets.boundary)
+
+
+def layouts_in_turn(count: int, clients: int, before: str) -> None:
+    """Two stores on one chDB session, one with a database as this checkout makes it, one
+    as ``before`` names (made here: a database before round 15 keeps its tuple key, and
+    one before round 12 had that too), the same bursts of 2N batches from N clients to
+    each, in turn. The CPU of each burst is the process's (the chDB threads' included)."""
+    # Imported here: --serve runs this module on another checkout's package (--against).
+    from usagemeter.store.chschema import TUPLE_TABLES_OF_SETS
+
+    scratch = Path(tempfile.mkdtemp(prefix="usagemeter-layouts-"))
+    transports = [ChdbTransport(f"{scratch}/chdb", database) for database in ("now", "before")]
+    for statement in TUPLE_TABLES_OF_SETS:  # before round 15
+        transports[1].command(statement)
     stores = [
-        ClickHouseStore(ChdbTransport(f"{scratch}/chdb", database), str(scratch / database))
-        for database in ("now", "before")
+        ClickHouseStore(transport, str(scratch / transport.database)) for transport in transports
     ]
-    make_sets_views_before_round_12(stores[1].transport, stores[1].hour_sets.boundary)
+    assert stores[0].keyed_latest and not stores[1].keyed_latest
+    _make_before(stores[1], before)
     inserts: list[list[float]] = [[], []]
     for i, store in enumerate(stores):
         for n in range(ACCOUNTS):
@@ -184,14 +216,16 @@ def sets_views(count: int, clients: int) -> None:
             inserts[_i].append(time.perf_counter() - began)
 
         store.transport.insert_columns = timed  # type: ignore[method-assign]
-    spent = [0.0, 0.0]
-    ratios = []  # per burst: the store before round 12's seconds over this checkout's
+    spent, cpu = [0.0, 0.0], [0.0, 0.0]
+    ratios = []  # per burst: the store before's seconds over this checkout's
     bursts = _bursts(count, clients)
     try:
         for burst in bursts:
             took = [0.0, 0.0]
             for i in (0, 1) if len(ratios) % 2 == 0 else (1, 0):
+                began = time.process_time()
                 took[i] = _append_burst(stores[i], burst, clients)
+                cpu[i] += time.process_time() - began
                 spent[i] += took[i]
             ratios.append(took[1] / took[0])
     finally:
@@ -199,17 +233,17 @@ def sets_views(count: int, clients: int) -> None:
             store.close()
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"{count:,} events, batches of {BATCH:,}, {clients} clients at once, in turn\n")
-    print("| | views now | views before round 12 (any()) | ratio |")
+    print(f"| | now | {before} | ratio |")
     print("|---|---:|---:|---:|")
     rates = [count / spent[0], count / spent[1]]
     print(f"| ingest, events/s | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[0] / rates[1]:.2f} |")
     ms = [statistics.median(took) * 1000 for took in inserts]
     print(f"| INSERT, median ms | {ms[0]:.1f} | {ms[1]:.1f} | {ms[1] / ms[0]:.2f} |")
+    per = [c * 1000 / (count / BATCH) for c in cpu]
+    print(f"| CPU per 10,000 events, ms | {per[0]:.1f} | {per[1]:.1f} | {per[1] / per[0]:.2f} |")
     print(f"| INSERTs | {len(inserts[0])} | {len(inserts[1])} | |")
-    print(
-        f"\nper burst, before round 12 / now: median {statistics.median(ratios):.2f}"
-        f" ({len(ratios)} bursts)"
-    )
+    median = statistics.median(ratios)
+    print(f"\nper burst, before / now: median {median:.2f} ({len(ratios)} bursts)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=BATCH, help="events per batch (--grouped)")
     parser.add_argument(
         "--sets-views", type=int, metavar="N", help="the tables of sets' views, N clients"
+    )
+    parser.add_argument(
+        "--latest-key", type=int, metavar="N", help="the latest value's key, N clients"
     )
     parser.add_argument(
         "--clients", type=int, default=1, help="--against: bursts of 2N batches from N threads"
@@ -234,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.sets_views:
         sets_views(args.events, args.sets_views)
+        return 0
+    if args.latest_key:
+        latest_key(args.events, args.latest_key)
         return 0
     if not args.against or not (Path(args.against) / "usagemeter").is_dir():
         raise SystemExit("--against DIR: DIR must hold a usagemeter package (a checkout's src)")

@@ -326,11 +326,11 @@ def test_a_store_closed_during_its_backfill_lets_it_finish(
     first_month = threading.Event()
     real = chupgrade.backfill
 
-    def slow_backfill(table: str, boundary: int, lo: int, hi: int) -> str:
+    def slow_backfill(table: str, boundary: int, lo: int, hi: int, *layout: bool) -> str:
         if table == HOUR_SETS:
             first_month.set()
             time.sleep(0.3)  # close() arrives while the first month is being folded
-        return real(table, boundary, lo, hi)
+        return real(table, boundary, lo, hi, *layout)
 
     monkeypatch.setattr(chupgrade, "backfill", slow_backfill)
     database = f"closed_{time.time_ns()}"

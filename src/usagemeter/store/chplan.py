@@ -44,6 +44,7 @@ from usagemeter.store.chschema import (
     HOUR_SETS_GRAIN,
     LATEST,
     LATEST_GRAIN,
+    LATEST_KEY,
     PRESENT,
 )
 from usagemeter.store.chtransport import literal, literals
@@ -70,6 +71,9 @@ _FOLDS = {
         "argMaxMerge(last)",
     ),
 }
+# The raw events' latest-value state where the tables of sets key it by one number (a
+# database made since round 15, chschema.LATEST_KEY): a UNION ALL of states needs one type.
+_KEYED_RAW_LATEST = f"argMaxState(value, {LATEST_KEY}) AS last"
 # The rollup columns and the raw event columns each pre-fold reads.
 _ROLLUP_COLUMNS = {"count": "cnt", "sum": "total", "max": "vmax", "min": "vmin", "latest": "last"}
 _RAW_COLUMNS = {"count": "", "sum": "value", "max": "value", "min": "value", "latest": "value, seq"}
@@ -263,7 +267,10 @@ def _raw_part(
     pieces: Sequence[Piece],
     group_columns: Sequence[str],
     aggregations: Sequence[str],
+    keyed_latest: bool = True,
 ) -> str:
+    """The raw events of ``pieces`` pre-folded as _part folds a grain's rows, the latest
+    value's state keyed as the database's tables of sets key theirs (``keyed_latest``)."""
     lo, hi = _span(pieces)
     raw = [c for a in aggregations for c in _RAW_COLUMNS[a].split(", ") if c]
     columns = [*_groups(group_columns), *dict.fromkeys(raw)]
@@ -271,7 +278,10 @@ def _raw_part(
         f"SELECT {', '.join([*columns, 'ts', '0 AS z'])} FROM events"
         f" WHERE {_where(spec, None, 'ts', lo, hi)}"
     )
-    return _prefold(source, "ts", pieces, len(group_columns), [_FOLDS[a][1] for a in aggregations])
+    folds = [
+        _KEYED_RAW_LATEST if keyed_latest and a == "latest" else _FOLDS[a][1] for a in aggregations
+    ]
+    return _prefold(source, "ts", pieces, len(group_columns), folds)
 
 
 def _one_table(
@@ -711,6 +721,7 @@ def plan_aggregate(
     coarse_tables: bool = True,
     distinct_values: bool = False,
     count_rows: bool = True,
+    keyed_latest: bool = True,
 ) -> list[Plan]:
     """One statement for the foldable measures together, one per distinct count. With
     ``hour_sets`` (the hour table is complete, see chupgrade.py), a grouped or tagged
@@ -723,7 +734,8 @@ def plan_aggregate(
     ``latest_hours``, a latest value with no filter, tag or dimension group is a maximum
     over the latest table's hours, in a statement of its own (_latest_tops), and the other
     measures of a plain report read its hours too; without it, the hour and day tables of a
-    database created before round 9 (``coarse_tables``), or else the slots."""
+    database created before round 9 (``coarse_tables``), or else the slots. ``keyed_latest``:
+    the tables of sets key the latest value by one number (chschema.latest_keyed)."""
     grains = grains_for(spec)
     if hour_sets and grains == (SLOTS,):
         grains = (HOUR_SETS_GRAIN, SLOTS)
@@ -753,7 +765,9 @@ def plan_aggregate(
         if m.aggregation in _FOLDS and not (tops is not None and i in latest)
     ]
     if foldable:
-        plans.append(_folded(spec, pieces, raw_pieces, group_columns, tuple(foldable)))
+        plans.append(
+            _folded(spec, pieces, raw_pieces, group_columns, tuple(foldable), keyed_latest)
+        )
 
     for i, measure in enumerate(spec.measures):
         if measure.aggregation in _FOLDS:
@@ -802,6 +816,7 @@ def _folded(
     raw_pieces: Sequence[Piece],
     group_columns: Sequence[str],
     positions: tuple[int, ...],
+    keyed_latest: bool = True,
 ) -> Plan:
     """The one statement of the foldable measures at ``positions``: one table's (_flat, and
     by set where _by_sets can), else a UNION ALL of each grain's part and the raw events'
@@ -821,7 +836,7 @@ def _folded(
         return SetsPlan(by_set, (), positions, decoder, sql, lookup, tag_lookup)
     parts = [_part(spec, g, p, group_columns, aggregations) for g, p in pieces.items() if p]
     if raw_pieces:
-        parts.append(_raw_part(spec, raw_pieces, group_columns, aggregations))
+        parts.append(_raw_part(spec, raw_pieces, group_columns, aggregations, keyed_latest))
     source = "FROM (" + " UNION ALL ".join(parts) + ")"
     sql = _select(len(group_columns), values, source, spec.totals)
     return _ragged(spec, pieces, group_columns, positions, sql) or Plan(sql, (), positions, decoder)

@@ -58,16 +58,26 @@ def _year(ms: str) -> str:
 # The values every rollup row holds. Plain sums, minimums and maximums are
 # SimpleAggregateFunction columns (read as plain numbers); the latest value is an argMax
 # state over (ts, seq), so a tie on the timestamp goes to the later write, as on SQLite.
-_VALUES = """
+_COUNTS = """
     cnt SimpleAggregateFunction(sum, UInt64),
     total SimpleAggregateFunction(sum, Float64),
     vmin SimpleAggregateFunction(min, Float64),
-    vmax SimpleAggregateFunction(max, Float64),
-    last AggregateFunction(argMax, Float64, Tuple(Int64, UInt64))"""
-_FOLD = (
-    "count() AS cnt, sum(value) AS total, min(value) AS vmin, max(value) AS vmax,"
-    " argMaxState(value, (ts, seq)) AS last"
+    vmax SimpleAggregateFunction(max, Float64),"""
+_COUNTS_FOLD = "count() AS cnt, sum(value) AS total, min(value) AS vmin, max(value) AS vmax,"
+_VALUES = _COUNTS + "\n    last AggregateFunction(argMax, Float64, Tuple(Int64, UInt64))"
+_FOLD = _COUNTS_FOLD + " argMaxState(value, (ts, seq)) AS last"
+# Since round 15 the tables of sets of a new database key the argMax by one number, (ts, seq)
+# as a UInt128 (LATEST_KEY), which orders as the tuple does: a tuple key kept each row's
+# key as a generic field, about 7 ms of CPU per view and 10,000 events of the slots' and
+# the hour sets' views, a fifth of each (docs/clickhouse.md, "Ingest, round 15"). A
+# database made before keeps the tuple (latest_keyed tells which; both answer alike).
+# The instant's sign bit is flipped so that Int64 order is UInt64 order, any instant.
+LATEST_KEY = (
+    "bitOr(bitShiftLeft(toUInt128(bitXor(reinterpretAsUInt64(ts), 9223372036854775808)), 64),"
+    " toUInt128(seq))"
 )
+_KEYED_VALUES = _COUNTS + "\n    last AggregateFunction(argMax, Float64, UInt128)"
+_KEYED_FOLD = _COUNTS_FOLD + f" argMaxState(value, {LATEST_KEY}) AS last"
 
 # A UTC year per partition (databases created before round 10 keep a month per partition,
 # and work the same): an INSERT writes a part per partition its rows span, each fsynced
@@ -121,7 +131,7 @@ SELECT account, id, digest FROM events
 """
 
 
-def _sets_table(table: str) -> str:
+def _sets_table(table: str, keyed: bool = True) -> str:
     # Not partitioned by month (databases created before round 6 are, and work the same):
     # nothing drops a month of rollups (retention deletes raw events only), and a batch
     # spanning months (a backfill, a migration, late events) wrote a part per month into
@@ -137,7 +147,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     dimset UInt64,
     tagset UInt64,
     dims SimpleAggregateFunction(any, Map(String, String)),
-    tags SimpleAggregateFunction(any, Array(String)),{_VALUES}
+    tags SimpleAggregateFunction(any, Array(String)),{_KEYED_VALUES if keyed else _VALUES}
 ) ENGINE = AggregatingMergeTree
 ORDER BY (account, metric, slot, key, billable, dimset, tagset)
 SETTINGS {_DURABLE}, {_TOKENS}
@@ -159,7 +169,7 @@ HOUR_SETS_TABLE = _sets_table(HOUR_SETS)
 HOUR_SETS_GRAIN = Grain(HOUR_SETS, HOUR_MS, detailed=True, keyed=True)
 
 
-def _sets_select(unit: int, source: str, where: str = "") -> str:
+def _sets_select(unit: int, source: str, where: str = "", keyed: bool = True) -> str:
     # The dimensions and tags are grouped by, not folded by any(): they are fixed by dimset
     # and tagset, and any() of a Map or an Array keeps each value as a generic field, row by
     # row, which cost the slots' view half its time (docs/clickhouse.md, "Ingest, round
@@ -168,7 +178,7 @@ def _sets_select(unit: int, source: str, where: str = "") -> str:
     # every question folds the rows it reads.
     return f"""
 SELECT account, metric, {floor_div("ts", unit)} AS slot, key, billable, dimset, tagset,
-       dims, tags, {_FOLD}
+       dims, tags, {_KEYED_FOLD if keyed else _FOLD}
 FROM {source}{where} GROUP BY account, metric, slot, key, billable, dimset, tagset, dims, tags
 """
 
@@ -364,14 +374,15 @@ SETTINGS {_DURABLE}, {_TOKENS}
     )
 
 
-def fold_select(table: str, source: str, where: str = "") -> str:
+def fold_select(table: str, source: str, where: str = "", keyed_latest: bool = True) -> str:
     """The SELECT that folds the events of ``source`` (a table or subquery with the events'
     columns; ``where`` narrows them) into rows of rollup ``table``, column for column: what
-    its view runs on every insert, and what a void runs to recompute the cells it cleared."""
+    its view runs on every insert, and what a void runs to recompute the cells it cleared.
+    ``keyed_latest``: the database's tables of sets key the latest value by LATEST_KEY."""
     if table == "rollup":
-        return _sets_select(SLOT_MS, source, where)
+        return _sets_select(SLOT_MS, source, where, keyed_latest)
     if table == HOUR_SETS:
-        return _sets_select(HOUR_MS, source, where)
+        return _sets_select(HOUR_MS, source, where, keyed_latest)
     if table == DISTINCT:
         return _distinct_select(source, where)
     if table == HOUR_VALUES:
@@ -384,21 +395,23 @@ def fold_select(table: str, source: str, where: str = "") -> str:
     return _coarse_select(unit, table.endswith("_key"), source, where)
 
 
-def backfilled_view(table: str, boundary: int) -> str:
+def backfilled_view(table: str, boundary: int, keyed_latest: bool = True) -> str:
     """The view of a table that chupgrade.py backfills: it folds the events of ``seq >=
     boundary`` as each insert lands; the boundary is part of its definition, so every
     process reads the same one."""
     return f"CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv TO {table} AS" + fold_select(
-        table, "events", f" WHERE seq >= {int(boundary)}"
+        table, "events", f" WHERE seq >= {int(boundary)}", keyed_latest
     )
 
 
-def backfill(table: str, boundary: int, start_ms: int, end_ms: int) -> str:
+def backfill(
+    table: str, boundary: int, start_ms: int, end_ms: int, keyed_latest: bool = True
+) -> str:
     """The events of [start_ms, end_ms) that ``table``'s view did not count (``seq <
     boundary``), folded into it."""
     settings = "SETTINGS insert_deduplicate = 0, max_partitions_per_insert_block = 0"
     where = f" WHERE seq < {int(boundary)} AND ts >= {int(start_ms)} AND ts < {int(end_ms)}"
-    return f"INSERT INTO {table} {settings}" + fold_select(table, "events", where)
+    return f"INSERT INTO {table} {settings}" + fold_select(table, "events", where, keyed_latest)
 
 
 ACCOUNTS = f"""
@@ -493,3 +506,43 @@ def pack_small_parts(transport: Transport) -> None:
             transport.command(
                 f"ALTER TABLE {name} MODIFY SETTING {_PACKED_SETTING} = {PACKED_BELOW}"
             )
+
+
+# The tables of sets and the slots' view as databases before round 15 made them: the latest
+# value's argMax keyed by the tuple (ts, seq). Such a database keeps them (an aggregate
+# state's type cannot be altered in place), and the tables it creates later (the hour sets)
+# take its layout, so that a question may read both tables of sets in one statement.
+TUPLE_SLOTS = _sets_table("rollup", keyed=False)
+TUPLE_HOUR_SETS_TABLE = _sets_table(HOUR_SETS, keyed=False)
+# What makes a new database take that layout (tests, bench.chturns --latest-key): these two
+# tables alone, created before a store opens it, which then creates the rest as for a new
+# database (no events table: every view counts from the first event), in their layout.
+TUPLE_TABLES_OF_SETS = (TUPLE_SLOTS, TUPLE_HOUR_SETS_TABLE)
+TUPLE_SLOTS_VIEW = "CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_mv TO rollup AS" + _sets_select(
+    SLOT_MS, "events", keyed=False
+)
+
+
+def statements(keyed_latest: bool) -> tuple[str, ...]:
+    """STATEMENTS for a database whose tables of sets key the latest value by LATEST_KEY
+    (a new one) or by the tuple (one made before round 15: latest_keyed)."""
+    if keyed_latest:
+        return STATEMENTS
+    tuple_layout = {
+        SLOTS: TUPLE_SLOTS,
+        SLOTS_VIEW: TUPLE_SLOTS_VIEW,
+        HOUR_SETS_TABLE: TUPLE_HOUR_SETS_TABLE,
+    }
+    return tuple(tuple_layout.get(statement, statement) for statement in STATEMENTS)
+
+
+def latest_keyed(transport: Transport) -> bool | None:
+    """Whether the database's slots key the latest value by LATEST_KEY (True) or by the tuple
+    (False, a database made before round 15); None when it has no slots' table yet."""
+    rows = transport.query(
+        "SELECT type FROM system.columns WHERE database = currentDatabase()"
+        " AND table = 'rollup' AND name = 'last'"
+    )
+    if not rows:
+        return None
+    return "UInt128" in str(rows[0][0])

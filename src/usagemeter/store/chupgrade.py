@@ -58,15 +58,23 @@ _BOUNDARY = re.compile(r"seq >= (\d+)")
 class Backfilled:
     """Whether ``table`` (one chschema.fold_select folds) may be read, and its backfill.
     ``corrections`` is the store's lock of voids and deletions: the backfill holds it
-    (module docstring)."""
+    (module docstring). ``keyed_latest``: the database's layout of the latest value in the
+    tables of sets (chschema.latest_keyed)."""
 
     def __init__(
-        self, transport: Transport, corrections: threading.Lock, fresh: bool, table: str
+        self,
+        transport: Transport,
+        corrections: threading.Lock,
+        fresh: bool,
+        table: str,
+        keyed_latest: bool = True,
     ) -> None:
         self.table = table
         self.transport = transport
         self._corrections = corrections
-        transport.command(backfilled_view(table, 0 if fresh else time.time_ns() + SETTLE_NS))
+        self._keyed_latest = keyed_latest
+        boundary = 0 if fresh else time.time_ns() + SETTLE_NS
+        transport.command(backfilled_view(table, boundary, keyed_latest))
         self.boundary = self._read_boundary()
         self.complete = self.boundary == 0 or self._finished()
         self._stop = threading.Event()
@@ -143,7 +151,9 @@ class Backfilled:
             # Not stopped by close(): a claimed backfill left halfway could never be told
             # from one in progress, and the table would stay unread. A month takes seconds.
             for lo, hi in _months(int(rows[0][0]), int(rows[0][1])):
-                self.transport.command(backfill(self.table, self.boundary, lo, hi))
+                self.transport.command(
+                    backfill(self.table, self.boundary, lo, hi, self._keyed_latest)
+                )
         self.transport.command(f"INSERT INTO {self._claim_table()} VALUES (1)")
         return True
 
@@ -195,7 +205,9 @@ def make_sets_views_before_round_12(transport: Transport, hour_sets_boundary: in
         )
 
 
-def regroup_sets_views(transport: Transport, hour_sets_boundary: int) -> list[str]:
+def regroup_sets_views(
+    transport: Transport, hour_sets_boundary: int, keyed_latest: bool = False
+) -> list[str]:
     """Give a database created before round 12 the tables of sets' views of this version
     (chschema._sets_select: the dimensions and tags grouped by, not folded by any(), 1.1 to
     1.2 times the rate of an append), in place: ``ALTER TABLE ... MODIFY QUERY`` swaps a
@@ -203,7 +215,9 @@ def regroup_sets_views(transport: Transport, hour_sets_boundary: int) -> list[st
     DROP and a CREATE would. Both SELECTs make the same cells, so inserts of an older process
     and of this one may interleave. The hour sets' view keeps its boundary. A server that
     refuses the ALTER (older ClickHouse kept it behind an experimental setting) keeps its
-    views as they are: the same rows, at the old cost. Returns the views changed."""
+    views as they are: the same rows, at the old cost. ``keyed_latest``: the database's
+    latest-value layout (chschema.latest_keyed: such a database keeps the tuple). Returns
+    the views changed."""
     names = literal("rollup_mv") + ", " + literal(f"{HOUR_SETS}_mv")
     rows = transport.query(
         "SELECT name, create_table_query FROM system.tables"
@@ -217,7 +231,8 @@ def regroup_sets_views(transport: Transport, hour_sets_boundary: int) -> list[st
         where = f" WHERE seq >= {int(hour_sets_boundary)}" if table == HOUR_SETS else ""
         try:
             transport.command(
-                f"ALTER TABLE {name} MODIFY QUERY" + fold_select(table, "events", where)
+                f"ALTER TABLE {name} MODIFY QUERY"
+                + fold_select(table, "events", where, keyed_latest)
             )
         except Exception:  # each transport raises its own error; the old view still works
             continue

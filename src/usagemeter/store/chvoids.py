@@ -79,6 +79,7 @@ class ChCorrections(VoidLog):
     hour_values: Backfilled
     distinct_values: Backfilled
     legacy_latest: Backfilled | None
+    keyed_latest: bool  # the tables of sets' latest-value layout (chschema.latest_keyed)
 
     def grains(self) -> tuple[Grain, ...]:
         raise NotImplementedError
@@ -228,7 +229,8 @@ class ChCorrections(VoidLog):
             )
             delete_rows(self.transport, grain.table, f"account = {account} AND ({cells})")
             self.transport.command(
-                f"INSERT INTO {grain.table} {_NO_DEDUPE} {fold_select(grain.table, source)}"
+                f"INSERT INTO {grain.table} {_NO_DEDUPE}"
+                f" {fold_select(grain.table, source, keyed_latest=self.keyed_latest)}"
             )
         self._refold_values(account, sorted(days))
 

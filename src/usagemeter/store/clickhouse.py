@@ -72,8 +72,9 @@ from usagemeter.store.chschema import (
     HOUR_VALUES,
     LEGACY_GRAINS,
     LEGACY_LATEST,
-    STATEMENTS,
+    latest_keyed,
     pack_small_parts,
+    statements,
 )
 from usagemeter.store.chsettle import settle_rollups
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
@@ -115,8 +116,13 @@ class ClickHouseStore(ChCorrections, LimitTables):
         fresh = not transport.query(
             "SELECT 1 FROM system.tables WHERE database = currentDatabase() AND name = 'events'"
         )
-        for statement in STATEMENTS:
+        # A new database keys the latest value of its tables of sets by one number; one made
+        # before round 15 keeps the tuple, and the tables it gets later follow it. Read back
+        # once created: another process may have created them first.
+        found = latest_keyed(transport)
+        for statement in statements(found is None or found):
             transport.command(statement)
+        self.keyed_latest = latest_keyed(transport) is not False
         pack_small_parts(transport)
         settle_rollups(transport)  # merged once quiet: the questions read a row per hour
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
@@ -125,7 +131,9 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # Held by voids and account deletions, and by the hour table's backfill (appends go
         # on beside it): see chupgrade.py.
         self._corrections = threading.Lock()
-        self.hour_sets = Backfilled(transport, self._corrections, fresh, HOUR_SETS)
+        self.hour_sets = Backfilled(
+            transport, self._corrections, fresh, HOUR_SETS, self.keyed_latest
+        )
         self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES)
         self.distinct_values = Backfilled(transport, self._corrections, fresh, DISTINCT_VALUES)
         # One account's distinct values counted as rows (FINAL), else each value once.
@@ -137,7 +145,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
         if self._has_table(transport, DISTINCT):
             self.distinct_hours = Backfilled(transport, self._corrections, False, DISTINCT)
         self.latest_hours = self.hour_values  # the latest values' hours are read there
-        regroup_sets_views(transport, self.hour_sets.boundary)  # a database before round 12
+        # A database before round 12:
+        regroup_sets_views(transport, self.hour_sets.boundary, self.keyed_latest)
         # An older database's tables that this version no longer feeds itself (their views
         # do, for older processes): refolded by voids, and the latest table's backfill, when
         # an older process began it, carried on (chschema.LEGACY_GRAINS).
@@ -500,13 +509,15 @@ class ClickHouseStore(ChCorrections, LimitTables):
             any(g.table != LEGACY_LATEST for g in self.legacy),
             self.distinct_values.ready(),
             self.count_value_rows,
+            self.keyed_latest,
         )
         asked = (replace(spec, windows=()), tables)
         kept = self._plans.get(asked)
         # The windows are held by the kept entry, so no other tuple can take their id.
         if kept is not None and kept[0] is spec.windows:
             return list(kept[1])
-        hour_sets, distinct_hours, latest_hours, coarse_tables, distinct_values, count_rows = tables
+        hour_sets, distinct_hours, latest_hours, coarse_tables, distinct_values = tables[:5]
+        count_rows, keyed = tables[5:]
         plans = plan_aggregate(
             spec,
             hour_sets=hour_sets,
@@ -515,6 +526,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
             coarse_tables=coarse_tables,
             distinct_values=distinct_values,
             count_rows=count_rows,
+            keyed_latest=keyed,
         )
         if len(self._plans) >= PLANS_KEPT:
             self._plans.clear()  # a bound on memory: planned again when asked
