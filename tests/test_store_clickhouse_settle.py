@@ -20,7 +20,14 @@ from usagemeter.engine import Engine
 from usagemeter.meters import MeterRegistry
 from usagemeter.model import Account, Aggregation, Event, Meter
 from usagemeter.store import open_store
-from usagemeter.store.chsettle import SETTLE_AFTER_S, SETTLED, settle_rollups, table_settings
+from usagemeter.store.chschema import DISTINCT_VALUES
+from usagemeter.store.chsettle import (
+    SETTLE_AFTER_S,
+    SETTLED,
+    VALUES_SETTLE_AFTER_S,
+    settle_rollups,
+    table_settings,
+)
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlite import SQLiteStore
 from usagemeter.timewindows import Granularity
@@ -38,34 +45,66 @@ def _settings(store: ClickHouseStore) -> dict[str, dict[str, str]]:
     return {name: table_settings(engine) for name, engine in rows if name in SETTLED}
 
 
+def _ages(store: ClickHouseStore) -> dict[str, str | None]:
+    return {name: table.get(_AGE) for name, table in _settings(store).items()}
+
+
+def _wanted(values_after_s: int = VALUES_SETTLE_AFTER_S) -> dict[str, str]:
+    """Each table's age as this version sets it: the distinct values' own, the others' ten
+    minutes."""
+    return {t: str(values_after_s if t == DISTINCT_VALUES else SETTLE_AFTER_S) for t in SETTLED}
+
+
 def test_every_rollup_settles_on_a_database_of_any_age(
     chstore: ClickHouseStore, clickhouse_home: str
 ) -> None:
-    """A database whose rollups lack the setting (made before it) gets it when a store opens
-    it; a table that has an age keeps it."""
+    """A database whose rollups lack the setting (made before it), or whose distinct values
+    have the others' age (as round 10's version set it), gets this version's ages when a
+    store opens it; a table that has an age of its own keeps it."""
     found = _settings(chstore)
     assert set(found) == set(SETTLED)
+    assert _ages(chstore) == _wanted()
+    assert VALUES_SETTLE_AFTER_S < SETTLE_AFTER_S
     for table in found.values():
-        assert table[_AGE] == str(SETTLE_AFTER_S)
         assert table["min_age_to_force_merge_on_partition_only"] == "1"
     for table in SETTLED:
         chstore.transport.command(f"ALTER TABLE {table} RESET SETTING {_AGE}")
-    assert all(_AGE not in table for table in _settings(chstore).values())
+    assert all(age is None for age in _ages(chstore).values())
     again = open_store(clickhouse_home)
     assert isinstance(again, ClickHouseStore)
     try:
-        assert all(t[_AGE] == str(SETTLE_AFTER_S) for t in _settings(again).values())
+        assert _ages(again) == _wanted()
     finally:
         again.close()
-    # An age an operator set (0: never) is kept at the next start.
-    chstore.transport.command(f"ALTER TABLE {SETTLED[0]} MODIFY SETTING {_AGE} = 0")
-    settle_rollups(chstore.transport, after_s=7)
-    found = _settings(chstore)
-    assert found[SETTLED[0]][_AGE] == "0"
-    assert all(found[t][_AGE] == str(SETTLE_AFTER_S) for t in SETTLED[1:])
-    chstore.transport.command(f"ALTER TABLE {SETTLED[0]} RESET SETTING {_AGE}")
+    # Round 10's version gave the distinct values the others' age: replaced at the next start.
+    chstore.transport.command(
+        f"ALTER TABLE {DISTINCT_VALUES} MODIFY SETTING {_AGE} = {SETTLE_AFTER_S}"
+    )
     settle_rollups(chstore.transport)
-    assert all(t[_AGE] == str(SETTLE_AFTER_S) for t in _settings(chstore).values())
+    assert _ages(chstore) == _wanted()
+    # An age an operator set (0: never; an hour) is kept at the next start.
+    chstore.transport.command(f"ALTER TABLE {SETTLED[0]} MODIFY SETTING {_AGE} = 0")
+    chstore.transport.command(f"ALTER TABLE {DISTINCT_VALUES} MODIFY SETTING {_AGE} = 3600")
+    settle_rollups(chstore.transport)
+    assert _ages(chstore) == {**_wanted(), SETTLED[0]: "0", DISTINCT_VALUES: "3600"}
+    for table in (SETTLED[0], DISTINCT_VALUES):
+        chstore.transport.command(f"ALTER TABLE {table} RESET SETTING {_AGE}")
+    settle_rollups(chstore.transport)
+    assert _ages(chstore) == _wanted()
+
+
+def test_the_distinct_values_settle_sooner_only_while_small(chstore: ClickHouseStore) -> None:
+    """Above ``values_rows`` rows the distinct values take the others' age (a store written
+    in bursts a minute apart would rewrite them after each), and their own again below."""
+    chstore.create_account(Account("big", "Big"))
+    chstore.append(
+        [Event(id=f"b{i}", account_id="big", metric="m", ts_ms=BASE_MS + i) for i in range(3)]
+    )
+    assert _rows(chstore, DISTINCT_VALUES) > 0  # the row that says where events are
+    settle_rollups(chstore.transport, values_rows=0)
+    assert _ages(chstore) == _wanted(SETTLE_AFTER_S)
+    settle_rollups(chstore.transport, values_rows=_rows(chstore, DISTINCT_VALUES))
+    assert _ages(chstore) == _wanted()
 
 
 @contextmanager
@@ -77,6 +116,14 @@ def _merges_stopped(store: ClickHouseStore) -> Iterator[None]:
     finally:
         for table in SETTLED:
             store.transport.command(f"SYSTEM START MERGES {table}")
+
+
+def _rows(store: ClickHouseStore, table: str) -> int:
+    rows = store.transport.query(
+        "SELECT sum(rows) FROM system.parts WHERE database = currentDatabase()"
+        f" AND table = '{table}' AND active"
+    )
+    return int(rows[0][0])
 
 
 def _parts(store: ClickHouseStore, table: str) -> int:

@@ -23,16 +23,34 @@ Answers do not change: a merge folds the rows of one key as a question would.
 
 Set by ALTER, as chschema.pack_small_parts sets its own: on a database of any age, and only
 where the server knows the settings (an older server's tables keep merging as they did).
+
+The distinct values settle sooner (VALUES_SETTLE_AFTER_S): Sessions reads them with FINAL,
+and over a backfill's few parts that merge cost nearly six times the settled statement, slower
+than the raw peer for the ten minutes the others wait (docs/clickhouse.md, "Questions, round
+15 (second step)"). The table is small (a row per value, its hours as an array: 24 MB at
+10M events) and its merge whole cost about a second of CPU at 10M: paid after each quiet
+minute, it is bounded by size, the short age only while the table holds at most
+VALUES_SETTLE_ROWS rows (checked when a store opens), the others' age above it.
 """
 
 from __future__ import annotations
 
 from usagemeter.store.chschema import DISTINCT_VALUES, HOUR_SETS, HOUR_VALUES
-from usagemeter.store.chtransport import Transport, literals
+from usagemeter.store.chtransport import Transport, literal, literals
 
 SETTLE_AFTER_S = 600
 """Seconds every part of a partition must have stood before it is merged whole: longer than
 any pause between a live service's batches, so that only a quiet store settles."""
+
+VALUES_SETTLE_AFTER_S = 60
+"""The distinct values' own quiet age: a minute, so that Sessions after a backfill reads one
+part a minute or two after the writes stop (the server looks for merges every few seconds,
+up to a minute apart when it finds none), where the others wait ten."""
+
+VALUES_SETTLE_ROWS = 20_000_000
+"""Up to this many rows (about 100M events; 2.1M at 10M), the distinct values settle after
+VALUES_SETTLE_AFTER_S; above it after SETTLE_AFTER_S, so that a store written in bursts a
+minute apart does not rewrite a large table after each (at 10M about 0.5 us of CPU a row)."""
 
 # The tables the questions read their whole hours and slots from, and the distinct values,
 # whose rows a question reads with FINAL: merged, it reads one row per value. An older
@@ -42,24 +60,43 @@ _AGE = "min_age_to_force_merge_seconds"
 _WHOLE = "min_age_to_force_merge_on_partition_only"
 
 
-def settle_rollups(transport: Transport, after_s: int = SETTLE_AFTER_S) -> None:
+def settle_rollups(
+    transport: Transport,
+    after_s: int = SETTLE_AFTER_S,
+    values_after_s: int = VALUES_SETTLE_AFTER_S,
+    values_rows: int = VALUES_SETTLE_ROWS,
+) -> None:
     """Give every table of SETTLED that exists the settling merge, after ``after_s`` quiet
-    seconds. A table that has an age already keeps it: an operator who set another (0
-    turns the settling off, see docs/clickhouse.md) is not overruled at the next start."""
+    seconds, the distinct values after ``values_after_s`` while they hold at most
+    ``values_rows`` rows. A table with an age this module did not set keeps it: an
+    operator who set another (0 turns the settling off, see docs/clickhouse.md) is not
+    overruled at the next start. One of this module's ages (SETTLE_AFTER_S or
+    VALUES_SETTLE_AFTER_S, as an older version set them) is replaced by the one wanted."""
     known = transport.query(
         f"SELECT count() FROM system.merge_tree_settings WHERE name IN ({literals([_AGE, _WHOLE])})"
     )
     if not known or int(known[0][0]) != 2:
         return
-    wanted = {_AGE: str(int(after_s)), _WHOLE: "1"}
     rows = transport.query(
         "SELECT name, engine_full FROM system.tables"
         f" WHERE database = currentDatabase() AND name IN ({literals(SETTLED)})"
     )
+    own = {str(SETTLE_AFTER_S), str(VALUES_SETTLE_AFTER_S)}
     for name, engine in rows:
-        if _AGE not in table_settings(engine):
-            values = ", ".join(f"{k} = {v}" for k, v in wanted.items())
-            transport.command(f"ALTER TABLE {name} MODIFY SETTING {values}")
+        age = table_settings(engine).get(_AGE)
+        sooner = name == DISTINCT_VALUES and _rows(transport, name) <= values_rows
+        wanted = str(int(values_after_s if sooner else after_s))
+        if age is None or (age in own and age != wanted):
+            transport.command(f"ALTER TABLE {name} MODIFY SETTING {_AGE} = {wanted}, {_WHOLE} = 1")
+
+
+def _rows(transport: Transport, table: str) -> int:
+    """The rows of ``table``'s active parts, as they stand (not merged)."""
+    rows = transport.query(
+        "SELECT sum(rows) FROM system.parts WHERE database = currentDatabase()"
+        f" AND table = {literal(table)} AND active"
+    )
+    return int(rows[0][0]) if rows else 0
 
 
 def table_settings(engine_full: str) -> dict[str, str]:
