@@ -35,14 +35,17 @@ from usagemeter.store import sqlite as sqlite_store
 WAL_HEADER, FRAME_HEADER = 32, 24
 
 
-def frames(wal: Path, page_size: int) -> list[int]:
-    """The page number of each frame of the WAL file ``wal``, in order."""
-    data = wal.read_bytes()
+def frames(wal: Path, page_size: int, start: int = 0) -> list[int]:
+    """The page number of each frame of the WAL file ``wal`` from frame ``start``, in order
+    (each frame's header read alone: the WAL of a long run is gigabytes)."""
     pages = []
-    at = WAL_HEADER
-    while at + FRAME_HEADER + page_size <= len(data):
-        pages.append(struct.unpack(">I", data[at : at + 4])[0])
-        at += FRAME_HEADER + page_size
+    with wal.open("rb") as f:
+        at = WAL_HEADER + start * (FRAME_HEADER + page_size)
+        size = f.seek(0, 2)
+        while at + FRAME_HEADER + page_size <= size:
+            f.seek(at)
+            pages.append(struct.unpack(">I", f.read(4))[0])
+            at += FRAME_HEADER + page_size
     return pages
 
 
@@ -100,10 +103,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         cpu = {"the commits": 0.0, "the fold": 0.0}
 
         def count(label: str, start: int) -> int:
-            written = frames(wal, page_size)
+            written = frames(wal, page_size, start)
             owner = owners(conn)
-            named[label].update(owner.get(page, "(a free page)") for page in written[start:])
-            return len(written)
+            named[label].update(owner.get(page, "(a free page)") for page in written)
+            return start + len(written)
 
         def fold() -> None:
             started = time.process_time()
