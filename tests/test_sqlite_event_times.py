@@ -69,9 +69,13 @@ def _times(conn: sqlite3.Connection) -> tuple[list[tuple], list[tuple]]:
     return entries.fetchall(), folded.fetchall()
 
 
-def _waiting(store: SQLiteStore) -> int:
+def _scalar(store: SQLiteStore, sql: str) -> int:
     with store._write_lock:  # the committer may be folding on this connection meanwhile
-        return int(store._writer.execute("SELECT count(*) FROM unfolded").fetchone()[0])
+        return int(store._writer.execute(sql).fetchone()[0])
+
+
+def _waiting(store: SQLiteStore) -> int:
+    return _scalar(store, "SELECT count(*) FROM unfolded")
 
 
 def _windows(cuts: list[int]) -> tuple[Window, ...]:
@@ -387,17 +391,23 @@ def _ragged(store: SQLiteStore, events: list[Event]) -> None:
             assert _answer(store, account, metric, windows) == expected
 
 
+def _folded_file(db_path: Path, count: int) -> tuple[list[Event], sqlite3.Connection]:
+    """A store's file holding ``count`` spread events, folded and closed, and a plain
+    connection to it, to make it look as an older version left it."""
+    store = _open(db_path)
+    events = _spread(count)
+    store.append(events)
+    store.fold()
+    store.close()
+    return events, sqlite3.connect(db_path)
+
+
 def test_a_file_of_version_5_opens_with_its_recent_cells_and_its_entries_at_one_level(
     db_path: Path,
 ) -> None:
     """Version 5 kept every entry by time in event_times: such a file opens as it is (its
     recent rollup cells kept, nothing rebuilt), and its folds then write recent entries."""
-    store = _open(db_path)
-    events = _spread(200)
-    store.append(events)
-    store.fold()
-    store.close()
-    conn = sqlite3.connect(db_path)
+    events, conn = _folded_file(db_path, 200)
     cells = conn.execute("SELECT count(*) FROM rollup_recent").fetchone()[0]
     conn.execute("INSERT INTO event_times SELECT * FROM event_times_recent")
     conn.execute("DROP VIEW event_times_all")
@@ -406,18 +416,18 @@ def test_a_file_of_version_5_opens_with_its_recent_cells_and_its_entries_at_one_
     conn.commit()
     conn.close()
     reopened = _open(db_path)
-    assert reopened._writer.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert reopened._writer.execute("SELECT count(*) FROM rollup_recent").fetchone()[0] == cells
-    assert reopened._writer.execute("SELECT count(*) FROM event_times").fetchone()[0] == 200
+    assert _scalar(reopened, "PRAGMA user_version") == SCHEMA_VERSION
+    assert _scalar(reopened, "SELECT count(*) FROM rollup_recent") == cells
+    assert _scalar(reopened, "SELECT count(*) FROM event_times") == 200
     _ragged(reopened, events)
     more = _spread(100, "f")
     reopened.append(more)
     reopened.fold()
-    recent = reopened._writer.execute("SELECT count(*) FROM event_times_recent").fetchone()[0]
+    recent = _scalar(reopened, "SELECT count(*) FROM event_times_recent")
     assert recent == 100
     _ragged(reopened, [*events, *more])
     reopened.merge()
-    assert reopened._writer.execute("SELECT count(*) FROM event_times").fetchone()[0] == 300
+    assert _scalar(reopened, "SELECT count(*) FROM event_times") == 300
     _ragged(reopened, [*events, *more])
     reopened.close()
 
@@ -426,12 +436,7 @@ def test_a_file_version_5_opened_after_this_one_drops_its_recent_entries(db_path
     """Version 5, opening a file of this one, builds event_times again from every folded
     event (it knows no recent entries) and leaves the recent ones behind: opened here
     again, they are dropped rather than found twice."""
-    store = _open(db_path)
-    events = _spread(150)
-    store.append(events)
-    store.fold()
-    store.close()
-    conn = sqlite3.connect(db_path)
+    events, conn = _folded_file(db_path, 150)
     assert conn.execute("SELECT count(*) FROM event_times_recent").fetchone()[0] == 150
     conn.execute("DELETE FROM event_times")  # what version 5 did: every folded event's entry
     conn.execute(
@@ -442,6 +447,6 @@ def test_a_file_version_5_opened_after_this_one_drops_its_recent_entries(db_path
     conn.commit()
     conn.close()
     reopened = _open(db_path)
-    assert reopened._writer.execute("SELECT count(*) FROM event_times_recent").fetchone()[0] == 0
+    assert _scalar(reopened, "SELECT count(*) FROM event_times_recent") == 0
     _ragged(reopened, events)
     reopened.close()
