@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,10 +183,19 @@ _monthly_accounts = itertools.count()
 def monthly(clickhouse_home: str, tmp_path: Path) -> Iterator[ClickHouseStore]:
     """A store on a database whose events table is partitioned by month (before round 10)."""
     assert _MONTHLY_EVENTS != EVENTS
-    database = f"monthly_{time.time_ns()}"
+    yield from _store_on_tables(clickhouse_home, tmp_path, "monthly", (_MONTHLY_EVENTS,))
+
+
+def _store_on_tables(
+    clickhouse_home: str, tmp_path: Path, name: str, statements: Iterable[str]
+) -> Iterator[ClickHouseStore]:
+    """A store opened on a database of its own where ``statements`` made some tables first,
+    as an older version made them; the database dropped after."""
+    database = f"{name}_{time.time_ns()}"
     transport = _transport(clickhouse_home, database)
-    transport.command(_MONTHLY_EVENTS)
-    store = ClickHouseStore(transport, str(tmp_path / "monthly-side.sqlite"))
+    for statement in statements:
+        transport.command(statement)
+    store = ClickHouseStore(transport, str(tmp_path / f"{name}-side.sqlite"))
     try:
         yield store
     finally:
@@ -677,16 +686,7 @@ def test_the_latest_key_is_the_instant_then_the_arrival_as_one_number(
 def tuple_keyed(clickhouse_home: str, tmp_path: Path) -> Iterator[ClickHouseStore]:
     """A store on a database whose tables of sets key the latest value by the tuple (ts, seq),
     as every database made before round 15 does."""
-    database = f"tuplekey_{time.time_ns()}"
-    transport = _transport(clickhouse_home, database)
-    for statement in TUPLE_TABLES_OF_SETS:
-        transport.command(statement)
-    store = ClickHouseStore(transport, str(tmp_path / "tuple-side.sqlite"))
-    try:
-        yield store
-    finally:
-        transport.command(f"DROP DATABASE {database}")
-        store.close()
+    yield from _store_on_tables(clickhouse_home, tmp_path, "tuplekey", TUPLE_TABLES_OF_SETS)
 
 
 def test_a_database_keeps_its_latest_values_layout(
