@@ -551,12 +551,7 @@ def test_a_dimension_set_sent_in_any_key_order_answers_as_on_sqlite(
             for batch in (events[:cut], events[cut:]):
                 if batch:
                     store.append(batch)
-        hours = tuple(
-            Window(h, BASE_MS + h * 3_600_000, BASE_MS + (h + 1) * 3_600_000) for h in (0, 1)
-        )
-        quarters = tuple(
-            Window(q, BASE_MS + q * 900_000, BASE_MS + (q + 1) * 900_000) for q in range(6)
-        )
+        hours, quarters = _hours_and_quarters(6)
         exact = (*_EXACT, Measure("unique_count", "b"))
         asked = [
             AggregateSpec(
@@ -682,6 +677,14 @@ def test_the_latest_key_is_the_instant_then_the_arrival_as_one_number(
     )
 
 
+def _hours_and_quarters(quarters: int) -> tuple[tuple[Window, ...], tuple[Window, ...]]:
+    """The first two UTC hours from BASE_MS, and its first ``quarters`` quarter hours."""
+    hours = tuple(Window(h, BASE_MS + h * 3_600_000, BASE_MS + (h + 1) * 3_600_000) for h in (0, 1))
+    return hours, tuple(
+        Window(q, BASE_MS + q * 900_000, BASE_MS + (q + 1) * 900_000) for q in range(quarters)
+    )
+
+
 @pytest.fixture
 def tuple_keyed(clickhouse_home: str, tmp_path: Path) -> Iterator[ClickHouseStore]:
     """A store on a database whose tables of sets key the latest value by the tuple (ts, seq),
@@ -769,12 +772,7 @@ def test_latest_values_answer_alike_in_both_layouts_as_on_sqlite(
                 batch = [e for e in batch if store is not left or e.id not in voided]
                 if batch:
                     store.append(batch)
-        hours = tuple(
-            Window(h, BASE_MS + h * 3_600_000, BASE_MS + (h + 1) * 3_600_000) for h in (0, 1)
-        )
-        quarters = tuple(
-            Window(q, BASE_MS + q * 900_000, BASE_MS + (q + 1) * 900_000) for q in range(8)
-        )
+        hours, quarters = _hours_and_quarters(8)
         ragged = (
             Window(0, BASE_MS + 1, BASE_MS + 3_600_001),
             Window(1, BASE_MS + 3_600_001, BASE_MS + 7_199_999),
