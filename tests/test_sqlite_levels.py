@@ -609,22 +609,22 @@ def test_a_file_an_older_version_rebuilt_drops_its_recent_cells(db_path: Path) -
     reopened.close()
 
 
-def without_latest_ranks(conn: sqlite3.Connection) -> None:
-    """Change a file as the code before ranks were kept left it: no ``last_rank`` column in
+def without_latest_seqs(conn: sqlite3.Connection) -> None:
+    """Change a file as the code before seqs were kept left it: no ``last_seq`` column in
     any rollup, at either level (the schema version is the same)."""
     for table in ROLLUP_TABLES:
         for level in ("", "_recent"):
-            conn.execute(f"ALTER TABLE {table}{level} DROP COLUMN last_rank")
+            conn.execute(f"ALTER TABLE {table}{level} DROP COLUMN last_seq")
     conn.commit()
 
 
-def test_a_file_without_latest_ranks_gains_them_and_its_rows_rank_as_earliest(
+def test_a_file_without_latest_seqs_gains_them_and_its_rows_rank_as_earliest(
     db_path: Path,
 ) -> None:
-    """A file written before rollup rows kept their latest value's rank opens with the
-    column added; its rows rank as the earliest event at their timestamp: a later event of
-    another cell at that millisecond wins, one a millisecond before loses, in every
-    question, in both levels and after a merge."""
+    """A file written before rollup rows kept their latest event's seq opens with the
+    column added (0 in its rows); they rank as the earliest event at their timestamp: a
+    later event of another cell at that millisecond wins, one a millisecond before loses,
+    in every question, in both levels and after a merge."""
     at = BASES[0] + 7
     store = _open(db_path)
     store.append([_in_cell(1, "a", at, 5.0), _in_cell(4, "b", at, 5.0)])  # big level
@@ -634,13 +634,13 @@ def test_a_file_without_latest_ranks_gains_them_and_its_rows_rank_as_earliest(
     store.fold()
     store.close()
     conn = sqlite3.connect(db_path)
-    without_latest_ranks(conn)
+    without_latest_seqs(conn)
     conn.close()
     reopened = _open(db_path)
     for table in ROLLUP_TABLES:
         for level in ("", "_recent"):
             ranked = f"SELECT count(*) FROM pragma_table_info('{table}{level}')"
-            assert _scalar(reopened, ranked + " WHERE name = 'last_rank'") == 1
+            assert _scalar(reopened, ranked + " WHERE name = 'last_seq'") == 1
     stored = [_in_cell(1, "a", at, 5.0), _in_cell(4, "b", at, 5.0)]
     stored.append(_in_cell(5, "a", at + HOUR_MS, 6.0))
     # Other cells (key, dimension set, tag) of the same milliseconds, and a millisecond before.

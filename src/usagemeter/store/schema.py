@@ -139,7 +139,7 @@ CREATE TABLE IF NOT EXISTS {_table} (
     vmax REAL NOT NULL,
     last_ts INTEGER NOT NULL,
     last_val REAL NOT NULL,
-    last_rank TEXT,
+    last_seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (metric, account, slot, key, billable, dimset, tagset)
 ) WITHOUT ROWID;
 """
@@ -154,7 +154,7 @@ _VALUES = """
     vmax REAL NOT NULL,
     last_ts INTEGER NOT NULL,
     last_val REAL NOT NULL,
-    last_rank TEXT,"""
+    last_seq INTEGER NOT NULL DEFAULT 0,"""
 for _table in (t for base in ("rollup_hour_key", "rollup_day_key") for t in SQLITE.levels(base)):
     SCHEMA += f"""
 CREATE TABLE IF NOT EXISTS {_table} (
@@ -189,23 +189,20 @@ INSERT OR IGNORE INTO recent_events (one, events) VALUES (1, 0);
 
 # A rollup row absorbs a run's partial row. The latest value is the one with the greatest
 # timestamp; on a tie the later event wins, as the later report of a gauge should. Each row
-# keeps the rank of its latest value, (timestamp, seq of its event) as sqlplan's
-# Dialect.rank writes it, so that a question folding several rows (two dimension sets' slots
-# tied at one millisecond, keys' hours, a report's total) breaks their tie as one row does.
-# A row written before ranks were kept has none (``add_latest_ranks``): it ranks as its
-# timestamp's earliest event, since its events came before every event that has a rank; on
-# equal ranks (two such rows) the absorbed row wins, its events having come later (a run's,
-# a recent cell's).
-_RANK = SQLITE.rank("{table}last_ts", "0")
-_OLD_RANK = f"coalesce(last_rank, {_RANK.format(table='')})"
-_NEW_RANK = f"coalesce(excluded.last_rank, {_RANK.format(table='excluded.')})"
+# keeps the seq of its latest event beside its timestamp, so that a question folding several
+# rows (two dimension sets' slots tied at one millisecond, keys' hours, a report's total)
+# breaks their tie as one row does (sqlplan's Dialect.rank). A row written before it was
+# kept has 0 (``add_latest_seqs``): it ranks as its timestamp's earliest event, its events
+# having come before every event with a seq kept; on equal pairs (two such rows) the
+# absorbed row wins, its events having come later (a run's, a recent cell's).
+_LATER = "(excluded.last_ts, excluded.last_seq) >= (last_ts, last_seq)"
 UPSERT_SET = f"""ON CONFLICT DO UPDATE SET
     cnt = cnt + excluded.cnt,
     total = total + excluded.total,
     vmin = min(vmin, excluded.vmin),
     vmax = max(vmax, excluded.vmax),
-    last_val = CASE WHEN {_NEW_RANK} >= {_OLD_RANK} THEN excluded.last_val ELSE last_val END,
-    last_rank = max({_NEW_RANK}, {_OLD_RANK}),
+    last_val = CASE WHEN {_LATER} THEN excluded.last_val ELSE last_val END,
+    last_seq = CASE WHEN {_LATER} THEN excluded.last_seq ELSE last_seq END,
     last_ts = max(last_ts, excluded.last_ts)
 """
 
@@ -319,11 +316,11 @@ RUN_ROWS = 1 << 20  # events one pass covers: the run's hours wait in memory mea
 # A run's cells per key and hour, then per hour, in temporary tables (in memory). The
 # coarser rollups fold from these, a few rows per hour, instead of from every event again.
 # Hours across keys can tie on their latest timestamp (two keys' events at one ms): their
-# rows keep the rank of their latest value (UPSERT_SET), and the later event wins the tie.
+# rows keep the seq of their latest event (UPSERT_SET), and the later event wins the tie.
 _HOURS = {"fold_key_hours": "rollup_hour_key", "fold_hours": "rollup_hour"}
 _FROM_HOURS = {"rollup_hour_key": "fold_key_hours", "rollup_day_key": "fold_key_hours",
                "rollup_hour": "fold_hours", "rollup_day": "fold_hours"}  # fmt: skip
-_VALUE_COLUMNS = "cnt, total, vmin, vmax, last_ts, last_val, last_rank"
+_VALUE_COLUMNS = "cnt, total, vmin, vmax, last_ts, last_val, last_seq"
 
 
 def _hours_ddl(temp: str) -> str:
@@ -346,8 +343,7 @@ def _from_events(table: str, source: str, level: str = "") -> str:
     # Integer division truncates, as // floors, for the ts >= 0 that ingest admits.
     target = table + level if table == "rollup" else table
     head = f"INSERT INTO {target} ({', '.join(keys)}, {_VALUE_COLUMNS}"
-    rank = SQLITE.rank("ts", "seq")
-    values = f"SELECT {_select(keys, f'ts / {unit}')}, 1, value, value, value, ts, value, {rank}"
+    values = f"SELECT {_select(keys, f'ts / {unit}')}, 1, value, value, value, ts, value, seq"
     where = f"FROM {source} WHERE rowid > ?1 AND rowid <= ?2 ORDER BY rowid"
     return f"{head}) {values} {where} {UPSERT_SET}"
 
@@ -479,12 +475,12 @@ DENSE_ACCOUNTS = (
 MERGE_DENSE = merge_statements("metric = ?1 AND account = ?2")
 
 
-def add_latest_ranks(conn: sqlite3.Connection) -> None:
-    """Give a file written before ranks were kept its rollups' ``last_rank`` column: NULL in
-    its rows, which rank as their timestamp's earliest event (see UPSERT_SET). Adding a
-    nullable column rewrites no row, so a store of 10M opens at once."""
+def add_latest_seqs(conn: sqlite3.Connection) -> None:
+    """Give a file written before rollup rows kept their latest event's seq the column: 0 in
+    its rows (see UPSERT_SET). A column with a constant default rewrites no row, so a store
+    of 10M opens at once."""
     for base in ROLLUP_TABLES:
         for table in SQLITE.levels(base):
             columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-            if "last_rank" not in columns:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN last_rank TEXT")
+            if "last_seq" not in columns:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0")

@@ -88,7 +88,7 @@ from usagemeter.store.schema import (
     TIMES_AT_ONE_LEVEL,
     TIMES_BOUND,
     UNTIME_GONE,
-    add_latest_ranks,
+    add_latest_seqs,
     fold_events,
     fold_selected,
 )
@@ -392,7 +392,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
         ).fetchone()
         conn.executescript(SCHEMA)
-        add_latest_ranks(conn)
+        add_latest_seqs(conn)
         if existed and version not in (SCHEMA_VERSION, TIMES_AT_ONE_LEVEL):
             # A version before this one folded into the big rollups alone; one that opened
             # this file after this version had rebuilt them from the events, the recent

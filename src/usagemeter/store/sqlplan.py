@@ -162,19 +162,22 @@ class Dialect:
         """The join giving each source row ``s`` its dimension set as ``d.dims``."""
         return "JOIN dimsets d ON d.id = s.dimset"
 
-    # The rank of a source row's latest value: (timestamp, seq of the event), the later
-    # event winning a tie of timestamps. Rollup rows keep theirs (schema.py's last_rank, the
-    # pair as fixed-width hex text, which compares as the pair does: (last_ts, seq) fit no
-    # one integer, and formatting it here cost a heavy 90-day report twice its time); a row
-    # written before ranks were kept has none, and ranks as its timestamp's earliest event
-    # (it came before every event that has a rank). Events read raw or waiting rank by
-    # their own pair.
+    # The rank of a source row's latest value: (timestamp, seq of its event), the later
+    # event winning a tie of timestamps. Rollup rows keep the seq of their latest event
+    # (schema.py's last_seq; 0 in a row written before it was kept, which ranks as its
+    # timestamp's earliest event: it came before every event with a seq kept). The pair
+    # fits no one integer, so it is compared as text of fixed widths: each number offset
+    # to a fixed count of digits (ts below 9 * 10^13 ms, the year 4821; seq below 8.2 *
+    # 10^18) and concatenated, which compares as the pair does. Why this form: integer to
+    # text in ``||`` adds a third less per row than format() (which cost a heavy 90-day
+    # report twice its time), and a rank stored as text made the fold a third dearer
+    # (round 15, bench/RESULTS.md).
     def rank(self, ts: str, seq: str) -> str:
         """The rank of the latest value at ``ts`` of the event ``seq`` (SQL expressions)."""
-        return f"format('%011x%016x', {ts}, {seq})"
+        return f"(({ts}) + 10000000000000) || (({seq}) + 1000000000000000000)"
 
     def rollup_rank(self) -> str:
-        return f"coalesce(x.last_rank, {self.rank('x.last_ts', '0')})"
+        return self.rank("x.last_ts", "x.last_seq")
 
     def event_rank(self) -> str:
         return self.rank("x.ts", "x.seq")
