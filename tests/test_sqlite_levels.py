@@ -20,10 +20,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from tests.reference import fold_cells
+from usagemeter.auth import issue_key
 from usagemeter.corrections import Amendment, VoidSelector
-from usagemeter.model import Account, Event
+from usagemeter.model import Account, Event, Scope
 from usagemeter.store import sqlite as sqlite_module
 from usagemeter.store.base import TOTAL, AggregateSpec, Measure, Window
 from usagemeter.store.schema import MERGE_ALL, ONE_LEVEL, ROLLUP_TABLES, SCHEMA_VERSION
@@ -68,7 +70,24 @@ def _open(path: Path) -> SQLiteStore:
     for account in ACCOUNTS:
         if account not in known:
             store.create_account(Account(account, account.upper()))
+            issue_key(store, account, key_id=f"k{account}", scopes=[Scope.READ])
     return store
+
+
+def _in_cell(n: int, account: str, at: int, value: float) -> Event:
+    """The event ``e<n>``, in one of several cells by its number: two dimension sets, with a
+    key or without, a tag or none. Events at one millisecond then tie across cells, in a
+    question that folds their rows together (a slot's sets, an hour's keys)."""
+    return Event(
+        f"e{n}",
+        account,
+        "m",
+        at,
+        value,
+        key_id=f"k{account}" if n % 4 >= 2 else None,
+        dimensions={"status": str(n % 2)},
+        tags=frozenset({"x"}) if n % 3 == 0 else frozenset(),
+    )
 
 
 def _scalar(store: SQLiteStore, sql: str) -> Any:
@@ -93,24 +112,36 @@ def _windows(zone: str, granularity: Granularity, start: int, end: int) -> tuple
 
 
 def _answer(
-    store: SQLiteStore, account: str, windows: tuple[Window, ...], metric: str = "m"
+    store: SQLiteStore,
+    account: str,
+    windows: tuple[Window, ...],
+    metric: str = "m",
+    tags: frozenset[str] = frozenset(),
 ) -> dict:
-    spec = AggregateSpec((account,), metric, windows, MEASURES, totals=True)
+    spec = AggregateSpec((account,), metric, windows, MEASURES, totals=True, tags=tags)
     return {row.window: row.values for row in store.aggregate(spec)}
 
 
 def _expected(
-    events: list[Event], account: str, windows: tuple[Window, ...], metric: str = "m"
+    events: list[Event],
+    account: str,
+    windows: tuple[Window, ...],
+    metric: str = "m",
+    tags: frozenset[str] = frozenset(),
 ) -> dict:
     """Folding the stored events one by one in the order they were stored."""
-    return fold_cells(events, windows, lambda e: e.account_id == account and e.metric == metric)
+    return fold_cells(
+        events,
+        windows,
+        lambda e: e.account_id == account and e.metric == metric and tags <= e.tags,
+    )
 
 
 _event = st.tuples(
     st.sampled_from(ACCOUNTS),
     TIMES,
     st.integers(-3, 9),
-    st.integers(0, 40),  # value, id
+    st.integers(0, 40),  # value, id (which also places the event in a cell: _in_cell)
 )
 _question = st.tuples(
     st.sampled_from(ZONES),
@@ -212,7 +243,7 @@ def test_questions_read_both_levels_and_the_waiting_events_as_the_reference(
     for action, arg in [*steps, final, ("fold", ()), final, ("merge", ()), final]:
         if action == "append":
             batch = {
-                (account, f"e{n}"): Event(f"e{n}", account, "m", at, float(v))
+                (account, f"e{n}"): _in_cell(n, account, at, float(v))
                 for account, at, v, n in arg  # type: ignore[attr-defined]
             }
             store.append(list(batch.values()))
@@ -238,6 +269,11 @@ def test_questions_read_both_levels_and_the_waiting_events_as_the_reference(
             windows = _windows(zone, granularity, start, start + length)
             for account in ACCOUNTS:
                 assert _answer(store, account, windows) == _expected(stored, account, windows)
+            # The slots alone, of every dimension set and key, and the raw ends beside them.
+            tagged = frozenset({"x"})
+            assert _answer(store, "a", windows, tags=tagged) == _expected(
+                stored, "a", windows, tags=tagged
+            )
         elif action == "void ids":
             mine = [e for e in stored if e.account_id == "a"]
             ids = tuple(dict.fromkeys(mine[i % len(mine)].id for i in arg)) if mine else ()  # type: ignore[attr-defined]
@@ -262,7 +298,7 @@ def test_questions_read_both_levels_and_the_waiting_events_as_the_reference(
                 amend = Amendment(float(value), new_id=new_id)
                 store.void_events(VoidSelector("a", ids=(old.id,)), "fix", None, 0, amend)
                 stored.remove(old)
-                stored.append(Event(new_id, "a", "m", old.ts_ms, float(value)))  # stored last
+                stored.append(replace(old, id=new_id, value=float(value)))  # stored last
                 taken.add(("a", new_id))
     store.close()
 
@@ -570,4 +606,58 @@ def test_a_file_an_older_version_rebuilt_drops_its_recent_cells(db_path: Path) -
     assert _cells(reopened, "_recent") == 0
     windows = _windows("UTC", Granularity.TOTAL, BASES[0], BASES[0] + SPAN_MS)
     assert _answer(reopened, "a", windows)[TOTAL][0] == 100
+    reopened.close()
+
+
+def without_latest_seqs(conn: sqlite3.Connection) -> None:
+    """Change a file as the code before seqs were kept left it: no ``last_seq`` column in
+    any rollup, at either level (the schema version is the same)."""
+    for table in ROLLUP_TABLES:
+        for level in ("", "_recent"):
+            conn.execute(f"ALTER TABLE {table}{level} DROP COLUMN last_seq")
+    conn.commit()
+
+
+def test_a_file_without_latest_seqs_gains_them_and_its_rows_rank_as_earliest(
+    db_path: Path,
+) -> None:
+    """A file written before rollup rows kept their latest event's seq opens with the
+    column added (0 in its rows); they rank as the earliest event at their timestamp: a
+    later event of another cell at that millisecond wins, one a millisecond before loses,
+    in every question, in both levels and after a merge."""
+    at = BASES[0] + 7
+    store = _open(db_path)
+    store.append([_in_cell(1, "a", at, 5.0), _in_cell(4, "b", at, 5.0)])  # big level
+    store.fold()
+    store.merge()
+    store.append([_in_cell(5, "a", at + HOUR_MS, 6.0)])  # recent level
+    store.fold()
+    store.close()
+    conn = sqlite3.connect(db_path)
+    without_latest_seqs(conn)
+    conn.close()
+    reopened = _open(db_path)
+    for table in ROLLUP_TABLES:
+        for level in ("", "_recent"):
+            ranked = f"SELECT count(*) FROM pragma_table_info('{table}{level}')"
+            assert _scalar(reopened, ranked + " WHERE name = 'last_seq'") == 1
+    stored = [_in_cell(1, "a", at, 5.0), _in_cell(4, "b", at, 5.0)]
+    stored.append(_in_cell(5, "a", at + HOUR_MS, 6.0))
+    # Other cells (key, dimension set, tag) of the same milliseconds, and a millisecond before.
+    later = [
+        _in_cell(2, "a", at, 9.0),
+        _in_cell(3, "b", at - 1, 8.0),
+        _in_cell(6, "a", at + HOUR_MS, 7.0),
+    ]
+    reopened.append(later)
+    stored.extend(later)
+    windows = _windows("Asia/Kathmandu", Granularity.DAY, BASES[0] - DAY_MS, BASES[0] + DAY_MS)
+    hours = _windows("UTC", Granularity.HOUR, BASES[0], BASES[0] + 2 * HOUR_MS)
+    for stage in ("waiting", "folded", "merged"):
+        for account in ACCOUNTS:
+            for shape in (windows, hours):
+                assert _answer(reopened, account, shape) == _expected(stored, account, shape), stage
+        assert _answer(reopened, "a", hours)[TOTAL][4] == 7.0
+        assert _answer(reopened, "b", hours)[TOTAL][4] == 5.0
+        reopened.fold() if stage == "waiting" else reopened.merge()
     reopened.close()

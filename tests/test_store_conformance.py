@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import STORES, empty_postgres, make_database, open_at_once, open_test_store
 from usagemeter.auth import authenticate, issue_key
+from usagemeter.corrections import VoidSelector
 from usagemeter.model import Account, AppendResult, Event, Scope
 from usagemeter.store.base import (
     OVERALL,
@@ -678,3 +679,130 @@ def test_a_distinct_count_of_events_without_the_dimension_is_zero(store: Store) 
         assert {(r.window, r.values) for r in rows} == {(0, (0,)), (1, (1,)), (TOTAL, (1,))}
         if isinstance(store, PostgresStore):
             store.fold(wait=True)
+
+
+# ---------------------------------------------------------------- a latest value tied across cells
+
+# Times near one another, so that events of different dimension sets, tag sets and keys tie
+# at one millisecond: in one quarter hour, the next one, the next hour.
+TIE_HOUR = BASE_MS + 5 * HOUR_MS
+TIE_TIMES = (TIE_HOUR + 2, TIE_HOUR + 2, TIE_HOUR + 900_002, TIE_HOUR + HOUR_MS + 7)
+TIE_WINDOWS = {
+    "hours": (
+        Window(0, TIE_HOUR, TIE_HOUR + HOUR_MS),
+        Window(1, TIE_HOUR + HOUR_MS, TIE_HOUR + 2 * HOUR_MS),
+    ),
+    "ragged": (Window(0, TIE_HOUR + 1, TIE_HOUR + HOUR_MS + 8),),
+    "day": (Window(0, BASE_MS, BASE_MS + DAY_MS),),
+}
+# Questions read by the slots (a group by a dimension, a tag), the key hours and days (by
+# key), the account hours and days (neither).
+TIE_QUESTIONS: dict[str, dict[str, Any]] = {
+    "status": {"group_by": ("status",)},
+    "key": {"group_by": ("key",)},
+    "tagged": {"tags": frozenset({"x"})},
+    "plain": {},
+}
+
+
+def _tie_cells(
+    events: list[Event], windows: tuple[Window, ...], question: dict[str, Any]
+) -> dict[tuple[int, tuple[tuple[str, str | None], ...]], float]:
+    """The latest value of each (window, group), TOTAL per group and OVERALL: the greatest
+    (timestamp, order stored), as tests/reference.py folds it."""
+    tags = question.get("tags", frozenset())
+    grouped = question.get("group_by", ())
+
+    def group_of(e: Event) -> tuple[tuple[str, str | None], ...]:
+        if grouped == ("status",):
+            return (("status", e.dimensions["status"]),)
+        return (("key", e.key_id),) if grouped == ("key",) else ()
+
+    cells: dict[tuple[int, tuple[tuple[str, str | None], ...]], tuple[int, int, float]] = {}
+    for order, e in enumerate(events):
+        if not tags <= e.tags:
+            continue
+        for w in windows:
+            if w.start_ms <= e.ts_ms < w.end_ms:
+                group = group_of(e)
+                cells_of = [(w.index, group), (TOTAL, group)]
+                if grouped:
+                    cells_of.append((OVERALL, ()))
+                for cell in cells_of:
+                    cells[cell] = max(cells.get(cell, (-1, -1, 0.0)), (e.ts_ms, order, e.value))
+    return {cell: value for cell, (_, _, value) in cells.items()}
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sent=st.lists(
+        st.tuples(
+            st.integers(0, len(TIE_TIMES) - 1),
+            st.sampled_from(["200", "500"]),
+            st.sampled_from([(), ("x",), ("x", "y")]),
+            st.sampled_from([None, "ka"]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    batch_size=st.integers(1, 12),
+)
+# Two dimension sets tied at one millisecond in one quarter hour, sent in two batches: the
+# total's latest value is the later write's (SQLite's slots answered the earlier one's).
+@example(
+    sent=[(2, "200", (), None)] + [(0, "200", (), None)] * 8 + [(1, "500", (), None)] * 2,
+    batch_size=5,
+)
+# The same across keys and tag sets, in one batch, the later event's cell sorting first.
+@example(sent=[(0, "500", ("x", "y"), "ka"), (1, "200", ("x",), None)], batch_size=2)
+def test_a_latest_value_tied_across_cells_goes_to_the_later_event(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    store_kind: str,
+    sent: list[tuple[int, str, tuple[str, ...], str | None]],
+    batch_size: int,
+) -> None:
+    """Events of several dimension sets, tag sets and keys tied at one millisecond: wherever
+    a question folds their rows together (a total across groups, a question without the
+    group, a key's hours without a key, a ragged end beside whole units, the waiting events
+    beside the folded), the latest value is the later event's, before and after the store
+    merges, folds and voids."""
+    store = open_test_store(store_kind, request, tmp_path_factory.mktemp("tie") / "t.db")
+    try:
+        _accounts(store)
+        events = [
+            Event(
+                f"e{i}",
+                "a",
+                "m",
+                TIE_TIMES[time],
+                float(i + 1),
+                key_id=key,
+                dimensions={"status": status},
+                tags=frozenset(tags),
+            )
+            for i, (time, status, tags, key) in enumerate(sent)
+        ]
+
+        def check(stage: str, stored: list[Event]) -> None:
+            for shape, windows in TIE_WINDOWS.items():
+                for name, question in TIE_QUESTIONS.items():
+                    spec = AggregateSpec(
+                        ("a",), "m", windows, (Measure("latest"),), totals=True, **question
+                    )
+                    rows = {(r.window, r.group): r.values[0] for r in store.aggregate(spec)}
+                    assert rows == _tie_cells(stored, windows, question), (stage, shape, name)
+
+        for i in range(0, len(events), batch_size):
+            store.append(events[i : i + batch_size])
+            check(f"after batch {i // batch_size}", events[: i + batch_size])
+        if isinstance(store, SQLiteStore):
+            store.merge()  # the recent level's cells into the big tables
+            check("merged", events)
+        # A void folds the voided event's days again, from the events left.
+        store.void_events(VoidSelector("a", ids=(events[0].id,)), "tie", None, BASE_MS)
+        check("after a void", events[1:])
+    finally:
+        store.close()

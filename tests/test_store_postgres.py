@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from tests.conftest import empty_postgres
+from tests.conftest import empty_postgres, make_database
 from usagemeter.api.app import create_app
 from usagemeter.auth import authenticate, issue_key
 from usagemeter.model import Account, ApiKey, Event, Scope
 from usagemeter.store import pgarrays
-from usagemeter.store.base import AggregateSpec, Measure, Window
+from usagemeter.store.base import OVERALL, TOTAL, AggregateSpec, Measure, Window
 from usagemeter.store.postgres import PostgresStore, _digest
 
 T = TypeVar("T")
@@ -233,3 +233,47 @@ def test_packed_arrays_arrive_as_the_values_packed(
 def test_a_digest_of_another_length_is_refused_before_it_is_packed() -> None:
     with pytest.raises(ValueError, match="16 bytes"):
         pgarrays.fixed_bytes([b"x" * 16, b"y" * 15], 16)
+
+
+def test_a_database_without_latest_seqs_gains_them_and_its_rows_rank_as_earliest(
+    postgres_server: str,
+) -> None:
+    """A database written before rollup rows kept their latest event's seq opens with the
+    column added (0 in its rows): a later event of another cell (dimension set, key) at the
+    same millisecond wins over such a row, one a millisecond before loses, whether it waits
+    or is folded, in the slots, the key hours and days, the hours and days."""
+    url = make_database(postgres_server, "usagemeter_latest_seqs")
+    at = BASE_MS + 7
+    store = PostgresStore(url, pool_size=2, background_fold=False)
+    for account in ("a", "b"):
+        store.create_account(Account(account, account.upper()))
+    issue_key(store, "a", key_id="ka", scopes=[Scope.READ])
+    store.append([Event("e1", "a", "m", at, 5.0), Event("e2", "b", "m", at, 5.0)])
+    store.fold(wait=True)
+    with store._pool.connection() as conn:
+        for table in ("rollup", "rollup_hour_key", "rollup_day_key", "rollup_hour", "rollup_day"):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN last_seq")
+    store.close()
+    store = PostgresStore(url, pool_size=2, background_fold=False)
+    try:
+        store.append(
+            [
+                Event("e3", "a", "m", at, 9.0, key_id="ka", dimensions={"status": "500"}),
+                Event("e4", "b", "m", at - 1, 8.0, dimensions={"status": "500"}),
+            ]
+        )
+        windows = (Window(0, BASE_MS, BASE_MS + DAY_MS), Window(1, BASE_MS + 1, BASE_MS + 9))
+        for folded in (False, True):
+            if folded:
+                store.fold(wait=True)
+            for window in windows:
+                for group_by in ((), ("key",), ("status",)):
+                    for account, latest in (("a", 9.0), ("b", 5.0)):
+                        spec = AggregateSpec(
+                            (account,), "m", (window,), (Measure("latest"),), group_by, totals=True
+                        )
+                        rows = {(r.window, r.group): r.values[0] for r in store.aggregate(spec)}
+                        whole = rows[(OVERALL, ())] if group_by else rows[(TOTAL, ())]
+                        assert whole == latest, (folded, window, group_by, account)
+    finally:
+        store.close()

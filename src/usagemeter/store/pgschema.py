@@ -45,7 +45,8 @@ _VALUES = """
     vmin double precision NOT NULL,
     vmax double precision NOT NULL,
     last_ts bigint NOT NULL,
-    last_val double precision NOT NULL"""
+    last_val double precision NOT NULL,
+    last_seq bigint NOT NULL DEFAULT 0"""
 
 
 def floor_div(column: str, unit: int) -> str:
@@ -73,21 +74,31 @@ def fold_into(table: str, source: str, order: str) -> str:
 
     The latest value is the last of the greatest (ts, order, value) array: an ordered
     array_agg() sorts each group apart, which cost twice the whole fold. The array is of
-    float8, exact for every ts and order below 2^53 (ts in ms: the year 287396)."""
+    float8, exact for every ts and order below 2^53 (ts in ms: the year 287396).
+
+    Each row keeps the ``order`` (seq) of its latest event beside its timestamp, so that a
+    question folding several rows (two dimension sets' slots tied at one millisecond, keys'
+    hours, a report's total) breaks their tie as one row does (sqlplan's rollup_rank). A
+    row written before it was kept has 0 (``add_latest_seqs``): it ranks as its
+    timestamp's earliest event, its events having come before every event with a seq kept;
+    on a tie of two such the absorbed row (the later fold's) wins."""
     keys, unit = ROLLUPS[table]
     columns = ", ".join(keys)
     select = ", ".join(floor_div("ts", unit) if k == "slot" else k for k in keys)
     positions = ", ".join(str(n + 1) for n in range(len(keys)))
-    return f"""INSERT INTO {table} AS r ({columns}, cnt, total, vmin, vmax, last_ts, last_val)
+    later = "(excluded.last_ts, excluded.last_seq) >= (r.last_ts, r.last_seq)"
+    return f"""INSERT INTO {table} AS r
+    ({columns}, cnt, total, vmin, vmax, last_ts, last_val, last_seq)
 SELECT {select}, count(*), sum(value), min(value), max(value), max(ts),
-       (max(ARRAY[ts, {order}, value]))[3]
+       (max(ARRAY[ts, {order}, value]))[3], (max(ARRAY[ts, {order}, value]))[2]::bigint
 FROM {source} GROUP BY {positions} ORDER BY {positions}
 ON CONFLICT ({columns}) DO UPDATE SET
     cnt = r.cnt + excluded.cnt,
     total = r.total + excluded.total,
     vmin = least(r.vmin, excluded.vmin),
     vmax = greatest(r.vmax, excluded.vmax),
-    last_val = CASE WHEN excluded.last_ts >= r.last_ts THEN excluded.last_val ELSE r.last_val END,
+    last_val = CASE WHEN {later} THEN excluded.last_val ELSE r.last_val END,
+    last_seq = CASE WHEN {later} THEN excluded.last_seq ELSE r.last_seq END,
     last_ts = greatest(r.last_ts, excluded.last_ts)"""
 
 
@@ -307,9 +318,25 @@ def migrate(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
             )
         for version in range(found + 1, SCHEMA_VERSION + 1):
             log.info("migrating the PostgreSQL schema to version %s", version)
+            add_latest_seqs(conn)  # a migration may fold into a table of before
             conn.execute(MIGRATIONS[version - 1])
             conn.execute("INSERT INTO schema_version VALUES (%s)", (version,))
+        add_latest_seqs(conn)
     return found
+
+
+def add_latest_seqs(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    """Give each rollup table of a database of before its ``last_seq`` column (0 in its
+    rows: see fold_into). A column with a constant default rewrites no row; the lock it
+    takes is asked for only when the column is missing."""
+    missing = conn.execute(
+        "SELECT c.relname FROM pg_class c WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p')"
+        " AND c.relnamespace = current_schema()::regnamespace AND NOT EXISTS (SELECT 1"
+        " FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'last_seq')",
+        (list(ROLLUPS),),
+    ).fetchall()
+    for (table,) in missing:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN last_seq bigint NOT NULL DEFAULT 0")
 
 
 def month_bounds(ts_ms: int) -> tuple[str, int, int]:

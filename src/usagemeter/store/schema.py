@@ -139,6 +139,7 @@ CREATE TABLE IF NOT EXISTS {_table} (
     vmax REAL NOT NULL,
     last_ts INTEGER NOT NULL,
     last_val REAL NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (metric, account, slot, key, billable, dimset, tagset)
 ) WITHOUT ROWID;
 """
@@ -152,7 +153,8 @@ _VALUES = """
     vmin REAL NOT NULL,
     vmax REAL NOT NULL,
     last_ts INTEGER NOT NULL,
-    last_val REAL NOT NULL,"""
+    last_val REAL NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,"""
 for _table in (t for base in ("rollup_hour_key", "rollup_day_key") for t in SQLITE.levels(base)):
     SCHEMA += f"""
 CREATE TABLE IF NOT EXISTS {_table} (
@@ -186,14 +188,21 @@ INSERT OR IGNORE INTO recent_events (one, events) VALUES (1, 0);
 """
 
 # A rollup row absorbs a run's partial row. The latest value is the one with the greatest
-# timestamp; on a tie the later event wins, as the later report of a gauge should (a run's
-# events all came after those already folded).
-UPSERT_SET = """ON CONFLICT DO UPDATE SET
+# timestamp; on a tie the later event wins, as the later report of a gauge should. Each row
+# keeps the seq of its latest event beside its timestamp, so that a question folding several
+# rows (two dimension sets' slots tied at one millisecond, keys' hours, a report's total)
+# breaks their tie as one row does (sqlplan's Dialect.rank). A row written before it was
+# kept has 0 (``add_latest_seqs``): it ranks as its timestamp's earliest event, its events
+# having come before every event with a seq kept; on equal pairs (two such rows) the
+# absorbed row wins, its events having come later (a run's, a recent cell's).
+_LATER = "(excluded.last_ts, excluded.last_seq) >= (last_ts, last_seq)"
+UPSERT_SET = f"""ON CONFLICT DO UPDATE SET
     cnt = cnt + excluded.cnt,
     total = total + excluded.total,
     vmin = min(vmin, excluded.vmin),
     vmax = max(vmax, excluded.vmax),
-    last_val = CASE WHEN excluded.last_ts >= last_ts THEN excluded.last_val ELSE last_val END,
+    last_val = CASE WHEN {_LATER} THEN excluded.last_val ELSE last_val END,
+    last_seq = CASE WHEN {_LATER} THEN excluded.last_seq ELSE last_seq END,
     last_ts = max(last_ts, excluded.last_ts)
 """
 
@@ -306,29 +315,18 @@ RUN_ROWS = 1 << 20  # events one pass covers: the run's hours wait in memory mea
 
 # A run's cells per key and hour, then per hour, in temporary tables (in memory). The
 # coarser rollups fold from these, a few rows per hour, instead of from every event again.
-# Hours across keys can tie on their latest timestamp (two keys' events at one ms), so the
-# key hours keep the seq of their latest event, and the later one wins such a tie; a row of
-# one hour never ties a row of another, so days add hours up in any order.
+# Hours across keys can tie on their latest timestamp (two keys' events at one ms): their
+# rows keep the seq of their latest event (UPSERT_SET), and the later event wins the tie.
 _HOURS = {"fold_key_hours": "rollup_hour_key", "fold_hours": "rollup_hour"}
 _FROM_HOURS = {"rollup_hour_key": "fold_key_hours", "rollup_day_key": "fold_key_hours",
                "rollup_hour": "fold_hours", "rollup_day": "fold_hours"}  # fmt: skip
-_VALUE_COLUMNS = "cnt, total, vmin, vmax, last_ts, last_val"
-_LATER = "(excluded.last_ts, excluded.last_seq) > (last_ts, last_seq)"
-_HOURS_UPSERT_SET = f"""ON CONFLICT DO UPDATE SET
-    cnt = cnt + excluded.cnt,
-    total = total + excluded.total,
-    vmin = min(vmin, excluded.vmin),
-    vmax = max(vmax, excluded.vmax),
-    last_val = CASE WHEN {_LATER} THEN excluded.last_val ELSE last_val END,
-    last_seq = CASE WHEN {_LATER} THEN excluded.last_seq ELSE last_seq END,
-    last_ts = max(last_ts, excluded.last_ts)
-"""
+_VALUE_COLUMNS = "cnt, total, vmin, vmax, last_ts, last_val, last_seq"
 
 
 def _hours_ddl(temp: str) -> str:
     keys = ", ".join(ROLLUP_KEYS[_HOURS[temp]][0])
     return f"""CREATE TEMP TABLE IF NOT EXISTS {temp} (
-    {keys}, {_VALUE_COLUMNS}, last_seq, PRIMARY KEY ({keys})
+    {keys}, {_VALUE_COLUMNS}, PRIMARY KEY ({keys})
 ) WITHOUT ROWID"""
 
 
@@ -345,11 +343,9 @@ def _from_events(table: str, source: str, level: str = "") -> str:
     # Integer division truncates, as // floors, for the ts >= 0 that ingest admits.
     target = table + level if table == "rollup" else table
     head = f"INSERT INTO {target} ({', '.join(keys)}, {_VALUE_COLUMNS}"
-    values = f"SELECT {_select(keys, f'ts / {unit}')}, 1, value, value, value, ts, value"
+    values = f"SELECT {_select(keys, f'ts / {unit}')}, 1, value, value, value, ts, value, seq"
     where = f"FROM {source} WHERE rowid > ?1 AND rowid <= ?2 ORDER BY rowid"
-    if table == "rollup":
-        return f"{head}) {values} {where} {UPSERT_SET}"
-    return f"{head}, last_seq) {values}, rowid {where} {_HOURS_UPSERT_SET}"
+    return f"{head}) {values} {where} {UPSERT_SET}"
 
 
 def _from_hours(table: str, level: str) -> str:
@@ -365,10 +361,10 @@ SELECT {select}, {_VALUE_COLUMNS} FROM temp.{source} WHERE true
 
 # The hours across keys, from the key hours: a row per key hour instead of one per event.
 _HOURS_FROM_KEY_HOURS = f"""INSERT INTO temp.fold_hours
-    ({", ".join(ROLLUP_KEYS["rollup_hour"][0])}, {_VALUE_COLUMNS}, last_seq)
-SELECT {", ".join(ROLLUP_KEYS["rollup_hour"][0])}, {_VALUE_COLUMNS}, last_seq
+    ({", ".join(ROLLUP_KEYS["rollup_hour"][0])}, {_VALUE_COLUMNS})
+SELECT {", ".join(ROLLUP_KEYS["rollup_hour"][0])}, {_VALUE_COLUMNS}
 FROM temp.fold_key_hours WHERE true
-{_HOURS_UPSERT_SET}"""
+{UPSERT_SET}"""
 
 
 def _fold_statements(source: str, level: str) -> tuple[tuple[str, int], ...]:
@@ -428,12 +424,13 @@ def fold_events(conn: sqlite3.Connection, start: int, end: int) -> None:
 def fold_selected(
     conn: sqlite3.Connection, select: str, params: Sequence[Any] = (), big: bool = False
 ) -> None:
-    """Fold the rows ``select`` returns (ROLLUP_COLUMNS, earliest first) into every rollup
+    """Fold the rows ``select`` returns (ROLLUP_COLUMNS then the event's seq, 0 if unknown,
+    earliest first) into every rollup
     (the recent level; the big tables with ``big``, for a rebuild): numbered in a temporary
     table, then folded as a run of events is."""
-    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS fold_run ({ROLLUP_COLUMNS})")
+    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS fold_run ({ROLLUP_COLUMNS}, seq)")
     conn.execute(f"DELETE FROM {RUN_TABLE}")
-    conn.execute(f"INSERT INTO {RUN_TABLE} ({ROLLUP_COLUMNS}) {select}", params)
+    conn.execute(f"INSERT INTO {RUN_TABLE} ({ROLLUP_COLUMNS}, seq) {select}", params)
     end = conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {RUN_TABLE}").fetchone()[0]
     _fold_run(conn, _REBUILD_FOLDS if big else _RUN_FOLDS, 0, end)
     conn.execute(f"DELETE FROM {RUN_TABLE}")
@@ -476,3 +473,14 @@ DENSE_ACCOUNTS = (
 )
 # One (metric, account)'s recent cells, (?1, ?2): they are then in the big tables alone.
 MERGE_DENSE = merge_statements("metric = ?1 AND account = ?2")
+
+
+def add_latest_seqs(conn: sqlite3.Connection) -> None:
+    """Give a file written before rollup rows kept their latest event's seq the column: 0 in
+    its rows (see UPSERT_SET). A column with a constant default rewrites no row, so a store
+    of 10M opens at once."""
+    for base in ROLLUP_TABLES:
+        for table in SQLITE.levels(base):
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if "last_seq" not in columns:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0")

@@ -88,6 +88,7 @@ from usagemeter.store.schema import (
     TIMES_AT_ONE_LEVEL,
     TIMES_BOUND,
     UNTIME_GONE,
+    add_latest_seqs,
     fold_events,
     fold_selected,
 )
@@ -391,6 +392,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
         ).fetchone()
         conn.executescript(SCHEMA)
+        add_latest_seqs(conn)
         if existed and version not in (SCHEMA_VERSION, TIMES_AT_ONE_LEVEL):
             # A version before this one folded into the big rollups alone; one that opened
             # this file after this version had rebuilt them from the events, the recent
@@ -512,8 +514,9 @@ class SQLiteStore(SqlCorrections, LimitTables):
             # folded with the stored events in the order they arrived, into the big tables.
             fold_selected(
                 conn,
-                f"SELECT {ROLLUP_COLUMNS} FROM (SELECT {ROLLUP_COLUMNS}, seq FROM tombstones"
-                f" WHERE void IS NULL UNION ALL SELECT {ROLLUP_COLUMNS}, seq FROM events)"
+                f"SELECT {ROLLUP_COLUMNS}, coalesce(seq, 0) FROM (SELECT {ROLLUP_COLUMNS}, seq"
+                f" FROM tombstones WHERE void IS NULL UNION ALL SELECT {ROLLUP_COLUMNS}, seq"
+                " FROM events)"
                 " ORDER BY seq NULLS FIRST, ts",
                 big=True,
             )
@@ -1553,7 +1556,7 @@ class SQLiteStore(SqlCorrections, LimitTables):
     def _refold(self, run: Run, account: int, metric: int, start_ms: int, end_ms: int) -> None:
         fold_selected(
             self._writer,
-            f"SELECT {ROLLUP_COLUMNS} FROM events"
+            f"SELECT {ROLLUP_COLUMNS}, seq FROM events"
             f" WHERE {TIMED_BETWEEN} AND metric = ? AND account = ? ORDER BY seq",
             (start_ms, end_ms, metric, account),
         )

@@ -162,22 +162,32 @@ class Dialect:
         """The join giving each source row ``s`` its dimension set as ``d.dims``."""
         return "JOIN dimsets d ON d.id = s.dimset"
 
-    def latest(self, late: bool = False, levels_only: bool = False) -> list[str]:
-        """Select-list items whose first is the value at the greatest ``last_ts``; with
-        ``late``, of those at that ``last_ts`` the one with the greatest ``late``, which
-        with ``levels_only`` is a rollup's level, 0 or 1 (no event is read raw)."""
-        # SQLite returns the bare column last_val from the row that holds max(last_ts), as
-        # long as max() is the statement's only aggregate.
-        if not late:
-            return ["s.last_val", "max(s.last_ts)"]
-        if levels_only:
-            # The pair as one integer (last_ts < 2^43): format() below cost a 90-day report
-            # of the heavy account at 10M twice its time.
-            return ["s.last_val", "max(s.last_ts * 2 + s.late)"]
-        # Of tied rows SQLite keeps whichever came first: the tie goes to the greatest
-        # ``late`` only if it is in the compared value, and (last_ts, late), up to 2^43 and
-        # 2^63, fit no integer: as text of fixed widths, which compares as the pair does.
-        return ["s.last_val", "max(format('%013d%019d', s.last_ts, s.late))"]
+    # The rank of a source row's latest value: (timestamp, seq of its event), the later
+    # event winning a tie of timestamps. Rollup rows keep the seq of their latest event
+    # (schema.py's last_seq; 0 in a row written before it was kept, which ranks as its
+    # timestamp's earliest event: it came before every event with a seq kept). The pair
+    # fits no one integer, so it is compared as text of fixed widths: each number offset
+    # to a fixed count of digits (ts below 9 * 10^13 ms, the year 4821; seq below 8.2 *
+    # 10^18) and concatenated, which compares as the pair does. Why this form: integer to
+    # text in ``||`` adds a third less per row than format() (which cost a heavy 90-day
+    # report twice its time), and a rank stored as text made the fold a third dearer
+    # (round 15, bench/RESULTS.md).
+    def rank(self, ts: str, seq: str) -> str:
+        """The rank of the latest value at ``ts`` of the event ``seq`` (SQL expressions)."""
+        return f"(({ts}) + 10000000000000) || (({seq}) + 1000000000000000000)"
+
+    def rollup_rank(self) -> str:
+        return self.rank("x.last_ts", "x.last_seq")
+
+    def event_rank(self) -> str:
+        return self.rank("x.ts", "x.seq")
+
+    def latest(self) -> list[str]:
+        """Select-list items whose first is the value of the source row ``s`` with the
+        greatest rank ``s.late`` (see rank())."""
+        # SQLite returns the bare column last_val from the row that holds max(late), as long
+        # as max() is the statement's only aggregate.
+        return ["s.last_val", "max(s.late)"]
 
 
 class PostgresDialect(Dialect):
@@ -240,9 +250,14 @@ class PostgresDialect(Dialect):
         # 3 ms of a 90-day report at 200,000 events, twice when totals are asked too.
         return "CROSS JOIN LATERAL (SELECT y.dims FROM dimsets y WHERE y.id = s.dimset OFFSET 0) d"
 
-    def latest(self, late: bool = False, levels_only: bool = False) -> list[str]:
-        tie = ", s.late DESC" if late else ""
-        return [f"(array_agg(s.last_val ORDER BY s.last_ts DESC{tie}))[1]"]
+    def rollup_rank(self) -> str:
+        return "x.last_seq"  # the seq of the row's latest event (pgschema.py)
+
+    def event_rank(self) -> str:
+        return "x.seq"
+
+    def latest(self) -> list[str]:
+        return ["(array_agg(s.last_val ORDER BY s.last_ts DESC, s.late DESC))[1]"]
 
 
 class MergedDialect(Dialect):
@@ -364,18 +379,14 @@ def plan_aggregate(
     account_marks = ",".join("?" * len(accounts))
     extra = "".join(f" AND {clause}" for clause in source_where)
 
-    # See latest(): of values at one timestamp the later event's is the latest. Events read
-    # raw or waiting rank by their seq, rollup rows (whose own ties the fold settled) below
-    # them: with a pending table, or raw events and a latest value to find; else the plain
-    # max() of before (raw events ranked as equals gave the earlier one's value).
-    # A cell split between two levels of a rollup ties too: its recent level's events came
-    # later, so it ranks above the older level (1 against 0) and below any event (seq >= 1
-    # is no rank a waiting event can have then: the recent level holds a folded one).
+    # See Dialect.rank(): of values at one timestamp the later event's is the latest, across
+    # rows too (two dimension sets', keys' or levels' rows tied at one millisecond). Each
+    # source row carries its rank as ``late`` when a latest value is asked, and whenever a
+    # pending table's rows (which always carry theirs) are read beside the rollups.
     has_latest = any(m.aggregation == "latest" for m in spec.measures)
-    leveled = len(dialect.levels(SLOTS.table)) > 1
-    ranked = bool(pending) or ((bool(raw_pieces) or leveled) and has_latest)
-    late = ", {level} AS late" if ranked else ""
-    raw_late = ", x.seq AS late" if ranked else ""  # the same column, of an event read raw
+    ranked = bool(pending) or has_latest
+    late = f", {dialect.rollup_rank()} AS late" if ranked else ""
+    raw_late = f", {dialect.event_rank()} AS late" if ranked else ""  # of an event read raw
     # An event's columns as a source row (the raw events, and those waiting to be folded).
     event_row = (
         " x.account AS account, x.key AS key, x.dimset AS dimset,"
@@ -423,11 +434,11 @@ def plan_aggregate(
         else:
             columns = event_row
         tables = (grain.table,) if grain is VALUE_HOURS else dialect.levels(grain.table)
-        for level, table in enumerate(tables):
+        for table in tables:
             if values and grain is not VALUE_HOURS:
                 part_params.append(name)  # the set_value's member, in the select list
             parts.append(
-                f"SELECT w{n}.idx AS idx,{columns}{late.format(level=level)} "
+                f"SELECT w{n}.idx AS idx,{columns}{late} "
                 + dialect.join(
                     f"w{n}",
                     table,
@@ -469,7 +480,7 @@ def plan_aggregate(
         if values:
             part_params.append(name)
         parts.append(
-            f"SELECT tw.idx AS idx,{event_row}{'' if values else ', x.seq AS late'} "
+            f"SELECT tw.idx AS idx,{event_row}{raw_late} "
             + dialect.join(
                 "tw",
                 pending,
@@ -557,8 +568,7 @@ def plan_aggregate(
         plans.append(Plan(sql, tuple(params), positions, row_decoder(spec, positions)))
     for i, measure in enumerate(spec.measures):
         if measure.aggregation == "latest":
-            levels_only = ranked and not pending and not raw_pieces
-            sql, params = statement(dialect.latest(late=ranked, levels_only=levels_only), [])
+            sql, params = statement(dialect.latest(), [])
             plans.append(Plan(sql, tuple(params), (i,), row_decoder(spec, (i,))))
         elif values:
             sql, params = statement(["count(DISTINCT s.v)"], [])
