@@ -46,6 +46,7 @@ import cProfile
 import gc
 import importlib.util
 import inspect
+import math
 import pstats
 import random
 import re
@@ -782,6 +783,12 @@ def main(argv: list[str] | None = None) -> int:
         " stopped (a small part beside the others)",
     )
     parser.add_argument(
+        "--written",
+        action="store_true",
+        help="the store takes its distinct values as written moments ago, for the whole run"
+        " (as the process that backfilled or appended them does for a minute and a half)",
+    )
+    parser.add_argument(
         "--cpu",
         action="store_true",
         help="time the comparisons and the breakdown in CPU time rather than wall time",
@@ -801,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
             loader = Peer(store)
             loader.load(args.events)
             peer = loader.transport
+        if args.written:  # this process's write, as if just made, however long the run
+            store.values_written = math.inf
         if args.final:
             stop_merges(store)
         if args.tail:

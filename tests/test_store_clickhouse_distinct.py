@@ -104,6 +104,12 @@ def test_every_distinct_count_without_filter_tag_or_key_reads_the_values() -> No
         ),
     ):
         assert DISTINCT_VALUES not in _plan(spec), spec
+    for spec in (_spec(_days(9), totals=True), _spec(uneven), _spec(_days(3), billable=True)):
+        (pruned,) = plan_aggregate(spec, distinct_values=True, values_parts=True)
+        assert f"{counted} PREWHERE " in pruned.sql and " AND notEmpty(arrayFilter(" in pruned.sql
+        assert f"{counted} WHERE " in _plan(spec) and "PREWHERE" not in _plan(spec)
+    (two,) = plan_aggregate(_spec(_days(3), accounts=("a", "b")), values_parts=True)
+    assert "PREWHERE" not in two.sql
     (without,) = plan_aggregate(_spec(_days(3)), distinct_hours=True, distinct_values=False)
     assert DISTINCT_VALUES not in without.sql and "FROM distinct_hour" in without.sql
 
@@ -212,6 +218,7 @@ _runs = itertools.count()
     amended=st.sets(st.integers(0, 59), max_size=3),
     merged=st.booleans(),
     as_rows=st.booleans(),
+    pruned=st.booleans(),
     asked=st.lists(queries, min_size=1, max_size=4),
 )
 def test_distinct_counts_equal_sqlites(
@@ -223,13 +230,15 @@ def test_distinct_counts_equal_sqlites(
     amended: set[int],
     merged: bool,
     as_rows: bool,
+    pruned: bool,
     asked: list[dict[str, Any]],
 ) -> None:
     """Events in several inserts (a part each), some sent again (counted once), some voided
-    or amended, the values' table merged or not, its rows counted (FINAL) or each value
-    once: every distinct count of one account, of its parent (the two) and grouped by
-    subaccount, billable or not, in UTC, New York across its fall back, Kathmandu (+05:45)
-    and Lord Howe (+10:30), as SQLite answers."""
+    or amended, the values' table merged or not, its rows counted (FINAL, the rows with no
+    entry in the range dropped first or not) or each value once: every distinct count of one
+    account, of its parent (the two) and grouped by subaccount, billable or not, in UTC, New
+    York across its fall back, Kathmandu (+05:45) and Lord Howe (+10:30), as SQLite answers.
+    """
     run = next(_runs)  # each example in accounts of its own: the stores are shared
     a, b = f"da{run}", f"db{run}"
     results = []
@@ -264,6 +273,8 @@ def test_distinct_counts_equal_sqlites(
                 store.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
             # Counted as rows in any number of parts (FINAL), or each value once.
             store.count_value_rows = as_rows
+            # Written moments ago (the rows out of the range dropped first), or long ago.
+            store.values_written = time.monotonic() if pruned else float("-inf")
         engine = Engine(store, METERS)
         # b alone is one account (its rows may be counted); a, its parent, is two.
         results.append(
@@ -374,7 +385,10 @@ def test_the_values_are_counted_as_rows_in_any_number_of_parts(
     chstore: ClickHouseStore,
 ) -> None:
     """FINAL makes a value's rows in several parts one: counted as rows, one part or three,
-    the answer is each value counted once, and the tables of sets' answer."""
+    the answer is each value counted once, and the tables of sets' answer. Written moments
+    ago (history appended, or found complete after a backfill), the rows with no entry in
+    the range are dropped before the merge: a range past the first part's rows answers the
+    same; after a live service's recent events, FINAL alone."""
     chstore.create_account(Account("a", "A"))
     spec = _spec(_days(3), totals=True)
     chstore.append(_events(0, 100))
@@ -390,10 +404,18 @@ def test_the_values_are_counted_as_rows_in_any_number_of_parts(
     )
     assert int(parts[0][0]) >= 2
     (three,) = chstore.plans(spec)
-    assert f"FROM {DISTINCT_VALUES} FINAL" in three.sql
+    # Written just now: the rows with no entry in the range dropped before the merge.
+    assert f"FROM {DISTINCT_VALUES} FINAL PREWHERE " in three.sql
     assert f"SETTINGS {FINAL_SETTINGS})" in three.sql  # merged by one thread, its own setting
     as_rows = _by_window(chstore.aggregate(spec))
     assert as_rows != answer
+    later = _spec(_days(2, BASE_MS + DAY_MS), totals=True)  # the first day's rows dropped
+    pruned = _by_window(chstore.aggregate(later))
+    chstore.values_written = float("-inf")  # long ago: FINAL alone
+    (settled,) = chstore.plans(spec)
+    assert f"FROM {DISTINCT_VALUES} FINAL WHERE " in settled.sql
+    assert _by_window(chstore.aggregate(spec)) == as_rows
+    assert _by_window(chstore.aggregate(later)) == pruned
     chstore.count_value_rows = False
     (once,) = chstore.plans(spec)
     assert f"FROM {DISTINCT_VALUES} ARRAY JOIN" in once.sql
@@ -402,10 +424,72 @@ def test_the_values_are_counted_as_rows_in_any_number_of_parts(
     assert as_rows == _by_window(chstore.aggregate(spec))  # the tables of sets'
     chstore.distinct_values.complete = True
     chstore.count_value_rows = True
+    (backfilled,) = chstore.plans(spec)  # found complete: the backfill's parts just written
+    assert f"FROM {DISTINCT_VALUES} FINAL PREWHERE " in backfilled.sql
+    chstore.count_value_rows = False
+    assert pruned == _by_window(chstore.aggregate(later))  # each value once
+    chstore.count_value_rows = True
+    chstore.values_written = float("-inf")
+    now = int(time.time() * 1000)
+    chstore.append(  # a live service's tail: FINAL alone
+        [Event(id=f"live{i}", account_id="a", metric="m", ts_ms=now - i) for i in range(5)]
+    )
+    assert chstore.values_written == float("-inf")
+    assert f"FROM {DISTINCT_VALUES} FINAL WHERE " in chstore.plans(spec)[0].sql
+    chstore.append([Event(id="late", account_id="a", metric="m", ts_ms=now - 2 * DAY_MS)])
+    assert f"FROM {DISTINCT_VALUES} FINAL PREWHERE " in chstore.plans(spec)[0].sql
     chstore.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
     assert _by_window(chstore.aggregate(spec)) == as_rows
     (plain,) = chstore.plans(AggregateSpec(("a",), "m", _days(3), (Measure("count"),)))
     assert DISTINCT_VALUES not in plain.sql
+
+
+def test_rows_dropped_before_the_merge_only_when_nothing_in_the_range(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore],
+) -> None:
+    """Written moments ago, a value's rows with no entry in the range are dropped before
+    FINAL merges them: a value whose only entry in the range is in its first hour, or its
+    last, in one part, its others out of the range in another; one billable only outside
+    the range, another billable in it only in the second part; one never in the range
+    (never counted). Each window and the total as SQLite's, billable or not."""
+    first, last = 24, 24 + 2 * 24 - 1  # the range's first and last whole hours: days 1 and 2
+    seen = {  # value: (hour, billable) of each part's events
+        "lo": ([(first, True)], [(first - 1, True), (last + 1, True)]),
+        "hi": ([(last, True)], [(2, True), (last + 9, True)]),
+        "both": ([(10, True)], [(30, True)]),
+        "bill": ([(40, False), (3, True)], [(41, True)]),
+        "out": ([(first - 1, True)], [(0, True), (last + 1, True)]),
+    }
+    specs = [
+        _spec(_days(2, BASE_MS + DAY_MS), accounts=("e",), totals=True, billable=billable)
+        for billable in (None, True, False)
+    ]
+    answers = []
+    for store in sqlite_and_chstore:
+        store.create_account(Account("e", "E"))
+        for part in (0, 1):
+            store.append(
+                [
+                    Event(
+                        id=f"{value}-{part}-{hour}",
+                        account_id="e",
+                        metric="m",
+                        ts_ms=BASE_MS + hour * HOUR_MS + 7,
+                        billable=billable,
+                        dimensions={"s": value},
+                    )
+                    for value, parts in seen.items()
+                    for hour, billable in parts[part]
+                ]
+            )
+        if isinstance(store, ClickHouseStore):
+            assert store.values_written > float("-inf")  # appended: taken to be in parts
+            (plan,) = store.plans(specs[0])
+            assert f"FROM {DISTINCT_VALUES} FINAL PREWHERE " in plan.sql
+        answers.append([_by_window(store.aggregate(spec)) for spec in specs])
+    assert answers[0] == answers[1]
+    totals = [[r.values for r in rows if r.window == TOTAL] for rows in answers[1]]
+    assert totals == [[(4,)], [(4,)], [(1,)]]
 
 
 def test_an_older_database_gets_the_values_on_open(

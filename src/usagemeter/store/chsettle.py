@@ -52,6 +52,22 @@ VALUES_SETTLE_ROWS = 20_000_000
 VALUES_SETTLE_AFTER_S; above it after SETTLE_AFTER_S, so that a store written in bursts a
 minute apart does not rewrite a large table after each (at 10M about 0.5 us of CPU a row)."""
 
+VALUES_PARTS_S = VALUES_SETTLE_AFTER_S + 30
+"""For this long after a process last wrote history's distinct values (VALUES_HISTORY_MS), it
+takes the table to hold a value's rows in several large parts: a minute's quiet age and the
+server's look for merges (one part 61.5 s after a backfill's last part at 10M). Sessions
+then drops the rows with no entry in its range before FINAL merges them
+(chplan._rows_counted), which pays only over such parts; afterwards, over one, FINAL alone.
+Either form is exact: another process's writes, not seen here, or a table past
+VALUES_SETTLE_ROWS (ten minutes' age), cost only speed."""
+
+VALUES_HISTORY_MS = 24 * 3_600_000
+"""An insert holding an event this much older than the clock writes history (a backfill, a
+migration, the bench's load): its parts each hold rows of months, and dropping the rows out
+of a question's range before the merge pays. A live service's inserts (its recent hours, a
+small part beside the settled one) do not count: over such a tail the drop cost 0.92 to
+0.96 of FINAL alone (docs/clickhouse.md, "Questions, round 15 (third step)")."""
+
 # The tables the questions read their whole hours and slots from, and the distinct values,
 # whose rows a question reads with FINAL: merged, it reads one row per value. An older
 # database's distinct_hour got its setting from the version that made it (chschema.DISTINCT).

@@ -76,7 +76,7 @@ from usagemeter.store.chschema import (
     pack_small_parts,
     statements,
 )
-from usagemeter.store.chsettle import settle_rollups
+from usagemeter.store.chsettle import VALUES_HISTORY_MS, VALUES_PARTS_S, settle_rollups
 from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
 from usagemeter.store.chupgrade import Backfilled, regroup_sets_views
 from usagemeter.store.chvoids import ChCorrections
@@ -138,6 +138,12 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.distinct_values = Backfilled(transport, self._corrections, fresh, DISTINCT_VALUES)
         # One account's distinct values counted as rows (FINAL), else each value once.
         self.count_value_rows = True
+        # When this process last wrote history's distinct values (time.monotonic(): an
+        # append of events a day old or more, or the backfill's end, noted when a question
+        # first finds the table complete): until chsettle.VALUES_PARTS_S later, Sessions
+        # takes the table to be in several large parts.
+        self.values_written = float("-inf")
+        self._values_complete = self.distinct_values.ready()
         # The distinct states per hour of a database made before round 14: still fed (older
         # processes read them) and read until the distinct values are complete; a new
         # database has none (chschema.DISTINCT).
@@ -448,6 +454,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
                 if accepted:
                     columns = group_columns(kept, picks, self._seqs(accepted))
                     self.transport.insert_columns("events", columns, token(columns))
+                    if min(columns["ts"]) < _now_ms() - VALUES_HISTORY_MS:
+                        self.values_written = time.monotonic()  # history's values, in parts
         written = iter(results)
         return [gone[i] if i in gone else next(written) for i in range(len(batches))]
 
@@ -502,14 +510,20 @@ class ClickHouseStore(ChCorrections, LimitTables):
         it is complete. Kept for the question asked again over the same windows (the very
         tuple: the engine keeps a recent range's windows, engine._kept_cuts): planning a
         2,160-hour report looks at every window three times, 1 ms of its 21 (round 14)."""
+        values_complete = self.distinct_values.ready()
+        if values_complete != self._values_complete:
+            self._values_complete = values_complete
+            if values_complete:  # this process's backfill's parts, or another's
+                self.values_written = time.monotonic()
         tables = (
             self.hour_sets.ready(),
             self.distinct_hours is not None and self.distinct_hours.ready(),
             self.latest_hours.ready(),
             any(g.table != LEGACY_LATEST for g in self.legacy),
-            self.distinct_values.ready(),
+            values_complete,
             self.count_value_rows,
             self.keyed_latest,
+            time.monotonic() - self.values_written < VALUES_PARTS_S,
         )
         asked = (replace(spec, windows=()), tables)
         kept = self._plans.get(asked)
@@ -517,7 +531,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         if kept is not None and kept[0] is spec.windows:
             return list(kept[1])
         hour_sets, distinct_hours, latest_hours, coarse_tables, distinct_values = tables[:5]
-        count_rows, keyed = tables[5:]
+        count_rows, keyed, values_parts = tables[5:]
         plans = plan_aggregate(
             spec,
             hour_sets=hour_sets,
@@ -527,6 +541,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
             distinct_values=distinct_values,
             count_rows=count_rows,
             keyed_latest=keyed,
+            values_parts=values_parts,
         )
         if len(self._plans) >= PLANS_KEPT:
             self._plans.clear()  # a bound on memory: planned again when asked
