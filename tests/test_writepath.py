@@ -362,23 +362,24 @@ def _rollup_tables(store: SQLiteStore) -> dict[str, set[tuple]]:
 
 
 def _folded_in_python(rows: list[tuple]) -> dict[str, set[tuple]]:
-    """Every rollup table as folding ``rows`` (ROLLUP_COLUMNS, in arrival order) one by one
-    gives it: the latest value is the greatest ts's, and on a tie the later row's."""
+    """Every rollup table as folding ``rows`` (ROLLUP_COLUMNS and seq, in arrival order) one
+    by one gives it: the latest value is the greatest ts's, and on a tie the later row's,
+    whose seq the row keeps."""
     tables: dict[str, set[tuple]] = {}
     for table, (keys, unit) in schema_module.ROLLUP_KEYS.items():
         acc: dict[tuple, list] = {}
-        for metric, account, key, billable, dimset, tagset, ts, value in rows:
+        for metric, account, key, billable, dimset, tagset, ts, value, seq in rows:
             named = dict(
                 metric=metric, account=account, key=key, billable=billable,
                 dimset=dimset, tagset=tagset, slot=ts // unit,
             )  # fmt: skip
             group = tuple(named[k] for k in keys)
-            row = acc.setdefault(group, [0, 0.0, value, value, ts, value])
+            row = acc.setdefault(group, [0, 0.0, value, value, ts, value, seq])
             row[0] += 1
             row[1] += value
             row[2], row[3] = min(row[2], value), max(row[3], value)
             if ts >= row[4]:
-                row[4], row[5] = ts, value
+                row[4], row[5], row[6] = ts, value, seq
         tables[table] = {(*group, *values) for group, values in acc.items()}
     return tables
 
@@ -426,7 +427,7 @@ def test_the_sql_fold_equals_folding_event_by_event_and_survives_rebuild_and_ret
                 store.merge()
     store.fold()
     arrived = store._writer.execute(
-        f"SELECT {schema_module.ROLLUP_COLUMNS} FROM events ORDER BY seq"
+        f"SELECT {schema_module.ROLLUP_COLUMNS}, seq FROM events ORDER BY seq"
     ).fetchall()
     expected = _folded_in_python(arrived)
     assert _rollup_tables(store) == expected
