@@ -70,6 +70,30 @@ def test_every_command_takes_store_or_the_environment(postgres_url: str) -> None
     store.close()
 
 
+def test_a_command_closes_the_store_it_opened(postgres_url: str) -> None:
+    """A command's PostgreSQL connections end with the command, not at the process's exit:
+    a command run inside a longer process (a test's runner, a script) left its pool open,
+    retrying its connections once the server was gone."""
+    import psycopg
+
+    def others() -> int:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    before = others()
+    runner = CliRunner(env={"COLUMNS": "200", "USAGEMETER_STORE": postgres_url})
+    listing = runner.invoke(app, ["accounts", "list"])
+    assert listing.exit_code == 0, listing.output
+    refused = runner.invoke(app, ["keys", "revoke", "no-such-key"])
+    assert refused.exit_code != 0  # a command that fails closes it too
+    assert others() == before
+
+
 def test_a_nul_character_is_a_clear_400_not_a_500(postgres_url: str) -> None:
     """PostgreSQL text cannot hold U+0000; such an event was a 500 from deep in the driver."""
     from fastapi.testclient import TestClient

@@ -26,6 +26,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
+from typer._click.globals import get_current_context
 
 from usagemeter import config, jsonlogs, logs
 from usagemeter import demo as demo_data
@@ -101,8 +102,14 @@ def _open(url: str) -> Store:
         store = open_store(url)
     except (ValueError, ConnectionError) as exc:
         raise _fail(str(exc)) from None
-    # Closed at exit: a PostgreSQL store's pool then ends its connections cleanly.
-    atexit.register(store.close)
+    # Closed when the command ends (its click context closes: also when a test's runner
+    # invokes it in this process), so that a PostgreSQL store's pool ends its connections
+    # while the server is still there; at exit when no command runs it.
+    command = get_current_context(silent=True)
+    if command is None:
+        atexit.register(store.close)
+    else:
+        command.call_on_close(store.close)
     return store
 
 
