@@ -72,6 +72,7 @@ from usagemeter.model import Event, Query, Result
 from usagemeter.store import chplan, open_store
 from usagemeter.store.base import AggregateColumns, AggregateSpec, Store
 from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
+from usagemeter.store.chsettle import VALUES_PARTS_S
 from usagemeter.store.chtransport import ChdbTransport, _columns
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlplan import run_plans
@@ -205,6 +206,8 @@ class _Planned:
             "distinct_hours": store.distinct_hours is not None and store.distinct_hours.ready(),
             "latest_hours": store.latest_hours.ready(),
             "distinct_values": store.distinct_values.ready(),
+            # The distinct values taken as in parts (--written), as this version's store has it.
+            "values_parts": time.monotonic() - store.values_written < VALUES_PARTS_S,
         }
         self.flags = {name: value for name, value in ready.items() if name in known}
         # What that version's _by_sets reads of its store: the transport, the sets it kept.
