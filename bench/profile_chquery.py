@@ -33,7 +33,7 @@ of the same session, merges the named rollups there (every one when none is name
 part per partition, as ``OPTIMIZE ... FINAL`` or a table's settling leaves them, and asks
 every question of both stores in turn with the peer, answers checked equal: what a table's
 parts cost its questions, the rows of each as many as the load left. ``--final`` (round 14,
-its variants round 15's since) asks only the Sessions statement, its merges stopped, beside
+its variants round 16's since) asks only the Sessions statement, its merges stopped, beside
 variants of its count and its parts (``--against`` adds that version's statement);
 ``--tail N`` first appends a live tail of N of the heavy account's Sessions in one insert,
 merges stopped, so that the distinct values hold a small part beside the settled one.
@@ -72,6 +72,7 @@ from usagemeter.model import Event, Query, Result
 from usagemeter.store import chplan, open_store
 from usagemeter.store.base import AggregateColumns, AggregateSpec, Store
 from usagemeter.store.chplan import SetsPlan, decode_columns, decode_sets, plan_aggregate
+from usagemeter.store.chsettle import VALUES_PARTS_S
 from usagemeter.store.chtransport import ChdbTransport, _columns
 from usagemeter.store.clickhouse import ClickHouseStore
 from usagemeter.store.sqlplan import run_plans
@@ -205,6 +206,8 @@ class _Planned:
             "distinct_hours": store.distinct_hours is not None and store.distinct_hours.ready(),
             "latest_hours": store.latest_hours.ready(),
             "distinct_values": store.distinct_values.ready(),
+            # The distinct values taken as in parts (--written), as this version's store has it.
+            "values_parts": time.monotonic() - store.values_written < VALUES_PARTS_S,
         }
         self.flags = {name: value for name, value in ready.items() if name in known}
         # What that version's _by_sets reads of its store: the transport, the sets it kept.
@@ -677,21 +680,28 @@ def final_variants(store: ClickHouseStore, runs: int, source: Path | None = None
     """The Sessions statement (one account's distinct values counted as rows, FINAL) on the
     store as it is (a live tail's parts, a backfill's, one part), in turn (CLOCK, medians),
     answers checked equal: as ``source``'s planner (main's, say) plans it and as this one
-    does; round 15's variants of its windows' count (each row's windows with TOTAL pushed in
-    front, round 14's; the total by each row's position among its windows; without the
-    total, a floor); and the statement's parts: the account's rows read plainly, merged by
-    key alone (FINAL), with ``hours``, each row's windows (d) made. Merges are stopped
-    (main, stop_merges): the parts stay as they are found. Round 14's variants of FINAL
-    (its threads, a PREWHERE, hours by concatenation) are in its version of this file."""
+    does; round 16's variants of its count (the windows as Int64 keys; every joined row
+    counted less the PRESENT row's one, no h; the marker pushed in front of every row with
+    a window, by a WHERE after the join; without the total, a floor); and the statement's
+    parts: the account's rows read plainly, merged by key alone (FINAL), with ``hours``,
+    each row's keys (d) made. Merges are stopped (main, stop_merges): the parts stay as
+    they are found. Rounds 14 and 15's variants are in their versions of this file."""
     assert isinstance(store.transport, ChdbTransport)
     transport, table = store.transport, "distinct_values"
     spec = asked(store, questions()[SHORT["sessions"]])
     (plan,) = store.plans(spec)
     planned = plan.sql
-    made = re.search(r"WITH (.*) AS d SELECT d, .* WHERE (.*) SETTINGS ", planned)
+    made = re.search(
+        r"WITH (arrayDistinct\(.*\)) AS d, .* ARRAY JOIN (.*) AS idx (?:PREWHERE|WHERE) (.*)"
+        r" GROUP BY idx SETTINGS ",
+        planned,
+    )
     if made is None or f"FROM {table} FINAL " not in planned:
         raise SystemExit("the Sessions statement does not count the values as rows")
-    found, where = made.groups()
+    found, joined, where = made.groups()
+    marker = re.search(r"if\(idx = (\d+), ", planned)
+    if marker is None:
+        raise SystemExit("the Sessions statement has no total")
     rows = f"FROM {table} FINAL WHERE {where} SETTINGS {chplan.FINAL_SETTINGS}"
     parts = transport.query(
         "SELECT rows FROM system.parts WHERE database = currentDatabase()"
@@ -699,11 +709,16 @@ def final_variants(store: ClickHouseStore, runs: int, source: Path | None = None
     )
     print(f"{table}: {len(parts)} parts, rows " + ", ".join(f"{int(r):,}" for (r,) in parts))
     print()
-    zipped = (
-        "SELECT t.1, t.2 FROM (SELECT arrayJoin(if(count() = 0, [], arrayPushFront(arrayZip("
-        "groupArray(toInt64(idx)), groupArray(toInt64(c))), (-1, toInt64(sum(f)))))) AS t"
-        " FROM ({}))"
-    )
+
+    def counted(keys: str, joined: str, count: str, where: str = where) -> str:
+        return (
+            f"SELECT * FROM (WITH {keys} AS d, toUInt8(name != '') AS h SELECT if(idx ="
+            f" {marker[1]}, -1, toInt64(idx)) AS window_index, {count} FROM {table} FINAL"
+            f" ARRAY JOIN {joined} AS idx WHERE {where} GROUP BY idx"
+            f" SETTINGS {chplan.FINAL_SETTINGS})"
+        )
+
+    wide = re.sub(r"toUInt(8|16|32)\(", "toInt64(", found)
     steps: dict[str, Callable[[], object]] = {}
     if source is not None:
         theirs = _Planned(store, _module("against_chplan", source / "store" / "chplan.py"))
@@ -711,15 +726,14 @@ def final_variants(store: ClickHouseStore, runs: int, source: Path | None = None
         steps["before (the --against version's plan)"] = lambda: transport.query(before.sql)
     variants = {
         "as planned": planned,
-        "TOTAL pushed in front of each row's windows (round 14's count)": (
-            f"SELECT * FROM (WITH {found} AS d SELECT idx, countIf(name != '') FROM {table}"
-            f" FINAL ARRAY JOIN if(empty(d), d, arrayPushFront(d, -1)) AS idx WHERE {where}"
-            f" GROUP BY idx SETTINGS {chplan.FINAL_SETTINGS})"
+        "the windows as Int64 keys": counted(
+            wide, re.sub(r"toUInt\d+\(", "toInt64(", joined), "sum(h)"
         ),
-        "the total by position (arrayEnumerate joined beside the windows)": zipped.format(
-            f"SELECT idx, countIf(name != '') AS c, countIf(name != '' AND pos = 1) AS f"
-            f" FROM (SELECT * FROM (WITH {found} AS d SELECT d, name {rows}))"
-            " ARRAY JOIN d AS idx, arrayEnumerate(d) AS pos GROUP BY idx"
+        "every joined row less the PRESENT row's (count() - 1, no h)": counted(
+            found, joined, "count() - 1"
+        ),
+        "the marker pushed in front, rows with no window dropped after the join": counted(
+            found, f"arrayPushFront(d, {marker[1]})", "sum(h)", f"{where} AND notEmpty(d)"
         ),
     }
     for label, statement in variants.items():
@@ -728,14 +742,11 @@ def final_variants(store: ClickHouseStore, runs: int, source: Path | None = None
     if any(answer != answers["as planned"] for answer in answers.values()):
         raise SystemExit("a variant's answer differs from the planned statement's")
     floors = {
-        "without the total (a floor, not the answer)": (
-            f"SELECT idx, sum(h) FROM (SELECT * FROM (WITH {found} AS d SELECT d,"
-            f" toUInt8(name != '') AS h {rows})) ARRAY JOIN d AS idx GROUP BY idx"
-        ),
+        "without the total (a floor, not the answer)": counted(found, "d", "sum(h)"),
         "the account's rows, plainly: count()": f"SELECT count() FROM {table} WHERE {where}",
         "merged by key alone: count() FINAL": f"SELECT count() {rows}",
         "merged with hours: sum(length(hours)) FINAL": f"SELECT sum(length(hours)) {rows}",
-        "each row's windows made: sum(length(d)) FINAL": (f"SELECT sum(length({found})) {rows}"),
+        "each row's keys made: sum(length(d)) FINAL": f"SELECT sum(length({found})) {rows}",
     }
     for label, statement in floors.items():
         steps[label] = lambda s=statement: transport.query(s)

@@ -60,6 +60,17 @@ def _plan(spec: AggregateSpec, merged: bool = True) -> str:
     return plan.sql
 
 
+def _pruned(sql: str) -> bool:
+    """Whether ``sql`` counts the values as rows, those with no entry in the range dropped
+    before FINAL merges them (PREWHERE)."""
+    return f"FROM {DISTINCT_VALUES} FINAL ARRAY JOIN " in sql and " AS idx PREWHERE " in sql
+
+
+def _final_alone(sql: str) -> bool:
+    """Whether ``sql`` counts the values as rows with FINAL alone."""
+    return f"FROM {DISTINCT_VALUES} FINAL ARRAY JOIN " in sql and "PREWHERE" not in sql
+
+
 def test_every_distinct_count_without_filter_tag_or_key_reads_the_values() -> None:
     """One account over whole UTC hours, the table one part: its rows counted (FINAL), a
     billable filter within the hours' entries, days of 23 and 25 hours looked up hour by
@@ -106,8 +117,8 @@ def test_every_distinct_count_without_filter_tag_or_key_reads_the_values() -> No
         assert DISTINCT_VALUES not in _plan(spec), spec
     for spec in (_spec(_days(9), totals=True), _spec(uneven), _spec(_days(3), billable=True)):
         (pruned,) = plan_aggregate(spec, distinct_values=True, values_parts=True)
-        assert f"{counted} PREWHERE " in pruned.sql and " AND notEmpty(arrayFilter(" in pruned.sql
-        assert f"{counted} WHERE " in _plan(spec) and "PREWHERE" not in _plan(spec)
+        assert _pruned(pruned.sql) and " AND notEmpty(arrayFilter(" in pruned.sql
+        assert _final_alone(_plan(spec))
     (two,) = plan_aggregate(_spec(_days(3), accounts=("a", "b")), values_parts=True)
     assert "PREWHERE" not in two.sql
     (without,) = plan_aggregate(_spec(_days(3)), distinct_hours=True, distinct_values=False)
@@ -405,7 +416,7 @@ def test_the_values_are_counted_as_rows_in_any_number_of_parts(
     assert int(parts[0][0]) >= 2
     (three,) = chstore.plans(spec)
     # Written just now: the rows with no entry in the range dropped before the merge.
-    assert f"FROM {DISTINCT_VALUES} FINAL PREWHERE " in three.sql
+    assert _pruned(three.sql)
     assert f"SETTINGS {FINAL_SETTINGS})" in three.sql  # merged by one thread, its own setting
     as_rows = _by_window(chstore.aggregate(spec))
     assert as_rows != answer
@@ -413,7 +424,7 @@ def test_the_values_are_counted_as_rows_in_any_number_of_parts(
     pruned = _by_window(chstore.aggregate(later))
     chstore.values_written = float("-inf")  # long ago: FINAL alone
     (settled,) = chstore.plans(spec)
-    assert f"FROM {DISTINCT_VALUES} FINAL WHERE " in settled.sql
+    assert _final_alone(settled.sql)
     assert _by_window(chstore.aggregate(spec)) == as_rows
     assert _by_window(chstore.aggregate(later)) == pruned
     chstore.count_value_rows = False
@@ -425,7 +436,7 @@ def test_the_values_are_counted_as_rows_in_any_number_of_parts(
     chstore.distinct_values.complete = True
     chstore.count_value_rows = True
     (backfilled,) = chstore.plans(spec)  # found complete: the backfill's parts just written
-    assert f"FROM {DISTINCT_VALUES} FINAL PREWHERE " in backfilled.sql
+    assert _pruned(backfilled.sql)
     chstore.count_value_rows = False
     assert pruned == _by_window(chstore.aggregate(later))  # each value once
     chstore.count_value_rows = True
@@ -435,9 +446,9 @@ def test_the_values_are_counted_as_rows_in_any_number_of_parts(
         [Event(id=f"live{i}", account_id="a", metric="m", ts_ms=now - i) for i in range(5)]
     )
     assert chstore.values_written == float("-inf")
-    assert f"FROM {DISTINCT_VALUES} FINAL WHERE " in chstore.plans(spec)[0].sql
+    assert _final_alone(chstore.plans(spec)[0].sql)
     chstore.append([Event(id="late", account_id="a", metric="m", ts_ms=now - 2 * DAY_MS)])
-    assert f"FROM {DISTINCT_VALUES} FINAL PREWHERE " in chstore.plans(spec)[0].sql
+    assert _pruned(chstore.plans(spec)[0].sql)
     chstore.transport.command(f"OPTIMIZE TABLE {DISTINCT_VALUES} FINAL")
     assert _by_window(chstore.aggregate(spec)) == as_rows
     (plain,) = chstore.plans(AggregateSpec(("a",), "m", _days(3), (Measure("count"),)))
@@ -485,7 +496,7 @@ def test_rows_dropped_before_the_merge_only_when_nothing_in_the_range(
         if isinstance(store, ClickHouseStore):
             assert store.values_written > float("-inf")  # appended: taken to be in parts
             (plan,) = store.plans(specs[0])
-            assert f"FROM {DISTINCT_VALUES} FINAL PREWHERE " in plan.sql
+            assert _pruned(plan.sql)
         answers.append([_by_window(store.aggregate(spec)) for spec in specs])
     assert answers[0] == answers[1]
     totals = [[r.values for r in rows if r.window == TOTAL] for rows in answers[1]]
@@ -561,3 +572,63 @@ def _states_of_events(store: ClickHouseStore) -> list[list[Any]]:
         " AS name, arrayConcat([''], mapValues(dims)) AS v"
         " GROUP BY account, metric, name, slot, billable ORDER BY ALL"
     )
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_window_keys_of_one_and_two_bytes_as_sqlite(
+    sqlite_and_chstore: tuple[SQLiteStore, ClickHouseStore], pruned: bool
+) -> None:
+    """The rows counted name each window by the narrowest unsigned key that holds every
+    window, the total's marker (one past the last) and a lookup's hour in no window (two
+    past): 254 hourly windows fit one byte, 255 take two (the gap would be 256), in order
+    or with an hour left out (looked up). Values in the first and last window, only in the
+    hour left out, after the range, billable or not, an hour with events but no value:
+    every window and the total as SQLite's, with and without the rows out of the range
+    dropped before the merge. A key one byte too narrow wraps the marker or the gap onto
+    window 0, and fails this."""
+    events = []
+    for value, hours in {
+        "first": [0, 0, 1],
+        "last": [253, 254],
+        "gap": [100],
+        "after": [400],
+        "unbilled": [7],
+    }.items():
+        events += [
+            Event(
+                id=f"{value}-{n}",
+                account_id="w",
+                metric="m",
+                ts_ms=BASE_MS + hour * HOUR_MS + n,
+                billable=value != "unbilled",
+                dimensions={"s": value},
+            )
+            for n, hour in enumerate(hours)
+        ]
+    events.append(Event(id="bare", account_id="w", metric="m", ts_ms=BASE_MS + 50 * HOUR_MS))
+    specs = []
+    for count, gap, totals, billable in itertools.product(
+        (254, 255), (False, True), (True, False), (None, True, False)
+    ):
+        hours = [h for h in range(count + 1) if h != 100] if gap else range(count)
+        windows = tuple(
+            Window(n, BASE_MS + h * HOUR_MS, BASE_MS + (h + 1) * HOUR_MS)
+            for n, h in enumerate(hours)
+        )
+        specs.append(_spec(windows, accounts=("w",), totals=totals, billable=billable))
+    answers = []
+    for store in sqlite_and_chstore:
+        store.create_account(Account("w", "W"))
+        store.append(events[:6])
+        store.append(events[6:])  # two parts
+        if isinstance(store, ClickHouseStore):
+            store.values_written = time.monotonic() if pruned else float("-inf")
+            for spec in specs:
+                (plan,) = store.plans(spec)
+                assert (_pruned if pruned else _final_alone)(plan.sql)
+                narrow = len(spec.windows) == 254
+                assert ("toUInt8(" if narrow else "toUInt16(") in plan.sql, len(spec.windows)
+        answers.append([_by_window(store.aggregate(spec)) for spec in specs])
+    assert answers[0] == answers[1]
+    totals = [rows[0].values for rows in answers[1][:3]]  # 254 windows in order, TOTAL first
+    assert totals == [(4,), (3,), (1,)]  # first, last, gap, unbilled; billable; not billable

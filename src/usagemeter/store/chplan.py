@@ -437,17 +437,17 @@ def _distinct_values(
     lo, hi = min(p[1] for p in hours), max(p[2] for p in hours)
     billable = "" if spec.billable is None else f" AND bitAnd(x, 1) = {int(spec.billable)}"
     inside = f"arrayFilter(x -> x >= {2 * lo} AND x < {2 * hi}{billable}, hours)"
-    windows = f"arrayMap(x -> {window}, {inside})"
-    if _regular(hours) is None:  # a lookup's hours between pieces are -1: in no window
-        windows = f"arrayFilter(i -> i >= 0, {windows})"
-    found = f"arrayDistinct({windows})"
     where = (
         f"{accounts_condition(spec.accounts)} AND metric = {literal(spec.metric)}"
         f" AND name IN ({PRESENT}, {literal(dimension)})"
     )
     one = len(spec.accounts) == 1 and not group_columns
     if count_rows and one and not pieces[SLOTS] and not raw_pieces:
-        return _rows_counted(found, where, spec.totals, inside if values_parts else None)
+        return _rows_counted(_window_keys(hours, lo), inside, where, spec.totals, values_parts)
+    windows = f"arrayMap(x -> {window}, {inside})"
+    if _regular(hours) is None:  # a lookup's hours between pieces are -1: in no window
+        windows = f"arrayFilter(i -> i >= 0, {windows})"
+    found = f"arrayDistinct({windows})"
     columns = ", ".join(["idx", *_groups(group_columns), "v", f"name != {PRESENT} AS has"])
     parts = [
         f"SELECT * FROM (WITH {found} AS d SELECT {columns} FROM {DISTINCT_VALUES}"
@@ -1026,39 +1026,87 @@ def _values(
     return list(zip(*measured, strict=True))
 
 
-def _rows_counted(found: str, where: str, totals: bool, inside: str | None = None) -> str:
+@dataclass(frozen=True, slots=True)
+class WindowKeys:
+    """How one account's rows counted (_rows_counted) name each entry's window: as the
+    narrowest unsigned integer (``cast``) that holds every window's index, ``marker`` (one
+    past the last: the row that says "this row has a window", counted as the range's total)
+    and, for a lookup, ``gap`` (two past: an hour between pieces, in no window). A key of one
+    or two bytes is grouped by a flat array, not a hash table, and the joined rows carry
+    nothing but it and whether the row is a value's (round 16). Window indexes below 0 (never
+    made by the engine) keep Int64 keys."""
+
+    cast: str
+    marker: int
+    gap: int
+    lookup: str | None  # the lookup's array of an entry per hour, or None (arithmetic)
+    arithmetic: str
+
+    def windows(self, inside: str) -> str:
+        """Each entry of ``inside`` (entries in the range) mapped to its window's key; a
+        lookup's hours between pieces dropped."""
+        if self.lookup is None:
+            return f"arrayMap(x -> {self.cast}({self.arithmetic}), {inside})"
+        mapped = f"arrayMap(x -> {self.cast}({self.lookup}[{self.arithmetic}]), {inside})"
+        return f"arrayFilter(i -> i != {self.gap}, {mapped})"
+
+
+def _window_keys(pieces: Sequence[Piece], lo: int) -> WindowKeys:
+    """The window keys (WindowKeys) of _hour_windows' pieces, whose span starts at hour
+    ``lo``: arithmetic on regular pieces, else a lookup of an entry per hour (the caller has
+    checked that _hour_windows finds one)."""
+    indexes = [p[0] for p in pieces]
+    marker, gap = max(indexes) + 1, max(indexes) + 2
+    cast = "toInt64"
+    if min(indexes) >= 0:
+        cast = next((f"toUInt{b}" for b in (8, 16, 32) if gap < 2**b), cast)
+    regular = _regular(pieces)
+    if regular is not None:
+        first, width, idx = regular
+        return WindowKeys(cast, marker, gap, None, f"intDiv(x - {2 * first}, {2 * width}) + {idx}")
+    hi = max(p[2] for p in pieces)
+    found = [gap] * (hi - lo)
+    for idx, start, end in pieces:
+        found[start - lo : end - lo] = [idx] * (end - start)
+    return WindowKeys(
+        cast, marker, gap, f"[{','.join(map(str, found))}]", f"intDiv(x - {2 * lo}, 2) + 1"
+    )
+
+
+def _rows_counted(
+    keys: WindowKeys, inside: str, where: str, totals: bool, values_parts: bool
+) -> str:
     """One account's distinct values over whole UTC hours, counted as rows (_distinct_values):
-    each window's count is the number of its rows with the dimension (h) whose windows (d,
-    each once) hold it; with ``totals``, the range's is the number of such rows with any
-    window, each counted at its first (d[1], found before the rows are joined to their
-    windows, so each row with a window has exactly one). That count rides in the windows'
-    GROUP BY, and its row (TOTAL) is added to theirs only when there is one, where round
-    14 joined each row to a copy of its windows with TOTAL pushed in front: the heavy
-    account's 90-day Sessions at 10M 1.17 times as fast in CPU settled, 1.08 over a live
-    tail, 1.02 over a backfill's four parts (docs/clickhouse.md, "Questions, round 15").
+    each window's count is the number of its rows with the dimension (h) whose windows (d:
+    the keys of its entries ``inside`` the range, each once) hold it; with ``totals``, the
+    range's is the number of such rows with any window: a row with a window gets one more
+    key, the marker (arrayResize appends it only where d is not empty), whose count is the
+    total and whose group exists only when some row has a window, as the answer's TOTAL row
+    does. One statement: the rows joined to their keys and grouped, no subquery of the rows
+    and none over their counts. Round 15 joined each row to its windows as Int64 with its
+    first window beside them and added TOTAL's row over the counted windows; this is 1.18
+    to 1.25 times as fast in CPU for the heavy account's 90-day Sessions at 10M settled
+    (docs/clickhouse.md, "Questions, round 16"). h keeps the count exact whatever the PRESENT
+    row holds (counting every joined row less one, its row, cost no less).
     FINAL merges a value's rows in several parts, by one thread (FINAL_SETTINGS): the
     settings of a subquery are its own, and the transport adds its own to the statement.
-    With ``inside`` (each row's entries in the range, when the table may hold several
-    parts), the rows with none are dropped by PREWHERE, before the merge: exact, as such a
-    row adds nothing in the range to its value's union. Over a backfill's parts, where the
-    merge is most of the time, 1.21 to 1.31 times as fast; over one part 0.86 to 0.90, the
-    filter paid for no merge (docs/clickhouse.md, "Questions, round 15 (third step)")."""
-    filtered = "WHERE" if inside is None else "PREWHERE"
-    if inside is not None:
+    With ``values_parts`` (the table may hold a value's rows in several parts), the rows
+    with no entry inside the range are dropped by PREWHERE, before the merge: exact, as
+    such a row adds nothing in the range to its value's union. Over a backfill's parts,
+    where the merge is most of the time, 1.21 to 1.31 times as fast; over one part 0.86 to
+    0.90, the filter paid for no merge (docs/clickhouse.md, "Questions, round 15 (third
+    step)")."""
+    filtered = "PREWHERE" if values_parts else "WHERE"
+    if values_parts:
         where = f"{where} AND notEmpty({inside})"
-    rows = (
-        f"SELECT * FROM (WITH {found} AS d SELECT d, toUInt8(name != {PRESENT}) AS h,"
-        f" d[1] AS first FROM {DISTINCT_VALUES} FINAL {filtered} {where}"
-        f" SETTINGS {FINAL_SETTINGS})"
-    )
-    if not totals:
-        return f"SELECT idx AS window_index, sum(h) FROM ({rows}) ARRAY JOIN d AS idx GROUP BY idx"
-    counted = (
-        f"SELECT toInt64(idx) AS w, sum(h) AS c, sum(h * (idx = first)) AS f FROM ({rows})"
-        " ARRAY JOIN d AS idx GROUP BY idx"
-    )
-    with_total = f"arrayPushFront(arrayZip(groupArray(w), groupArray(c)), ({TOTAL}, sum(f)))"
+    joined, window = "d", "toInt64(idx)"
+    if totals:
+        joined = f"arrayResize(d, length(d) + notEmpty(d), {keys.cast}({keys.marker}))"
+        window = f"if(idx = {keys.marker}, {TOTAL}, toInt64(idx))"
     return (
-        f"SELECT t.1 AS window_index, t.2 FROM (SELECT arrayJoin(if(count() = 0, [],"
-        f" {with_total})) AS t FROM ({counted}))"
+        f"SELECT * FROM (WITH arrayDistinct({keys.windows(inside)}) AS d,"
+        f" toUInt8(name != {PRESENT}) AS h SELECT {window} AS window_index, sum(h)"
+        f" FROM {DISTINCT_VALUES} FINAL"
+        f" ARRAY JOIN {joined} AS idx {filtered} {where} GROUP BY idx"
+        f" SETTINGS {FINAL_SETTINGS})"
     )
