@@ -41,7 +41,8 @@ a new database makes it (ordered by the id, chschema.EVENT_IDS) and as one made 
 round 16 keeps it ((account, id), chschema.EVENT_IDS_BY_ACCOUNT). Then, in turn, batches of
 10,000 ids looked up as the store does (clickhouse.stored_digests_sql): new random ids, and
 ids already stored (a retry), on the new layout, on the old one, and on the old one by the
-statement before round 16. Prints the medians and the granules the key kept.
+statement before round 16; then an INSERT of 10,000 new ids into each, in turn. Prints the
+medians and the granules the key kept.
 
     python -m bench.chturns --lookup 10000000 [--runs 11]
 """
@@ -337,6 +338,16 @@ def lookup(stored: int, runs: int) -> None:
                         plan = transports[layout].query(f"EXPLAIN indexes = 1 {statement}")
                         text = " ".join(str(row[0]) for row in plan)
                         granules[(case, kind)] = re.findall(r"Granules: (\d+/\d+)", text)[-1]
+        # What each layout costs a write: a batch of new ids inserted (fsynced, as the
+        # store's INSERT writes event_ids' part), in turn.
+        for run in range(runs):
+            group, names = new_ids()
+            rows = {"account": [names[n % len(names)] for n in range(BATCH)], "id": group}
+            rows["digest"] = ["0" * 32] * BATCH
+            for layout in layouts if run % 2 == 0 else list(layouts)[::-1]:
+                began = time.perf_counter()
+                transports[layout].insert_columns("event_ids", rows)
+                taken.setdefault((layout, "insert"), []).append(time.perf_counter() - began)
     finally:
         for transport in transports.values():
             transport.close()
@@ -352,6 +363,10 @@ def lookup(stored: int, runs: int) -> None:
                 granules[(case, kind)],
             ]
         print(f"| {case} | " + " | ".join(cells) + " |")
+    inserts = [f"{statistics.median(taken[(layout, 'insert')]) * 1000:.1f}" for layout in layouts]
+    print(
+        f"\nan INSERT of {BATCH:,} new ids, median ms: by id {inserts[0]}, by account {inserts[1]}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
