@@ -115,7 +115,7 @@ SETTINGS {_DURABLE}, {_TOKENS}
 # compressed in small blocks, and indexes the id alone: a batch's lookup reads about one
 # granule per id, however many ids are stored. Keyed by (account, id) in granules of 8,192,
 # a batch of 10,000 random ids (UUIDs) read every granule of the table (its accounts' ids
-# match any of the batch's), 0.9 s at 10M ids and growing with them; ids that arrive in
+# match any of the batch's), 0.6 to 0.9 s at 10M ids and growing with them; ids that arrive in
 # order (a counter, a time-ordered UUID) still fall in a few granules. A database made
 # before keeps (account, id) (EVENT_IDS_BY_ACCOUNT; ids_by_id tells which): the same lookup
 # answers on both (docs/clickhouse.md, "Ingest, round 16").

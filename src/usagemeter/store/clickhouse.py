@@ -724,9 +724,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
             last = int(page[-1][9])
 
 
-def stored_digests_sql(
-    accounts: Sequence[str], ids: Sequence[str], table: str = "event_ids"
-) -> str:
+def stored_digests_sql(accounts: Sequence[str], ids: Sequence[str]) -> str:
     """The dedupe lookup's statement: which of ``ids`` are stored under one of ``accounts``,
     with their digests. The ids travel as one data literal (format(), one JSON array), the
     accounts as a short list: a set of strings is found far faster than a set of (account,
@@ -737,7 +735,7 @@ def stored_digests_sql(
     event_ids (chschema.ids_by_id) is narrowed by its key from these two conditions."""
     listed = msgspec.json.encode([ids]).decode()
     return (
-        f"SELECT account, id, digest FROM {table}"
+        "SELECT account, id, digest FROM event_ids"
         f" PREWHERE id IN (SELECT i FROM format(JSONCompactColumns, 'i String', {literal(listed)}))"
         f" WHERE account IN ({literals(accounts)})"
     )
