@@ -33,6 +33,18 @@ them, one as this checkout makes them (one number, chschema.LATEST_KEY). Prints 
 the INSERT's median, the process's CPU per 10,000 events of each, and the median per burst.
 
     python -m bench.chturns --latest-key 4 [--events 300000]
+
+``--lookup N`` measures the dedupe lookup (round 16) on ids as providers send them (random
+UUIDs), in one process: event_ids in both layouts, each in a database of one chDB session
+holding N random ids over the bench's accounts, merged into one part (the settled state), as
+a new database makes it (ordered by the id, chschema.EVENT_IDS) and as one made before
+round 16 keeps it ((account, id), chschema.EVENT_IDS_BY_ACCOUNT). Then, in turn, batches of
+10,000 ids looked up as the store does (clickhouse.stored_digests_sql): new random ids, and
+ids already stored (a retry), on the new layout, on the old one, and on the old one by the
+statement before round 16; then an INSERT of 10,000 new ids into each, in turn. Prints the
+medians and the granules the key kept.
+
+    python -m bench.chturns --lookup 10000000 [--runs 11]
 """
 
 from __future__ import annotations
@@ -246,6 +258,117 @@ def layouts_in_turn(count: int, clients: int, before: str) -> None:
     print(f"\nper burst, before / now: median {median:.2f} ({len(ratios)} bursts)")
 
 
+# The dedupe lookup's statement before round 16 (the ids in WHERE beside the accounts).
+_LOOKUP_BEFORE = (
+    "SELECT account, id, digest FROM event_ids WHERE account IN ({accounts}) AND id IN"
+    " (SELECT i FROM format(JSONCompactColumns, 'i String', {ids}))"
+)
+
+
+def lookup(stored: int, runs: int) -> None:
+    """The dedupe lookup of random ids in both layouts of event_ids, in turn (see the
+    docstring)."""
+    # Imported here: --serve runs this module on another checkout's package (--against).
+    import random
+    import re
+    import uuid
+
+    import msgspec
+
+    from usagemeter.store.chschema import EVENT_IDS, EVENT_IDS_BY_ACCOUNT
+    from usagemeter.store.chtransport import literal, literals
+    from usagemeter.store.clickhouse import stored_digests_sql
+
+    scratch = Path(tempfile.mkdtemp(prefix="usagemeter-lookup-"))
+    layouts = {"by id": EVENT_IDS, "by account": EVENT_IDS_BY_ACCOUNT}
+    transports = {
+        name: ChdbTransport(f"{scratch}/chdb", name.replace(" ", "_")) for name in layouts
+    }
+    accounts = [f"acct-{n}" for n in range(ACCOUNTS)]
+    # As bench.chstore's events: a third in the heavy account, the rest spread.
+    account_sql = "if(rand() % 100 < 33, 'acct-0', concat('acct-', toString(1 + rand(1) % 99)))"
+    try:
+        for name, ddl in layouts.items():
+            transports[name].command(ddl)
+        # The same ids in both: made in the first, copied into the second.
+        for first in range(0, stored, 1_000_000):
+            transports["by id"].command(
+                f"INSERT INTO event_ids SELECT {account_sql}, toString(generateUUIDv4()),"
+                f" hex(MD5(toString(number))) FROM numbers({first},"
+                f" {min(1_000_000, stored - first)})"
+            )
+        transports["by account"].command("INSERT INTO event_ids SELECT * FROM by_id.event_ids")
+        for transport in transports.values():
+            transport.command("OPTIMIZE TABLE event_ids FINAL")
+        rng = random.Random(16)
+
+        def new_ids() -> tuple[list[str], list[str]]:
+            ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(BATCH)]
+            return ids, accounts
+
+        def stored_ids() -> tuple[list[str], list[str]]:
+            rows = transports["by id"].query(
+                f"SELECT account, id FROM event_ids ORDER BY rand() LIMIT {BATCH}"
+            )
+            return [row[1] for row in rows], sorted({row[0] for row in rows})
+
+        def before(group: list[str], names: list[str]) -> str:
+            listed = literal(msgspec.json.encode([group]).decode())
+            return _LOOKUP_BEFORE.format(accounts=literals(names), ids=listed)
+
+        cases = {
+            "by id, now": ("by id", lambda g, a: stored_digests_sql(a, g)),
+            "by account, now": ("by account", lambda g, a: stored_digests_sql(a, g)),
+            "by account, before": ("by account", before),
+        }
+        taken: dict[tuple[str, str], list[float]] = {}
+        granules: dict[tuple[str, str], str] = {}
+        for run in range(runs):
+            for kind, ask in (("new ids", new_ids), ("stored ids", stored_ids)):
+                group, names = ask()
+                order = list(cases) if run % 2 == 0 else list(cases)[::-1]
+                for case in order:
+                    layout, sql = cases[case]
+                    statement = sql(group, names)
+                    began = time.perf_counter()
+                    found = transports[layout].query(statement)
+                    taken.setdefault((case, kind), []).append(time.perf_counter() - began)
+                    assert len(found) == (0 if kind == "new ids" else BATCH)
+                    if run == 0:
+                        plan = transports[layout].query(f"EXPLAIN indexes = 1 {statement}")
+                        text = " ".join(str(row[0]) for row in plan)
+                        granules[(case, kind)] = re.findall(r"Granules: (\d+/\d+)", text)[-1]
+        # What each layout costs a write: a batch of new ids inserted (fsynced, as the
+        # store's INSERT writes event_ids' part), in turn.
+        for run in range(runs):
+            group, names = new_ids()
+            rows = {"account": [names[n % len(names)] for n in range(BATCH)], "id": group}
+            rows["digest"] = ["0" * 32] * BATCH
+            for layout in layouts if run % 2 == 0 else list(layouts)[::-1]:
+                began = time.perf_counter()
+                transports[layout].insert_columns("event_ids", rows)
+                taken.setdefault((layout, "insert"), []).append(time.perf_counter() - began)
+    finally:
+        for transport in transports.values():
+            transport.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"{stored:,} random ids stored (one part), batches of {BATCH:,}, {runs} in turn\n")
+    print("| event_ids, statement | new ids, median ms | granules | stored ids | granules |")
+    print("|---|---:|---:|---:|---:|")
+    for case in cases:
+        cells = []
+        for kind in ("new ids", "stored ids"):
+            cells += [
+                f"{statistics.median(taken[(case, kind)]) * 1000:.1f}",
+                granules[(case, kind)],
+            ]
+        print(f"| {case} | " + " | ".join(cells) + " |")
+    inserts = [f"{statistics.median(taken[(layout, 'insert')]) * 1000:.1f}" for layout in layouts]
+    print(
+        f"\nan INSERT of {BATCH:,} new ids, median ms: by id {inserts[0]}, by account {inserts[1]}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chturns", description=__doc__)
     parser.add_argument("--against", help="a directory holding the other usagemeter package")
@@ -261,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clients", type=int, default=1, help="--against: bursts of 2N batches from N threads"
     )
+    parser.add_argument(
+        "--lookup", type=int, metavar="N", help="the dedupe lookup among N random ids"
+    )
+    parser.add_argument("--runs", type=int, default=11, help="--lookup: lookups of each kind")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -274,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.latest_key:
         latest_key(args.events, args.latest_key)
+        return 0
+    if args.lookup:
+        lookup(args.lookup, args.runs)
         return 0
     if not args.against or not (Path(args.against) / "usagemeter").is_dir():
         raise SystemExit("--against DIR: DIR must hold a usagemeter package (a checkout's src)")
