@@ -152,7 +152,10 @@ class Folder:
         """Fold what waits (the caller holds the lock); with ``yield_to``, stop as soon as it
         says so, between statements. The units folded whole."""
         folded = 0
-        for unit in self.waiting():
+        units = self.waiting()
+        # What another process finished meanwhile is forgotten here.
+        self._partly = {u: done for u, done in self._partly.items() if u in set(units)}
+        for unit in units:
             done = self._partly.setdefault(unit, set())
             for table in FOLDED_TABLES:
                 if table in done:

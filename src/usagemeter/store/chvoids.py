@@ -16,7 +16,8 @@ A reader between steps 2 and 3 may see the old rollups for a moment; after 3 eve
 exact. ``event_ids`` is never touched, so a voided id stays taken. The window left is another
 process's batch for the same account landing between steps 3's delete and refold (then
 counted twice in that cell): route an account's ingest and corrections to one process
-(docs/clickhouse.md), as for dedupe.
+(docs/clickhouse.md), as for dedupe. On a database folding later (chfold.py) each of these
+first folds what waits, and holds off this process's folds until it is done.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ The promises are the other stores', kept this way:
 
 - Rollups are kept by the engine: materialized views fold each insert into them as part of
   the INSERT, so when ``append`` returns the events and their rollups are stored (and fsynced:
-  see chschema._DURABLE) and the next question sees them (read-your-writes).
+  see chschema._DURABLE) and the next question sees them (read-your-writes). A database
+  created with ``?fold=later`` has no such views: its rollups are folded after the
+  acknowledgement, and every question first folds what waits (chfold.py).
 - A batch is written by one INSERT of one block, alone or with the batches that queued
   behind the INSERT before it (group commit, chappend.py). Accounts and keys are checked
   before a batch joins a group, so a batch naming an unknown one stores nothing and fails
