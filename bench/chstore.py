@@ -23,6 +23,13 @@ server's concurrent requests do: batches that queue together share an INSERT.
 open, so that an INSERT writes the events and their ids only, fsynced as ever: what an
 append could reach were the rollups folded afterwards (a measurement, not a store: its
 questions would be wrong, so none is asked).
+``--fold-later`` creates the ClickHouse store's database folding its rollups after the
+acknowledgement (``?fold=later``, chfold.py): the acknowledged rate, and beside it the rate
+with everything folded too (until the last unit is folded, by the store's fold thread and
+then the barrier of a question). ``--after-append N`` asks the 90-day daily requests N times,
+each right after an append of 100 events, and prints its median: what a question's barrier
+costs (a fold of what waits, in fold-later mode), beside the same question with nothing
+written since.
 """
 
 from __future__ import annotations
@@ -299,6 +306,32 @@ def hour_view_ab(store: Store, count: int) -> tuple[float, float]:
     return count / elapsed[0], count / elapsed[1]
 
 
+def after_append(store: Store, times: int) -> None:
+    """The 90-day daily requests asked right after an append of 100 new events, and with
+    nothing written since, in turn: medians in ms."""
+    query = questions()["90-day daily requests"]
+    after, quiet = [], []
+    for n in range(times):
+        store.append(
+            [
+                Event(id=f"late-{n}-{i}", account_id="acct-0", metric="requests", ts_ms=ts)
+                for i, ts in enumerate(range(_ms(ANCHOR) - 100 * 60_000, _ms(ANCHOR), 60_000))
+            ]
+        )
+        for timings in (after, quiet):
+            began = time.perf_counter()
+            Engine(store).run(query)
+            timings.append((time.perf_counter() - began) * 1000)
+    print(
+        f"\n90-day daily requests: {statistics.median(after):.1f} ms right after an append of"
+        f" 100 events, {statistics.median(quiet):.1f} ms asked again ({times} times, medians)"
+    )
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
 def timed(runs: Sequence[Callable[[], object]], times: int) -> list[tuple[float, object]]:
     """Median milliseconds and last answer of each of ``runs``, warmed once, then called in
     turn ``times`` times: the machine's load then weighs on every system alike."""
@@ -347,6 +380,19 @@ def main(argv: list[str] | None = None) -> int:
         help="load the ClickHouse store and the peer only: their rates and an append's steps",
     )
     parser.add_argument(
+        "--fold-later",
+        action="store_true",
+        help="create the ClickHouse store's database folding its rollups after the"
+        " acknowledgement (?fold=later): the acknowledged rate and the rate folded too",
+    )
+    parser.add_argument(
+        "--after-append",
+        type=int,
+        default=0,
+        metavar="N",
+        help="ask the 90-day daily requests N times right after an append of 100 events",
+    )
+    parser.add_argument(
         "--ceiling",
         action="store_true",
         help="with --ingest-only: drop the rollups' views, so an INSERT writes the events and"
@@ -359,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         args.no_sqlite = True
     scratch = Path(tempfile.mkdtemp(prefix="usagemeter-bench-"))
     try:
-        stores = {"ClickHouse": open_store(args.store or f"chdb:///{scratch}/chdb")}
+        url = args.store or f"chdb:///{scratch}/chdb"
+        if args.fold_later:
+            url += ("&" if "?" in url else "?") + "fold=later"
+        stores = {"ClickHouse": open_store(url)}
         if not args.no_sqlite:
             stores["SQLite"] = open_store(f"sqlite:///{scratch}/usage.db")
         phases: dict[str, float] = {}
@@ -376,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
             else load(store, args.events, phases, args.clients if store is ours else 1)
             for name, store in stores.items()
         }
+        folded_too = None
+        if isinstance(ours, ClickHouseStore) and ours.folder is not None:
+            began = time.perf_counter()
+            ours.fold_waiting()  # the rest of the fold, as a question's barrier would
+            rest = time.perf_counter() - began
+            folded_too = (args.events / (args.events / rates["ClickHouse"] + rest), rest)
         if args.merged and isinstance(ours, ClickHouseStore):
             for table in TABLES:
                 ours.transport.command(f"OPTIMIZE TABLE {table} FINAL")
@@ -394,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         slots_rate = [ab[1] if ab else float("nan")] if args.slots_only else []
         figures = [f"{r:,.0f}" for r in [*rates.values(), *slots_rate, peer_rate]]
         print("| ingest, events/s | " + " | ".join(figures) + " |")
+        if folded_too is not None:
+            print(
+                f"| folded too, events/s | {folded_too[0]:,.0f} (the fold's rest after the"
+                f" last acknowledgement: {folded_too[1]:.1f} s) |"
+            )
         for label, query in ({} if args.ingest_only else questions()).items():
             question = peer_question(label, query)
             runs: list[Callable[[], object]] = [
@@ -410,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             cells = " | ".join(f"{ms:.1f} ms" for ms, _ in measured)
             print(f"| {label}{'' if same else ' **(answers differ)**'} | {cells} |")
+        if args.after_append:
+            after_append(ours, args.after_append)
         count = -(-args.events // BATCH)
         if ab:
             print(f"\ningest without the hour table's view: {ab[1]:,.0f} events/s")

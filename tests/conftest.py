@@ -151,6 +151,8 @@ def open_test_store(kind: str, request: pytest.FixtureRequest, path: Path) -> St
         return SQLiteStore(path)
     if kind == "chdb":
         return open_clickhouse(request.getfixturevalue("clickhouse_home"))
+    if kind == CHDB_LATER:
+        return open_clickhouse_later(request.getfixturevalue("clickhouse_home"))
     store = PostgresStore(request.getfixturevalue("postgres_url"), pool_size=4)
     empty_postgres(store)
     return store
@@ -307,3 +309,35 @@ def send(client: TestClient, op: dict[str, str]) -> Any:
         return body
 
     return _send
+
+
+# The ClickHouse store on a database that folds its rollups after the acknowledgement
+# (chfold.py): a second database in the session's chDB, emptied before each test. The
+# conformance suite and the contracts run on it beside "chdb" (their own parameters).
+CHDB_LATER = "chdb-later"
+LATER_DATABASE = "usagemeter_fold_later"
+
+
+def open_clickhouse_later(url: str, empty: bool = True) -> Store:
+    """A store on the fold-later database of the session's chDB (every table emptied unless
+    ``empty`` is False: another handle on the same data, as another process would be)."""
+    from usagemeter.store.chfold import Folder
+    from usagemeter.store.chschema import FOLD_DONE, FOLD_UNITS, TABLES
+    from usagemeter.store.chtransport import ChdbTransport
+    from usagemeter.store.clickhouse import ClickHouseStore
+    from usagemeter.store.sidefile import SIDE_TABLES
+
+    if os.environ.get(CLICKHOUSE_ENV):
+        pytest.skip("the fold-later database is made in the session's chDB")
+    home = url.split("://", 1)[1][1:]
+    store = ClickHouseStore(
+        ChdbTransport(home, LATER_DATABASE), str(Path(home) / "side-later.sqlite"), fold_later=True
+    )
+    assert isinstance(store.folder, Folder)
+    if empty:
+        for table in (*TABLES, FOLD_UNITS, FOLD_DONE):
+            store.transport.command(f"TRUNCATE TABLE {table}")
+        with store.side._limit_write() as run:
+            for table in SIDE_TABLES:
+                run(f"DELETE FROM {table}", ())
+    return store

@@ -19,7 +19,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import STORES, empty_postgres, make_database, open_at_once, open_test_store
+from tests.conftest import (
+    CHDB_LATER,
+    STORES,
+    empty_postgres,
+    make_database,
+    open_at_once,
+    open_clickhouse_later,
+    open_test_store,
+)
 from usagemeter.auth import authenticate, issue_key
 from usagemeter.corrections import VoidSelector
 from usagemeter.model import Account, AppendResult, Event, Scope
@@ -77,6 +85,10 @@ def _sqlite_version(store: Store) -> int:
     return int(store._writer.execute("PRAGMA user_version").fetchone()[0])
 
 
+def _no_schema_versions(store: Store) -> int:
+    pytest.skip("ClickHouse's databases are upgraded table by table (chupgrade.py)")
+
+
 def _postgres_version(store: Store) -> int:
     assert isinstance(store, PostgresStore)
     with store._pool.connection() as conn:
@@ -85,7 +97,11 @@ def _postgres_version(store: Store) -> int:
     return int(row[0])
 
 
-@pytest.fixture(params=STORES)
+# The ClickHouse store's databases that fold their rollups after the acknowledgement too.
+KINDS = [*STORES, CHDB_LATER]
+
+
+@pytest.fixture(params=KINDS)
 def adapter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Adapter]:
     """An adapter whose first handle is empty; every handle it opens is closed after."""
     opened: list[Store] = []
@@ -101,6 +117,15 @@ def adapter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Adapter]
             lambda: track(SQLiteStore(path)),
             _age_sqlite,
             _sqlite_version,
+        )
+    elif request.param == CHDB_LATER:
+        home = request.getfixturevalue("clickhouse_home")
+        track(open_clickhouse_later(home))
+        yield Adapter(
+            CHDB_LATER,
+            lambda: track(open_clickhouse_later(home, empty=False)),
+            _no_schema_versions,
+            _no_schema_versions,
         )
     else:
         url = request.getfixturevalue("postgres_url")
@@ -173,6 +198,10 @@ def test_a_second_handle_sees_every_acknowledged_event(adapter: Adapter) -> None
 def test_the_same_batches_racing_on_two_handles_count_once(adapter: Adapter) -> None:
     """Two processes get the same batches at the same moment (a client retrying against the
     other one); every event is stored and counted exactly once, and the results add up."""
+    if adapter.kind == CHDB_LATER:
+        # The ClickHouse store's documented window (clickhouse.py): batches sharing ids looked
+        # up at two processes before either inserted, grouped differently, are both stored.
+        pytest.skip("ClickHouse: route an account's ingest to one process (docs/clickhouse.md)")
     handles = [adapter.reopen(), adapter.reopen()]
     _accounts(handles[0])
     batches = [
@@ -465,7 +494,7 @@ def _check_fold(
     )
 
 
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=KINDS)
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -71,7 +71,10 @@ def _open_clickhouse(url: str, scheme: str) -> Store:
     four slashes for an absolute one) or ``clickhouse://user:password@host:8123/db`` (a
     server over HTTP; ``clickhouses://`` for HTTPS). Limits, alerts and portal tokens live
     in a SQLite file: ``side.sqlite`` in chDB's directory, or the one ``?side_db=PATH``
-    names (for a server, give every process the same file). See docs/clickhouse.md."""
+    names (for a server, give every process the same file). ``?fold=later`` creates a new
+    database whose rollups are folded after each append is acknowledged rather than inside
+    it (chfold.py); an existing database keeps the mode it was created in. See
+    docs/clickhouse.md."""
     from usagemeter.store.chtransport import ChdbTransport, HttpTransport, Transport
     from usagemeter.store.clickhouse import ClickHouseStore
 
@@ -79,7 +82,10 @@ def _open_clickhouse(url: str, scheme: str) -> Store:
     url, _, query_string = url.partition("?")
     query = parse_qsl(query_string)
     side_db = [v for k, v in query if k == "side_db"]
-    rest = urlencode([(k, v) for k, v in query if k != "side_db"])
+    fold = [v for k, v in query if k == "fold"]
+    if fold and fold[-1] not in ("later", "views"):
+        raise ValueError(f"fold must be 'later' or 'views', not {fold[-1]!r}")
+    rest = urlencode([(k, v) for k, v in query if k not in ("side_db", "fold")])
     url = f"{url}?{rest}" if rest else url
     transport: Transport
     if scheme == "chdb":
@@ -96,7 +102,9 @@ def _open_clickhouse(url: str, scheme: str) -> Store:
     else:
         transport = HttpTransport(url)
         default_side = "usagemeter-side.sqlite"
-    return ClickHouseStore(transport, side_db[-1] if side_db else default_side)
+    return ClickHouseStore(
+        transport, side_db[-1] if side_db else default_side, fold_later=fold[-1:] == ["later"]
+    )
 
 
 def redact(url: str) -> str:

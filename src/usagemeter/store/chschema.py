@@ -580,3 +580,43 @@ def ids_by_id(transport: Transport) -> bool | None:
     if not rows:
         return None
     return str(rows[0][0]).replace(" ", "").startswith("id,")
+
+
+# A database created to fold its rollups after the acknowledgement (``?fold=later``, see
+# chfold.py): its events carry the writing process's id (0: an amend's replacement, which
+# the void refolds itself), an index of each granule's range of seq finds a fold unit's
+# events in the part its INSERT wrote, and a unit per INSERT is logged by a view as cheap
+# as event_ids' (a minimum and a maximum per block). The rollups have no view there.
+FOLD_UNITS = "fold_units"
+FOLD_DONE = "fold_done"
+FOLD_EVENTS: tuple[str, ...] = (
+    "ALTER TABLE events ADD COLUMN IF NOT EXISTS writer UInt64 DEFAULT 0",
+    "ALTER TABLE events ADD INDEX IF NOT EXISTS seq_range seq TYPE minmax GRANULARITY 1",
+)
+
+
+def _fold_log(table: str) -> str:
+    return f"""
+CREATE TABLE IF NOT EXISTS {table} (
+    writer UInt64,                       -- the writing process's id
+    seq_from UInt64,                     -- its INSERT's first seq
+    seq_to UInt64,                       -- and last
+    events UInt64
+) ENGINE = MergeTree
+ORDER BY (writer, seq_from)
+SETTINGS {_DURABLE}, {_TOKENS}
+"""
+
+
+FOLD_UNITS_TABLE = _fold_log(FOLD_UNITS)
+FOLD_DONE_TABLE = _fold_log(FOLD_DONE)
+FOLD_UNITS_VIEW = f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS {FOLD_UNITS}_mv TO {FOLD_UNITS} AS
+SELECT writer, min(seq) AS seq_from, max(seq) AS seq_to, count() AS events
+FROM events WHERE writer != 0 GROUP BY writer
+"""
+# The tables a fold fills, each by its own fold_select: every rollup a new database has.
+FOLDED_TABLES = ("rollup", HOUR_SETS, HOUR_VALUES, DISTINCT_VALUES)
+# The views a database folding later never has (the backfilled tables' views are
+# chupgrade.Backfilled's, which it skips there).
+ROLLUP_VIEWS = (SLOTS_VIEW, TUPLE_SLOTS_VIEW)

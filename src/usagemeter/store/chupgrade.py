@@ -59,7 +59,8 @@ class Backfilled:
     """Whether ``table`` (one chschema.fold_select folds) may be read, and its backfill.
     ``corrections`` is the store's lock of voids and deletions: the backfill holds it
     (module docstring). ``keyed_latest``: the database's layout of the latest value in the
-    tables of sets (chschema.latest_keyed)."""
+    tables of sets (chschema.latest_keyed). ``view``: False on a database that folds its
+    rollups after the acknowledgement (chfold.py), which has no view and nothing to backfill."""
 
     def __init__(
         self,
@@ -68,14 +69,18 @@ class Backfilled:
         fresh: bool,
         table: str,
         keyed_latest: bool = True,
+        view: bool = True,
     ) -> None:
         self.table = table
         self.transport = transport
         self._corrections = corrections
         self._keyed_latest = keyed_latest
-        boundary = 0 if fresh else time.time_ns() + SETTLE_NS
-        transport.command(backfilled_view(table, boundary, keyed_latest))
-        self.boundary = self._read_boundary()
+        if view:
+            boundary = 0 if fresh else time.time_ns() + SETTLE_NS
+            transport.command(backfilled_view(table, boundary, keyed_latest))
+            self.boundary = self._read_boundary()
+        else:  # a database folding later (chfold.py): folded from its first event, no view
+            self.boundary = 0
         self.complete = self.boundary == 0 or self._finished()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

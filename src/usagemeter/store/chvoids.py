@@ -16,13 +16,15 @@ A reader between steps 2 and 3 may see the old rollups for a moment; after 3 eve
 exact. ``event_ids`` is never touched, so a voided id stays taken. The window left is another
 process's batch for the same account landing between steps 3's delete and refold (then
 counted twice in that cell): route an account's ingest and corrections to one process
-(docs/clickhouse.md), as for dedupe.
+(docs/clickhouse.md), as for dedupe. On a database folding later (chfold.py) each of these
+first folds what waits, and holds off this process's folds until it is done.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 from usagemeter.corrections import (
     Amendment,
@@ -34,6 +36,7 @@ from usagemeter.corrections import (
 )
 from usagemeter.model import Event
 from usagemeter.store.base import Conflict, NotFound
+from usagemeter.store.chfold import Folder
 from usagemeter.store.chschema import (
     DISTINCT_GRAIN,
     DISTINCT_VALUES,
@@ -80,6 +83,15 @@ class ChCorrections(VoidLog):
     distinct_values: Backfilled
     legacy_latest: Backfilled | None
     keyed_latest: bool  # the tables of sets' latest-value layout (chschema.latest_keyed)
+    folder: Folder | None  # a database folding its rollups later (chfold.py)
+
+    @contextmanager
+    def _folded_first(self) -> Iterator[None]:
+        """On a database folding later, what waits folded first and no fold of this process
+        meanwhile: a refold from the events must not count a unit's events that its fold
+        then counts again, and retention must not drop events before they are folded."""
+        with self.folder.held() if self.folder is not None else nullcontext():
+            yield
 
     def grains(self) -> tuple[Grain, ...]:
         raise NotImplementedError
@@ -112,7 +124,7 @@ class ChCorrections(VoidLog):
         selector.check_horizon(horizon)
         where = self._selection(selector)
         void_id = new_void_id()
-        with self._corrections, self._lock:
+        with self._corrections, self._lock, self._folded_first():
             rows = self.transport.query(f"SELECT id, metric, ts FROM events WHERE {where}")
             selector.check_found(
                 {row[0] for row in rows},
@@ -254,7 +266,7 @@ class ChCorrections(VoidLog):
         ids = self.descendants(account_id)
         accounts = literals(ids)
         counts: dict[str, int] = {}
-        with self._corrections, self._lock:
+        with self._corrections, self._lock, self._folded_first():
             for table in (*self._event_tables(), "keys", "accounts"):
                 column = "id" if table == "accounts" else "account"
                 where = f"{column} IN ({accounts})"
@@ -272,7 +284,7 @@ class ChCorrections(VoidLog):
         found = self.transport.query(f"SELECT count() FROM events WHERE ts < {int(before_ms)}")
         dropped = int(found[0][0]) if found else 0
         if dropped:
-            with self._lock:
+            with self._lock, self._folded_first():
                 delete_rows(self.transport, "events", f"ts < {int(before_ms)}")
         with self.side._limit_write() as run:
             set_horizon(run, before_ms)

@@ -5,7 +5,9 @@ The promises are the other stores', kept this way:
 
 - Rollups are kept by the engine: materialized views fold each insert into them as part of
   the INSERT, so when ``append`` returns the events and their rollups are stored (and fsynced:
-  see chschema._DURABLE) and the next question sees them (read-your-writes).
+  see chschema._DURABLE) and the next question sees them (read-your-writes). A database
+  created with ``?fold=later`` has no such views: its rollups are folded after the
+  acknowledgement, and every question first folds what waits (chfold.py).
 - A batch is written by one INSERT of one block, alone or with the batches that queued
   behind the INSERT before it (group commit, chappend.py). Accounts and keys are checked
   before a batch joins a group, so a batch naming an unknown one stores nothing and fails
@@ -56,6 +58,7 @@ from usagemeter.store.chappend import (
     sort_out,
     token,
 )
+from usagemeter.store.chfold import Folder
 from usagemeter.store.chplan import (
     RaggedPlan,
     SetsPlan,
@@ -67,11 +70,17 @@ from usagemeter.store.chschema import (
     DISTINCT,
     DISTINCT_GRAIN,
     DISTINCT_VALUES,
+    FOLD_DONE_TABLE,
+    FOLD_EVENTS,
+    FOLD_UNITS,
+    FOLD_UNITS_TABLE,
+    FOLD_UNITS_VIEW,
     GRAINS,
     HOUR_SETS,
     HOUR_VALUES,
     LEGACY_GRAINS,
     LEGACY_LATEST,
+    ROLLUP_VIEWS,
     latest_keyed,
     pack_small_parts,
     statements,
@@ -110,18 +119,30 @@ class ClickHouseStore(ChCorrections, LimitTables):
     """The store on one ClickHouse database. Safe to share between threads. Limits, alerts
     and portal tokens live in a SQLite file beside it (``side_path``, see sidefile.py)."""
 
-    def __init__(self, transport: Transport, side_path: str) -> None:
+    def __init__(self, transport: Transport, side_path: str, fold_later: bool = False) -> None:
         self.transport = transport
         self.side = SideFile(side_path)
-        fresh = not transport.query(
-            "SELECT 1 FROM system.tables WHERE database = currentDatabase() AND name = 'events'"
-        )
+        fresh = not self._has_table(transport, "events")
+        # The rollups folded after the acknowledgement (chfold.py): chosen when the database
+        # is created (its fold log first), then the database's, whatever a later URL says.
+        if fresh and fold_later:
+            transport.command(FOLD_UNITS_TABLE)
+        self.fold_later = self._has_table(transport, FOLD_UNITS)
         # A new database keys the latest value of its tables of sets by one number; one made
         # before round 15 keeps the tuple, and the tables it gets later follow it. Read back
         # once created: another process may have created them first.
         found = latest_keyed(transport)
         for statement in statements(found is None or found):
-            transport.command(statement)
+            if not (self.fold_later and statement in ROLLUP_VIEWS):
+                transport.command(statement)
+        if self.fold_later:
+            for statement in (*FOLD_EVENTS, FOLD_DONE_TABLE, FOLD_UNITS_VIEW):
+                transport.command(statement)
+            if self._has_table(transport, "rollup_mv"):
+                raise RuntimeError(
+                    "this database has both the rollups' views and a fold log: two processes"
+                    " created it at once with different fold options; drop it and start one"
+                )
         self.keyed_latest = latest_keyed(transport) is not False
         pack_small_parts(transport)
         settle_rollups(transport)  # merged once quiet: the questions read a row per hour
@@ -131,11 +152,14 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # Held by voids and account deletions, and by the hour table's backfill (appends go
         # on beside it): see chupgrade.py.
         self._corrections = threading.Lock()
+        views = not self.fold_later
         self.hour_sets = Backfilled(
-            transport, self._corrections, fresh, HOUR_SETS, self.keyed_latest
+            transport, self._corrections, fresh, HOUR_SETS, self.keyed_latest, views
         )
-        self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES)
-        self.distinct_values = Backfilled(transport, self._corrections, fresh, DISTINCT_VALUES)
+        self.hour_values = Backfilled(transport, self._corrections, fresh, HOUR_VALUES, view=views)
+        self.distinct_values = Backfilled(
+            transport, self._corrections, fresh, DISTINCT_VALUES, view=views
+        )
         # One account's distinct values counted as rows (FINAL), else each value once.
         self.count_value_rows = True
         # When this process last wrote history's distinct values (time.monotonic(): an
@@ -179,6 +203,12 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._known_since = 0.0
         self._forget_known()
         self._create_void_tables()
+        # Appends in flight in this process: the fold thread waits while there are any.
+        self._appending = 0
+        self._appending_lock = threading.Lock()
+        self.folder: Folder | None = None
+        if self.fold_later:
+            self.folder = Folder(transport, self.keyed_latest, lambda: self._appending > 0)
 
     @staticmethod
     def _legacy_grains(transport: Transport) -> tuple[Grain, ...]:
@@ -210,6 +240,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
         return (*GRAINS, *older_distinct, *self.legacy)
 
     def close(self) -> None:
+        if self.folder is not None:
+            self.folder.close()
         self.hour_sets.close()
         if self.distinct_hours is not None:
             self.distinct_hours.close()
@@ -435,7 +467,13 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._require("accounts", "account", [e.account_id for e in events], recheck=False)
         keys = [e.key_id for e in events if e.key_id is not None]
         self._require("keys", "key", keys, recheck=False)
-        return self._group_commit.submit(Prepared(events), len(events))
+        with self._appending_lock:
+            self._appending += 1
+        try:
+            return self._group_commit.submit(Prepared(events), len(events))
+        finally:
+            with self._appending_lock:
+                self._appending -= 1
 
     def _write_group(self, batches: Sequence[Prepared]) -> list[AppendResult | BaseException]:
         """The batches of one group commit (chappend.py): one dedupe lookup, one INSERT of
@@ -453,7 +491,11 @@ class ClickHouseStore(ChCorrections, LimitTables):
                 accepted = sum(r.accepted for r in results)
                 if accepted:
                     columns = group_columns(kept, picks, self._seqs(accepted))
+                    if self.folder is not None:  # the unit's writer (chfold.py)
+                        columns["writer"] = [self.folder.writer] * accepted
                     self.transport.insert_columns("events", columns, token(columns))
+                    if self.folder is not None:
+                        self.folder.wrote()
                     if min(columns["ts"]) < _now_ms() - VALUES_HISTORY_MS:
                         self.values_written = time.monotonic()  # history's values, in parts
         written = iter(results)
@@ -543,6 +585,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def aggregate_columns(self, spec: AggregateSpec) -> AggregateColumns:
         if not spec.windows:
             return AggregateColumns([], [], [])
+        self.fold_waiting()
         plans = self.plans(spec)
         if len(plans) == 1:  # the usual question: its result read by columns
             (plan,) = plans
@@ -643,6 +686,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
     ) -> dict[str, list[str]]:
         if not accounts:
             return {}
+        self.fold_waiting()
         where = f"account IN ({literals(accounts)})"
         if metric is not None:
             where += f" AND metric = {literal(metric)}"
@@ -655,6 +699,12 @@ class ClickHouseStore(ChCorrections, LimitTables):
             f" WHERE {where} GROUP BY metric"
         )
         return {str(row[0]): sorted(str(name) for name in row[1]) for row in rows}
+
+    def fold_waiting(self) -> None:
+        """On a database folding later, every acknowledged event (this process's or
+        another's) folded into the rollups before they are read (chfold.py)."""
+        if self.folder is not None:
+            self.folder.fold_waiting()
 
     def count_events(self) -> int:
         return int(self.transport.query("SELECT count() FROM events")[0][0])

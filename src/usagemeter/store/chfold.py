@@ -1,0 +1,194 @@
+"""The rollups folded after the acknowledgement: the mode a ClickHouse database may be created
+in (``?fold=later``), where no view folds the rollups inside the INSERT.
+
+Why: an append's INSERT ran every rollup's view under the writer's lock, three to four times
+the work of the events and their ids (docs/clickhouse.md, "Ingest, round 10"). Here the
+INSERT stores the events and their ids (``event_ids``' view stays: dedupe needs them at
+once), and the rollups are filled afterwards by ``INSERT INTO <rollup> SELECT ... FROM
+events WHERE <a unit's events>`` with each table's own chschema.fold_select.
+
+- **Units.** Each INSERT of events is a unit: the writing process's id (``writer``, random,
+  stamped on its events) and its range of seq (increasing within a process). A view on the
+  events logs it in ``fold_units`` as part of the INSERT, so a unit is logged exactly when
+  its events are stored, and an INSERT dropped as a duplicate (its token) logs none.
+- **Exactly once.** A unit's fold into a table is one INSERT of one block (max_insert_threads
+  = 1, the squashing bounds lifted: one part, checked by the tests) carrying the token
+  (table, unit): a second fold of the unit, by this process after a crash or by another at
+  the same moment, is dropped by the table's deduplication window (the last 10,000 inserts,
+  chschema._TOKENS). Once every table is folded, a row in ``fold_done`` (with its own token)
+  marks the unit; a fold interrupted between tables leaves it unmarked, and the next fold
+  does the tables again, the done ones dropped.
+- **Read-your-writes.** Before a question, and before a void, a retention or a deletion
+  (which refold from, or drop, the events), the store folds every unit not marked (the
+  barrier). Whether one waits is two counts of small tables (``count()`` from the parts'
+  metadata); the units themselves are listed only when the counts differ.
+- **When.** A thread of each writing process folds its units once no append of the process
+  is in flight, a statement at a time, and lets appends go first between statements: the
+  acknowledgement never waits for a fold it did not ask for; a question during a burst
+  waits for the fold of what came before it.
+
+The mode is the database's: ``fold_units`` exists from its creation on, and every process
+that opens it reads that, whatever its URL says; a database with the rollups' views never
+gets the table, and a process refuses one that has both (two processes that created the
+same database at once with different options).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from usagemeter.store.chschema import FOLD_DONE, FOLD_UNITS, FOLDED_TABLES, fold_select
+from usagemeter.store.chtransport import Transport, literal
+
+log = logging.getLogger(__name__)
+
+Unit = tuple[int, int, int]  # (writer, seq_from, seq_to)
+
+POLL_S = 1.0
+"""How often the fold thread looks for units it was not told of (another process's, one a
+process left when it stopped)."""
+QUIET_S = 0.02
+"""How long the fold thread waits between looks at whether an append is still in flight."""
+
+# One block per fold, so that one token names it whole; no merge of the block's own rows
+# (every fold_select already groups by its table's key); and the deduplication the token
+# relies on, whatever the session's default.
+_ONE_BLOCK = (
+    "insert_deduplicate = 1, max_insert_threads = 1, optimize_on_insert = 0,"
+    " min_insert_block_size_rows = 1000000000000, min_insert_block_size_bytes = 1000000000000"
+)
+
+
+def fold_token(table: str, unit: Unit) -> str:
+    writer, seq_from, seq_to = unit
+    return f"fold-{table}-{writer}-{seq_from}-{seq_to}"
+
+
+def fold_statement(table: str, unit: Unit, keyed_latest: bool) -> str:
+    """The INSERT that folds ``unit``'s events into ``table``, exactly once (its token)."""
+    writer, seq_from, seq_to = unit
+    where = f" WHERE writer = {writer} AND seq >= {seq_from} AND seq <= {seq_to}"
+    settings = (
+        f"SETTINGS insert_deduplication_token = {literal(fold_token(table, unit))}, {_ONE_BLOCK}"
+    )
+    return f"INSERT INTO {table} {settings}" + fold_select(table, "events", where, keyed_latest)
+
+
+class Folder:
+    """The folds of one store on a database folding later. ``busy`` tells whether an append
+    of this process is in flight (the thread's folds wait for it)."""
+
+    def __init__(self, transport: Transport, keyed_latest: bool, busy: Callable[[], bool]) -> None:
+        self.transport = transport
+        self.keyed_latest = keyed_latest
+        self.writer = secrets.randbits(63) | 1  # never 0: 0 is an amend's replacement
+        self._busy = busy
+        # One fold at a time in this process: the thread's, a question's barrier, a void's.
+        self._lock = threading.Lock()
+        # The tables of each unit this process folded before it let an append go first: not
+        # folded again when it resumes (another process's retry is dropped by the token).
+        self._partly: dict[Unit, set[str]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chfold", daemon=True)
+        self._thread.start()
+
+    def wrote(self) -> None:
+        """An append of this process stored a unit: the thread folds it once quiet."""
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the thread (after its statement under way). What waits stays in the log: the
+        next question, from any process, folds it."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+
+    def waiting(self) -> list[Unit]:
+        """The units stored and not marked folded, oldest first."""
+        counts = self.transport.query(
+            f"SELECT (SELECT count() FROM {FOLD_UNITS}), (SELECT count() FROM {FOLD_DONE})"
+        )
+        if not counts or int(counts[0][0]) <= int(counts[0][1]):
+            return []
+        rows = self.transport.query(
+            f"SELECT writer, seq_from, seq_to FROM {FOLD_UNITS}"
+            f" WHERE (writer, seq_from) NOT IN (SELECT writer, seq_from FROM {FOLD_DONE})"
+            " ORDER BY seq_from, writer"
+        )
+        return [(int(w), int(lo), int(hi)) for w, lo, hi in rows]
+
+    def fold_waiting(self) -> int:
+        """The barrier: every unit waiting is folded when this returns. The units folded."""
+        with self._lock:
+            return self._fold_all(None)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Every unit waiting folded, and no fold of this process until the block ends: a
+        void refolds cells from the events, which a unit's fold must neither precede
+        unseen nor follow."""
+        with self._lock:
+            self._fold_all(None)
+            yield
+
+    def fold_unit(
+        self, unit: Unit, tables: tuple[str, ...] = FOLDED_TABLES, mark: bool = True
+    ) -> None:
+        """Fold ``unit`` into ``tables`` and, when ``mark``, mark it folded (tests fold a
+        unit twice, or stop between tables, this way)."""
+        with self._lock:
+            for table in tables:
+                self.transport.command(fold_statement(table, unit, self.keyed_latest))
+            if mark:
+                self._mark(unit)
+
+    def _fold_all(self, yield_to: Callable[[], bool] | None) -> int:
+        """Fold what waits (the caller holds the lock); with ``yield_to``, stop as soon as it
+        says so, between statements. The units folded whole."""
+        folded = 0
+        units = self.waiting()
+        # What another process finished meanwhile is forgotten here.
+        self._partly = {u: done for u, done in self._partly.items() if u in set(units)}
+        for unit in units:
+            done = self._partly.setdefault(unit, set())
+            for table in FOLDED_TABLES:
+                if table in done:
+                    continue
+                if yield_to is not None and yield_to():
+                    return folded
+                self.transport.command(fold_statement(table, unit, self.keyed_latest))
+                done.add(table)
+            self._mark(unit)
+            del self._partly[unit]
+            folded += 1
+        return folded
+
+    def _mark(self, unit: Unit) -> None:
+        writer, seq_from, seq_to = unit
+        token = literal(fold_token(FOLD_DONE, unit))
+        self.transport.command(
+            f"INSERT INTO {FOLD_DONE} SETTINGS insert_deduplication_token = {token}"
+            f" SELECT {writer}, {seq_from}, {seq_to}, 0"
+        )
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(POLL_S)
+            self._wake.clear()
+            # Appends first: a burst is acknowledged at the rate of its events alone, and
+            # folded once it pauses.
+            while self._busy() and not self._stop.is_set():
+                time.sleep(QUIET_S)
+            if self._stop.is_set():
+                return
+            try:
+                with self._lock:
+                    self._fold_all(self._busy)
+            except Exception:  # the next look retries; the barrier folds regardless
+                log.exception("folding the rollups failed; retried at the next look")
