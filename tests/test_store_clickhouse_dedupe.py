@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -157,3 +159,125 @@ def test_random_ids_count_once_in_either_layout_as_on_sqlite(
     finally:
         other.close()
         sqlite.close()
+
+
+# A batch's lookup is made beside the INSERT before it (clickhouse._look_up_beside), and
+# completed in the lock from what the groups written since stored (chappend.Written).
+
+pooled_event = st.tuples(st.integers(0, 15), st.sampled_from(["a", "b"]))
+sender = st.lists(st.lists(pooled_event, min_size=1, max_size=12), min_size=1, max_size=4)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(senders=st.lists(sender, min_size=2, max_size=4))
+def test_batches_from_threads_at_once_count_each_id_once_as_on_sqlite(
+    chstore: ClickHouseStore,
+    tmp_path_factory: pytest.TempPathFactory,
+    senders: list[list[list[tuple[int, str]]]],
+) -> None:
+    """Threads send batches at once, each drawing its ids from one small pool, so that a
+    batch's lookup runs while a group repeating its ids INSERTs: each id is accepted once in
+    all (a payload per id, so whichever thread is first), what is stored and every total
+    are SQLite's, and a batch sent again is all duplicates."""
+    run = next(_runs)
+    accounts = {name: f"{name}-t{run}" for name in ("a", "b")}
+    sqlite = SQLiteStore(str(tmp_path_factory.mktemp("threads") / "db.sqlite"))
+    try:
+        for store in (chstore, sqlite):
+            for account in accounts.values():
+                store.create_account(Account(account, account))
+
+        def event(n: int, a: str) -> Event:
+            # The payload follows the id: no conflict, whichever copy is stored.
+            return Event(
+                id=uuids[n % len(uuids)] + str(n),
+                account_id=accounts[a],
+                metric="m",
+                ts_ms=BASE_MS + n * 60_000,
+                value=float(n),
+            )
+
+        sent = [[[event(n, a) for n, a in batch] for batch in batches] for batches in senders]
+        results: list[list[AppendResult]] = [[] for _ in sent]
+        start = threading.Barrier(len(sent))
+
+        def send(index: int) -> None:
+            start.wait()
+            results[index] = [chstore.append(batch) for batch in sent[index]]
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(sent))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        every = [batch for batches in sent for batch in batches]
+        on_sqlite = [sqlite.append(batch) for batch in every]
+        answers = [r for rs in results for r in rs]
+        assert len(answers) == len(every)
+        assert all(not r.conflicts for r in answers)
+        assert sum(r.accepted for r in answers) == sum(r.accepted for r in on_sqlite)
+        assert sum(r.duplicates for r in answers) == sum(r.duplicates for r in on_sqlite)
+        listed = sorted(accounts.values())
+        assert sorted(chstore.iter_events(listed), key=_identity) == sorted(
+            sqlite.iter_events(listed), key=_identity
+        )
+        again = every[-1]
+        assert chstore.append(again) == AppendResult(0, len(again)) == sqlite.append(again)
+    finally:
+        sqlite.close()
+
+
+def test_a_lookup_beside_an_insert_that_fails_is_made_again(chstore: ClickHouseStore) -> None:
+    """A batch looked up while the group before it INSERTs the same ids: that INSERT fails,
+    so the ids are not stored, and the batch, written next, stores them (it would be all
+    duplicates, were the failed group's ids taken as stored)."""
+    chstore.create_account(Account("a", "A"))
+    events = [Event(id=f"e{i}", account_id="a", metric="m", ts_ms=BASE_MS + i) for i in range(5)]
+    insert = chstore.transport.insert_columns
+    look_up = chstore.transport.query_beside
+    inserting = threading.Event()
+    looked_up = threading.Event()
+    lookups = 0
+
+    def failing(table: str, *args: Any) -> None:
+        if table == "events" and not looked_up.is_set():
+            inserting.set()
+            assert looked_up.wait(10)  # the second batch looks up beside this INSERT
+            raise ConnectionError("the server went away")
+        insert(table, *args)
+
+    def beside(sql: str) -> list[list[Any]]:
+        nonlocal lookups
+        lookups += 1
+        rows = look_up(sql)
+        if inserting.is_set():
+            looked_up.set()
+        return rows
+
+    chstore.transport.insert_columns = failing  # type: ignore[method-assign]
+    chstore.transport.query_beside = beside  # type: ignore[method-assign]
+    outcomes: list[AppendResult | BaseException] = [ValueError("not run")] * 2
+
+    def send(index: int) -> None:
+        try:
+            outcomes[index] = chstore.append(events)
+        except ConnectionError as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    try:
+        threads[0].start()
+        assert inserting.wait(10)
+        threads[1].start()
+        for thread in threads:
+            thread.join()
+    finally:
+        chstore.transport.insert_columns = insert  # type: ignore[method-assign]
+        chstore.transport.query_beside = look_up  # type: ignore[method-assign]
+    assert isinstance(outcomes[0], ConnectionError)
+    assert lookups == 2  # each batch looked up beside
+    assert outcomes[1] == AppendResult(5, 0)
+    assert chstore.append(events) == AppendResult(0, 5)
+    assert chstore.count_events() == 5
