@@ -13,7 +13,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -161,8 +160,8 @@ def test_random_ids_count_once_in_either_layout_as_on_sqlite(
         sqlite.close()
 
 
-# A batch's lookup is made beside the INSERT before it (clickhouse._look_up_beside), and
-# completed in the lock from what the groups written since stored (chappend.Written).
+# Batches from several threads at once: groups overlap, and a batch waits in the queue while
+# a group repeating its ids INSERTs.
 
 pooled_event = st.tuples(st.integers(0, 15), st.sampled_from(["a", "b"]))
 sender = st.lists(st.lists(pooled_event, min_size=1, max_size=12), min_size=1, max_size=4)
@@ -227,57 +226,3 @@ def test_batches_from_threads_at_once_count_each_id_once_as_on_sqlite(
         assert chstore.append(again) == AppendResult(0, len(again)) == sqlite.append(again)
     finally:
         sqlite.close()
-
-
-def test_a_lookup_beside_an_insert_that_fails_is_made_again(chstore: ClickHouseStore) -> None:
-    """A batch looked up while the group before it INSERTs the same ids: that INSERT fails,
-    so the ids are not stored, and the batch, written next, stores them (it would be all
-    duplicates, were the failed group's ids taken as stored)."""
-    chstore.create_account(Account("a", "A"))
-    events = [Event(id=f"e{i}", account_id="a", metric="m", ts_ms=BASE_MS + i) for i in range(5)]
-    insert = chstore.transport.insert_columns
-    look_up = chstore.transport.query_beside
-    inserting = threading.Event()
-    looked_up = threading.Event()
-    lookups = 0
-
-    def failing(table: str, *args: Any) -> None:
-        if table == "events" and not looked_up.is_set():
-            inserting.set()
-            assert looked_up.wait(10)  # the second batch looks up beside this INSERT
-            raise ConnectionError("the server went away")
-        insert(table, *args)
-
-    def beside(sql: str) -> list[list[Any]]:
-        nonlocal lookups
-        lookups += 1
-        rows = look_up(sql)
-        if inserting.is_set():
-            looked_up.set()
-        return rows
-
-    chstore.transport.insert_columns = failing  # type: ignore[method-assign]
-    chstore.transport.query_beside = beside  # type: ignore[method-assign]
-    outcomes: list[AppendResult | BaseException] = [ValueError("not run")] * 2
-
-    def send(index: int) -> None:
-        try:
-            outcomes[index] = chstore.append(events)
-        except ConnectionError as exc:
-            outcomes[index] = exc
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
-    try:
-        threads[0].start()
-        assert inserting.wait(10)
-        threads[1].start()
-        for thread in threads:
-            thread.join()
-    finally:
-        chstore.transport.insert_columns = insert  # type: ignore[method-assign]
-        chstore.transport.query_beside = look_up  # type: ignore[method-assign]
-    assert isinstance(outcomes[0], ConnectionError)
-    assert lookups == 2  # each batch looked up beside
-    assert outcomes[1] == AppendResult(5, 0)
-    assert chstore.append(events) == AppendResult(0, 5)
-    assert chstore.count_events() == 5

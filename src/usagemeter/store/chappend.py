@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,11 +66,10 @@ class Prepared:
     """A batch with its events' columns (all but ``seq``, numbered under the store's lock)
     and what its dedupe needs, computed once, in its caller's thread."""
 
-    __slots__ = ("columns", "events", "looked", "pairs")
+    __slots__ = ("columns", "events", "pairs")
 
     def __init__(self, events: Sequence[Event]) -> None:
         self.events = events
-        self.looked: LookedUp | None = None  # its lookup beside an INSERT, if made
         # Most events have no tags, many no dimensions: skip their sorts.
         dims: list[Dims] = [
             tuple(sorted(e.dimensions.items())) if e.dimensions else () for e in events
@@ -167,80 +165,3 @@ def token(columns: dict[str, list[Any]]) -> str:
     lookup (docs/clickhouse.md, "Ingest, round 8")."""
     named = (columns["account"], columns["id"], columns["digest"])
     return hashlib.blake2b(msgspec.json.encode(named), digest_size=16).hexdigest()
-
-
-class CountedLock:
-    """The store's lock, numbering its holds, so that a lookup made outside it knows which
-    holds began since: what those stored, it may not have seen (``Written``)."""
-
-    __slots__ = ("_lock", "holds")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.holds = 0  # the holds so far: the last one's number (it may be under way)
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        self.holds += 1
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
-
-
-class LookedUp:
-    """A batch's dedupe lookup, made in its caller's thread before the batch queues, on the
-    transport's second connection, so that it runs while the group before it INSERTs rather
-    than after, under the lock (docs/clickhouse.md, "Ingest, round 16 (second step)"):
-    the digests found for the batch's pairs, and the lock's hold that was last to begin when
-    the lookup did. That hold and every later one may have stored ids it did not see."""
-
-    __slots__ = ("since", "stored")
-
-    def __init__(self, since: int, stored: dict[tuple[str, str], str]) -> None:
-        self.since = since
-        self.stored = stored
-
-
-class Written:
-    """What the last holds of the store's lock stored in ``event_ids``, each a group's new
-    (account, id, digest) columns: a group looked up beside an INSERT completes its lookup
-    from them, in Python. Only a group's INSERT that succeeded is recorded: a hold that
-    failed, or that was not a group's (an account's deletion, an amendment's insert), is
-    unknown, and a lookup it may have changed is made again in the lock."""
-
-    KEPT = 16  # holds remembered: a lookup older than that is made again
-
-    __slots__ = ("_holds",)
-
-    def __init__(self) -> None:
-        self._holds: dict[int, tuple[list[str], list[str], list[str]]] = {}
-
-    def record(self, hold: int, columns: dict[str, list[Any]] | None) -> None:
-        """Hold ``hold`` stored ``columns`` (None: nothing). The caller holds the lock."""
-        if columns is None:
-            self._holds[hold] = ([], [], [])
-        else:
-            self._holds[hold] = (columns["account"], columns["id"], columns["digest"])
-        for old in [h for h in self._holds if h <= hold - self.KEPT]:
-            del self._holds[old]
-
-    def stored_since(
-        self, since: int, hold: int, pairs: set[tuple[str, str]]
-    ) -> dict[tuple[str, str], str] | None:
-        """The digests of ``pairs`` that the holds from ``since`` to the one before ``hold``
-        stored; None when one of those is unknown. The caller holds the lock (hold
-        ``hold``)."""
-        found: dict[tuple[str, str], str] = {}
-        for h in range(max(since, 1), hold):
-            entry = self._holds.get(h)
-            if entry is None:
-                return None
-            accounts, ids, digests = entry
-            # A set's intersection with the pairs stored: no dict of them built (a group
-            # of 40,000 new events, 3 ms), their digests found only for a repeat.
-            repeated = pairs.intersection(zip(accounts, ids, strict=True))
-            if repeated:
-                for pair, digest_ in zip(zip(accounts, ids, strict=True), digests, strict=True):
-                    if pair in repeated:
-                        found.setdefault(pair, digest_)
-        return found

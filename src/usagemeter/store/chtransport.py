@@ -96,11 +96,6 @@ class Transport(Protocol):
         """Rows of a SELECT, as lists of JSON-like values (Map as dict, Array as list)."""
         ...
 
-    def query_beside(self, sql: str) -> list[list[Any]]:
-        """``query`` on a second connection, kept for the dedupe lookup: it runs while an
-        INSERT holds the first (chappend.LookedUp)."""
-        ...
-
     def insert_columns(
         self, table: str, data: Mapping[str, Sequence[Any]], token: str | None = None
     ) -> None:
@@ -151,33 +146,6 @@ class _ChdbSession:
         self.database = ""  # the session's current database
         # chDB's session is not safe to use from several threads at once.
         self.lock = threading.Lock()
-        # A second connection to the same engine, for the dedupe lookup: a SELECT on it runs
-        # while the session INSERTs (docs/clickhouse.md, "Ingest, round 16 (second step)").
-        # Opened when first asked; its own lock, its own current database.
-        self.beside: Any = None
-        self.beside_database = ""
-        self.beside_lock = threading.Lock()
-
-    def query_beside(self, sql: str, database: str) -> bytes:
-        with self.beside_lock:
-            if self.beside is None:
-                import chdb
-
-                self.beside = chdb.connect(self.path)  # type: ignore[no-untyped-call]
-                self.beside.query(f"SET max_query_size = {MAX_QUERY_SIZE}")
-            if self.beside_database != database:
-                self.beside.query(f"USE {database}")
-                self.beside_database = database
-            raw: bytes = self.beside.query(sql, "JSONCompact").bytes()
-            return raw
-
-    def close(self) -> None:
-        """The second connection first: it is a handle on the session's engine."""
-        with self.beside_lock:
-            if self.beside is not None:
-                self.beside.close()
-                self.beside = None
-        self.session.close()
 
 
 _SESSIONS: dict[str, _ChdbSession] = {}
@@ -231,11 +199,6 @@ class ChdbTransport:
         data: list[list[Any]] = msgspec.json.decode(raw)["data"]
         return data
 
-    def query_beside(self, sql: str) -> list[list[Any]]:
-        raw = self._shared.query_beside(f"{sql} SETTINGS {_JSON_SETTINGS}", self.database)
-        data: list[list[Any]] = msgspec.json.decode(raw)["data"] if raw else []
-        return data
-
     def insert_columns(
         self, table: str, data: Mapping[str, Sequence[Any]], token: str | None = None
     ) -> None:
@@ -258,7 +221,7 @@ class ChdbTransport:
         with _SESSIONS_LOCK:
             self._shared.users -= 1
             if self._shared.users == 0:
-                self._shared.close()
+                self._shared.session.close()
                 del _SESSIONS[self._shared.path]
 
 
@@ -287,8 +250,6 @@ class HttpTransport:
             admin.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
             admin.close()
             self._client: Any = clickhouse_connect.get_client(**common, database=self.database)
-            # A second HTTP session, for the dedupe lookup beside an INSERT (query_beside).
-            self._beside: Any = clickhouse_connect.get_client(**common, database=self.database)
         except Exception as exc:  # its errors vary by cause; all mean "cannot use this URL"
             reason = str(exc)
             if common["password"]:
@@ -296,7 +257,6 @@ class HttpTransport:
             raise ConnectionError(f"cannot connect to {redact(url)}: {reason}") from None
         # clickhouse-connect's client keeps one HTTP session; requests are serialised on it.
         self._lock = threading.Lock()
-        self._beside_lock = threading.Lock()
 
     def command(self, sql: str) -> None:
         with self._lock:
@@ -315,12 +275,6 @@ class HttpTransport:
         data: list[list[Any]] = msgspec.json.decode(raw)["data"] if raw else []
         return data
 
-    def query_beside(self, sql: str) -> list[list[Any]]:
-        with self._beside_lock:
-            raw = self._beside.raw_query(f"{sql} SETTINGS {_JSON_SETTINGS}", fmt="JSONCompact")
-        data: list[list[Any]] = msgspec.json.decode(raw)["data"] if raw else []
-        return data
-
     def insert_columns(
         self, table: str, data: Mapping[str, Sequence[Any]], token: str | None = None
     ) -> None:
@@ -336,5 +290,4 @@ class HttpTransport:
             )
 
     def close(self) -> None:
-        self._beside.close()
         self._client.close()

@@ -34,7 +34,6 @@ from usagemeter.corrections import (
 )
 from usagemeter.model import Event
 from usagemeter.store.base import Conflict, NotFound
-from usagemeter.store.chappend import CountedLock
 from usagemeter.store.chschema import (
     DISTINCT_GRAIN,
     DISTINCT_VALUES,
@@ -73,7 +72,7 @@ class ChCorrections(VoidLog):
 
     transport: Transport
     side: SideFile
-    _lock: CountedLock  # numbered holds: see chappend.Written
+    _lock: threading.Lock
     _corrections: threading.Lock
     hour_sets: Backfilled
     distinct_hours: Backfilled | None

@@ -14,16 +14,12 @@ The promises are the other stores', kept this way:
   months in an older database) may keep some of their parts; a retry of the batch is then
   deduplicated per event and completes it.)
 - Dedupe per (account, id), forever: before inserting, the store looks the group's ids up in
-  ``event_ids`` (kept by the engine from every insert, ordered by the id), each batch's on a
-  second connection in its caller's thread while the group before it INSERTs, and completes
-  that lookup, holding a process lock, from what the groups written since it began stored
-  (chappend.Written; looked up again in the lock if one of them failed), so within one
-  process an id is stored once whatever the threads,
+  ``event_ids`` (kept by the engine from every insert, ordered by the id) while
+  holding a process lock, so within one process an id is stored once whatever the threads,
   and a retry after the first attempt was acknowledged is caught by any process. The insert
   carries a dedupe token naming its new events, so one batch racing at two processes, each
   written alone, is stored once. The window that remains: batches sharing ids, looked up at
-  two processes before either inserted (from a batch's lookup to its INSERT: since round 16
-  the INSERT before it too, 100 to 300 ms under load), unless both INSERTs named the
+  two processes before either inserted (a few milliseconds), unless both INSERTs named the
   same new events (a batch written alone at both). Route each account's ingest to one
   process (docs/clickhouse.md) to close it.
 - Distinct counts and latest values are exact over any range: distinct counts merge exact
@@ -54,11 +50,8 @@ from usagemeter.store.base import (
 )
 from usagemeter.store.chappend import (
     GROUP_EVENTS,
-    CountedLock,
     Group,
-    LookedUp,
     Prepared,
-    Written,
     group_columns,
     sort_out,
     token,
@@ -133,10 +126,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
         pack_small_parts(transport)
         settle_rollups(transport)  # merged once quiet: the questions read a row per hour
         # Held across the dedupe lookup and the insert, and across the uniqueness check and
-        # the insert of an account or key: ClickHouse enforces no unique keys itself. Its
-        # holds numbered, and what each group's stored, for the lookups made beside it.
-        self._lock = CountedLock()
-        self._written = Written()
+        # the insert of an account or key: ClickHouse enforces no unique keys itself.
+        self._lock = threading.Lock()
         # Held by voids and account deletions, and by the hour table's backfill (appends go
         # on beside it): see chupgrade.py.
         self._corrections = threading.Lock()
@@ -444,9 +435,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._require("accounts", "account", [e.account_id for e in events], recheck=False)
         keys = [e.key_id for e in events if e.key_id is not None]
         self._require("keys", "key", keys, recheck=False)
-        prepared = Prepared(events)
-        prepared.looked = self._look_up_beside(prepared)
-        return self._group_commit.submit(prepared, len(events))
+        return self._group_commit.submit(Prepared(events), len(events))
 
     def _write_group(self, batches: Sequence[Prepared]) -> list[AppendResult | BaseException]:
         """The batches of one group commit (chappend.py): one dedupe lookup, one INSERT of
@@ -454,23 +443,19 @@ class ClickHouseStore(ChCorrections, LimitTables):
         each whole."""
         group = Group(batches)
         with self._lock:
-            hold = self._lock.holds
             gone = self._names_gone(batches)
             kept = [b for i, b in enumerate(batches) if i not in gone] if gone else batches
             results: list[AppendResult] = []
-            columns = None
             if kept:
                 if gone:  # rare: another process deleted an account this one remembered
                     group = Group(kept)
-                stored = self._looked_up_digests(kept, group, hold)
-                results, picks = sort_out(kept, stored, len(group.pairs))
+                results, picks = sort_out(kept, self._stored_digests(group), len(group.pairs))
                 accepted = sum(r.accepted for r in results)
                 if accepted:
                     columns = group_columns(kept, picks, self._seqs(accepted))
                     self.transport.insert_columns("events", columns, token(columns))
                     if min(columns["ts"]) < _now_ms() - VALUES_HISTORY_MS:
                         self.values_written = time.monotonic()  # history's values, in parts
-            self._written.record(hold, columns)  # not reached should the INSERT fail
         written = iter(results)
         return [gone[i] if i in gone else next(written) for i in range(len(batches))]
 
@@ -497,13 +482,11 @@ class ClickHouseStore(ChCorrections, LimitTables):
                     gone[index] = NotFound(f"{noun} {missing[0]!r} does not exist")
         return gone
 
-    def _stored_digests(
-        self, group: Group, query: Callable[[str], list[list[Any]]] | None = None
-    ) -> dict[tuple[str, str], str]:
+    def _stored_digests(self, group: Group) -> dict[tuple[str, str], str]:
         """The payload digests of the group's (account, id) pairs already stored
-        (stored_digests_sql), asked by ``query`` (the store's connection unless given). A
-        stored id of the group under another of its accounts is dropped here."""
-        rows = (query or self.transport.query)(stored_digests_sql(group.accounts, group.ids))
+        (stored_digests_sql). A stored id of the group under another of its accounts is
+        dropped here."""
+        rows = self.transport.query(stored_digests_sql(group.accounts, group.ids))
         asked = group.pairs
         return {
             (account, event_id): digest
@@ -739,38 +722,6 @@ class ClickHouseStore(ChCorrections, LimitTables):
             if len(page) < EXPORT_PAGE:
                 return
             last = int(page[-1][9])
-
-    def _look_up_beside(self, batch: Prepared) -> LookedUp | None:
-        """A batch's dedupe lookup in its caller's thread, before it queues, on the transport's
-        second connection: it runs while the group before it INSERTs, and its group's writer
-        then only completes it (_looked_up_digests). None should it fail: the writer then looks
-        the group up itself, in the lock, as before."""
-        since = self._lock.holds  # read before the lookup begins: see chappend.LookedUp
-        try:
-            stored = self._stored_digests(Group([batch]), self.transport.query_beside)
-        except Exception:  # the second connection is an optimisation; the lock's lookup is exact
-            return None
-        return LookedUp(since, stored)
-
-    def _looked_up_digests(
-        self, batches: Sequence[Prepared], group: Group, hold: int
-    ) -> dict[tuple[str, str], str]:
-        """The group's stored digests in hold ``hold`` of the lock: its batches' lookups beside
-        the INSERTs before (_look_up_beside), with what the holds since the earliest of them
-        began stored (chappend.Written), an id in both counted once. Looked up again here, in
-        the lock, when a batch has no lookup, or a hold since then failed, was no group's, or
-        is forgotten."""
-        looked = [b.looked for b in batches]
-        if any(found is None for found in looked):
-            return self._stored_digests(group)
-        since = min(found.since for found in looked if found is not None)
-        stored = self._written.stored_since(since, hold, group.pairs)
-        if stored is None:
-            return self._stored_digests(group)
-        for found in looked:
-            if found is not None:
-                stored.update(found.stored)
-        return stored
 
 
 def stored_digests_sql(accounts: Sequence[str], ids: Sequence[str]) -> str:
