@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,4 +157,72 @@ def test_random_ids_count_once_in_either_layout_as_on_sqlite(
         )
     finally:
         other.close()
+        sqlite.close()
+
+
+# Batches from several threads at once: groups overlap, and a batch waits in the queue while
+# a group repeating its ids INSERTs.
+
+pooled_event = st.tuples(st.integers(0, 15), st.sampled_from(["a", "b"]))
+sender = st.lists(st.lists(pooled_event, min_size=1, max_size=12), min_size=1, max_size=4)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(senders=st.lists(sender, min_size=2, max_size=4))
+def test_batches_from_threads_at_once_count_each_id_once_as_on_sqlite(
+    chstore: ClickHouseStore,
+    tmp_path_factory: pytest.TempPathFactory,
+    senders: list[list[list[tuple[int, str]]]],
+) -> None:
+    """Threads send batches at once, each drawing its ids from one small pool, so that a
+    batch's lookup runs while a group repeating its ids INSERTs: each id is accepted once in
+    all (a payload per id, so whichever thread is first), what is stored and every total
+    are SQLite's, and a batch sent again is all duplicates."""
+    run = next(_runs)
+    accounts = {name: f"{name}-t{run}" for name in ("a", "b")}
+    sqlite = SQLiteStore(str(tmp_path_factory.mktemp("threads") / "db.sqlite"))
+    try:
+        for store in (chstore, sqlite):
+            for account in accounts.values():
+                store.create_account(Account(account, account))
+
+        def event(n: int, a: str) -> Event:
+            # The payload follows the id: no conflict, whichever copy is stored.
+            return Event(
+                id=uuids[n % len(uuids)] + str(n),
+                account_id=accounts[a],
+                metric="m",
+                ts_ms=BASE_MS + n * 60_000,
+                value=float(n),
+            )
+
+        sent = [[[event(n, a) for n, a in batch] for batch in batches] for batches in senders]
+        results: list[list[AppendResult]] = [[] for _ in sent]
+        start = threading.Barrier(len(sent))
+
+        def send(index: int) -> None:
+            start.wait()
+            results[index] = [chstore.append(batch) for batch in sent[index]]
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(sent))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        every = [batch for batches in sent for batch in batches]
+        on_sqlite = [sqlite.append(batch) for batch in every]
+        answers = [r for rs in results for r in rs]
+        assert len(answers) == len(every)
+        assert all(not r.conflicts for r in answers)
+        assert sum(r.accepted for r in answers) == sum(r.accepted for r in on_sqlite)
+        assert sum(r.duplicates for r in answers) == sum(r.duplicates for r in on_sqlite)
+        listed = sorted(accounts.values())
+        assert sorted(chstore.iter_events(listed), key=_identity) == sorted(
+            sqlite.iter_events(listed), key=_identity
+        )
+        again = every[-1]
+        assert chstore.append(again) == AppendResult(0, len(again)) == sqlite.append(again)
+    finally:
         sqlite.close()
