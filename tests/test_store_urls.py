@@ -70,14 +70,20 @@ def test_every_command_takes_store_or_the_environment(postgres_url: str) -> None
     store.close()
 
 
-def test_a_command_closes_the_store_it_opened(postgres_url: str) -> None:
+def test_a_command_closes_the_store_it_opened(postgres_server: str) -> None:
     """A command's PostgreSQL connections end with the command, not at the process's exit:
     a command run inside a longer process (a test's runner, a script) left its pool open,
     retrying its connections once the server was gone."""
     import psycopg
 
+    from tests.conftest import make_database
+
+    # A database of its own: other tests' stores, closing in the background, connect to the
+    # shared one.
+    url = make_database(postgres_server, "usagemeter_cli_close")
+
     def others() -> int:
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
+        with psycopg.connect(url, autocommit=True) as conn:
             row = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                 " AND pid <> pg_backend_pid()"
@@ -85,13 +91,13 @@ def test_a_command_closes_the_store_it_opened(postgres_url: str) -> None:
         assert row is not None
         return int(row[0])
 
-    before = others()
-    runner = CliRunner(env={"COLUMNS": "200", "USAGEMETER_STORE": postgres_url})
+    assert others() == 0
+    runner = CliRunner(env={"COLUMNS": "200", "USAGEMETER_STORE": url})
     listing = runner.invoke(app, ["accounts", "list"])
     assert listing.exit_code == 0, listing.output
     refused = runner.invoke(app, ["keys", "revoke", "no-such-key"])
     assert refused.exit_code != 0  # a command that fails closes it too
-    assert others() == before
+    assert others() == 0
 
 
 def test_a_nul_character_is_a_clear_400_not_a_500(postgres_url: str) -> None:
