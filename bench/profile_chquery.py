@@ -33,8 +33,9 @@ of the same session, merges the named rollups there (every one when none is name
 part per partition, as ``OPTIMIZE ... FINAL`` or a table's settling leaves them, and asks
 every question of both stores in turn with the peer, answers checked equal: what a table's
 parts cost its questions, the rows of each as many as the load left. ``--final`` (round 14,
-its variants round 16's since) asks only the Sessions statement, its merges stopped, beside
-variants of its count and its parts (``--against`` adds that version's statement);
+its variants round 16's second step's since) asks only the Sessions statement, its merges
+stopped, beside variants of its streams and its parts, and a probe of the second core
+(``--against`` adds that version's statement);
 ``--tail N`` first appends a live tail of N of the heavy account's Sessions in one insert,
 merges stopped, so that the distinct values hold a small part beside the settled one.
 """
@@ -680,12 +681,14 @@ def final_variants(store: ClickHouseStore, runs: int, source: Path | None = None
     """The Sessions statement (one account's distinct values counted as rows, FINAL) on the
     store as it is (a live tail's parts, a backfill's, one part), in turn (CLOCK, medians),
     answers checked equal: as ``source``'s planner (main's, say) plans it and as this one
-    does; round 16's variants of its count (the windows as Int64 keys; every joined row
-    counted less the PRESENT row's one, no h; the marker pushed in front of every row with
-    a window, by a WHERE after the join; without the total, a floor); and the statement's
-    parts: the account's rows read plainly, merged by key alone (FINAL), with ``hours``,
-    each row's keys (d) made. Merges are stopped (main, stop_merges): the parts stay as
-    they are found. Rounds 14 and 15's variants are in their versions of this file."""
+    does; round 16's second step's variants of its streams (FINAL by one thread, as
+    planned, and by two; no FINAL, exact over one part only, by one thread or two; without
+    the total, a floor); the statement's parts: the account's rows read plainly, merged by
+    key alone (FINAL), with ``hours``, each row's keys (d) made; and whether the process
+    has a second core at all (the same sum over numbers_mt by one thread and by two: where
+    two take as long as one, no second stream can pay by the wall clock). Merges are
+    stopped (main, stop_merges): the parts stay as they are found. Earlier rounds'
+    variants are in their versions of this file."""
     assert isinstance(store.transport, ChdbTransport)
     transport, table = store.transport, "distinct_values"
     spec = asked(store, questions()[SHORT["sessions"]])
@@ -698,7 +701,7 @@ def final_variants(store: ClickHouseStore, runs: int, source: Path | None = None
     )
     if made is None or f"FROM {table} FINAL " not in planned:
         raise SystemExit("the Sessions statement does not count the values as rows")
-    found, joined, where = made.groups()
+    found, _, where = made.groups()
     marker = re.search(r"if\(idx = (\d+), ", planned)
     if marker is None:
         raise SystemExit("the Sessions statement has no total")
@@ -718,22 +721,25 @@ def final_variants(store: ClickHouseStore, runs: int, source: Path | None = None
             f" SETTINGS {chplan.FINAL_SETTINGS})"
         )
 
-    wide = re.sub(r"toUInt(8|16|32)\(", "toInt64(", found)
     steps: dict[str, Callable[[], object]] = {}
     if source is not None:
         theirs = _Planned(store, _module("against_chplan", source / "store" / "chplan.py"))
         (before,) = theirs.planner.plan_aggregate(spec, **theirs.flags)
         steps["before (the --against version's plan)"] = lambda: transport.query(before.sql)
+    streams = r"SETTINGS max_final_threads = \d+\)$"
     variants = {
         "as planned": planned,
-        "the windows as Int64 keys": counted(
-            wide, re.sub(r"toUInt\d+\(", "toInt64(", joined), "sum(h)"
+        "one stream: max_final_threads = 1": re.sub(
+            streams, f"SETTINGS {chplan.FINAL_SETTINGS})", planned
         ),
-        "every joined row less the PRESENT row's (count() - 1, no h)": counted(
-            found, joined, "count() - 1"
+        "two streams: max_final_threads = 2": re.sub(
+            streams, "SETTINGS max_final_threads = 2)", planned
         ),
-        "the marker pushed in front, rows with no window dropped after the join": counted(
-            found, f"arrayPushFront(d, {marker[1]})", "sum(h)", f"{where} AND notEmpty(d)"
+        "no FINAL, one stream (exact over one part only)": re.sub(
+            streams, "SETTINGS max_threads = 1)", planned.replace(f" {table} FINAL ", f" {table} ")
+        ),
+        "no FINAL, two streams (exact over one part only)": re.sub(
+            streams, "SETTINGS max_threads = 2)", planned.replace(f" {table} FINAL ", f" {table} ")
         ),
     }
     for label, statement in variants.items():
@@ -747,6 +753,13 @@ def final_variants(store: ClickHouseStore, runs: int, source: Path | None = None
         "merged by key alone: count() FINAL": f"SELECT count() {rows}",
         "merged with hours: sum(length(hours)) FINAL": f"SELECT sum(length(hours)) {rows}",
         "each row's keys made: sum(length(d)) FINAL": f"SELECT sum(length({found})) {rows}",
+        **{
+            f"the second core: a sum over numbers_mt, max_threads = {threads}": (
+                "SELECT sum(cityHash64(number)) FROM numbers_mt(20000000)"
+                f" SETTINGS max_threads = {threads}"
+            )
+            for threads in (1, 2)
+        },
     }
     for label, statement in floors.items():
         steps[label] = lambda s=statement: transport.query(s)
