@@ -11,13 +11,17 @@ events WHERE <a unit's events>`` with each table's own chschema.fold_select.
   stamped on its events) and its range of seq (increasing within a process). A view on the
   events logs it in ``fold_units`` as part of the INSERT, so a unit is logged exactly when
   its events are stored, and an INSERT dropped as a duplicate (its token) logs none.
-- **Exactly once.** A unit's fold into a table is one INSERT of one block (max_insert_threads
-  = 1, the squashing bounds lifted: one part, checked by the tests) carrying the token
-  (table, unit): a second fold of the unit, by this process after a crash or by another at
-  the same moment, is dropped by the table's deduplication window (the last 10,000 inserts,
-  chschema._TOKENS). Once every table is folded, a row in ``fold_done`` (with its own token)
-  marks the unit; a fold interrupted between tables leaves it unmarked, and the next fold
-  does the tables again, the done ones dropped.
+- **One statement.** A unit is folded into every rollup by one INSERT of its events into
+  ``fold_feed`` (a Null table: it keeps nothing), on which a view per rollup runs that
+  table's fold_select, side by side (parallel_view_processing), as the view mode's views do
+  inside an append's INSERT: four statements one after the other took about twice as long.
+- **Exactly once.** The INSERT is one block (max_insert_threads = 1, the squashing bounds
+  lifted: one part per rollup, checked by the tests) carrying the token of the unit, from
+  which the engine derives each view's own (deduplicate_blocks_in_dependent_materialized_views):
+  a second fold of the unit, by this process after a crash or by another at the same moment,
+  is dropped by each rollup's deduplication window (the last 10,000 inserts,
+  chschema._TOKENS), and the redo of a fold that a crash cut short after some tables writes
+  the others alone. Once folded, a row in ``fold_done`` (with its own token) marks the unit.
 - **Read-your-writes.** Before a question, and before a void, a retention or a deletion
   (which refold from, or drop, the events), the store folds every unit not marked (the
   barrier). Whether one waits is two counts of small tables (``count()`` from the parts'
@@ -42,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from usagemeter.store.chschema import FOLD_DONE, FOLD_UNITS, FOLDED_TABLES, fold_select
+from usagemeter.store.chschema import FOLD_DONE, FOLD_FEED, FOLD_UNITS, FOLDED_TABLES, fold_select
 from usagemeter.store.chtransport import Transport, literal
 
 log = logging.getLogger(__name__)
@@ -64,19 +68,40 @@ _ONE_BLOCK = (
 )
 
 
+# The feed's views: each rollup drops a block of a unit it holds (the token the engine derives
+# from the unit's for each view), and the views run side by side.
+_IN_VIEWS = "deduplicate_blocks_in_dependent_materialized_views = 1, parallel_view_processing = 1"
+
+
 def fold_token(table: str, unit: Unit) -> str:
     writer, seq_from, seq_to = unit
     return f"fold-{table}-{writer}-{seq_from}-{seq_to}"
 
 
-def fold_statement(table: str, unit: Unit, keyed_latest: bool) -> str:
-    """The INSERT that folds ``unit``'s events into ``table``, exactly once (its token)."""
+def _unit_events(unit: Unit) -> str:
     writer, seq_from, seq_to = unit
-    where = f" WHERE writer = {writer} AND seq >= {seq_from} AND seq <= {seq_to}"
+    return f" WHERE writer = {writer} AND seq >= {seq_from} AND seq <= {seq_to}"
+
+
+def fold_statement(table: str, unit: Unit, keyed_latest: bool) -> str:
+    """The INSERT that folds ``unit``'s events into ``table`` alone, exactly once (its token):
+    the fold before the feed, kept for measuring it (bench.chstore --fold-by tables)."""
     settings = (
         f"SETTINGS insert_deduplication_token = {literal(fold_token(table, unit))}, {_ONE_BLOCK}"
     )
-    return f"INSERT INTO {table} {settings}" + fold_select(table, "events", where, keyed_latest)
+    return f"INSERT INTO {table} {settings}" + fold_select(
+        table, "events", _unit_events(unit), keyed_latest
+    )
+
+
+def feed_statement(unit: Unit, columns: str) -> str:
+    """The INSERT that folds ``unit``'s events into every rollup at once, exactly once:
+    ``columns``, the feed's, are selected from the events."""
+    token = literal(fold_token(FOLD_FEED, unit))
+    return (
+        f"INSERT INTO {FOLD_FEED} SETTINGS insert_deduplication_token = {token}, {_ONE_BLOCK},"
+        f" {_IN_VIEWS} SELECT {columns} FROM events" + _unit_events(unit)
+    )
 
 
 class Folder:
@@ -88,6 +113,17 @@ class Folder:
         self.keyed_latest = keyed_latest
         self.writer = secrets.randbits(63) | 1  # never 0: 0 is an amend's replacement
         self._busy = busy
+        # True: a unit folded by one statement through the feed. False: table by table, as
+        # before (only a bench sets it, on a database of its own: the two ways' tokens
+        # differ, so one database must be folded one way only).
+        self.by_feed = True
+        self._feed_columns = ", ".join(
+            str(row[0])
+            for row in transport.query(
+                "SELECT name FROM system.columns WHERE database = currentDatabase()"
+                f" AND table = {literal(FOLD_FEED)} ORDER BY position"
+            )
+        )
         # One fold at a time in this process: the thread's, a question's barrier, a void's.
         self._lock = threading.Lock()
         # The tables of each unit this process folded before it let an append go first: not
@@ -137,16 +173,20 @@ class Folder:
             self._fold_all(None)
             yield
 
-    def fold_unit(
-        self, unit: Unit, tables: tuple[str, ...] = FOLDED_TABLES, mark: bool = True
-    ) -> None:
-        """Fold ``unit`` into ``tables`` and, when ``mark``, mark it folded (tests fold a
-        unit twice, or stop between tables, this way)."""
+    def fold_unit(self, unit: Unit, mark: bool = True) -> None:
+        """Fold ``unit`` and, when ``mark``, mark it folded (tests fold a unit twice, or
+        leave it unmarked as a crash would, this way)."""
         with self._lock:
-            for table in tables:
-                self.transport.command(fold_statement(table, unit, self.keyed_latest))
+            for _, statement in self._steps(unit):
+                self.transport.command(statement)
             if mark:
                 self._mark(unit)
+
+    def _steps(self, unit: Unit) -> list[tuple[str, str]]:
+        """The statements that fold ``unit``, each with the name it is done under."""
+        if self.by_feed:
+            return [(FOLD_FEED, feed_statement(unit, self._feed_columns))]
+        return [(t, fold_statement(t, unit, self.keyed_latest)) for t in FOLDED_TABLES]
 
     def _fold_all(self, yield_to: Callable[[], bool] | None) -> int:
         """Fold what waits (the caller holds the lock); with ``yield_to``, stop as soon as it
@@ -157,13 +197,13 @@ class Folder:
         self._partly = {u: done for u, done in self._partly.items() if u in set(units)}
         for unit in units:
             done = self._partly.setdefault(unit, set())
-            for table in FOLDED_TABLES:
-                if table in done:
+            for step, statement in self._steps(unit):
+                if step in done:
                     continue
                 if yield_to is not None and yield_to():
                     return folded
-                self.transport.command(fold_statement(table, unit, self.keyed_latest))
-                done.add(table)
+                self.transport.command(statement)
+                done.add(step)
             self._mark(unit)
             del self._partly[unit]
             folded += 1

@@ -620,3 +620,21 @@ FOLDED_TABLES = ("rollup", HOUR_SETS, HOUR_VALUES, DISTINCT_VALUES)
 # The views a database folding later never has (the backfilled tables' views are
 # chupgrade.Backfilled's, which it skips there).
 ROLLUP_VIEWS = (SLOTS_VIEW, TUPLE_SLOTS_VIEW)
+
+
+# The fold in one statement (chfold.py): a unit's events are inserted into ``fold_feed``, a
+# table of the events' shape that keeps nothing (Null), and a view per rollup folds them
+# there, each by its table's fold_select, side by side in the one INSERT as the view mode's
+# views do. Created after FOLD_EVENTS: the feed copies the events' columns, ``writer`` too.
+FOLD_FEED = "fold_feed"
+FOLD_FEED_TABLE = f"CREATE TABLE IF NOT EXISTS {FOLD_FEED} AS events ENGINE = Null"
+
+
+def fold_feed_views(keyed_latest: bool) -> tuple[str, ...]:
+    """The views that fold what ``fold_feed`` receives into each of FOLDED_TABLES (named
+    apart from the view mode's ``<table>_mv``, whose presence marks a database with views)."""
+    return tuple(
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_fold_mv TO {table} AS"
+        + fold_select(table, FOLD_FEED, "", keyed_latest)
+        for table in FOLDED_TABLES
+    )

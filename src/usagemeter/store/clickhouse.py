@@ -72,6 +72,7 @@ from usagemeter.store.chschema import (
     DISTINCT_VALUES,
     FOLD_DONE_TABLE,
     FOLD_EVENTS,
+    FOLD_FEED_TABLE,
     FOLD_UNITS,
     FOLD_UNITS_TABLE,
     FOLD_UNITS_VIEW,
@@ -81,6 +82,7 @@ from usagemeter.store.chschema import (
     LEGACY_GRAINS,
     LEGACY_LATEST,
     ROLLUP_VIEWS,
+    fold_feed_views,
     latest_keyed,
     pack_small_parts,
     statements,
@@ -136,7 +138,9 @@ class ClickHouseStore(ChCorrections, LimitTables):
             if not (self.fold_later and statement in ROLLUP_VIEWS):
                 transport.command(statement)
         if self.fold_later:
-            for statement in (*FOLD_EVENTS, FOLD_DONE_TABLE, FOLD_UNITS_VIEW):
+            for statement in (*FOLD_EVENTS, FOLD_DONE_TABLE, FOLD_UNITS_VIEW, FOLD_FEED_TABLE):
+                transport.command(statement)
+            for statement in fold_feed_views(latest_keyed(transport) is not False):
                 transport.command(statement)
             if self._has_table(transport, "rollup_mv"):
                 raise RuntimeError(
