@@ -19,7 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.test_store_clickhouse_hours import _transport
-from tests.test_store_clickhouse_ingest import _grouped, _identity, _store_on_tables
+from tests.test_store_clickhouse_ingest import (
+    _grouped,
+    _identity,
+    _store_on_tables,
+    accounts_and_batches,
+)
 from usagemeter.model import Account, AppendResult, Event
 from usagemeter.store.chschema import EVENT_IDS_BY_ACCOUNT, ids_by_id
 from usagemeter.store.clickhouse import ClickHouseStore, stored_digests_sql
@@ -126,22 +131,11 @@ def test_random_ids_count_once_in_either_layout_as_on_sqlite(
     and through a second store object on the same database: each batch's answer (new,
     repeated, conflicting by index: the same id with another value) and what is stored are
     SQLite's, where the same batches are appended one after the other."""
-    run = next(_runs)
-    accounts = {name: f"{name}-{run}" for name in ("a", "b")}
     path = tmp_path_factory.mktemp("dedupe")
     sqlite = SQLiteStore(str(path / "db.sqlite"))
     other = _second(layout, path, clickhouse_home)
     try:
-        for store in (layout, sqlite):
-            for account in accounts.values():
-                store.create_account(Account(account, account))
-        events = [
-            [
-                Event(id=i, account_id=accounts[a], metric="m", ts_ms=BASE_MS, value=float(v))
-                for i, a, v in batch
-            ]
-            for batch in batches
-        ]
+        accounts, events = accounts_and_batches((layout, sqlite), batches, next(_runs))
         outcomes, _ = _grouped(layout, events)
         assert outcomes == [sqlite.append(batch) for batch in events]
         # A batch resent: to this store (a later group), then to the other store object.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tests.test_store_clickhouse_hours import _transport
 from usagemeter.corrections import VoidSelector
 from usagemeter.model import Account, AppendResult, Event
 from usagemeter.store import open_store, rows
-from usagemeter.store.base import AggregateSpec, Measure, NotFound, Window
+from usagemeter.store.base import AggregateSpec, Measure, NotFound, Store, Window
 from usagemeter.store.chschema import (
     EVENTS,
     HOUR_SETS,
@@ -403,20 +403,9 @@ def test_a_group_commit_answers_as_the_batches_one_by_one_on_sqlite(
     """Whatever ids the batches of a group share, with whatever payloads, each batch's
     answer (new, repeated, conflicting by index) and what is stored are SQLite's, where the
     same batches are appended one after the other."""
-    run = next(_accounts)
-    accounts = {name: f"{name}-{run}" for name in ("a", "b")}
     sqlite = SQLiteStore(str(tmp_path_factory.mktemp("sqlite") / "db.sqlite"))
     try:
-        for store in (chstore, sqlite):
-            for account in accounts.values():
-                store.create_account(Account(account, account))
-        events = [
-            [
-                Event(id=i, account_id=accounts[a], metric="m", ts_ms=BASE_MS, value=float(v))
-                for i, a, v in batch
-            ]
-            for batch in batches
-        ]
+        accounts, events = accounts_and_batches((chstore, sqlite), batches, next(_accounts))
         outcomes, _ = _grouped(chstore, events)
         assert outcomes == [sqlite.append(batch) for batch in events]
         listed = sorted(accounts.values())
@@ -425,6 +414,25 @@ def test_a_group_commit_answers_as_the_batches_one_by_one_on_sqlite(
         )
     finally:
         sqlite.close()
+
+
+def accounts_and_batches(
+    stores: Sequence[Store], batches: list[list[tuple[str, str, int]]], run: int
+) -> tuple[dict[str, str], list[list[Event]]]:
+    """An example's accounts a and b (named for its run: the database is shared) made in
+    each store, and its batches of (id, account, value) as events."""
+    accounts = {name: f"{name}-{run}" for name in ("a", "b")}
+    for store in stores:
+        for account in accounts.values():
+            store.create_account(Account(account, account))
+    events = [
+        [
+            Event(id=i, account_id=accounts[a], metric="m", ts_ms=BASE_MS, value=float(v))
+            for i, a, v in batch
+        ]
+        for batch in batches
+    ]
+    return accounts, events
 
 
 def _identity(e: Event) -> tuple[str, str, float]:
