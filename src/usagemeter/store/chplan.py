@@ -371,13 +371,16 @@ def _distinct_states(
 # are found by a lookup of each hour when they are not regular (a daily report across a
 # change of offset): an array literal of an entry per hour (five years of hours at most).
 LOOKUP_HOURS = 5 * 366 * 24
-# How the rows of a value in several parts are merged when counted (FINAL): by one thread.
-# Over a live tail (a small part beside the settled one) the statement took 0.85 to 0.88 of
-# the CPU of the server's threads, settled 0.93 (one merged part, read without merging),
-# over a backfill's four parts 0.93 to 0.95, though 1.04 to 1.13 times as long by the wall
-# clock there (docs/clickhouse.md, "Questions, round 14 (second step)"): splitting the
-# merge of ordered streams costs more than it gives but over many large parts.
-FINAL_SETTINGS = "max_final_threads = 1"
+# How a distinct count's rows are read and merged (FINAL): by as many threads as the server
+# has, each taking a granule at a time. The default task is 20 granules (163,840 rows): the
+# heavy account's 90-day Sessions at 10M reads 25 granules of one settled part, so one
+# thread read 20 of them and the second 5, and two threads were no faster than one (wall
+# 31.4 against 32.7 ms, quiet machine). A granule per task shares them evenly: 20.0 to 21.6
+# ms (docs/clickhouse.md, "Questions, round 17"). Round 14 kept FINAL to one thread (over a
+# live tail, 0.85 to 0.88 of the CPU of two), measured before the tasks were split.
+FINAL_SETTINGS = (
+    "merge_tree_min_rows_for_concurrent_read = 8192, merge_tree_min_bytes_for_concurrent_read = 1"
+)
 # distinct_values' whole UTC hours, as the window splitter cuts them (chschema.DISTINCT_VALUES).
 VALUE_HOURS = Grain(DISTINCT_VALUES, DISTINCT_GRAIN.unit_ms, detailed=False, keyed=False)
 
@@ -1088,7 +1091,7 @@ def _rows_counted(
     to 1.25 times as fast in CPU for the heavy account's 90-day Sessions at 10M settled
     (docs/clickhouse.md, "Questions, round 16"). h keeps the count exact whatever the PRESENT
     row holds (counting every joined row less one, its row, cost no less).
-    FINAL merges a value's rows in several parts, by one thread (FINAL_SETTINGS): the
+    FINAL merges a value's rows in several parts, by every thread (FINAL_SETTINGS): the
     settings of a subquery are its own, and the transport adds its own to the statement.
     With ``values_parts`` (the table may hold a value's rows in several parts), the rows
     with no entry inside the range are dropped by PREWHERE, before the merge: exact, as
