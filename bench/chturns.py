@@ -45,6 +45,15 @@ statement before round 16; then an INSERT of 10,000 new ids into each, in turn. 
 medians and the granules the key kept.
 
     python -m bench.chturns --lookup 10000000 [--runs 11]
+
+``--python`` measures the batch's Python alone (round 17), no database: the bench's events in
+batches of 10,000, each prepared as an append prepares it in its caller's thread
+(``chappend.Prepared``), then in groups of 4 what the writer does in Python around the lookup
+and the INSERT (``Group``, ``sort_out``, ``group_columns``, ``token``), by this checkout and
+by a second process running ``--against DIR``'s, the two taking turns pass by pass (A,B,B,A,
+...). Prints each pass's medians, ms per 10,000 events, and their medians' ratio.
+
+    python -m bench.chturns --python --against /tmp/main/src [--events 200000] [--runs 6]
 """
 
 from __future__ import annotations
@@ -369,6 +378,84 @@ def lookup(stored: int, runs: int) -> None:
     )
 
 
+def python_pass(sent: list[list[Event]]) -> dict[str, float]:
+    """One pass over ``sent``: the median ms of preparing a batch, and of the writer's Python
+    for a group of 4 batches, per 10,000 events."""
+    from usagemeter.store import chappend
+
+    # Each pass from an empty cache of the sets' ids, as a store opened for the load finds it
+    # (the Sessions' 200,000 values then miss it as in bench.chstore's load).
+    chappend.set_id.cache_clear()
+    prepare: list[float] = []
+    ready: list[chappend.Prepared] = []
+    for batch in sent:
+        began = time.perf_counter()
+        ready.append(chappend.Prepared(batch))
+        prepare.append((time.perf_counter() - began) * 1000 * BATCH / len(batch))
+    write: list[float] = []
+    for first in range(0, len(ready), 4):
+        group_of = ready[first : first + 4]
+        began = time.perf_counter()
+        group = chappend.Group(group_of)
+        _, picks = chappend.sort_out(group_of, {}, len(group.pairs))
+        chappend.token(chappend.group_columns(group_of, picks, 1))
+        spent = (time.perf_counter() - began) * 1000
+        write.append(spent * BATCH / sum(len(b.events) for b in group_of))
+    return {"prepared": statistics.median(prepare), "writer": statistics.median(write)}
+
+
+def serve_python(count: int) -> None:
+    """The other side of --python: a pass per line read, its medians written back."""
+    sent = list(batches(count))
+    print("ready", flush=True)
+    while sys.stdin.readline().strip() == "go":
+        print(json.dumps(python_pass(sent)), flush=True)
+
+
+def python_in_turn(count: int, against: str, runs: int) -> None:
+    """--python: this checkout's passes and the other's, A,B,B,A, ... (see the docstring)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([against, str(ROOT)])}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bench.chturns", "--serve-python", "--events", str(count)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    into: IO[str] = child.stdin  # type: ignore[assignment]
+    out: IO[str] = child.stdout  # type: ignore[assignment]
+    sent = list(batches(count))
+    if out.readline().strip() != "ready":
+        raise SystemExit("the other checkout did not start")
+
+    def theirs() -> dict[str, float]:
+        into.write("go\n")
+        into.flush()
+        answer: dict[str, float] = json.loads(out.readline())
+        return answer
+
+    passes: dict[str, list[dict[str, float]]] = {"ours": [], "theirs": []}
+    for run in range(runs):
+        turns = ("ours", "theirs") if run % 2 == 0 else ("theirs", "ours")
+        for side in turns:
+            passes[side].append(python_pass(sent) if side == "ours" else theirs())
+    into.write("stop\n")
+    into.flush()
+    child.wait()
+    print(f"{count:,} events, batches of {BATCH:,}, groups of 4, {runs} passes each in turn\n")
+    print(f"| ms per 10,000 events | this checkout | {against} | ratio |")
+    print("|---|---:|---:|---:|")
+    for step, label in (("prepared", "Prepared (caller's thread)"), ("writer", "writer's Python")):
+        ours = [p[step] for p in passes["ours"]]
+        other = [p[step] for p in passes["theirs"]]
+        print(
+            f"| {label}, passes | {' / '.join(f'{v:.1f}' for v in ours)}"
+            f" | {' / '.join(f'{v:.1f}' for v in other)} | |"
+        )
+        mine, their = statistics.median(ours), statistics.median(other)
+        print(f"| {label}, median | {mine:.2f} | {their:.2f} | {their / mine:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chturns", description=__doc__)
     parser.add_argument("--against", help="a directory holding the other usagemeter package")
@@ -387,11 +474,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lookup", type=int, metavar="N", help="the dedupe lookup among N random ids"
     )
-    parser.add_argument("--runs", type=int, default=11, help="--lookup: lookups of each kind")
+    parser.add_argument(
+        "--runs", type=int, default=11, help="--lookup: lookups of each kind; --python: passes"
+    )
+    parser.add_argument(
+        "--python", action="store_true", help="the batch's Python alone, with --against DIR"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-python", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.events, args.clients)
+        return 0
+    if args.serve_python:
+        serve_python(args.events)
         return 0
     if args.grouped:
         grouped(args.events, args.grouped, args.batch)
@@ -407,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.against or not (Path(args.against) / "usagemeter").is_dir():
         raise SystemExit("--against DIR: DIR must hold a usagemeter package (a checkout's src)")
+    if args.python:
+        python_in_turn(args.events, args.against, args.runs)
+        return 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.against, str(ROOT)])}
     child = subprocess.Popen(
         [

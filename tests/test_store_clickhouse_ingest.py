@@ -8,13 +8,16 @@ made since round 15) or by the tuple (ts, seq) (one made before) answers as on S
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,6 +27,7 @@ from usagemeter.corrections import VoidSelector
 from usagemeter.model import Account, AppendResult, Event
 from usagemeter.store import open_store, rows
 from usagemeter.store.base import AggregateSpec, Measure, NotFound, Store, Window
+from usagemeter.store.chappend import Group, Prepared, digest, group_columns, sort_out, token
 from usagemeter.store.chschema import (
     EVENTS,
     HOUR_SETS,
@@ -875,3 +879,134 @@ def test_a_tie_across_dimension_sets_goes_to_the_later_write_in_both_layouts(
                 for status in ("200", "500"):
                     of = [e for e in inside if e.dimensions["status"] == status]
                     assert rows[(-1, (("status", status),))] == (later(of), len(of))
+
+
+# The batch's Python before round 17, kept as the reference: the digests and the sets' ids
+# are stored (a retry of an event stored before must still be a retry, every table holds the
+# sets' ids), so the faster Prepared must give exactly these columns.
+def _set_id_before_round_17(items: tuple[Any, ...]) -> int:
+    key = hashlib.blake2b(msgspec.json.encode(items), digest_size=8).digest()
+    return int.from_bytes(key, "big")
+
+
+def _columns_before_round_17(events: Sequence[Event]) -> dict[str, list[Any]]:
+    dims = [tuple(sorted(e.dimensions.items())) if e.dimensions else () for e in events]
+    tags = [tuple(sorted(e.tags)) if e.tags else () for e in events]
+    digests = [
+        hashlib.blake2b(
+            msgspec.json.encode((e.metric, e.ts_ms, float(e.value), e.billable, e.key_id, d, t)),
+            digest_size=16,
+        ).hexdigest()
+        for e, d, t in zip(events, dims, tags, strict=True)
+    ]
+    return {
+        "account": [e.account_id for e in events],
+        "metric": [e.metric for e in events],
+        "ts": [e.ts_ms for e in events],
+        "id": [e.id for e in events],
+        "key": [e.key_id or "" for e in events],
+        "billable": [1 if e.billable else 0 for e in events],
+        "value": [float(e.value) for e in events],
+        "dims": [d if type(d) is dict else dict(d) for d in (e.dimensions for e in events)],
+        "tags": tags,
+        "dimset": [_set_id_before_round_17(d) for d in dims],
+        "tagset": [_set_id_before_round_17(t) for t in tags],
+        "digest": digests,
+    }
+
+
+prepared_event = st.builds(
+    Event,
+    id=st.sampled_from(["a", "b", "c", "d"]) | text,
+    account_id=st.sampled_from(["acct-1", "acct-2", "acct-3"]),
+    metric=text,
+    ts_ms=st.integers(-(2**53), 2**53),
+    # An int value too (a Struct does not convert it): its digest hashes it as a float.
+    value=st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(10**6), 10**6),
+    billable=st.booleans(),
+    key_id=st.none() | text,
+    # Dimensions of one key, and the same few keys and values again, so that sets repeat
+    # within a batch in several key orders; a mapping that is no dict too.
+    dimensions=st.dictionaries(
+        st.sampled_from(["status", "region", "z", "a"]) | text,
+        st.sampled_from(["200", "eu", ""]) | st.text(max_size=12),
+        max_size=4,
+    ).flatmap(lambda d: st.sampled_from([d, dict(reversed(d.items())), MappingProxyType(d)])),
+    tags=st.frozensets(st.sampled_from(["prod", "eu", "b", "a"]) | text, max_size=4),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches=st.lists(st.lists(prepared_event, min_size=1, max_size=25), min_size=1, max_size=4))
+def test_a_prepared_batch_has_the_columns_digests_and_set_ids_of_before(
+    batches: list[list[Event]],
+) -> None:
+    """Prepared (sorts skipped for one-key maps, tag sets once per batch, hashers copied)
+    gives exactly the columns before round 17, each value of the same type; a group of the
+    batches asks for the same ids, pairs and accounts; its token is unchanged."""
+    prepared = [Prepared(batch) for batch in batches]
+    for batch, ready in zip(batches, prepared, strict=True):
+        before = _columns_before_round_17(batch)
+        assert ready.columns == before
+        for name, values in before.items():
+            assert [type(v) for v in ready.columns[name]] == [type(v) for v in values], name
+        assert ready.pairs == set(zip(before["account"], before["id"], strict=True))
+        # digest() (the definition, one event at a time) agrees with the batch's loop.
+        assert ready.columns["digest"] == [
+            digest(e, d, t)
+            for e, d, t in zip(
+                batch,
+                (tuple(sorted(e.dimensions.items())) for e in batch),
+                before["tags"],
+                strict=True,
+            )
+        ]
+    group = Group(prepared)
+    pairs = {(e.account_id, e.id) for batch in batches for e in batch}
+    assert group.ids == [e.id for batch in batches for e in batch]
+    assert group.pairs == pairs
+    assert group.accounts == sorted({account for account, _ in pairs})
+    results, picks = sort_out(prepared, {}, len(group.pairs))
+    seen: set[tuple[str, str]] = set()
+    for batch, result in zip(batches, results, strict=True):
+        fresh = 0
+        for e in batch:
+            if (e.account_id, e.id) not in seen:
+                seen.add((e.account_id, e.id))
+                fresh += 1
+        assert (result.accepted, result.duplicates) == (fresh, len(batch) - fresh)
+    columns = group_columns(prepared, picks, 1)
+    named = (columns["account"], columns["id"], columns["digest"])
+    expected = hashlib.blake2b(msgspec.json.encode(named), digest_size=16).hexdigest()
+    assert token(columns) == expected
+
+
+def test_the_digests_and_set_ids_are_those_stored_before() -> None:
+    """Two events' digests and sets' ids as the code before round 17 computed them (and
+    every database holds): a faster encoding must give these very values."""
+    events = [
+        Event(
+            id="r1",
+            account_id="acct-0",
+            metric="requests",
+            ts_ms=1_741_392_000_000,
+            value=2.5,
+            key_id="k1",
+            dimensions={"status": "200", "region": "eu"},
+            tags=frozenset({"prod", "eu"}),
+        ),
+        Event(
+            id="s1",
+            account_id="acct-0",
+            metric="Sessions",
+            ts_ms=1_741_392_000_001,
+            dimensions={"session_id": "sess-1"},
+        ),
+    ]
+    columns = Prepared(events).columns
+    assert columns["dimset"] == [8718675948749896851, 10442483581504176418]
+    assert columns["tagset"] == [11568405735079077163, 8180073448483349959]
+    assert columns["digest"] == [
+        "d802573bfe23f2b9c5d4f10fe5518417",
+        "9d3b6d0dc8d6cf6519d5024cf777c910",
+    ]

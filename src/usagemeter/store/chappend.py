@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -35,13 +36,20 @@ GROUP_EVENTS = 50_000
 Dims = tuple[tuple[str, str], ...]
 Tags = tuple[str, ...]
 
+# Empty hashers of each size, copied for every digest and set id: the same bytes as
+# hashlib.blake2b(data, digest_size=n), but the constructor's keyword parsing cost a third
+# of each hash (7.4 against 5.0 ms per 10,000 digests).
+_SET_HASH = hashlib.blake2b(digest_size=8)
+_DIGEST_HASH = hashlib.blake2b(digest_size=16)
+
 
 @functools.lru_cache(maxsize=65_536)
 def set_id(items: Dims | Tags) -> int:
     """A stable 64-bit id of a dimension or tag set (its sorted members); a batch repeats a
     few sets many times, hence the cache."""
-    key = hashlib.blake2b(msgspec.json.encode(items), digest_size=8).digest()
-    return int.from_bytes(key, "big")
+    key = _SET_HASH.copy()
+    key.update(msgspec.json.encode(items))
+    return int.from_bytes(key.digest(), "big")
 
 
 def digest(e: Event, dims: Dims, tags: Tags) -> str:
@@ -62,36 +70,64 @@ def digest_v1(e: Event) -> str:
     return hashlib.blake2b(_ENCODE_V1(payload).encode(), digest_size=16).hexdigest()
 
 
+def _digests(payloads: Iterable[tuple[Any, ...]]) -> list[str]:
+    """``digest`` of each event, from the payload tuples it hashes (zipped from a batch's
+    columns), in one loop: no call per event."""
+    encode, fresh = msgspec.json.encode, _DIGEST_HASH.copy
+    digests: list[str] = []
+    for payload in payloads:
+        hashed = fresh()
+        hashed.update(encode(payload))
+        digests.append(hashed.hexdigest())
+    return digests
+
+
 class Prepared:
     """A batch with its events' columns (all but ``seq``, numbered under the store's lock)
     and what its dedupe needs, computed once, in its caller's thread."""
 
-    __slots__ = ("columns", "events", "pairs")
+    __slots__ = ("accounts", "columns", "events", "pairs")
 
     def __init__(self, events: Sequence[Event]) -> None:
         self.events = events
-        # Most events have no tags, many no dimensions: skip their sorts.
+        maps = [e.dimensions for e in events]
+        # A map of one key (or none) is already in order: only a longer one is sorted.
         dims: list[Dims] = [
-            tuple(sorted(e.dimensions.items())) if e.dimensions else () for e in events
+            tuple(m.items()) if len(m) < 2 else tuple(sorted(m.items())) for m in maps
         ]
-        tags: list[Tags] = [tuple(sorted(e.tags)) if e.tags else () for e in events]
+        # A batch holds a few distinct tag sets, each a frozenset whose hash is kept: each is
+        # sorted and given its id once per batch, not once per event.
+        tag_sets = [e.tags for e in events]
+        sorted_tags = {t: tuple(t) if len(t) < 2 else tuple(sorted(t)) for t in set(tag_sets)}
+        tag_ids = {t: set_id(members) for t, members in sorted_tags.items()}
+        tags: list[Tags] = list(map(sorted_tags.__getitem__, tag_sets))
+        accounts = [e.account_id for e in events]
+        ids = [e.id for e in events]
+        metrics = [e.metric for e in events]
+        ts = [e.ts_ms for e in events]
+        billable = [e.billable for e in events]
+        key_ids = [e.key_id for e in events]
+        values = [float(e.value) for e in events]
         # A comprehension per column (faster than a tuple per event; encoded in one call).
         self.columns: dict[str, list[Any]] = {
-            "account": [e.account_id for e in events],
-            "metric": [e.metric for e in events],
-            "ts": [e.ts_ms for e in events],
-            "id": [e.id for e in events],
-            "key": [e.key_id or "" for e in events],
-            "billable": [1 if e.billable else 0 for e in events],
-            "value": [float(e.value) for e in events],
+            "account": accounts,
+            "metric": metrics,
+            "ts": ts,
+            "id": ids,
+            "key": [k or "" for k in key_ids],
+            "billable": [1 if b else 0 for b in billable],
+            "value": values,
             # As sent (a Map's order is not its identity); a mapping that is no dict, as one.
-            "dims": [d if type(d) is dict else dict(d) for d in (e.dimensions for e in events)],
+            "dims": [m if type(m) is dict else dict(m) for m in maps],
             "tags": tags,
-            "dimset": [set_id(d) for d in dims],
-            "tagset": [set_id(t) for t in tags],
-            "digest": list(map(digest, events, dims, tags)),
+            "dimset": list(map(set_id, dims)),
+            "tagset": list(map(tag_ids.__getitem__, tag_sets)),
+            "digest": _digests(
+                zip(metrics, ts, values, billable, key_ids, dims, tags, strict=True)
+            ),
         }
-        self.pairs = set(zip(self.columns["account"], self.columns["id"], strict=True))
+        self.pairs = set(zip(accounts, ids, strict=True))
+        self.accounts = set(accounts)
 
 
 class Group:
@@ -101,11 +137,12 @@ class Group:
     __slots__ = ("accounts", "ids", "pairs")
 
     def __init__(self, batches: Sequence[Prepared]) -> None:
-        self.ids = [event_id for b in batches for event_id in b.columns["id"]]
+        self.ids = list(itertools.chain.from_iterable(b.columns["id"] for b in batches))
         self.pairs = (
             batches[0].pairs if len(batches) == 1 else set().union(*(b.pairs for b in batches))
         )
-        self.accounts = sorted({account for account, _ in self.pairs})
+        # From each batch's accounts, a few: not from the group's 40,000 pairs (9 ms).
+        self.accounts = sorted(set().union(*(b.accounts for b in batches)))
 
 
 def sort_out(
