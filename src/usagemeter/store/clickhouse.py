@@ -41,6 +41,7 @@ from typing import Any
 
 import msgspec
 
+from usagemeter.corrections import Amendment, VoidSelector
 from usagemeter.model import Account, ApiKey, AppendResult, Event, PortalToken
 from usagemeter.store.base import (
     AggregateColumns,
@@ -59,6 +60,7 @@ from usagemeter.store.chappend import (
     token,
 )
 from usagemeter.store.chfold import Folder
+from usagemeter.store.chidindex import index_for
 from usagemeter.store.chplan import (
     RaggedPlan,
     SetsPlan,
@@ -213,6 +215,9 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.folder: Folder | None = None
         if self.fold_later:
             self.folder = Folder(transport, self.keyed_latest, lambda: self._appending > 0)
+        # The ids this process has stored, in chDB mode: a group asks ClickHouse only about
+        # those it may have stored (chidindex.py).
+        self.id_index = index_for(transport, fresh)
 
     @staticmethod
     def _legacy_grains(transport: Transport) -> tuple[Grain, ...]:
@@ -253,6 +258,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.distinct_values.close()
         if self.legacy_latest is not None:
             self.legacy_latest.close()
+        if self.id_index is not None:
+            self.id_index.detach()
         self.transport.close()
         self.side.close()
 
@@ -497,6 +504,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
                     columns = group_columns(kept, picks, self._seqs(accepted))
                     if self.folder is not None:  # the unit's writer (chfold.py)
                         columns["writer"] = [self.folder.writer] * accepted
+                    if self.id_index is not None:  # before: a failed INSERT may store some
+                        self.id_index.add(columns["id"])
                     self.transport.insert_columns("events", columns, token(columns))
                     if self.folder is not None:
                         self.folder.wrote()
@@ -531,8 +540,15 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def _stored_digests(self, group: Group) -> dict[tuple[str, str], str]:
         """The payload digests of the group's (account, id) pairs already stored
         (stored_digests_sql). A stored id of the group under another of its accounts is
-        dropped here."""
-        rows = self.transport.query(stored_digests_sql(group.accounts, group.ids))
+        dropped here. In chDB mode only the ids this process may have stored are asked
+        (chidindex.py): none, for a group of new ids, and then no statement at all."""
+        ids = group.ids
+        maybe = None if self.id_index is None else self.id_index.maybe_stored(ids)
+        if maybe is not None:
+            if not maybe:
+                return {}
+            ids = maybe
+        rows = self.transport.query(stored_digests_sql(group.accounts, ids))
         asked = group.pairs
         return {
             (account, event_id): digest
@@ -776,6 +792,13 @@ class ClickHouseStore(ChCorrections, LimitTables):
             if len(page) < EXPORT_PAGE:
                 return
             last = int(page[-1][9])
+
+    def _amend(self, selector: VoidSelector, amend: Amendment, void_id: str) -> str:
+        """An amend's replacement inserts an id too: noted in the ids' index before it is
+        (chidindex.py), as a group's ids are."""
+        if self.id_index is not None and len(selector.ids) == 1:
+            self.id_index.add([amend.replacement_id(selector.ids[0], void_id)])
+        return super()._amend(selector, amend, void_id)
 
 
 def stored_digests_sql(accounts: Sequence[str], ids: Sequence[str]) -> str:
