@@ -24,6 +24,8 @@ The promises are the other stores', kept this way:
   two processes before either inserted (a few milliseconds), unless both INSERTs named the
   same new events (a batch written alone at both). Route each account's ingest to one
   process (docs/clickhouse.md) to close it.
+  In chDB mode (one process per directory) only the ids an index of this process's stored
+  ids cannot rule out are looked up (chidindex.py).
 - Distinct counts and latest values are exact over any range: distinct counts merge exact
   states (of an hour's values, or of the slots' and raw events' values), never counts,
   and latest values are the maximum of (ts, seq, value) or travel as argMax states.
