@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -62,7 +62,6 @@ from usagemeter.store.chappend import (
     token,
 )
 from usagemeter.store.chfold import Folder
-from usagemeter.store.chidindex import index_for
 from usagemeter.store.chplan import (
     RaggedPlan,
     SetsPlan,
@@ -92,7 +91,7 @@ from usagemeter.store.chschema import (
     statements,
 )
 from usagemeter.store.chsettle import VALUES_HISTORY_MS, VALUES_PARTS_S, settle_rollups
-from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
+from usagemeter.store.chtransport import ChdbTransport, Transport, insert_rows, literal, literals
 from usagemeter.store.chupgrade import Backfilled, regroup_sets_views
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
@@ -101,6 +100,9 @@ from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row, 
 from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import Grain, Plan, run_plans
 from usagemeter.timewindows import SLOT_MS
+
+if TYPE_CHECKING:
+    from usagemeter.store.chidindex import IdIndex
 
 EXPORT_PAGE = 10_000  # events per query while exporting
 _ACCOUNT_COLUMNS = "id, name, parent, cycle_anchor, cycle_period, created_at"
@@ -218,8 +220,13 @@ class ClickHouseStore(ChCorrections, LimitTables):
         if self.fold_later:
             self.folder = Folder(transport, self.keyed_latest, lambda: self._appending > 0)
         # The ids this process has stored, in chDB mode: a group asks ClickHouse only about
-        # those it may have stored (chidindex.py).
-        self.id_index = index_for(transport, fresh)
+        # those it may have stored (chidindex.py). Imported here: it needs numpy, which chDB
+        # brings (through pandas) and an install for a server alone may lack.
+        self.id_index: IdIndex | None = None
+        if isinstance(transport, ChdbTransport):
+            from usagemeter.store.chidindex import index_for
+
+            self.id_index = index_for(transport, fresh)
 
     @staticmethod
     def _legacy_grains(transport: Transport) -> tuple[Grain, ...]:
