@@ -24,6 +24,8 @@ The promises are the other stores', kept this way:
   two processes before either inserted (a few milliseconds), unless both INSERTs named the
   same new events (a batch written alone at both). Route each account's ingest to one
   process (docs/clickhouse.md) to close it.
+  In chDB mode (one process per directory) only the ids an index of this process's stored
+  ids cannot rule out are looked up (chidindex.py).
 - Distinct counts and latest values are exact over any range: distinct counts merge exact
   states (of an hour's values, or of the slots' and raw events' values), never counts,
   and latest values are the maximum of (ts, seq, value) or travel as argMax states.
@@ -37,10 +39,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from usagemeter.corrections import Amendment, VoidSelector
 from usagemeter.model import Account, ApiKey, AppendResult, Event, PortalToken
 from usagemeter.store.base import (
     AggregateColumns,
@@ -88,7 +91,7 @@ from usagemeter.store.chschema import (
     statements,
 )
 from usagemeter.store.chsettle import VALUES_HISTORY_MS, VALUES_PARTS_S, settle_rollups
-from usagemeter.store.chtransport import Transport, insert_rows, literal, literals
+from usagemeter.store.chtransport import ChdbTransport, Transport, insert_rows, literal, literals
 from usagemeter.store.chupgrade import Backfilled, regroup_sets_views
 from usagemeter.store.chvoids import ChCorrections
 from usagemeter.store.limitstore import LimitTables, Run
@@ -97,6 +100,9 @@ from usagemeter.store.rows import LOOKUP_BYTES, account_from_row, key_from_row, 
 from usagemeter.store.sidefile import SideFile
 from usagemeter.store.sqlplan import Grain, Plan, run_plans
 from usagemeter.timewindows import SLOT_MS
+
+if TYPE_CHECKING:
+    from usagemeter.store.chidindex import IdIndex
 
 EXPORT_PAGE = 10_000  # events per query while exporting
 _ACCOUNT_COLUMNS = "id, name, parent, cycle_anchor, cycle_period, created_at"
@@ -213,6 +219,14 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.folder: Folder | None = None
         if self.fold_later:
             self.folder = Folder(transport, self.keyed_latest, lambda: self._appending > 0)
+        # The ids this process has stored, in chDB mode: a group asks ClickHouse only about
+        # those it may have stored (chidindex.py). Imported here: it needs numpy, which chDB
+        # brings (through pandas) and an install for a server alone may lack.
+        self.id_index: IdIndex | None = None
+        if isinstance(transport, ChdbTransport):
+            from usagemeter.store.chidindex import index_for
+
+            self.id_index = index_for(transport, fresh)
 
     @staticmethod
     def _legacy_grains(transport: Transport) -> tuple[Grain, ...]:
@@ -253,6 +267,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self.distinct_values.close()
         if self.legacy_latest is not None:
             self.legacy_latest.close()
+        if self.id_index is not None:
+            self.id_index.detach()
         self.transport.close()
         self.side.close()
 
@@ -497,6 +513,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
                     columns = group_columns(kept, picks, self._seqs(accepted))
                     if self.folder is not None:  # the unit's writer (chfold.py)
                         columns["writer"] = [self.folder.writer] * accepted
+                    if self.id_index is not None:  # before: a failed INSERT may store some
+                        self.id_index.add(columns["id"])
                     self.transport.insert_columns("events", columns, token(columns))
                     if self.folder is not None:
                         self.folder.wrote()
@@ -531,8 +549,15 @@ class ClickHouseStore(ChCorrections, LimitTables):
     def _stored_digests(self, group: Group) -> dict[tuple[str, str], str]:
         """The payload digests of the group's (account, id) pairs already stored
         (stored_digests_sql). A stored id of the group under another of its accounts is
-        dropped here."""
-        rows = self.transport.query(stored_digests_sql(group.accounts, group.ids))
+        dropped here. In chDB mode only the ids this process may have stored are asked
+        (chidindex.py): none, for a group of new ids, and then no statement at all."""
+        ids = group.ids
+        maybe = None if self.id_index is None else self.id_index.maybe_stored(ids)
+        if maybe is not None:
+            if not maybe:
+                return {}
+            ids = maybe
+        rows = self.transport.query(stored_digests_sql(group.accounts, ids))
         asked = group.pairs
         return {
             (account, event_id): digest
@@ -776,6 +801,13 @@ class ClickHouseStore(ChCorrections, LimitTables):
             if len(page) < EXPORT_PAGE:
                 return
             last = int(page[-1][9])
+
+    def _amend(self, selector: VoidSelector, amend: Amendment, void_id: str) -> str:
+        """An amend's replacement inserts an id too: noted in the ids' index before it is
+        (chidindex.py), as a group's ids are."""
+        if self.id_index is not None and len(selector.ids) == 1:
+            self.id_index.add([amend.replacement_id(selector.ids[0], void_id)])
+        return super()._amend(selector, amend, void_id)
 
 
 def stored_digests_sql(accounts: Sequence[str], ids: Sequence[str]) -> str:
