@@ -832,6 +832,10 @@ def main(argv: list[str] | None = None) -> int:
             loader = Peer(store)
             loader.load(args.events)
             peer = loader.transport
+        if store.id_index is not None:
+            # The index of stored ids is read at open in a thread (chidindex.py): a core
+            # busy for tens of seconds at 10M ids, not part of any question.
+            store.id_index.wait()
         if args.written:  # this process's write, as if just made, however long the run
             store.values_written = math.inf
         if args.final:
