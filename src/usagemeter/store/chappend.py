@@ -22,7 +22,7 @@ import functools
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -34,6 +34,9 @@ from usagemeter.model import AppendResult, Event
 GROUP_EVENTS = 50_000
 
 Dims = tuple[tuple[str, str], ...]
+# Each id's hash for an index of stored ids (chidindex.id_hashes): numpy, which only a chDB
+# store needs, so typed loosely here.
+IdHasher = Callable[[Sequence[str]], Any]
 Tags = tuple[str, ...]
 
 # Empty hashers of each size, copied for every digest and set id: the same bytes as
@@ -86,9 +89,9 @@ class Prepared:
     """A batch with its events' columns (all but ``seq``, numbered under the store's lock)
     and what its dedupe needs, computed once, in its caller's thread."""
 
-    __slots__ = ("accounts", "columns", "events", "pairs")
+    __slots__ = ("accounts", "columns", "events", "id_hashes", "pairs")
 
-    def __init__(self, events: Sequence[Event]) -> None:
+    def __init__(self, events: Sequence[Event], hash_ids: IdHasher | None = None) -> None:
         self.events = events
         maps = [e.dimensions for e in events]
         # A map of one key (or none) is already in order: only a longer one is sorted.
@@ -128,16 +131,21 @@ class Prepared:
         }
         self.pairs = set(zip(accounts, ids, strict=True))
         self.accounts = set(accounts)
+        # The ids' hashes for the process's index of stored ids (chidindex.py), if it has one.
+        self.id_hashes = None if hash_ids is None else hash_ids(ids)
 
 
 class Group:
     """What one group commit's dedupe lookup asks: the ids of its batches, their accounts,
     and their distinct (account, id) pairs."""
 
-    __slots__ = ("accounts", "ids", "pairs")
+    __slots__ = ("accounts", "id_hashes", "ids", "pairs")
 
     def __init__(self, batches: Sequence[Prepared]) -> None:
         self.ids = list(itertools.chain.from_iterable(b.columns["id"] for b in batches))
+        # In the ids' order, or none when a batch has none.
+        hashes = [b.id_hashes for b in batches if b.id_hashes is not None]
+        self.id_hashes = hashes if len(hashes) == len(batches) else []
         self.pairs = (
             batches[0].pairs if len(batches) == 1 else set().union(*(b.pairs for b in batches))
         )

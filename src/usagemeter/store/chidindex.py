@@ -55,7 +55,11 @@ _FIRST_SLOTS = 1 << 16
 Hashes = npt.NDArray[np.int64]
 
 
-def _hashes(ids: Sequence[str]) -> Hashes:
+def id_hashes(ids: Sequence[str]) -> Hashes:
+    """The index's hash of each id. Made for each batch in its caller's thread
+    (chappend.Prepared): a group's 40,000 hashed in the writer held the GIL that the
+    callers' threads want, where the lookup it spares let them run (docs/clickhouse.md,
+    "Ingest, round 17: the stored ids indexed in the process")."""
     hashes = np.fromiter(map(hash, ids), np.int64, len(ids))
     hashes[hashes == _EMPTY] = 1
     return hashes
@@ -136,10 +140,13 @@ class IdIndex:
     def nbytes(self) -> int:
         return int(self._table.slots.nbytes)
 
-    def add(self, ids: Sequence[str]) -> None:
-        """Note ``ids`` as maybe stored (before the INSERT that stores them)."""
-        if ids:
-            self._add(_hashes(ids))
+    def add(self, ids: Sequence[str], hashes: Sequence[Hashes] = ()) -> None:
+        """Note ``ids`` as maybe stored (before the INSERT that stores them); ``hashes``,
+        their id_hashes if already made, in pieces in the ids' order."""
+        if hashes:
+            self._add(np.concatenate(hashes))
+        elif ids:
+            self._add(id_hashes(ids))
 
     def _add(self, hashes: Hashes) -> None:
         with self._lock:
@@ -151,12 +158,12 @@ class IdIndex:
                 return
             self._table.add(hashes)
 
-    def maybe_stored(self, ids: Sequence[str]) -> list[str] | None:
+    def maybe_stored(self, ids: Sequence[str], hashes: Sequence[Hashes] = ()) -> list[str] | None:
         """Those of ``ids`` that may be stored (an empty list: none is), or None when the
         index cannot tell (not built yet, or dropped): then every id is to be looked up."""
         if not self.complete:
             return None
-        asked = _hashes(ids)
+        asked = np.concatenate(hashes) if hashes else id_hashes(ids)
         with self._lock:
             if not self.complete:
                 return None
@@ -230,7 +237,7 @@ class IdIndex:
             )
             page: list[Any] = columns[-1] if columns else []
             if page:
-                self._add(_hashes(page))
+                self._add(id_hashes(page))
             if len(page) < BUILD_PAGE:
                 self._finish()
                 return

@@ -56,6 +56,7 @@ from usagemeter.store.base import (
 from usagemeter.store.chappend import (
     GROUP_EVENTS,
     Group,
+    IdHasher,
     Prepared,
     group_columns,
     sort_out,
@@ -223,10 +224,12 @@ class ClickHouseStore(ChCorrections, LimitTables):
         # those it may have stored (chidindex.py). Imported here: it needs numpy, which chDB
         # brings (through pandas) and an install for a server alone may lack.
         self.id_index: IdIndex | None = None
+        self._hash_ids: IdHasher | None = None  # the index's, for each batch (chappend.py)
         if isinstance(transport, ChdbTransport):
-            from usagemeter.store.chidindex import index_for
+            from usagemeter.store.chidindex import id_hashes, index_for
 
             self.id_index = index_for(transport, fresh)
+            self._hash_ids = id_hashes
 
     @staticmethod
     def _legacy_grains(transport: Transport) -> tuple[Grain, ...]:
@@ -490,7 +493,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         with self._appending_lock:
             self._appending += 1
         try:
-            return self._group_commit.submit(Prepared(events), len(events))
+            return self._group_commit.submit(Prepared(events, self._hash_ids), len(events))
         finally:
             with self._appending_lock:
                 self._appending -= 1
@@ -514,7 +517,8 @@ class ClickHouseStore(ChCorrections, LimitTables):
                     if self.folder is not None:  # the unit's writer (chfold.py)
                         columns["writer"] = [self.folder.writer] * accepted
                     if self.id_index is not None:  # before: a failed INSERT may store some
-                        self.id_index.add(columns["id"])
+                        # The group's every id: those not new are stored already.
+                        self.id_index.add(group.ids, group.id_hashes)
                     self.transport.insert_columns("events", columns, token(columns))
                     if self.folder is not None:
                         self.folder.wrote()
@@ -552,7 +556,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         dropped here. In chDB mode only the ids this process may have stored are asked
         (chidindex.py): none, for a group of new ids, and then no statement at all."""
         ids = group.ids
-        maybe = None if self.id_index is None else self.id_index.maybe_stored(ids)
+        maybe = None if self.id_index is None else self.id_index.maybe_stored(ids, group.id_hashes)
         if maybe is not None:
             if not maybe:
                 return {}
