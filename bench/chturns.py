@@ -412,11 +412,12 @@ def serve_python(count: int) -> None:
         print(json.dumps(python_pass(sent)), flush=True)
 
 
-def python_in_turn(count: int, against: str, runs: int) -> None:
-    """--python: this checkout's passes and the other's, A,B,B,A, ... (see the docstring)."""
+def _other_checkout(against: str, *args: str) -> tuple[subprocess.Popen[str], IO[str], IO[str]]:
+    """This bench run by the other checkout (``against``, its src) with ``args``, its
+    stdin and stdout; started once it says it is ready."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([against, str(ROOT)])}
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.chturns", "--serve-python", "--events", str(count)],
+        [sys.executable, "-m", "bench.chturns", *args],
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -424,9 +425,15 @@ def python_in_turn(count: int, against: str, runs: int) -> None:
     )
     into: IO[str] = child.stdin  # type: ignore[assignment]
     out: IO[str] = child.stdout  # type: ignore[assignment]
-    sent = list(batches(count))
     if out.readline().strip() != "ready":
         raise SystemExit("the other checkout did not start")
+    return child, into, out
+
+
+def python_in_turn(count: int, against: str, runs: int) -> None:
+    """--python: this checkout's passes and the other's, A,B,B,A, ... (see the docstring)."""
+    child, into, out = _other_checkout(against, "--serve-python", "--events", str(count))
+    sent = list(batches(count))
 
     def theirs() -> dict[str, float]:
         into.write("go\n")
@@ -506,27 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.python:
         python_in_turn(args.events, args.against, args.runs)
         return 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.against, str(ROOT)])}
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.chturns",
-            "--serve",
-            "--events",
-            str(args.events),
-            "--clients",
-            str(args.clients),
-        ],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+    child, into, out = _other_checkout(
+        args.against, "--serve", "--events", str(args.events), "--clients", str(args.clients)
     )
-    into: IO[str] = child.stdin  # type: ignore[assignment]
-    out: IO[str] = child.stdout  # type: ignore[assignment]
-    if out.readline().strip() != "ready":
-        raise SystemExit("the other checkout's store did not start")
     store, phases, scratch = _loaded(args.events)
     spent = [0.0, 0.0]
     try:

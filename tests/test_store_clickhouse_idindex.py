@@ -20,7 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.test_store_clickhouse_hours import _transport
-from tests.test_store_clickhouse_ingest import _grouped, _identity, accounts_and_batches
+from tests.test_store_clickhouse_ingest import (
+    _grouped,
+    _identity,
+    _store_on_tables,
+    accounts_and_batches,
+)
 from usagemeter.corrections import Amendment, VoidSelector
 from usagemeter.model import Account, AppendResult, Event
 from usagemeter.store import chidindex
@@ -40,16 +45,7 @@ def _own_database(
     an older version made them), dropped after."""
     if not clickhouse_home.startswith("chdb:"):
         pytest.skip("the ids' index is chDB's alone: a server keeps the lookups")
-    database = f"{name}_{time.time_ns()}"
-    transport = _transport(clickhouse_home, database)
-    for statement in statements:
-        transport.command(statement)
-    store = ClickHouseStore(transport, str(tmp_path / f"{name}-side.sqlite"))
-    try:
-        yield store
-    finally:
-        transport.command(f"DROP DATABASE {database}")
-        store.close()
+    yield from _store_on_tables(clickhouse_home, tmp_path, name, statements)
 
 
 @pytest.fixture(params=["by_id", "by_account"])
