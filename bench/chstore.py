@@ -26,9 +26,7 @@ questions would be wrong, so none is asked).
 ``--fold-later`` creates the ClickHouse store's database folding its rollups after the
 acknowledgement (``?fold=later``, chfold.py): the acknowledged rate, and beside it the rate
 with everything folded too (until the last unit is folded, by the store's fold thread and
-then the barrier of a question); ``--fold-by tables`` folds each unit table by table, four
-statements, as before round 16's third step (``feed``, the default: one statement through
-the feed). ``--after-append N`` asks the 90-day daily requests N times,
+then the barrier of a question). ``--after-append N`` asks the 90-day daily requests N times,
 each right after an append of 100 events, and prints its median: what a question's barrier
 costs (a fold of what waits, in fold-later mode), beside the same question with nothing
 written since.
@@ -388,13 +386,6 @@ def main(argv: list[str] | None = None) -> int:
         " acknowledgement (?fold=later): the acknowledged rate and the rate folded too",
     )
     parser.add_argument(
-        "--fold-by",
-        choices=("feed", "tables"),
-        default="feed",
-        help="with --fold-later: fold a unit by one statement through the feed (default), or"
-        " table by table (four statements, as before)",
-    )
-    parser.add_argument(
         "--after-append",
         type=int,
         default=0,
@@ -422,8 +413,6 @@ def main(argv: list[str] | None = None) -> int:
             stores["SQLite"] = open_store(f"sqlite:///{scratch}/usage.db")
         phases: dict[str, float] = {}
         ours = stores["ClickHouse"]
-        if isinstance(ours, ClickHouseStore) and ours.folder is not None:
-            ours.folder.by_feed = args.fold_by == "feed"  # a database of its own: one way only
         if args.ceiling and isinstance(ours, ClickHouseStore):
             for view in CEILING_DROPS:
                 ours.transport.command(f"DROP VIEW IF EXISTS {view}")

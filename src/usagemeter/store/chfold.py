@@ -4,8 +4,8 @@ in (``?fold=later``), where no view folds the rollups inside the INSERT.
 Why: an append's INSERT ran every rollup's view under the writer's lock, three to four times
 the work of the events and their ids (docs/clickhouse.md, "Ingest, round 10"). Here the
 INSERT stores the events and their ids (``event_ids``' view stays: dedupe needs them at
-once), and the rollups are filled afterwards by ``INSERT INTO <rollup> SELECT ... FROM
-events WHERE <a unit's events>`` with each table's own chschema.fold_select.
+once), and the rollups are filled afterwards from each unit's events, by each table's own
+chschema.fold_select (below).
 
 - **Units.** Each INSERT of events is a unit: the writing process's id (``writer``, random,
   stamped on its events) and its range of seq (increasing within a process). A view on the
@@ -27,7 +27,7 @@ events WHERE <a unit's events>`` with each table's own chschema.fold_select.
   barrier). Whether one waits is two counts of small tables (``count()`` from the parts'
   metadata); the units themselves are listed only when the counts differ.
 - **When.** A thread of each writing process folds its units once no append of the process
-  is in flight, a statement at a time, and lets appends go first between statements: the
+  is in flight, a unit at a time, and lets appends go first between units: the
   acknowledgement never waits for a fold it did not ask for; a question during a burst
   waits for the fold of what came before it.
 
@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from usagemeter.store.chschema import FOLD_DONE, FOLD_FEED, FOLD_UNITS, FOLDED_TABLES, fold_select
+from usagemeter.store.chschema import FOLD_DONE, FOLD_FEED, FOLD_UNITS
 from usagemeter.store.chtransport import Transport, literal
 
 log = logging.getLogger(__name__)
@@ -83,17 +83,6 @@ def _unit_events(unit: Unit) -> str:
     return f" WHERE writer = {writer} AND seq >= {seq_from} AND seq <= {seq_to}"
 
 
-def fold_statement(table: str, unit: Unit, keyed_latest: bool) -> str:
-    """The INSERT that folds ``unit``'s events into ``table`` alone, exactly once (its token):
-    the fold before the feed, kept for measuring it (bench.chstore --fold-by tables)."""
-    settings = (
-        f"SETTINGS insert_deduplication_token = {literal(fold_token(table, unit))}, {_ONE_BLOCK}"
-    )
-    return f"INSERT INTO {table} {settings}" + fold_select(
-        table, "events", _unit_events(unit), keyed_latest
-    )
-
-
 def feed_statement(unit: Unit, columns: str) -> str:
     """The INSERT that folds ``unit``'s events into every rollup at once, exactly once:
     ``columns``, the feed's, are selected from the events."""
@@ -108,15 +97,10 @@ class Folder:
     """The folds of one store on a database folding later. ``busy`` tells whether an append
     of this process is in flight (the thread's folds wait for it)."""
 
-    def __init__(self, transport: Transport, keyed_latest: bool, busy: Callable[[], bool]) -> None:
+    def __init__(self, transport: Transport, busy: Callable[[], bool]) -> None:
         self.transport = transport
-        self.keyed_latest = keyed_latest
         self.writer = secrets.randbits(63) | 1  # never 0: 0 is an amend's replacement
         self._busy = busy
-        # True: a unit folded by one statement through the feed. False: table by table, as
-        # before (only a bench sets it, on a database of its own: the two ways' tokens
-        # differ, so one database must be folded one way only).
-        self.by_feed = True
         self._feed_columns = ", ".join(
             str(row[0])
             for row in transport.query(
@@ -126,9 +110,6 @@ class Folder:
         )
         # One fold at a time in this process: the thread's, a question's barrier, a void's.
         self._lock = threading.Lock()
-        # The tables of each unit this process folded before it let an append go first: not
-        # folded again when it resumes (another process's retry is dropped by the token).
-        self._partly: dict[Unit, set[str]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chfold", daemon=True)
@@ -177,35 +158,19 @@ class Folder:
         """Fold ``unit`` and, when ``mark``, mark it folded (tests fold a unit twice, or
         leave it unmarked as a crash would, this way)."""
         with self._lock:
-            for _, statement in self._steps(unit):
-                self.transport.command(statement)
+            self.transport.command(feed_statement(unit, self._feed_columns))
             if mark:
                 self._mark(unit)
 
-    def _steps(self, unit: Unit) -> list[tuple[str, str]]:
-        """The statements that fold ``unit``, each with the name it is done under."""
-        if self.by_feed:
-            return [(FOLD_FEED, feed_statement(unit, self._feed_columns))]
-        return [(t, fold_statement(t, unit, self.keyed_latest)) for t in FOLDED_TABLES]
-
     def _fold_all(self, yield_to: Callable[[], bool] | None) -> int:
         """Fold what waits (the caller holds the lock); with ``yield_to``, stop as soon as it
-        says so, between statements. The units folded whole."""
+        says so, between units. The units folded."""
         folded = 0
-        units = self.waiting()
-        # What another process finished meanwhile is forgotten here.
-        self._partly = {u: done for u, done in self._partly.items() if u in set(units)}
-        for unit in units:
-            done = self._partly.setdefault(unit, set())
-            for step, statement in self._steps(unit):
-                if step in done:
-                    continue
-                if yield_to is not None and yield_to():
-                    return folded
-                self.transport.command(statement)
-                done.add(step)
+        for unit in self.waiting():
+            if yield_to is not None and yield_to():
+                return folded
+            self.transport.command(feed_statement(unit, self._feed_columns))
             self._mark(unit)
-            del self._partly[unit]
             folded += 1
         return folded
 

@@ -219,7 +219,7 @@ class ClickHouseStore(ChCorrections, LimitTables):
         self._appending_lock = threading.Lock()
         self.folder: Folder | None = None
         if self.fold_later:
-            self.folder = Folder(transport, self.keyed_latest, lambda: self._appending > 0)
+            self.folder = Folder(transport, lambda: self._appending > 0)
         # The ids this process has stored, in chDB mode: a group asks ClickHouse only about
         # those it may have stored (chidindex.py). Imported here: it needs numpy, which chDB
         # brings (through pandas) and an install for a server alone may lack.
